@@ -1,0 +1,5 @@
+//! shardmq: a thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker with durable persistent sessions.
+//!
+//! The map, from the bottom up (imports point one way, downwards):
+//! - [`protocol`]: the codec. Pure: bytes in, packets out; no I/O.
+pub mod protocol;
