@@ -2,4 +2,9 @@
 //!
 //! The map, from the bottom up (imports point one way, downwards):
 //! - [`protocol`]: the codec. Pure: bytes in, packets out; no I/O.
+//! - [`session`]: session and routing logic (ownership hash, topic trie, retained store,
+//!   session state). No I/O.
+//! - [`config`]: every limit with its default; TOML and validation.
+pub mod config;
 pub mod protocol;
+pub mod session;

@@ -1,0 +1,357 @@
+//! The broker's configuration: every limit, with its default and unit, in one place.
+//!
+//! Read from TOML (`--config FILE`, see `config/shardmq.toml` for the annotated default);
+//! command-line flags override the file. Unknown keys and bad values are refused with a
+//! one-line message naming the key. [`Config::validate`] checks the relations between limits.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// MQTT listeners. Like Mosquitto 2, the default is reachable only from this machine.
+    pub listen: Vec<SocketAddr>,
+    /// Where each shard keeps its database (`<data_dir>/shard-<n>/`).
+    pub data_dir: PathBuf,
+    pub shards: ShardsConfig,
+    pub limits: Limits,
+    pub sessions: SessionsConfig,
+    pub access: AccessConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            data_dir: PathBuf::from("./data"),
+            shards: ShardsConfig::default(),
+            limits: Limits::default(),
+            sessions: SessionsConfig::default(),
+            access: AccessConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// How many shards run and where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// Cores to pin one shard each to, as a list like "0-3,6". Absent: the first `count`
+    /// online cores.
+    pub cores: Option<String>,
+    /// Number of shards. Absent: one per online core (or one per listed core).
+    pub count: Option<usize>,
+    /// Pin each shard's thread to its core.
+    pub pin: bool,
+    /// Longest a task runs before the executor checks timers and sockets (glommio's
+    /// default of 100 ms would stall every connection of a busy shard).
+    pub preempt_timer_ms: u64,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            cores: None,
+            count: None,
+            pin: true,
+            preempt_timer_ms: 2,
+        }
+    }
+}
+
+/// Limits on everything a client can make the broker hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest packet accepted or sent, fixed header included (MQTT 5 Maximum Packet Size).
+    pub packet_bytes_max: u32,
+    /// Connections open at once, over all listeners and shards (each shard gets its share).
+    pub connections_max: u32,
+    /// How long a new socket may take to send CONNECT.
+    pub connect_timeout_s: u32,
+    /// Highest keep alive granted; a client asking for more (or for 0) gets this as
+    /// Server Keep Alive (MQTT 5).
+    pub keep_alive_max_s: u16,
+    /// Incoming QoS 1/2 publishes a client may have unacknowledged (our Receive Maximum).
+    pub receive_maximum: u16,
+    /// Outgoing QoS 1/2 messages in flight per session (also capped by the client's
+    /// Receive Maximum).
+    pub inflight_max: u16,
+    /// Topic aliases a client may use towards us (our Topic Alias Maximum), and the most we
+    /// assign towards a client.
+    pub topic_alias_max: u16,
+    /// Longest topic name or filter.
+    pub topic_bytes_max: u32,
+    /// Most levels in a topic name or filter.
+    pub topic_levels_max: u32,
+    /// Longest client identifier.
+    pub client_id_bytes_max: u32,
+    /// Subscriptions one session may hold.
+    pub subscriptions_per_session_max: u32,
+    /// Encoded bytes waiting to be written to one connection; QoS 0 beyond it is dropped,
+    /// QoS 1/2 wait in the session queue.
+    pub outbound_buffer_bytes_max: u32,
+    /// Messages waiting for one session (offline, or beyond its inflight window).
+    pub queue_messages_max: u32,
+    /// Bytes of payload waiting for one session.
+    pub queue_bytes_max: u64,
+    /// Retained messages held by the broker.
+    pub retained_messages_max: u32,
+    /// User properties on one packet.
+    pub user_properties_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            packet_bytes_max: 1024 * 1024,
+            connections_max: 100_000,
+            connect_timeout_s: 10,
+            keep_alive_max_s: 65_535,
+            receive_maximum: 1024,
+            inflight_max: 1024,
+            topic_alias_max: 64,
+            topic_bytes_max: 4096,
+            topic_levels_max: 64,
+            client_id_bytes_max: 256,
+            subscriptions_per_session_max: 1024,
+            outbound_buffer_bytes_max: 4 * 1024 * 1024,
+            queue_messages_max: 10_000,
+            queue_bytes_max: 64 * 1024 * 1024,
+            retained_messages_max: 1_000_000,
+            user_properties_max: 64,
+        }
+    }
+}
+
+/// Session persistence rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Session Expiry given to an MQTT 5 client that connects with Clean Start = false and
+    /// no Session Expiry Interval (the specification says 0; common tools connect that way
+    /// expecting their messages kept). 0 restores the strict reading.
+    pub session_expiry_default_s: u32,
+    /// Cap on every session's expiry, MQTT 3.x persistent sessions included.
+    pub session_expiry_max_s: u32,
+    /// Queue QoS 0 messages for offline persistent sessions too.
+    pub queue_qos0_offline: bool,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            session_expiry_default_s: 7200,
+            session_expiry_max_s: 7 * 24 * 3600,
+            queue_qos0_offline: true,
+        }
+    }
+}
+
+/// Who may do what. (Password files and ACLs come with the security work.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Topic filters that no client may subscribe to (SUBACK 0x80 / 0x87); matched exactly.
+    pub subscribe_deny: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as "info" or "shardmq=debug"; RUST_LOG overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the key and the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The smallest packet limit that still lets every control packet through with room for a
+/// short PUBLISH.
+const PACKET_BYTES_MIN: u32 = 64;
+
+impl Config {
+    /// Parses TOML text; unknown keys and wrong types are errors naming the key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let reason = e.message().to_string();
+            let key = e
+                .span()
+                .and_then(|s| text.get(s))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| "config".into());
+            ConfigError { key, reason }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks each value and how the limits relate.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if self.listen.is_empty() {
+            return Err(bad("listen", "at least one listener is needed"));
+        }
+        if l.packet_bytes_max < PACKET_BYTES_MIN
+            || l.packet_bytes_max as usize > crate::protocol::MAX_PACKET_SIZE_PROTOCOL
+        {
+            return Err(bad(
+                "limits.packet_bytes_max",
+                format!("must be between {PACKET_BYTES_MIN} and 268435460"),
+            ));
+        }
+        for (key, v) in [
+            ("limits.connections_max", l.connections_max as u64),
+            ("limits.connect_timeout_s", l.connect_timeout_s as u64),
+            ("limits.keep_alive_max_s", l.keep_alive_max_s as u64),
+            ("limits.receive_maximum", l.receive_maximum as u64),
+            ("limits.inflight_max", l.inflight_max as u64),
+            ("limits.topic_bytes_max", l.topic_bytes_max as u64),
+            ("limits.topic_levels_max", l.topic_levels_max as u64),
+            ("limits.client_id_bytes_max", l.client_id_bytes_max as u64),
+            (
+                "limits.subscriptions_per_session_max",
+                l.subscriptions_per_session_max as u64,
+            ),
+            (
+                "limits.outbound_buffer_bytes_max",
+                l.outbound_buffer_bytes_max as u64,
+            ),
+            ("limits.queue_messages_max", l.queue_messages_max as u64),
+            ("limits.queue_bytes_max", l.queue_bytes_max),
+            ("shards.preempt_timer_ms", self.shards.preempt_timer_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0"));
+            }
+        }
+        if l.topic_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.topic_bytes_max", "must be at most 65535"));
+        }
+        if l.client_id_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.client_id_bytes_max", "must be at most 65535"));
+        }
+        if (l.outbound_buffer_bytes_max) < l.packet_bytes_max {
+            return Err(bad(
+                "limits.outbound_buffer_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
+        if self.sessions.session_expiry_default_s > self.sessions.session_expiry_max_s {
+            return Err(bad(
+                "sessions.session_expiry_default_s",
+                "must not exceed sessions.session_expiry_max_s",
+            ));
+        }
+        if let Some(n) = self.shards.count {
+            if n == 0 || n > MAX_SHARDS {
+                return Err(bad(
+                    "shards.count",
+                    format!("must be between 1 and {MAX_SHARDS}"),
+                ));
+            }
+        }
+        if let Some(cores) = &self.shards.cores {
+            parse_core_list(cores).map_err(|r| bad("shards.cores", r))?;
+        }
+        for f in &self.access.subscribe_deny {
+            crate::protocol::TopicFilter::new(f)
+                .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The most shards one broker runs (the routing index keeps a bitmap of this many bits).
+pub const MAX_SHARDS: usize = 256;
+
+/// Parses a core list such as "0-3,6" into core ids, in order, without duplicates.
+pub fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut cores = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("empty item in core list {s:?}"));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: usize = lo
+            .parse()
+            .map_err(|_| format!("{part:?} is not a core number or range"))?;
+        let hi: usize = hi
+            .parse()
+            .map_err(|_| format!("{part:?} is not a core number or range"))?;
+        if lo > hi {
+            return Err(format!("range {part:?} runs backwards"));
+        }
+        for c in lo..=hi {
+            if cores.contains(&c) {
+                return Err(format!("core {c} is listed twice"));
+            }
+            cores.push(c);
+        }
+    }
+    if cores.len() > MAX_SHARDS {
+        return Err(format!("more than {MAX_SHARDS} cores listed"));
+    }
+    Ok(cores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists() {
+        assert_eq!(parse_core_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
+        assert_eq!(parse_core_list("2").unwrap(), vec![2]);
+        assert!(parse_core_list("3-1").is_err());
+        assert!(parse_core_list("1,1").is_err());
+        assert!(parse_core_list("a").is_err());
+        assert!(parse_core_list("").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid_and_unknown_keys_refused() {
+        Config::default().validate().unwrap();
+        let e = Config::from_toml("[limits]\nbogus = 1\n").unwrap_err();
+        assert!(e.reason.contains("bogus"), "{e}");
+        let e = Config::from_toml("[limits]\nqueue_messages_max = 0\n").unwrap_err();
+        assert_eq!(e.key, "limits.queue_messages_max");
+    }
+}

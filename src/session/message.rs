@@ -1,0 +1,65 @@
+//! The application message as it travels between shards and sessions: decoded once from
+//! the publisher's PUBLISH, shared by reference by every receiver.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
+
+/// One published message. Immutable once built; receivers adapt QoS, packet id, retain flag,
+/// topic alias, subscription identifiers and the remaining expiry when they encode it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// The RETAIN flag as published.
+    pub retain: bool,
+    /// Forwarded unchanged, except that the topic alias and subscription identifiers are
+    /// removed here (they belong to one hop) and the expiry is counted from `created`.
+    pub properties: PublishProperties,
+    /// The publisher's client id, for No Local; `None` for messages the broker makes.
+    pub origin: Option<MqttStr>,
+    /// When the broker received it; with the Message Expiry Interval gives the deadline.
+    pub created: Instant,
+}
+
+/// Messages are shared, not copied, between receivers and shards.
+pub type SharedMessage = Arc<Message>;
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.topic)
+            .field("qos", &self.qos)
+            .field("retain", &self.retain)
+            .field("payload_len", &self.payload.len())
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+impl Message {
+    /// The Message Expiry Interval left at `now`: `None` when the message does not expire,
+    /// `Some(0)`... never: an expired message gives `Err(())`.
+    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, Expired> {
+        let Some(interval) = self.properties.message_expiry_interval else {
+            return Ok(None);
+        };
+        let elapsed = now.saturating_duration_since(self.created).as_secs();
+        if elapsed >= interval as u64 {
+            return Err(Expired);
+        }
+        Ok(Some(interval - elapsed as u32))
+    }
+
+    /// Bytes this message costs a queue (payload and topic; the rest is small and shared).
+    pub fn cost_bytes(&self) -> u64 {
+        (self.payload.len() + self.topic.len()) as u64
+    }
+}
+
+/// A message whose Message Expiry Interval has passed: it must not be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired;

@@ -1,0 +1,137 @@
+//! The bytes waiting to be written to one connection. Sessions and the shard append encoded
+//! packets; the connection's writer task takes everything at once and writes it in one go,
+//! so many small packets cost one write. No I/O here: appending wakes the writer.
+
+use bytes::BytesMut;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+
+use crate::protocol::{Packet, ProtocolVersion, ReasonCode};
+
+/// Why a connection is being closed by the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// Sent in a DISCONNECT first (MQTT 5 only), when set.
+    pub reason: Option<ReasonCode>,
+}
+
+/// One connection's outgoing buffer and its writer's waker.
+pub struct Outbound {
+    buf: RefCell<BytesMut>,
+    waker: Cell<Option<Waker>>,
+    /// Set when the broker wants the connection closed (takeover, admin, shutdown); the
+    /// reader stops and the writer flushes what is buffered, then closes.
+    close: Cell<Option<CloseRequest>>,
+    close_waker: Cell<Option<Waker>>,
+    version: ProtocolVersion,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("buffered", &self.len())
+            .field("close", &self.close.get())
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Outbound {
+    pub fn new(version: ProtocolVersion) -> Outbound {
+        Outbound {
+            buf: RefCell::new(BytesMut::with_capacity(4096)),
+            waker: Cell::new(None),
+            close: Cell::new(None),
+            close_waker: Cell::new(None),
+            version,
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// Bytes buffered and not yet taken by the writer.
+    pub fn len(&self) -> usize {
+        self.buf.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends an encoded packet. Encoding cannot fail for packets the broker builds within
+    /// the protocol's size limit; one that would is dropped and reported.
+    pub fn send(&self, packet: &Packet) -> bool {
+        let ok = packet
+            .encode(self.version, &mut self.buf.borrow_mut())
+            .is_ok();
+        self.wake();
+        ok
+    }
+
+    /// Appends bytes already encoded for this connection's version.
+    pub fn send_with(&self, f: impl FnOnce(&mut BytesMut)) {
+        f(&mut self.buf.borrow_mut());
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Waits until there is something to write or the connection is to be closed, then
+    /// takes the buffered bytes and whether to close after writing them. Reuses `spare` as
+    /// the next buffer.
+    pub async fn next_batch(&self, spare: BytesMut) -> (BytesMut, bool) {
+        let mut spare = Some(spare);
+        poll_fn(|cx| {
+            let closing = self.close.get().is_some();
+            let mut buf = self.buf.borrow_mut();
+            if !buf.is_empty() || closing {
+                let mut next = spare.take().unwrap_or_default();
+                next.clear();
+                let out = std::mem::replace(&mut *buf, next);
+                return Poll::Ready((out, closing));
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Asks for the connection to be closed after what is buffered is written. The first
+    /// request wins. With a reason and MQTT 5, a DISCONNECT is appended first.
+    pub fn close(&self, reason: Option<ReasonCode>) {
+        if self.close.get().is_some() {
+            return;
+        }
+        if let (Some(r), true) = (reason, self.version.is_v5()) {
+            self.send(&Packet::Disconnect(crate::protocol::Disconnect::new(r)));
+        }
+        self.close.set(Some(CloseRequest { reason }));
+        self.wake();
+        if let Some(w) = self.close_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn close_requested(&self) -> Option<CloseRequest> {
+        self.close.get()
+    }
+
+    /// Completes when [`Outbound::close`] has been called (the reader selects on it).
+    pub async fn closed(&self) -> CloseRequest {
+        poll_fn(|cx| match self.close.get() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                self.close_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
