@@ -41,6 +41,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of the matching subscriptions (MQTT 5).
     pub sub_ids: Vec<u32>,
+    /// The shared subscription (`$share/...`) it came through, so that it can be handed back
+    /// to the group when this member leaves before taking it.
+    pub via_share: Option<std::sync::Arc<str>>,
 }
 
 /// Where a message in flight towards the client stands.
@@ -160,6 +163,9 @@ pub struct Session {
     /// The protocol version of the last connection (kept while offline).
     pub version: ProtocolVersion,
     pub stats: SessionStats,
+    /// Bumped at every attach and detach, so that a timer set for one offline period (will
+    /// delay, expiry) does nothing in a later one.
+    pub epoch: u64,
     next_packet_id: u16,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Delivery>,
@@ -177,6 +183,7 @@ impl Session {
             incoming_qos2: HashSet::new(),
             version,
             stats: SessionStats::default(),
+            epoch: 0,
             next_packet_id: 1,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
@@ -452,16 +459,31 @@ impl Session {
         Ok(())
     }
 
-    /// Everything queued or in flight, for hand-back when a shared subscriber leaves.
-    pub fn drain_undelivered(&mut self) -> Vec<Delivery> {
-        self.queue_bytes = 0;
-        let mut v: Vec<Delivery> = self
-            .inflight
-            .drain(..)
-            .filter(|i| i.state != OutState::AwaitPubComp)
-            .map(|i| i.delivery)
-            .collect();
-        v.extend(self.queue.drain(..));
+    /// Takes the queued (not in-flight) messages that came through shared subscriptions, so
+    /// that the group can give them to a member that is online.
+    pub fn take_queued_shared(&mut self) -> Vec<Delivery> {
+        let (shared, own): (VecDeque<Delivery>, VecDeque<Delivery>) =
+            std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|d| d.via_share.is_some());
+        self.queue = own;
+        self.queue_bytes = self.queue.iter().map(|d| d.msg.cost_bytes()).sum();
+        shared.into()
+    }
+
+    /// Everything that came through shared subscriptions and was not yet delivered (queued,
+    /// or QoS 1/2 sent but not acknowledged), for when the session ends.
+    pub fn take_undelivered_shared(&mut self) -> Vec<Delivery> {
+        let mut v: Vec<Delivery> = Vec::new();
+        self.inflight.retain(|i| {
+            if i.delivery.via_share.is_some() && i.state != OutState::AwaitPubComp {
+                v.push(i.delivery.clone());
+                false
+            } else {
+                true
+            }
+        });
+        v.extend(self.take_queued_shared());
         v
     }
 }
@@ -512,6 +534,7 @@ mod tests {
             qos,
             retain: false,
             sub_ids: vec![],
+            via_share: None,
         }
     }
 

@@ -1,0 +1,1329 @@
+//! The MQTT work of one shard: its sessions, its subscriptions, its copy of the cross-shard
+//! routing index and of the retained messages, the shared-subscription groups it is home to,
+//! and the will/expiry timers. No sockets: connections reach it through [`ConnCtx`] and
+//! [`Outbound`] buffers, other shards through [`Event`]s pushed to [`Core::send`].
+//!
+//! Routing (see `../../README.md`): a publish is matched once against the index (filter ->
+//! shards with subscribers), then sent once to each target shard, which matches it against
+//! its own subscriptions. A SUBSCRIBE that adds a filter to the index is acknowledged only
+//! after every shard has applied the change, so that a publish that follows the SUBACK from
+//! anywhere finds the new subscriber.
+
+use hashbrown::HashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::event::{Event, SharedMember, Token};
+use super::shardset::ShardSet;
+use crate::config::Config;
+use crate::protocol::{
+    Ack, ConnAck, ConnAckProperties, Connect, Disconnect, MqttStr, Packet, ProtocolVersion,
+    Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
+};
+use crate::session::{
+    owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
+    Session, SessionLimits, SharedMessage, Subscription, Will,
+};
+
+/// A subscription as the shard's topic tree holds it.
+#[derive(Clone, Debug)]
+enum LocalSub {
+    /// A session of this shard.
+    Client {
+        client_id: MqttStr,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    },
+    /// A shared group whose home is this shard.
+    Group { key: Arc<str> },
+}
+
+/// A shared subscription group, at its home shard.
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<SharedMember>,
+    next: usize,
+}
+
+/// What a connection task knows about its connection, passed into every call.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub conn_id: u64,
+    pub client_id: MqttStr,
+    pub version: ProtocolVersion,
+    pub out: Rc<Outbound>,
+    /// Topic aliases the client set on this connection (they do not outlive it).
+    aliases_in: HashMap<u16, TopicName>,
+}
+
+/// What the connection task does after a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The client sent DISCONNECT: end the connection normally.
+    Disconnect,
+}
+
+/// Why a connection ended, for will and session decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// DISCONNECT 0x00: discard the will.
+    Normal,
+    /// DISCONNECT 0x04: publish the will.
+    WithWill,
+    /// No DISCONNECT: socket closed, keep alive expired, protocol error.
+    Lost,
+}
+
+/// What a completed CONNECT gives the connection task.
+#[derive(Debug)]
+pub struct Accepted {
+    pub ctx: ConnCtx,
+    /// The keep alive to enforce (seconds, 0 = none).
+    pub keep_alive_s: u16,
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// A SUBACK waiting for index updates and group joins to be applied everywhere.
+    SubAck {
+        client_id: MqttStr,
+        conn_id: u64,
+        remaining: usize,
+        suback: SubAck,
+        retained: Vec<Delivery>,
+    },
+    /// A group join at its home waiting for its index update; then answer `token` to `to`.
+    Relay {
+        to: usize,
+        token: Token,
+        remaining: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TimerKind {
+    Will { client_id: MqttStr, epoch: u64 },
+    Expire { client_id: MqttStr, epoch: u64 },
+}
+
+/// Counters of one shard.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CoreStats {
+    pub connections: u64,
+    pub connects_total: u64,
+    pub messages_received: u64,
+    pub messages_routed_remote: u64,
+    pub retained_dropped_full: u64,
+    pub shared_dropped_no_member: u64,
+    pub wills_published: u64,
+    pub sessions_expired: u64,
+}
+
+/// Where events for other shards go; the service implements it with its outbox.
+pub trait EventSink {
+    fn push(&self, to: usize, event: Event);
+}
+
+/// The shard's MQTT state.
+pub struct Core {
+    pub id: usize,
+    pub count: usize,
+    cfg: Rc<Config>,
+    limits: SessionLimits,
+    sessions: HashMap<MqttStr, Session>,
+    subs: TopicTrie<Vec<LocalSub>>,
+    index: TopicTrie<ShardSet>,
+    retained: RetainedStore,
+    groups: HashMap<Arc<str>, Group>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_kinds: HashMap<u64, TimerKind>,
+    next_timer: u64,
+    next_conn_id: u64,
+    next_token: Token,
+    pending: HashMap<Token, Pending>,
+    sink: Rc<dyn EventSink>,
+    pub stats: CoreStats,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("id", &self.id)
+            .field("sessions", &self.sessions.len())
+            .field("filters", &self.subs.len())
+            .field("retained", &self.retained.len())
+            .finish()
+    }
+}
+
+impl Core {
+    pub fn new(id: usize, count: usize, cfg: Rc<Config>, sink: Rc<dyn EventSink>) -> Core {
+        let l = &cfg.limits;
+        let limits = SessionLimits {
+            inflight_max: l.inflight_max,
+            queue_messages_max: l.queue_messages_max,
+            queue_bytes_max: l.queue_bytes_max,
+            outbound_buffer_bytes_max: l.outbound_buffer_bytes_max,
+            queue_qos0_offline: cfg.sessions.queue_qos0_offline,
+        };
+        Core {
+            id,
+            count,
+            cfg,
+            limits,
+            sessions: HashMap::new(),
+            subs: TopicTrie::default(),
+            index: TopicTrie::default(),
+            retained: RetainedStore::default(),
+            groups: HashMap::new(),
+            timers: BinaryHeap::new(),
+            timer_kinds: HashMap::new(),
+            next_timer: 0,
+            next_conn_id: 1,
+            next_token: 1,
+            pending: HashMap::new(),
+            sink,
+            stats: CoreStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    pub fn session(&self, client_id: &MqttStr) -> Option<&Session> {
+        self.sessions.get(client_id)
+    }
+
+    /// Sends an event to shard `to`; events for this shard are handled at once.
+    fn send(&mut self, to: usize, event: Event) {
+        if to == self.id {
+            self.on_event(self.id, event, Instant::now());
+        } else {
+            self.sink.push(to, event);
+        }
+    }
+
+    fn peers(&self) -> impl Iterator<Item = usize> + 'static {
+        let (id, count) = (self.id, self.count);
+        (0..count).filter(move |&s| s != id)
+    }
+
+    fn token(&mut self) -> Token {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    // ---------------------------------------------------------------- connect / disconnect
+
+    /// Accepts (or refuses) a CONNECT for a client this shard owns. Writes CONNACK and any
+    /// resent messages to `out`. `Err` carries the refusal already written to `out`.
+    pub fn connect(
+        &mut self,
+        c: &Connect,
+        assigned_id: Option<MqttStr>,
+        out: Rc<Outbound>,
+        now: Instant,
+    ) -> Result<Accepted, ReasonCode> {
+        let version = c.protocol;
+        let v5 = version.is_v5();
+        let client_id = assigned_id.clone().unwrap_or_else(|| c.client_id.clone());
+        let refuse = |rc: ReasonCode| {
+            out.send(&Packet::ConnAck(Box::new(ConnAck {
+                session_present: false,
+                reason_code: rc,
+                properties: ConnAckProperties::default(),
+            })));
+            out.close(None);
+            Err(rc)
+        };
+        let id_max = if version == ProtocolVersion::V3_1 {
+            23
+        } else {
+            self.cfg.limits.client_id_bytes_max as usize
+        };
+        if client_id.len() > id_max || client_id.is_empty() {
+            return refuse(ReasonCode::ClientIdentifierNotValid);
+        }
+        if v5 && c.properties.authentication_method.is_some() {
+            return refuse(ReasonCode::BadAuthenticationMethod);
+        }
+        let sessions_cfg = &self.cfg.sessions;
+        let requested_expiry = if v5 {
+            c.properties
+                .session_expiry_interval
+                .unwrap_or(if c.clean_start {
+                    0
+                } else {
+                    sessions_cfg.session_expiry_default_s
+                })
+        } else if c.clean_start {
+            0
+        } else {
+            sessions_cfg.session_expiry_max_s
+        };
+        let expiry_s = requested_expiry.min(sessions_cfg.session_expiry_max_s);
+
+        // Takeover: the old connection ends now, without DISCONNECT.
+        let mut will_now: Option<Will> = None;
+        let mut end_existing = false;
+        if let Some(s) = self.sessions.get_mut(&client_id) {
+            if let Some(old) = s.detach() {
+                old.out.close(Some(ReasonCode::SessionTakenOver));
+                self.stats.connections -= 1;
+                s.epoch += 1;
+                let ends = c.clean_start || s.expiry_s == 0;
+                if let Some(w) = s.will.take() {
+                    if ends || w.delay_s == 0 {
+                        will_now = Some(w);
+                    }
+                }
+                end_existing = ends;
+            } else if c.clean_start {
+                end_existing = true;
+            } else {
+                // Back before the will delay passed: the will is not sent (MQTT-3.1.3-9).
+                s.will = None;
+            }
+        }
+        if let Some(w) = will_now {
+            self.publish_will(&client_id, w, now);
+        }
+        if end_existing {
+            self.end_session(&client_id, now);
+        }
+        let session_present = self.sessions.contains_key(&client_id);
+
+        // CONNACK, before anything the session resends.
+        let keep_alive_max = self.cfg.limits.keep_alive_max_s;
+        let keep_alive_s = if c.keep_alive > keep_alive_max {
+            keep_alive_max
+        } else {
+            c.keep_alive
+        };
+        let mut props = ConnAckProperties::default();
+        if v5 {
+            let l = &self.cfg.limits;
+            props.receive_maximum = Some(l.receive_maximum).filter(|&r| r != u16::MAX);
+            props.maximum_packet_size = Some(l.packet_bytes_max);
+            props.topic_alias_maximum = Some(l.topic_alias_max).filter(|&a| a > 0);
+            props.assigned_client_identifier = assigned_id;
+            if keep_alive_s != c.keep_alive {
+                props.server_keep_alive = Some(keep_alive_s);
+            }
+            if expiry_s != c.properties.session_expiry_interval.unwrap_or(0) {
+                props.session_expiry_interval = Some(expiry_s);
+            }
+        }
+        out.send(&Packet::ConnAck(Box::new(ConnAck {
+            session_present: session_present && version != ProtocolVersion::V3_1,
+            reason_code: ReasonCode::Success,
+            properties: props,
+        })));
+
+        let conn_id = self.next_conn_id;
+        self.next_conn_id += 1;
+        self.stats.connections += 1;
+        self.stats.connects_total += 1;
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session::new(client_id.clone(), version, expiry_s));
+        session.expiry_s = expiry_s;
+        session.epoch += 1;
+        session.will = c.will.as_ref().map(|w| {
+            let p = &w.properties;
+            Will {
+                msg: Arc::new(Message {
+                    topic: w.topic.clone(),
+                    payload: w.payload.clone(),
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: PublishProperties {
+                        payload_format_indicator: p.payload_format_indicator,
+                        message_expiry_interval: p.message_expiry_interval,
+                        topic_alias: None,
+                        response_topic: p.response_topic.clone(),
+                        correlation_data: p.correlation_data.clone(),
+                        user_properties: p.user_properties.clone(),
+                        subscription_identifiers: Vec::new(),
+                        content_type: p.content_type.clone(),
+                    },
+                    origin: Some(client_id.clone()),
+                    created: now,
+                }),
+                delay_s: p.will_delay_interval.unwrap_or(0),
+            }
+        });
+        let cp = &c.properties;
+        let link = Link::new(
+            conn_id,
+            out.clone(),
+            cp.receive_maximum.unwrap_or(u16::MAX),
+            cp.maximum_packet_size.unwrap_or(u32::MAX),
+            cp.topic_alias_maximum
+                .unwrap_or(0)
+                .min(self.cfg.limits.topic_alias_max),
+        );
+        session.attach(link, &self.limits, now);
+        let shared: Vec<Arc<str>> = session
+            .subscriptions
+            .values()
+            .filter(|s| s.filter.is_shared())
+            .map(|s| Arc::from(s.filter.as_str()))
+            .collect();
+        for key in shared {
+            let home = owner_shard(key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedOnline {
+                    key,
+                    client_id: client_id.clone(),
+                    online: true,
+                },
+            );
+        }
+        Ok(Accepted {
+            ctx: ConnCtx {
+                conn_id,
+                client_id,
+                version,
+                out,
+                aliases_in: HashMap::new(),
+            },
+            keep_alive_s,
+        })
+    }
+
+    /// The connection of `ctx` has ended. Decides the will and the session's future.
+    pub fn disconnected(&mut self, ctx: &ConnCtx, ending: Ending, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+            return;
+        };
+        if s.link.as_ref().map(|l| l.conn_id) != Some(ctx.conn_id) {
+            return; // taken over already
+        }
+        s.detach();
+        s.epoch += 1;
+        self.stats.connections -= 1;
+        if ending == Ending::Normal {
+            s.will = None;
+        }
+        let epoch = s.epoch;
+        let expiry_s = s.expiry_s;
+        let persistent = expiry_s > 0;
+        let shared: Vec<Arc<str>> = s
+            .subscriptions
+            .values()
+            .filter(|s| s.filter.is_shared())
+            .map(|s| Arc::from(s.filter.as_str()))
+            .collect();
+        let handback = if persistent {
+            s.take_queued_shared()
+        } else {
+            Vec::new()
+        };
+        for key in shared {
+            let home = owner_shard(key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedOnline {
+                    key,
+                    client_id: ctx.client_id.clone(),
+                    online: false,
+                },
+            );
+        }
+        self.hand_back(&ctx.client_id, handback);
+        if !persistent {
+            self.end_session(&ctx.client_id, now);
+            return;
+        }
+        let will_delay = self.sessions[&ctx.client_id]
+            .will
+            .as_ref()
+            .map(|w| w.delay_s);
+        if let Some(delay) = will_delay {
+            if delay == 0 {
+                let w = self
+                    .sessions
+                    .get_mut(&ctx.client_id)
+                    .and_then(|s| s.will.take())
+                    .expect("checked above");
+                self.publish_will(&ctx.client_id, w, now);
+            } else if delay < expiry_s {
+                self.schedule(
+                    now + Duration::from_secs(delay as u64),
+                    TimerKind::Will {
+                        client_id: ctx.client_id.clone(),
+                        epoch,
+                    },
+                );
+            }
+        }
+        if expiry_s != u32::MAX {
+            self.schedule(
+                now + Duration::from_secs(expiry_s as u64),
+                TimerKind::Expire {
+                    client_id: ctx.client_id.clone(),
+                    epoch,
+                },
+            );
+        }
+    }
+
+    fn hand_back(&mut self, client_id: &MqttStr, deliveries: Vec<Delivery>) {
+        for d in deliveries {
+            if let Some(key) = d.via_share {
+                let home = owner_shard(key.as_bytes(), self.count);
+                self.send(
+                    home,
+                    Event::SharedBounce {
+                        key,
+                        msg: d.msg,
+                        not: client_id.clone(),
+                        attempts: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn publish_will(&mut self, client_id: &MqttStr, will: Will, now: Instant) {
+        let _ = client_id;
+        self.stats.wills_published += 1;
+        let mut msg = (*will.msg).clone();
+        msg.created = now;
+        self.route(Arc::new(msg), now);
+    }
+
+    /// Ends a session: its subscriptions leave the routing tables, shared messages it had not
+    /// taken go back to their groups, and a will still pending is published.
+    fn end_session(&mut self, client_id: &MqttStr, now: Instant) {
+        let Some(mut s) = self.sessions.remove(client_id) else {
+            return;
+        };
+        if let Some(l) = s.detach() {
+            l.out.close(None);
+            self.stats.connections -= 1;
+        }
+        let undelivered = s.take_undelivered_shared();
+        self.hand_back(client_id, undelivered);
+        for sub in s.subscriptions.values() {
+            self.remove_subscription(client_id, &sub.filter);
+        }
+        if let Some(w) = s.will.take() {
+            self.publish_will(client_id, w, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    fn schedule(&mut self, at: Instant, kind: TimerKind) {
+        let id = self.next_timer;
+        self.next_timer += 1;
+        self.timers.push(Reverse((at, id)));
+        self.timer_kinds.insert(id, kind);
+    }
+
+    /// The earliest timer deadline, for the timer task to sleep until.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(kind) = self.timer_kinds.remove(&id) else {
+                continue;
+            };
+            match kind {
+                TimerKind::Will { client_id, epoch } => {
+                    let will = match self.sessions.get_mut(&client_id) {
+                        Some(s) if s.epoch == epoch && !s.is_online() => s.will.take(),
+                        _ => None,
+                    };
+                    if let Some(w) = will {
+                        self.publish_will(&client_id, w, now);
+                    }
+                }
+                TimerKind::Expire { client_id, epoch } => {
+                    let due = matches!(self.sessions.get(&client_id),
+                        Some(s) if s.epoch == epoch && !s.is_online());
+                    if due {
+                        self.stats.sessions_expired += 1;
+                        self.end_session(&client_id, now);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- packets
+
+    /// Handles one packet from a connected client. `Err` is the reason to close with.
+    pub fn on_packet(
+        &mut self,
+        ctx: &mut ConnCtx,
+        packet: Packet,
+        now: Instant,
+    ) -> Result<Flow, ReasonCode> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(ctx, p, now).map(|()| Flow::Continue),
+            Packet::PubAck(a) => {
+                self.with_session(ctx, |s, l| {
+                    let _ = s.on_puback(a.packet_id, l, now);
+                });
+                Ok(Flow::Continue)
+            }
+            Packet::PubRec(a) => {
+                let mut unknown = false;
+                self.with_session(ctx, |s, l| {
+                    unknown = s
+                        .on_pubrec(a.packet_id, a.reason_code.is_error(), l, now)
+                        .is_err();
+                });
+                if unknown && !a.reason_code.is_error() {
+                    ctx.out.send(&Packet::PubRel(Ack::with_reason(
+                        a.packet_id,
+                        ReasonCode::PacketIdentifierNotFound,
+                    )));
+                }
+                Ok(Flow::Continue)
+            }
+            Packet::PubComp(a) => {
+                self.with_session(ctx, |s, l| {
+                    let _ = s.on_pubcomp(a.packet_id, l, now);
+                });
+                Ok(Flow::Continue)
+            }
+            Packet::PubRel(a) => {
+                let known = self
+                    .sessions
+                    .get_mut(&ctx.client_id)
+                    .is_some_and(|s| s.incoming_qos2.remove(&a.packet_id.get()));
+                let rc = if known {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                ctx.out
+                    .send(&Packet::PubComp(Ack::with_reason(a.packet_id, rc)));
+                Ok(Flow::Continue)
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(ctx, s, now);
+                Ok(Flow::Continue)
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(ctx, u);
+                Ok(Flow::Continue)
+            }
+            Packet::PingReq => {
+                ctx.out.send(&Packet::PingResp);
+                Ok(Flow::Continue)
+            }
+            Packet::Disconnect(d) => self.on_disconnect(ctx, &d).map(|()| Flow::Disconnect),
+            // A second CONNECT, AUTH without an authentication method, or a packet only a
+            // server sends.
+            Packet::Connect(_)
+            | Packet::Auth(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => Err(ReasonCode::ProtocolError),
+        }
+    }
+
+    fn with_session(&mut self, ctx: &ConnCtx, f: impl FnOnce(&mut Session, &SessionLimits)) {
+        if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+            f(s, &self.limits);
+        }
+    }
+
+    fn on_disconnect(&mut self, ctx: &ConnCtx, d: &Disconnect) -> Result<(), ReasonCode> {
+        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+            return Ok(());
+        };
+        if let Some(new) = d.properties.session_expiry_interval {
+            if s.expiry_s == 0 && new != 0 {
+                // MQTT-3.14.2-2: a session that was to end cannot be given a life here.
+                return Err(ReasonCode::ProtocolError);
+            }
+            s.expiry_s = new.min(self.cfg.sessions.session_expiry_max_s);
+        }
+        Ok(())
+    }
+
+    fn on_publish(
+        &mut self,
+        ctx: &mut ConnCtx,
+        p: Publish,
+        now: Instant,
+    ) -> Result<(), ReasonCode> {
+        let l = &self.cfg.limits;
+        let mut topic = p.topic;
+        if let Some(alias) = p.properties.topic_alias {
+            if alias.get() > l.topic_alias_max {
+                return Err(ReasonCode::TopicAliasInvalid);
+            }
+            if topic.is_empty() {
+                topic = ctx
+                    .aliases_in
+                    .get(&alias.get())
+                    .cloned()
+                    .ok_or(ReasonCode::ProtocolError)?;
+            } else {
+                ctx.aliases_in.insert(alias.get(), topic.clone());
+            }
+        }
+        if topic.len() > l.topic_bytes_max as usize || topic.levels() > l.topic_levels_max as usize
+        {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(ReasonCode::ProtocolError);
+        }
+        let receive_maximum = l.receive_maximum as usize;
+        if p.qos == QoS::ExactlyOnce {
+            let pid = p.packet_id.expect("QoS 2 has an id");
+            let s = self
+                .sessions
+                .get_mut(&ctx.client_id)
+                .ok_or(ReasonCode::UnspecifiedError)?;
+            if s.incoming_qos2.contains(&pid.get()) {
+                // A resend of a message already routed: acknowledge, do not route again.
+                ctx.out.send(&Packet::PubRec(Ack::new(pid)));
+                return Ok(());
+            }
+            if s.incoming_qos2.len() >= receive_maximum {
+                return Err(ReasonCode::ReceiveMaximumExceeded);
+            }
+        }
+        self.stats.messages_received += 1;
+        let mut properties = p.properties;
+        properties.topic_alias = None;
+        let msg = Arc::new(Message {
+            topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+            origin: Some(ctx.client_id.clone()),
+            created: now,
+        });
+        let matched = self.route(msg, now);
+        let rc = if matched || !ctx.version.is_v5() {
+            ReasonCode::Success
+        } else {
+            ReasonCode::NoMatchingSubscribers
+        };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(pid)) => {
+                ctx.out.send(&Packet::PubAck(Ack::with_reason(pid, rc)));
+            }
+            (QoS::ExactlyOnce, Some(pid)) => {
+                if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+                    s.incoming_qos2.insert(pid.get());
+                }
+                ctx.out.send(&Packet::PubRec(Ack::with_reason(pid, rc)));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- routing
+
+    /// Sends a message everywhere it has subscribers; updates the retained store. Returns
+    /// whether any shard has a matching subscription.
+    pub fn route(&mut self, msg: SharedMessage, now: Instant) -> bool {
+        if msg.retain {
+            let home = owner_shard(msg.topic.as_bytes(), self.count);
+            self.send(home, Event::RetainSet(msg.clone()));
+        }
+        let mut targets = ShardSet::default();
+        self.index
+            .for_each_match(&msg.topic, |s| targets.union_with(s));
+        for shard in targets.iter() {
+            if shard == self.id {
+                self.deliver_local(&msg, now);
+            } else {
+                self.stats.messages_routed_remote += 1;
+                self.sink.push(shard, Event::Publish(msg.clone()));
+            }
+        }
+        !targets.is_empty()
+    }
+
+    /// Delivers a message to this shard's matching subscribers: each session once, at the
+    /// highest QoS of its matching subscriptions, with all their identifiers; each shared
+    /// group homed here to one member.
+    fn deliver_local(&mut self, msg: &SharedMessage, now: Instant) {
+        let mut hits: Vec<(MqttStr, SubscriptionOptions, Option<u32>)> = Vec::new();
+        let mut groups: Vec<Arc<str>> = Vec::new();
+        self.subs.for_each_match(&msg.topic, |subs| {
+            for s in subs {
+                match s {
+                    LocalSub::Client {
+                        client_id,
+                        options,
+                        id,
+                    } => {
+                        if options.no_local && msg.origin.as_ref() == Some(client_id) {
+                            continue;
+                        }
+                        hits.push((client_id.clone(), *options, *id));
+                    }
+                    LocalSub::Group { key } => groups.push(key.clone()),
+                }
+            }
+        });
+        hits.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut i = 0;
+        while i < hits.len() {
+            let client_id = hits[i].0.clone();
+            let mut qos = QoS::AtMostOnce;
+            let mut rap = false;
+            let mut sub_ids = Vec::new();
+            while i < hits.len() && hits[i].0 == client_id {
+                let (_, o, id) = &hits[i];
+                qos = qos.max(o.qos.min(msg.qos));
+                rap |= o.retain_as_published;
+                sub_ids.extend(*id);
+                i += 1;
+            }
+            let d = Delivery {
+                msg: msg.clone(),
+                qos,
+                retain: rap && msg.retain,
+                sub_ids,
+                via_share: None,
+            };
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                s.deliver(d, &self.limits, now);
+            }
+        }
+        for key in groups {
+            self.shared_dispatch(key, msg.clone(), None, 0, now);
+        }
+    }
+
+    /// At a group's home: picks a member (round robin over online members; if none is
+    /// online, a persistent one, which queues) and sends it the message.
+    fn shared_dispatch(
+        &mut self,
+        key: Arc<str>,
+        msg: SharedMessage,
+        not: Option<&MqttStr>,
+        attempts: u8,
+        now: Instant,
+    ) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            self.stats.shared_dropped_no_member += 1;
+            return;
+        };
+        let n = g.members.len();
+        let eligible = |m: &SharedMember, online: bool| {
+            Some(&m.client_id) != not && (m.online == online) && (online || m.persistent)
+        };
+        let mut pick = None;
+        for online in [true, false] {
+            for k in 0..n {
+                let idx = (g.next + k) % n;
+                if eligible(&g.members[idx], online) {
+                    pick = Some(idx);
+                    break;
+                }
+            }
+            if pick.is_some() {
+                break;
+            }
+        }
+        let Some(idx) = pick else {
+            self.stats.shared_dropped_no_member += 1;
+            return;
+        };
+        g.next = (idx + 1) % n;
+        let member = g.members[idx].clone();
+        let _ = now;
+        self.send(
+            member.shard as usize,
+            Event::SharedDeliver {
+                key,
+                client_id: member.client_id,
+                msg,
+                attempts,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- subscribe
+
+    fn on_subscribe(&mut self, ctx: &ConnCtx, s: Subscribe, now: Instant) {
+        let token = self.token();
+        let mut remaining = 0usize;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let sub_id = s.properties.subscription_identifier;
+        let peers: Vec<usize> = self.peers().collect();
+        for (filter, options) in s.filters {
+            let rc = self.check_filter(ctx, &filter);
+            if rc != ReasonCode::Success {
+                codes.push(rc); // 3.x SUBACK encodes any failure as 0x80
+                continue;
+            }
+            let Some(session) = self.sessions.get_mut(&ctx.client_id) else {
+                codes.push(ReasonCode::UnspecifiedError);
+                continue;
+            };
+            let new_sub = Subscription {
+                filter: filter.clone(),
+                options,
+                id: sub_id,
+            };
+            let previous = session
+                .subscriptions
+                .insert(filter.as_str().into(), new_sub);
+            let existed = previous.is_some();
+            let persistent = session.expiry_s > 0;
+            if filter.is_shared() {
+                let key: Arc<str> = Arc::from(filter.as_str());
+                let home = owner_shard(key.as_bytes(), self.count);
+                remaining += 1;
+                self.send(
+                    home,
+                    Event::SharedJoin {
+                        key,
+                        member: SharedMember {
+                            client_id: ctx.client_id.clone(),
+                            shard: self.id as u16,
+                            options,
+                            sub_id,
+                            online: true,
+                            persistent,
+                        },
+                        reply: token,
+                    },
+                );
+            } else {
+                let entry = self.subs.entry(filter.filter());
+                let first = entry.is_empty();
+                entry.retain(
+                    |s| !matches!(s, LocalSub::Client { client_id, .. } if *client_id == ctx.client_id),
+                );
+                entry.push(LocalSub::Client {
+                    client_id: ctx.client_id.clone(),
+                    options,
+                    id: sub_id,
+                });
+                if first {
+                    remaining += self.index_add(filter.filter(), Some(token), &peers);
+                }
+                let send_retained = match options.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendAtSubscribeIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+                if send_retained {
+                    self.retained.for_each_match(filter.filter(), |m| {
+                        retained.push(Delivery {
+                            msg: m.clone(),
+                            qos: m.qos.min(options.qos),
+                            retain: true,
+                            sub_ids: sub_id.into_iter().collect(),
+                            via_share: None,
+                        });
+                    });
+                }
+            }
+            codes.push(match options.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+        }
+        let suback = SubAck {
+            packet_id: s.packet_id,
+            properties: Default::default(),
+            reason_codes: codes,
+        };
+        if remaining == 0 {
+            self.finish_suback(&ctx.client_id, ctx.conn_id, suback, retained, now);
+        } else {
+            self.pending.insert(
+                token,
+                Pending::SubAck {
+                    client_id: ctx.client_id.clone(),
+                    conn_id: ctx.conn_id,
+                    remaining,
+                    suback,
+                    retained,
+                },
+            );
+        }
+    }
+
+    fn check_filter(&self, ctx: &ConnCtx, filter: &TopicFilter) -> ReasonCode {
+        let l = &self.cfg.limits;
+        if filter.as_str().len() > l.topic_bytes_max as usize
+            || filter.levels() > l.topic_levels_max as usize
+        {
+            return ReasonCode::TopicFilterInvalid;
+        }
+        if self
+            .cfg
+            .access
+            .subscribe_deny
+            .iter()
+            .any(|d| d == filter.as_str())
+        {
+            // 0x80 rather than 0x87: the one failure code every client version understands.
+            return ReasonCode::UnspecifiedError;
+        }
+        if let Some(s) = self.sessions.get(&ctx.client_id) {
+            if s.subscriptions.len() >= l.subscriptions_per_session_max as usize
+                && !s.subscriptions.contains_key(filter.as_str())
+            {
+                return ReasonCode::QuotaExceeded;
+            }
+        }
+        ReasonCode::Success
+    }
+
+    fn finish_suback(
+        &mut self,
+        client_id: &MqttStr,
+        conn_id: u64,
+        suback: SubAck,
+        retained: Vec<Delivery>,
+        now: Instant,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        match &s.link {
+            Some(l) if l.conn_id == conn_id => {
+                l.out.send(&Packet::SubAck(suback));
+            }
+            _ => return,
+        }
+        for d in retained {
+            s.deliver(d, &self.limits, now);
+        }
+    }
+
+    /// Adds this shard to the index for `filter` everywhere; returns how many acks to await.
+    fn index_add(&mut self, filter: &str, reply: Option<Token>, peers: &[usize]) -> usize {
+        self.index.entry(filter).insert(self.id);
+        let filter: Arc<str> = Arc::from(filter);
+        for &p in peers {
+            self.sink.push(
+                p,
+                Event::Index {
+                    filter: filter.clone(),
+                    shard: self.id as u16,
+                    add: true,
+                    reply,
+                },
+            );
+        }
+        if reply.is_some() {
+            peers.len()
+        } else {
+            0
+        }
+    }
+
+    fn index_remove(&mut self, filter: &str) {
+        if let Some(set) = self.index.get_mut(filter) {
+            set.remove(self.id);
+            if set.is_empty() {
+                self.index.remove(filter);
+            }
+        }
+        let filter: Arc<str> = Arc::from(filter);
+        for p in self.peers() {
+            self.sink.push(
+                p,
+                Event::Index {
+                    filter: filter.clone(),
+                    shard: self.id as u16,
+                    add: false,
+                    reply: None,
+                },
+            );
+        }
+    }
+
+    fn on_unsubscribe(&mut self, ctx: &ConnCtx, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            let removed = self
+                .sessions
+                .get_mut(&ctx.client_id)
+                .and_then(|s| s.subscriptions.remove(filter.as_str()));
+            if removed.is_some() {
+                self.remove_subscription(&ctx.client_id, &filter);
+                codes.push(ReasonCode::Success);
+            } else {
+                codes.push(ReasonCode::NoSubscriptionExisted);
+            }
+        }
+        ctx.out.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Default::default(),
+            reason_codes: if ctx.version.is_v5() {
+                codes
+            } else {
+                Vec::new()
+            },
+        }));
+    }
+
+    /// Takes one subscription of `client_id` out of the routing tables (the session's own
+    /// map is the caller's business).
+    fn remove_subscription(&mut self, client_id: &MqttStr, filter: &TopicFilter) {
+        if filter.is_shared() {
+            let key: Arc<str> = Arc::from(filter.as_str());
+            let home = owner_shard(key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedLeave {
+                    key,
+                    client_id: client_id.clone(),
+                },
+            );
+            return;
+        }
+        let f = filter.filter();
+        let Some(entry) = self.subs.get_mut(f) else {
+            return;
+        };
+        entry.retain(|s| !matches!(s, LocalSub::Client { client_id: c, .. } if c == client_id));
+        if entry.is_empty() {
+            self.subs.remove(f);
+            self.index_remove(f);
+        }
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// Handles an event from shard `from` (this shard itself on the local path).
+    pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
+        match event {
+            Event::Publish(msg) => self.deliver_local(&msg, now),
+            Event::Index {
+                filter,
+                shard,
+                add,
+                reply,
+            } => {
+                if add {
+                    self.index.entry(&filter).insert(shard as usize);
+                } else if let Some(set) = self.index.get_mut(&filter) {
+                    set.remove(shard as usize);
+                    if set.is_empty() {
+                        self.index.remove(&filter);
+                    }
+                }
+                if let Some(token) = reply {
+                    self.send(from, Event::Ack(token));
+                }
+            }
+            Event::Ack(token) => self.on_ack(token, now),
+            Event::RetainSet(msg) => {
+                self.apply_retained(msg.clone());
+                for p in self.peers() {
+                    self.sink.push(p, Event::RetainReplica(msg.clone()));
+                }
+            }
+            Event::RetainReplica(msg) => self.apply_retained(msg),
+            Event::Handoff { .. } => {
+                unreachable!("hand-offs are taken by the service before the core")
+            }
+            Event::SharedJoin { key, member, reply } => {
+                let to = member.shard as usize;
+                let g = self.groups.entry(key.clone()).or_default();
+                let fresh = g.members.is_empty();
+                g.members.retain(|m| m.client_id != member.client_id);
+                g.members.push(member);
+                let mut remaining = 0;
+                if fresh {
+                    let filter = TopicFilter::new(&key).expect("validated by the codec");
+                    let entry = self.subs.entry(filter.filter());
+                    let first = entry.is_empty();
+                    entry.push(LocalSub::Group { key: key.clone() });
+                    if first {
+                        let token = self.token();
+                        let peers: Vec<usize> = self.peers().collect();
+                        remaining = self.index_add(filter.filter(), Some(token), &peers);
+                        if remaining > 0 {
+                            self.pending.insert(
+                                token,
+                                Pending::Relay {
+                                    to,
+                                    token: reply,
+                                    remaining,
+                                },
+                            );
+                        }
+                    }
+                }
+                if remaining == 0 {
+                    self.send(to, Event::Ack(reply));
+                }
+            }
+            Event::SharedLeave { key, client_id } => {
+                let Some(g) = self.groups.get_mut(&key) else {
+                    return;
+                };
+                g.members.retain(|m| m.client_id != client_id);
+                if g.members.is_empty() {
+                    self.groups.remove(&key);
+                    let filter = TopicFilter::new(&key).expect("validated by the codec");
+                    let f = filter.filter();
+                    if let Some(entry) = self.subs.get_mut(f) {
+                        entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));
+                        if entry.is_empty() {
+                            self.subs.remove(f);
+                            self.index_remove(f);
+                        }
+                    }
+                }
+            }
+            Event::SharedOnline {
+                key,
+                client_id,
+                online,
+            } => {
+                if let Some(g) = self.groups.get_mut(&key) {
+                    for m in &mut g.members {
+                        if m.client_id == client_id {
+                            m.online = online;
+                        }
+                    }
+                }
+            }
+            Event::SharedDeliver {
+                key,
+                client_id,
+                msg,
+                attempts,
+            } => {
+                let taken = match self.sessions.get_mut(&client_id) {
+                    Some(s) => match s.subscriptions.get(&*key) {
+                        Some(sub) => {
+                            let d = Delivery {
+                                qos: msg.qos.min(sub.options.qos),
+                                retain: sub.options.retain_as_published && msg.retain,
+                                sub_ids: sub.id.into_iter().collect(),
+                                msg: msg.clone(),
+                                via_share: Some(key.clone()),
+                            };
+                            s.deliver(d, &self.limits, now);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => false,
+                };
+                if !taken && attempts < 3 {
+                    let home = owner_shard(key.as_bytes(), self.count);
+                    self.send(
+                        home,
+                        Event::SharedBounce {
+                            key,
+                            msg,
+                            not: client_id,
+                            attempts: attempts + 1,
+                        },
+                    );
+                }
+            }
+            Event::SharedBounce {
+                key,
+                msg,
+                not,
+                attempts,
+            } => self.shared_dispatch(key, msg, Some(&not), attempts, now),
+        }
+    }
+
+    fn on_ack(&mut self, token: Token, now: Instant) {
+        let done = match self.pending.get_mut(&token) {
+            Some(Pending::SubAck { remaining, .. }) | Some(Pending::Relay { remaining, .. }) => {
+                *remaining -= 1;
+                *remaining == 0
+            }
+            None => false,
+        };
+        if !done {
+            return;
+        }
+        match self.pending.remove(&token) {
+            Some(Pending::SubAck {
+                client_id,
+                conn_id,
+                suback,
+                retained,
+                ..
+            }) => self.finish_suback(&client_id, conn_id, suback, retained, now),
+            Some(Pending::Relay { to, token, .. }) => self.send(to, Event::Ack(token)),
+            None => {}
+        }
+    }
+
+    fn apply_retained(&mut self, msg: SharedMessage) {
+        if msg.payload.is_empty() {
+            self.retained.remove(&msg.topic);
+            return;
+        }
+        if self.retained.get(&msg.topic).is_none()
+            && self.retained.len() >= self.cfg.limits.retained_messages_max as usize
+        {
+            self.stats.retained_dropped_full += 1;
+            return;
+        }
+        self.retained.set(msg);
+    }
+
+    /// A fresh client id that this shard owns, for a client that sent an empty one.
+    pub fn assign_client_id(&mut self, seed: u64) -> MqttStr {
+        let mut n = seed;
+        loop {
+            let id = format!("shardmq-{:x}-{:x}", self.id, n);
+            if owner_shard(id.as_bytes(), self.count) == self.id {
+                return MqttStr::new(&id).expect("ascii");
+            }
+            n = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    /// Closes every connection (shutdown): MQTT 5 clients get DISCONNECT 0x8B.
+    pub fn close_all(&mut self) {
+        for s in self.sessions.values() {
+            if let Some(l) = &s.link {
+                l.out.close(Some(ReasonCode::ServerShuttingDown));
+            }
+        }
+    }
+}
