@@ -5,7 +5,9 @@
 //! - [`session`]: session and routing logic (ownership hash, topic trie, retained store,
 //!   session state). No I/O.
 //! - [`config`]: every limit with its default; TOML and validation.
+pub mod broker;
 pub mod config;
+pub mod net;
 pub mod protocol;
 pub mod session;
 pub mod shard;

@@ -1,1 +1,171 @@
-fn main() {}
+//! The `shardmq` command: flags and config file in, a running broker out.
+//!
+//! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
+//! [--data-dir DIR]`; `shardmq check-config FILE`. A wrong flag or value exits 2 with one
+//! line naming it; a failure to start exits 1 with one line. When every shard listens, one
+//! line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N`.
+
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use shardmq::broker::Broker;
+use shardmq::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shardmq",
+    version,
+    about = "A thread-per-core MQTT broker with durable sessions"
+)]
+struct Cli {
+    /// TOML configuration file (see config/shardmq.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen on ADDR:PORT (repeatable). Default 127.0.0.1:1883.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<SocketAddr>,
+    /// Pin one shard to each listed core, e.g. 0-3,6.
+    #[arg(long, value_name = "LIST", conflicts_with = "shards")]
+    cores: Option<String>,
+    /// Run N shards on the first N available cores.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Directory for each shard's data (<DIR>/shard-<n>/).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "shardmq: {msg}");
+    ExitCode::from(code)
+}
+
+fn load(path: &PathBuf) -> Result<Config, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(2, first.trim_start_matches("error: "));
+        }
+    };
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match load(file) {
+            Ok(cfg) => {
+                let text = toml::to_string_pretty(&cfg).unwrap_or_default();
+                let _ = std::io::stdout().write_all(text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, e),
+        };
+    }
+    let mut cfg = match &cli.config {
+        Some(p) => match load(p) {
+            Ok(c) => c,
+            Err(e) => return fail(2, e),
+        },
+        None => Config::default(),
+    };
+    if !cli.listen.is_empty() {
+        cfg.listen = cli.listen.clone();
+    }
+    if let Some(c) = &cli.cores {
+        cfg.shards.cores = Some(c.clone());
+        cfg.shards.count = None;
+    }
+    if let Some(n) = cli.shards {
+        cfg.shards.count = Some(n);
+        cfg.shards.cores = None;
+    }
+    if cli.no_pin {
+        cfg.shards.pin = false;
+    }
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Err(e) = cfg.validate() {
+        return fail(2, e);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let broker = match Broker::start(cfg) {
+        Ok(b) => b,
+        Err(e) => return fail(1, e),
+    };
+    for (i, core) in broker.cores.iter().enumerate() {
+        match core {
+            Some(c) => tracing::info!("shard {i} on core {c}"),
+            None => tracing::info!("shard {i} unpinned"),
+        }
+    }
+    let addrs: Vec<String> = broker.listeners.iter().map(|a| a.to_string()).collect();
+    tracing::info!("listening on {}", addrs.join(", "));
+    let _ = writeln!(
+        std::io::stdout(),
+        "shardmq ready listeners={} shards={}",
+        addrs.join(","),
+        broker.cores.len()
+    );
+    let _ = std::io::stdout().flush();
+
+    // First SIGINT/SIGTERM: orderly stop. Second: exit at once.
+    let control = broker.control();
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for _ in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!("stopping");
+                    control.stop();
+                } else {
+                    std::process::exit(130);
+                }
+            }
+        })
+        .ok();
+    match broker.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, format!("shard failure: {e}")),
+    }
+}

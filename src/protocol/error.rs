@@ -58,8 +58,11 @@ pub enum DecodeError {
     InvalidReasonCode { code: u8, packet: &'static str },
     /// SUBSCRIBE or UNSUBSCRIBE without any topic filter (MQTT-3.8.3-3, MQTT-3.10.3-2).
     NoTopicFilters,
-    /// Reserved bits of subscription options set, or Retain Handling 3.
+    /// Reserved bits of subscription options set (MQTT-3.8.3-5; MQTT-3-8.3-4 in 3.1.1).
     InvalidSubscriptionOptions(u8),
+    /// MQTT 5: Maximum QoS 3 or Retain Handling 3 in subscription options, a Protocol Error
+    /// (3.8.3.1). MQTT 3.x reports QoS 3 as [`DecodeError::InvalidQoS`] (malformed).
+    InvalidSubscriptionOptionValue(u8),
     /// No Local on a shared subscription (MQTT-3.8.3-4).
     NoLocalOnSharedSubscription,
     /// A packet type that this protocol version does not have (AUTH before MQTT 5).
@@ -85,6 +88,7 @@ impl DecodeError {
             | InvalidPropertyValue(_)
             | NoTopicFilters
             | NoLocalOnSharedSubscription
+            | InvalidSubscriptionOptionValue(_)
             | ExpectedConnect
             | PacketNotInVersion(_) => ReasonCode::ProtocolError,
             MalformedVarInt
@@ -144,6 +148,12 @@ impl fmt::Display for DecodeError {
             }
             NoTopicFilters => f.write_str("no topic filter in the packet"),
             InvalidSubscriptionOptions(b) => write!(f, "invalid subscription options {b:#04x}"),
+            InvalidSubscriptionOptionValue(b) => {
+                write!(
+                    f,
+                    "QoS 3 or Retain Handling 3 in subscription options {b:#04x}"
+                )
+            }
             NoLocalOnSharedSubscription => f.write_str("No Local on a shared subscription"),
             PacketNotInVersion(p) => write!(f, "{p} does not exist in this protocol version"),
             ExpectedConnect => f.write_str("the first packet must be CONNECT"),

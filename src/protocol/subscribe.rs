@@ -34,16 +34,18 @@ impl Subscribe {
         while !r.is_empty() {
             let filter = TopicFilter::from_mqtt_str(r.string()?)?;
             let b = r.u8()?;
-            let qos = QoS::from_u8(b & 0x03)?;
             let options = if version.is_v5() {
                 if b & 0xC0 != 0 {
                     return Err(DecodeError::InvalidSubscriptionOptions(b));
                 }
+                // 3.8.3.1: Maximum QoS 3 and Retain Handling 3 are Protocol Errors.
+                let qos = QoS::from_u8(b & 0x03)
+                    .map_err(|_| DecodeError::InvalidSubscriptionOptionValue(b))?;
                 let retain_handling = match (b >> 4) & 0x03 {
                     0 => RetainHandling::SendAtSubscribe,
                     1 => RetainHandling::SendAtSubscribeIfNew,
                     2 => RetainHandling::DoNotSend,
-                    _ => return Err(DecodeError::InvalidSubscriptionOptions(b)),
+                    _ => return Err(DecodeError::InvalidSubscriptionOptionValue(b)),
                 };
                 let no_local = b & 0x04 != 0;
                 if no_local && filter.is_shared() {
@@ -56,6 +58,7 @@ impl Subscribe {
                     retain_handling,
                 }
             } else {
+                let qos = QoS::from_u8(b & 0x03)?;
                 if b & 0xFC != 0 {
                     return Err(DecodeError::InvalidSubscriptionOptions(b));
                 }

@@ -64,8 +64,8 @@ pub struct ConnCtx {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    /// The client sent DISCONNECT: end the connection normally.
-    Disconnect,
+    /// The client sent DISCONNECT: end the connection (with or without its will).
+    Disconnect(Ending),
 }
 
 /// Why a connection ended, for will and session decisions.
@@ -641,7 +641,16 @@ impl Core {
                 ctx.out.send(&Packet::PingResp);
                 Ok(Flow::Continue)
             }
-            Packet::Disconnect(d) => self.on_disconnect(ctx, &d).map(|()| Flow::Disconnect),
+            Packet::Disconnect(d) => {
+                self.on_disconnect(ctx, &d)?;
+                Ok(Flow::Disconnect(
+                    if d.reason_code == ReasonCode::DisconnectWithWillMessage {
+                        Ending::WithWill
+                    } else {
+                        Ending::Normal
+                    },
+                ))
+            }
             // A second CONNECT, AUTH without an authentication method, or a packet only a
             // server sends.
             Packet::Connect(_)

@@ -3,4 +3,5 @@
 
 pub mod core;
 pub mod event;
+pub mod service;
 pub mod shardset;

@@ -1,0 +1,218 @@
+//! [`BrokerShard`]: the service each shard runs on the `shards` runtime. It owns the shard's
+//! [`Core`], batches the events the core sends to other shards into one message per
+//! destination and tick, and runs the shard's background tasks (flusher, timers).
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use shards::{Outbox, Service, Shard, ShardId};
+
+use super::core::{Core, CoreStats, EventSink};
+use super::event::Event;
+use crate::config::Config;
+
+/// How often due wills and session expiries are checked: the worst lateness of a will.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// Events waiting for other shards, and the flusher's wake-up.
+struct OutboxSink {
+    outbox: Outbox<Event>,
+    pending: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl EventSink for OutboxSink {
+    fn push(&self, to: usize, event: Event) {
+        self.outbox.push(ShardId::new(to), event);
+        self.pending.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl OutboxSink {
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.pending.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// A question for every shard (map-reduce).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Query {
+    Stats,
+}
+
+/// One shard's answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    pub sessions: usize,
+    pub retained: usize,
+    pub handoffs: u64,
+    pub core: CoreStats,
+}
+
+/// The per-shard service.
+pub struct BrokerShard {
+    pub core: RefCell<Core>,
+    sink: Rc<OutboxSink>,
+    connections: Cell<u32>,
+    connections_max: u32,
+    seed: Cell<u64>,
+    handoffs: Cell<u64>,
+}
+
+impl std::fmt::Debug for BrokerShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerShard")
+            .field("connections", &self.connections.get())
+            .finish()
+    }
+}
+
+impl BrokerShard {
+    pub fn new(id: ShardId, count: usize, cfg: Rc<Config>) -> BrokerShard {
+        let sink = Rc::new(OutboxSink {
+            outbox: Outbox::new(count),
+            pending: Cell::new(false),
+            waker: Cell::new(None),
+        });
+        // Each shard takes its share of the connection limit (rounded up).
+        let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
+        let core = Core::new(id.index(), count, cfg, sink.clone());
+        BrokerShard {
+            core: RefCell::new(core),
+            sink,
+            connections: Cell::new(0),
+            connections_max,
+            seed: Cell::new(id.index() as u64 ^ std_seed()),
+            handoffs: Cell::new(0),
+        }
+    }
+
+    /// Counts a new connection against this shard's share of `connections_max`.
+    pub fn admit_connection(&self) -> bool {
+        let n = self.connections.get();
+        if n >= self.connections_max {
+            return false;
+        }
+        self.connections.set(n + 1);
+        true
+    }
+
+    pub fn release_connection(&self) {
+        self.connections
+            .set(self.connections.get().saturating_sub(1));
+    }
+
+    pub fn open_connections(&self) -> u32 {
+        self.connections.get()
+    }
+
+    /// A fresh number for assigned client ids.
+    pub fn next_seed(&self) -> u64 {
+        let s = self.seed.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.seed.set(s);
+        s
+    }
+
+    pub fn note_handoff(&self) {
+        self.handoffs.set(self.handoffs.get() + 1);
+    }
+
+    /// Sends what the core queued for other shards, once per wake-up, until the pool stops.
+    pub async fn flush_loop(shard: Shard<BrokerShard>) {
+        let svc = shard.service();
+        let stopped = shard.stopped();
+        futures_lite::pin!(stopped);
+        loop {
+            let stop = futures_lite::future::or(
+                async {
+                    svc.sink.wait().await;
+                    false
+                },
+                async {
+                    (&mut stopped).await;
+                    true
+                },
+            )
+            .await;
+            let _ = svc.sink.outbox.flush(&shard).await;
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// Fires will-delay and session-expiry timers until the pool stops.
+    pub async fn timer_loop(shard: Shard<BrokerShard>) {
+        while !shard.is_stopping() {
+            glommio::timer::sleep(TIMER_TICK).await;
+            shard
+                .service()
+                .core
+                .borrow_mut()
+                .fire_timers(Instant::now());
+        }
+    }
+}
+
+/// A seed that differs between runs, so that assigned client ids do not repeat.
+fn std_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Service for BrokerShard {
+    type Msg = Vec<Event>;
+    type Query = Query;
+    type Answer = ShardStats;
+
+    fn on_message(&self, shard: &Shard<Self>, from: ShardId, batch: Vec<Event>) {
+        let now = Instant::now();
+        for event in batch {
+            match event {
+                Event::Handoff { fd, bytes } => {
+                    let shard = shard.clone();
+                    glommio::spawn_local(async move {
+                        let svc = shard.service();
+                        if !svc.admit_connection() {
+                            // SAFETY: the fd was handed to us and nothing else uses it.
+                            unsafe { libc::close(fd) };
+                            return;
+                        }
+                        crate::net::serve_handoff(shard.clone(), fd, bytes).await;
+                        shard.service().release_connection();
+                    })
+                    .detach();
+                }
+                other => self.core.borrow_mut().on_event(from.index(), other, now),
+            }
+        }
+    }
+
+    fn answer(&self, _shard: &Shard<Self>, query: Query) -> impl Future<Output = ShardStats> {
+        let Query::Stats = query;
+        let core = self.core.borrow();
+        let stats = ShardStats {
+            sessions: core.session_count(),
+            retained: core.retained_count(),
+            handoffs: self.handoffs.get(),
+            core: core.stats,
+        };
+        async move { stats }
+    }
+}
