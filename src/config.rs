@@ -103,8 +103,6 @@ pub struct Limits {
     pub queue_bytes_max: u64,
     /// Retained messages held by the broker.
     pub retained_messages_max: u32,
-    /// User properties on one packet.
-    pub user_properties_max: u32,
 }
 
 impl Default for Limits {
@@ -125,7 +123,6 @@ impl Default for Limits {
             queue_messages_max: 10_000,
             queue_bytes_max: 64 * 1024 * 1024,
             retained_messages_max: 1_000_000,
-            user_properties_max: 64,
         }
     }
 }
@@ -344,6 +341,12 @@ mod tests {
         assert!(parse_core_list("1,1").is_err());
         assert!(parse_core_list("a").is_err());
         assert!(parse_core_list("").is_err());
+    }
+
+    #[test]
+    fn the_annotated_default_file_is_the_default() {
+        let text = include_str!("../config/shardmq.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
     }
 
     #[test]
