@@ -144,6 +144,9 @@ pub struct Core {
     timer_kinds: HashMap<u64, TimerKind>,
     next_timer: u64,
     next_conn_id: u64,
+    /// Source of session epochs: unique over every incarnation of every session, so that a
+    /// timer set for an ended session can never match a new one with the same client id.
+    next_epoch: u64,
     next_token: Token,
     pending: HashMap<Token, Pending>,
     sink: Rc<dyn EventSink>,
@@ -185,6 +188,7 @@ impl Core {
             timer_kinds: HashMap::new(),
             next_timer: 0,
             next_conn_id: 1,
+            next_epoch: 1,
             next_token: 1,
             pending: HashMap::new(),
             sink,
@@ -220,6 +224,11 @@ impl Core {
     fn peers(&self) -> impl Iterator<Item = usize> + 'static {
         let (id, count) = (self.id, self.count);
         (0..count).filter(move |&s| s != id)
+    }
+
+    fn bump(counter: &mut u64) -> u64 {
+        *counter += 1;
+        *counter
     }
 
     fn token(&mut self) -> Token {
@@ -285,7 +294,7 @@ impl Core {
             if let Some(old) = s.detach() {
                 old.out.close(Some(ReasonCode::SessionTakenOver));
                 self.stats.connections -= 1;
-                s.epoch += 1;
+                s.epoch = Core::bump(&mut self.next_epoch);
                 let ends = c.clean_start || s.expiry_s == 0;
                 if let Some(w) = s.will.take() {
                     if ends || w.delay_s == 0 {
@@ -344,7 +353,7 @@ impl Core {
             .entry(client_id.clone())
             .or_insert_with(|| Session::new(client_id.clone(), version, expiry_s));
         session.expiry_s = expiry_s;
-        session.epoch += 1;
+        session.epoch = Core::bump(&mut self.next_epoch);
         session.will = c.will.as_ref().map(|w| {
             let p = &w.properties;
             Will {
@@ -418,7 +427,7 @@ impl Core {
             return; // taken over already
         }
         s.detach();
-        s.epoch += 1;
+        s.epoch = Core::bump(&mut self.next_epoch);
         self.stats.connections -= 1;
         if ending == Ending::Normal {
             s.will = None;
@@ -1334,5 +1343,61 @@ impl Core {
                 l.out.close(Some(ReasonCode::ServerShuttingDown));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ConnectProperties;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct Sink(RefCell<Vec<(usize, Event)>>);
+    impl EventSink for Sink {
+        fn push(&self, to: usize, event: Event) {
+            self.0.borrow_mut().push((to, event));
+        }
+    }
+
+    fn core() -> Core {
+        Core::new(0, 1, Rc::new(Config::default()), Rc::new(Sink::default()))
+    }
+
+    fn connect(id: &str, clean_start: bool, expiry: u32) -> Connect {
+        Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start,
+            keep_alive: 0,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(expiry),
+                ..Default::default()
+            },
+            client_id: MqttStr::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    fn session_of(c: &mut Core, id: &str, clean: bool, expiry: u32, now: Instant) -> ConnCtx {
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        c.connect(&connect(id, clean, expiry), None, out, now)
+            .unwrap()
+            .ctx
+    }
+
+    #[test]
+    fn a_stale_expiry_timer_does_not_expire_a_new_session_with_the_same_id() {
+        let mut c = core();
+        let t0 = Instant::now();
+        let ctx = session_of(&mut c, "x", true, 5, t0);
+        c.disconnected(&ctx, Ending::Normal, t0); // expiry timer at t0 + 5
+        let ctx = session_of(&mut c, "x", true, 10, t0 + Duration::from_secs(1));
+        c.disconnected(&ctx, Ending::Normal, t0 + Duration::from_secs(1));
+        c.fire_timers(t0 + Duration::from_secs(6));
+        assert!(c.session(&MqttStr::new("x").unwrap()).is_some());
+        c.fire_timers(t0 + Duration::from_secs(11));
+        assert!(c.session(&MqttStr::new("x").unwrap()).is_none());
     }
 }
