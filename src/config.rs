@@ -5,6 +5,8 @@
 //! one-line message naming the key. [`Config::validate`] checks the relations between limits.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::session::state::QueuePolicy;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ pub struct Config {
     pub shards: ShardsConfig,
     pub limits: Limits,
     pub sessions: SessionsConfig,
+    pub storage: StorageConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
 }
@@ -32,6 +35,7 @@ impl Default for Config {
             shards: ShardsConfig::default(),
             limits: Limits::default(),
             sessions: SessionsConfig::default(),
+            storage: StorageConfig::default(),
             access: AccessConfig::default(),
             log: LogConfig::default(),
         }
@@ -139,6 +143,8 @@ pub struct SessionsConfig {
     pub session_expiry_max_s: u32,
     /// Queue QoS 0 messages for offline persistent sessions too.
     pub queue_qos0_offline: bool,
+    /// What a full session queue does: "reject-newest" or "drop-oldest".
+    pub queue_policy: QueuePolicy,
 }
 
 impl Default for SessionsConfig {
@@ -147,6 +153,45 @@ impl Default for SessionsConfig {
             session_expiry_default_s: 7200,
             session_expiry_max_s: 7 * 24 * 3600,
             queue_qos0_offline: true,
+            queue_policy: QueuePolicy::RejectNewest,
+        }
+    }
+}
+
+/// How sessions, queues and retained messages are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Acknowledge a QoS 1/2 message for a persistent session only once it is on disk
+    /// (group commit: one fsync per batch).
+    #[default]
+    Durable,
+    /// Write to disk and fsync every `storage.batched_interval_ms`; acknowledge at once.
+    Batched,
+    /// Keep everything in memory; nothing survives a restart.
+    Memory,
+}
+
+/// Storage of persistent sessions (one database per shard under `data_dir`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub durability: Durability,
+    /// fsync interval in `batched` mode.
+    pub batched_interval_ms: u32,
+    /// Block cache of each shard's database.
+    pub cache_bytes: u64,
+    /// Files each shard's database keeps open (mind `ulimit -n` times the shard count).
+    pub max_cached_files: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            durability: Durability::Durable,
+            batched_interval_ms: 100,
+            cache_bytes: 32 * 1024 * 1024,
+            max_cached_files: 256,
         }
     }
 }
@@ -250,6 +295,14 @@ impl Config {
             ("limits.queue_messages_max", l.queue_messages_max as u64),
             ("limits.queue_bytes_max", l.queue_bytes_max),
             ("shards.preempt_timer_ms", self.shards.preempt_timer_ms),
+            (
+                "storage.batched_interval_ms",
+                self.storage.batched_interval_ms as u64,
+            ),
+            (
+                "storage.max_cached_files",
+                self.storage.max_cached_files as u64,
+            ),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be greater than 0"));

@@ -3,10 +3,17 @@
 //! QoS 2 packet ids awaiting PUBREL, and its will. No I/O: while the client is connected the
 //! session writes encoded packets into the connection's [`Outbound`] buffer.
 //!
-//! Queue policy: a full queue (`queue_messages_max` or `queue_bytes_max`) refuses the newest
-//! message for that session and counts it (`dropped_queue_full`); what is queued is never
-//! silently replaced. QoS 0 beyond a connection's outbound buffer cap is dropped and counted
-//! (`dropped_qos0_slow`); QoS 1/2 wait in the queue instead.
+//! Queue policy: a full queue (`queue_messages_max` or `queue_bytes_max`) either refuses the
+//! newest message for that session or drops its oldest ([`QueuePolicy`]), and counts it
+//! (`dropped_queue_full`). QoS 0 beyond a connection's outbound buffer cap is dropped and
+//! counted (`dropped_qos0_slow`); QoS 1/2 wait in the queue instead.
+//!
+//! Persistent sessions (those whose state outlives the connection, when the broker stores
+//! sessions) record every change of their queue and in-flight window as a [`StoreOp`]; the
+//! shard applies the ops to the store and waits for their durability before acknowledging.
+//! Their queue lives on disk: while online, at most [`QUEUE_MEMORY_WINDOW`] messages are kept
+//! in memory and the rest are read back in order ([`Session::needs_refill`]); while offline,
+//! none are, so memory does not grow with the number of queued messages.
 
 use bytes::BytesMut;
 use hashbrown::{HashMap, HashSet};
@@ -100,6 +107,44 @@ impl Link {
     }
 }
 
+/// Queued messages a persistent, online session keeps in memory; the rest stay on disk.
+pub const QUEUE_MEMORY_WINDOW: usize = 512;
+
+/// What to do when a session's queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueuePolicy {
+    /// Refuse the new message (what is queued stays).
+    #[default]
+    RejectNewest,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+}
+
+/// A change to a persistent session's durable state.
+#[derive(Clone, Debug)]
+pub enum StoreOp {
+    /// A message entered the queue under `seq`.
+    QueuePush { seq: u64, delivery: Delivery },
+    /// The queue entry `seq` left the queue (sent, dropped or handed back).
+    QueueDelete { seq: u64 },
+    /// A QoS 1/2 message is in flight under `packet_id`, in `state` (also a state change).
+    InflightPut {
+        packet_id: PacketId,
+        delivery: Delivery,
+        state: OutState,
+    },
+    /// The flow of `packet_id` completed.
+    InflightDelete { packet_id: PacketId },
+}
+
+/// A queued message and its place in the session's queue.
+#[derive(Clone, Debug)]
+struct Queued {
+    seq: u64,
+    delivery: Delivery,
+}
+
 /// A will message and its delay.
 #[derive(Clone, Debug)]
 pub struct Will {
@@ -125,6 +170,7 @@ pub struct SessionLimits {
     pub queue_bytes_max: u64,
     pub outbound_buffer_bytes_max: u32,
     pub queue_qos0_offline: bool,
+    pub queue_policy: QueuePolicy,
 }
 
 /// What happened to a message handed to [`Session::deliver`].
@@ -166,10 +212,21 @@ pub struct Session {
     /// Bumped at every attach and detach, so that a timer set for one offline period (will
     /// delay, expiry) does nothing in a later one.
     pub epoch: u64,
+    /// Whether changes are recorded as [`StoreOp`]s (set by the shard).
+    pub persistent: bool,
+    ops: Vec<StoreOp>,
     next_packet_id: u16,
     inflight: VecDeque<Inflight>,
-    queue: VecDeque<Delivery>,
+    /// The queued messages held in memory, in order.
+    queue: VecDeque<Queued>,
+    /// Bytes of the messages in `queue`.
     queue_bytes: u64,
+    /// The next queue sequence number.
+    next_seq: u64,
+    /// Queue entries `spilled_from..next_seq` are on disk only.
+    spilled_from: Option<u64>,
+    spilled_len: u64,
+    spilled_bytes: u64,
 }
 
 impl Session {
@@ -184,10 +241,27 @@ impl Session {
             version,
             stats: SessionStats::default(),
             epoch: 0,
+            persistent: false,
+            ops: Vec::new(),
             next_packet_id: 1,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             queue_bytes: 0,
+            next_seq: 0,
+            spilled_from: None,
+            spilled_len: 0,
+            spilled_bytes: 0,
+        }
+    }
+
+    /// The durable changes made since the last call, in order.
+    pub fn take_ops(&mut self) -> Vec<StoreOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    fn record(&mut self, op: StoreOp) {
+        if self.persistent {
+            self.ops.push(op);
         }
     }
 
@@ -195,12 +269,14 @@ impl Session {
         self.link.is_some()
     }
 
-    pub fn queued_messages(&self) -> usize {
-        self.queue.len()
+    /// Messages queued, in memory and on disk.
+    pub fn queued_messages(&self) -> u64 {
+        self.queue.len() as u64 + self.spilled_len
     }
 
+    /// Payload bytes queued, in memory and on disk.
     pub fn queued_bytes(&self) -> u64 {
-        self.queue_bytes
+        self.queue_bytes + self.spilled_bytes
     }
 
     pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
@@ -250,15 +326,110 @@ impl Session {
 
     fn enqueue(&mut self, d: Delivery, limits: &SessionLimits) -> DeliverOutcome {
         let cost = d.msg.cost_bytes();
-        if self.queue.len() >= limits.queue_messages_max as usize
-            || self.queue_bytes + cost > limits.queue_bytes_max
-        {
+        if cost > limits.queue_bytes_max {
             self.stats.dropped_queue_full += 1;
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
-        self.queue_bytes += cost;
-        self.queue.push_back(d);
+        while self.queued_messages() >= limits.queue_messages_max as u64
+            || self.queued_bytes() + cost > limits.queue_bytes_max
+        {
+            self.stats.dropped_queue_full += 1;
+            match limits.queue_policy {
+                QueuePolicy::RejectNewest => {
+                    return DeliverOutcome::Dropped(DropReason::QueueFull);
+                }
+                QueuePolicy::DropOldest => self.drop_oldest(),
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.record(StoreOp::QueuePush {
+            seq,
+            delivery: d.clone(),
+        });
+        let on_disk_only = self.persistent
+            && (self.spilled_from.is_some()
+                || self.link.is_none()
+                || self.queue.len() >= QUEUE_MEMORY_WINDOW);
+        if on_disk_only {
+            self.spilled_from.get_or_insert(seq);
+            self.spilled_len += 1;
+            self.spilled_bytes += cost;
+        } else {
+            self.queue_bytes += cost;
+            self.queue.push_back(Queued { seq, delivery: d });
+        }
         DeliverOutcome::Queued
+    }
+
+    /// Removes the oldest queued message (memory first; on disk, its size is taken as the
+    /// average of what is there, so the byte count stays an estimate until refilled).
+    fn drop_oldest(&mut self) {
+        if let Some(q) = self.queue.pop_front() {
+            self.queue_bytes -= q.delivery.msg.cost_bytes();
+            self.record(StoreOp::QueueDelete { seq: q.seq });
+        } else if let Some(from) = self.spilled_from {
+            let avg = self.spilled_bytes / self.spilled_len.max(1);
+            self.spilled_len -= 1;
+            self.spilled_bytes = if self.spilled_len == 0 {
+                0
+            } else {
+                self.spilled_bytes.saturating_sub(avg)
+            };
+            self.spilled_from = (self.spilled_len > 0).then_some(from + 1);
+            self.record(StoreOp::QueueDelete { seq: from });
+        }
+    }
+
+    /// Where to read the queue back from disk, and how many, when the memory window runs
+    /// low while the client is online.
+    pub fn needs_refill(&self) -> Option<(u64, usize)> {
+        let from = self.spilled_from?;
+        (self.link.is_some() && self.queue.len() < QUEUE_MEMORY_WINDOW / 2)
+            .then_some((from, QUEUE_MEMORY_WINDOW - self.queue.len()))
+    }
+
+    /// Takes queue entries read back from disk (in order, starting at the `needs_refill`
+    /// position). Entries the store could not read are skipped: fewer than asked, or none,
+    /// ends the spill at what was read.
+    pub fn refill(&mut self, entries: Vec<(u64, Delivery)>, asked: usize) {
+        let got = entries.len();
+        let mut last = None;
+        for (seq, delivery) in entries {
+            let cost = delivery.msg.cost_bytes();
+            self.spilled_len = self.spilled_len.saturating_sub(1);
+            self.spilled_bytes = self.spilled_bytes.saturating_sub(cost);
+            self.queue_bytes += cost;
+            self.queue.push_back(Queued { seq, delivery });
+            last = Some(seq);
+        }
+        match last {
+            Some(l) if got == asked && l + 1 < self.next_seq => self.spilled_from = Some(l + 1),
+            _ => {
+                self.spilled_from = None;
+                self.spilled_len = 0;
+                self.spilled_bytes = 0;
+            }
+        }
+    }
+
+    /// Restores the durable state of a session read back at start: the queue's extent on
+    /// disk and the messages in flight.
+    pub fn restore(
+        &mut self,
+        queue_first_seq: u64,
+        queue_next_seq: u64,
+        queue_len: u64,
+        queue_bytes: u64,
+        inflight: Vec<Inflight>,
+    ) {
+        self.next_seq = queue_next_seq;
+        if queue_len > 0 {
+            self.spilled_from = Some(queue_first_seq);
+            self.spilled_len = queue_len;
+            self.spilled_bytes = queue_bytes;
+        }
+        self.inflight = inflight.into();
     }
 
     fn alloc_packet_id(&mut self) -> PacketId {
@@ -282,6 +453,11 @@ impl Session {
                 } else {
                     OutState::AwaitPubRec
                 };
+                self.record(StoreOp::InflightPut {
+                    packet_id: pid,
+                    delivery: d.clone(),
+                    state,
+                });
                 self.inflight.push_back(Inflight {
                     packet_id: pid,
                     delivery: d,
@@ -348,15 +524,16 @@ impl Session {
     pub fn pump(&mut self, limits: &SessionLimits, now: Instant) {
         let Some(link) = &self.link else { return };
         let out = link.out.clone();
-        while let Some(d) = self.queue.front() {
+        while let Some(q) = self.queue.front() {
             if out.len() >= limits.outbound_buffer_bytes_max as usize {
                 break;
             }
-            if d.qos != QoS::AtMostOnce && self.inflight.len() >= self.window(limits) {
+            if q.delivery.qos != QoS::AtMostOnce && self.inflight.len() >= self.window(limits) {
                 break;
             }
-            let d = self.queue.pop_front().expect("front exists");
+            let Queued { seq, delivery: d } = self.queue.pop_front().expect("front exists");
             self.queue_bytes -= d.msg.cost_bytes();
+            self.record(StoreOp::QueueDelete { seq });
             if d.qos == QoS::AtMostOnce {
                 let _ = self.send_publish(&d, None, false, now);
             } else {
@@ -392,8 +569,18 @@ impl Session {
         self.pump(limits, now);
     }
 
-    /// Detaches the connection (it closed); in-flight state stays for the next one.
+    /// Detaches the connection (it closed); in-flight state stays for the next one. A
+    /// persistent session's queue is on disk already and leaves memory.
     pub fn detach(&mut self) -> Option<Link> {
+        if self.persistent {
+            if let Some(first) = self.queue.front().map(|q| q.seq) {
+                self.spilled_from = Some(first);
+                self.spilled_len += self.queue.len() as u64;
+                self.spilled_bytes += self.queue_bytes;
+                self.queue.clear();
+                self.queue_bytes = 0;
+            }
+        }
         self.link.take()
     }
 
@@ -431,6 +618,12 @@ impl Session {
             OutState::AwaitPubRec | OutState::AwaitPubComp => i.state = OutState::AwaitPubComp,
             OutState::AwaitPubAck => return Err(UnknownPacketId),
         }
+        let op = StoreOp::InflightPut {
+            packet_id: pid,
+            delivery: i.delivery.clone(),
+            state: OutState::AwaitPubComp,
+        };
+        self.record(op);
         if let Some(l) = &self.link {
             l.out.send(&Packet::PubRel(Ack::new(pid)));
         }
@@ -456,33 +649,44 @@ impl Session {
             .position(|i| i.packet_id == pid && i.state == expected)
             .ok_or(UnknownPacketId)?;
         self.inflight.remove(pos);
+        self.record(StoreOp::InflightDelete { packet_id: pid });
         Ok(())
     }
 
     /// Takes the queued (not in-flight) messages that came through shared subscriptions, so
     /// that the group can give them to a member that is online.
     pub fn take_queued_shared(&mut self) -> Vec<Delivery> {
-        let (shared, own): (VecDeque<Delivery>, VecDeque<Delivery>) =
-            std::mem::take(&mut self.queue)
-                .into_iter()
-                .partition(|d| d.via_share.is_some());
+        let (shared, own): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|q| q.delivery.via_share.is_some());
         self.queue = own;
-        self.queue_bytes = self.queue.iter().map(|d| d.msg.cost_bytes()).sum();
-        shared.into()
+        self.queue_bytes = self.queue.iter().map(|q| q.delivery.msg.cost_bytes()).sum();
+        shared
+            .into_iter()
+            .map(|q| {
+                self.record(StoreOp::QueueDelete { seq: q.seq });
+                q.delivery
+            })
+            .collect()
     }
 
     /// Everything that came through shared subscriptions and was not yet delivered (queued,
     /// or QoS 1/2 sent but not acknowledged), for when the session ends.
     pub fn take_undelivered_shared(&mut self) -> Vec<Delivery> {
         let mut v: Vec<Delivery> = Vec::new();
+        let mut done = Vec::new();
         self.inflight.retain(|i| {
             if i.delivery.via_share.is_some() && i.state != OutState::AwaitPubComp {
                 v.push(i.delivery.clone());
+                done.push(i.packet_id);
                 false
             } else {
                 true
             }
         });
+        for packet_id in done {
+            self.record(StoreOp::InflightDelete { packet_id });
+        }
         v.extend(self.take_queued_shared());
         v
     }
@@ -518,6 +722,7 @@ mod tests {
         queue_bytes_max: 1 << 20,
         outbound_buffer_bytes_max: 1 << 20,
         queue_qos0_offline: true,
+        queue_policy: QueuePolicy::RejectNewest,
     };
 
     fn delivery(topic: &str, qos: QoS) -> Delivery {
@@ -666,5 +871,106 @@ mod tests {
             DeliverOutcome::Dropped(DropReason::TooLarge)
         );
         assert!(out.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+    use crate::protocol::PublishProperties;
+    use crate::session::message::Message;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn limits(max: u32, policy: QueuePolicy) -> SessionLimits {
+        SessionLimits {
+            inflight_max: 1,
+            queue_messages_max: max,
+            queue_bytes_max: 1 << 30,
+            outbound_buffer_bytes_max: 1 << 20,
+            queue_qos0_offline: true,
+            queue_policy: policy,
+        }
+    }
+
+    fn d(n: u8) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: TopicName::new("t").unwrap(),
+                payload: Bytes::from(vec![n; 4]),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: PublishProperties::default(),
+                origin: None,
+                created: Instant::now(),
+            }),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            sub_ids: vec![],
+            via_share: None,
+        }
+    }
+
+    fn persistent() -> Session {
+        let mut s = Session::new(MqttStr::new("p").unwrap(), ProtocolVersion::V5, 60);
+        s.persistent = true;
+        s
+    }
+
+    #[test]
+    fn offline_persistent_queue_stays_on_disk_and_comes_back_in_order() {
+        let mut s = persistent();
+        let l = limits(100, QueuePolicy::RejectNewest);
+        let now = Instant::now();
+        for n in 0..5 {
+            assert_eq!(s.deliver(d(n), &l, now), DeliverOutcome::Queued);
+        }
+        assert_eq!(s.queued_messages(), 5);
+        assert_eq!(s.queue.len(), 0, "nothing in memory while offline");
+        let pushed: Vec<u64> = s
+            .take_ops()
+            .into_iter()
+            .map(|op| match op {
+                StoreOp::QueuePush { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(pushed, vec![0, 1, 2, 3, 4]);
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        s.attach(Link::new(1, out, 10, 1 << 20, 0), &l, now);
+        let (from, max) = s.needs_refill().expect("queue on disk");
+        assert_eq!(from, 0);
+        s.refill((0..5).map(|n| (n, d(n as u8))).collect(), max);
+        assert!(s.needs_refill().is_none());
+        s.pump(&l, now);
+        assert_eq!(s.inflight().count(), 1);
+        assert_eq!(s.queued_messages(), 4);
+        let ops = s.take_ops();
+        assert!(matches!(ops[0], StoreOp::QueueDelete { seq: 0 }));
+        assert!(matches!(ops[1], StoreOp::InflightPut { .. }));
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_records_the_delete() {
+        let mut s = persistent();
+        let l = limits(2, QueuePolicy::DropOldest);
+        let now = Instant::now();
+        for n in 0..3 {
+            assert_eq!(s.deliver(d(n), &l, now), DeliverOutcome::Queued);
+        }
+        assert_eq!(s.queued_messages(), 2);
+        assert_eq!(s.stats.dropped_queue_full, 1);
+        assert!(s
+            .take_ops()
+            .iter()
+            .any(|op| matches!(op, StoreOp::QueueDelete { seq: 0 })));
+    }
+
+    #[test]
+    fn non_persistent_sessions_record_nothing() {
+        let mut s = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 0);
+        let l = limits(10, QueuePolicy::RejectNewest);
+        s.deliver(d(1), &l, Instant::now());
+        assert!(s.take_ops().is_empty());
     }
 }

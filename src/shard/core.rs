@@ -173,6 +173,7 @@ impl Core {
             queue_bytes_max: l.queue_bytes_max,
             outbound_buffer_bytes_max: l.outbound_buffer_bytes_max,
             queue_qos0_offline: cfg.sessions.queue_qos0_offline,
+            queue_policy: cfg.sessions.queue_policy,
         };
         Core {
             id,
