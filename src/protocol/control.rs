@@ -4,7 +4,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::error::DecodeError;
-use super::properties::{AuthProperties, DisconnectProperties};
+use super::properties::{id as property_id, AuthProperties, DisconnectProperties};
 use super::types::{ProtocolVersion, ReasonCode, ReasonContext};
 use super::wire::Reader;
 
@@ -58,7 +58,8 @@ impl Disconnect {
     }
 }
 
-/// Extended authentication exchange (MQTT 5 only).
+/// Extended authentication exchange (MQTT 5 only). Every AUTH but the short form (Success,
+/// no properties) carries an Authentication Method (3.15.2.2.2).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Auth {
     pub reason_code: ReasonCode,
@@ -68,13 +69,21 @@ pub struct Auth {
 impl Auth {
     pub(crate) fn decode(r: &mut Reader) -> Result<Auth, DecodeError> {
         let mut a = Auth::default();
-        if !r.is_empty() {
+        let short_form = r.is_empty();
+        if !short_form {
             a.reason_code = reason(r.u8()?, ReasonContext::Auth, "AUTH")?;
             if !r.is_empty() {
                 a.properties = AuthProperties::decode(r)?;
             }
         }
         r.finish()?;
+        // 3.15.2.2.2: "It is a Protocol Error to omit the Authentication Method"; only the
+        // short form (Success, Remaining Length 0, 3.15.2.1) goes without it.
+        if !short_form && a.properties.authentication_method.is_none() {
+            return Err(DecodeError::InvalidPropertyValue(
+                property_id::AUTHENTICATION_METHOD,
+            ));
+        }
         Ok(a)
     }
 
