@@ -16,14 +16,15 @@ use std::time::{Duration, Instant};
 
 use shards::{Control, Placement, Pool, Shard};
 
-use crate::config::{parse_core_list, Config};
+use crate::config::{parse_core_list, Config, Durability};
 use crate::net;
 use crate::shard::service::BrokerShard;
+use crate::storage::{Store, StoreOptions};
 
 /// How long a stopping shard waits for its connections to close.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// How long start-up may take before it is reported as failed.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long start-up (recovery included) may take before it is reported as failed.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A running broker.
 pub struct Broker {
@@ -143,6 +144,28 @@ impl Broker {
         }
         let fds = Arc::new(fds);
 
+        // One database per shard, opened here so that a bad data directory fails the start
+        // with one line, before any shard runs.
+        let stores: Vec<Option<Store>> = if cfg.storage.durability == Durability::Memory {
+            vec![None; count]
+        } else {
+            let opts = StoreOptions {
+                cache_bytes: cfg.storage.cache_bytes,
+                max_cached_files: cfg.storage.max_cached_files as usize,
+                ..StoreOptions::default()
+            };
+            let mut v = Vec::with_capacity(count);
+            for shard in 0..count {
+                let dir = cfg.data_dir.join(format!("shard-{shard}"));
+                let store = Store::open(&dir, &opts).map_err(|e| {
+                    StartError::Config(format!("cannot open {}: {e}", dir.display()))
+                })?;
+                v.push(Some(store));
+            }
+            v
+        };
+        let stores = Arc::new(stores);
+
         let mut rt = shards::Config::new(placement);
         rt.preempt_timer = Duration::from_millis(cfg.shards.preempt_timer_ms);
         rt.thread_name_prefix = "shardmq".into();
@@ -151,7 +174,14 @@ impl Broker {
         let build_cfg = cfg.clone();
         let pool = Pool::start(
             &rt,
-            move |id| BrokerShard::new(id, count, Rc::new((*build_cfg).clone())),
+            move |id| {
+                BrokerShard::new(
+                    id,
+                    count,
+                    Rc::new((*build_cfg).clone()),
+                    stores[id.index()].clone(),
+                )
+            },
             move |shard: Shard<BrokerShard>| {
                 let fds = fds.clone();
                 let ready = ready_tx.clone();
@@ -207,6 +237,10 @@ async fn shard_main(
 ) {
     let id = shard.id().index();
     let flusher = glommio::spawn_local(BrokerShard::flush_loop(shard.clone()));
+    let committer = glommio::spawn_local(BrokerShard::commit_loop(shard.clone()));
+    // Recovery, then a barrier: no shard accepts a connection (or fires a will) before
+    // every shard's part of the routing tables is rebuilt here.
+    BrokerShard::recover(&shard).await;
     let timers = glommio::spawn_local(BrokerShard::timer_loop(shard.clone()));
     let mut accepts = Vec::new();
     for &fd in &fds[id] {
@@ -225,4 +259,5 @@ async fn shard_main(
     }
     timers.await;
     flusher.await;
+    committer.await;
 }

@@ -11,3 +11,4 @@ pub mod net;
 pub mod protocol;
 pub mod session;
 pub mod shard;
+pub mod storage;

@@ -85,6 +85,85 @@ pub struct Link {
     /// The client's Topic Alias Maximum: how many aliases we may assign towards it.
     pub topic_alias_max: u16,
     aliases: HashMap<TopicName, NonZeroU16>,
+    /// PUBACK/PUBREC packets waiting for their messages to be durable, in the order the
+    /// PUBLISHes arrived (MQTT-4.6.0-2): released from the front as they become ready.
+    held_acks: VecDeque<HeldAck>,
+}
+
+/// An acknowledgement held until what it acknowledges is stored.
+#[derive(Debug)]
+struct HeldAck {
+    token: u64,
+    /// `None`: withheld for good (the store failed and the client speaks MQTT 3.x).
+    packet: Option<Packet>,
+    ready: bool,
+    qos1: bool,
+}
+
+impl Link {
+    /// Sends `packet` now, or after the acknowledgements held before it.
+    pub fn send_ack(&mut self, packet: Packet) {
+        if self.held_acks.is_empty() {
+            self.out.send(&packet);
+        } else {
+            self.held_acks.push_back(HeldAck {
+                token: 0,
+                packet: Some(packet),
+                ready: true,
+                qos1: false,
+            });
+        }
+    }
+
+    /// Holds `packet` until [`Link::release_ack`] is called with `token`.
+    pub fn hold_ack(&mut self, token: u64, packet: Packet) {
+        let qos1 = matches!(packet, Packet::PubAck(_));
+        self.held_acks.push_back(HeldAck {
+            token,
+            packet: Some(packet),
+            ready: false,
+            qos1,
+        });
+    }
+
+    /// Marks the acknowledgement of `token` ready and sends every ready one at the front.
+    /// When what it acknowledges could not be stored (`failed`), an MQTT 5 client gets the
+    /// acknowledgement with reason 0x80 and an MQTT 3.x client none (it will resend).
+    pub fn release_ack(&mut self, token: u64, failed: bool) {
+        let v5 = self.version.is_v5();
+        if let Some(h) = self
+            .held_acks
+            .iter_mut()
+            .find(|h| h.token == token && !h.ready)
+        {
+            h.ready = true;
+            if failed {
+                h.packet = match h.packet.take() {
+                    Some(Packet::PubAck(a)) if v5 => Some(Packet::PubAck(Ack::with_reason(
+                        a.packet_id,
+                        crate::protocol::ReasonCode::UnspecifiedError,
+                    ))),
+                    Some(Packet::PubRec(a)) if v5 => Some(Packet::PubRec(Ack::with_reason(
+                        a.packet_id,
+                        crate::protocol::ReasonCode::UnspecifiedError,
+                    ))),
+                    Some(Packet::PubAck(_)) | Some(Packet::PubRec(_)) => None,
+                    other => other,
+                };
+            }
+        }
+        while self.held_acks.front().is_some_and(|h| h.ready) {
+            let h = self.held_acks.pop_front().expect("front exists");
+            if let Some(p) = h.packet {
+                self.out.send(&p);
+            }
+        }
+    }
+
+    /// QoS 1 publishes whose PUBACK is held: they count against our Receive Maximum.
+    pub fn held_qos1(&self) -> usize {
+        self.held_acks.iter().filter(|h| h.qos1 && !h.ready).count()
+    }
 }
 
 impl Link {
@@ -103,6 +182,7 @@ impl Link {
             max_packet_bytes,
             topic_alias_max,
             aliases: HashMap::new(),
+            held_acks: VecDeque::new(),
         }
     }
 }

@@ -16,17 +16,22 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::event::{Event, SharedMember, Token};
+use super::event::{Event, Rehomed, SharedMember, Token};
 use super::shardset::ShardSet;
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::protocol::{
     Ack, ConnAck, ConnAckProperties, Connect, Disconnect, MqttStr, Packet, ProtocolVersion,
     Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
+use crate::session::state::StoreOp;
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
     Session, SessionLimits, SharedMessage, Subscription, Will,
+};
+use crate::storage::{
+    InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError, Store,
+    SubscriptionRecord, WallClock, WillRecord,
 };
 
 /// A subscription as the shard's topic tree holds it.
@@ -103,6 +108,36 @@ enum Pending {
         token: Token,
         remaining: usize,
     },
+    /// A PUBACK/PUBREC held on the publisher's link until every shard that stored the message
+    /// for a persistent session (and this shard's own writes) is durable.
+    PubAck {
+        client_id: MqttStr,
+        conn_id: u64,
+        remaining: usize,
+        failed: bool,
+    },
+    /// A session sent to its new owner: delete the local copy once the owner has it.
+    Rehome { client_id: String },
+}
+
+/// Who waits for the shard's writes so far to be durable.
+#[derive(Debug, Clone)]
+enum Waiter {
+    /// A round trip of this shard (`Pending`).
+    Local(Token),
+    /// Another shard's round trip: answer it `Ack`.
+    Remote { to: usize, token: Token },
+}
+
+/// The group-commit log of one shard: every write bumps `write_seq`; a persist that started
+/// after write `n` makes everything up to `n` durable and releases who waited on it.
+#[derive(Debug, Default)]
+struct DurableLog {
+    write_seq: u64,
+    synced_seq: u64,
+    /// The last write that failed: a persist covering it does not make it durable.
+    failed_seq: u64,
+    waiters: std::collections::VecDeque<(u64, Waiter)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +162,8 @@ pub struct CoreStats {
 /// Where events for other shards go; the service implements it with its outbox.
 pub trait EventSink {
     fn push(&self, to: usize, event: Event);
+    /// There are writes to make durable.
+    fn wake_committer(&self);
 }
 
 /// The shard's MQTT state.
@@ -150,6 +187,12 @@ pub struct Core {
     next_token: Token,
     pending: HashMap<Token, Pending>,
     sink: Rc<dyn EventSink>,
+    /// The shard's database; `None` with `storage.durability = "memory"`.
+    store: Option<Store>,
+    durability: Durability,
+    log: DurableLog,
+    /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
+    recovered_peers: usize,
     pub stats: CoreStats,
 }
 
@@ -165,7 +208,18 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    pub fn new(id: usize, count: usize, cfg: Rc<Config>, sink: Rc<dyn EventSink>) -> Core {
+    pub fn new(
+        id: usize,
+        count: usize,
+        cfg: Rc<Config>,
+        sink: Rc<dyn EventSink>,
+        store: Option<Store>,
+    ) -> Core {
+        let durability = if store.is_some() {
+            cfg.storage.durability
+        } else {
+            Durability::Memory
+        };
         let l = &cfg.limits;
         let limits = SessionLimits {
             inflight_max: l.inflight_max,
@@ -193,6 +247,10 @@ impl Core {
             next_token: 1,
             pending: HashMap::new(),
             sink,
+            store,
+            durability,
+            log: DurableLog::default(),
+            recovered_peers: 0,
             stats: CoreStats::default(),
         }
     }
@@ -236,6 +294,436 @@ impl Core {
         let t = self.next_token;
         self.next_token += 1;
         t
+    }
+
+    // ---------------------------------------------------------------- storage
+
+    /// Records the outcome of one write to the store.
+    fn note_write(&mut self, r: Result<(), StorageError>) {
+        self.log.write_seq += 1;
+        if let Err(e) = r {
+            self.log.failed_seq = self.log.write_seq;
+            tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail");
+        }
+        self.sink.wake_committer();
+    }
+
+    /// Applies a session's journal to the store and, while it is online and its queue is
+    /// on disk, reads the queue back into memory and sends what the window allows.
+    fn sync_session(&mut self, client_id: &MqttStr, now: Instant) {
+        loop {
+            let Some(s) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            let ops = s.take_ops();
+            let refill = s.needs_refill();
+            if !ops.is_empty() {
+                self.write_ops(client_id, ops);
+            }
+            let Some((from, max)) = refill else {
+                return;
+            };
+            let entries = self.read_queue(client_id, from, max);
+            let Some(s) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            s.refill(entries, max);
+            s.pump(&self.limits, now);
+        }
+    }
+
+    fn write_ops(&mut self, client_id: &MqttStr, ops: Vec<StoreOp>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let clock = WallClock::now();
+        let cid = client_id.as_str();
+        let mut b = store.batch();
+        let mut r = Ok(());
+        for op in ops {
+            r = r.and_then(|()| match op {
+                StoreOp::QueuePush { seq, delivery } => {
+                    b.queue_push(cid, seq, &QueuedRecord::from_delivery(&delivery, &clock))
+                }
+                StoreOp::QueueDelete { seq } => b.queue_delete(cid, seq),
+                StoreOp::InflightPut {
+                    packet_id,
+                    delivery,
+                    state,
+                } => {
+                    let rec = InflightRecord::from_inflight(
+                        &crate::session::state::Inflight {
+                            packet_id,
+                            delivery,
+                            state,
+                        },
+                        &clock,
+                    );
+                    b.inflight_put(cid, packet_id.get(), &rec)
+                }
+                StoreOp::InflightDelete { packet_id } => b.inflight_delete(cid, packet_id.get()),
+            });
+        }
+        let r = r.and_then(|()| b.commit());
+        self.note_write(r);
+    }
+
+    fn read_queue(&mut self, client_id: &MqttStr, from: u64, max: usize) -> Vec<(u64, Delivery)> {
+        let Some(store) = &self.store else {
+            return Vec::new();
+        };
+        let clock = WallClock::now();
+        match store.queue_read(client_id.as_str(), from, max) {
+            Ok(recs) => recs
+                .into_iter()
+                .filter_map(|(seq, r)| match r.to_delivery(&clock) {
+                    Ok(d) => Some((seq, d)),
+                    Err(e) => {
+                        tracing::warn!(client = %client_id, seq, error = %e, "skipping unreadable queued message");
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(client = %client_id, error = %e, "cannot read the session queue");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Writes a persistent session's record (expiry, will, whether and since when offline).
+    fn write_session_record(&mut self, client_id: &MqttStr, now: Instant) {
+        let (Some(store), Some(s)) = (&self.store, self.sessions.get(client_id)) else {
+            return;
+        };
+        if !s.persistent {
+            return;
+        }
+        let clock = WallClock::now();
+        let rec = SessionRecord {
+            expiry_s: s.expiry_s,
+            version: s.version.level(),
+            will: s.will.as_ref().map(|w| WillRecord::from_will(w, &clock)),
+            disconnected_unix_ms: (!s.is_online()).then(|| clock.unix_ms_of(now)),
+            next_packet_id: 0,
+        };
+        let r = store.put_session(client_id.as_str(), &rec);
+        self.note_write(r);
+    }
+
+    fn write_subscription(
+        &mut self,
+        client_id: &MqttStr,
+        sub: Option<&Subscription>,
+        filter: &str,
+    ) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if !self.sessions.get(client_id).is_some_and(|s| s.persistent) {
+            return;
+        }
+        let r = match sub {
+            Some(sub) => store.put_subscription(
+                client_id.as_str(),
+                filter,
+                &SubscriptionRecord::from_subscription(sub),
+            ),
+            None => store.delete_subscription(client_id.as_str(), filter),
+        };
+        self.note_write(r);
+    }
+
+    /// Registers `w` to be released once every write so far is durable (at once when
+    /// nothing is pending or acknowledgements do not wait for the disk).
+    fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
+        if self.durability != Durability::Durable || self.log.write_seq <= self.log.synced_seq {
+            self.release(w, true, now);
+            return false;
+        }
+        self.log.waiters.push_back((self.log.write_seq, w));
+        true
+    }
+
+    fn release(&mut self, w: Waiter, ok: bool, now: Instant) {
+        match w {
+            Waiter::Local(token) => self.on_ack(token, ok, now),
+            Waiter::Remote { to, token } => self.send(to, Event::Ack { token, ok }),
+        }
+    }
+
+    /// What the committer should make durable: the store and the last write so far.
+    pub fn commit_target(&self) -> Option<(Store, u64)> {
+        let store = self.store.as_ref()?;
+        (self.log.write_seq > self.log.synced_seq).then(|| (store.clone(), self.log.write_seq))
+    }
+
+    /// Whether the committer waits for the disk before acknowledging (`durable`) or persists
+    /// on an interval (`batched`).
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// A persist that covered every write up to `target` finished (`ok` = fsync succeeded).
+    pub fn committed(&mut self, target: u64, ok: bool, now: Instant) {
+        let failed_in_range =
+            self.log.failed_seq > self.log.synced_seq && self.log.failed_seq <= target;
+        let ok = ok && !failed_in_range;
+        if !ok {
+            tracing::error!(
+                shard = self.id,
+                "persist failed; failing the acknowledgements that waited on it"
+            );
+        }
+        self.log.synced_seq = self.log.synced_seq.max(target);
+        while let Some((seq, _)) = self.log.waiters.front() {
+            if *seq > target {
+                break;
+            }
+            let (_, w) = self.log.waiters.pop_front().expect("front exists");
+            self.release(w, ok, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    /// Rebuilds the shard from its store at start: sessions (offline, with subscriptions,
+    /// in-flight messages, incoming QoS 2 ids, queue extent, will and expiry timers), the
+    /// routing index on every shard, and the retained messages. Sessions whose client id now
+    /// belongs to another shard are sent there. Then tells every peer it is done.
+    pub fn recover(&mut self, now: Instant) {
+        let Some(store) = self.store.clone() else {
+            self.announce_recovered();
+            return;
+        };
+        let started = Instant::now();
+        let recovered = match store.load() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot read the store; starting empty");
+                self.announce_recovered();
+                return;
+            }
+        };
+        for d in &recovered.damaged {
+            tracing::warn!(shard = self.id, record = %d, "damaged record skipped");
+        }
+        let clock = WallClock::now();
+        let (mut restored, mut rehomed) = (0usize, 0usize);
+        for rs in recovered.sessions {
+            let owner = owner_shard(rs.client_id.as_bytes(), self.count);
+            if owner == self.id {
+                restored += usize::from(self.restore_session(rs, &clock, now));
+                continue;
+            }
+            let queue = match store.queue_read(&rs.client_id, rs.queue_first_seq, usize::MAX) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(client = %rs.client_id, error = %e, "cannot read a queue to re-home; the session stays");
+                    continue;
+                }
+            };
+            let token = self.token();
+            self.pending.insert(
+                token,
+                Pending::Rehome {
+                    client_id: rs.client_id.clone(),
+                },
+            );
+            self.sink.push(
+                owner,
+                Event::Rehome {
+                    session: Box::new(Rehomed { stored: rs, queue }),
+                    reply: token,
+                },
+            );
+            rehomed += 1;
+        }
+        let retained = recovered.retained.len();
+        for m in recovered.retained {
+            let Ok(msg) = m.to_message(&clock) else {
+                continue;
+            };
+            let msg = Arc::new(msg);
+            let home = owner_shard(msg.topic.as_bytes(), self.count);
+            if home == self.id {
+                self.apply_retained(msg.clone());
+                for p in self.peers() {
+                    self.sink.push(p, Event::RetainReplica(msg.clone()));
+                }
+            } else {
+                let r = store.retained_delete(msg.topic.as_str());
+                self.note_write(r);
+                self.sink.push(home, Event::RetainSet { msg, reply: None });
+            }
+        }
+        tracing::info!(
+            shard = self.id,
+            sessions = restored,
+            rehomed,
+            retained,
+            damaged = recovered.damaged.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        self.announce_recovered();
+    }
+
+    fn announce_recovered(&mut self) {
+        for p in self.peers() {
+            self.sink.push(p, Event::RecoveryDone);
+        }
+    }
+
+    /// Whether every peer's recovery has been applied here: only then is the routing index
+    /// complete and may this shard accept connections.
+    pub fn peers_recovered(&self) -> bool {
+        self.recovered_peers + 1 >= self.count
+    }
+
+    /// Brings one stored session back into memory (offline) and into the routing tables.
+    /// Returns false when it was already here or cannot be read.
+    fn restore_session(
+        &mut self,
+        rs: crate::storage::RecoveredSession,
+        clock: &WallClock,
+        now: Instant,
+    ) -> bool {
+        let Ok(client_id) = MqttStr::new(&rs.client_id) else {
+            return false;
+        };
+        if self.sessions.contains_key(&client_id) {
+            return false;
+        }
+        let version = rs
+            .record
+            .protocol_version()
+            .unwrap_or(ProtocolVersion::V3_1_1);
+        let expiry_s = rs
+            .record
+            .expiry_s
+            .min(self.cfg.sessions.session_expiry_max_s);
+        let mut s = Session::new(client_id.clone(), version, expiry_s);
+        s.persistent = true;
+        s.will = rs.record.will.as_ref().and_then(|w| w.to_will(clock).ok());
+        for (filter, sr) in &rs.subscriptions {
+            match sr.to_subscription(filter) {
+                Ok(sub) => {
+                    s.subscriptions.insert(filter.as_str().into(), sub);
+                }
+                Err(e) => tracing::warn!(client = %client_id, error = %e, "subscription skipped"),
+            }
+        }
+        let inflight = rs
+            .inflight
+            .iter()
+            .filter_map(|(pid, ir)| ir.to_inflight(*pid, clock).ok())
+            .collect();
+        s.restore(
+            rs.queue_first_seq,
+            rs.queue_next_seq,
+            rs.queue_len,
+            rs.queue_bytes,
+            inflight,
+        );
+        s.incoming_qos2 = rs.incoming.iter().copied().collect();
+        s.epoch = Core::bump(&mut self.next_epoch);
+        let epoch = s.epoch;
+        let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
+        let will_delay = s.will.as_ref().map(|w| w.delay_s);
+        self.sessions.insert(client_id.clone(), s);
+        let peers: Vec<usize> = self.peers().collect();
+        for sub in subs {
+            if sub.filter.is_shared() {
+                let key: Arc<str> = Arc::from(sub.filter.as_str());
+                let home = owner_shard(key.as_bytes(), self.count);
+                let token = self.token(); // no one waits for this join
+                self.send(
+                    home,
+                    Event::SharedJoin {
+                        key,
+                        member: SharedMember {
+                            client_id: client_id.clone(),
+                            shard: self.id as u16,
+                            options: sub.options,
+                            sub_id: sub.id,
+                            online: false,
+                            persistent: true,
+                        },
+                        reply: token,
+                    },
+                );
+            } else {
+                let entry = self.subs.entry(sub.filter.filter());
+                let first = entry.is_empty();
+                entry.push(LocalSub::Client {
+                    client_id: client_id.clone(),
+                    options: sub.options,
+                    id: sub.id,
+                });
+                if first {
+                    self.index_add(sub.filter.filter(), None, &peers);
+                }
+            }
+        }
+        // The client has been away since it disconnected (or since the crash, if it was
+        // online then): its will and expiry timers resume from that moment.
+        let away_s = rs
+            .record
+            .disconnected_unix_ms
+            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d) / 1000);
+        let left = |total: u32| Duration::from_secs((total as u64).saturating_sub(away_s));
+        if let Some(delay) = will_delay {
+            if delay < expiry_s {
+                self.schedule(
+                    now + left(delay),
+                    TimerKind::Will {
+                        client_id: client_id.clone(),
+                        epoch,
+                    },
+                );
+            }
+        }
+        if expiry_s != u32::MAX {
+            self.schedule(now + left(expiry_s), TimerKind::Expire { client_id, epoch });
+        }
+        true
+    }
+
+    /// Takes a session re-homed from shard `from`: stores it here, then answers once durable.
+    fn adopt(&mut self, from: usize, r: Rehomed, reply: Token, now: Instant) {
+        let cid = r.stored.client_id.clone();
+        let exists = MqttStr::new(&cid).is_ok_and(|c| self.sessions.contains_key(&c));
+        if let (Some(store), false) = (&self.store, exists) {
+            let mut b = store.batch();
+            let mut res = b.put_session(&cid, &r.stored.record);
+            for (f, sr) in &r.stored.subscriptions {
+                res = res.and_then(|()| b.put_subscription(&cid, f, sr));
+            }
+            for (pid, ir) in &r.stored.inflight {
+                res = res.and_then(|()| b.inflight_put(&cid, *pid, ir));
+            }
+            for pid in &r.stored.incoming {
+                res = res.and_then(|()| b.incoming_put(&cid, *pid));
+            }
+            for (seq, q) in &r.queue {
+                res = res.and_then(|()| b.queue_push(&cid, *seq, q));
+            }
+            let res = res.and_then(|()| b.commit());
+            let ok = res.is_ok();
+            self.note_write(res);
+            if ok {
+                let clock = WallClock::now();
+                self.restore_session(r.stored, &clock, now);
+            }
+        }
+        self.wait_durable(
+            Waiter::Remote {
+                to: from,
+                token: reply,
+            },
+            now,
+        );
     }
 
     // ---------------------------------------------------------------- connect / disconnect
@@ -389,6 +877,7 @@ impl Core {
                 .unwrap_or(0)
                 .min(self.cfg.limits.topic_alias_max),
         );
+        session.persistent |= self.store.is_some() && expiry_s > 0;
         session.attach(link, &self.limits, now);
         let shared: Vec<Arc<str>> = session
             .subscriptions
@@ -407,6 +896,8 @@ impl Core {
                 },
             );
         }
+        self.write_session_record(&client_id, now);
+        self.sync_session(&client_id, now);
         Ok(Accepted {
             ctx: ConnCtx {
                 conn_id,
@@ -494,6 +985,8 @@ impl Core {
                 },
             );
         }
+        self.write_session_record(&ctx.client_id, now);
+        self.sync_session(&ctx.client_id, now);
     }
 
     fn hand_back(&mut self, client_id: &MqttStr, deliveries: Vec<Delivery>) {
@@ -518,7 +1011,7 @@ impl Core {
         self.stats.wills_published += 1;
         let mut msg = (*will.msg).clone();
         msg.created = now;
-        self.route(Arc::new(msg), now);
+        self.route(Arc::new(msg), now, None);
     }
 
     /// Ends a session: its subscriptions leave the routing tables, shared messages it had not
@@ -535,6 +1028,12 @@ impl Core {
         self.hand_back(client_id, undelivered);
         for sub in s.subscriptions.values() {
             self.remove_subscription(client_id, &sub.filter);
+        }
+        if s.persistent {
+            if let Some(store) = &self.store {
+                let r = store.delete_session(client_id.as_str());
+                self.note_write(r);
+            }
         }
         if let Some(w) = s.will.take() {
             self.publish_will(client_id, w, now);
@@ -602,6 +1101,7 @@ impl Core {
                 self.with_session(ctx, |s, l| {
                     let _ = s.on_puback(a.packet_id, l, now);
                 });
+                self.sync_session(&ctx.client_id, now);
                 Ok(Flow::Continue)
             }
             Packet::PubRec(a) => {
@@ -617,26 +1117,40 @@ impl Core {
                         ReasonCode::PacketIdentifierNotFound,
                     )));
                 }
+                self.sync_session(&ctx.client_id, now);
                 Ok(Flow::Continue)
             }
             Packet::PubComp(a) => {
                 self.with_session(ctx, |s, l| {
                     let _ = s.on_pubcomp(a.packet_id, l, now);
                 });
+                self.sync_session(&ctx.client_id, now);
                 Ok(Flow::Continue)
             }
             Packet::PubRel(a) => {
-                let known = self
+                let (known, persistent) = self
                     .sessions
                     .get_mut(&ctx.client_id)
-                    .is_some_and(|s| s.incoming_qos2.remove(&a.packet_id.get()));
+                    .map_or((false, false), |s| {
+                        (s.incoming_qos2.remove(&a.packet_id.get()), s.persistent)
+                    });
                 let rc = if known {
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
                 };
-                ctx.out
-                    .send(&Packet::PubComp(Ack::with_reason(a.packet_id, rc)));
+                let mut token = None;
+                if known && persistent {
+                    if let Some(store) = &self.store {
+                        let r = store.incoming_delete(ctx.client_id.as_str(), a.packet_id.get());
+                        self.note_write(r);
+                        // PUBCOMP only once the id is gone from disk: a stale id would make
+                        // the next QoS 2 message with it look like a duplicate after a crash.
+                        token = Some(self.token());
+                    }
+                }
+                let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
+                self.ack_when_durable(ctx, comp, token, 0, now);
                 Ok(Flow::Continue)
             }
             Packet::Subscribe(s) => {
@@ -749,35 +1263,108 @@ impl Core {
             origin: Some(ctx.client_id.clone()),
             created: now,
         });
-        let matched = self.route(msg, now);
+        let Some(pid) = p.packet_id else {
+            self.route(msg, now, None);
+            return Ok(());
+        };
+        // QoS 1/2: the acknowledgement waits until every copy stored for a persistent session
+        // is durable, here and on the other shards (one round trip each).
+        let token = (self.durability == Durability::Durable).then(|| self.token());
+        let (matched, remote) = self.route(msg, now, token);
+        if p.qos == QoS::ExactlyOnce {
+            let persistent = match self.sessions.get_mut(&ctx.client_id) {
+                Some(s) => {
+                    s.incoming_qos2.insert(pid.get());
+                    s.persistent
+                }
+                None => false,
+            };
+            if persistent {
+                if let Some(store) = &self.store {
+                    let r = store.incoming_put(ctx.client_id.as_str(), pid.get());
+                    self.note_write(r);
+                }
+            }
+        }
         let rc = if matched || !ctx.version.is_v5() {
             ReasonCode::Success
         } else {
             ReasonCode::NoMatchingSubscribers
         };
-        match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(pid)) => {
-                ctx.out.send(&Packet::PubAck(Ack::with_reason(pid, rc)));
-            }
-            (QoS::ExactlyOnce, Some(pid)) => {
-                if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
-                    s.incoming_qos2.insert(pid.get());
-                }
-                ctx.out.send(&Packet::PubRec(Ack::with_reason(pid, rc)));
-            }
-            _ => {}
-        }
+        let ack = Ack::with_reason(pid, rc);
+        let packet = if p.qos == QoS::AtLeastOnce {
+            Packet::PubAck(ack)
+        } else {
+            Packet::PubRec(ack)
+        };
+        self.ack_when_durable(ctx, packet, token, remote, now);
         Ok(())
+    }
+
+    /// Sends an acknowledgement to the client of `ctx` now, or holds it (in order with the
+    /// others held on that connection) until `remote` shards have answered `token` and this
+    /// shard's writes so far are durable.
+    fn ack_when_durable(
+        &mut self,
+        ctx: &ConnCtx,
+        packet: Packet,
+        token: Option<Token>,
+        remote: usize,
+        now: Instant,
+    ) {
+        let Some(link) = self
+            .sessions
+            .get_mut(&ctx.client_id)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| l.conn_id == ctx.conn_id)
+        else {
+            return;
+        };
+        let Some(token) = token else {
+            link.send_ack(packet);
+            return;
+        };
+        link.hold_ack(token, packet);
+        self.pending.insert(
+            token,
+            Pending::PubAck {
+                client_id: ctx.client_id.clone(),
+                conn_id: ctx.conn_id,
+                remaining: remote + 1,
+                failed: false,
+            },
+        );
+        // The local part: this shard's own writes (or none, released at once).
+        self.wait_durable(Waiter::Local(token), now);
     }
 
     // ---------------------------------------------------------------- routing
 
-    /// Sends a message everywhere it has subscribers; updates the retained store. Returns
-    /// whether any shard has a matching subscription.
-    pub fn route(&mut self, msg: SharedMessage, now: Instant) -> bool {
+    /// Sends a message everywhere it has subscribers and updates the retained store. With
+    /// `reply`, every other shard involved answers `Ack(reply)` once what it stored is
+    /// durable. Returns whether any shard has a matching subscription, and how many answers
+    /// to expect.
+    pub fn route(
+        &mut self,
+        msg: SharedMessage,
+        now: Instant,
+        reply: Option<Token>,
+    ) -> (bool, usize) {
+        let mut remote = 0;
         if msg.retain {
             let home = owner_shard(msg.topic.as_bytes(), self.count);
-            self.send(home, Event::RetainSet(msg.clone()));
+            if home == self.id {
+                self.retain_at_home(msg.clone());
+            } else {
+                self.sink.push(
+                    home,
+                    Event::RetainSet {
+                        msg: msg.clone(),
+                        reply,
+                    },
+                );
+                remote += usize::from(reply.is_some());
+            }
         }
         let mut targets = ShardSet::default();
         self.index
@@ -787,10 +1374,36 @@ impl Core {
                 self.deliver_local(&msg, now);
             } else {
                 self.stats.messages_routed_remote += 1;
-                self.sink.push(shard, Event::Publish(msg.clone()));
+                self.sink.push(
+                    shard,
+                    Event::Publish {
+                        msg: msg.clone(),
+                        reply,
+                    },
+                );
+                remote += usize::from(reply.is_some());
             }
         }
-        !targets.is_empty()
+        (!targets.is_empty(), remote)
+    }
+
+    /// At a retained topic's home: stores (or deletes) it durably and replicates it.
+    fn retain_at_home(&mut self, msg: SharedMessage) {
+        if let Some(store) = &self.store {
+            let r = if msg.payload.is_empty() {
+                store.retained_delete(msg.topic.as_str())
+            } else {
+                store.retained_put(
+                    msg.topic.as_str(),
+                    &MessageRecord::from_message(&msg, &WallClock::now()),
+                )
+            };
+            self.note_write(r);
+        }
+        self.apply_retained(msg.clone());
+        for p in self.peers() {
+            self.sink.push(p, Event::RetainReplica(msg.clone()));
+        }
     }
 
     /// Delivers a message to this shard's matching subscribers: each session once, at the
@@ -839,6 +1452,7 @@ impl Core {
             };
             if let Some(s) = self.sessions.get_mut(&client_id) {
                 s.deliver(d, &self.limits, now);
+                self.sync_session(&client_id, now);
             }
         }
         for key in groups {
@@ -921,8 +1535,12 @@ impl Core {
             };
             let previous = session
                 .subscriptions
-                .insert(filter.as_str().into(), new_sub);
+                .insert(filter.as_str().into(), new_sub.clone());
             let existed = previous.is_some();
+            self.write_subscription(&ctx.client_id, Some(&new_sub), filter.as_str());
+            let Some(session) = self.sessions.get(&ctx.client_id) else {
+                continue;
+            };
             let persistent = session.expiry_s > 0;
             if filter.is_shared() {
                 let key: Arc<str> = Arc::from(filter.as_str());
@@ -985,6 +1603,13 @@ impl Core {
             properties: Default::default(),
             reason_codes: codes,
         };
+        // A subscription of a persistent session is acknowledged once it is on disk.
+        if self.durability == Durability::Durable && self.log.write_seq > self.log.synced_seq {
+            self.log
+                .waiters
+                .push_back((self.log.write_seq, Waiter::Local(token)));
+            remaining += 1;
+        }
         if remaining == 0 {
             self.finish_suback(&ctx.client_id, ctx.conn_id, suback, retained, now);
         } else {
@@ -1048,6 +1673,7 @@ impl Core {
         for d in retained {
             s.deliver(d, &self.limits, now);
         }
+        self.sync_session(client_id, now);
     }
 
     /// Adds this shard to the index for `filter` everywhere; returns how many acks to await.
@@ -1102,6 +1728,7 @@ impl Core {
                 .and_then(|s| s.subscriptions.remove(filter.as_str()));
             if removed.is_some() {
                 self.remove_subscription(&ctx.client_id, &filter);
+                self.write_subscription(&ctx.client_id, None, filter.as_str());
                 codes.push(ReasonCode::Success);
             } else {
                 codes.push(ReasonCode::NoSubscriptionExisted);
@@ -1149,7 +1776,12 @@ impl Core {
     /// Handles an event from shard `from` (this shard itself on the local path).
     pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
         match event {
-            Event::Publish(msg) => self.deliver_local(&msg, now),
+            Event::Publish { msg, reply } => {
+                self.deliver_local(&msg, now);
+                if let Some(token) = reply {
+                    self.wait_durable(Waiter::Remote { to: from, token }, now);
+                }
+            }
             Event::Index {
                 filter,
                 shard,
@@ -1165,20 +1797,22 @@ impl Core {
                     }
                 }
                 if let Some(token) = reply {
-                    self.send(from, Event::Ack(token));
+                    self.send(from, Event::Ack { token, ok: true });
                 }
             }
-            Event::Ack(token) => self.on_ack(token, now),
-            Event::RetainSet(msg) => {
-                self.apply_retained(msg.clone());
-                for p in self.peers() {
-                    self.sink.push(p, Event::RetainReplica(msg.clone()));
+            Event::Ack { token, ok } => self.on_ack(token, ok, now),
+            Event::RetainSet { msg, reply } => {
+                self.retain_at_home(msg);
+                if let Some(token) = reply {
+                    self.wait_durable(Waiter::Remote { to: from, token }, now);
                 }
             }
             Event::RetainReplica(msg) => self.apply_retained(msg),
             Event::Handoff { .. } => {
                 unreachable!("hand-offs are taken by the service before the core")
             }
+            Event::RecoveryDone => self.recovered_peers += 1,
+            Event::Rehome { session, reply } => self.adopt(from, *session, reply, now),
             Event::SharedJoin { key, member, reply } => {
                 let to = member.shard as usize;
                 let g = self.groups.entry(key.clone()).or_default();
@@ -1208,7 +1842,13 @@ impl Core {
                     }
                 }
                 if remaining == 0 {
-                    self.send(to, Event::Ack(reply));
+                    self.send(
+                        to,
+                        Event::Ack {
+                            token: reply,
+                            ok: true,
+                        },
+                    );
                 }
             }
             Event::SharedLeave { key, client_id } => {
@@ -1265,6 +1905,9 @@ impl Core {
                     },
                     None => false,
                 };
+                if taken {
+                    self.sync_session(&client_id, now);
+                }
                 if !taken && attempts < 3 {
                     let home = owner_shard(key.as_bytes(), self.count);
                     self.send(
@@ -1287,10 +1930,18 @@ impl Core {
         }
     }
 
-    fn on_ack(&mut self, token: Token, now: Instant) {
+    fn on_ack(&mut self, token: Token, ok: bool, now: Instant) {
         let done = match self.pending.get_mut(&token) {
             Some(Pending::SubAck { remaining, .. }) | Some(Pending::Relay { remaining, .. }) => {
                 *remaining -= 1;
+                *remaining == 0
+            }
+            Some(Pending::Rehome { .. }) => true,
+            Some(Pending::PubAck {
+                remaining, failed, ..
+            }) => {
+                *remaining -= 1;
+                *failed |= !ok;
                 *remaining == 0
             }
             None => false,
@@ -1306,9 +1957,39 @@ impl Core {
                 retained,
                 ..
             }) => self.finish_suback(&client_id, conn_id, suback, retained, now),
-            Some(Pending::Relay { to, token, .. }) => self.send(to, Event::Ack(token)),
+            Some(Pending::Relay { to, token, .. }) => self.send(to, Event::Ack { token, ok }),
+            Some(Pending::PubAck {
+                client_id,
+                conn_id,
+                failed,
+                ..
+            }) => self.release_pub_ack(&client_id, conn_id, token, failed),
+            Some(Pending::Rehome { client_id }) => {
+                if !ok {
+                    tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
+                } else if let Some(store) = &self.store {
+                    let r = store.delete_session(&client_id);
+                    self.note_write(r);
+                }
+            }
             None => {}
         }
+    }
+
+    /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When storing failed, an MQTT 5
+    /// client gets reason 0x80 and a 3.x client no acknowledgement (it will resend).
+    fn release_pub_ack(&mut self, client_id: &MqttStr, conn_id: u64, token: Token, failed: bool) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let v5 = s.version.is_v5();
+        let Some(link) = s.link.as_mut().filter(|l| l.conn_id == conn_id) else {
+            return;
+        };
+        if failed {
+            tracing::warn!(client = %client_id, v5, "message not stored; its acknowledgement reports the failure");
+        }
+        link.release_ack(token, failed);
     }
 
     fn apply_retained(&mut self, msg: SharedMessage) {
@@ -1359,10 +2040,17 @@ mod tests {
         fn push(&self, to: usize, event: Event) {
             self.0.borrow_mut().push((to, event));
         }
+        fn wake_committer(&self) {}
     }
 
     fn core() -> Core {
-        Core::new(0, 1, Rc::new(Config::default()), Rc::new(Sink::default()))
+        Core::new(
+            0,
+            1,
+            Rc::new(Config::default()),
+            Rc::new(Sink::default()),
+            None,
+        )
     }
 
     fn connect(id: &str, clean_start: bool, expiry: u32) -> Connect {

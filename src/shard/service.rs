@@ -12,16 +12,21 @@ use shards::{Outbox, Service, Shard, ShardId};
 
 use super::core::{Core, CoreStats, EventSink};
 use super::event::Event;
-use crate::config::Config;
+use crate::config::{Config, Durability};
+use crate::storage::Store;
 
 /// How often due wills and session expiries are checked: the worst lateness of a will.
 const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Longest a shard waits at start for its peers to finish recovering.
+const RECOVERY_BARRIER_MAX: Duration = Duration::from_secs(300);
 
 /// Events waiting for other shards, and the flusher's wake-up.
 struct OutboxSink {
     outbox: Outbox<Event>,
     pending: Cell<bool>,
     waker: Cell<Option<Waker>>,
+    /// Wakes the committer when there are writes to make durable.
+    commit: Notify,
 }
 
 impl EventSink for OutboxSink {
@@ -31,6 +36,38 @@ impl EventSink for OutboxSink {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    fn wake_committer(&self) {
+        self.commit.notify();
+    }
+}
+
+/// A wake-up flag for one waiting task.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -71,6 +108,8 @@ pub struct BrokerShard {
     connections_max: u32,
     seed: Cell<u64>,
     handoffs: Cell<u64>,
+    /// Duration of the last persist (fsync), for stats.
+    persist_latency_us: Cell<u64>,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -82,15 +121,16 @@ impl std::fmt::Debug for BrokerShard {
 }
 
 impl BrokerShard {
-    pub fn new(id: ShardId, count: usize, cfg: Rc<Config>) -> BrokerShard {
+    pub fn new(id: ShardId, count: usize, cfg: Rc<Config>, store: Option<Store>) -> BrokerShard {
         let sink = Rc::new(OutboxSink {
             outbox: Outbox::new(count),
             pending: Cell::new(false),
             waker: Cell::new(None),
+            commit: Notify::default(),
         });
         // Each shard takes its share of the connection limit (rounded up).
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
-        let core = Core::new(id.index(), count, cfg, sink.clone());
+        let core = Core::new(id.index(), count, cfg, sink.clone(), store);
         BrokerShard {
             core: RefCell::new(core),
             sink,
@@ -98,6 +138,7 @@ impl BrokerShard {
             connections_max,
             seed: Cell::new(id.index() as u64 ^ std_seed()),
             handoffs: Cell::new(0),
+            persist_latency_us: Cell::new(0),
         }
     }
 
@@ -152,6 +193,76 @@ impl BrokerShard {
             if stop {
                 break;
             }
+        }
+    }
+
+    /// Group commit: whenever there are writes, persists them off the executor thread
+    /// (`spawn_blocking`) and releases the acknowledgements that waited on them. In `batched`
+    /// mode it waits the batch interval first, so that one fsync covers the interval.
+    pub async fn commit_loop(shard: Shard<BrokerShard>) {
+        let svc = shard.service();
+        let interval = {
+            let core = svc.core.borrow();
+            match core.durability() {
+                Durability::Memory => return,
+                Durability::Durable => None,
+                Durability::Batched => Some(Duration::from_millis(
+                    core.config().storage.batched_interval_ms as u64,
+                )),
+            }
+        };
+        loop {
+            let stopping = futures_lite::future::or(
+                async {
+                    svc.sink.commit.wait().await;
+                    false
+                },
+                async {
+                    shard.stopped().await;
+                    true
+                },
+            )
+            .await;
+            if let (Some(d), false) = (interval, stopping) {
+                glommio::timer::sleep(d).await;
+            }
+            let target = svc.core.borrow().commit_target();
+            if let Some((store, seq)) = target {
+                let started = Instant::now();
+                let ok = match glommio::executor()
+                    .spawn_blocking(move || store.persist())
+                    .await
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "persist failed");
+                        false
+                    }
+                };
+                svc.persist_latency_us
+                    .set(started.elapsed().as_micros() as u64);
+                svc.core.borrow_mut().committed(seq, ok, Instant::now());
+            }
+            if stopping && svc.core.borrow().commit_target().is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Recovers the shard from its store and waits until every peer's recovery has been
+    /// applied here (the routing index is complete), bounded by [`RECOVERY_BARRIER_MAX`].
+    pub async fn recover(shard: &Shard<BrokerShard>) {
+        shard.service().core.borrow_mut().recover(Instant::now());
+        let deadline = Instant::now() + RECOVERY_BARRIER_MAX;
+        while !shard.service().core.borrow().peers_recovered() {
+            if Instant::now() > deadline {
+                tracing::error!(
+                    shard = shard.id().index(),
+                    "peers did not finish recovering; starting anyway"
+                );
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
         }
     }
 

@@ -1,0 +1,275 @@
+use super::*;
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        cache_bytes: 1 << 20,
+        max_cached_files: 16,
+        memtable_bytes: 1 << 20,
+        worker_threads: 1,
+    }
+}
+
+fn session(expiry_s: u32) -> SessionRecord {
+    SessionRecord {
+        expiry_s,
+        version: 4,
+        will: None,
+        disconnected_unix_ms: Some(1_700_000_000_000),
+        next_packet_id: 1,
+    }
+}
+
+fn msg(topic: &str, payload: &[u8]) -> MessageRecord {
+    MessageRecord {
+        topic: topic.into(),
+        payload: payload.to_vec(),
+        qos: 1,
+        retain: false,
+        properties: Vec::new(),
+        origin: None,
+        created_unix_ms: 1_700_000_000_000,
+    }
+}
+
+fn queued(n: u64) -> QueuedRecord {
+    QueuedRecord {
+        message: msg("t", &n.to_be_bytes()),
+        qos: 1,
+        retain: false,
+        sub_ids: vec![],
+        via_share: None,
+    }
+}
+
+fn seqs(store: &Store, client: &str) -> Vec<u64> {
+    store
+        .queue_read(client, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+#[test]
+fn queue_reads_in_sequence_order_from_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    for seq in [5u64, 1, 300, 256, 2, 70_000] {
+        store.queue_push("c", seq, &queued(seq)).unwrap();
+    }
+    assert_eq!(seqs(&store, "c"), vec![1, 2, 5, 256, 300, 70_000]);
+    let page = store.queue_read("c", 3, 2).unwrap();
+    assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![5, 256]);
+    assert_eq!(page[0].1, queued(5));
+    assert!(store.queue_read("c", 0, 0).unwrap().is_empty());
+    assert!(store.queue_read("other", 0, 10).unwrap().is_empty());
+}
+
+#[test]
+fn queue_delete_range_trims_below_only_that_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    for seq in 0..10 {
+        store.queue_push("a", seq, &queued(seq)).unwrap();
+        store.queue_push("ab", seq, &queued(seq)).unwrap();
+    }
+    store.queue_delete_range("a", 7).unwrap();
+    store.queue_delete("a", 8).unwrap();
+    assert_eq!(seqs(&store, "a"), vec![7, 9]);
+    assert_eq!(seqs(&store, "ab"), (0..10).collect::<Vec<_>>());
+    store.queue_delete_range("a", 0).unwrap();
+    assert_eq!(seqs(&store, "a"), vec![7, 9]);
+    store.queue_delete_range("a", u64::MAX).unwrap();
+    assert!(seqs(&store, "a").is_empty());
+}
+
+#[test]
+fn delete_session_spares_a_client_whose_id_extends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    for id in ["ab", "abc", "a"] {
+        store.put_session(id, &session(60)).unwrap();
+        let sub = SubscriptionRecord {
+            options: 1,
+            id: None,
+        };
+        store.put_subscription(id, "x/#", &sub).unwrap();
+        store.queue_push(id, 1, &queued(1)).unwrap();
+        let inflight = InflightRecord {
+            queued: queued(2),
+            state: InflightRecord::AWAIT_PUBREC,
+        };
+        store.inflight_put(id, 9, &inflight).unwrap();
+        store.incoming_put(id, 10).unwrap();
+    }
+    store.delete_session("ab").unwrap();
+    for space in Space::PER_CLIENT {
+        for (k, _) in store.raw_entries(space).unwrap() {
+            let (_, id, _) = split_client_key(&k).unwrap();
+            assert_ne!(id, "ab", "{} key left behind", space.name());
+        }
+    }
+    let rec = store.load().unwrap();
+    let ids: Vec<_> = rec.sessions.iter().map(|s| s.client_id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "abc"]);
+    for s in &rec.sessions {
+        assert_eq!(s.subscriptions.len(), 1);
+        assert_eq!((s.queue_len, s.inflight.len(), s.incoming.len()), (1, 1, 1));
+    }
+    assert_eq!(rec.orphans_removed, 0);
+}
+
+#[test]
+fn batch_applies_in_call_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(1)).unwrap();
+    for seq in 0..5 {
+        store.queue_push("c", seq, &queued(seq)).unwrap();
+    }
+    // A clean start: the old session goes, a new one starts in the same batch.
+    let mut b = store.batch();
+    b.queue_push("c", 5, &queued(5)).unwrap();
+    b.delete_session("c").unwrap();
+    b.put_session("c", &session(2)).unwrap();
+    b.queue_push("c", 0, &queued(100)).unwrap();
+    b.incoming_put("c", 3).unwrap();
+    b.incoming_delete("c", 3).unwrap();
+    assert_eq!(b.len(), 6);
+    b.commit().unwrap();
+    let rec = store.load().unwrap();
+    assert_eq!(rec.sessions.len(), 1);
+    assert_eq!(rec.sessions[0].record.expiry_s, 2);
+    assert!(rec.sessions[0].incoming.is_empty());
+    let q = store.queue_read("c", 0, 10).unwrap();
+    assert_eq!(q, vec![(0, queued(100))]);
+
+    // A trim covers pushes of the same batch; a later push survives it.
+    let mut b = store.batch();
+    b.queue_push("c", 1, &queued(1)).unwrap();
+    b.queue_push("c", 2, &queued(2)).unwrap();
+    b.queue_delete_range("c", 2).unwrap();
+    b.queue_push("c", 1, &queued(11)).unwrap();
+    b.commit().unwrap();
+    assert_eq!(
+        store.queue_read("c", 0, 10).unwrap(),
+        vec![(1, queued(11)), (2, queued(2))]
+    );
+    store.batch().commit().unwrap();
+}
+
+#[test]
+fn damaged_values_are_reported_with_their_key_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    for seq in 0..3 {
+        store.queue_push("c", seq, &queued(seq)).unwrap();
+    }
+    let key = queue_key("c", 1).unwrap();
+    let (_, mut value) = store
+        .raw_entries(Space::Queue)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap();
+    let last = value.len() - 1;
+    value[last] ^= 0x01;
+    store.raw_put(Space::Queue, &key, &value).unwrap();
+    store.raw_put(Space::Retained, b"r", b"garbage").unwrap();
+
+    let rec = store.load().unwrap();
+    assert_eq!(rec.damaged.len(), 2, "{:?}", rec.damaged);
+    assert!(rec.damaged[0].starts_with(&format!("queue/{}: checksum", hex(&key))));
+    assert!(
+        rec.damaged[1].starts_with("retained/72: "),
+        "{}",
+        rec.damaged[1]
+    );
+    let s = &rec.sessions[0];
+    assert_eq!(
+        (s.queue_first_seq, s.queue_next_seq, s.queue_len),
+        (0, 3, 2)
+    );
+    assert_eq!(seqs(&store, "c"), vec![0, 2]);
+    assert_eq!(store.queue_read("c", 0, 1).unwrap()[0].0, 0);
+    assert_eq!(store.queue_read("c", 1, 1).unwrap()[0].0, 2);
+}
+
+#[test]
+fn a_damaged_session_keeps_its_other_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    store.queue_push("c", 0, &queued(0)).unwrap();
+    store
+        .raw_put(
+            Space::Sessions,
+            &client_prefix("c").unwrap(),
+            b"SQs\x01xxxx",
+        )
+        .unwrap();
+    // Orphans (no session record at all) are deleted.
+    store.queue_push("gone", 0, &queued(0)).unwrap();
+    store.incoming_put("gone", 4).unwrap();
+    let rec = store.load().unwrap();
+    assert!(rec.sessions.is_empty());
+    assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
+    assert_eq!(rec.orphans_removed, 2);
+    assert_eq!(seqs(&store, "c"), vec![0]);
+    assert!(seqs(&store, "gone").is_empty());
+}
+
+#[test]
+fn malformed_keys_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    store.raw_put(Space::Queue, &[0, 9, b'x'], b"v").unwrap();
+    let mut k = client_prefix("c").unwrap();
+    k.extend_from_slice(&[1, 2, 3]); // not a u16 packet id
+    store.raw_put(Space::Inflight, &k, b"v").unwrap();
+    let rec = store.load().unwrap();
+    assert_eq!(rec.damaged.len(), 2, "{:?}", rec.damaged);
+    assert!(rec.damaged.iter().all(|d| d.contains("malformed key")));
+    assert_eq!(rec.sessions.len(), 1);
+}
+
+#[test]
+fn oversized_keys_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let id = "i".repeat(40_000);
+    let filter = "f".repeat(30_000);
+    let sub = SubscriptionRecord {
+        options: 0,
+        id: None,
+    };
+    let err = store.put_subscription(&id, &filter, &sub).unwrap_err();
+    assert!(matches!(err, StorageError::KeyTooLong { .. }), "{err}");
+    let mut b = store.batch();
+    assert!(b.put_subscription(&id, &filter, &sub).is_err());
+}
+
+#[test]
+fn store_is_clone_send_sync() {
+    fn check<T: Clone + Send + Sync + 'static>() {}
+    check::<Store>();
+    fn send<T: Send + 'static>() {}
+    send::<StoreBatch>();
+    send::<StorageError>();
+}
+
+#[test]
+fn tiny_options_are_clamped_not_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = StoreOptions {
+        max_cached_files: 0,
+        worker_threads: 0,
+        ..opts()
+    };
+    let store = Store::open(dir.path(), &o).unwrap();
+    store.incoming_put("c", 1).unwrap();
+    store.persist().unwrap();
+    assert!(store.disk_bytes() > 0);
+}
