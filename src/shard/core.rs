@@ -1236,18 +1236,23 @@ impl Core {
             return Err(ReasonCode::ProtocolError);
         }
         let receive_maximum = l.receive_maximum as usize;
-        if p.qos == QoS::ExactlyOnce {
-            let pid = p.packet_id.expect("QoS 2 has an id");
+        if let Some(pid) = p.packet_id {
             let s = self
                 .sessions
-                .get_mut(&ctx.client_id)
+                .get(&ctx.client_id)
                 .ok_or(ReasonCode::UnspecifiedError)?;
-            if s.incoming_qos2.contains(&pid.get()) {
-                // A resend of a message already routed: acknowledge, do not route again.
-                ctx.out.send(&Packet::PubRec(Ack::new(pid)));
+            if p.qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
+                // A resend of a message already routed: acknowledge (once what this shard
+                // wrote for it is durable), do not route again.
+                let token = (self.durability == Durability::Durable).then(|| self.token());
+                self.ack_when_durable(ctx, Packet::PubRec(Ack::new(pid)), token, 0, now);
                 return Ok(());
             }
-            if s.incoming_qos2.len() >= receive_maximum {
+            // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
+            // PUBACK waits for the disk.
+            let unacknowledged =
+                s.incoming_qos2.len() + s.link.as_ref().map_or(0, |l| l.held_qos1());
+            if unacknowledged >= receive_maximum {
                 return Err(ReasonCode::ReceiveMaximumExceeded);
             }
         }
