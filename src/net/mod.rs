@@ -39,6 +39,22 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// them). Port 0 is resolved by the first bind and reused by the others. Returns the fds and
 /// the address actually bound.
 pub fn bind_listeners(addr: SocketAddr, shards: usize) -> io::Result<(Vec<RawFd>, SocketAddr)> {
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let this broker silently share a port with another listener
+        // (another shardmq, say) and split the clients between them. A plain bind first
+        // fails while anything listens there: a taken port is an error, not a merge.
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into())?;
+        drop(probe);
+    }
     let mut fds = Vec::with_capacity(shards);
     let mut bound = addr;
     for _ in 0..shards {

@@ -1071,7 +1071,13 @@ impl Core {
                         _ => None,
                     };
                     if let Some(w) = will {
+                        // The stored record loses the will too, or a restart would publish it
+                        // again. Its offline time stays (about) when the client went away.
+                        let away_since = now
+                            .checked_sub(Duration::from_secs(w.delay_s as u64))
+                            .unwrap_or(now);
                         self.publish_will(&client_id, w, now);
+                        self.write_session_record(&client_id, away_since);
                     }
                 }
                 TimerKind::Expire { client_id, epoch } => {
@@ -2011,15 +2017,20 @@ impl Core {
         self.retained.set(msg);
     }
 
-    /// A fresh client id that this shard owns, for a client that sent an empty one.
+    /// A fresh client id that this shard owns, for a client that sent an empty one, unique
+    /// among this shard's sessions (MQTT-3.1.3-6).
     pub fn assign_client_id(&mut self, seed: u64) -> MqttStr {
+        // Candidates step by 1. Seeds step by a large odd stride, so one search never runs
+        // into the next seed (stepping by the seed stride did: a candidate rejected here was
+        // the next seed, and two clients were given the same id).
         let mut n = seed;
         loop {
-            let id = format!("shardmq-{:x}-{:x}", self.id, n);
-            if owner_shard(id.as_bytes(), self.count) == self.id {
-                return MqttStr::new(&id).expect("ascii");
+            let id = MqttStr::new(&format!("shardmq-{:x}-{:x}", self.id, n)).expect("ascii");
+            if owner_shard(id.as_bytes(), self.count) == self.id && !self.sessions.contains_key(&id)
+            {
+                return id;
             }
-            n = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            n = n.wrapping_add(1);
         }
     }
 
@@ -2093,5 +2104,96 @@ mod tests {
         assert!(c.session(&MqttStr::new("x").unwrap()).is_some());
         c.fire_timers(t0 + Duration::from_secs(11));
         assert!(c.session(&MqttStr::new("x").unwrap()).is_none());
+    }
+}
+
+#[cfg(test)]
+mod subscribe_tests {
+    use super::tests_support::*;
+    use super::*;
+    use crate::protocol::PacketId;
+
+    #[test]
+    fn two_subscribes_in_a_row_both_take_effect() {
+        let mut c = core();
+        let now = Instant::now();
+        let (mut sub, sub_out) = conn(&mut c, "s", now);
+        for (pid, f) in [(1u16, "TopicA/B"), (2, "Topic/C")] {
+            let p = Packet::Subscribe(Subscribe {
+                packet_id: PacketId::new(pid).unwrap(),
+                properties: Default::default(),
+                filters: vec![(
+                    TopicFilter::new(f).unwrap(),
+                    SubscriptionOptions {
+                        qos: QoS::ExactlyOnce,
+                        ..Default::default()
+                    },
+                )],
+            });
+            c.on_packet(&mut sub, p, now).unwrap();
+        }
+        let (mut publ, _) = conn(&mut c, "p", now);
+        let p = Packet::Publish(Publish::new(
+            TopicName::new("TopicA/B").unwrap(),
+            bytes::Bytes::from_static(b"one"),
+        ));
+        c.on_packet(&mut publ, p, now).unwrap();
+        let got = drain(&sub_out);
+        assert!(
+            got.iter().any(|p| matches!(p, Packet::Publish(_))),
+            "{got:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+    use crate::protocol::{decode, DecodeLimits};
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    pub struct Sink(pub RefCell<Vec<(usize, Event)>>);
+    impl EventSink for Sink {
+        fn push(&self, to: usize, event: Event) {
+            self.0.borrow_mut().push((to, event));
+        }
+        fn wake_committer(&self) {}
+    }
+
+    pub fn core() -> Core {
+        Core::new(
+            0,
+            1,
+            Rc::new(Config::default()),
+            Rc::new(Sink::default()),
+            None,
+        )
+    }
+
+    pub fn conn(c: &mut Core, id: &str, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        let connect = Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            properties: Default::default(),
+            client_id: MqttStr::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
+        (ctx, out)
+    }
+
+    pub fn drain(out: &Outbound) -> Vec<Packet> {
+        let mut buf = futures_lite::future::block_on(out.next_batch(bytes::BytesMut::new())).0;
+        let limits = DecodeLimits::new(1 << 20, Some(ProtocolVersion::V5));
+        let mut v = Vec::new();
+        while let Ok(Some(p)) = decode(&mut buf, &limits) {
+            v.push(p);
+        }
+        v
     }
 }
