@@ -252,8 +252,7 @@ impl Config {
             let reason = e.message().to_string();
             let key = e
                 .span()
-                .and_then(|s| text.get(s))
-                .map(|s| s.trim().to_string())
+                .and_then(|s| key_at(text, s))
                 .unwrap_or_else(|| "config".into());
             ConfigError { key, reason }
         })?;
@@ -345,6 +344,29 @@ impl Config {
     }
 }
 
+/// The key an error span points into: the span itself when it is a key (an unknown
+/// field), or, when it is a value, the `table.key` assigned on that line (a wrong type
+/// names the key, not the value). Falls back to the spanned text.
+fn key_at(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let spanned = text.get(span.clone())?.trim();
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let Some((key, _)) = text[line_start..span.start].split_once('=') else {
+        return Some(spanned.to_string());
+    };
+    let key = key.trim();
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .map(|t| t.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match table {
+        Some(t) if !key.is_empty() => format!("{t}.{key}"),
+        _ if !key.is_empty() => key.to_string(),
+        _ => spanned.to_string(),
+    })
+}
+
 /// The most shards one broker runs (the routing index keeps a bitmap of this many bits).
 pub const MAX_SHARDS: usize = 256;
 
@@ -409,5 +431,9 @@ mod tests {
         assert!(e.reason.contains("bogus"), "{e}");
         let e = Config::from_toml("[limits]\nqueue_messages_max = 0\n").unwrap_err();
         assert_eq!(e.key, "limits.queue_messages_max");
+        let e = Config::from_toml("[limits]\nqueue_messages_max = \"many\"\n").unwrap_err();
+        assert_eq!(e.key, "limits.queue_messages_max", "{e}");
+        let e = Config::from_toml("log = 3\n").unwrap_err();
+        assert_eq!(e.key, "log", "{e}");
     }
 }

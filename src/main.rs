@@ -120,6 +120,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    // Installed before the shards start and before the ready line, so that a SIGTERM sent
+    // as soon as the broker reports ready (or while it starts) is an orderly stop, not the
+    // default action (death by signal). Signals arriving before the thread below runs wait.
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
+    };
     let broker = match Broker::start(cfg) {
         Ok(b) => b,
         Err(e) => return fail(1, e),
@@ -142,13 +152,6 @@ fn main() -> ExitCode {
 
     // First SIGINT/SIGTERM: orderly stop. Second: exit at once.
     let control = broker.control();
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        Ok(s) => s,
-        Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
-    };
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::event::{Event, Rehomed, SharedMember, Token};
+use super::event::{Event, Rehomed, RetainVersion, SharedMember, Token};
 use super::shardset::ShardSet;
 use crate::config::{Config, Durability};
 use crate::protocol::{
@@ -33,6 +33,9 @@ use crate::storage::{
     InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError, Store,
     SubscriptionRecord, WallClock, WillRecord,
 };
+
+/// How long a retained deletion is remembered.
+const TOMBSTONE_KEEP: Duration = Duration::from_secs(60);
 
 /// A subscription as the shard's topic tree holds it.
 #[derive(Clone, Debug)]
@@ -115,6 +118,8 @@ enum Pending {
         conn_id: u64,
         remaining: usize,
         failed: bool,
+        /// QoS 2: the packet id to store once every copy is durable, before PUBREC.
+        incoming: Option<u16>,
     },
     /// A session sent to its new owner: delete the local copy once the owner has it.
     Rehome { client_id: String },
@@ -193,6 +198,12 @@ pub struct Core {
     log: DurableLog,
     /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
     recovered_peers: usize,
+    /// The version of the last write applied to each retained topic; deletions stay as
+    /// tombstones for [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive
+    /// a deleted message.
+    retained_versions: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
+    last_retain_ns: u64,
+    last_prune: Instant,
     pub stats: CoreStats,
 }
 
@@ -251,6 +262,9 @@ impl Core {
             durability,
             log: DurableLog::default(),
             recovered_peers: 0,
+            retained_versions: HashMap::new(),
+            last_retain_ns: 0,
+            last_prune: Instant::now(),
             stats: CoreStats::default(),
         }
     }
@@ -545,16 +559,27 @@ impl Core {
                 continue;
             };
             let msg = Arc::new(msg);
+            // Stored messages predate every live write: version 0.
+            let version = RetainVersion {
+                at_ns: 0,
+                shard: self.id as u16,
+            };
             let home = owner_shard(msg.topic.as_bytes(), self.count);
-            if home == self.id {
-                self.apply_retained(msg.clone());
-                for p in self.peers() {
-                    self.sink.push(p, Event::RetainReplica(msg.clone()));
-                }
-            } else {
+            if home != self.id {
+                // The shard count changed: the new home stores it when it applies it.
                 let r = store.retained_delete(msg.topic.as_str());
                 self.note_write(r);
-                self.sink.push(home, Event::RetainSet { msg, reply: None });
+            }
+            self.apply_retained(msg.clone(), version, home != self.id);
+            for p in self.peers() {
+                self.sink.push(
+                    p,
+                    Event::RetainReplica {
+                        msg: msg.clone(),
+                        version,
+                        reply: None,
+                    },
+                );
             }
         }
         tracing::info!(
@@ -1056,6 +1081,10 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn fire_timers(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
+            self.last_prune = now;
+            self.prune_tombstones(now);
+        }
         while let Some(&Reverse((at, id))) = self.timers.peek() {
             if at > now {
                 break;
@@ -1156,7 +1185,7 @@ impl Core {
                     }
                 }
                 let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
-                self.ack_when_durable(ctx, comp, token, 0, now);
+                self.ack_when_durable(ctx, comp, token, 0, None, now);
                 Ok(Flow::Continue)
             }
             Packet::Subscribe(s) => {
@@ -1251,7 +1280,7 @@ impl Core {
                 // A resend of a message already routed: acknowledge (once what this shard
                 // wrote for it is durable), do not route again.
                 let token = (self.durability == Durability::Durable).then(|| self.token());
-                self.ack_when_durable(ctx, Packet::PubRec(Ack::new(pid)), token, 0, now);
+                self.ack_when_durable(ctx, Packet::PubRec(Ack::new(pid)), token, 0, None, now);
                 return Ok(());
             }
             // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
@@ -1280,8 +1309,11 @@ impl Core {
         };
         // QoS 1/2: the acknowledgement waits until every copy stored for a persistent session
         // is durable, here and on the other shards (one round trip each).
-        let token = (self.durability == Durability::Durable).then(|| self.token());
+        // A retained publish is also acknowledged only once every shard has its copy, so that
+        // a subscribe made anywhere after the acknowledgement finds it.
+        let token = (self.durability == Durability::Durable || p.retain).then(|| self.token());
         let (matched, remote) = self.route(msg, now, token);
+        let mut incoming = None;
         if p.qos == QoS::ExactlyOnce {
             let persistent = match self.sessions.get_mut(&ctx.client_id) {
                 Some(s) => {
@@ -1290,7 +1322,12 @@ impl Core {
                 }
                 None => false,
             };
-            if persistent {
+            if persistent && token.is_some() {
+                // Stored only after every copy of the message is durable (see
+                // `on_ack`): a stored id with a lost copy would make the resend after a
+                // crash look like a duplicate, and the copy would never be delivered.
+                incoming = Some(pid.get());
+            } else if persistent {
                 if let Some(store) = &self.store {
                     let r = store.incoming_put(ctx.client_id.as_str(), pid.get());
                     self.note_write(r);
@@ -1308,7 +1345,7 @@ impl Core {
         } else {
             Packet::PubRec(ack)
         };
-        self.ack_when_durable(ctx, packet, token, remote, now);
+        self.ack_when_durable(ctx, packet, token, remote, incoming, now);
         Ok(())
     }
 
@@ -1321,6 +1358,7 @@ impl Core {
         packet: Packet,
         token: Option<Token>,
         remote: usize,
+        incoming: Option<u16>,
         now: Instant,
     ) {
         let Some(link) = self
@@ -1343,6 +1381,7 @@ impl Core {
                 conn_id: ctx.conn_id,
                 remaining: remote + 1,
                 failed: false,
+                incoming,
             },
         );
         // The local part: this shard's own writes (or none, released at once).
@@ -1363,14 +1402,14 @@ impl Core {
     ) -> (bool, usize) {
         let mut remote = 0;
         if msg.retain {
-            let home = owner_shard(msg.topic.as_bytes(), self.count);
-            if home == self.id {
-                self.retain_at_home(msg.clone());
-            } else {
+            let version = self.retain_version();
+            self.apply_retained(msg.clone(), version, true);
+            for p in self.peers() {
                 self.sink.push(
-                    home,
-                    Event::RetainSet {
+                    p,
+                    Event::RetainReplica {
                         msg: msg.clone(),
+                        version,
                         reply,
                     },
                 );
@@ -1398,22 +1437,15 @@ impl Core {
         (!targets.is_empty(), remote)
     }
 
-    /// At a retained topic's home: stores (or deletes) it durably and replicates it.
-    fn retain_at_home(&mut self, msg: SharedMessage) {
-        if let Some(store) = &self.store {
-            let r = if msg.payload.is_empty() {
-                store.retained_delete(msg.topic.as_str())
-            } else {
-                store.retained_put(
-                    msg.topic.as_str(),
-                    &MessageRecord::from_message(&msg, &WallClock::now()),
-                )
-            };
-            self.note_write(r);
-        }
-        self.apply_retained(msg.clone());
-        for p in self.peers() {
-            self.sink.push(p, Event::RetainReplica(msg.clone()));
+    /// A version for a retained write made here: this shard's clock, strictly increasing.
+    fn retain_version(&mut self) -> RetainVersion {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        self.last_retain_ns = now_ns.max(self.last_retain_ns + 1);
+        RetainVersion {
+            at_ns: self.last_retain_ns,
+            shard: self.id as u16,
         }
     }
 
@@ -1812,13 +1844,16 @@ impl Core {
                 }
             }
             Event::Ack { token, ok } => self.on_ack(token, ok, now),
-            Event::RetainSet { msg, reply } => {
-                self.retain_at_home(msg);
+            Event::RetainReplica {
+                msg,
+                version,
+                reply,
+            } => {
+                self.apply_retained(msg, version, true);
                 if let Some(token) = reply {
                     self.wait_durable(Waiter::Remote { to: from, token }, now);
                 }
             }
-            Event::RetainReplica(msg) => self.apply_retained(msg),
             Event::Handoff { .. } => {
                 unreachable!("hand-offs are taken by the service before the core")
             }
@@ -1972,6 +2007,31 @@ impl Core {
             Some(Pending::PubAck {
                 client_id,
                 conn_id,
+                failed: false,
+                incoming: Some(pid),
+                ..
+            }) => {
+                // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
+                // durable too.
+                if let Some(store) = &self.store {
+                    let r = store.incoming_put(client_id.as_str(), pid);
+                    self.note_write(r);
+                }
+                self.pending.insert(
+                    token,
+                    Pending::PubAck {
+                        client_id,
+                        conn_id,
+                        remaining: 1,
+                        failed: false,
+                        incoming: None,
+                    },
+                );
+                self.wait_durable(Waiter::Local(token), now);
+            }
+            Some(Pending::PubAck {
+                client_id,
+                conn_id,
                 failed,
                 ..
             }) => self.release_pub_ack(&client_id, conn_id, token, failed),
@@ -2003,18 +2063,53 @@ impl Core {
         link.release_ack(token, failed);
     }
 
-    fn apply_retained(&mut self, msg: SharedMessage) {
-        if msg.payload.is_empty() {
-            self.retained.remove(&msg.topic);
-            return;
+    /// Applies a retained write if it is newer than what this shard has for the topic; the
+    /// topic's home shard also stores it (when `store_at_home`).
+    fn apply_retained(&mut self, msg: SharedMessage, version: RetainVersion, store_at_home: bool) {
+        let now = Instant::now();
+        if let Some((v, _)) = self.retained_versions.get(&msg.topic) {
+            if *v >= version {
+                return; // an older write arriving late
+            }
         }
-        if self.retained.get(&msg.topic).is_none()
+        let delete = msg.payload.is_empty();
+        if !delete
+            && self.retained.get(&msg.topic).is_none()
             && self.retained.len() >= self.cfg.limits.retained_messages_max as usize
         {
             self.stats.retained_dropped_full += 1;
             return;
         }
-        self.retained.set(msg);
+        self.retained_versions
+            .insert(msg.topic.clone(), (version, delete.then_some(now)));
+        let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
+        if home && store_at_home {
+            if let Some(store) = &self.store {
+                let r = if delete {
+                    store.retained_delete(msg.topic.as_str())
+                } else {
+                    store.retained_put(
+                        msg.topic.as_str(),
+                        &MessageRecord::from_message(&msg, &WallClock::now()),
+                    )
+                };
+                self.note_write(r);
+            }
+        }
+        if delete {
+            self.retained.remove(&msg.topic);
+        } else {
+            self.retained.set(msg);
+        }
+    }
+
+    /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
+    /// milliseconds; the tombstones only guard against reordering).
+    fn prune_tombstones(&mut self, now: Instant) {
+        self.retained_versions.retain(|_, (_, deleted)| match deleted {
+            Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
+            None => true,
+        });
     }
 
     /// A fresh client id that this shard owns, for a client that sent an empty one, unique

@@ -31,14 +31,17 @@ pub enum Event {
     /// The answer to a round trip; `ok: false` when the answering shard could not store what
     /// was asked (the acknowledgement that waited on it must fail).
     Ack { token: Token, ok: bool },
-    /// To the home shard of a retained topic: store or delete (empty payload) and replicate;
-    /// with `reply`, answer once it is durable.
-    RetainSet {
+    /// A retained message (or, with an empty payload, its deletion), sent by the publisher's
+    /// shard to every other shard ahead of the message itself, so that a shard has the
+    /// retained copy before any of its subscribers sees the live one. `version` orders
+    /// concurrent writes to one topic the same way on every shard (last writer wins); the
+    /// topic's home shard stores the winner. With `reply`, answer once applied (and, at the
+    /// home, durable): a retained publish is acknowledged only when every shard has it.
+    RetainReplica {
         msg: SharedMessage,
+        version: RetainVersion,
         reply: Option<Token>,
     },
-    /// From the home shard of a retained topic to every other shard: the new value.
-    RetainReplica(SharedMessage),
     /// An accepted connection whose client belongs to the receiving shard: its socket and
     /// the bytes read so far (the whole CONNECT and anything after it).
     Handoff { fd: RawFd, bytes: Bytes },
@@ -77,6 +80,14 @@ pub enum Event {
         not: MqttStr,
         attempts: u8,
     },
+}
+
+/// The order of writes to one retained topic: the publisher shard's clock (made strictly
+/// increasing per shard), then the shard id to break ties.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RetainVersion {
+    pub at_ns: u64,
+    pub shard: u16,
 }
 
 /// A session on its way to its new owner shard.

@@ -1,0 +1,239 @@
+//! The `shardmq` command line: flags, config errors, start-up failures, signals. Each test
+//! runs the real binary with `std::process::Command`, on 127.0.0.1 only; a run that should
+//! fail is given `--listen 127.0.0.1:0` so that a wrong pass never takes a real port.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::raw::RawClient;
+use support::{TestBroker, TIMEOUT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardmq");
+
+/// Runs the binary to completion (bounded by TIMEOUT), with the default log filter.
+fn run(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardmq");
+    wait_output(child)
+}
+
+fn wait_output(mut child: Child) -> Output {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
+            child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardmq did not exit within {TIMEOUT:?}");
+        }
+        // Polling a child's exit status; not a synchronisation point.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asserts the run failed with `code` and exactly one line on stderr, containing each of
+/// `names`; returns that line.
+fn one_line_failure(out: &Output, code: i32, names: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr, got {lines:#?}");
+    for n in names {
+        assert!(lines[0].contains(n), "{:?} should name {n:?}", lines[0]);
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    lines[0].to_string()
+}
+
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("shardmq.toml");
+    std::fs::write(&path, text).expect("write config");
+    let p = path.to_str().expect("utf-8 path").to_string();
+    (dir, p)
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = run(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("shardmq {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(out.stderr.is_empty());
+}
+
+#[test]
+fn help_flag_lists_the_flags() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--cores",
+        "--shards",
+        "--no-pin",
+        "--data-dir",
+    ] {
+        assert!(text.contains(flag), "--help should mention {flag}: {text}");
+    }
+}
+
+#[test]
+fn unknown_flag_exits_2_with_one_line_naming_it() {
+    let out = run(&["--listen", "127.0.0.1:0", "--bogus-flag"]);
+    one_line_failure(&out, 2, &["--bogus-flag"]);
+}
+
+#[test]
+fn bad_flag_values_exit_2_with_one_line_naming_the_flag() {
+    for (args, flag) in [
+        (&["--shards", "many"][..], "--shards"),
+        (&["--listen", "not-an-address"][..], "--listen"),
+        (
+            &["--listen", "127.0.0.1:0", "--cores", "0", "--shards", "1"][..],
+            "--cores",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--shards", "0"][..],
+            "shards.count",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--cores", "3-1"][..],
+            "shards.cores",
+        ),
+    ] {
+        let out = run(args);
+        one_line_failure(&out, 2, &[flag]);
+    }
+}
+
+#[test]
+fn bad_config_value_exits_nonzero_with_one_line_naming_the_key() {
+    let (_dir, path) = config_file("[limits]\nqueue_messages_max = 0\n");
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["limits.queue_messages_max"]);
+
+    let (_dir, path) = config_file("[limits]\nqueue_messages_max = \"many\"\n");
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["queue_messages_max"]);
+
+    let (_dir, path) = config_file("[access]\nsubscribe_deny = [\"a/#/b\"]\n");
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["access.subscribe_deny"]);
+}
+
+#[test]
+fn unknown_config_key_is_refused() {
+    let (_dir, path) = config_file("[limits]\nqueue_mesages_max = 5\n");
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["queue_mesages_max"]);
+
+    let (_dir, path) = config_file("bogus_section_key = true\n");
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["bogus_section_key"]);
+}
+
+#[test]
+fn missing_config_file_is_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("absent.toml");
+    let path = path.to_str().expect("utf-8 path");
+    let out = run(&["--config", path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &["absent.toml"]);
+}
+
+#[test]
+fn check_config_validates_and_prints() {
+    let (_dir, path) = config_file("[limits]\nqueue_messages_max = 5\n");
+    let out = run(&["check-config", &path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("queue_messages_max = 5"), "{text}");
+
+    let (_dir, path) = config_file("[limits]\nqueue_messages_max = 0\n");
+    let out = run(&["check-config", &path]);
+    one_line_failure(&out, 2, &["limits.queue_messages_max"]);
+}
+
+#[test]
+fn port_already_taken_exits_nonzero_with_one_line() {
+    // std's listener has no SO_REUSEPORT, so the broker's sockets cannot share its port.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("data");
+    let out = run(&[
+        "--listen",
+        &addr,
+        "--no-pin",
+        "--shards",
+        "2",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "must not start; stderr: {stderr}");
+    assert_ne!(out.status.code(), None, "an exit, not a signal");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr, got {lines:#?}");
+    assert!(
+        lines[0].contains(&addr),
+        "{:?} should name {addr}",
+        lines[0]
+    );
+    assert!(out.stdout.is_empty(), "no ready line");
+    drop(taken);
+}
+
+#[test]
+fn sigterm_stops_the_broker_with_exit_0() {
+    let b = TestBroker::start(2);
+    let mut c = RawClient::connect_v311(b.addr, "sigterm-client");
+    c.ping();
+    let status = b.stop();
+    assert!(status.success(), "exit status {status}");
+    // The connection was closed by the stop (3.1.1: without DISCONNECT).
+    assert!(c.expect_closed().is_empty());
+}
+
+#[test]
+fn sigterm_right_after_start_exits_0() {
+    let b = TestBroker::start(3);
+    let status = b.stop();
+    assert_eq!(status.code(), Some(0));
+}

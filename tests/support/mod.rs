@@ -1,0 +1,144 @@
+//! Starts the real `shardmq` binary for a test: its own ephemeral port on 127.0.0.1, its own
+//! temporary data directory, and the ready line on stdout as the signal that every shard
+//! listens. The broker is stopped (by its PID) when the handle drops.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Generous bound for anything a test waits for; never a synchronisation point.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct TestBroker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub shards: usize,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// A broker with `shards` unpinned shards and the default configuration.
+    pub fn start(shards: usize) -> TestBroker {
+        TestBroker::start_with(shards, "")
+    }
+
+    /// A broker with `shards` shards and extra TOML appended to the generated config.
+    pub fn start_with(shards: usize, extra_toml: &str) -> TestBroker {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        TestBroker::start_in(shards, extra_toml, data_dir)
+    }
+
+    /// Starts a broker on an existing data directory (restart tests).
+    pub fn start_in(shards: usize, extra_toml: &str, data_dir: tempfile::TempDir) -> TestBroker {
+        let cfg_path = data_dir.path().join("test.toml");
+        std::fs::write(&cfg_path, extra_toml).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(["--listen", "127.0.0.1:0", "--no-pin", "--shards"])
+            .arg(shards.to_string())
+            .arg("--data-dir")
+            .arg(data_dir.path().join("data"))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHARDMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shardmq");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("shardmq ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker did not report ready within {TIMEOUT:?}");
+            }
+        };
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listeners="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|a| a.parse().ok())
+            .expect("listener address in the ready line");
+        TestBroker {
+            child: Some(child),
+            addr,
+            shards,
+            data_dir,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling the child we spawned, by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_bounded(&mut child)
+    }
+
+    /// SIGKILL (a crash); returns the data directory for a restart.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"))
+    }
+}
+
+fn wait_bounded(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("broker did not exit within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The shard that owns `client_id` (the broker's own function).
+pub fn owner(client_id: &str, shards: usize) -> usize {
+    shardmq::session::owner_shard(client_id.as_bytes(), shards)
+}
+
+/// A client id starting with `prefix` that the broker places on `shard`.
+pub fn id_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| owner(id, shards) == shard)
+        .expect("some id lands on every shard")
+}
