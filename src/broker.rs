@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use shards::{Control, Placement, Pool, Shard};
 
 use crate::config::{parse_core_list, Config, Durability};
 use crate::net;
+use crate::session::owner_shard;
 use crate::shard::service::BrokerShard;
 use crate::storage::{Store, StoreOptions};
 
@@ -160,9 +162,10 @@ impl Broker {
                 let store = Store::open(&dir, &opts).map_err(|e| {
                     StartError::Config(format!("cannot open {}: {e}", dir.display()))
                 })?;
-                v.push(Some(store));
+                v.push(store);
             }
-            v
+            merge_extra_stores(&cfg.data_dir, &v, &opts)?;
+            v.into_iter().map(Some).collect()
         };
         let stores = Arc::new(stores);
 
@@ -230,6 +233,115 @@ impl Broker {
     }
 }
 
+/// The stores a run with more shards left behind: `(k, <data_dir>/shard-<k>)` for every
+/// `shard-<k>` entry with `k >= count`, by `k`. Only names the broker writes count
+/// (`shard-7`, not `shard-07`).
+fn extra_store_dirs(data_dir: &Path, count: usize) -> Result<Vec<(usize, PathBuf)>, String> {
+    let list_err = |e: std::io::Error| format!("cannot list {}: {e}", data_dir.display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(data_dir).map_err(list_err)? {
+        let name = entry.map_err(list_err)?.file_name();
+        let Some(k) = name.to_str().and_then(|n| n.strip_prefix("shard-")) else {
+            continue;
+        };
+        match k.parse::<usize>() {
+            Ok(n) if n >= count && n.to_string() == k => {
+                found.push((n, data_dir.join(format!("shard-{n}"))));
+            }
+            _ if k.contains(".migrated-") => tracing::warn!(
+                dir = %data_dir.join(&name).display(),
+                "a store renamed after a change of the shard count, once its data was merged into the other stores (only damaged records, if any, are left in it); it may be deleted"
+            ),
+            _ => {}
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// After the shard count shrank: moves the sessions and retained messages of every store of
+/// a shard that no longer exists into the stores of their owners under `stores.len()`
+/// shards, then removes that store. (When the count grows, the shards re-home what they
+/// find at run time instead.)
+///
+/// Crash-safe: a source directory is renamed (`shard-<k>.migrated-<unix time>`) and removed
+/// only after every target store it was copied into is persisted. A crash before the rename
+/// leaves it to be merged again at the next start, which is harmless: a target that holds
+/// a client id already keeps its own session ([`Store::copy_into`]). A source with damaged
+/// records is renamed but kept, for inspection.
+fn merge_extra_stores(
+    data_dir: &Path,
+    stores: &[Store],
+    opts: &StoreOptions,
+) -> Result<(), StartError> {
+    let count = stores.len();
+    let extra = extra_store_dirs(data_dir, count).map_err(StartError::Config)?;
+    for (k, dir) in extra {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            StartError::Config(format!(
+                "cannot merge {} (the store of shard {k}, beyond the {count} shards configured) into the other stores: {what}: {e}; nothing was removed",
+                dir.display()
+            ))
+        };
+        let source = Store::open(&dir, opts).map_err(|e| fail("open", &e))?;
+        let copied = source
+            .copy_into(
+                stores,
+                |id| owner_shard(id.as_bytes(), count),
+                |topic| owner_shard(topic.as_bytes(), count),
+            )
+            .map_err(|e| fail("copy", &e))?;
+        // Closes the engine: waits for its worker threads and releases the directory.
+        drop(source);
+
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let moved = (0..)
+            .map(|i| {
+                let suffix = if i == 0 {
+                    String::new()
+                } else {
+                    format!("-{i}")
+                };
+                data_dir.join(format!("shard-{k}.migrated-{unix_s}{suffix}"))
+            })
+            .find(|p| std::fs::symlink_metadata(p).is_err())
+            .expect("some name is free");
+        std::fs::rename(&dir, &moved).map_err(|e| fail("rename", &e))?;
+        // The rename is durable before any file of the store goes away.
+        std::fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("fsync the data directory", &e))?;
+        let kept = if copied.damaged.is_empty() {
+            if let Err(e) = std::fs::remove_dir_all(&moved) {
+                tracing::warn!(dir = %moved.display(), error = %e, "cannot remove a merged store; its data is in the other stores, so it may be deleted");
+            }
+            None
+        } else {
+            tracing::warn!(
+                dir = %moved.display(),
+                damaged = copied.damaged.len(),
+                "the merged store had damaged records (skipped, logged above); it is kept for inspection"
+            );
+            Some(moved.display().to_string())
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            shards = count,
+            sessions = copied.sessions,
+            queued = copied.queued,
+            sessions_kept = copied.sessions_kept,
+            retained = copied.retained,
+            retained_kept = copied.retained_kept,
+            damaged = copied.damaged.len(),
+            kept_as = kept.as_deref().unwrap_or("-"),
+            "merged the store of a shard beyond the configured count into the others"
+        );
+    }
+    Ok(())
+}
+
 async fn shard_main(
     shard: Shard<BrokerShard>,
     fds: Arc<Vec<Vec<RawFd>>>,
@@ -260,4 +372,131 @@ async fn shard_main(
     timers.await;
     flusher.await;
     committer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MessageRecord, SessionRecord};
+
+    fn session() -> SessionRecord {
+        SessionRecord {
+            expiry_s: 60,
+            version: 4,
+            will: None,
+            disconnected_unix_ms: Some(1_700_000_000_000),
+            next_packet_id: 1,
+        }
+    }
+
+    fn retained(topic: &str) -> MessageRecord {
+        MessageRecord {
+            topic: topic.into(),
+            payload: b"r".to_vec(),
+            qos: 1,
+            retain: true,
+            properties: Vec::new(),
+            origin: None,
+            created_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn stores_beyond_the_shard_count_are_merged_and_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let opts = StoreOptions::default();
+        let ids: Vec<String> = (0..12).map(|i| format!("client-{i}")).collect();
+        let topics: Vec<String> = (0..12).map(|i| format!("topic/{i}")).collect();
+        {
+            let three: Vec<Store> = (0..3)
+                .map(|k| Store::open(&data.path().join(format!("shard-{k}")), &opts).unwrap())
+                .collect();
+            for (id, topic) in ids.iter().zip(&topics) {
+                let s = &three[owner_shard(id.as_bytes(), 3)];
+                s.put_session(id, &session()).unwrap();
+                let mut b = three[owner_shard(topic.as_bytes(), 3)].batch();
+                b.retained_put(topic, &retained(topic)).unwrap();
+                b.commit().unwrap();
+            }
+            for s in &three {
+                s.persist().unwrap();
+            }
+        }
+        // Not ours: left alone.
+        std::fs::create_dir(data.path().join("shard-07")).unwrap();
+        std::fs::create_dir(data.path().join("shard-x")).unwrap();
+
+        let stores: Vec<Store> = (0..2)
+            .map(|k| Store::open(&data.path().join(format!("shard-{k}")), &opts).unwrap())
+            .collect();
+        merge_extra_stores(data.path(), &stores, &opts).unwrap();
+        assert_eq!(
+            names(data.path()),
+            ["shard-0", "shard-07", "shard-1", "shard-x"]
+        );
+        // What shard 2 held is with its owner under 2 shards (the rest is re-homed by the
+        // shards themselves, at run time).
+        let on = |k: usize| -> (Vec<String>, Vec<String>) {
+            let rec = stores[k].load().unwrap();
+            let ids = rec.sessions.into_iter().map(|s| s.client_id).collect();
+            let topics = rec.retained.into_iter().map(|m| m.topic).collect();
+            (ids, topics)
+        };
+        let moved_ids: Vec<&String> = ids
+            .iter()
+            .filter(|i| owner_shard(i.as_bytes(), 3) == 2)
+            .collect();
+        let moved_topics: Vec<&String> = topics
+            .iter()
+            .filter(|t| owner_shard(t.as_bytes(), 3) == 2)
+            .collect();
+        assert!(!moved_ids.is_empty() && !moved_topics.is_empty());
+        for id in moved_ids {
+            assert!(on(owner_shard(id.as_bytes(), 2)).0.contains(id), "{id}");
+        }
+        for t in moved_topics {
+            assert!(on(owner_shard(t.as_bytes(), 2)).1.contains(t), "{t}");
+        }
+        let mut all: Vec<String> = stores
+            .iter()
+            .flat_map(|s| s.load().unwrap().sessions)
+            .map(|s| s.client_id)
+            .collect();
+        all.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(all, want);
+        let retained_count: usize = stores
+            .iter()
+            .map(|s| s.load().unwrap().retained.len())
+            .sum();
+        assert_eq!(retained_count, topics.len());
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_merged_fails_the_start_and_stays() {
+        let data = tempfile::tempdir().unwrap();
+        let opts = StoreOptions::default();
+        let stores = vec![Store::open(&data.path().join("shard-0"), &opts).unwrap()];
+        std::fs::create_dir(data.path().join("shard-3")).unwrap();
+        std::fs::write(data.path().join("shard-3").join("junk"), b"x").unwrap();
+        let e = merge_extra_stores(data.path(), &stores, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shard-3") && e.contains("nothing was removed"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        assert_eq!(names(data.path()), ["shard-0", "shard-3"]);
+    }
 }

@@ -44,6 +44,37 @@ pub(crate) fn packet_key(client_id: &str, packet_id: u16) -> Result<Vec<u8>, Sto
     client_key(client_id, &packet_id.to_be_bytes(), "packet id")
 }
 
+/// `[len: u16 BE][client id][origin len: u16 BE][origin client id][packet id: u16 BE]`: the
+/// QoS 2 dedup key of the publisher `origin`'s message `packet_id`, held by `client_id`.
+pub(crate) fn dedup_key(
+    client_id: &str,
+    origin: &str,
+    packet_id: u16,
+) -> Result<Vec<u8>, StorageError> {
+    let o = origin.as_bytes();
+    if o.len() > u16::MAX as usize {
+        return Err(StorageError::KeyTooLong {
+            what: "dedup",
+            len: o.len(),
+        });
+    }
+    let mut suffix = Vec::with_capacity(4 + o.len());
+    suffix.extend_from_slice(&(o.len() as u16).to_be_bytes());
+    suffix.extend_from_slice(o);
+    suffix.extend_from_slice(&packet_id.to_be_bytes());
+    client_key(client_id, &suffix, "dedup")
+}
+
+/// The origin and packet id of a dedup key's suffix (after the client prefix).
+pub(crate) fn dedup_of(suffix: &[u8]) -> Option<(&str, u16)> {
+    let len = u16::from_be_bytes([*suffix.first()?, *suffix.get(1)?]) as usize;
+    if suffix.len() != 2 + len + 2 {
+        return None;
+    }
+    let origin = std::str::from_utf8(&suffix[2..2 + len]).ok()?;
+    Some((origin, packet_id_of(&suffix[2 + len..])?))
+}
+
 pub(crate) fn retained_key(topic: &str) -> Result<Vec<u8>, StorageError> {
     if topic.len() > MAX_KEY {
         return Err(StorageError::KeyTooLong {
@@ -140,6 +171,21 @@ mod tests {
             Err(StorageError::KeyTooLong { .. })
         ));
         assert!(retained_key(&"t".repeat(70_000)).is_err());
+    }
+
+    #[test]
+    fn dedup_keys_round_trip_and_stay_under_their_client() {
+        let k = dedup_key("sub", "pub-1", 0x0102).unwrap();
+        let (prefix, id, rest) = split_client_key(&k).unwrap();
+        assert_eq!(prefix, client_prefix("sub").unwrap());
+        assert_eq!(id, "sub");
+        assert_eq!(dedup_of(rest), Some(("pub-1", 0x0102)));
+        assert_eq!(dedup_of(&rest[..rest.len() - 1]), None);
+        // Origins `a` and `ab` give different, non-nested keys.
+        let a = dedup_key("s", "a", 7).unwrap();
+        let ab = dedup_key("s", "ab", 7).unwrap();
+        assert_ne!(a, ab);
+        assert!(!ab.starts_with(&a[..a.len() - 2]));
     }
 
     #[test]

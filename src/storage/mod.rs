@@ -1,22 +1,26 @@
 //! Durable per-shard storage: sessions, subscriptions, offline queues, messages in flight,
-//! incoming QoS 2 ids and retained messages, in one fjall `Database` per shard. This is the
-//! only module that names fjall.
+//! incoming QoS 2 ids, QoS 2 dedup keys and retained messages, in one fjall `Database` per
+//! shard. This is the only module that names fjall.
 //!
 //! The API is synchronous and thread-safe ([`Store`] is `Clone + Send + Sync`). Writes go to
 //! the engine's journal buffer and are durable only after [`Store::persist`] (group commit:
 //! many writes, one fsync). The shard runs `persist` (or [`StoreBatch::commit`] followed by
 //! `persist`) through its executor's `spawn_blocking`.
 //!
-//! **Blocking note.** fjall holds its journal mutex during the fsync of `persist`, so a
-//! direct write ([`Store::put_session`], [`Store::queue_push`]...) issued while a `persist`
-//! runs on another thread waits for that fsync. A shard that must never block its executor
-//! collects its writes in a [`StoreBatch`] (plain memory, no lock) and commits it on the
-//! blocking thread right before `persist`.
+//! **Blocking note.** Every write takes the engine's journal mutex for as long as it takes
+//! to append to an in-memory buffer (or, when the 8 KiB buffer fills, one `write(2)`).
+//! fjall's own `persist(SyncData)` holds that mutex across the fsync, which would make a
+//! write on the executor wait for a fsync running on the blocking thread; [`Store::persist`]
+//! therefore fsyncs outside the mutex (see its docs). The engine may still stall a write
+//! when memtables or level-0 tables pile up faster than its worker flushes them (it sleeps
+//! or spins on the calling thread). A [`StoreBatch`] is built without any lock and applied
+//! by one [`StoreBatch::commit`]; committing it on the blocking thread right before
+//! `persist` keeps even the journal mutex off the executor.
 //!
 //! # Key layout (the one place it is written down)
 //!
 //! One `Database` in `<data_dir>/shard-<n>/`, marked by the file `SHARDMQ_STORE` (format
-//! line `shardmq-store 1`), with six keyspaces. `C` stands for a client id encoded as
+//! line `shardmq-store 1`), with seven keyspaces. `C` stands for a client id encoded as
 //! `[len: u16 big-endian][UTF-8 bytes]`: the length prefix makes the keys of client `ab`
 //! and client `abc` disjoint, so a prefix scan over `C` finds exactly one client's keys.
 //!
@@ -27,14 +31,21 @@
 //! | `queue`    | `C` + seq: u64 big-endian            | [`QueuedRecord`]      |
 //! | `inflight` | `C` + packet id: u16 big-endian      | [`InflightRecord`]    |
 //! | `incoming` | `C` + packet id: u16 big-endian      | header only (no body) |
+//! | `dedup`    | `C` + `O` + packet id: u16 big-endian | header only (no body) |
 //! | `retained` | topic name bytes                     | [`MessageRecord`]     |
+//!
+//! `dedup` holds, per persistent session `C`, the QoS 2 messages it has stored and whose
+//! publisher has not yet released them (PUBREL): `O` is the publisher's client id, encoded
+//! like `C`, and the packet id is the publisher's. A resend of such a message after a crash
+//! is routed again and skipped by the sessions that hold its key (exactly once). The key is
+//! written in the same batch as the session's copy of the message.
 //!
 //! Big-endian numbers make the engine's byte order the numeric order, so a prefix scan of
 //! `queue` yields a session's queue oldest first. Every value is framed as
 //! `[b"SQ"][kind][format][crc32 LE][rkyv bytes]` (see `records.rs`); the checksum is
 //! verified on every read and a damaged record is reported with its key and skipped.
 //!
-//! A client's `subs`/`queue`/`inflight`/`incoming` keys without a `sessions` key are
+//! A client's `subs`/`queue`/`inflight`/`incoming`/`dedup` keys without a `sessions` key are
 //! orphans (a crash between writes of a batch, or a session deleted by a foreign writer):
 //! [`Store::load`] deletes them. Keys of a client whose session record is *damaged* are
 //! kept, so nothing is destroyed on the strength of a bad checksum.
@@ -52,18 +63,30 @@ pub use records::{
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::fs::File;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use keys::{client_prefix, hex, packet_id_of, packet_key, queue_key, seq_of, split_client_key};
-use records::{incoming_value, queued_cost, unframe, Kind, Record};
+use keys::{
+    client_prefix, dedup_key, dedup_of, hex, packet_id_of, packet_key, queue_key, seq_of,
+    split_client_key,
+};
+use records::{dedup_value, incoming_value, queued_cost, unframe, Kind, Record};
 
 /// The marker file that tells a store directory from any other directory.
 pub const MARKER_FILE: &str = "SHARDMQ_STORE";
 const MARKER_CONTENT: &str = "shardmq-store 1";
 /// fjall panics below this many cached file descriptors.
 const MIN_CACHED_FILES: usize = 10;
+/// fjall panics below this journal size limit.
+const MIN_JOURNAL_BYTES: u64 = 64 << 20;
+/// Smaller memtables would flush a table file every few writes.
+const MIN_MEMTABLE_BYTES: u64 = 1 << 20;
+
+/// A raw key and value (test hooks).
+pub type RawEntry = (Vec<u8>, Vec<u8>);
 
 /// The keyspaces of a store.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,16 +97,18 @@ pub enum Space {
     Inflight,
     Incoming,
     Retained,
+    Dedup,
 }
 
 impl Space {
-    pub const ALL: [Space; 6] = [
+    pub const ALL: [Space; 7] = [
         Space::Sessions,
         Space::Subscriptions,
         Space::Queue,
         Space::Inflight,
         Space::Incoming,
         Space::Retained,
+        Space::Dedup,
     ];
 
     /// The keyspace name on disk.
@@ -95,16 +120,18 @@ impl Space {
             Space::Inflight => "inflight",
             Space::Incoming => "incoming",
             Space::Retained => "retained",
+            Space::Dedup => "dedup",
         }
     }
 
     /// The keyspaces keyed by client (everything but `retained`).
-    const PER_CLIENT: [Space; 5] = [
+    const PER_CLIENT: [Space; 6] = [
         Space::Sessions,
         Space::Subscriptions,
         Space::Queue,
         Space::Inflight,
         Space::Incoming,
+        Space::Dedup,
     ];
 }
 
@@ -116,10 +143,16 @@ pub struct StoreOptions {
     /// Open file descriptors the engine may cache (at least 10). Mind the shard count and
     /// `ulimit -n`.
     pub max_cached_files: usize,
-    /// Memtable size per keyspace before it is flushed to a table file. Applies when a
-    /// keyspace is created; existing keyspaces keep the value they were created with.
+    /// Memtable size per keyspace (at least 1 MiB) before it is flushed to a table file.
+    /// Applies when a keyspace is created: the engine stores it with the keyspace, and an
+    /// existing store keeps the value it was created with.
     pub memtable_bytes: u64,
-    /// Background flush/compaction threads of this store (at least 1).
+    /// Journal bytes kept on disk (at least 64 MiB) before the engine flushes the keyspaces
+    /// that hold the oldest journal back. The engine seals a journal once it passes 64 MB,
+    /// and a restart replays every journal left: this bounds recovery time and disk use.
+    pub max_journal_bytes: u64,
+    /// Background flush/compaction threads of this store (at least 1). They inherit the CPU
+    /// affinity of the thread that opens the store.
     pub worker_threads: usize,
 }
 
@@ -129,6 +162,7 @@ impl Default for StoreOptions {
             cache_bytes: 32 << 20,
             max_cached_files: 256,
             memtable_bytes: 16 << 20,
+            max_journal_bytes: 128 << 20,
             worker_threads: 1,
         }
     }
@@ -145,6 +179,25 @@ pub struct Recovered {
     pub orphans_removed: u64,
 }
 
+/// What [`Store::copy_into`] copied, and what it left out.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Copied {
+    /// Sessions copied, each with its subscriptions, messages in flight, incoming QoS 2
+    /// ids, dedup keys and queue.
+    pub sessions: u64,
+    /// Queued messages copied with them.
+    pub queued: u64,
+    /// Sessions not copied because the target already holds the client id (its copy wins).
+    pub sessions_kept: u64,
+    /// Retained messages copied.
+    pub retained: u64,
+    /// Retained messages not copied because the target holds a copy of the topic that is
+    /// at least as new (by `created_unix_ms`).
+    pub retained_kept: u64,
+    /// Damaged records of the source, skipped (as in [`Recovered::damaged`]).
+    pub damaged: Vec<String>,
+}
+
 /// One stored session with everything but its queued messages (read those with
 /// [`Store::queue_read`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +209,9 @@ pub struct RecoveredSession {
     /// By packet id, ascending.
     pub inflight: Vec<(u16, InflightRecord)>,
     pub incoming: Vec<u16>,
+    /// QoS 2 dedup keys: (publisher client id, publisher packet id) of the QoS 2 messages
+    /// the session stored and their publisher has not released yet, in key order.
+    pub dedup: Vec<(String, u16)>,
     /// The lowest stored sequence number (0 when the queue is empty).
     pub queue_first_seq: u64,
     /// One past the highest stored sequence number (0 when the queue is empty).
@@ -174,6 +230,7 @@ impl RecoveredSession {
             subscriptions: Vec::new(),
             inflight: Vec::new(),
             incoming: Vec::new(),
+            dedup: Vec::new(),
             queue_first_seq: 0,
             queue_next_seq: 0,
             queue_len: 0,
@@ -192,8 +249,13 @@ pub struct Store {
 struct Inner {
     db: Database,
     /// In the order of [`Space::ALL`].
-    spaces: [Keyspace; 6],
+    spaces: [Keyspace; 7],
     dir: PathBuf,
+    /// The active journal file as last seen by `persist`: its number and a handle to fsync.
+    journal: Mutex<Option<(u64, Arc<File>)>>,
+    /// Set when an fsync of ours failed: the page cache may have dropped the data, so no
+    /// later fsync can vouch for it (the engine poisons itself the same way).
+    poisoned: AtomicBool,
 }
 
 impl fmt::Debug for Store {
@@ -215,6 +277,7 @@ impl Store {
             .cache_size(opts.cache_bytes)
             .max_cached_files(Some(opts.max_cached_files.max(MIN_CACHED_FILES)))
             .worker_threads(opts.worker_threads.max(1))
+            .max_journaling_size(opts.max_journal_bytes.max(MIN_JOURNAL_BYTES))
             .manual_journal_persist(true)
             .open()
             .map_err(|e| match e {
@@ -239,12 +302,12 @@ impl Store {
                 .keyspace(space.name(), || {
                     KeyspaceCreateOptions::default()
                         .manual_journal_persist(true)
-                        .max_memtable_size(opts.memtable_bytes)
+                        .max_memtable_size(opts.memtable_bytes.max(MIN_MEMTABLE_BYTES))
                 })
                 .map_err(StorageError::engine("open keyspace"))?;
             spaces.push(ks);
         }
-        let spaces: [Keyspace; 6] = spaces
+        let spaces: [Keyspace; 7] = spaces
             .try_into()
             .unwrap_or_else(|_| unreachable!("one keyspace per Space"));
         Ok(Store {
@@ -252,6 +315,8 @@ impl Store {
                 db,
                 spaces,
                 dir: dir.to_owned(),
+                journal: Mutex::new(None),
+                poisoned: AtomicBool::new(false),
             }),
         })
     }
@@ -289,8 +354,8 @@ impl Store {
         self.insert(Space::Sessions, client_prefix(client_id)?, rec.to_value()?)
     }
 
-    /// Deletes the session and every subscription, queued message, message in flight and
-    /// incoming packet id of the client, atomically.
+    /// Deletes the session and every subscription, queued message, message in flight,
+    /// incoming packet id and dedup key of the client, atomically.
     pub fn delete_session(&self, client_id: &str) -> Result<(), StorageError> {
         let mut b = self.batch();
         b.delete_session(client_id)?;
@@ -399,6 +464,29 @@ impl Store {
         self.remove(Space::Incoming, packet_key(client_id, packet_id)?)
     }
 
+    /// Records that `client_id` stored the QoS 2 message `packet_id` of publisher `origin`.
+    pub fn dedup_put(
+        &self,
+        client_id: &str,
+        origin: &str,
+        packet_id: u16,
+    ) -> Result<(), StorageError> {
+        self.insert(
+            Space::Dedup,
+            dedup_key(client_id, origin, packet_id)?,
+            dedup_value(),
+        )
+    }
+
+    pub fn dedup_delete(
+        &self,
+        client_id: &str,
+        origin: &str,
+        packet_id: u16,
+    ) -> Result<(), StorageError> {
+        self.remove(Space::Dedup, dedup_key(client_id, origin, packet_id)?)
+    }
+
     pub fn retained_put(&self, topic: &str, rec: &MessageRecord) -> Result<(), StorageError> {
         self.insert(Space::Retained, keys::retained_key(topic)?, rec.to_value()?)
     }
@@ -407,13 +495,95 @@ impl Store {
         self.remove(Space::Retained, keys::retained_key(topic)?)
     }
 
-    /// Makes every write so far durable: fsyncs the journal (`fdatasync`). Blocks for the
-    /// fsync; run it off the executor thread.
+    /// Makes every write made before the call durable: flushes the engine's journal buffer
+    /// and `fdatasync`s the journal file. Blocks for the fsync; run it off the executor
+    /// thread.
+    ///
+    /// The fsync runs *outside* the engine's journal mutex, so that writes from other
+    /// threads proceed meanwhile (fjall's own `persist(SyncData)` holds the mutex across
+    /// the fsync). Why that is as durable: the buffer flush happens under the mutex and puts
+    /// every earlier write into the page cache of the active journal file `<n>.jnl`; fsync
+    /// acts on the file, whatever descriptor it comes through; and when the engine seals a
+    /// journal (rotation) it fsyncs it before it creates `<n+1>.jnl`, so if a newer journal
+    /// is seen here, the one holding our writes is already on disk. Should the directory
+    /// show no journal (a layout this code does not know), it falls back to the engine's
+    /// locked fsync.
     pub fn persist(&self) -> Result<(), StorageError> {
+        let poisoned = || StorageError::Engine {
+            op: "persist",
+            source: fjall::Error::Poisoned,
+        };
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
+        self.inner
+            .db
+            .persist(PersistMode::Buffer)
+            .map_err(StorageError::engine("persist"))?;
+        let Some(journal) = self.active_journal()? else {
+            return self.persist_locked();
+        };
+        journal.sync_data().map_err(|source| {
+            self.inner.poisoned.store(true, Ordering::Release);
+            tracing::error!(store = %self.inner.dir.display(), error = %source, "journal fsync failed");
+            StorageError::Io {
+                path: self.inner.dir.clone(),
+                op: "fsync the journal of",
+                source,
+            }
+        })
+    }
+
+    /// The engine's own persist: `fdatasync` of the journal under its mutex.
+    pub fn persist_locked(&self) -> Result<(), StorageError> {
         self.inner
             .db
             .persist(PersistMode::SyncData)
             .map_err(StorageError::engine("persist"))
+    }
+
+    /// The highest-numbered `<n>.jnl` in the store directory, opened (cached while it stays
+    /// the highest).
+    fn active_journal(&self) -> Result<Option<Arc<File>>, StorageError> {
+        let dir = &self.inner.dir;
+        let io = |op| {
+            move |source| StorageError::Io {
+                path: dir.clone(),
+                op,
+                source,
+            }
+        };
+        let mut newest: Option<u64> = None;
+        for entry in std::fs::read_dir(dir).map_err(io("list"))? {
+            let name = entry.map_err(io("list"))?.file_name();
+            let n = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if n > newest {
+                newest = n;
+            }
+        }
+        let Some(n) = newest else {
+            return Ok(None);
+        };
+        let mut cached = self.inner.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((m, f)) = cached.as_ref() {
+            if *m == n {
+                return Ok(Some(f.clone()));
+            }
+        }
+        let file = match File::open(dir.join(format!("{n}.jnl"))) {
+            Ok(f) => Arc::new(f),
+            // Sealed and deleted since the listing: it was fsynced when sealed, and what it
+            // held is in table files now; the newer journal is fsynced next time.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return self.persist_locked().map(|()| None)
+            }
+            Err(e) => return Err(io("open journal")(e)),
+        };
+        *cached = Some((n, file.clone()));
+        Ok(Some(file))
     }
 
     /// Bytes on disk: journal plus table files.
@@ -464,6 +634,7 @@ impl Store {
             Space::Queue,
             Space::Inflight,
             Space::Incoming,
+            Space::Dedup,
         ] {
             let sessions = &mut rec.sessions;
             let damaged = &mut rec.damaged;
@@ -502,6 +673,11 @@ impl Store {
                     },
                     Space::Inflight => match packet_id_of(rest) {
                         Some(id) => InflightRecord::from_value(v).map(|r| s.inflight.push((id, r))),
+                        None => Err("malformed key".to_owned()),
+                    },
+                    Space::Dedup => match dedup_of(rest) {
+                        Some((origin, id)) => unframe(Kind::Dedup, v)
+                            .map(|_| s.dedup.push((origin.to_owned(), id))),
                         None => Err("malformed key".to_owned()),
                     },
                     _ => match packet_id_of(rest) {
@@ -552,6 +728,114 @@ impl Store {
                 .map_err(StorageError::engine("delete orphans"))?;
         }
         Ok(rec)
+    }
+
+    /// Copies everything this store holds into `targets` (the stores of the shards that
+    /// now own it), for a store left behind when the shard count shrank: every session with
+    /// its subscriptions, messages in flight, incoming QoS 2 ids, dedup keys and whole queue
+    /// (sequence numbers kept) into `targets[session_home(client_id)]`, every retained
+    /// message into `targets[retained_home(topic)]`. Both functions must return an index
+    /// into `targets`.
+    ///
+    /// A target that already holds the client id keeps its own session (logged); a target
+    /// that holds a retained message of the topic keeps it unless this store's copy is
+    /// newer. Each session is written as one atomic batch, session record included, so a
+    /// target holds either all of a copied session or none of it; copying again after a
+    /// crash is harmless. Every target written to is persisted (fsync) before this returns
+    /// `Ok`. This store is only read, apart from [`Store::load`] deleting its orphaned keys.
+    pub fn copy_into(
+        &self,
+        targets: &[Store],
+        session_home: impl Fn(&str) -> usize,
+        retained_home: impl Fn(&str) -> usize,
+    ) -> Result<Copied, StorageError> {
+        let recovered = self.load()?;
+        let mut out = Copied {
+            damaged: recovered.damaged,
+            ..Copied::default()
+        };
+        let mut written = vec![false; targets.len()];
+        for rs in recovered.sessions {
+            let cid = rs.client_id.as_str();
+            let home = session_home(cid);
+            let target = &targets[home];
+            let key = client_prefix(cid)?;
+            if target
+                .ks(Space::Sessions)
+                .contains_key(&key)
+                .map_err(StorageError::engine("read session"))?
+            {
+                tracing::info!(
+                    from = %self.inner.dir.display(),
+                    to = %target.inner.dir.display(),
+                    client = %cid,
+                    "the target store already holds this client's session; its copy wins"
+                );
+                out.sessions_kept += 1;
+                continue;
+            }
+            let queue = self.queue_read(cid, rs.queue_first_seq, usize::MAX)?;
+            let mut b = target.batch();
+            // The target holds no session of this client, so any key of it there is an
+            // orphan: clear them, so that the copy is exact.
+            b.delete_session(cid)?;
+            for (filter, sr) in &rs.subscriptions {
+                b.put_subscription(cid, filter, sr)?;
+            }
+            for (pid, ir) in &rs.inflight {
+                b.inflight_put(cid, *pid, ir)?;
+            }
+            for pid in &rs.incoming {
+                b.incoming_put(cid, *pid)?;
+            }
+            for (origin, pid) in &rs.dedup {
+                b.dedup_put(cid, origin, *pid)?;
+            }
+            for (seq, q) in &queue {
+                b.queue_push(cid, *seq, q)?;
+            }
+            b.put_session(cid, &rs.record)?;
+            b.commit()?;
+            written[home] = true;
+            out.sessions += 1;
+            out.queued += queue.len() as u64;
+        }
+        let mut retained: Vec<StoreBatch> = targets.iter().map(Store::batch).collect();
+        for m in recovered.retained {
+            let home = retained_home(&m.topic);
+            let target = &targets[home];
+            let held = target
+                .ks(Space::Retained)
+                .get(keys::retained_key(&m.topic)?)
+                .map_err(StorageError::engine("read retained"))?;
+            // A damaged record in the target counts as older than an intact copy.
+            let newer = held.is_none_or(|v| {
+                MessageRecord::from_value(&v)
+                    .map_or(true, |t| m.created_unix_ms > t.created_unix_ms)
+            });
+            if newer {
+                retained[home].retained_put(&m.topic, &m)?;
+                out.retained += 1;
+            } else {
+                tracing::info!(
+                    from = %self.inner.dir.display(),
+                    to = %target.inner.dir.display(),
+                    topic = %m.topic,
+                    "the target store holds a retained message of this topic at least as new; it wins"
+                );
+                out.retained_kept += 1;
+            }
+        }
+        for (i, b) in retained.into_iter().enumerate() {
+            if !b.is_empty() {
+                b.commit()?;
+                written[i] = true;
+            }
+        }
+        for (target, _) in targets.iter().zip(&written).filter(|(_, w)| **w) {
+            target.persist()?;
+        }
+        Ok(out)
     }
 
     /// Every key and value of a keyspace. An engine read error (a table block failing the
@@ -648,7 +932,7 @@ impl Store {
 
     /// Test hook: every raw key and value of a keyspace.
     #[doc(hidden)]
-    pub fn raw_entries(&self, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    pub fn raw_entries(&self, space: Space) -> Result<Vec<RawEntry>, StorageError> {
         self.ks(space)
             .iter()
             .map(|g| {
@@ -876,6 +1160,34 @@ impl StoreBatch {
         self.ops.push(Op::Delete(
             Space::Incoming,
             packet_key(client_id, packet_id)?,
+        ));
+        Ok(())
+    }
+
+    pub fn dedup_put(
+        &mut self,
+        client_id: &str,
+        origin: &str,
+        packet_id: u16,
+    ) -> Result<(), StorageError> {
+        let op = Op::Put(
+            Space::Dedup,
+            dedup_key(client_id, origin, packet_id)?,
+            dedup_value(),
+        );
+        self.ops.push(op);
+        Ok(())
+    }
+
+    pub fn dedup_delete(
+        &mut self,
+        client_id: &str,
+        origin: &str,
+        packet_id: u16,
+    ) -> Result<(), StorageError> {
+        self.ops.push(Op::Delete(
+            Space::Dedup,
+            dedup_key(client_id, origin, packet_id)?,
         ));
         Ok(())
     }

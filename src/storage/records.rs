@@ -45,6 +45,7 @@ pub(crate) enum Kind {
     Inflight = b'i',
     Incoming = b'n',
     Retained = b'r',
+    Dedup = b'd',
 }
 
 /// Frames an rkyv body: header plus body.
@@ -92,6 +93,11 @@ pub(crate) fn unframe(kind: Kind, value: &[u8]) -> Result<&[u8], String> {
 /// The framed value of an incoming QoS 2 packet id (no body).
 pub(crate) fn incoming_value() -> Vec<u8> {
     frame(Kind::Incoming, &[])
+}
+
+/// The framed value of a QoS 2 dedup key (no body).
+pub(crate) fn dedup_value() -> Vec<u8> {
+    frame(Kind::Dedup, &[])
 }
 
 /// A record type stored in one keyspace.

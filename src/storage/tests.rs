@@ -5,6 +5,7 @@ fn opts() -> StoreOptions {
         cache_bytes: 1 << 20,
         max_cached_files: 16,
         memtable_bytes: 1 << 20,
+        max_journal_bytes: 64 << 20,
         worker_threads: 1,
     }
 }
@@ -272,4 +273,165 @@ fn tiny_options_are_clamped_not_panicking() {
     store.incoming_put("c", 1).unwrap();
     store.persist().unwrap();
     assert!(store.disk_bytes() > 0);
+}
+
+#[test]
+fn persist_follows_journal_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let journals = || {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".jnl"))
+            .collect();
+        v.sort();
+        v
+    };
+    // The engine seals its journal at the first flush after it passed 64 MB.
+    let mut big = queued(0);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    big.message.payload = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect(); // incompressible: the engine compresses large journal values
+
+    for seq in 0..65 {
+        store.queue_push("c", seq, &big).unwrap();
+        store.persist().unwrap();
+    }
+    let before = journals();
+    store.flush_to_tables().unwrap();
+    store.queue_push("c", 65, &big).unwrap();
+    store.persist().unwrap();
+    let after = journals();
+    assert_ne!(before, after, "the flush rotates the journal");
+    let cached = store.inner.journal.lock().unwrap().as_ref().map(|j| j.0);
+    let newest = after
+        .iter()
+        .filter_map(|n| n.trim_end_matches(".jnl").parse::<u64>().ok())
+        .max();
+    assert_eq!(cached, newest);
+    store.persist_locked().unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    assert_eq!(seqs(&store, "c"), (0..66).collect::<Vec<_>>());
+}
+
+/// A store's sessions (each with its queue) and retained messages.
+type Contents = (
+    Vec<(RecoveredSession, Vec<(u64, QueuedRecord)>)>,
+    Vec<MessageRecord>,
+);
+
+/// Everything of a store, as `load` and `queue_read` see it (queue included), for equality.
+fn contents(store: &Store) -> Contents {
+    let rec = store.load().unwrap();
+    assert!(rec.damaged.is_empty(), "{:?}", rec.damaged);
+    let mut sessions: Vec<_> = rec
+        .sessions
+        .into_iter()
+        .map(|s| {
+            let q = store.queue_read(&s.client_id, 0, usize::MAX).unwrap();
+            (s, q)
+        })
+        .collect();
+    sessions.sort_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
+    let mut retained = rec.retained;
+    retained.sort_by(|a, b| a.topic.cmp(&b.topic));
+    (sessions, retained)
+}
+
+#[test]
+fn copy_into_moves_everything_and_the_target_wins() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let [src, t0, t1] = [0, 1, 2].map(|i| Store::open(dirs[i].path(), &opts()).unwrap());
+    // Client "a" goes to target 0, "b" and "kept" to target 1; topics by their first byte.
+    let session_home = |id: &str| usize::from(id != "a");
+    let retained_home = |t: &str| usize::from(t.starts_with('y'));
+    let sub = SubscriptionRecord {
+        options: 1,
+        id: Some(7),
+    };
+    for (id, expiry) in [("a", 10), ("b", 20), ("kept", 30)] {
+        src.put_session(id, &session(expiry)).unwrap();
+        src.put_subscription(id, "x/#", &sub).unwrap();
+        for seq in 40..45 {
+            src.queue_push(id, seq, &queued(seq)).unwrap();
+        }
+    }
+    let mut b = src.batch();
+    b.inflight_put(
+        "a",
+        9,
+        &InflightRecord {
+            queued: queued(1),
+            state: InflightRecord::AWAIT_PUBREC,
+        },
+    )
+    .unwrap();
+    b.incoming_put("b", 12).unwrap();
+    let mut old = msg("x/old", b"src");
+    old.created_unix_ms += 1;
+    b.retained_put("x/old", &old).unwrap();
+    b.retained_put("y/new", &msg("y/new", b"src")).unwrap();
+    b.retained_put("y/plain", &msg("y/plain", b"src")).unwrap();
+    b.commit().unwrap();
+    // Target 0: an orphan key of "a" and an older retained message of "x/old". Target 1:
+    // its own session of "kept" and a newer "y/new".
+    t0.put_subscription("a", "orphan", &sub).unwrap();
+    t0.retained_put("x/old", &msg("x/old", b"t0")).unwrap();
+    t1.put_session("kept", &session(99)).unwrap();
+    t1.queue_push("kept", 1, &queued(1)).unwrap();
+    let mut newer = msg("y/new", b"t1");
+    newer.created_unix_ms += 1;
+    t1.retained_put("y/new", &newer).unwrap();
+
+    let before = contents(&src);
+    let targets = [t0.clone(), t1.clone()];
+    let copied = src
+        .copy_into(&targets, session_home, retained_home)
+        .unwrap();
+    assert_eq!(
+        copied,
+        Copied {
+            sessions: 2,
+            queued: 10,
+            sessions_kept: 1,
+            retained: 2,
+            retained_kept: 1,
+            damaged: vec![],
+        }
+    );
+    assert_eq!(contents(&src), before, "the source is left as it was");
+
+    let (s0, r0) = contents(&t0);
+    assert_eq!(s0.len(), 1);
+    assert_eq!(s0[0], before.0[0], "a, exactly (the orphan is gone)");
+    assert_eq!(r0, vec![old.clone()]);
+    let (s1, r1) = contents(&t1);
+    assert_eq!(s1.len(), 2);
+    assert_eq!(s1[0], before.0[1], "b, exactly");
+    assert_eq!(s1[1].0.record, session(99), "the target's kept wins");
+    assert_eq!(s1[1].1, vec![(1, queued(1))]);
+    assert_eq!(r1, vec![newer.clone(), msg("y/plain", b"src")]);
+
+    // Again, as after a crash before the source was removed: nothing changes.
+    let after = (contents(&t0), contents(&t1));
+    let again = src
+        .copy_into(&targets, session_home, retained_home)
+        .unwrap();
+    assert_eq!((again.sessions, again.retained), (0, 0));
+    assert_eq!((again.sessions_kept, again.retained_kept), (3, 3));
+    assert_eq!((contents(&t0), contents(&t1)), after);
+
+    // The targets come back after a reopen.
+    drop((targets, t0, t1));
+    let t0 = Store::open(dirs[1].path(), &opts()).unwrap();
+    let t1 = Store::open(dirs[2].path(), &opts()).unwrap();
+    assert_eq!((contents(&t0), contents(&t1)), after);
 }
