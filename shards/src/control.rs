@@ -2,10 +2,21 @@
 //! the thread that started the pool.
 //!
 //! Each shard has an inbox (a std mpsc channel) and a doorbell. A std channel cannot wake a
-//! parked executor by itself, so the shard's control loop parks on the doorbell: it leaves its
-//! waker there, and the outside thread wakes it after sending. glommio wakers may be woken from
-//! any thread (the wake travels to the executor through its eventfd), so there is no polling
-//! timer and no latency floor.
+//! parked executor by itself, so the shard's control loop leaves its waker at the doorbell and
+//! an outside thread wakes it after sending. glommio wakers may be woken from any thread (the
+//! wake reaches the executor through its eventfd), so there is no polling timer and no latency
+//! floor.
+//!
+//! The doorbell also carries the workaround for a glommio 0.9.0 bug (fixed upstream in
+//! glommio/glommio#53, not released): `LocalExecutor::run` can park while a task is runnable
+//! when the preemption timer fires at the wrong moment, and then sleeps until some other
+//! thread writes its eventfd. Nothing else may ever do so (a shard waiting for its peers to
+//! connect, or one whose peers all wait for it), so a nudger thread rings every doorbell every
+//! [`crate::Config::nudge_interval`]: a hang becomes a stall of at most that long. One case
+//! stays out of reach: an executor that parks before its first task ever ran has no waker to
+//! wake (seen about once in a thousand test runs under heavy CPU contention); only a glommio
+//! with the fix closes it. A nudge costs a busy executor nothing and an idle one a wake-up
+//! (see the default interval).
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,19 +52,22 @@ struct Station<Q, A> {
     bell: Arc<Doorbell>,
 }
 
-/// Holds the waker of a shard's control loop while it waits for its inbox.
+/// Holds the waker of the task that serves a shard's inbox (the startup task while the mesh
+/// connects, the control loop after that).
 #[derive(Debug, Default)]
 pub(crate) struct Doorbell {
     waker: Mutex<Option<Waker>>,
 }
 
 impl Doorbell {
+    /// Wakes the parked task. The waker stays parked: a task that was woken but, through the
+    /// glommio bug, never ran must still be reachable by the next ring.
     fn ring(&self) {
         // Woken under the lock so that once the shard has cleared the slot (on its way out)
         // no wake for it is still in flight.
-        let mut slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(waker) = slot.take() {
-            waker.wake();
+        let slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(waker) = &*slot {
+            waker.wake_by_ref();
         }
     }
 
@@ -81,6 +95,11 @@ pub(crate) struct Inbox<Q, A> {
 }
 
 impl<Q, A> Inbox<Q, A> {
+    /// Makes the calling task the one the doorbell wakes.
+    pub(crate) fn park(&self, waker: &Waker) {
+        self.bell.park(waker);
+    }
+
     /// The next message; `None` once every outside handle is gone (not while a pool lives,
     /// as the pool's shared state keeps one).
     pub(crate) async fn recv(&self) -> Option<ControlMsg<Q, A>> {
@@ -159,9 +178,27 @@ impl<Q, A> Shared<Q, A> {
         }
     }
 
+    /// Wakes the inbox task of every shard but `except`.
+    pub(crate) fn ring_others(&self, except: ShardId) {
+        for (index, station) in self.stations.iter().enumerate() {
+            if index != except.index() {
+                station.bell.ring();
+            }
+        }
+    }
+
+    /// Wakes the inbox task of every shard (see the module doc for why).
+    pub(crate) fn nudge_all(&self) {
+        for station in &self.stations {
+            station.bell.ring();
+        }
+    }
+
     /// Tells every other shard that `shard`'s thread panicked, and stops the pool.
     pub(crate) fn announce_death(&self, shard: ShardId) {
         self.dead[shard.index()].store(true, Ordering::Release);
+        // The dead executor's waker would only pile up in its wake queue.
+        self.stations[shard.index()].bell.clear();
         for (index, station) in self.stations.iter().enumerate() {
             if index != shard.index() {
                 let _ = station.tx.send(ControlMsg::PeerDied(shard));

@@ -16,6 +16,11 @@ pub enum StartError {
     MeshCapacity { capacity: usize, max: usize },
     /// A zero preemption timer would make every task yield at once.
     PreemptTimer,
+    /// Nudging that often would keep idle shards busy.
+    NudgeInterval {
+        interval: std::time::Duration,
+        min: std::time::Duration,
+    },
     /// The prefix leaves no room for the shard index in a 15-byte Linux thread name.
     ThreadName { prefix: String, max: usize },
     /// Two shards would share a core, which defeats thread-per-core.
@@ -45,6 +50,9 @@ impl fmt::Display for StartError {
                 write!(f, "mesh capacity {capacity} is outside 1..={max}")
             }
             StartError::PreemptTimer => write!(f, "preempt timer must be longer than zero"),
+            StartError::NudgeInterval { interval, min } => {
+                write!(f, "nudge interval {interval:?} is shorter than {min:?}")
+            }
             StartError::ThreadName { prefix, max } => {
                 write!(
                     f,

@@ -14,6 +14,7 @@
 //!   and [`Shard::stopped`].
 //! - [`control`]: [`Control`], the `Send` handle for threads that are not executors (an admin
 //!   server, a signal handler): stop the pool, or run a map-reduce and wait for its answer.
+//!   Also the nudger, a workaround for a lost wake-up in glommio 0.9.0 (see that module).
 //! - [`outbox`]: [`Outbox`], per-destination batching so that many small events cost one
 //!   cross-shard send per destination and tick.
 //! - [`error`]: the error types, one per kind of failure.
@@ -21,12 +22,15 @@
 //! # Lifecycle (start and stop order)
 //!
 //! Start: validate the config; start the executors one by one (a failure aborts the ones
-//! already made); build each shard's service; connect the mesh; start the receive loops and
-//! the control loop; run `main`.
+//! already made); start the nudger; build each shard's service; connect the mesh; start the
+//! receive loops and the control loop; run `main`.
 //! Stop: a stop request (from [`Control::stop`], [`Shard::request_stop`] or a panicking shard)
 //! completes every shard's [`Shard::stopped`]; each `main` winds down and returns; a shard
 //! whose `main` has returned keeps serving messages and queries until every shard's `main` has
-//! returned, then closes its channels and its thread ends; [`Pool::join`] collects the results.
+//! returned, then closes its channels and its thread ends; [`Pool::join`] collects the results
+//! and then stops the nudger. A shard that panics is reported to the others through their
+//! control inboxes (glommio does not wake them when a dead executor's channels go away) and
+//! the pool stops.
 //!
 //! # Delivery guarantees
 //!

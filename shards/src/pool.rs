@@ -11,6 +11,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, PoolPlacement};
 
@@ -35,6 +36,36 @@ enum Outcome<T> {
 pub struct Pool<S: Service, T: Send + 'static> {
     threads: Vec<JoinHandle<Outcome<T>>>,
     control: Control<S>,
+    nudger: Option<Nudger>,
+}
+
+/// The thread that works around glommio 0.9's lost wake-up (see [`crate::control`]).
+struct Nudger {
+    thread: JoinHandle<()>,
+    /// Dropping it ends the nudger.
+    stop: mpsc::Sender<()>,
+}
+
+impl Nudger {
+    fn start<Q: Send + 'static, A: Send + 'static>(
+        shared: Arc<Shared<Q, A>>,
+        interval: Duration,
+        name: String,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = thread::Builder::new().name(name).spawn(move || {
+            // A periodic tick, not a synchronisation: the wait is only the interval.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                shared.nudge_all();
+            }
+        })?;
+        Ok(Self { thread, stop })
+    }
+
+    fn finish(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
 }
 
 impl<S: Service, T: Send + 'static> Pool<S, T> {
@@ -75,6 +106,22 @@ impl<S: Service, T: Send + 'static> Pool<S, T> {
                 }
             }
         }
+        let nudger = match config.nudge_interval {
+            Some(interval) => {
+                let name = format!("{}-nudge", config.thread_name_prefix);
+                match Nudger::start(shared.clone(), interval, name) {
+                    Ok(nudger) => Some(nudger),
+                    Err(error) => {
+                        release(ready);
+                        return Err(StartError::Thread {
+                            shard: ShardId::new(0),
+                            reason: format!("nudger: {error}"),
+                        });
+                    }
+                }
+            }
+            None => None,
+        };
         let threads = ready
             .into_iter()
             .map(|(thread, go)| {
@@ -86,6 +133,7 @@ impl<S: Service, T: Send + 'static> Pool<S, T> {
         Ok(Self {
             threads,
             control: Control::new(shared),
+            nudger,
         })
     }
 
@@ -103,7 +151,11 @@ impl<S: Service, T: Send + 'static> Pool<S, T> {
     /// order, or the panic that ended the shard. Blocks until the shards stop: request a stop
     /// first (or have every `main` return on its own).
     pub fn join(mut self) -> Vec<Result<T, JoinError>> {
-        join_all(std::mem::take(&mut self.threads))
+        let results = join_all(std::mem::take(&mut self.threads));
+        if let Some(nudger) = self.nudger.take() {
+            nudger.finish();
+        }
+        results
     }
 }
 
@@ -112,6 +164,9 @@ impl<S: Service, T: Send + 'static> Drop for Pool<S, T> {
         if !self.threads.is_empty() {
             self.control.stop();
             join_all(std::mem::take(&mut self.threads));
+        }
+        if let Some(nudger) = self.nudger.take() {
+            nudger.finish();
         }
     }
 }

@@ -10,11 +10,17 @@
 //! receive loop per peer; the loop hands messages to [`Service::on_message`] synchronously, in
 //! ring order, which is what keeps per-pair order and makes the mesh deadlock-free (a receive
 //! loop never waits for anything but its ring).
+//!
+//! The mesh is built from `shared_channel` pairs rather than glommio's `MeshBuilder`, which
+//! is the same rings plus a registry: that registry is an `Rc` cloned into every executor
+//! thread (its reference count is updated from several threads at once), and it numbers peers
+//! by glommio's global executor id rather than by shard.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -449,6 +455,15 @@ fn recover<T>(error: GlommioError<T>) -> Option<T> {
     }
 }
 
+/// One connected end of the mesh.
+enum End<S: Service> {
+    Tx(ShardId, ConnectedSender<Envelope<S>>),
+    Rx(ShardId, ConnectedReceiver<Envelope<S>>),
+}
+
+/// A connect in progress.
+type Connecting<'a, S> = Pin<Box<dyn Future<Output = End<S>> + 'a>>;
+
 /// Everything one shard needs to run, moved onto its thread.
 pub(crate) struct Launch<S: Service, B, M> {
     pub(crate) id: ShardId,
@@ -480,29 +495,64 @@ where
     } = launch;
     let service = build(id);
 
-    // Connect every end at once: each connect waits for the peer to connect its end.
-    let senders: Vec<_> = ends
-        .senders
-        .into_iter()
-        .map(|(peer, tx)| (peer, glommio::spawn_local(tx.connect())))
-        .collect();
-    let receivers: Vec<_> = ends
-        .receivers
-        .into_iter()
-        .map(|(peer, rx)| (peer, glommio::spawn_local(rx.connect())))
-        .collect();
+    // Connect every end. A connect completes once the peer has connected its end too, but
+    // glommio 0.9 never tells the peer when that happens (it finds out only when polled again,
+    // and its executor may be asleep). So the connects are polled right here, by this task,
+    // whose waker is at the doorbell; every shard rings the others once its own ends are
+    // registered (their first poll), and the nudger rings now and then in case of a lost wake.
+    let mut connecting: Vec<Option<Connecting<'_, S>>> = Vec::new();
+    for (peer, tx) in ends.senders {
+        connecting.push(Some(Box::pin(
+            async move { End::Tx(peer, tx.connect().await) },
+        )));
+    }
+    for (peer, rx) in ends.receivers {
+        connecting.push(Some(Box::pin(
+            async move { End::Rx(peer, rx.connect().await) },
+        )));
+    }
+    let mut connected = Vec::with_capacity(connecting.len());
+    let mut announced = false;
+    poll_fn(|cx| {
+        inbox.park(cx.waker());
+        for slot in &mut connecting {
+            if let Some(end) = slot {
+                if let Poll::Ready(end) = end.as_mut().poll(cx) {
+                    connected.push(end);
+                    *slot = None;
+                }
+            }
+        }
+        if !announced {
+            announced = true;
+            shared.ring_others(id);
+        }
+        if connecting.iter().all(Option::is_none) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    drop(connecting);
     let mut peers: Vec<Option<Peer<S>>> = (0..count).map(|_| None).collect();
-    for (peer, connecting) in senders {
-        peers[peer.index()] = Some(Peer {
-            tx: connecting.await,
-            gone: LocalEvent::default(),
-            finished: Cell::new(false),
-        });
+    let mut receivers = Vec::with_capacity(count.saturating_sub(1));
+    for end in connected {
+        match end {
+            End::Tx(peer, tx) => {
+                peers[peer.index()] = Some(Peer {
+                    tx,
+                    gone: LocalEvent::default(),
+                    finished: Cell::new(false),
+                });
+            }
+            End::Rx(peer, rx) => receivers.push((peer, rx)),
+        }
     }
-    let mut connected = Vec::with_capacity(receivers.len());
-    for (peer, connecting) in receivers {
-        connected.push((peer, connecting.await));
-    }
+    debug_assert!(peers
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.is_some() == (i != id.index())));
 
     let all_peers_finished = LocalEvent::default();
     if count == 1 {
@@ -524,7 +574,7 @@ where
             shared,
         }),
     };
-    let loops: Vec<_> = connected
+    let loops: Vec<_> = receivers
         .into_iter()
         .map(|(peer, rx)| glommio::spawn_local(receive_loop(shard.clone(), peer, rx)))
         .collect();

@@ -13,15 +13,22 @@ use shards::{Config, JoinError, Placement, Pool, Service, Shard, ShardId};
 /// Generous bound on a whole pool's life in a test: only a hang should ever reach it.
 pub const JOIN_LIMIT: Duration = Duration::from_secs(60);
 
-/// A small config: tests run in parallel on a loaded 2-core machine.
+/// The default config with less locked memory (tests run many pools at once) and small
+/// rings, so that senders often wait for room.
+///
+/// The ring depth stays at its default on purpose: glommio 0.9's throughput preemption fires
+/// every `ring_depth` completions, and a tiny depth makes its lost wake-up (see the crate's
+/// `control` module) far more frequent than anything a broker would see.
 pub fn config(placement: Placement) -> Config {
     let mut config = Config::new(placement);
     config.io_memory_bytes = 256 << 10;
-    config.ring_depth = 64;
     config.mesh_capacity = 64;
     config.thread_name_prefix = String::from("test");
     config
 }
+
+/// Every message a pool handled, as (receiver, sender, message), shared with the test thread.
+pub type Sink<M> = Arc<Mutex<Vec<(ShardId, ShardId, M)>>>;
 
 /// Records every message it handles; answers a query `q` with `q * (shard index + 1)`.
 pub struct Recorder<M> {
@@ -29,7 +36,7 @@ pub struct Recorder<M> {
     /// One unit per message handled, so that a main can wait for N messages.
     pub arrived: Semaphore,
     /// Messages also go here, to be checked after the pool has stopped.
-    pub sink: Option<Arc<Mutex<Vec<(ShardId, ShardId, M)>>>>,
+    pub sink: Option<Sink<M>>,
     /// Handling this message panics, to test how a dying shard is reported.
     pub poison: Option<M>,
 }
