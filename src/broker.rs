@@ -172,6 +172,9 @@ impl Broker {
         let mut rt = shards::Config::new(placement);
         rt.preempt_timer = Duration::from_millis(cfg.shards.preempt_timer_ms);
         rt.thread_name_prefix = "shardmq".into();
+        // glommio is patched against the lost wake-up the nudger guards against (see
+        // vendor/README.md); a slow nudge stays as cheap insurance.
+        rt.nudge_interval = Some(Duration::from_millis(100));
         let cfg = Arc::new(cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<usize>();
         let build_cfg = cfg.clone();
