@@ -21,8 +21,23 @@ pub struct Message {
     pub properties: PublishProperties,
     /// The publisher's client id, for No Local; `None` for messages the broker makes.
     pub origin: Option<MqttStr>,
+    /// A client's QoS 2 PUBLISH as routed from its shard: with `origin`, the key by which a
+    /// persistent session recognises a resend of a message it has stored already. `None`
+    /// for everything else (and on copies kept for later: retained, read back from disk).
+    /// Never encoded on the wire.
+    pub qos2_id: Option<Qos2Id>,
     /// When the broker received it; with the Message Expiry Interval gives the deadline.
     pub created: Instant,
+}
+
+/// The publisher's packet id of a QoS 2 message, and whether its PUBLISH had DUP set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Qos2Id {
+    pub packet_id: u16,
+    /// DUP = 1: it may be a resend of a message already stored (MQTT-3.3.1-1). A PUBLISH
+    /// with DUP = 0 is a new message even if a stale key of an earlier one with the same
+    /// packet id is left after a crash.
+    pub dup: bool,
 }
 
 /// Messages are shared, not copied, between receivers and shards.
@@ -36,6 +51,7 @@ impl std::fmt::Debug for Message {
             .field("retain", &self.retain)
             .field("payload_len", &self.payload.len())
             .field("origin", &self.origin)
+            .field("qos2_id", &self.qos2_id)
             .finish()
     }
 }

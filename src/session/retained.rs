@@ -141,6 +141,7 @@ mod tests {
             retain: true,
             properties: PublishProperties::default(),
             origin: None,
+            qos2_id: None,
             created: Instant::now(),
         })
     }

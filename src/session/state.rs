@@ -14,6 +14,13 @@
 //! Their queue lives on disk: while online, at most [`QUEUE_MEMORY_WINDOW`] messages are kept
 //! in memory and the rest are read back in order ([`Session::needs_refill`]); while offline,
 //! none are, so memory does not grow with the number of queued messages.
+//!
+//! Exactly once across a crash: a persistent session remembers the QoS 2 messages it has
+//! stored, by the publisher's client id and packet id ([`Qos2Id`]), until the publisher
+//! releases them (PUBREL). The key is recorded in the same journal as the copy
+//! ([`StoreOp::DedupPut`]), so both are stored in one batch. A PUBLISH resent with DUP after
+//! a crash is routed again; a session that holds its key skips it
+//! ([`DeliverOutcome::Duplicate`]).
 
 use bytes::BytesMut;
 use hashbrown::{HashMap, HashSet};
@@ -22,7 +29,7 @@ use std::num::NonZeroU16;
 use std::rc::Rc;
 use std::time::Instant;
 
-use super::message::SharedMessage;
+use super::message::{Qos2Id, SharedMessage};
 use super::outbound::Outbound;
 use crate::protocol::{
     Ack, MqttStr, Packet, PacketId, ProtocolVersion, Publish, QoS, SubscriptionOptions,
@@ -216,6 +223,11 @@ pub enum StoreOp {
     },
     /// The flow of `packet_id` completed.
     InflightDelete { packet_id: PacketId },
+    /// The session stored the QoS 2 message `packet_id` of publisher `origin` (recorded right
+    /// after the op that stored the copy, so that both go to disk in one batch).
+    DedupPut { origin: MqttStr, packet_id: u16 },
+    /// The publisher released that message: its key is forgotten.
+    DedupDelete { origin: MqttStr, packet_id: u16 },
 }
 
 /// A queued message and its place in the session's queue.
@@ -259,6 +271,8 @@ pub enum DeliverOutcome {
     Sent,
     Queued,
     Dropped(DropReason),
+    /// A resend of a QoS 2 message this session has stored already: skipped.
+    Duplicate,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,6 +308,13 @@ pub struct Session {
     pub epoch: u64,
     /// Whether changes are recorded as [`StoreOp`]s (set by the shard).
     pub persistent: bool,
+    /// The client published a QoS 2 message that sessions may hold a dedup key of (or the
+    /// session was read back from disk): when the session ends, every shard forgets the keys
+    /// of this origin.
+    pub qos2_published: bool,
+    /// Dedup keys (publisher, publisher packet id) of the QoS 2 messages this persistent
+    /// session stored and their publisher has not released yet.
+    qos2_keys: HashSet<(MqttStr, u16)>,
     ops: Vec<StoreOp>,
     next_packet_id: u16,
     inflight: VecDeque<Inflight>,
@@ -322,6 +343,8 @@ impl Session {
             stats: SessionStats::default(),
             epoch: 0,
             persistent: false,
+            qos2_published: false,
+            qos2_keys: HashSet::new(),
             ops: Vec::new(),
             next_packet_id: 1,
             inflight: VecDeque::new(),
@@ -364,8 +387,73 @@ impl Session {
     }
 
     /// Hands a message to the session: sent now if online and the window allows, queued
-    /// otherwise, or dropped per the queue policy.
+    /// otherwise, or dropped per the queue policy. A persistent session skips a QoS 2 message
+    /// resent (DUP) by its publisher when it holds the message's key, and records the key of
+    /// one it takes.
     pub fn deliver(&mut self, d: Delivery, limits: &SessionLimits, now: Instant) -> DeliverOutcome {
+        let Some(key) = self.dedup_key(&d) else {
+            return self.deliver_now(d, limits, now);
+        };
+        let (origin, id) = key;
+        let held = (origin, id.packet_id);
+        if id.dup && self.qos2_keys.contains(&held) {
+            return DeliverOutcome::Duplicate;
+        }
+        let outcome = self.deliver_now(d, limits, now);
+        if matches!(outcome, DeliverOutcome::Sent | DeliverOutcome::Queued)
+            && !self.qos2_keys.contains(&held)
+        {
+            // A DUP = 0 PUBLISH whose key is held already (a stale key left by a crash) is a
+            // new message: delivered above, and the key stays.
+            let (origin, packet_id) = held;
+            self.record(StoreOp::DedupPut {
+                origin: origin.clone(),
+                packet_id,
+            });
+            self.qos2_keys.insert((origin, packet_id));
+        }
+        outcome
+    }
+
+    /// The dedup key of a delivery, for a persistent session: only a client's QoS 2 message
+    /// as routed from its publisher (not through a shared subscription, whose member is
+    /// picked anew on a resend, and not a retained copy).
+    fn dedup_key(&self, d: &Delivery) -> Option<(MqttStr, Qos2Id)> {
+        if !self.persistent || d.via_share.is_some() {
+            return None;
+        }
+        let id = d.msg.qos2_id?;
+        Some((d.msg.origin.clone()?, id))
+    }
+
+    /// Whether the session holds the dedup key of publisher `origin`'s message `packet_id`.
+    pub fn holds_qos2(&self, origin: &MqttStr, packet_id: u16) -> bool {
+        self.qos2_keys.contains(&(origin.clone(), packet_id))
+    }
+
+    /// The dedup keys the session holds.
+    pub fn qos2_keys(&self) -> impl Iterator<Item = &(MqttStr, u16)> {
+        self.qos2_keys.iter()
+    }
+
+    /// Forgets a dedup key (its publisher released the message); records the deletion.
+    pub fn forget_qos2(&mut self, origin: &MqttStr, packet_id: u16) -> bool {
+        let removed = self.qos2_keys.remove(&(origin.clone(), packet_id));
+        if removed {
+            self.record(StoreOp::DedupDelete {
+                origin: origin.clone(),
+                packet_id,
+            });
+        }
+        removed
+    }
+
+    /// Restores dedup keys read back from disk (nothing is recorded).
+    pub fn restore_qos2_keys(&mut self, keys: impl IntoIterator<Item = (MqttStr, u16)>) {
+        self.qos2_keys.extend(keys);
+    }
+
+    fn deliver_now(&mut self, d: Delivery, limits: &SessionLimits, now: Instant) -> DeliverOutcome {
         if d.msg.remaining_expiry(now).is_err() {
             self.stats.dropped_expired += 1;
             return DeliverOutcome::Dropped(DropReason::Expired);
@@ -814,6 +902,7 @@ mod tests {
                 retain: false,
                 properties: PublishProperties::default(),
                 origin: None,
+                qos2_id: None,
                 created: Instant::now(),
             }),
             qos,
@@ -982,6 +1071,7 @@ mod durable_tests {
                 retain: false,
                 properties: PublishProperties::default(),
                 origin: None,
+                qos2_id: None,
                 created: Instant::now(),
             }),
             qos: QoS::AtLeastOnce,
@@ -1044,6 +1134,91 @@ mod durable_tests {
             .take_ops()
             .iter()
             .any(|op| matches!(op, StoreOp::QueueDelete { seq: 0 })));
+    }
+
+    fn q2(origin: &str, packet_id: u16, dup: bool) -> Delivery {
+        let mut x = d(1);
+        let mut msg = (*x.msg).clone();
+        msg.qos = QoS::ExactlyOnce;
+        msg.origin = Some(MqttStr::new(origin).unwrap());
+        msg.qos2_id = Some(Qos2Id { packet_id, dup });
+        x.msg = Arc::new(msg);
+        x.qos = QoS::ExactlyOnce;
+        x
+    }
+
+    #[test]
+    fn a_resent_qos2_message_is_skipped_until_its_key_is_released() {
+        let mut s = persistent();
+        let l = limits(100, QueuePolicy::RejectNewest);
+        let now = Instant::now();
+        let p = MqttStr::new("p").unwrap();
+        assert_eq!(
+            s.deliver(q2("p", 7, false), &l, now),
+            DeliverOutcome::Queued
+        );
+        let ops = s.take_ops();
+        assert!(
+            matches!(ops[0], StoreOp::QueuePush { seq: 0, .. }),
+            "{ops:?}"
+        );
+        assert!(
+            matches!(&ops[1], StoreOp::DedupPut { origin, packet_id: 7 } if *origin == p),
+            "the key in the same journal as the copy: {ops:?}"
+        );
+        assert_eq!(ops.len(), 2);
+        assert!(s.holds_qos2(&p, 7));
+        // The resend after a crash: skipped, nothing written.
+        assert_eq!(
+            s.deliver(q2("p", 7, true), &l, now),
+            DeliverOutcome::Duplicate
+        );
+        assert!(s.take_ops().is_empty());
+        assert_eq!(s.queued_messages(), 1);
+        // Another publisher's message with the same packet id is another message.
+        assert_eq!(s.deliver(q2("o", 7, true), &l, now), DeliverOutcome::Queued);
+        assert_eq!(s.take_ops().len(), 2);
+        // Released: the key goes (recorded), and the id may carry a new message.
+        assert!(s.forget_qos2(&p, 7));
+        assert!(!s.forget_qos2(&p, 7));
+        let ops = s.take_ops();
+        assert!(
+            matches!(&ops[..], [StoreOp::DedupDelete { origin, packet_id: 7 }] if *origin == p),
+            "{ops:?}"
+        );
+        assert_eq!(s.deliver(q2("p", 7, true), &l, now), DeliverOutcome::Queued);
+        assert_eq!(s.take_ops().len(), 2);
+        // DUP = 0 with the key held (a stale key): a new message, delivered; the key stays.
+        assert_eq!(
+            s.deliver(q2("p", 7, false), &l, now),
+            DeliverOutcome::Queued
+        );
+        let ops = s.take_ops();
+        assert!(matches!(&ops[..], [StoreOp::QueuePush { .. }]), "{ops:?}");
+        assert_eq!(s.queued_messages(), 4);
+    }
+
+    #[test]
+    fn only_persistent_sessions_keep_qos2_keys_and_not_through_shared_subscriptions() {
+        let l = limits(100, QueuePolicy::RejectNewest);
+        let now = Instant::now();
+        let p = MqttStr::new("p").unwrap();
+        let mut n = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 0);
+        assert_eq!(
+            n.deliver(q2("p", 1, false), &l, now),
+            DeliverOutcome::Queued
+        );
+        assert_eq!(n.deliver(q2("p", 1, true), &l, now), DeliverOutcome::Queued);
+        assert!(!n.holds_qos2(&p, 1));
+        let mut s = persistent();
+        let mut shared = q2("p", 1, false);
+        shared.via_share = Some(Arc::from("$share/g/t"));
+        assert_eq!(s.deliver(shared.clone(), &l, now), DeliverOutcome::Queued);
+        assert!(!s.holds_qos2(&p, 1));
+        assert!(s
+            .take_ops()
+            .iter()
+            .all(|op| !matches!(op, StoreOp::DedupPut { .. })));
     }
 
     #[test]

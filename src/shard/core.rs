@@ -8,6 +8,16 @@
 //! its own subscriptions. A SUBSCRIBE that adds a filter to the index is acknowledged only
 //! after every shard has applied the change, so that a publish that follows the SUBACK from
 //! anywhere finds the new subscriber.
+//!
+//! QoS 2 exactly once across a crash: a client's QoS 2 message is routed with its dedup key
+//! (publisher client id, publisher packet id; [`Message::qos2_id`]). Every persistent
+//! session that stores it keeps the key, on disk in the same batch as its copy, so a resend
+//! after a crash (DUP, same packet id, routed again because the publisher's shard had not
+//! stored the id yet) is skipped where it was stored and stored where it was not. When the
+//! publisher releases the message (PUBREL), its shard has every shard forget the key
+//! ([`Event::Qos2Release`]) and waits for those deletions to be durable before it deletes
+//! the packet id and sends PUBCOMP: only then may the client reuse the id. Each shard finds
+//! the sessions holding a key through `qos2_holders`.
 
 use hashbrown::HashMap;
 use std::cmp::Reverse;
@@ -27,7 +37,7 @@ use crate::protocol::{
 use crate::session::state::StoreOp;
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
-    Session, SessionLimits, SharedMessage, Subscription, Will,
+    Qos2Id, Session, SessionLimits, SharedMessage, Subscription, Will,
 };
 use crate::storage::{
     InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError, Store,
@@ -111,18 +121,32 @@ enum Pending {
         token: Token,
         remaining: usize,
     },
-    /// A PUBACK/PUBREC held on the publisher's link until every shard that stored the message
-    /// for a persistent session (and this shard's own writes) is durable.
+    /// A PUBACK/PUBREC/PUBCOMP held on the publisher's link until every shard that stored
+    /// the message for a persistent session (or forgot its dedup key) and this shard's own
+    /// writes are durable; then `then`.
     PubAck {
         client_id: MqttStr,
         conn_id: u64,
         remaining: usize,
         failed: bool,
-        /// QoS 2: the packet id to store once every copy is durable, before PUBREC.
-        incoming: Option<u16>,
+        then: Then,
     },
     /// A session sent to its new owner: delete the local copy once the owner has it.
     Rehome { client_id: String },
+}
+
+/// What a [`Pending::PubAck`] does once its round trips are done, before the acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Send it.
+    Ack,
+    /// PUBREC: every copy of the QoS 2 message `pid` is durable. With `store`, store the
+    /// packet id (the publisher's session is persistent) and send PUBREC once that is
+    /// durable too. On failure, forget the id, so that a resend is routed again.
+    Qos2Received { pid: u16, store: bool },
+    /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
+    /// send PUBCOMP once that is durable.
+    DeleteIncoming(u16),
 }
 
 /// Who waits for the shard's writes so far to be durable.
@@ -198,6 +222,9 @@ pub struct Core {
     log: DurableLog,
     /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
     recovered_peers: usize,
+    /// QoS 2 dedup keys held by this shard's persistent sessions: publisher client id ->
+    /// publisher packet id -> the sessions holding the key (see the module docs).
+    qos2_holders: HashMap<MqttStr, HashMap<u16, Vec<MqttStr>>>,
     /// The version of the last write applied to each retained topic; deletions stay as
     /// tombstones for [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive
     /// a deleted message.
@@ -262,6 +289,7 @@ impl Core {
             durability,
             log: DurableLog::default(),
             recovered_peers: 0,
+            qos2_holders: HashMap::new(),
             retained_versions: HashMap::new(),
             last_retain_ns: 0,
             last_prune: Instant::now(),
@@ -376,6 +404,12 @@ impl Core {
                     b.inflight_put(cid, packet_id.get(), &rec)
                 }
                 StoreOp::InflightDelete { packet_id } => b.inflight_delete(cid, packet_id.get()),
+                StoreOp::DedupPut { origin, packet_id } => {
+                    b.dedup_put(cid, origin.as_str(), packet_id)
+                }
+                StoreOp::DedupDelete { origin, packet_id } => {
+                    b.dedup_delete(cid, origin.as_str(), packet_id)
+                }
             });
         }
         let r = r.and_then(|()| b.commit());
@@ -652,6 +686,18 @@ impl Core {
             inflight,
         );
         s.incoming_qos2 = rs.incoming.iter().copied().collect();
+        // Keys of QoS 2 messages it may have published before the restart may be held
+        // anywhere: when this session ends, every shard forgets them.
+        s.qos2_published = true;
+        let keys: Vec<(MqttStr, u16)> = rs
+            .dedup
+            .iter()
+            .filter_map(|(o, pid)| MqttStr::new(o).ok().map(|o| (o, *pid)))
+            .collect();
+        for (origin, pid) in &keys {
+            self.note_qos2_holder(origin, *pid, &client_id);
+        }
+        s.restore_qos2_keys(keys);
         s.epoch = Core::bump(&mut self.next_epoch);
         let epoch = s.epoch;
         let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
@@ -730,6 +776,9 @@ impl Core {
             }
             for pid in &r.stored.incoming {
                 res = res.and_then(|()| b.incoming_put(&cid, *pid));
+            }
+            for (origin, pid) in &r.stored.dedup {
+                res = res.and_then(|()| b.dedup_put(&cid, origin, *pid));
             }
             for (seq, q) in &r.queue {
                 res = res.and_then(|()| b.queue_push(&cid, *seq, q));
@@ -887,6 +936,7 @@ impl Core {
                         content_type: p.content_type.clone(),
                     },
                     origin: Some(client_id.clone()),
+                    qos2_id: None,
                     created: now,
                 }),
                 delay_s: p.will_delay_interval.unwrap_or(0),
@@ -1054,6 +1104,15 @@ impl Core {
         for sub in s.subscriptions.values() {
             self.remove_subscription(client_id, &sub.filter);
         }
+        for (origin, pid) in s.qos2_keys() {
+            self.drop_qos2_holder(origin, *pid, client_id);
+        }
+        if s.qos2_published && self.store.is_some() {
+            // Its QoS 2 messages not yet released (incoming ids outstanding, or left by a
+            // crash before their id was stored) are forgotten everywhere; a later session
+            // with this client id starts afresh. No one waits.
+            self.release_qos2(client_id, None, None, now);
+        }
         if s.persistent {
             if let Some(store) = &self.store {
                 let r = store.delete_session(client_id.as_str());
@@ -1163,29 +1222,39 @@ impl Core {
                 Ok(Flow::Continue)
             }
             Packet::PubRel(a) => {
+                let pid = a.packet_id.get();
                 let (known, persistent) = self
                     .sessions
                     .get_mut(&ctx.client_id)
                     .map_or((false, false), |s| {
-                        (s.incoming_qos2.remove(&a.packet_id.get()), s.persistent)
+                        (s.incoming_qos2.remove(&pid), s.persistent)
                     });
                 let rc = if known {
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
                 };
-                let mut token = None;
-                if known && persistent {
-                    if let Some(store) = &self.store {
-                        let r = store.incoming_delete(ctx.client_id.as_str(), a.packet_id.get());
+                let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
+                let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
+                if known && self.store.is_some() {
+                    // Every shard forgets the message's dedup key first, durably; only then is
+                    // the id deleted here, and PUBCOMP sent once that is durable too. A key
+                    // left behind would make the next message with this id look like a
+                    // resend; an id deleted first would leave keys no PUBREL will release.
+                    let wait = self.durability == Durability::Durable;
+                    token = wait.then(|| self.token());
+                    remote = self.release_qos2(&ctx.client_id, Some(pid), token, now);
+                    if persistent && wait {
+                        then = Then::DeleteIncoming(pid);
+                    } else if persistent {
+                        let r = self
+                            .store
+                            .as_ref()
+                            .map_or(Ok(()), |st| st.incoming_delete(ctx.client_id.as_str(), pid));
                         self.note_write(r);
-                        // PUBCOMP only once the id is gone from disk: a stale id would make
-                        // the next QoS 2 message with it look like a duplicate after a crash.
-                        token = Some(self.token());
                     }
                 }
-                let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
-                self.ack_when_durable(ctx, comp, token, 0, None, now);
+                self.ack_when_durable(ctx, comp, token, remote, then, now);
                 Ok(Flow::Continue)
             }
             Packet::Subscribe(s) => {
@@ -1280,7 +1349,8 @@ impl Core {
                 // A resend of a message already routed: acknowledge (once what this shard
                 // wrote for it is durable), do not route again.
                 let token = (self.durability == Durability::Durable).then(|| self.token());
-                self.ack_when_durable(ctx, Packet::PubRec(Ack::new(pid)), token, 0, None, now);
+                let rec = Packet::PubRec(Ack::new(pid));
+                self.ack_when_durable(ctx, rec, token, 0, Then::Ack, now);
                 return Ok(());
             }
             // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
@@ -1294,6 +1364,14 @@ impl Core {
         self.stats.messages_received += 1;
         let mut properties = p.properties;
         properties.topic_alias = None;
+        // The dedup key of a QoS 2 message, for the persistent sessions that store it.
+        let qos2_id = match p.packet_id {
+            Some(pid) if p.qos == QoS::ExactlyOnce && self.store.is_some() => Some(Qos2Id {
+                packet_id: pid.get(),
+                dup: p.dup,
+            }),
+            _ => None,
+        };
         let msg = Arc::new(Message {
             topic,
             payload: p.payload,
@@ -1301,6 +1379,7 @@ impl Core {
             retain: p.retain,
             properties,
             origin: Some(ctx.client_id.clone()),
+            qos2_id,
             created: now,
         });
         let Some(pid) = p.packet_id else {
@@ -1313,20 +1392,24 @@ impl Core {
         // a subscribe made anywhere after the acknowledgement finds it.
         let token = (self.durability == Durability::Durable || p.retain).then(|| self.token());
         let (matched, remote) = self.route(msg, now, token);
-        let mut incoming = None;
+        let mut then = Then::Ack;
         if p.qos == QoS::ExactlyOnce {
             let persistent = match self.sessions.get_mut(&ctx.client_id) {
                 Some(s) => {
                     s.incoming_qos2.insert(pid.get());
+                    s.qos2_published |= qos2_id.is_some();
                     s.persistent
                 }
                 None => false,
             };
-            if persistent && token.is_some() {
+            if token.is_some() {
                 // Stored only after every copy of the message is durable (see
                 // `on_ack`): a stored id with a lost copy would make the resend after a
                 // crash look like a duplicate, and the copy would never be delivered.
-                incoming = Some(pid.get());
+                then = Then::Qos2Received {
+                    pid: pid.get(),
+                    store: persistent,
+                };
             } else if persistent {
                 if let Some(store) = &self.store {
                     let r = store.incoming_put(ctx.client_id.as_str(), pid.get());
@@ -1345,7 +1428,7 @@ impl Core {
         } else {
             Packet::PubRec(ack)
         };
-        self.ack_when_durable(ctx, packet, token, remote, incoming, now);
+        self.ack_when_durable(ctx, packet, token, remote, then, now);
         Ok(())
     }
 
@@ -1358,7 +1441,7 @@ impl Core {
         packet: Packet,
         token: Option<Token>,
         remote: usize,
-        incoming: Option<u16>,
+        then: Then,
         now: Instant,
     ) {
         let Some(link) = self
@@ -1381,7 +1464,7 @@ impl Core {
                 conn_id: ctx.conn_id,
                 remaining: remote + 1,
                 failed: false,
-                incoming,
+                then,
             },
         );
         // The local part: this shard's own writes (or none, released at once).
@@ -1402,13 +1485,23 @@ impl Core {
     ) -> (bool, usize) {
         let mut remote = 0;
         if msg.retain {
+            // The retained copy is delivered to later subscribers: it must not leave dedup
+            // keys (they would outlive the release of the message).
+            let kept = if msg.qos2_id.is_some() {
+                Arc::new(Message {
+                    qos2_id: None,
+                    ..(*msg).clone()
+                })
+            } else {
+                msg.clone()
+            };
             let version = self.retain_version();
-            self.apply_retained(msg.clone(), version, true);
+            self.apply_retained(kept.clone(), version, true);
             for p in self.peers() {
                 self.sink.push(
                     p,
                     Event::RetainReplica {
-                        msg: msg.clone(),
+                        msg: kept.clone(),
                         version,
                         reply,
                     },
@@ -1495,6 +1588,11 @@ impl Core {
             };
             if let Some(s) = self.sessions.get_mut(&client_id) {
                 s.deliver(d, &self.limits, now);
+                if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
+                    if s.holds_qos2(origin, id.packet_id) {
+                        self.note_qos2_holder(origin, id.packet_id, &client_id);
+                    }
+                }
                 self.sync_session(&client_id, now);
             }
         }
@@ -1973,6 +2071,108 @@ impl Core {
                 not,
                 attempts,
             } => self.shared_dispatch(key, msg, Some(&not), attempts, now),
+            Event::Qos2Release {
+                origin,
+                packet_id,
+                reply,
+            } => {
+                self.forget_qos2(&origin, packet_id, now);
+                if let Some(token) = reply {
+                    self.wait_durable(Waiter::Remote { to: from, token }, now);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- QoS 2 dedup keys
+
+    /// Records that `client_id` (a session of this shard) holds the key (`origin`, `pid`).
+    fn note_qos2_holder(&mut self, origin: &MqttStr, pid: u16, client_id: &MqttStr) {
+        let holders = self
+            .qos2_holders
+            .entry(origin.clone())
+            .or_default()
+            .entry(pid)
+            .or_default();
+        if !holders.contains(client_id) {
+            holders.push(client_id.clone());
+        }
+    }
+
+    /// `client_id` no longer holds the key (`origin`, `pid`) (its session ended).
+    fn drop_qos2_holder(&mut self, origin: &MqttStr, pid: u16, client_id: &MqttStr) {
+        let Some(by_pid) = self.qos2_holders.get_mut(origin) else {
+            return;
+        };
+        if let Some(holders) = by_pid.get_mut(&pid) {
+            holders.retain(|c| c != client_id);
+            if holders.is_empty() {
+                by_pid.remove(&pid);
+            }
+        }
+        if by_pid.is_empty() {
+            self.qos2_holders.remove(origin);
+        }
+    }
+
+    /// Makes every shard forget the key (`origin`, `pid`) (`None`: every key of `origin`):
+    /// here at once, on the peers by [`Event::Qos2Release`]. With `reply`, each peer answers
+    /// once its deletions are durable; returns how many answers to expect.
+    fn release_qos2(
+        &mut self,
+        origin: &MqttStr,
+        pid: Option<u16>,
+        reply: Option<Token>,
+        now: Instant,
+    ) -> usize {
+        let mut remote = 0;
+        for p in self.peers() {
+            self.sink.push(
+                p,
+                Event::Qos2Release {
+                    origin: origin.clone(),
+                    packet_id: pid,
+                    reply,
+                },
+            );
+            remote += usize::from(reply.is_some());
+        }
+        self.forget_qos2(origin, pid, now);
+        remote
+    }
+
+    /// Removes the key (`origin`, `pid`) (`None`: every key of `origin`) from the sessions of
+    /// this shard that hold it, and writes the deletions.
+    fn forget_qos2(&mut self, origin: &MqttStr, pid: Option<u16>, now: Instant) {
+        let held: Vec<(u16, Vec<MqttStr>)> = match pid {
+            Some(pid) => {
+                let Some(by_pid) = self.qos2_holders.get_mut(origin) else {
+                    return;
+                };
+                let held = by_pid.remove(&pid);
+                if by_pid.is_empty() {
+                    self.qos2_holders.remove(origin);
+                }
+                held.map(|h| vec![(pid, h)]).unwrap_or_default()
+            }
+            None => self
+                .qos2_holders
+                .remove(origin)
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default(),
+        };
+        let mut touched: Vec<MqttStr> = Vec::new();
+        for (pid, clients) in held {
+            for c in clients {
+                if let Some(s) = self.sessions.get_mut(&c) {
+                    if s.forget_qos2(origin, pid) && !touched.contains(&c) {
+                        touched.push(c);
+                    }
+                }
+            }
+        }
+        for c in touched {
+            self.sync_session(&c, now);
         }
     }
 
@@ -2008,7 +2208,7 @@ impl Core {
                 client_id,
                 conn_id,
                 failed: false,
-                incoming: Some(pid),
+                then: Then::Qos2Received { pid, store: true },
                 ..
             }) => {
                 // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
@@ -2024,7 +2224,57 @@ impl Core {
                         conn_id,
                         remaining: 1,
                         failed: false,
-                        incoming: None,
+                        then: Then::Ack,
+                    },
+                );
+                self.wait_durable(Waiter::Local(token), now);
+            }
+            Some(Pending::PubAck {
+                client_id,
+                conn_id,
+                failed: true,
+                then: Then::Qos2Received { pid, .. },
+                ..
+            }) => {
+                // Not every copy is stored: the id is forgotten, so that a resend is routed
+                // again (the sessions that stored the message skip it by its key). An MQTT 5
+                // client gets PUBREC 0x80, which ends the flow: the keys go too.
+                let v5 = match self.sessions.get_mut(&client_id) {
+                    Some(s) => {
+                        s.incoming_qos2.remove(&pid);
+                        s.version.is_v5()
+                    }
+                    None => false,
+                };
+                if v5 && self.store.is_some() {
+                    self.release_qos2(&client_id, Some(pid), None, now);
+                }
+                self.release_pub_ack(&client_id, conn_id, token, true);
+            }
+            Some(Pending::PubAck {
+                client_id,
+                conn_id,
+                failed,
+                then: Then::DeleteIncoming(pid),
+                ..
+            }) => {
+                if failed {
+                    tracing::error!(client = %client_id, packet_id = pid, "a QoS 2 dedup key could not be deleted on every shard; it stays until the session holding it ends");
+                }
+                // Every shard forgot the key: now delete the id, and send PUBCOMP once that is
+                // durable too.
+                if let Some(store) = &self.store {
+                    let r = store.incoming_delete(client_id.as_str(), pid);
+                    self.note_write(r);
+                }
+                self.pending.insert(
+                    token,
+                    Pending::PubAck {
+                        client_id,
+                        conn_id,
+                        remaining: 1,
+                        failed: false,
+                        then: Then::Ack,
                     },
                 );
                 self.wait_durable(Waiter::Local(token), now);
@@ -2106,10 +2356,11 @@ impl Core {
     /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
     /// milliseconds; the tombstones only guard against reordering).
     fn prune_tombstones(&mut self, now: Instant) {
-        self.retained_versions.retain(|_, (_, deleted)| match deleted {
-            Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
-            None => true,
-        });
+        self.retained_versions
+            .retain(|_, (_, deleted)| match deleted {
+                Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
+                None => true,
+            });
     }
 
     /// A fresh client id that this shard owns, for a client that sent an empty one, unique
@@ -2290,5 +2541,178 @@ mod tests_support {
             v.push(p);
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod qos2_dedup_tests {
+    use super::tests_support::{drain, Sink};
+    use super::*;
+    use crate::protocol::{ConnectProperties, PacketId};
+    use crate::storage::StoreOptions;
+
+    fn open(dir: &std::path::Path) -> Store {
+        let opts = StoreOptions {
+            cache_bytes: 1 << 20,
+            max_cached_files: 16,
+            memtable_bytes: 1 << 20,
+            max_journal_bytes: 64 << 20,
+            worker_threads: 1,
+        };
+        Store::open(dir, &opts).unwrap()
+    }
+
+    fn durable_core(store: &Store) -> Core {
+        let cfg = Config::default();
+        assert_eq!(cfg.storage.durability, Durability::Durable);
+        Core::new(
+            0,
+            1,
+            Rc::new(cfg),
+            Rc::new(Sink::default()),
+            Some(store.clone()),
+        )
+    }
+
+    /// What the committer does: every write so far made durable, its waiters released.
+    fn commit(c: &mut Core, now: Instant) {
+        while let Some((store, target)) = c.commit_target() {
+            store.persist().unwrap();
+            c.committed(target, true, now);
+        }
+    }
+
+    fn connect(c: &mut Core, id: &str, clean_start: bool, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        let connect = Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start,
+            keep_alive: 0,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(3600),
+                ..Default::default()
+            },
+            client_id: MqttStr::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
+        (ctx, out)
+    }
+
+    fn publish(pid: u16, dup: bool, payload: &'static [u8]) -> Packet {
+        let mut p = Publish::new(
+            TopicName::new("t").unwrap(),
+            bytes::Bytes::from_static(payload),
+        );
+        p.qos = QoS::ExactlyOnce;
+        p.packet_id = Some(PacketId::new(pid).unwrap());
+        p.dup = dup;
+        Packet::Publish(p)
+    }
+
+    fn id(s: &str) -> MqttStr {
+        MqttStr::new(s).unwrap()
+    }
+
+    fn stored<'a>(
+        r: &'a crate::storage::Recovered,
+        client: &str,
+    ) -> &'a crate::storage::RecoveredSession {
+        r.sessions.iter().find(|s| s.client_id == client).unwrap()
+    }
+
+    /// A QoS 2 message stored for an offline persistent session, then the broker "crashes"
+    /// before the publisher's packet id is stored: the resend (DUP) after the restart is
+    /// routed again and skipped by the session, which holds its key. PUBREL makes the shard
+    /// forget the key, durably, before PUBCOMP; the packet id then carries a new message.
+    #[test]
+    fn a_qos2_resend_after_a_restart_is_skipped_and_pubrel_releases_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let now = Instant::now();
+        let (s, p) = (id("s"), id("p"));
+        {
+            let mut c = durable_core(&store);
+            let (mut sub, _) = connect(&mut c, "s", false, now);
+            let subscribe = Packet::Subscribe(Subscribe {
+                packet_id: PacketId::new(1).unwrap(),
+                properties: Default::default(),
+                filters: vec![(
+                    TopicFilter::new("t").unwrap(),
+                    SubscriptionOptions {
+                        qos: QoS::ExactlyOnce,
+                        ..Default::default()
+                    },
+                )],
+            });
+            c.on_packet(&mut sub, subscribe, now).unwrap();
+            c.disconnected(&sub, Ending::Normal, now);
+            let (mut publ, _) = connect(&mut c, "p", false, now);
+            c.on_packet(&mut publ, publish(7, false, b"one"), now)
+                .unwrap();
+            assert!(c.session(&s).unwrap().holds_qos2(&p, 7));
+            assert_eq!(c.qos2_holders[&p][&7], vec![s.clone()]);
+            commit(&mut c, now);
+        }
+        // The crash took the packet id's write (stored after the copies were durable).
+        store.incoming_delete("p", 7).unwrap();
+        store.persist().unwrap();
+        let r = store.load().unwrap();
+        assert_eq!(stored(&r, "s").dedup, vec![("p".to_owned(), 7)]);
+        assert_eq!(stored(&r, "s").queue_len, 1);
+        assert!(stored(&r, "p").incoming.is_empty());
+
+        let mut c = durable_core(&store);
+        c.recover(now);
+        assert!(c.session(&s).unwrap().holds_qos2(&p, 7), "key restored");
+        let (mut publ, out) = connect(&mut c, "p", false, now);
+        assert!(matches!(&drain(&out)[..], [Packet::ConnAck(a)] if a.session_present));
+        c.on_packet(&mut publ, publish(7, true, b"one"), now)
+            .unwrap();
+        assert_eq!(
+            c.session(&s).unwrap().queued_messages(),
+            1,
+            "resend skipped"
+        );
+        commit(&mut c, now);
+        let got = drain(&out);
+        assert!(
+            matches!(&got[..], [Packet::PubRec(a)] if a.packet_id.get() == 7),
+            "{got:?}"
+        );
+
+        // PUBREL: the key goes at once in memory; PUBCOMP only after the deletion and then
+        // the packet id's deletion are durable.
+        let pubrel = Packet::PubRel(Ack::new(PacketId::new(7).unwrap()));
+        c.on_packet(&mut publ, pubrel, now).unwrap();
+        assert!(!c.session(&s).unwrap().holds_qos2(&p, 7));
+        assert!(c.qos2_holders.is_empty());
+        assert!(out.is_empty(), "PUBCOMP waits for the disk");
+        commit(&mut c, now);
+        let got = drain(&out);
+        assert!(
+            matches!(&got[..], [Packet::PubComp(a)] if a.packet_id.get() == 7),
+            "{got:?}"
+        );
+        let r = store.load().unwrap();
+        assert!(stored(&r, "s").dedup.is_empty(), "key deleted on disk");
+        assert!(stored(&r, "p").incoming.is_empty());
+
+        // The packet id reused for a new message: delivered, keyed again.
+        c.on_packet(&mut publ, publish(7, false, b"two"), now)
+            .unwrap();
+        assert_eq!(c.session(&s).unwrap().queued_messages(), 2);
+        assert!(c.session(&s).unwrap().holds_qos2(&p, 7));
+
+        // The publisher's session ends (clean start): every key of it is forgotten.
+        c.disconnected(&publ, Ending::Lost, now);
+        let _ = connect(&mut c, "p", true, now);
+        assert!(!c.session(&s).unwrap().holds_qos2(&p, 7));
+        assert!(c.qos2_holders.is_empty());
+        commit(&mut c, now);
+        let r = store.load().unwrap();
+        assert!(stored(&r, "s").dedup.is_empty());
     }
 }

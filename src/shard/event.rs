@@ -73,6 +73,16 @@ pub enum Event {
     /// count changed), with its whole queue. The owner stores it, then answers `reply` once
     /// durable; only then does the sender delete its copy.
     Rehome { session: Box<Rehomed>, reply: Token },
+    /// From the shard of the publisher `origin`: forget the QoS 2 dedup key (`origin`,
+    /// `packet_id`) in every session holding it (`packet_id: None`: every key of `origin`,
+    /// when its session ended). Sent when the publisher releases the message (PUBREL), before
+    /// its packet id may be reused. With `reply`, answer [`Event::Ack`] once the deletions
+    /// are durable.
+    Qos2Release {
+        origin: MqttStr,
+        packet_id: Option<u16>,
+        reply: Option<Token>,
+    },
     /// Back to the group's home: the member could not take the message; pick another.
     SharedBounce {
         key: Arc<str>,

@@ -676,8 +676,9 @@ impl Store {
                         None => Err("malformed key".to_owned()),
                     },
                     Space::Dedup => match dedup_of(rest) {
-                        Some((origin, id)) => unframe(Kind::Dedup, v)
-                            .map(|_| s.dedup.push((origin.to_owned(), id))),
+                        Some((origin, id)) => {
+                            unframe(Kind::Dedup, v).map(|_| s.dedup.push((origin.to_owned(), id)))
+                        }
                         None => Err("malformed key".to_owned()),
                     },
                     _ => match packet_id_of(rest) {

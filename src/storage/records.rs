@@ -244,6 +244,7 @@ impl MessageRecord {
             retain: self.retain,
             properties,
             origin,
+            qos2_id: None,
             created: clock.instant_of(self.created_unix_ms),
         })
     }
@@ -453,6 +454,7 @@ mod tests {
                 content_type: Some(MqttStr::new("text/plain").unwrap()),
             },
             origin: Some(MqttStr::new("pub-1").unwrap()),
+            qos2_id: None,
             created: clock.instant - Duration::from_secs(5),
         }
     }

@@ -435,3 +435,49 @@ fn copy_into_moves_everything_and_the_target_wins() {
     let t1 = Store::open(dirs[2].path(), &opts()).unwrap();
     assert_eq!((contents(&t0), contents(&t1)), after);
 }
+
+#[test]
+fn dedup_keys_load_per_session_go_with_the_session_and_are_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s"), &opts()).unwrap();
+    for id in ["a", "ab"] {
+        store.put_session(id, &session(60)).unwrap();
+    }
+    let mut b = store.batch();
+    b.queue_push("a", 0, &queued(0)).unwrap();
+    b.dedup_put("a", "pub", 7).unwrap();
+    b.dedup_put("a", "pub-2", 7).unwrap();
+    b.dedup_put("a", "pub", 8).unwrap();
+    b.dedup_put("ab", "pub", 7).unwrap();
+    b.commit().unwrap();
+    store.dedup_delete("a", "pub", 8).unwrap();
+    let rec = store.load().unwrap();
+    let a = rec.sessions.iter().find(|s| s.client_id == "a").unwrap();
+    assert_eq!(
+        a.dedup,
+        vec![("pub".to_owned(), 7), ("pub-2".to_owned(), 7)]
+    );
+    assert_eq!(rec.damaged, Vec::<String>::new());
+
+    // Copied with the session into the store that now owns it.
+    let target = Store::open(&dir.path().join("t"), &opts()).unwrap();
+    store
+        .copy_into(std::slice::from_ref(&target), |_| 0, |_| 0)
+        .unwrap();
+    let copied = target.load().unwrap();
+    let ca = copied.sessions.iter().find(|s| s.client_id == "a").unwrap();
+    assert_eq!(ca.dedup, a.dedup);
+
+    // Deleted with the session; a key without a session is an orphan.
+    store.delete_session("a").unwrap();
+    store.dedup_put("gone", "pub", 1).unwrap();
+    let rec = store.load().unwrap();
+    assert_eq!(rec.orphans_removed, 1);
+    let ab = rec.sessions.iter().find(|s| s.client_id == "ab").unwrap();
+    assert_eq!(ab.dedup, vec![("pub".to_owned(), 7)]);
+    assert!(store
+        .raw_entries(Space::Dedup)
+        .unwrap()
+        .iter()
+        .all(|(k, _)| split_client_key(k).unwrap().1 == "ab"));
+}
