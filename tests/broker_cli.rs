@@ -220,6 +220,41 @@ fn port_already_taken_exits_nonzero_with_one_line() {
     drop(taken);
 }
 
+/// SO_REUSEPORT would let a second broker join the first one's port and split the clients
+/// between them; it must refuse the taken port instead.
+#[test]
+fn a_second_broker_on_the_same_port_is_refused() {
+    let first = TestBroker::start(2);
+    let addr = first.addr.to_string();
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("data");
+    let out = run(&[
+        "--listen",
+        &addr,
+        "--no-pin",
+        "--shards",
+        "2",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr, got {lines:#?}");
+    assert!(
+        lines[0].contains(&addr),
+        "{:?} should name {addr}",
+        lines[0]
+    );
+    assert!(out.stdout.is_empty(), "no ready line");
+    // The first broker still serves.
+    let (_c, present) = RawClient::connect(
+        first.addr,
+        &support::raw::ConnectOpts::v311("still-here", true),
+    );
+    assert!(!present);
+}
+
 #[test]
 fn sigterm_stops_the_broker_with_exit_0() {
     let b = TestBroker::start(2);
