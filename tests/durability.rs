@@ -1459,3 +1459,32 @@ fn memory_mode_keeps_sessions_until_a_restart_only() {
     assert_eq!(text(&s.recv_publish_ack()), "marker");
     s.disconnect();
 }
+
+/// A shared-subscription message goes from the publisher's shard to the group's home, then to
+/// the member's shard: its PUBACK waits for the member's copy too, so every acknowledged
+/// message is there after a `kill -9` (3 shards: publisher, member and group home spread).
+#[test]
+fn shared_subscription_messages_acknowledged_survive_kill9() {
+    let b = TestBroker::start(3);
+    let member = id_on_shard("sh-member", 2, 3);
+    let publisher = id_on_shard("sh-pub", 0, 3);
+    let filter = "$share/g/sh/t";
+    let (mut m, _) = RawClient::connect(b.addr, &ConnectOpts::v311(&member, false));
+    m.subscribe(&[(filter, QoS::AtLeastOnce)]);
+    m.disconnect();
+    let (mut p, _) = RawClient::connect(b.addr, &ConnectOpts::v311(&publisher, true));
+    let sent: Vec<String> = (0..20).map(|i| format!("shared-{i}")).collect();
+    for payload in &sent {
+        p.publish("sh/t", payload.as_bytes(), QoS::AtLeastOnce, false); // waits for PUBACK
+    }
+    let dir = b.kill9();
+    let b = TestBroker::start_in(3, "", dir);
+    let (mut m, present) = RawClient::connect(b.addr, &ConnectOpts::v311(&member, false));
+    assert!(present, "the member's session is back");
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let publish = m.recv_publish_ack();
+        got.push(String::from_utf8_lossy(&publish.payload).into_owned());
+    }
+    assert_eq!(got, sent, "every acknowledged message, in order");
+}

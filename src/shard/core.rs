@@ -120,6 +120,7 @@ enum Pending {
         to: usize,
         token: Token,
         remaining: usize,
+        failed: bool,
     },
     /// A PUBACK/PUBREC/PUBCOMP held on the publisher's link until every shard that stored
     /// the message for a persistent session (or forgot its dedup key) and this shard's own
@@ -147,6 +148,25 @@ enum Then {
     /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
     /// send PUBCOMP once that is durable.
     DeleteIncoming(u16),
+}
+
+/// See [`Core::dispatch`].
+#[derive(Debug, Clone, Copy)]
+struct Dispatch {
+    to: usize,
+    token: Token,
+    remote: usize,
+}
+
+/// Where [`Core::shared_dispatch`] sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatched {
+    /// To a member on this shard: its copy is covered by this shard's own durability.
+    Local,
+    /// To a member on another shard, which answers the reply itself.
+    Remote,
+    /// No member could take it.
+    Dropped,
 }
 
 /// Who waits for the shard's writes so far to be durable.
@@ -222,6 +242,9 @@ pub struct Core {
     log: DurableLog,
     /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
     recovered_peers: usize,
+    /// While a routed message with a reply is delivered here: where shared-group members on
+    /// other shards answer, and how many were sent the message.
+    dispatch: Option<Dispatch>,
     /// QoS 2 dedup keys held by this shard's persistent sessions: publisher client id ->
     /// publisher packet id -> the sessions holding the key (see the module docs).
     qos2_holders: HashMap<MqttStr, HashMap<u16, Vec<MqttStr>>>,
@@ -289,6 +312,7 @@ impl Core {
             durability,
             log: DurableLog::default(),
             recovered_peers: 0,
+            dispatch: None,
             qos2_holders: HashMap::new(),
             retained_versions: HashMap::new(),
             last_retain_ns: 0,
@@ -1075,6 +1099,7 @@ impl Core {
                         msg: d.msg,
                         not: client_id.clone(),
                         attempts: 0,
+                        reply: None,
                     },
                 );
             }
@@ -1514,7 +1539,14 @@ impl Core {
             .for_each_match(&msg.topic, |s| targets.union_with(s));
         for shard in targets.iter() {
             if shard == self.id {
+                // Shared-group members on other shards answer the publisher directly.
+                self.dispatch = reply.map(|token| Dispatch {
+                    to: self.id,
+                    token,
+                    remote: 0,
+                });
                 self.deliver_local(&msg, now);
+                remote += self.dispatch.take().map_or(0, |d| d.remote);
             } else {
                 self.stats.messages_routed_remote += 1;
                 self.sink.push(
@@ -1597,7 +1629,12 @@ impl Core {
             }
         }
         for key in groups {
-            self.shared_dispatch(key, msg.clone(), None, 0, now);
+            let reply = self.dispatch.map(|d| (d.to, d.token));
+            if self.shared_dispatch(key, msg.clone(), None, 0, reply, now) == Dispatched::Remote {
+                if let Some(d) = &mut self.dispatch {
+                    d.remote += 1;
+                }
+            }
         }
     }
 
@@ -1609,11 +1646,12 @@ impl Core {
         msg: SharedMessage,
         not: Option<&MqttStr>,
         attempts: u8,
+        reply: Option<(usize, Token)>,
         now: Instant,
-    ) {
+    ) -> Dispatched {
         let Some(g) = self.groups.get_mut(&key) else {
             self.stats.shared_dropped_no_member += 1;
-            return;
+            return Dispatched::Dropped;
         };
         let n = g.members.len();
         let eligible = |m: &SharedMember, online: bool| {
@@ -1634,20 +1672,26 @@ impl Core {
         }
         let Some(idx) = pick else {
             self.stats.shared_dropped_no_member += 1;
-            return;
+            return Dispatched::Dropped;
         };
         g.next = (idx + 1) % n;
         let member = g.members[idx].clone();
-        let _ = now;
-        self.send(
-            member.shard as usize,
-            Event::SharedDeliver {
-                key,
-                client_id: member.client_id,
-                msg,
-                attempts,
-            },
-        );
+        let to = member.shard as usize;
+        let local = to == self.id;
+        let event = Event::SharedDeliver {
+            key,
+            client_id: member.client_id,
+            msg,
+            attempts,
+            reply: if local { None } else { reply },
+        };
+        if local {
+            self.on_event(self.id, event, now);
+            Dispatched::Local
+        } else {
+            self.sink.push(to, event);
+            Dispatched::Remote
+        }
     }
 
     // ---------------------------------------------------------------- subscribe
@@ -1918,9 +1962,33 @@ impl Core {
     pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
         match event {
             Event::Publish { msg, reply } => {
+                // Shared-group members on other shards answer a relay here, which answers
+                // the publisher once they and this shard's own writes are durable.
+                let relay = reply.map(|_| self.token());
+                self.dispatch = relay.map(|token| Dispatch {
+                    to: self.id,
+                    token,
+                    remote: 0,
+                });
                 self.deliver_local(&msg, now);
-                if let Some(token) = reply {
-                    self.wait_durable(Waiter::Remote { to: from, token }, now);
+                let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
+                match (reply, relay) {
+                    (Some(token), Some(relay)) if dispatched > 0 => {
+                        self.pending.insert(
+                            relay,
+                            Pending::Relay {
+                                to: from,
+                                token,
+                                remaining: dispatched + 1,
+                                failed: false,
+                            },
+                        );
+                        self.wait_durable(Waiter::Local(relay), now);
+                    }
+                    (Some(token), _) => {
+                        self.wait_durable(Waiter::Remote { to: from, token }, now);
+                    }
+                    _ => {}
                 }
             }
             Event::Index {
@@ -1980,6 +2048,7 @@ impl Core {
                                     to,
                                     token: reply,
                                     remaining,
+                                    failed: false,
                                 },
                             );
                         }
@@ -2031,6 +2100,7 @@ impl Core {
                 client_id,
                 msg,
                 attempts,
+                reply,
             } => {
                 let taken = match self.sessions.get_mut(&client_id) {
                     Some(s) => match s.subscriptions.get(&*key) {
@@ -2051,8 +2121,10 @@ impl Core {
                 };
                 if taken {
                     self.sync_session(&client_id, now);
-                }
-                if !taken && attempts < 3 {
+                    if let Some((to, token)) = reply {
+                        self.wait_durable(Waiter::Remote { to, token }, now);
+                    }
+                } else if attempts < 3 {
                     let home = owner_shard(key.as_bytes(), self.count);
                     self.send(
                         home,
@@ -2061,8 +2133,11 @@ impl Core {
                             msg,
                             not: client_id,
                             attempts: attempts + 1,
+                            reply,
                         },
                     );
+                } else if let Some((to, token)) = reply {
+                    self.send(to, Event::Ack { token, ok: true });
                 }
             }
             Event::SharedBounce {
@@ -2070,7 +2145,21 @@ impl Core {
                 msg,
                 not,
                 attempts,
-            } => self.shared_dispatch(key, msg, Some(&not), attempts, now),
+                reply,
+            } => match self.shared_dispatch(key, msg, Some(&not), attempts, reply, now) {
+                // A member here took it: answer once this shard's writes are durable.
+                Dispatched::Local => {
+                    if let Some((to, token)) = reply {
+                        self.wait_durable(Waiter::Remote { to, token }, now);
+                    }
+                }
+                Dispatched::Remote => {}
+                Dispatched::Dropped => {
+                    if let Some((to, token)) = reply {
+                        self.send(to, Event::Ack { token, ok: true });
+                    }
+                }
+            },
             Event::Qos2Release {
                 origin,
                 packet_id,
@@ -2178,8 +2267,15 @@ impl Core {
 
     fn on_ack(&mut self, token: Token, ok: bool, now: Instant) {
         let done = match self.pending.get_mut(&token) {
-            Some(Pending::SubAck { remaining, .. }) | Some(Pending::Relay { remaining, .. }) => {
+            Some(Pending::SubAck { remaining, .. }) => {
                 *remaining -= 1;
+                *remaining == 0
+            }
+            Some(Pending::Relay {
+                remaining, failed, ..
+            }) => {
+                *remaining -= 1;
+                *failed |= !ok;
                 *remaining == 0
             }
             Some(Pending::Rehome { .. }) => true,
@@ -2203,7 +2299,9 @@ impl Core {
                 retained,
                 ..
             }) => self.finish_suback(&client_id, conn_id, suback, retained, now),
-            Some(Pending::Relay { to, token, .. }) => self.send(to, Event::Ack { token, ok }),
+            Some(Pending::Relay {
+                to, token, failed, ..
+            }) => self.send(to, Event::Ack { token, ok: !failed }),
             Some(Pending::PubAck {
                 client_id,
                 conn_id,

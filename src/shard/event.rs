@@ -65,6 +65,9 @@ pub enum Event {
         client_id: MqttStr,
         msg: SharedMessage,
         attempts: u8,
+        /// Answer `Ack` to (shard, token) once the copy is durable: the publisher's PUBACK
+        /// waits for the member that took the message, not only for the group's home.
+        reply: Option<(usize, Token)>,
     },
     /// At start, after a shard sent everything its recovery rebuilt (index entries, retained
     /// messages, group joins): nothing more of its recovery follows on this channel.
@@ -89,6 +92,8 @@ pub enum Event {
         msg: SharedMessage,
         not: MqttStr,
         attempts: u8,
+        /// Passed on to the next member (see [`Event::SharedDeliver`]).
+        reply: Option<(usize, Token)>,
     },
 }
 
