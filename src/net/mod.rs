@@ -40,20 +40,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// the address actually bound.
 pub fn bind_listeners(addr: SocketAddr, shards: usize) -> io::Result<(Vec<RawFd>, SocketAddr)> {
     if addr.port() != 0 {
-        // SO_REUSEPORT would let this broker silently share a port with another listener
-        // (another shardmq, say) and split the clients between them. A plain bind first
-        // fails while anything listens there: a taken port is an error, not a merge.
-        let probe = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        probe.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            probe.set_only_v6(true)?;
-        }
-        probe.bind(&addr.into())?;
-        drop(probe);
+        probe_port(addr)?;
     }
     let mut fds = Vec::with_capacity(shards);
     let mut bound = addr;
@@ -82,6 +69,36 @@ pub fn bind_listeners(addr: SocketAddr, shards: usize) -> io::Result<(Vec<RawFd>
     }
     Ok((fds, bound))
 }
+
+/// SO_REUSEPORT would let this broker silently share a port with another listener (another
+/// shardmq, say) and split the clients between them. A plain bind fails while anything
+/// listens there: a taken port is an error, not a merge. A broker killed a moment ago can
+/// still hold its sockets while the kernel tears down its io_uring, so the probe retries for
+/// [`PORT_PROBE_PATIENCE`] before it gives up.
+fn probe_port(addr: SocketAddr) -> io::Result<()> {
+    let deadline = Instant::now() + PORT_PROBE_PATIENCE;
+    loop {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        match probe.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How long a taken port is retried at start (see [`probe_port`]).
+const PORT_PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Accepts connections on one of this shard's listening sockets until the pool stops.
 pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd) {
@@ -388,7 +405,12 @@ async fn serve(
         .await;
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
-            ReadEvent::Data(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            ReadEvent::Data(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                // A socket that always has bytes waiting would otherwise keep this task
+                // running and starve every writer of the shard.
+                glommio::yield_if_needed().await;
+            }
             ReadEvent::Closed => {
                 broker_closed = true;
                 break;
