@@ -2721,6 +2721,52 @@ mod qos2_dedup_tests {
         r.sessions.iter().find(|s| s.client_id == client).unwrap()
     }
 
+    /// An fsync that fails never yields a success acknowledgement: the PUBACK that waited on
+    /// it goes out with 0x80 (MQTT 5), and nothing is acknowledged before the persist ends.
+    #[test]
+    fn a_failed_persist_fails_the_acknowledgements_that_waited_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let now = Instant::now();
+        let mut c = durable_core(&store);
+        let (mut sub, _) = connect(&mut c, "s", false, now);
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(1).unwrap(),
+            properties: Default::default(),
+            filters: vec![(
+                TopicFilter::new("t").unwrap(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..Default::default()
+                },
+            )],
+        });
+        c.on_packet(&mut sub, subscribe, now).unwrap();
+        commit(&mut c, now);
+        c.disconnected(&sub, Ending::Normal, now);
+        commit(&mut c, now);
+        let (mut publ, publ_out) = connect(&mut c, "p", true, now);
+        let _ = drain(&publ_out); // CONNACK
+        let mut p = Publish::new(
+            TopicName::new("t").unwrap(),
+            bytes::Bytes::from_static(b"m"),
+        );
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = Some(PacketId::new(9).unwrap());
+        c.on_packet(&mut publ, Packet::Publish(p), now).unwrap();
+        assert!(publ_out.is_empty(), "no PUBACK before the copy is durable");
+        let (_, target) = c
+            .commit_target()
+            .expect("the queued copy waits for a persist");
+        c.committed(target, false, now); // the fsync failed
+        let acks = drain(&publ_out);
+        assert!(
+            matches!(&acks[..], [Packet::PubAck(a)]
+                if a.packet_id.get() == 9 && a.reason_code == ReasonCode::UnspecifiedError),
+            "{acks:?}"
+        );
+    }
+
     /// A QoS 2 message stored for an offline persistent session, then the broker "crashes"
     /// before the publisher's packet id is stored: the resend (DUP) after the restart is
     /// routed again and skipped by the session, which holds its key. PUBREL makes the shard
