@@ -2311,21 +2311,11 @@ impl Core {
             }) => {
                 // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
                 // durable too.
-                if let Some(store) = &self.store {
-                    let r = store.incoming_put(client_id.as_str(), pid);
-                    self.note_write(r);
-                }
-                self.pending.insert(
-                    token,
-                    Pending::PubAck {
-                        client_id,
-                        conn_id,
-                        remaining: 1,
-                        failed: false,
-                        then: Then::Ack,
-                    },
-                );
-                self.wait_durable(Waiter::Local(token), now);
+                let write = self
+                    .store
+                    .as_ref()
+                    .map(|st| st.incoming_put(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, write, now);
             }
             Some(Pending::PubAck {
                 client_id,
@@ -2361,21 +2351,11 @@ impl Core {
                 }
                 // Every shard forgot the key: now delete the id, and send PUBCOMP once that is
                 // durable too.
-                if let Some(store) = &self.store {
-                    let r = store.incoming_delete(client_id.as_str(), pid);
-                    self.note_write(r);
-                }
-                self.pending.insert(
-                    token,
-                    Pending::PubAck {
-                        client_id,
-                        conn_id,
-                        remaining: 1,
-                        failed: false,
-                        then: Then::Ack,
-                    },
-                );
-                self.wait_durable(Waiter::Local(token), now);
+                let write = self
+                    .store
+                    .as_ref()
+                    .map(|st| st.incoming_delete(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, write, now);
             }
             Some(Pending::PubAck {
                 client_id,
@@ -2393,6 +2373,32 @@ impl Core {
             }
             None => {}
         }
+    }
+
+    /// The last step of a held acknowledgement: records `write` (when there is a store) and
+    /// releases the acknowledgement of `token` once it is durable.
+    fn ack_after_write(
+        &mut self,
+        token: Token,
+        client_id: MqttStr,
+        conn_id: u64,
+        write: Option<Result<(), StorageError>>,
+        now: Instant,
+    ) {
+        if let Some(r) = write {
+            self.note_write(r);
+        }
+        self.pending.insert(
+            token,
+            Pending::PubAck {
+                client_id,
+                conn_id,
+                remaining: 1,
+                failed: false,
+                then: Then::Ack,
+            },
+        );
+        self.wait_durable(Waiter::Local(token), now);
     }
 
     /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When storing failed, an MQTT 5
