@@ -897,7 +897,7 @@ impl Core {
             }
         }
         if let Some(w) = will_now {
-            self.publish_will(&client_id, w, now);
+            self.publish_will(w, now);
         }
         if end_existing {
             self.end_session(&client_id, now);
@@ -1064,7 +1064,7 @@ impl Core {
                     .get_mut(&ctx.client_id)
                     .and_then(|s| s.will.take())
                     .expect("checked above");
-                self.publish_will(&ctx.client_id, w, now);
+                self.publish_will(w, now);
             } else if delay < expiry_s {
                 self.schedule(
                     now + Duration::from_secs(delay as u64),
@@ -1106,8 +1106,8 @@ impl Core {
         }
     }
 
-    fn publish_will(&mut self, client_id: &MqttStr, will: Will, now: Instant) {
-        let _ = client_id;
+    /// Publishes a will now (its delay or its session is over), counted from now for expiry.
+    fn publish_will(&mut self, will: Will, now: Instant) {
         self.stats.wills_published += 1;
         let mut msg = (*will.msg).clone();
         msg.created = now;
@@ -1145,7 +1145,7 @@ impl Core {
             }
         }
         if let Some(w) = s.will.take() {
-            self.publish_will(client_id, w, now);
+            self.publish_will(w, now);
         }
     }
 
@@ -1189,7 +1189,7 @@ impl Core {
                         let away_since = now
                             .checked_sub(Duration::from_secs(w.delay_s as u64))
                             .unwrap_or(now);
-                        self.publish_will(&client_id, w, now);
+                        self.publish_will(w, now);
                         self.write_session_record(&client_id, away_since);
                     }
                 }
