@@ -119,10 +119,6 @@ impl Outbound {
         }
     }
 
-    pub fn close_requested(&self) -> Option<CloseRequest> {
-        self.close.get()
-    }
-
     /// Completes when [`Outbound::close`] has been called (the reader selects on it).
     pub async fn closed(&self) -> CloseRequest {
         poll_fn(|cx| match self.close.get() {

@@ -1158,11 +1158,6 @@ impl Core {
         self.timer_kinds.insert(id, kind);
     }
 
-    /// The earliest timer deadline, for the timer task to sleep until.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
-    }
-
     /// Fires every timer due at `now`.
     pub fn fire_timers(&mut self, now: Instant) {
         if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
@@ -2637,6 +2632,21 @@ mod tests_support {
         (ctx, out)
     }
 
+    /// A SUBSCRIBE with one filter.
+    pub fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: crate::protocol::PacketId::new(packet_id).unwrap(),
+            properties: Default::default(),
+            filters: vec![(
+                TopicFilter::new(filter).unwrap(),
+                SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            )],
+        })
+    }
+
     pub fn drain(out: &Outbound) -> Vec<Packet> {
         let mut buf = futures_lite::future::block_on(out.next_batch(bytes::BytesMut::new())).0;
         let limits = DecodeLimits::new(1 << 20, Some(ProtocolVersion::V5));
@@ -2650,7 +2660,7 @@ mod tests_support {
 
 #[cfg(test)]
 mod qos2_dedup_tests {
-    use super::tests_support::{drain, Sink};
+    use super::tests_support::{drain, subscribe_packet, Sink};
     use super::*;
     use crate::protocol::{ConnectProperties, PacketId};
     use crate::storage::StoreOptions;
@@ -2736,17 +2746,7 @@ mod qos2_dedup_tests {
         let now = Instant::now();
         let mut c = durable_core(&store);
         let (mut sub, _) = connect(&mut c, "s", false, now);
-        let subscribe = Packet::Subscribe(Subscribe {
-            packet_id: PacketId::new(1).unwrap(),
-            properties: Default::default(),
-            filters: vec![(
-                TopicFilter::new("t").unwrap(),
-                SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..Default::default()
-                },
-            )],
-        });
+        let subscribe = subscribe_packet(1, "t", QoS::AtLeastOnce);
         c.on_packet(&mut sub, subscribe, now).unwrap();
         commit(&mut c, now);
         c.disconnected(&sub, Ending::Normal, now);
@@ -2786,17 +2786,7 @@ mod qos2_dedup_tests {
         {
             let mut c = durable_core(&store);
             let (mut sub, _) = connect(&mut c, "s", false, now);
-            let subscribe = Packet::Subscribe(Subscribe {
-                packet_id: PacketId::new(1).unwrap(),
-                properties: Default::default(),
-                filters: vec![(
-                    TopicFilter::new("t").unwrap(),
-                    SubscriptionOptions {
-                        qos: QoS::ExactlyOnce,
-                        ..Default::default()
-                    },
-                )],
-            });
+            let subscribe = subscribe_packet(1, "t", QoS::ExactlyOnce);
             c.on_packet(&mut sub, subscribe, now).unwrap();
             c.disconnected(&sub, Ending::Normal, now);
             let (mut publ, _) = connect(&mut c, "p", false, now);
