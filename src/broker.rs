@@ -5,8 +5,9 @@
 //! Start order: validate the config; bind every listener once per shard (so a taken port
 //! fails before any thread starts); start the pool; each shard starts its flusher, timers
 //! and accept loops, then reports ready. Stop order (on [`Broker::stop`]): each shard stops
-//! accepting, closes its connections (MQTT 5 clients get DISCONNECT 0x8B), flushes its
-//! cross-shard outbox, and returns; the pool joins.
+//! accepting, closes its connections (MQTT 5 clients get DISCONNECT 0x8B; no will is
+//! published, see [`crate::shard::core::Core::close_all`]), flushes its cross-shard outbox,
+//! makes its last writes durable, and returns; the pool joins.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -353,6 +354,7 @@ async fn shard_main(
     let id = shard.id().index();
     let flusher = glommio::spawn_local(BrokerShard::flush_loop(shard.clone()));
     let committer = glommio::spawn_local(BrokerShard::commit_loop(shard.clone()));
+    let storage_recovery = glommio::spawn_local(BrokerShard::recovery_loop(shard.clone()));
     // Recovery, then a barrier: no shard accepts a connection (or fires a will) before
     // every shard's part of the routing tables is rebuilt here.
     BrokerShard::recover(&shard).await;
@@ -375,6 +377,8 @@ async fn shard_main(
     timers.await;
     flusher.await;
     committer.await;
+    storage_recovery.await;
+    BrokerShard::final_commit(&shard).await;
 }
 
 #[cfg(test)]

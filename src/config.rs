@@ -207,7 +207,8 @@ pub struct AccessConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// A tracing filter such as "info" or "shardmq=debug"; RUST_LOG overrides it.
+    /// A log level such as "info", or a filter such as "info,shardmq=debug". RUST_LOG
+    /// overrides it, and `--log-level` overrides both.
     pub level: String,
 }
 
@@ -319,6 +320,7 @@ impl Config {
                 "must be at least limits.packet_bytes_max (one packet must fit)",
             ));
         }
+        check_log_filter(&self.log.level).map_err(|e| bad("log.level", e))?;
         if self.sessions.session_expiry_default_s > self.sessions.session_expiry_max_s {
             return Err(bad(
                 "sessions.session_expiry_default_s",
@@ -370,6 +372,38 @@ fn key_at(text: &str, span: std::ops::Range<usize>) -> Option<String> {
 /// The most shards one broker runs (the routing index keeps a bitmap of this many bits).
 pub const MAX_SHARDS: usize = 256;
 
+/// The log levels, least verbose first.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter: comma-separated directives, each a level (`info`) or a target and
+/// a level (`shardmq=debug`). A word that is not a level is refused (the tracing filter
+/// syntax would take it for a target and log everything of it at `trace`).
+pub fn check_log_filter(s: &str) -> Result<(), String> {
+    let valid = |l: &str| LOG_LEVELS.iter().any(|v| v.eq_ignore_ascii_case(l.trim()));
+    let mut any = false;
+    for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        // Span filters (`target[span{field=value}]=level`) are left to the filter parser.
+        let level = if d.contains('[') {
+            continue;
+        } else if let Some((_, level)) = d.rsplit_once('=') {
+            level
+        } else {
+            d
+        };
+        if !valid(level) {
+            return Err(format!(
+                "{level:?} is not a log level (one of {}, or TARGET=LEVEL; comma-separated)",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    if !any {
+        return Err("empty log filter (use \"off\" for no logs)".into());
+    }
+    Ok(())
+}
+
 /// Parses a core list such as "0-3,6" into core ids, in order, without duplicates.
 pub fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
     let mut cores = Vec::new();
@@ -407,6 +441,21 @@ pub fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filters() {
+        for ok in ["info", "WARN", "off", "info,shardmq=debug", " debug , fjall=warn "] {
+            assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["verbose", "shardmq", "info,shardmq=loud", "", " , "] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.log.level = "chatty".into();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "log.level");
+        assert!(e.reason.contains("\"chatty\""), "{e}");
+    }
 
     #[test]
     fn core_lists() {

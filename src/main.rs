@@ -1,18 +1,29 @@
 //! The `shardmq` command: flags and config file in, a running broker out.
 //!
 //! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
-//! [--data-dir DIR]`; `shardmq check-config FILE`. A wrong flag or value exits 2 with one
-//! line naming it; a failure to start exits 1 with one line. When every shard listens, one
-//! line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N`.
+//! [--data-dir DIR] [--log-level LEVEL]`; `shardmq check-config FILE`. A wrong flag or value
+//! exits 2 with one line naming it; a failure to start exits 1 with one line. When every
+//! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N`,
+//! and systemd (when `NOTIFY_SOCKET` is set) is told `READY=1`.
+//!
+//! Stop: the first SIGINT/SIGTERM tells systemd `STOPPING=1` and stops the broker in order
+//! (exit 0), bounded by [`STOP_TIMEOUT`]; a second signal exits at once with status 130.
+//! Either way nothing acknowledged is lost: acknowledgements wait for the disk.
 
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use shardmq::broker::Broker;
-use shardmq::config::Config;
+use shardmq::config::{check_log_filter, Config};
+
+/// How long an orderly stop may take before the process exits anyway (status 1). Covers the
+/// connections' grace period and the last fsync; config/shardmq.service's TimeoutStopSec is
+/// above it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,6 +53,10 @@ struct Cli {
     /// Directory for each shard's data (<DIR>/shard-<n>/).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Log level (off, error, warn, info, debug, trace) or filter ("info,shardmq=debug").
+    /// Overrides RUST_LOG, which overrides the config's log.level.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -113,8 +128,10 @@ fn main() -> ExitCode {
     if let Err(e) = cfg.validate() {
         return fail(2, e);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let filter = match log_filter(cli.log_level.as_deref(), &cfg.log.level) {
+        Ok(f) => f,
+        Err(e) => return fail(2, e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -149,19 +166,37 @@ fn main() -> ExitCode {
         broker.cores.len()
     );
     let _ = std::io::stdout().flush();
+    // A no-op unless systemd (Type=notify) set NOTIFY_SOCKET.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
+    }
 
-    // First SIGINT/SIGTERM: orderly stop. Second: exit at once.
+    // First SIGINT/SIGTERM: orderly stop, bounded. Second: exit at once.
     let control = broker.control();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut seen = 0;
-            for _ in signals.forever() {
+            for sig in signals.forever() {
                 seen += 1;
                 if seen == 1 {
-                    tracing::info!("stopping");
+                    tracing::info!(signal = sig, "stopping");
+                    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+                        tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
+                    }
                     control.stop();
+                    let _ = std::thread::Builder::new()
+                        .name("stop-timeout".into())
+                        .spawn(|| {
+                            // A bound, not a synchronisation: the orderly stop exits first.
+                            std::thread::sleep(STOP_TIMEOUT);
+                            tracing::error!(
+                                "the orderly stop did not finish within {STOP_TIMEOUT:?}; exiting"
+                            );
+                            std::process::exit(1);
+                        });
                 } else {
+                    tracing::warn!(signal = sig, "second signal: exiting at once");
                     std::process::exit(130);
                 }
             }
@@ -171,4 +206,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, format!("shard failure: {e}")),
     }
+}
+
+/// The log filter: `--log-level`, else `RUST_LOG` (when set and not empty), else the
+/// config's `log.level` (already validated). An invalid one is one line naming its source.
+fn log_filter(flag: Option<&str>, config: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (source, text) = match (flag, env.as_deref()) {
+        (Some(f), _) => ("--log-level", f),
+        (None, Some(e)) => ("RUST_LOG", e),
+        (None, None) => ("log.level", config),
+    };
+    check_log_filter(text).map_err(|e| format!("{source}: {e}"))?;
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| format!("{source}: invalid log filter {text:?}: {e}"))
 }

@@ -254,6 +254,8 @@ pub struct Core {
     retained_versions: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
     last_retain_ns: u64,
     last_prune: Instant,
+    /// Set by [`Core::close_all`]: the broker is stopping, and publishes no will.
+    stopping: bool,
     pub stats: CoreStats,
 }
 
@@ -317,6 +319,7 @@ impl Core {
             retained_versions: HashMap::new(),
             last_retain_ns: 0,
             last_prune: Instant::now(),
+            stopping: false,
             stats: CoreStats::default(),
         }
     }
@@ -369,7 +372,11 @@ impl Core {
         self.log.write_seq += 1;
         if let Err(e) = r {
             self.log.failed_seq = self.log.write_seq;
-            tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail");
+            match &self.store {
+                // Logged once per failure episode by the store.
+                Some(store) if e.is_io_failure() => store.report_failure(&e),
+                _ => tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail"),
+            }
         }
         self.sink.wake_committer();
     }
@@ -542,7 +549,8 @@ impl Core {
             self.log.failed_seq > self.log.synced_seq && self.log.failed_seq <= target;
         let ok = ok && !failed_in_range;
         if !ok {
-            tracing::error!(
+            // The store logs the failure episode; this is per persist.
+            tracing::debug!(
                 shard = self.id,
                 "persist failed; failing the acknowledgements that waited on it"
             );
@@ -1026,6 +1034,10 @@ impl Core {
         let epoch = s.epoch;
         let expiry_s = s.expiry_s;
         let persistent = expiry_s > 0;
+        if self.stopping && !persistent {
+            // Ends with the process: see `close_all`.
+            s.will = None;
+        }
         let shared: Vec<Arc<str>> = s
             .subscriptions
             .values()
@@ -1057,7 +1069,7 @@ impl Core {
             .will
             .as_ref()
             .map(|w| w.delay_s);
-        if let Some(delay) = will_delay {
+        if let Some(delay) = will_delay.filter(|_| !self.stopping) {
             if delay == 0 {
                 let w = self
                     .sessions
@@ -1160,6 +1172,9 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn fire_timers(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
         if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
             self.last_prune = now;
             self.prune_tombstones(now);
@@ -2397,7 +2412,8 @@ impl Core {
     }
 
     /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When storing failed, an MQTT 5
-    /// client gets reason 0x80 and a 3.x client no acknowledgement (it will resend).
+    /// client gets reason 0x80; a 3.x client gets no acknowledgement, and its connection is
+    /// closed, because a 3.x client resends unacknowledged messages only when it reconnects.
     fn release_pub_ack(&mut self, client_id: &MqttStr, conn_id: u64, token: Token, failed: bool) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
@@ -2407,9 +2423,12 @@ impl Core {
             return;
         };
         if failed {
-            tracing::warn!(client = %client_id, v5, "message not stored; its acknowledgement reports the failure");
+            tracing::debug!(client = %client_id, v5, "message not stored; its acknowledgement reports the failure");
         }
         link.release_ack(token, failed);
+        if failed && !v5 {
+            link.out.close(None);
+        }
     }
 
     /// Applies a retained write if it is newer than what this shard has for the topic; the
@@ -2480,7 +2499,15 @@ impl Core {
     }
 
     /// Closes every connection (shutdown): MQTT 5 clients get DISCONNECT 0x8B.
+    ///
+    /// No will is published from here on: a stop of the broker is not a failure of its
+    /// clients. A persistent session keeps its will, stored with the time the connection
+    /// closed, so that after the restart its Will Delay Interval (0 included) runs on from
+    /// that moment and the will is published then, unless the client is back first or the
+    /// session ends. The will of a session that ends with the connection (clean session,
+    /// Session Expiry Interval 0) is dropped with it.
     pub fn close_all(&mut self) {
+        self.stopping = true;
         for s in self.sessions.values() {
             if let Some(l) = &s.link {
                 l.out.close(Some(ReasonCode::ServerShuttingDown));

@@ -19,6 +19,10 @@ use crate::storage::Store;
 const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Longest a shard waits at start for its peers to finish recovering.
 const RECOVERY_BARRIER_MAX: Duration = Duration::from_secs(300);
+/// First wait before a failing store is tried again; doubled after each failed attempt up
+/// to [`STORAGE_RETRY_MAX`].
+const STORAGE_RETRY_MIN: Duration = Duration::from_millis(100);
+const STORAGE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Events waiting for other shards, and the flusher's wake-up.
 struct OutboxSink {
@@ -110,6 +114,10 @@ pub struct BrokerShard {
     handoffs: Cell<u64>,
     /// Duration of the last persist (fsync), for stats.
     persist_latency_us: Cell<u64>,
+    /// The core's store (`None` in `memory` mode), for the storage recovery task.
+    store: Option<Store>,
+    /// Wakes the storage recovery task when the store reports a failure episode.
+    storage_failed: Notify,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -130,7 +138,7 @@ impl BrokerShard {
         });
         // Each shard takes its share of the connection limit (rounded up).
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
-        let core = Core::new(id.index(), count, cfg, sink.clone(), store);
+        let core = Core::new(id.index(), count, cfg, sink.clone(), store.clone());
         BrokerShard {
             core: RefCell::new(core),
             sink,
@@ -139,6 +147,8 @@ impl BrokerShard {
             seed: Cell::new(id.index() as u64 ^ std_seed()),
             handoffs: Cell::new(0),
             persist_latency_us: Cell::new(0),
+            store,
+            storage_failed: Notify::default(),
         }
     }
 
@@ -229,22 +239,116 @@ impl BrokerShard {
             let target = svc.core.borrow().commit_target();
             if let Some((store, seq)) = target {
                 let started = Instant::now();
+                let persisting = store.clone();
                 let ok = match glommio::executor()
-                    .spawn_blocking(move || store.persist())
+                    .spawn_blocking(move || persisting.persist())
                     .await
                 {
                     Ok(()) => true,
                     Err(e) => {
-                        tracing::error!(error = %e, "persist failed");
+                        // Logged once per failure episode by the store.
+                        store.report_failure(&e);
                         false
                     }
                 };
                 svc.persist_latency_us
                     .set(started.elapsed().as_micros() as u64);
                 svc.core.borrow_mut().committed(seq, ok, Instant::now());
+                if store.is_failing() {
+                    svc.storage_failed.notify();
+                }
             }
             if stopping && svc.core.borrow().commit_target().is_none() {
                 break;
+            }
+        }
+    }
+
+    /// Storage recovery: while the store is in a failure episode (a full disk, an I/O
+    /// error), tries to recover it ([`Store::try_recover`], off the executor thread) after
+    /// a wait that doubles from [`STORAGE_RETRY_MIN`] to [`STORAGE_RETRY_MAX`], until it
+    /// works or the pool stops. Meanwhile the shard serves on: writes fail at once, and so
+    /// do the acknowledgements that need them.
+    pub async fn recovery_loop(shard: Shard<BrokerShard>) {
+        let svc = shard.service();
+        let Some(store) = svc.store.clone() else {
+            return;
+        };
+        let stopped = shard.stopped();
+        futures_lite::pin!(stopped);
+        loop {
+            let stop = futures_lite::future::or(
+                async {
+                    svc.storage_failed.wait().await;
+                    false
+                },
+                async {
+                    (&mut stopped).await;
+                    true
+                },
+            )
+            .await;
+            if stop {
+                return;
+            }
+            let mut wait = STORAGE_RETRY_MIN;
+            while store.is_failing() {
+                let stop = futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(wait).await;
+                        false
+                    },
+                    async {
+                        (&mut stopped).await;
+                        true
+                    },
+                )
+                .await;
+                if stop {
+                    return;
+                }
+                let s = store.clone();
+                match glommio::executor()
+                    .spawn_blocking(move || s.try_recover())
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id().index(), error = %e, "storage still failing");
+                        wait = (wait * 2).min(STORAGE_RETRY_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stop's last step, after the connections closed and the committer ended: makes
+    /// durable what closing them wrote (session records with their offline time and will).
+    pub async fn final_commit(shard: &Shard<BrokerShard>) {
+        let svc = shard.service();
+        loop {
+            let target = svc.core.borrow().commit_target();
+            let Some((store, seq)) = target else {
+                return;
+            };
+            let persisting = store.clone();
+            let ok = match glommio::executor()
+                .spawn_blocking(move || persisting.persist())
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    store.report_failure(&e);
+                    false
+                }
+            };
+            svc.core.borrow_mut().committed(seq, ok, Instant::now());
+            if !ok {
+                tracing::error!(
+                    shard = shard.id().index(),
+                    "the last writes before the stop could not be made durable"
+                );
+                return;
             }
         }
     }

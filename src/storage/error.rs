@@ -29,6 +29,8 @@ pub enum StorageError {
         op: &'static str,
         source: fjall::Error,
     },
+    /// The engine is being reopened after a failure (see `Store::try_recover`).
+    Unavailable { path: PathBuf },
     /// A key would exceed the engine's 65,535-byte limit (client id plus topic filter).
     KeyTooLong { what: &'static str, len: usize },
     /// A record could not be serialized.
@@ -49,6 +51,15 @@ impl StorageError {
                 source: fjall::Error::Poisoned,
                 ..
             }
+        )
+    }
+
+    /// Whether the error says the store cannot write (engine or file system failure, or
+    /// the engine being reopened), as opposed to a bad key or record.
+    pub fn is_io_failure(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Io { .. } | StorageError::Engine { .. } | StorageError::Unavailable { .. }
         )
     }
 
@@ -103,6 +114,11 @@ impl fmt::Display for StorageError {
                 }
                 Ok(())
             }
+            StorageError::Unavailable { path } => write!(
+                f,
+                "the store at {} is being reopened after a storage failure",
+                path.display()
+            ),
             StorageError::KeyTooLong { what, len } => {
                 write!(f, "{what} key of {len} bytes exceeds the 65535-byte limit")
             }

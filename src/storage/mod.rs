@@ -67,7 +67,8 @@ use std::fs::File;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use keys::{
     client_prefix, dedup_key, dedup_of, hex, packet_id_of, packet_key, queue_key, seq_of,
@@ -241,22 +242,56 @@ impl RecoveredSession {
 
 /// One shard's store. Cheap to clone; all clones share the engine. The directory is locked
 /// while any clone lives.
+///
+/// **Failure and recovery.** After a failed write or fsync (a full disk, an I/O error) the
+/// engine refuses every further write. The owner reports such errors
+/// ([`Store::report_failure`]: logged once per failure episode) and calls
+/// [`Store::try_recover`] on a backoff, off the executor thread: it reopens the engine on
+/// the same directory and proves that a write reaches the disk again. Whatever was durable
+/// before the failure is read back by the reopened engine (its journal is replayed); writes
+/// that had not reached the disk are gone, and their acknowledgements failed with them.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    dir: PathBuf,
+    opts: StoreOptions,
+    /// The open engine; `None` only while [`Store::try_recover`] reopens it.
+    engine: RwLock<Option<Arc<Engine>>>,
+    /// Since when writes fail (a failure episode), or `None`.
+    failing_since: Mutex<Option<Instant>>,
+}
+
+/// One open engine: the database and its keyspaces.
+struct Engine {
     db: Database,
     /// In the order of [`Space::ALL`].
     spaces: [Keyspace; 7],
-    dir: PathBuf,
     /// The active journal file as last seen by `persist`: its number and a handle to fsync.
     journal: Mutex<Option<(u64, Arc<File>)>>,
     /// Set when an fsync of ours failed: the page cache may have dropped the data, so no
     /// later fsync can vouch for it (the engine poisons itself the same way).
     poisoned: AtomicBool,
 }
+
+impl Engine {
+    fn ks(&self, space: Space) -> &Keyspace {
+        &self.spaces[space as usize]
+    }
+}
+
+/// The key a recovery probe writes (and deletes in the same batch) in `retained`: no topic
+/// name starts with a NUL byte.
+const PROBE_KEY: &[u8] = b"\0shardmq-probe";
+/// The size of the probe value: enough that a disk with a few free bytes in the journal's
+/// last page does not pass for a disk with room again.
+const PROBE_BYTES: usize = 64 << 10;
+/// A failing store is tried again only once its file system has this much free space, or
+/// twice the memtable size if that is more (room for the next memtable flush): a disk
+/// that has just enough for the probe would fail again at once.
+const RECOVERY_FREE_BYTES_MIN: u64 = 4 << 20;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -266,6 +301,52 @@ impl fmt::Debug for Store {
     }
 }
 
+fn open_engine(dir: &Path, opts: &StoreOptions) -> Result<Engine, StorageError> {
+    let db = Database::builder(dir)
+        .cache_size(opts.cache_bytes)
+        .max_cached_files(Some(opts.max_cached_files.max(MIN_CACHED_FILES)))
+        .worker_threads(opts.worker_threads.max(1))
+        .max_journaling_size(opts.max_journal_bytes.max(MIN_JOURNAL_BYTES))
+        .manual_journal_persist(true)
+        .open()
+        .map_err(|e| match e {
+            fjall::Error::Locked => StorageError::Locked {
+                path: dir.to_owned(),
+            },
+            fjall::Error::JournalRecovery(e) => StorageError::JournalDamaged {
+                path: dir.to_owned(),
+                detail: format!("{e:?}"),
+            },
+            fjall::Error::InvalidVersion(v) => StorageError::UnsupportedFormat {
+                path: dir.to_owned(),
+                found: format!("engine format {v:?}"),
+            },
+            source => StorageError::Engine { op: "open", source },
+        })?;
+    let mut spaces = Vec::with_capacity(Space::ALL.len());
+    for space in Space::ALL {
+        // manual_journal_persist is a per-keyspace option too: without it every single
+        // write flushes the journal buffer to the OS (a write(2) per insert).
+        let ks = db
+            .keyspace(space.name(), || {
+                KeyspaceCreateOptions::default()
+                    .manual_journal_persist(true)
+                    .max_memtable_size(opts.memtable_bytes.max(MIN_MEMTABLE_BYTES))
+            })
+            .map_err(StorageError::engine("open keyspace"))?;
+        spaces.push(ks);
+    }
+    let spaces: [Keyspace; 7] = spaces
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one keyspace per Space"));
+    Ok(Engine {
+        db,
+        spaces,
+        journal: Mutex::new(None),
+        poisoned: AtomicBool::new(false),
+    })
+}
+
 impl Store {
     /// Opens the store in `dir` (`<data_dir>/shard-<n>`), creating the directory and an empty
     /// store when it does not exist or is empty. A non-empty directory without the marker
@@ -273,52 +354,133 @@ impl Store {
     /// ([`StorageError::Locked`]).
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store, StorageError> {
         prepare_dir(dir)?;
-        let db = Database::builder(dir)
-            .cache_size(opts.cache_bytes)
-            .max_cached_files(Some(opts.max_cached_files.max(MIN_CACHED_FILES)))
-            .worker_threads(opts.worker_threads.max(1))
-            .max_journaling_size(opts.max_journal_bytes.max(MIN_JOURNAL_BYTES))
-            .manual_journal_persist(true)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => StorageError::Locked {
-                    path: dir.to_owned(),
-                },
-                fjall::Error::JournalRecovery(e) => StorageError::JournalDamaged {
-                    path: dir.to_owned(),
-                    detail: format!("{e:?}"),
-                },
-                fjall::Error::InvalidVersion(v) => StorageError::UnsupportedFormat {
-                    path: dir.to_owned(),
-                    found: format!("engine format {v:?}"),
-                },
-                source => StorageError::Engine { op: "open", source },
-            })?;
-        let mut spaces = Vec::with_capacity(Space::ALL.len());
-        for space in Space::ALL {
-            // manual_journal_persist is a per-keyspace option too: without it every single
-            // write flushes the journal buffer to the OS (a write(2) per insert).
-            let ks = db
-                .keyspace(space.name(), || {
-                    KeyspaceCreateOptions::default()
-                        .manual_journal_persist(true)
-                        .max_memtable_size(opts.memtable_bytes.max(MIN_MEMTABLE_BYTES))
-                })
-                .map_err(StorageError::engine("open keyspace"))?;
-            spaces.push(ks);
-        }
-        let spaces: [Keyspace; 7] = spaces
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("one keyspace per Space"));
+        let engine = open_engine(dir, opts)?;
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
-                spaces,
                 dir: dir.to_owned(),
-                journal: Mutex::new(None),
-                poisoned: AtomicBool::new(false),
+                opts: opts.clone(),
+                engine: RwLock::new(Some(Arc::new(engine))),
+                failing_since: Mutex::new(None),
             }),
         })
+    }
+
+    /// The open engine, or [`StorageError::Unavailable`] while it is being reopened.
+    fn engine(&self) -> Result<Arc<Engine>, StorageError> {
+        self.inner
+            .engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StorageError::Unavailable {
+                path: self.inner.dir.clone(),
+            })
+    }
+
+    /// Records that a storage operation failed. The first failure of an episode is logged
+    /// (once, with its reason); the episode lasts until [`Store::try_recover`] succeeds.
+    /// Errors that say nothing about the disk (a key too long, a record that does not
+    /// serialize) are not failures of the store.
+    pub fn report_failure(&self, e: &StorageError) {
+        if !e.is_io_failure() {
+            return;
+        }
+        let mut since = self
+            .inner
+            .failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if since.is_none() {
+            *since = Some(Instant::now());
+            tracing::error!(
+                store = %self.inner.dir.display(),
+                error = %e,
+                "storage failing: acknowledgements that need the disk are refused until it recovers; retrying"
+            );
+        }
+    }
+
+    /// Whether a failure episode is under way (see [`Store::report_failure`]).
+    pub fn is_failing(&self) -> bool {
+        self.inner
+            .failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Ends a failure episode if the disk takes writes again: tries a probe write (a value
+    /// of [`PROBE_BYTES`] written and deleted, then fsynced) on the open engine and, if
+    /// that fails, closes the engine, opens it again on the same directory (replaying its
+    /// journal) and tries again. Blocks for the I/O: run it off the executor thread. `Ok`
+    /// when the episode is over (logged); otherwise the reason, for a retry later.
+    pub fn try_recover(&self) -> Result<(), StorageError> {
+        if !self.is_failing() {
+            return Ok(());
+        }
+        let need = (2 * self.inner.opts.memtable_bytes).max(RECOVERY_FREE_BYTES_MIN);
+        let free = free_bytes(&self.inner.dir)?;
+        if free < need {
+            return Err(StorageError::Io {
+                path: self.inner.dir.clone(),
+                op: "wait for free space on",
+                source: std::io::Error::new(
+                    ErrorKind::StorageFull,
+                    format!("{free} bytes free, {need} needed to resume"),
+                ),
+            });
+        }
+        if self.probe().is_err() {
+            self.reopen()?;
+            self.probe()?;
+        }
+        let since = self
+            .inner
+            .failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        tracing::warn!(
+            store = %self.inner.dir.display(),
+            failing_s = since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            "storage recovered: writes reach the disk again"
+        );
+        Ok(())
+    }
+
+    fn probe(&self) -> Result<(), StorageError> {
+        let e = self.engine()?;
+        let mut batch = e.db.batch();
+        batch.insert(e.ks(Space::Retained), PROBE_KEY, vec![0u8; PROBE_BYTES]);
+        batch.remove(e.ks(Space::Retained), PROBE_KEY);
+        batch.commit().map_err(StorageError::engine("probe"))?;
+        self.persist()
+    }
+
+    /// Closes the engine and opens it again on the same directory. Writes meanwhile fail
+    /// with [`StorageError::Unavailable`].
+    fn reopen(&self) -> Result<(), StorageError> {
+        let old = self
+            .inner
+            .engine
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // Closing waits for the engine's worker threads; a clone held by an operation on
+        // another thread closes it when that ends, and the open below waits for the lock.
+        drop(old);
+        let mut attempt = 0;
+        let engine = loop {
+            match open_engine(&self.inner.dir, &self.inner.opts) {
+                Err(StorageError::Locked { .. }) if attempt < 100 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r?,
+            }
+        };
+        *self.inner.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(engine));
+        Ok(())
     }
 
     /// The store's directory.
@@ -326,18 +488,19 @@ impl Store {
         &self.inner.dir
     }
 
-    fn ks(&self, space: Space) -> &Keyspace {
-        &self.inner.spaces[space as usize]
+    /// A handle to a keyspace of the open engine.
+    fn ks(&self, space: Space) -> Result<Keyspace, StorageError> {
+        Ok(self.engine()?.ks(space).clone())
     }
 
     fn insert(&self, space: Space, key: Vec<u8>, value: Vec<u8>) -> Result<(), StorageError> {
-        self.ks(space)
+        self.ks(space)?
             .insert(key, value)
             .map_err(StorageError::engine("write"))
     }
 
     fn remove(&self, space: Space, key: Vec<u8>) -> Result<(), StorageError> {
-        self.ks(space)
+        self.ks(space)?
             .remove(key)
             .map_err(StorageError::engine("delete"))
     }
@@ -411,7 +574,7 @@ impl Store {
         if max == 0 {
             return Ok(out);
         }
-        for item in self.ks(Space::Queue).range(start..=end) {
+        for item in self.ks(Space::Queue)?.range(start..=end) {
             let (k, v) = item
                 .into_inner()
                 .map_err(StorageError::engine("read queue"))?;
@@ -513,18 +676,19 @@ impl Store {
             op: "persist",
             source: fjall::Error::Poisoned,
         };
-        if self.inner.poisoned.load(Ordering::Acquire) {
+        let engine = self.engine()?;
+        if engine.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
-        self.inner
+        engine
             .db
             .persist(PersistMode::Buffer)
             .map_err(StorageError::engine("persist"))?;
-        let Some(journal) = self.active_journal()? else {
+        let Some(journal) = self.active_journal(&engine)? else {
             return self.persist_locked();
         };
         journal.sync_data().map_err(|source| {
-            self.inner.poisoned.store(true, Ordering::Release);
+            engine.poisoned.store(true, Ordering::Release);
             tracing::error!(store = %self.inner.dir.display(), error = %source, "journal fsync failed");
             StorageError::Io {
                 path: self.inner.dir.clone(),
@@ -536,7 +700,7 @@ impl Store {
 
     /// The engine's own persist: `fdatasync` of the journal under its mutex.
     pub fn persist_locked(&self) -> Result<(), StorageError> {
-        self.inner
+        self.engine()?
             .db
             .persist(PersistMode::SyncData)
             .map_err(StorageError::engine("persist"))
@@ -544,7 +708,7 @@ impl Store {
 
     /// The highest-numbered `<n>.jnl` in the store directory, opened (cached while it stays
     /// the highest).
-    fn active_journal(&self) -> Result<Option<Arc<File>>, StorageError> {
+    fn active_journal(&self, engine: &Engine) -> Result<Option<Arc<File>>, StorageError> {
         let dir = &self.inner.dir;
         let io = |op| {
             move |source| StorageError::Io {
@@ -567,7 +731,7 @@ impl Store {
         let Some(n) = newest else {
             return Ok(None);
         };
-        let mut cached = self.inner.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = engine.journal.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((m, f)) = cached.as_ref() {
             if *m == n {
                 return Ok(Some(f.clone()));
@@ -588,7 +752,10 @@ impl Store {
 
     /// Bytes on disk: journal plus table files.
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.db.disk_space().unwrap_or(0)
+        self.engine()
+            .ok()
+            .and_then(|e| e.db.disk_space().ok())
+            .unwrap_or(0)
     }
 
     /// Everything but the queued messages themselves, to rebuild the sessions at start.
@@ -720,9 +887,10 @@ impl Store {
                 keys = orphans.len(),
                 "deleting keys of clients without a session record"
             );
-            let mut batch = self.inner.db.batch();
+            let engine = self.engine()?;
+            let mut batch = engine.db.batch();
             for (space, key) in orphans {
-                batch.remove(self.ks(space), key);
+                batch.remove(engine.ks(space), key);
             }
             batch
                 .commit()
@@ -762,7 +930,7 @@ impl Store {
             let target = &targets[home];
             let key = client_prefix(cid)?;
             if target
-                .ks(Space::Sessions)
+                .ks(Space::Sessions)?
                 .contains_key(&key)
                 .map_err(StorageError::engine("read session"))?
             {
@@ -806,7 +974,7 @@ impl Store {
             let home = retained_home(&m.topic);
             let target = &targets[home];
             let held = target
-                .ks(Space::Retained)
+                .ks(Space::Retained)?
                 .get(keys::retained_key(&m.topic)?)
                 .map_err(StorageError::engine("read retained"))?;
             // A damaged record in the target counts as older than an intact copy.
@@ -846,13 +1014,22 @@ impl Store {
         &self,
         space: Space,
     ) -> impl Iterator<Item = Result<(fjall::UserKey, fjall::UserValue), String>> + '_ {
-        let mut iter = self.ks(space).iter();
+        let mut iter = self.ks(space).map(|ks| ks.iter());
         let mut failed = false;
         std::iter::from_fn(move || {
             if failed {
                 return None;
             }
-            Some(iter.next()?.into_inner().map_err(|e| {
+            let next = match &mut iter {
+                Ok(iter) => iter.next()?.into_inner(),
+                Err(e) => {
+                    failed = true;
+                    let msg = format!("{}: cannot read: {e}", space.name());
+                    tracing::warn!(store = %self.inner.dir.display(), "{msg}");
+                    return Some(Err(msg));
+                }
+            };
+            Some(next.map_err(|e| {
                 failed = true;
                 let msg = format!(
                     "{}: read error, rest of keyspace skipped: {e}",
@@ -880,7 +1057,16 @@ impl Store {
         loop {
             let mut last: Option<fjall::UserKey> = None;
             let mut failure = None;
-            for item in self.ks(space).range(start.as_slice()..) {
+            let ks = match self.ks(space) {
+                Ok(ks) => ks,
+                Err(e) => {
+                    let line = format!("{}: cannot read: {e}", space.name());
+                    tracing::warn!(store = %self.inner.dir.display(), "{line}");
+                    errors.push(line);
+                    return errors;
+                }
+            };
+            for item in ks.range(start.as_slice()..) {
                 match item.into_inner() {
                     Ok((k, v)) => {
                         f(&k, &v);
@@ -918,7 +1104,8 @@ impl Store {
     /// build fixtures of damaged table files).
     #[doc(hidden)]
     pub fn flush_to_tables(&self) -> Result<(), StorageError> {
-        for ks in &self.inner.spaces {
+        let engine = self.engine()?;
+        for ks in &engine.spaces {
             ks.rotate_memtable_and_wait()
                 .map_err(StorageError::engine("flush memtable"))?;
         }
@@ -934,7 +1121,7 @@ impl Store {
     /// Test hook: every raw key and value of a keyspace.
     #[doc(hidden)]
     pub fn raw_entries(&self, space: Space) -> Result<Vec<RawEntry>, StorageError> {
-        self.ks(space)
+        self.ks(space)?
             .iter()
             .map(|g| {
                 g.into_inner()
@@ -943,6 +1130,24 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Bytes available to unprivileged writers on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, StorageError> {
+    use std::os::unix::ffi::OsStrExt;
+    let io = |source| StorageError::Io {
+        path: dir.to_owned(),
+        op: "statvfs",
+        source,
+    };
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io(std::io::Error::new(ErrorKind::InvalidInput, e)))?;
+    // SAFETY: a zeroed statvfs is valid; statvfs fills it from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn report_damaged(space: Space, key: &[u8], reason: &str) -> String {
@@ -1207,7 +1412,8 @@ impl StoreBatch {
 
     /// Applies the batch atomically (not yet durable: call [`Store::persist`]).
     pub fn commit(self) -> Result<(), StorageError> {
-        let store = self.store;
+        // One engine for the scans and the write, even if the store is reopened meanwhile.
+        let engine = self.store.engine()?;
         // The last word on each key, in call order.
         let mut last: BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
         for op in self.ops {
@@ -1220,7 +1426,7 @@ impl StoreBatch {
                 }
                 Op::DeleteClient(prefix) => {
                     for space in Space::PER_CLIENT {
-                        for item in store.ks(space).prefix(&prefix) {
+                        for item in engine.ks(space).prefix(&prefix) {
                             let key = item.key().map_err(StorageError::engine("scan"))?;
                             last.insert((space, key.to_vec()), None);
                         }
@@ -1240,7 +1446,7 @@ impl StoreBatch {
                     start.extend_from_slice(&0u64.to_be_bytes());
                     let mut end = prefix;
                     end.extend_from_slice(&below.to_be_bytes());
-                    for item in store
+                    for item in engine
                         .ks(Space::Queue)
                         .range(start.as_slice()..end.as_slice())
                     {
@@ -1256,11 +1462,11 @@ impl StoreBatch {
         if last.is_empty() {
             return Ok(());
         }
-        let mut batch = store.inner.db.batch();
+        let mut batch = engine.db.batch();
         for ((space, key), value) in last {
             match value {
-                Some(value) => batch.insert(store.ks(space), key, value),
-                None => batch.remove(store.ks(space), key),
+                Some(value) => batch.insert(engine.ks(space), key, value),
+                None => batch.remove(engine.ks(space), key),
             }
         }
         batch.commit().map_err(StorageError::engine("commit batch"))
