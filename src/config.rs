@@ -444,7 +444,13 @@ mod tests {
 
     #[test]
     fn log_filters() {
-        for ok in ["info", "WARN", "off", "info,shardmq=debug", " debug , fjall=warn "] {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,shardmq=debug",
+            " debug , fjall=warn ",
+        ] {
             assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
         }
         for bad in ["verbose", "shardmq", "info,shardmq=loud", "", " , "] {

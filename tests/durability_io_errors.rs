@@ -161,7 +161,9 @@ fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
         let rc = p5.publish_v5(p);
         sent.insert(format!("{m}|{}", String::from_utf8_lossy(&payload)));
         match rc {
-            Some(ReasonCode::Success) => acked.push(format!("{m}|{}", String::from_utf8_lossy(&payload))),
+            Some(ReasonCode::Success) => {
+                acked.push(format!("{m}|{}", String::from_utf8_lossy(&payload)))
+            }
             Some(rc) => {
                 refused = Some(rc);
                 break;
@@ -170,7 +172,11 @@ fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
         }
     }
     let refused = refused.expect("the broker acknowledged 200 publishes on a full disk");
-    assert_eq!(refused, ReasonCode::UnspecifiedError, "PUBACK reason on a full disk");
+    assert_eq!(
+        refused,
+        ReasonCode::UnspecifiedError,
+        "PUBACK reason on a full disk"
+    );
     // Still refused: the disk is still full.
     sent.insert("full-again".into());
     assert_eq!(
@@ -260,7 +266,8 @@ fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
 
     // Every acknowledged message is there, in order (not acknowledged by the subscriber
     // yet, so that the restart below must keep them too).
-    let (mut s, present) = RawClient::connect(b.addr, &ConnectOpts::v5(&sub_id, false).expiry(3600));
+    let (mut s, present) =
+        RawClient::connect(b.addr, &ConnectOpts::v5(&sub_id, false).expiry(3600));
     assert!(present, "the subscriber's session survived");
     receive_all(&mut s, &acked, &sent, false);
     s.disconnect();
@@ -271,7 +278,8 @@ fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
     let status = b.stop();
     assert!(status.success(), "exit status {status}");
     let b = TestBroker::start_in(shards, "", dir);
-    let (mut s, present) = RawClient::connect(b.addr, &ConnectOpts::v5(&sub_id, false).expiry(3600));
+    let (mut s, present) =
+        RawClient::connect(b.addr, &ConnectOpts::v5(&sub_id, false).expiry(3600));
     assert!(present);
     receive_all(&mut s, &acked, &sent, true);
     s.disconnect();

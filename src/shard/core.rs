@@ -375,7 +375,9 @@ impl Core {
             match &self.store {
                 // Logged once per failure episode by the store.
                 Some(store) if e.is_io_failure() => store.report_failure(&e),
-                _ => tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail"),
+                _ => {
+                    tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail")
+                }
             }
         }
         self.sink.wake_committer();

@@ -59,7 +59,9 @@ impl StorageError {
     pub fn is_io_failure(&self) -> bool {
         matches!(
             self,
-            StorageError::Io { .. } | StorageError::Engine { .. } | StorageError::Unavailable { .. }
+            StorageError::Io { .. }
+                | StorageError::Engine { .. }
+                | StorageError::Unavailable { .. }
         )
     }
 

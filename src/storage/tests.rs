@@ -310,7 +310,14 @@ fn persist_follows_journal_rotation() {
     store.persist().unwrap();
     let after = journals();
     assert_ne!(before, after, "the flush rotates the journal");
-    let cached = store.engine().unwrap().journal.lock().unwrap().as_ref().map(|j| j.0);
+    let cached = store
+        .engine()
+        .unwrap()
+        .journal
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|j| j.0);
     let newest = after
         .iter()
         .filter_map(|n| n.trim_end_matches(".jnl").parse::<u64>().ok())

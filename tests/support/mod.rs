@@ -35,9 +35,20 @@ impl TestBroker {
 
     /// Starts a broker on an existing data directory (restart tests).
     pub fn start_in(shards: usize, extra_toml: &str, data_dir: tempfile::TempDir) -> TestBroker {
+        TestBroker::start_env(shards, extra_toml, data_dir, &[])
+    }
+
+    /// Starts a broker with extra environment variables (`NOTIFY_SOCKET`, say).
+    pub fn start_env(
+        shards: usize,
+        extra_toml: &str,
+        data_dir: tempfile::TempDir,
+        envs: &[(&str, &str)],
+    ) -> TestBroker {
         let cfg_path = data_dir.path().join("test.toml");
         std::fs::write(&cfg_path, extra_toml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .envs(envs.iter().copied())
             .arg("--config")
             .arg(&cfg_path)
             .args(["--listen", "127.0.0.1:0", "--no-pin", "--shards"])
@@ -88,6 +99,18 @@ impl TestBroker {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT...) to the broker and returns at once.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling the child we spawned, by its PID.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits (bounded) for the broker to exit; returns its status.
+    pub fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_bounded(&mut child)
     }
 
     /// SIGTERM, then wait (bounded) for the exit status.
