@@ -398,7 +398,11 @@ impl Core {
             let Some((from, max)) = refill else {
                 return;
             };
-            let entries = self.read_queue(client_id, from, max);
+            let Some(entries) = self.read_queue(client_id, from, max) else {
+                // The store is being reopened: the queue stays on disk, read at the
+                // session's next event.
+                return;
+            };
             let Some(s) = self.sessions.get_mut(client_id) else {
                 return;
             };
@@ -449,25 +453,33 @@ impl Core {
         self.note_write(r);
     }
 
-    fn read_queue(&mut self, client_id: &MqttStr, from: u64, max: usize) -> Vec<(u64, Delivery)> {
+    /// `None` while the store is being reopened after a failure.
+    fn read_queue(
+        &mut self,
+        client_id: &MqttStr,
+        from: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, Delivery)>> {
         let Some(store) = &self.store else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         let clock = WallClock::now();
         match store.queue_read(client_id.as_str(), from, max) {
-            Ok(recs) => recs
-                .into_iter()
-                .filter_map(|(seq, r)| match r.to_delivery(&clock) {
-                    Ok(d) => Some((seq, d)),
-                    Err(e) => {
-                        tracing::warn!(client = %client_id, seq, error = %e, "skipping unreadable queued message");
-                        None
-                    }
-                })
-                .collect(),
+            Ok(recs) => Some(
+                recs.into_iter()
+                    .filter_map(|(seq, r)| match r.to_delivery(&clock) {
+                        Ok(d) => Some((seq, d)),
+                        Err(e) => {
+                            tracing::warn!(client = %client_id, seq, error = %e, "skipping unreadable queued message");
+                            None
+                        }
+                    })
+                    .collect(),
+            ),
+            Err(StorageError::Unavailable { .. }) => None,
             Err(e) => {
                 tracing::error!(client = %client_id, error = %e, "cannot read the session queue");
-                Vec::new()
+                Some(Vec::new())
             }
         }
     }
