@@ -67,7 +67,15 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         // Lazy: a broker process still holding files cannot keep the mount alive.
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let unmounted = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        // The broker's handle of the temp dir could not remove the mount point.
+        if let (true, Some(parent)) = (unmounted, self.mnt.parent()) {
+            let _ = std::fs::remove_dir_all(parent);
+        }
     }
 }
 
@@ -119,7 +127,9 @@ fn receive_all(c: &mut RawClient, want: &[String], sent: &BTreeSet<String>, ack:
 fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
     let mut disk = Tmpfs::mount(TMPFS_MIB);
     let shards = 2;
-    let b = TestBroker::start_in(shards, "", disk.take_dir());
+    let logs = tempfile::tempdir().expect("temp dir");
+    let log_file = logs.path().join("broker.log");
+    let b = TestBroker::start_env(shards, "", disk.take_dir(), &[], Some(&log_file));
     let sub_id = id_on_shard("io-sub", 0, shards);
     let topic = "io/q";
     let mut sent = BTreeSet::new();
@@ -277,6 +287,25 @@ fn a_full_disk_refuses_acknowledgements_and_recovers_without_a_restart() {
     let dir = std::mem::replace(&mut b.data_dir, tempfile::tempdir().expect("temp dir"));
     let status = b.stop();
     assert!(status.success(), "exit status {status}");
+    // The log says why, once for the episode, and when it ended.
+    let log = std::fs::read_to_string(&log_file).expect("broker log");
+    let failing: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("storage failing"))
+        .collect();
+    assert_eq!(failing.len(), 1, "one line per failure episode:\n{log}");
+    assert!(
+        failing[0].contains("No space left on device"),
+        "the reason: {}",
+        failing[0]
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("storage recovered"))
+            .count(),
+        1,
+        "{log}"
+    );
     let b = TestBroker::start_in(shards, "", dir);
     let (mut s, present) =
         RawClient::connect(b.addr, &ConnectOpts::v5(&sub_id, false).expiry(3600));

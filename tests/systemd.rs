@@ -73,7 +73,7 @@ fn ready_once_it_accepts_connections_and_stopping_on_sigterm() {
     let sockdir = tempfile::tempdir().expect("temp dir");
     let (sock, path) = notify_socket(sockdir.path());
     let data = tempfile::tempdir().expect("temp dir");
-    let b = TestBroker::start_env(2, "", data, &[("NOTIFY_SOCKET", &path)]);
+    let b = TestBroker::start_env(2, "", data, &[("NOTIFY_SOCKET", &path)], None);
     assert_eq!(
         next_notification(&sock).lines().collect::<Vec<_>>(),
         ["READY=1"]

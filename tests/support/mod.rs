@@ -35,16 +35,22 @@ impl TestBroker {
 
     /// Starts a broker on an existing data directory (restart tests).
     pub fn start_in(shards: usize, extra_toml: &str, data_dir: tempfile::TempDir) -> TestBroker {
-        TestBroker::start_env(shards, extra_toml, data_dir, &[])
+        TestBroker::start_env(shards, extra_toml, data_dir, &[], None)
     }
 
-    /// Starts a broker with extra environment variables (`NOTIFY_SOCKET`, say).
+    /// Starts a broker with extra environment variables (`NOTIFY_SOCKET`, say) and, with
+    /// `log_file`, its stderr (the log) going to that file instead of the test's stderr.
     pub fn start_env(
         shards: usize,
         extra_toml: &str,
         data_dir: tempfile::TempDir,
         envs: &[(&str, &str)],
+        log_file: Option<&std::path::Path>,
     ) -> TestBroker {
+        let stderr = match log_file {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("create log file")),
+            None => Stdio::inherit(),
+        };
         let cfg_path = data_dir.path().join("test.toml");
         std::fs::write(&cfg_path, extra_toml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
@@ -60,7 +66,7 @@ impl TestBroker {
                 std::env::var("SHARDMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn shardmq");
         let stdout = child.stdout.take().expect("stdout");
