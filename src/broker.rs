@@ -18,14 +18,17 @@ use std::time::{Duration, Instant};
 
 use shards::{Control, Placement, Pool, Shard};
 
+use crate::auth::Auth;
 use crate::config::{parse_core_list, Config, Durability};
 use crate::net;
 use crate::session::owner_shard;
-use crate::shard::service::BrokerShard;
+use crate::shard::service::{BrokerShard, Query};
 use crate::storage::{Store, StoreOptions};
 
 /// How long a stopping shard waits for its connections to close.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a reload waits for every shard to take the new rules.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long start-up (recovery included) may take before it is reported as failed.
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -129,6 +132,12 @@ pub fn placement(cfg: &Config) -> Result<Placement, String> {
 impl Broker {
     /// Starts the broker and waits until every shard is accepting connections.
     pub fn start(cfg: Config) -> Result<Broker, StartError> {
+        let auth = Auth::load(&cfg).map_err(|e| StartError::Config(e.to_string()))?;
+        Broker::start_with_auth(cfg, Arc::new(auth))
+    }
+
+    /// [`Broker::start`] with password and ACL rules loaded by the caller.
+    pub fn start_with_auth(cfg: Config, auth: Arc<Auth>) -> Result<Broker, StartError> {
         cfg.validate()
             .map_err(|e| StartError::Config(e.to_string()))?;
         let placement = placement(&cfg).map_err(StartError::Config)?;
@@ -186,6 +195,7 @@ impl Broker {
                     id,
                     count,
                     Rc::new((*build_cfg).clone()),
+                    auth.clone(),
                     stores[id.index()].clone(),
                 )
             },
@@ -209,6 +219,15 @@ impl Broker {
             listeners,
             cores,
         })
+    }
+
+    /// Reads the password and ACL files again and puts them in force on every shard;
+    /// connections stay. On a bad file the old rules stay and the error names file and line.
+    pub fn reload_auth(control: &Control<BrokerShard>, cfg: &Config) -> Result<(), String> {
+        let auth = Arc::new(Auth::load(cfg).map_err(|e| e.to_string())?);
+        control
+            .map_reduce(Query::SetAuth(auth), RELOAD_TIMEOUT, (), |(), _, _| ())
+            .map_err(|e| e.to_string())
     }
 
     /// A handle to stop or query the broker from any thread.

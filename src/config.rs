@@ -24,6 +24,7 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub storage: StorageConfig,
     pub access: AccessConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
 }
 
@@ -37,6 +38,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             storage: StorageConfig::default(),
             access: AccessConfig::default(),
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -196,12 +198,53 @@ impl Default for StorageConfig {
     }
 }
 
-/// Who may do what. (Password files and ACLs come with the security work.)
+/// Filters closed to everyone (see also `[auth] acl_file`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// Topic filters that no client may subscribe to (SUBACK 0x80 / 0x87); matched exactly.
     pub subscribe_deny: Vec<String>,
+}
+
+/// Who may connect and what they may touch (see `src/auth`). The files are read at start
+/// (a bad one stops the broker, naming file and line) and again on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether clients without a user name may connect. Absent: yes, unless a
+    /// `password_file` is set (configuring passwords means requiring them).
+    pub allow_anonymous: Option<bool>,
+    /// Users and password hashes, in Mosquitto's format (`mosquitto_passwd` or
+    /// `shardmq passwd` make them).
+    pub password_file: Option<PathBuf>,
+    /// Topic access rules, in Mosquitto's `acl_file` format. Absent: every topic is open.
+    pub acl_file: Option<PathBuf>,
+    /// Slow password verifications (argon2, many-iteration PBKDF2) waiting or running on
+    /// the shard's password thread at once; a login beyond it is refused as busy (CONNACK
+    /// 0x89 / 0x03).
+    pub verifications_inflight_max: u32,
+    /// Logins remembered per shard as verified (user, digest of the password), so that a
+    /// reconnect does not pay for a slow hash again. 0 turns the memory off.
+    pub verified_cache_max: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            verifications_inflight_max: 8,
+            verified_cache_max: 1024,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// `allow_anonymous` with its default applied.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +345,10 @@ impl Config {
             (
                 "storage.max_cached_files",
                 self.storage.max_cached_files as u64,
+            ),
+            (
+                "auth.verifications_inflight_max",
+                self.auth.verifications_inflight_max as u64,
             ),
         ] {
             if v == 0 {

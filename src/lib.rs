@@ -4,7 +4,9 @@
 //! - [`protocol`]: the codec. Pure: bytes in, packets out; no I/O.
 //! - [`session`]: session and routing logic (ownership hash, topic trie, retained store,
 //!   session state). No I/O.
+//! - [`auth`]: password file, ACL file and login decisions (no I/O after loading).
 //! - [`config`]: every limit with its default; TOML and validation.
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod net;

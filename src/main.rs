@@ -1,8 +1,8 @@
 //! The `shardmq` command: flags and config file in, a running broker out.
 //!
 //! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
-//! [--data-dir DIR] [--log-level LEVEL]`; `shardmq check-config FILE`. A wrong flag or value
-//! exits 2 with one line naming it; a failure to start exits 1 with one line. When every
+//! [--data-dir DIR] [--log-level LEVEL]`; `shardmq check-config FILE`; `shardmq passwd [--stdin] FILE USER`.
+//! A wrong flag or value exits 2 with one line naming it; a failure to start exits 1 with one line. When every
 //! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N`,
 //! and systemd (when `NOTIFY_SOCKET` is set) is told `READY=1`.
 //!
@@ -13,10 +13,11 @@
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use shardmq::auth::Auth;
 use shardmq::broker::Broker;
 use shardmq::config::{check_log_filter, Config};
 
@@ -63,8 +64,53 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate a config file and print the effective configuration.
+    /// Validate a config file (and the password and ACL files it names) and print the
+    /// effective configuration.
     CheckConfig { file: PathBuf },
+    /// Create or update USER's entry in the password FILE (argon2id). The password is read
+    /// from the terminal without echo, or as one line from standard input.
+    Passwd {
+        file: PathBuf,
+        user: String,
+        /// Read the password as one line from standard input even on a terminal.
+        #[arg(long)]
+        stdin: bool,
+    },
+}
+
+/// The password for `shardmq passwd`: typed twice on a terminal, else one line of stdin.
+fn read_password(force_stdin: bool) -> Result<String, String> {
+    use std::io::IsTerminal;
+    if !force_stdin && std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let line = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_string())
+}
+
+fn passwd(file: &Path, user: &str, force_stdin: bool) -> ExitCode {
+    let password = match read_password(force_stdin) {
+        Ok(p) if p.is_empty() => return fail(2, "empty password"),
+        Ok(p) => p,
+        Err(e) => return fail(1, e),
+    };
+    let hash = match shardmq::auth::password::hash_argon2id(password.as_bytes()) {
+        Ok(h) => h,
+        Err(e) => return fail(1, e),
+    };
+    match shardmq::auth::password::set_entry(file, user, &hash) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -91,8 +137,11 @@ fn main() -> ExitCode {
             return fail(2, first.trim_start_matches("error: "));
         }
     };
+    if let Some(Command::Passwd { file, user, stdin }) = &cli.command {
+        return passwd(file, user, *stdin);
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match load(file) {
+        return match load(file).and_then(|c| Auth::load(&c).map(|_| c).map_err(|e| e.to_string())) {
             Ok(cfg) => {
                 let text = toml::to_string_pretty(&cfg).unwrap_or_default();
                 let _ = std::io::stdout().write_all(text.as_bytes());
@@ -128,6 +177,10 @@ fn main() -> ExitCode {
     if let Err(e) = cfg.validate() {
         return fail(2, e);
     }
+    let auth = match Auth::load(&cfg) {
+        Ok(a) => std::sync::Arc::new(a),
+        Err(e) => return fail(2, e),
+    };
     let filter = match log_filter(cli.log_level.as_deref(), &cfg.log.level) {
         Ok(f) => f,
         Err(e) => return fail(2, e),
@@ -143,11 +196,13 @@ fn main() -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
     };
-    let broker = match Broker::start(cfg) {
+    let reload_cfg = cfg.clone();
+    let broker = match Broker::start_with_auth(cfg, auth) {
         Ok(b) => b,
         Err(e) => return fail(1, e),
     };
@@ -171,13 +226,21 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
     }
 
-    // First SIGINT/SIGTERM: orderly stop, bounded. Second: exit at once.
+    // First SIGINT/SIGTERM: orderly stop, bounded. Second: exit at once. SIGHUP: reload the
+    // password and ACL files (a bad file is logged and the old rules stay).
     let control = broker.control();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    match Broker::reload_auth(&control, &reload_cfg) {
+                        Ok(()) => tracing::info!("reloaded the password and ACL files"),
+                        Err(e) => tracing::error!("reload failed, old rules kept: {e}"),
+                    }
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     tracing::info!(signal = sig, "stopping");

@@ -23,7 +23,7 @@ use crate::protocol::{
     ReasonCode,
 };
 use crate::session::{owner_shard, Outbound};
-use crate::shard::core::{Ending, Flow};
+use crate::shard::core::{Ending, Flow, Login, LoginStep};
 use crate::shard::event::Event;
 use crate::shard::service::BrokerShard;
 use shards::{Shard, ShardId};
@@ -233,7 +233,7 @@ async fn handshake(shard: Shard<BrokerShard>, mut stream: TcpStream) {
     if owner == shard.id().index() {
         let mut rest = buf;
         let _ = decode(&mut rest, &DecodeLimits::new(max_packet, None));
-        serve(shard, stream, connect, rest, assigned).await;
+        serve(shard, stream, connect, rest, assigned, None).await;
         return;
     }
     // Hand the socket to its owner: duplicate the fd (dropping the stream closes its own),
@@ -272,7 +272,7 @@ pub async fn serve_handoff(shard: Shard<BrokerShard>, fd: RawFd, bytes: Bytes) {
         .packet_bytes_max as usize;
     let mut buf = BytesMut::from(&bytes[..]);
     match decode(&mut buf, &DecodeLimits::new(max_packet, None)) {
-        Ok(Some(Packet::Connect(c))) => serve(shard, stream, c, buf, None).await,
+        Ok(Some(Packet::Connect(c))) => serve(shard, stream, c, buf, None, None).await,
         _ => tracing::warn!("hand-off without a CONNECT; closing"),
     }
 }
@@ -322,15 +322,19 @@ async fn serve(
     connect: Box<Connect>,
     mut buf: BytesMut,
     assigned: Option<MqttStr>,
+    cert_identity: Option<String>,
 ) {
     let version = connect.protocol;
     let out = Rc::new(Outbound::new(version));
-    let accepted =
-        shard
-            .service()
-            .core
-            .borrow_mut()
-            .connect(&connect, assigned, out.clone(), Instant::now());
+    let peer = stream.peer_addr().ok();
+    let login = authenticate(&shard, &connect, cert_identity.as_deref(), peer).await;
+    let accepted = shard.service().core.borrow_mut().connect_as(
+        &connect,
+        assigned,
+        login,
+        out.clone(),
+        Instant::now(),
+    );
     drop(connect);
     let (mut reader, writer) = futures_lite::io::split(stream);
     let writer_task = glommio::spawn_local(write_loop(out.clone(), writer));
@@ -439,6 +443,26 @@ async fn serve(
             }
         };
         future::or(drain, glommio::timer::sleep(CLOSE_DRAIN)).await;
+    }
+}
+
+/// Checks a CONNECT's credentials; a slow password hash is verified on the shard's password
+/// thread, so that the executor keeps serving everyone else meanwhile. `cert_identity` is
+/// the client certificate's identity when the listener takes it as the user name.
+async fn authenticate(
+    shard: &Shard<BrokerShard>,
+    connect: &Connect,
+    cert_identity: Option<&str>,
+    peer: Option<SocketAddr>,
+) -> Login {
+    let step = shard
+        .service()
+        .core
+        .borrow_mut()
+        .check_login(connect, cert_identity, peer);
+    match step {
+        LoginStep::Done(login) => login,
+        LoginStep::Verify(v) => shard.service().verify(v).await,
     }
 }
 

@@ -312,6 +312,10 @@ pub struct Session {
     /// session was read back from disk): when the session ends, every shard forgets the keys
     /// of this origin.
     pub qos2_published: bool,
+    /// Who the client is for access control: `None` until a connection sets it (a session
+    /// read back from disk keeps no identity until its client returns), then
+    /// `Some(user name)` (`Some(None)`: anonymous).
+    pub identity: Option<Option<MqttStr>>,
     /// Dedup keys (publisher, publisher packet id) of the QoS 2 messages this persistent
     /// session stored and their publisher has not released yet.
     qos2_keys: HashSet<(MqttStr, u16)>,
@@ -344,6 +348,7 @@ impl Session {
             epoch: 0,
             persistent: false,
             qos2_published: false,
+            identity: None,
             qos2_keys: HashSet::new(),
             ops: Vec::new(),
             next_packet_id: 1,

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::event::{Event, Rehomed, RetainVersion, SharedMember, Token};
 use super::shardset::ShardSet;
+use crate::auth::{Access, Auth, LoginCheck, LoginFailure, PasswordHash, VerifiedCache};
 use crate::config::{Config, Durability};
 use crate::protocol::{
     Ack, ConnAck, ConnAckProperties, Connect, Disconnect, MqttStr, Packet, ProtocolVersion,
@@ -74,6 +75,8 @@ pub struct ConnCtx {
     pub client_id: MqttStr,
     pub version: ProtocolVersion,
     pub out: Rc<Outbound>,
+    /// The user name access control knows the client by (`None`: anonymous).
+    pub username: Option<MqttStr>,
     /// Topic aliases the client set on this connection (they do not outlive it).
     aliases_in: HashMap<u16, TopicName>,
 }
@@ -206,6 +209,71 @@ pub struct CoreStats {
     pub shared_dropped_no_member: u64,
     pub wills_published: u64,
     pub sessions_expired: u64,
+    /// CONNECTs refused for their credentials (or for none).
+    pub logins_failed: u64,
+    /// CONNECTs refused because `auth.verifications_inflight_max` checks were in flight.
+    pub logins_busy: u64,
+    /// PUBLISHes (wills included) dropped because the client may not write the topic.
+    pub acl_denied_publish: u64,
+    /// Subscriptions refused by the ACL or `[access] subscribe_deny`.
+    pub acl_denied_subscribe: u64,
+    /// Messages not delivered to a subscriber that may not read the topic.
+    pub acl_denied_delivery: u64,
+}
+
+/// Who a connecting client is, as established before [`Core::connect_as`].
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// The user name access control knows the client by (`None`: anonymous).
+    pub username: Option<MqttStr>,
+    /// The credentials were refused: CONNACK 0x86 / 0x04 (0x89 / 0x03 when busy).
+    pub refused: Option<LoginFailure>,
+    /// For the log line of a refusal.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+impl Login {
+    /// An anonymous client, accepted.
+    pub fn anonymous() -> Login {
+        Login {
+            username: None,
+            refused: None,
+            peer: None,
+        }
+    }
+}
+
+/// The next step of a login (see [`Core::check_login`]).
+#[derive(Debug)]
+pub enum LoginStep {
+    Done(Login),
+    /// Verify the password off the executor ([`Verification::run`]), then hand the result
+    /// to [`Core::verified`].
+    Verify(Verification),
+}
+
+/// A slow password check, to run on a blocking thread.
+pub struct Verification {
+    login: Login,
+    hash: Arc<PasswordHash>,
+    password: bytes::Bytes,
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verification")
+            .field("user", &self.login.username)
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+impl Verification {
+    /// Checks the password (slow; blocks the calling thread).
+    pub fn run(&self) -> bool {
+        self.hash.verify(&self.password)
+    }
 }
 
 /// Where events for other shards go; the service implements it with its outbox.
@@ -256,6 +324,12 @@ pub struct Core {
     last_prune: Instant,
     /// Set by [`Core::close_all`]: the broker is stopping, and publishes no will.
     stopping: bool,
+    /// Password and ACL rules, shared read-only by every shard; replaced on reload.
+    auth: Arc<Auth>,
+    /// Logins verified recently (see [`VerifiedCache`]).
+    verified: VerifiedCache,
+    /// Slow verifications running off the executor now.
+    verifying: u32,
     pub stats: CoreStats,
 }
 
@@ -295,7 +369,6 @@ impl Core {
         Core {
             id,
             count,
-            cfg,
             limits,
             sessions: HashMap::new(),
             subs: TopicTrie::default(),
@@ -320,8 +393,94 @@ impl Core {
             last_retain_ns: 0,
             last_prune: Instant::now(),
             stopping: false,
+            auth: Arc::new(Auth::new(
+                cfg.auth.anonymous_allowed(),
+                None,
+                None,
+                cfg.access.subscribe_deny.clone(),
+            )),
+            verified: VerifiedCache::new(cfg.auth.verified_cache_max as usize),
+            verifying: 0,
+            cfg,
             stats: CoreStats::default(),
         }
+    }
+
+    /// Puts new password and ACL rules in force (at start and on reload). Connected clients
+    /// stay; every later operation is checked against the new rules.
+    pub fn set_auth(&mut self, auth: Arc<Auth>) {
+        self.auth = auth;
+        self.verified.clear();
+    }
+
+    /// The first step of a CONNECT's login: decides at once, or asks for a password check
+    /// off the executor. `cert_identity` is the client certificate's identity when the
+    /// listener takes it as the user name (then no password is needed).
+    pub fn check_login(
+        &mut self,
+        c: &Connect,
+        cert_identity: Option<&str>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> LoginStep {
+        let password = c.password.as_deref();
+        let user = c.username.as_ref().map(|u| u.as_str());
+        let mut login = Login {
+            username: None,
+            refused: None,
+            peer,
+        };
+        match self.auth.login(user, password, cert_identity) {
+            LoginCheck::Done(Ok(None)) => {}
+            LoginCheck::Done(Ok(Some(name))) => match MqttStr::new(&name) {
+                Ok(n) => login.username = Some(n),
+                // A name that is no MQTT string (a huge certificate subject) must not
+                // become an anonymous login.
+                Err(_) => login.refused = Some(LoginFailure::UnknownUser),
+            },
+            LoginCheck::Done(Err(why)) => {
+                login.username = c.username.clone();
+                login.refused = Some(why);
+            }
+            LoginCheck::Verify { user, hash } => {
+                login.username = MqttStr::new(&user).ok();
+                let password = c.password.clone().unwrap_or_default();
+                let digest = self.verified.digest(&user, &password);
+                if self.verified.contains(&digest) {
+                    return LoginStep::Done(login);
+                }
+                if hash.is_slow() {
+                    if self.verifying >= self.cfg.auth.verifications_inflight_max {
+                        login.refused = Some(LoginFailure::Busy);
+                        return LoginStep::Done(login);
+                    }
+                    self.verifying += 1;
+                    return LoginStep::Verify(Verification {
+                        login,
+                        hash,
+                        password,
+                        digest,
+                    });
+                }
+                if hash.verify(&password) {
+                    self.verified.insert(digest);
+                } else {
+                    login.refused = Some(LoginFailure::WrongPassword);
+                }
+            }
+        }
+        LoginStep::Done(login)
+    }
+
+    /// The result of a [`Verification`] that ran off the executor.
+    pub fn verified(&mut self, v: Verification, ok: bool) -> Login {
+        self.verifying = self.verifying.saturating_sub(1);
+        let mut login = v.login;
+        if ok {
+            self.verified.insert(v.digest);
+        } else {
+            login.refused = Some(LoginFailure::WrongPassword);
+        }
+        login
     }
 
     pub fn config(&self) -> &Config {
@@ -766,6 +925,7 @@ impl Core {
                             sub_id: sub.id,
                             online: false,
                             persistent: true,
+                            identity: None,
                         },
                         reply: token,
                     },
@@ -857,6 +1017,20 @@ impl Core {
         out: Rc<Outbound>,
         now: Instant,
     ) -> Result<Accepted, ReasonCode> {
+        self.connect_as(c, assigned_id, Login::anonymous(), out, now)
+    }
+
+    /// [`Core::connect`] for a client whose login was checked ([`Core::check_login`]): a
+    /// refused login gets CONNACK 0x86 (3.x: 0x04) and nothing else, before any session is
+    /// touched; so does a will the user may not publish (0x87 / 0x05).
+    pub fn connect_as(
+        &mut self,
+        c: &Connect,
+        assigned_id: Option<MqttStr>,
+        login: Login,
+        out: Rc<Outbound>,
+        now: Instant,
+    ) -> Result<Accepted, ReasonCode> {
         let version = c.protocol;
         let v5 = version.is_v5();
         let client_id = assigned_id.clone().unwrap_or_else(|| c.client_id.clone());
@@ -879,6 +1053,35 @@ impl Core {
         }
         if v5 && c.properties.authentication_method.is_some() {
             return refuse(ReasonCode::BadAuthenticationMethod);
+        }
+        if login.refused == Some(LoginFailure::Busy) {
+            // Not a verdict on the credentials: the shard has enough checks in flight.
+            self.stats.logins_busy += 1;
+            tracing::debug!(client = %client_id, peer = ?login.peer, "login refused: busy");
+            return refuse(ReasonCode::ServerBusy);
+        }
+        if let Some(why) = login.refused {
+            self.stats.logins_failed += 1;
+            tracing::warn!(
+                user = login.username.as_ref().map_or("", |u| u.as_str()),
+                client = %client_id,
+                peer = ?login.peer,
+                reason = why.as_str(),
+                "login refused"
+            );
+            return refuse(ReasonCode::BadUserNameOrPassword);
+        }
+        let username = login.username;
+        if let Some(w) = &c.will {
+            let user = username.as_ref().map(|u| u.as_str());
+            if !self
+                .auth
+                .allows(user, &client_id, w.topic.as_str(), Access::Write)
+            {
+                self.stats.acl_denied_publish += 1;
+                tracing::info!(client = %client_id, topic = %w.topic.as_str(), "will topic not allowed");
+                return refuse(ReasonCode::NotAuthorized);
+            }
         }
         let sessions_cfg = &self.cfg.sessions;
         let requested_expiry = if v5 {
@@ -962,6 +1165,7 @@ impl Core {
             .entry(client_id.clone())
             .or_insert_with(|| Session::new(client_id.clone(), version, expiry_s));
         session.expiry_s = expiry_s;
+        session.identity = Some(username.clone());
         session.epoch = Core::bump(&mut self.next_epoch);
         session.will = c.will.as_ref().map(|w| {
             let p = &w.properties;
@@ -1025,6 +1229,7 @@ impl Core {
                 client_id,
                 version,
                 out,
+                username,
                 aliases_in: HashMap::new(),
             },
             keep_alive_s,
@@ -1388,6 +1593,30 @@ impl Core {
         if !p.properties.subscription_identifiers.is_empty() {
             return Err(ReasonCode::ProtocolError);
         }
+        let user = ctx.username.as_ref().map(|u| u.as_str());
+        if !self
+            .auth
+            .allows(user, &ctx.client_id, topic.as_str(), Access::Write)
+        {
+            // Dropped. MQTT 5 says so in the acknowledgement (0x87); a 3.x client cannot be
+            // told and is acknowledged as usual, as Mosquitto does.
+            self.stats.acl_denied_publish += 1;
+            if let Some(pid) = p.packet_id {
+                let rc = if ctx.version.is_v5() {
+                    ReasonCode::NotAuthorized
+                } else {
+                    ReasonCode::Success
+                };
+                let ack = Ack::with_reason(pid, rc);
+                let packet = if p.qos == QoS::AtLeastOnce {
+                    Packet::PubAck(ack)
+                } else {
+                    Packet::PubRec(ack)
+                };
+                self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
+            }
+            return Ok(());
+        }
         let receive_maximum = l.receive_maximum as usize;
         if let Some(pid) = p.packet_id {
             let s = self
@@ -1643,6 +1872,10 @@ impl Core {
                 via_share: None,
             };
             if let Some(s) = self.sessions.get_mut(&client_id) {
+                if !may_read(&self.auth, s, &msg.topic) {
+                    self.stats.acl_denied_delivery += 1;
+                    continue;
+                }
                 s.deliver(d, &self.limits, now);
                 if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
                     if s.holds_qos2(origin, id.packet_id) {
@@ -1678,8 +1911,15 @@ impl Core {
             return Dispatched::Dropped;
         };
         let n = g.members.len();
+        let auth = &self.auth;
         let eligible = |m: &SharedMember, online: bool| {
-            Some(&m.client_id) != not && (m.online == online) && (online || m.persistent)
+            Some(&m.client_id) != not
+                && (m.online == online)
+                && (online || m.persistent)
+                && m.identity.as_ref().is_none_or(|user| {
+                    let user = user.as_ref().map(|u| u.as_str());
+                    auth.allows(user, &m.client_id, msg.topic.as_str(), Access::Read)
+                })
         };
         let mut pick = None;
         for online in [true, false] {
@@ -1729,6 +1969,9 @@ impl Core {
         let peers: Vec<usize> = self.peers().collect();
         for (filter, options) in s.filters {
             let rc = self.check_filter(ctx, &filter);
+            if matches!(rc, ReasonCode::NotAuthorized | ReasonCode::UnspecifiedError) {
+                self.stats.acl_denied_subscribe += 1;
+            }
             if rc != ReasonCode::Success {
                 codes.push(rc); // 3.x SUBACK encodes any failure as 0x80
                 continue;
@@ -1766,6 +2009,7 @@ impl Core {
                             sub_id,
                             online: true,
                             persistent,
+                            identity: Some(ctx.username.clone()),
                         },
                         reply: token,
                     },
@@ -1790,7 +2034,13 @@ impl Core {
                     RetainHandling::DoNotSend => false,
                 };
                 if send_retained {
+                    let (auth, user) = (&self.auth, ctx.username.as_ref().map(|u| u.as_str()));
+                    let denied = &mut self.stats.acl_denied_delivery;
                     self.retained.for_each_match(filter.filter(), |m| {
+                        if !auth.allows(user, &ctx.client_id, m.topic.as_str(), Access::Read) {
+                            *denied += 1;
+                            return;
+                        }
                         retained.push(Delivery {
                             msg: m.clone(),
                             qos: m.qos.min(options.qos),
@@ -1842,15 +2092,17 @@ impl Core {
         {
             return ReasonCode::TopicFilterInvalid;
         }
-        if self
-            .cfg
-            .access
-            .subscribe_deny
-            .iter()
-            .any(|d| d == filter.as_str())
+        let user = ctx.username.as_ref().map(|u| u.as_str());
+        match self
+            .auth
+            .refuses_subscribe(user, &ctx.client_id, filter.as_str())
         {
-            // 0x80 rather than 0x87: the one failure code every client version understands.
-            return ReasonCode::UnspecifiedError;
+            // `[access] subscribe_deny`: 0x80, the failure code every client version
+            // understands (what the Paho suites expect).
+            Some(true) => return ReasonCode::UnspecifiedError,
+            // The ACL: 0x87 (3.x SUBACK encodes it as 0x80).
+            Some(false) => return ReasonCode::NotAuthorized,
+            None => {}
         }
         if let Some(s) = self.sessions.get(&ctx.client_id) {
             if s.subscriptions.len() >= l.subscriptions_per_session_max as usize
@@ -2127,6 +2379,11 @@ impl Core {
                 reply,
             } => {
                 let taken = match self.sessions.get_mut(&client_id) {
+                    Some(s) if !may_read(&self.auth, s, &msg.topic) => {
+                        // Another member may read it: back to the group.
+                        self.stats.acl_denied_delivery += 1;
+                        false
+                    }
                     Some(s) => match s.subscriptions.get(&*key) {
                         Some(sub) => {
                             let d = Delivery {
@@ -2530,6 +2787,21 @@ impl Core {
     }
 }
 
+/// Whether the session's client may receive a message on `topic`. A session read back from
+/// disk has no identity until its client returns: its messages are queued (its
+/// subscriptions were checked when made).
+fn may_read(auth: &Auth, s: &Session, topic: &TopicName) -> bool {
+    match &s.identity {
+        None => true,
+        Some(user) => auth.allows(
+            user.as_ref().map(|u| u.as_str()),
+            &s.client_id,
+            topic.as_str(),
+            Access::Read,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2895,5 +3167,147 @@ mod qos2_dedup_tests {
         commit(&mut c, now);
         let r = store.load().unwrap();
         assert!(stored(&r, "s").dedup.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::tests_support::*;
+    use super::*;
+    use crate::auth::PasswordFile;
+
+    fn connect_with(user: &str, password: &[u8]) -> Connect {
+        Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            properties: Default::default(),
+            client_id: MqttStr::new("cid").unwrap(),
+            will: None,
+            username: Some(MqttStr::new(user).unwrap()),
+            password: Some(bytes::Bytes::copy_from_slice(password)),
+        }
+    }
+
+    #[test]
+    fn failed_logins_are_counted_and_answered_with_connack_only() {
+        let mut c = core();
+        let pw =
+            PasswordFile::parse(include_str!("../../tests/fixtures/auth/passwd"), "p").unwrap();
+        c.set_auth(Arc::new(Auth::new(false, Some(pw), None, vec![])));
+        let now = Instant::now();
+        // sha512user's $6$ hash is fast: decided on the spot.
+        for (password, ok) in [(&b"wrong"[..], false), (b"sha512 secret", true)] {
+            let connect = connect_with("sha512user", password);
+            let LoginStep::Done(login) = c.check_login(&connect, None, None) else {
+                panic!("a $6$ hash is checked inline");
+            };
+            let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+            let r = c.connect_as(&connect, None, login, out.clone(), now);
+            let got = drain(&out);
+            assert_eq!(r.is_ok(), ok);
+            match &got[..] {
+                [Packet::ConnAck(a)] if !ok => {
+                    assert_eq!(a.reason_code, ReasonCode::BadUserNameOrPassword)
+                }
+                [Packet::ConnAck(a)] => assert_eq!(a.reason_code, ReasonCode::Success),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(c.stats.logins_failed, 1);
+        // alice's $7$ (101 iterations) is fast too; a wrong one counts again.
+        let connect = connect_with("alice", b"x");
+        let LoginStep::Done(login) = c.check_login(&connect, None, None) else {
+            panic!("101 PBKDF2 iterations are checked inline");
+        };
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        assert!(c.connect_as(&connect, None, login, out, now).is_err());
+        assert_eq!(c.stats.logins_failed, 2);
+        // Anonymous refused.
+        let mut anon = connect_with("x", b"");
+        anon.username = None;
+        anon.password = None;
+        let LoginStep::Done(login) = c.check_login(&anon, None, None) else {
+            panic!("no password to check");
+        };
+        assert_eq!(login.refused, Some(LoginFailure::Anonymous));
+    }
+
+    #[test]
+    fn a_certificate_identity_is_the_user_name_without_a_password() {
+        let mut c = core();
+        let pw =
+            PasswordFile::parse(include_str!("../../tests/fixtures/auth/passwd"), "p").unwrap();
+        let acl = crate::auth::Acl::parse("user CN=dev1\ntopic readwrite dev1/#\n", "a").unwrap();
+        c.set_auth(Arc::new(Auth::new(false, Some(pw), Some(acl), vec![])));
+        let mut connect = connect_with("ignored", b"");
+        connect.username = None;
+        connect.password = None;
+        let LoginStep::Done(login) = c.check_login(&connect, Some("CN=dev1"), None) else {
+            panic!("nothing to verify");
+        };
+        assert_eq!(login.refused, None);
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        let mut ctx = c
+            .connect_as(&connect, None, login, out.clone(), Instant::now())
+            .unwrap()
+            .ctx;
+        assert_eq!(ctx.username.as_ref().map(|u| u.as_str()), Some("CN=dev1"));
+        let publish = |t: &str| {
+            let mut p = Publish::new(TopicName::new(t).unwrap(), bytes::Bytes::from_static(b"x"));
+            p.qos = QoS::AtLeastOnce;
+            p.packet_id = crate::protocol::PacketId::new(1);
+            Packet::Publish(p)
+        };
+        c.on_packet(&mut ctx, publish("other/t"), Instant::now())
+            .unwrap();
+        c.on_packet(&mut ctx, publish("dev1/t"), Instant::now())
+            .unwrap();
+        let acks: Vec<ReasonCode> = drain(&out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::PubAck(a) => Some(a.reason_code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            acks,
+            vec![ReasonCode::NotAuthorized, ReasonCode::NoMatchingSubscribers]
+        );
+    }
+
+    #[test]
+    fn slow_hashes_go_off_the_executor_within_a_bound() {
+        let mut c = core();
+        let phc = crate::auth::password::hash_argon2id(b"pw").unwrap();
+        let pw = PasswordFile::parse(&format!("u:{phc}\n"), "p").unwrap();
+        c.set_auth(Arc::new(Auth::new(false, Some(pw), None, vec![])));
+        let max = c.config().auth.verifications_inflight_max;
+        let mut pending = Vec::new();
+        for _ in 0..max {
+            match c.check_login(&connect_with("u", b"bad"), None, None) {
+                LoginStep::Verify(v) => pending.push(v),
+                LoginStep::Done(l) => panic!("{l:?}"),
+            }
+        }
+        // One more: refused as busy rather than queued without bound.
+        match c.check_login(&connect_with("u", b"bad"), None, None) {
+            LoginStep::Done(l) => assert_eq!(l.refused, Some(LoginFailure::Busy)),
+            LoginStep::Verify(_) => panic!("beyond verifications_inflight_max"),
+        }
+        for v in pending {
+            let ok = v.run();
+            assert!(c.verified(v, ok).refused.is_some());
+        }
+        // The right password, verified once, is then remembered.
+        let LoginStep::Verify(v) = c.check_login(&connect_with("u", b"pw"), None, None) else {
+            panic!("first login verifies");
+        };
+        let ok = v.run();
+        assert!(c.verified(v, ok).refused.is_none());
+        assert!(matches!(
+            c.check_login(&connect_with("u", b"pw"), None, None),
+            LoginStep::Done(Login { refused: None, .. })
+        ));
     }
 }

@@ -122,4 +122,7 @@ pub struct SharedMember {
     pub online: bool,
     /// Whether the member's session outlives its connection (it can queue while offline).
     pub persistent: bool,
+    /// The member's identity for read access (see `Session::identity`); `None`: unknown
+    /// (read back from disk), the member's shard checks at delivery.
+    pub identity: Option<Option<MqttStr>>,
 }

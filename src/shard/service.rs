@@ -5,13 +5,16 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use shards::{Outbox, Service, Shard, ShardId};
 
-use super::core::{Core, CoreStats, EventSink};
+use super::core::{Core, CoreStats, EventSink, Login, Verification};
 use super::event::Event;
+use crate::auth::Auth;
+use crate::auth::LoginFailure;
 use crate::config::{Config, Durability};
 use crate::storage::Store;
 
@@ -90,9 +93,11 @@ impl OutboxSink {
 }
 
 /// A question for every shard (map-reduce).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Query {
     Stats,
+    /// Put these password and ACL rules in force (reload); answered with the stats.
+    SetAuth(Arc<Auth>),
 }
 
 /// One shard's answer.
@@ -102,6 +107,42 @@ pub struct ShardStats {
     pub retained: usize,
     pub handoffs: u64,
     pub core: CoreStats,
+}
+
+/// The nice value of the password threads (see [`start_verifier`]).
+const VERIFIER_NICE: libc::c_int = 10;
+
+/// A password check for the shard's verification thread, and where its answer goes.
+type VerifyJob = (
+    Verification,
+    futures_channel::oneshot::Sender<(Verification, bool)>,
+);
+
+/// Starts the shard's password-verification thread: slow hashes (argon2, PBKDF2) run there,
+/// not on the executor and not on its blocking thread (which makes the shard's writes
+/// durable: a flood of bad logins must not delay acknowledgements). The core bounds the
+/// checks in flight, so the channel never fills. The thread ends when the shard drops.
+fn start_verifier(shard: usize, bound: usize) -> Option<crossbeam_channel::Sender<VerifyJob>> {
+    let (tx, rx) = crossbeam_channel::bounded::<VerifyJob>(bound.max(1));
+    let spawned = std::thread::Builder::new()
+        .name(format!("shardmq-auth-{shard}"))
+        .spawn(move || {
+            // Below the shards' priority: under a flood of logins the hashing takes the CPU
+            // the shards leave. On Linux the nice value is per thread (`who` 0: this one).
+            // SAFETY: plain system call on the calling thread; failure leaves it at 0.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, VERIFIER_NICE) };
+            for (v, reply) in rx {
+                let ok = v.run();
+                let _ = reply.send((v, ok));
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::error!(shard, error = %e, "no password thread; verifying on the blocking thread");
+            None
+        }
+    }
 }
 
 /// The per-shard service.
@@ -118,6 +159,8 @@ pub struct BrokerShard {
     store: Option<Store>,
     /// Wakes the storage recovery task when the store reports a failure episode.
     storage_failed: Notify,
+    /// The shard's password-verification thread (see [`start_verifier`]).
+    verifier: Option<crossbeam_channel::Sender<VerifyJob>>,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -129,7 +172,13 @@ impl std::fmt::Debug for BrokerShard {
 }
 
 impl BrokerShard {
-    pub fn new(id: ShardId, count: usize, cfg: Rc<Config>, store: Option<Store>) -> BrokerShard {
+    pub fn new(
+        id: ShardId,
+        count: usize,
+        cfg: Rc<Config>,
+        auth: Arc<Auth>,
+        store: Option<Store>,
+    ) -> BrokerShard {
         let sink = Rc::new(OutboxSink {
             outbox: Outbox::new(count),
             pending: Cell::new(false),
@@ -138,7 +187,9 @@ impl BrokerShard {
         });
         // Each shard takes its share of the connection limit (rounded up).
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
-        let core = Core::new(id.index(), count, cfg, sink.clone(), store.clone());
+        let verifier = start_verifier(id.index(), cfg.auth.verifications_inflight_max as usize);
+        let mut core = Core::new(id.index(), count, cfg, sink.clone(), store.clone());
+        core.set_auth(auth);
         BrokerShard {
             core: RefCell::new(core),
             sink,
@@ -149,7 +200,46 @@ impl BrokerShard {
             persist_latency_us: Cell::new(0),
             store,
             storage_failed: Notify::default(),
+            verifier,
         }
+    }
+
+    /// Runs a slow password check off the executor (see [`start_verifier`]) and hands the
+    /// result to the core.
+    pub async fn verify(&self, v: Verification) -> Login {
+        let (v, ok) = match &self.verifier {
+            Some(jobs) => {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                match jobs.try_send((v, tx)) {
+                    Ok(()) => match rx.await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            // The thread is gone (shutdown); the job went with it.
+                            return Login {
+                                username: None,
+                                refused: Some(LoginFailure::Busy),
+                                peer: None,
+                            };
+                        }
+                    },
+                    Err(e) => {
+                        let (v, _) = e.into_inner();
+                        let mut login = self.core.borrow_mut().verified(v, false);
+                        login.refused = Some(LoginFailure::Busy);
+                        return login;
+                    }
+                }
+            }
+            None => {
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        let ok = v.run();
+                        (v, ok)
+                    })
+                    .await
+            }
+        };
+        self.core.borrow_mut().verified(v, ok)
     }
 
     /// Counts a new connection against this shard's share of `connections_max`.
@@ -420,7 +510,9 @@ impl Service for BrokerShard {
     }
 
     fn answer(&self, _shard: &Shard<Self>, query: Query) -> impl Future<Output = ShardStats> {
-        let Query::Stats = query;
+        if let Query::SetAuth(auth) = query {
+            self.core.borrow_mut().set_auth(auth);
+        }
         let core = self.core.borrow();
         let stats = ShardStats {
             sessions: core.session_count(),
