@@ -610,6 +610,15 @@ fn a_bad_password_or_acl_file_stops_the_start_naming_file_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("{}:2:", acl.display())), "{err}");
+    // check-config reads the files too.
+    let out = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .arg("check-config")
+        .arg(dir.path().join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:2:", acl.display())), "{err}");
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "alice:plaintext\n").unwrap();
     let out = run(&format!("[auth]\npassword_file = {}\n", toml_path(&pw)));
