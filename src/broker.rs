@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use shards::{Control, Placement, Pool, Shard};
 
 use crate::auth::Auth;
-use crate::config::{parse_core_list, Config, Durability};
+use crate::config::{parse_core_list, Config, Durability, Transport};
 use crate::net;
 use crate::session::owner_shard;
 use crate::shard::service::{BrokerShard, Query};
@@ -35,8 +35,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// A running broker.
 pub struct Broker {
     pool: Pool<BrokerShard, ()>,
-    /// The addresses actually bound (port 0 resolved), in config order.
-    pub listeners: Vec<SocketAddr>,
+    /// The listeners actually bound (port 0 resolved): `listen` first, then `[[listeners]]`,
+    /// in config order.
+    pub listeners: Vec<BoundListener>,
     /// Shard index -> core it is pinned to (`None` when unpinned).
     pub cores: Vec<Option<usize>>,
 }
@@ -50,10 +51,19 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// A listening address and what it speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundListener {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+}
+
 /// Why the broker did not start; one line each.
 #[derive(Debug)]
 pub enum StartError {
     Config(String),
+    /// A listener's TLS files cannot be used (a configuration error: exit status 2).
+    Listener(String),
     Listen {
         addr: SocketAddr,
         error: std::io::Error,
@@ -64,7 +74,7 @@ pub enum StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Config(m) => write!(f, "{m}"),
+            StartError::Config(m) | StartError::Listener(m) => write!(f, "{m}"),
             StartError::Listen { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             StartError::Runtime(m) => write!(f, "cannot start the shards: {m}"),
         }
@@ -144,14 +154,20 @@ impl Broker {
         let count = placement.shard_count();
         let cores: Vec<Option<usize>> = (0..count).map(|i| placement.core_of(i)).collect();
 
+        let specs = listeners_of(&cfg).map_err(StartError::Listener)?;
         let mut listeners = Vec::new();
-        let mut fds: Vec<Vec<RawFd>> = vec![Vec::new(); count];
-        for &addr in &cfg.listen {
+        let mut fds: ShardSockets = vec![Vec::new(); count];
+        for spec in specs {
+            let addr = spec.addr;
             let (socks, bound) = net::bind_listeners(addr, count)
                 .map_err(|error| StartError::Listen { addr, error })?;
-            listeners.push(bound);
+            listeners.push(BoundListener {
+                addr: bound,
+                transport: spec.transport,
+            });
+            let spec = Arc::new(spec);
             for (shard, fd) in socks.into_iter().enumerate() {
-                fds[shard].push(fd);
+                fds[shard].push((fd, spec.clone()));
             }
         }
         let fds = Arc::new(fds);
@@ -365,11 +381,24 @@ fn merge_extra_stores(
     Ok(())
 }
 
-async fn shard_main(
-    shard: Shard<BrokerShard>,
-    fds: Arc<Vec<Vec<RawFd>>>,
-    ready: mpsc::Sender<usize>,
-) {
+/// Per shard: its listening sockets, each with the listener it belongs to.
+type ShardSockets = Vec<Vec<(RawFd, Arc<net::Listener>)>>;
+
+/// Every listener of the configuration, `listen` first, with its TLS files read and
+/// checked. The error is one line naming the listener and the file.
+pub fn listeners_of(cfg: &Config) -> Result<Vec<net::Listener>, String> {
+    let mut v: Vec<net::Listener> = cfg
+        .listen
+        .iter()
+        .map(|&a| net::Listener::plain(a))
+        .collect();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        v.push(net::Listener::from_config(i, l)?);
+    }
+    Ok(v)
+}
+
+async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mpsc::Sender<usize>) {
     let id = shard.id().index();
     let flusher = glommio::spawn_local(BrokerShard::flush_loop(shard.clone()));
     let committer = glommio::spawn_local(BrokerShard::commit_loop(shard.clone()));
@@ -379,8 +408,12 @@ async fn shard_main(
     BrokerShard::recover(&shard).await;
     let timers = glommio::spawn_local(BrokerShard::timer_loop(shard.clone()));
     let mut accepts = Vec::new();
-    for &fd in &fds[id] {
-        accepts.push(glommio::spawn_local(net::accept_loop(shard.clone(), fd)));
+    for (fd, listener) in &fds[id] {
+        accepts.push(glommio::spawn_local(net::accept_loop(
+            shard.clone(),
+            *fd,
+            listener.clone(),
+        )));
     }
     tracing::info!(shard = id, "shard ready");
     let _ = ready.send(id);

@@ -15,8 +15,11 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// MQTT listeners. Like Mosquitto 2, the default is reachable only from this machine.
+    /// Plain MQTT-over-TCP listeners. Like Mosquitto 2, the default is reachable only from
+    /// this machine.
     pub listen: Vec<SocketAddr>,
+    /// Further listeners of any transport (TLS, WebSocket, ...), each with its own limits.
+    pub listeners: Vec<ListenerConfig>,
     /// Where each shard keeps its database (`<data_dir>/shard-<n>/`).
     pub data_dir: PathBuf,
     pub shards: ShardsConfig,
@@ -32,6 +35,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            listeners: Vec::new(),
             data_dir: PathBuf::from("./data"),
             shards: ShardsConfig::default(),
             limits: Limits::default(),
@@ -41,6 +45,165 @@ impl Default for Config {
             auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
+    }
+}
+
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// MQTT over TCP.
+    #[default]
+    Tcp,
+    /// MQTT over TLS (1.2 and 1.3).
+    Tls,
+    /// MQTT over WebSocket (subprotocol `mqtt`, binary frames).
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
+
+    /// Whether the transport runs over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// Whether the transport is a WebSocket.
+    pub fn is_ws(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// ADDR:PORT to listen on.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub transport: Transport,
+    /// PEM certificate chain (server certificate first); `tls` and `wss` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against. Without it no
+    /// client certificate is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse a TLS handshake without a valid client certificate (else one is optional,
+    /// but verified when given).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// A client certificate's subject Common Name (else its whole subject) becomes the
+    /// client's username.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+    /// HTTP path of the WebSocket endpoint (`ws` and `wss`).
+    #[serde(default = "default_ws_path")]
+    pub ws_path: String,
+    /// Connections open at once on this listener (over all shards). Absent: only
+    /// `limits.connections_max` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_max: Option<u32>,
+    /// New connections per second on this listener (over all shards, bursts of up to one
+    /// second's worth); beyond it a new connection is closed at accept. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_rate_per_s: Option<u32>,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
+}
+
+impl ListenerConfig {
+    /// A listener of `transport` on `address` with every other key at its default.
+    pub fn new(address: SocketAddr, transport: Transport) -> ListenerConfig {
+        ListenerConfig {
+            address,
+            transport,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: false,
+            use_identity_as_username: false,
+            ws_path: default_ws_path(),
+            connections_max: None,
+            connect_rate_per_s: None,
+        }
+    }
+
+    /// Checks the keys against each other (files are read when the broker starts).
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let t = self.transport;
+        if t.is_tls() {
+            if self.cert_file.is_none() {
+                return Err(bad(
+                    &key("cert_file"),
+                    format!("needed by a {} listener", t.name()),
+                ));
+            }
+            if self.key_file.is_none() {
+                return Err(bad(
+                    &key("key_file"),
+                    format!("needed by a {} listener", t.name()),
+                ));
+            }
+        } else {
+            for (k, set) in [
+                ("cert_file", self.cert_file.is_some()),
+                ("key_file", self.key_file.is_some()),
+                ("client_ca_file", self.client_ca_file.is_some()),
+                ("require_client_cert", self.require_client_cert),
+                ("use_identity_as_username", self.use_identity_as_username),
+            ] {
+                if set {
+                    return Err(bad(
+                        &key(k),
+                        format!("only for tls and wss listeners, not {}", t.name()),
+                    ));
+                }
+            }
+        }
+        if self.client_ca_file.is_none() {
+            if self.require_client_cert {
+                return Err(bad(&key("require_client_cert"), "needs client_ca_file"));
+            }
+            if self.use_identity_as_username {
+                return Err(bad(
+                    &key("use_identity_as_username"),
+                    "needs client_ca_file",
+                ));
+            }
+        }
+        if !self.ws_path.starts_with('/') || self.ws_path.contains(char::is_whitespace) {
+            return Err(bad(
+                &key("ws_path"),
+                "must start with '/' and have no spaces",
+            ));
+        }
+        if !t.is_ws() && self.ws_path != default_ws_path() {
+            return Err(bad(&key("ws_path"), "only for ws and wss listeners"));
+        }
+        if self.connections_max == Some(0) {
+            return Err(bad(&key("connections_max"), "must be greater than 0"));
+        }
+        if self.connect_rate_per_s == Some(0) {
+            return Err(bad(&key("connect_rate_per_s"), "must be greater than 0"));
+        }
+        Ok(())
     }
 }
 
@@ -307,8 +470,11 @@ impl Config {
     /// Checks each value and how the limits relate.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.listeners.is_empty() {
             return Err(bad("listen", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(i)?;
         }
         if l.packet_bytes_max < PACKET_BYTES_MIN
             || l.packet_bytes_max as usize > crate::protocol::MAX_PACKET_SIZE_PROTOCOL

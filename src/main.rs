@@ -3,7 +3,8 @@
 //! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
 //! [--data-dir DIR] [--log-level LEVEL]`; `shardmq check-config FILE`; `shardmq passwd [--stdin] FILE USER`.
 //! A wrong flag or value exits 2 with one line naming it; a failure to start exits 1 with one line. When every
-//! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N`,
+//! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N tcp=ADDR[,ADDR]`
+//! (and `tls=`, `ws=`, `wss=` with the addresses of those listeners),
 //! and systemd (when `NOTIFY_SOCKET` is set) is told `READY=1`.
 //!
 //! Stop: the first SIGINT/SIGTERM tells systemd `STOPPING=1` and stops the broker in order
@@ -18,8 +19,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use shardmq::auth::Auth;
-use shardmq::broker::Broker;
-use shardmq::config::{check_log_filter, Config};
+use shardmq::broker::{listeners_of, Broker, StartError};
+use shardmq::config::{check_log_filter, Config, Transport};
 
 /// How long an orderly stop may take before the process exits anyway (status 1). Covers the
 /// connections' grace period and the last fsync; config/shardmq.service's TimeoutStopSec is
@@ -143,6 +144,9 @@ fn main() -> ExitCode {
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match load(file).and_then(|c| Auth::load(&c).map(|_| c).map_err(|e| e.to_string())) {
             Ok(cfg) => {
+                if let Err(e) = listeners_of(&cfg) {
+                    return fail(2, format!("{}: {e}", file.display()));
+                }
                 let text = toml::to_string_pretty(&cfg).unwrap_or_default();
                 let _ = std::io::stdout().write_all(text.as_bytes());
                 ExitCode::SUCCESS
@@ -204,6 +208,7 @@ fn main() -> ExitCode {
     let reload_cfg = cfg.clone();
     let broker = match Broker::start_with_auth(cfg, auth) {
         Ok(b) => b,
+        Err(e @ StartError::Listener(_)) => return fail(2, e),
         Err(e) => return fail(1, e),
     };
     for (i, core) in broker.cores.iter().enumerate() {
@@ -212,11 +217,33 @@ fn main() -> ExitCode {
             None => tracing::info!("shard {i} unpinned"),
         }
     }
-    let addrs: Vec<String> = broker.listeners.iter().map(|a| a.to_string()).collect();
+    let addrs: Vec<String> = broker
+        .listeners
+        .iter()
+        .map(|l| l.addr.to_string())
+        .collect();
     tracing::info!("listening on {}", addrs.join(", "));
+    // Then each transport's addresses, so that a client started with port 0 finds its own.
+    let mut by_transport = String::new();
+    for t in [
+        Transport::Tcp,
+        Transport::Tls,
+        Transport::Ws,
+        Transport::Wss,
+    ] {
+        let of_t: Vec<String> = broker
+            .listeners
+            .iter()
+            .filter(|l| l.transport == t)
+            .map(|l| l.addr.to_string())
+            .collect();
+        if !of_t.is_empty() {
+            by_transport.push_str(&format!(" {}={}", t.name(), of_t.join(",")));
+        }
+    }
     let _ = writeln!(
         std::io::stdout(),
-        "shardmq ready listeners={} shards={}",
+        "shardmq ready listeners={} shards={}{by_transport}",
         addrs.join(","),
         broker.cores.len()
     );

@@ -8,23 +8,55 @@
 //! the broker closes a connection (error, takeover, shutdown) the writer flushes, shuts down
 //! its half, and the reader drains what the client still sends (bounded), so that the client
 //! reads our DISCONNECT instead of a reset.
+//!
+//! ## Transports and the hand-off
+//!
+//! A connection belongs to the shard its client id hashes to, but the kernel gives it to
+//! whichever shard's socket it picks. The accepting shard reads CONNECT, then:
+//! - **TCP** (`listen`, `transport = "tcp"`): if another shard owns the client, the socket
+//!   itself moves: a duplicate of its fd and every byte read so far go to the owner
+//!   ([`Event::Handoff`]), which serves it as if it had accepted it. Nothing stays behind.
+//! - **TLS, WebSocket, WebSocket over TLS**: the session state (keys, sequence numbers,
+//!   frame parser) lives in this shard's memory and cannot move with an fd. This shard
+//!   terminates TLS and WebSocket ([`tls`], [`ws`]) and reads CONNECT from the plain byte
+//!   stream. If it owns the client it serves that stream directly ([`serve`] is generic over
+//!   the reader and writer). If not, it makes a `socketpair(AF_UNIX, SOCK_STREAM)`, hands
+//!   one end to the owner exactly like a TCP socket (with the CONNECT bytes and the client
+//!   certificate's identity), and relays between the client and its own end ([`relay`]):
+//!   a fixed buffer per direction, each read written out (and flushed) before the next read,
+//!   so a slow side pushes back on the other; an end of stream on one side shuts down the
+//!   write side of the other, and when the owner has closed, the client gets
+//!   [`CLOSE_DRAIN`] to close before the relay drops it.
+//!
+//! A relayed connection costs one extra copy through the kernel each way and holds a
+//! connection slot on both shards (`limits.connections_max` counts it twice); plain TCP has
+//! no extra step. Per-listener limits are in [`listener`].
 
-use bytes::{Bytes, BytesMut};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+mod listener;
+mod relay;
+pub mod tls;
+pub mod ws;
+
+pub use listener::{Listener, ListenerLimits, ListenerPermit, Refusal};
+
+use bytes::BytesMut;
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream, UnixStream};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::Transport;
 use crate::protocol::{
     decode, ConnAck, Connect, DecodeError, DecodeLimits, MqttStr, Packet, ProtocolVersion,
     ReasonCode,
 };
 use crate::session::{owner_shard, Outbound};
 use crate::shard::core::{Ending, Flow, Login, LoginStep};
-use crate::shard::event::Event;
+use crate::shard::event::{ConnGuard, Event, Handoff, HandoffSocket};
 use crate::shard::service::BrokerShard;
 use shards::{Shard, ShardId};
 
@@ -101,13 +133,13 @@ fn probe_port(addr: SocketAddr) -> io::Result<()> {
 const PORT_PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Accepts connections on one of this shard's listening sockets until the pool stops.
-pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd) {
+pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd, listener: Arc<Listener>) {
     // SAFETY: the fd is a listening TCP socket made by `bind_listeners`, owned by this shard.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let tcp = unsafe { TcpListener::from_raw_fd(fd) };
     let stopped = shard.stopped();
     futures_lite::pin!(stopped);
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
+        let accepted = future::or(async { Some(tcp.accept().await) }, async {
             (&mut stopped).await;
             None
         })
@@ -115,6 +147,21 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd) {
         match accepted {
             None => break,
             Some(Ok(stream)) => {
+                let permit = match listener.limits.admit() {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tracing::warn!(
+                            listener = %listener.name,
+                            limit = match why {
+                                Refusal::ConnectionsMax => "connections_max",
+                                Refusal::Rate => "connect_rate_per_s",
+                            },
+                            "listener limit reached; closing a new connection"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let svc = shard.service();
                 if !svc.admit_connection() {
                     tracing::warn!(
@@ -125,8 +172,13 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd) {
                     continue;
                 }
                 let shard2 = shard.clone();
+                let guard = permit.map(|p| Box::new(p) as ConnGuard);
+                let listener = listener.clone();
                 glommio::spawn_local(async move {
-                    handshake(shard2.clone(), stream).await;
+                    match listener.transport {
+                        Transport::Tcp => handshake(shard2.clone(), stream, guard).await,
+                        _ => relay::handshake(shard2.clone(), stream, &listener, guard).await,
+                    }
                     shard2.service().release_connection();
                 })
                 .detach();
@@ -140,8 +192,8 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd) {
 }
 
 /// Reads until CONNECT decodes, bounded by the connect timeout and the packet limit.
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<R: AsyncRead + Unpin>(
+    stream: &mut R,
     buf: &mut BytesMut,
     max_packet: usize,
     timeout: Duration,
@@ -190,26 +242,51 @@ fn sniff_level(buf: &[u8]) -> Option<u8> {
     buf.get(start + 2 + name_len).copied()
 }
 
-/// On the accepting shard: reads CONNECT, then serves the connection here or hands it to
-/// the shard that owns the client.
-async fn handshake(shard: Shard<BrokerShard>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let (max_packet, timeout) = {
-        let core = shard.service().core.borrow();
-        let l = &core.config().limits;
-        (
-            l.packet_bytes_max as usize,
-            Duration::from_secs(l.connect_timeout_s as u64),
-        )
-    };
+/// The connect timeout and packet limit of this shard's configuration.
+fn handshake_limits(shard: &Shard<BrokerShard>) -> (usize, Duration) {
+    let core = shard.service().core.borrow();
+    let l = &core.config().limits;
+    (
+        l.packet_bytes_max as usize,
+        Duration::from_secs(l.connect_timeout_s as u64),
+    )
+}
+
+/// What the accepting shard does with a CONNECT it read.
+enum Placed {
+    /// Serve it here; the bytes after the CONNECT.
+    Here {
+        connect: Box<Connect>,
+        rest: BytesMut,
+        assigned: Option<MqttStr>,
+    },
+    /// Hand it to the owner shard, with every byte read.
+    Owner { owner: usize, bytes: BytesMut },
+    /// Refused (answered already) or lost.
+    Done,
+}
+
+/// Reads CONNECT from `reader` and decides where the connection is served; refusals are
+/// written to `writer`.
+async fn place<R, W>(
+    shard: &Shard<BrokerShard>,
+    reader: &mut R,
+    writer: &mut W,
+    timeout: Duration,
+) -> Placed
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (max_packet, _) = handshake_limits(shard);
     let mut buf = BytesMut::with_capacity(512);
-    let connect = match read_connect(&mut stream, &mut buf, max_packet, timeout).await {
+    let connect = match read_connect(reader, &mut buf, max_packet, timeout).await {
         Ok(c) => c,
         Err(ConnectFailure::Decode(e)) => {
-            refuse_undecodable(&mut stream, &buf, &e).await;
-            return;
+            refuse_undecodable(writer, &buf, &e).await;
+            return Placed::Done;
         }
-        Err(_) => return,
+        Err(_) => return Placed::Done,
     };
     let version = connect.protocol;
     let mut assigned = None;
@@ -220,8 +297,8 @@ async fn handshake(shard: Shard<BrokerShard>, mut stream: TcpStream) {
             ProtocolVersion::V3_1 => false,
         };
         if !allowed {
-            refuse(&mut stream, version, ReasonCode::ClientIdentifierNotValid).await;
-            return;
+            refuse(writer, version, ReasonCode::ClientIdentifierNotValid).await;
+            return Placed::Done;
         }
         let seed = shard.service().next_seed();
         assigned = Some(shard.service().core.borrow_mut().assign_client_id(seed));
@@ -233,36 +310,90 @@ async fn handshake(shard: Shard<BrokerShard>, mut stream: TcpStream) {
     if owner == shard.id().index() {
         let mut rest = buf;
         let _ = decode(&mut rest, &DecodeLimits::new(max_packet, None));
-        serve(shard, stream, connect, rest, assigned, None).await;
-        return;
+        Placed::Here {
+            connect,
+            rest,
+            assigned,
+        }
+    } else {
+        Placed::Owner { owner, bytes: buf }
     }
-    // Hand the socket to its owner: duplicate the fd (dropping the stream closes its own),
-    // then send the copy with every byte read so far.
-    // SAFETY: F_DUPFD_CLOEXEC on a valid fd we own; the result is checked.
-    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    drop(stream);
-    if fd < 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "hand-off dup failed");
-        return;
-    }
-    let event = Event::Handoff {
-        fd,
-        bytes: buf.freeze(),
-    };
+}
+
+/// Sends a connection to its owner shard; on failure (the owner is stopping) closes the fd.
+async fn hand_off(shard: &Shard<BrokerShard>, owner: usize, handoff: Handoff) {
     shard.service().note_handoff();
-    if let Err(e) = shard.send_to(ShardId::new(owner), vec![event]).await {
-        // The owner is gone (shutdown): close the socket we kept.
-        if let Some(Event::Handoff { fd, .. }) = e.msg.and_then(|mut v| v.pop()) {
+    if let Err(e) = shard
+        .send_to(ShardId::new(owner), vec![Event::Handoff(Box::new(handoff))])
+        .await
+    {
+        if let Some(Event::Handoff(h)) = e.msg.and_then(|mut v| v.pop()) {
             // SAFETY: the fd came back unused.
-            unsafe { libc::close(fd) };
+            unsafe { libc::close(h.fd) };
         }
     }
 }
 
+/// On the accepting shard, for a plain TCP connection: reads CONNECT, then serves the
+/// connection here or hands the socket to the shard that owns the client.
+async fn handshake(shard: Shard<BrokerShard>, stream: TcpStream, guard: Option<ConnGuard>) {
+    let _ = stream.set_nodelay(true);
+    let (_, timeout) = handshake_limits(&shard);
+    let raw_fd = stream.as_raw_fd();
+    let peer = stream.peer_addr().ok();
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let (owner, bytes) = match place(&shard, &mut reader, &mut writer, timeout).await {
+        Placed::Done => return,
+        Placed::Here {
+            connect,
+            rest,
+            assigned,
+        } => {
+            let client = Client {
+                addr: peer,
+                cert_identity: None,
+            };
+            serve(shard, reader, writer, connect, rest, assigned, client).await;
+            drop(guard);
+            return;
+        }
+        Placed::Owner { owner, bytes } => (owner, bytes),
+    };
+    // Hand the socket to its owner: duplicate the fd (dropping the stream closes its own),
+    // then send the copy with every byte read so far.
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd we own (the halves still hold the stream); the
+    // result is checked.
+    let fd = unsafe { libc::fcntl(raw_fd, libc::F_DUPFD_CLOEXEC, 0) };
+    drop((reader, writer));
+    if fd < 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "hand-off dup failed");
+        return;
+    }
+    let handoff = Handoff {
+        fd,
+        socket: HandoffSocket::Tcp,
+        bytes: bytes.freeze(),
+        peer,
+        cert_identity: None,
+        guard,
+    };
+    hand_off(&shard, owner, handoff).await;
+}
+
 /// On the owning shard: takes over a socket handed over by another shard.
-pub async fn serve_handoff(shard: Shard<BrokerShard>, fd: RawFd, bytes: Bytes) {
-    // SAFETY: the accepting shard duplicated this fd for us and no longer uses it.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+pub async fn serve_handoff(shard: Shard<BrokerShard>, handoff: Handoff) {
+    let Handoff {
+        fd,
+        socket,
+        bytes,
+        peer,
+        cert_identity,
+        guard,
+    } = handoff;
+    let client = Client {
+        addr: peer,
+        cert_identity,
+    };
     let max_packet = shard
         .service()
         .core
@@ -271,15 +402,37 @@ pub async fn serve_handoff(shard: Shard<BrokerShard>, fd: RawFd, bytes: Bytes) {
         .limits
         .packet_bytes_max as usize;
     let mut buf = BytesMut::from(&bytes[..]);
-    match decode(&mut buf, &DecodeLimits::new(max_packet, None)) {
-        Ok(Some(Packet::Connect(c))) => serve(shard, stream, c, buf, None, None).await,
-        _ => tracing::warn!("hand-off without a CONNECT; closing"),
+    let connect = match decode(&mut buf, &DecodeLimits::new(max_packet, None)) {
+        Ok(Some(Packet::Connect(c))) => Some(c),
+        _ => {
+            tracing::warn!("hand-off without a CONNECT; closing");
+            None
+        }
+    };
+    match socket {
+        HandoffSocket::Tcp => {
+            // SAFETY: the accepting shard duplicated this fd for us and no longer uses it.
+            let stream = unsafe { TcpStream::from_raw_fd(fd) };
+            if let Some(c) = connect {
+                let (r, w) = futures_lite::io::split(stream);
+                serve(shard, r, w, c, buf, None, client).await;
+            }
+        }
+        HandoffSocket::Unix => {
+            // SAFETY: our end of a socket pair the accepting shard made for us.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            if let Some(c) = connect {
+                let (r, w) = futures_lite::io::split(stream);
+                serve(shard, r, w, c, buf, None, client).await;
+            }
+        }
     }
+    drop(guard);
 }
 
 /// Answers a CONNECT that did not decode: a CONNACK in the version the client claims when
 /// the specification asks for one, then close.
-async fn refuse_undecodable(stream: &mut TcpStream, buf: &[u8], e: &DecodeError) {
+async fn refuse_undecodable<W: AsyncWrite + Unpin>(stream: &mut W, buf: &[u8], e: &DecodeError) {
     tracing::debug!(error = %e, "bad CONNECT");
     match (e, sniff_level(buf)) {
         (DecodeError::UnsupportedProtocolVersion(_), _) => {
@@ -296,7 +449,7 @@ async fn refuse_undecodable(stream: &mut TcpStream, buf: &[u8], e: &DecodeError)
     }
 }
 
-async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, rc: ReasonCode) {
+async fn refuse<W: AsyncWrite + Unpin>(stream: &mut W, version: ProtocolVersion, rc: ReasonCode) {
     let mut out = BytesMut::new();
     let ack = Packet::ConnAck(Box::new(ConnAck {
         session_present: false,
@@ -315,19 +468,38 @@ enum ReadEvent {
     Closed,
 }
 
-/// Serves a connection whose CONNECT this shard owns, until it ends.
-async fn serve(
+/// Who is connecting, as the accepting shard learned it.
+#[derive(Debug, Default)]
+struct Client {
+    /// The client's address (none for a relayed connection's socket pair, unless carried).
+    addr: Option<SocketAddr>,
+    /// A verified client certificate's identity, when the listener uses it as the username.
+    cert_identity: Option<String>,
+}
+
+/// Serves a connection whose CONNECT this shard owns, until it ends. `reader` and `writer`
+/// are the two halves of the client's byte stream (a socket, or a TLS or WebSocket session).
+async fn serve<R, W>(
     shard: Shard<BrokerShard>,
-    stream: TcpStream,
+    mut reader: R,
+    writer: W,
     connect: Box<Connect>,
     mut buf: BytesMut,
     assigned: Option<MqttStr>,
-    cert_identity: Option<String>,
-) {
+    client: Client,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
     let version = connect.protocol;
     let out = Rc::new(Outbound::new(version));
-    let peer = stream.peer_addr().ok();
-    let login = authenticate(&shard, &connect, cert_identity.as_deref(), peer).await;
+    let login = authenticate(
+        &shard,
+        &connect,
+        client.cert_identity.as_deref(),
+        client.addr,
+    )
+    .await;
     let accepted = shard.service().core.borrow_mut().connect_as(
         &connect,
         assigned,
@@ -336,7 +508,6 @@ async fn serve(
         Instant::now(),
     );
     drop(connect);
-    let (mut reader, writer) = futures_lite::io::split(stream);
     let writer_task = glommio::spawn_local(write_loop(out.clone(), writer));
     let Ok(accepted) = accepted else {
         writer_task.await;
@@ -468,11 +639,14 @@ async fn authenticate(
 
 /// Writes what the connection's [`Outbound`] collects, one batch per wake-up; on close,
 /// flushes and shuts down the write half.
-async fn write_loop(out: Rc<Outbound>, mut writer: futures_lite::io::WriteHalf<TcpStream>) {
+async fn write_loop<W: AsyncWrite + Unpin>(out: Rc<Outbound>, mut writer: W) {
     let mut spare = BytesMut::new();
     loop {
         let (batch, close) = out.next_batch(spare).await;
-        if !batch.is_empty() && writer.write_all(&batch).await.is_err() {
+        // The flush sends what a TLS or WebSocket layer buffered (a no-op on a socket).
+        if !batch.is_empty()
+            && (writer.write_all(&batch).await.is_err() || writer.flush().await.is_err())
+        {
             break;
         }
         spare = batch;

@@ -42,9 +42,8 @@ pub enum Event {
         version: RetainVersion,
         reply: Option<Token>,
     },
-    /// An accepted connection whose client belongs to the receiving shard: its socket and
-    /// the bytes read so far (the whole CONNECT and anything after it).
-    Handoff { fd: RawFd, bytes: Bytes },
+    /// An accepted connection whose client belongs to the receiving shard.
+    Handoff(Box<Handoff>),
     /// To a shared group's home: `member` subscribes (or updates its subscription).
     SharedJoin {
         key: Arc<str>,
@@ -96,6 +95,35 @@ pub enum Event {
         reply: Option<(usize, Token)>,
     },
 }
+
+/// A connection on its way from the shard that accepted it to the shard that owns its client.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The socket, now the receiver's: the client's own TCP socket, or (TLS, WebSocket) the
+    /// broker's end of a socket pair that the accepting shard relays the decrypted or
+    /// unframed bytes through.
+    pub fd: RawFd,
+    pub socket: HandoffSocket,
+    /// Every byte read so far: the whole CONNECT and anything after it.
+    pub bytes: Bytes,
+    /// The client's address (for logs; a relayed connection's socket pair has none).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The subject of the client's verified TLS certificate, when its listener uses it as
+    /// the username.
+    pub cert_identity: Option<String>,
+    /// Held while the connection lives (a listener's count of open connections).
+    pub guard: Option<ConnGuard>,
+}
+
+/// What kind of socket a [`Handoff`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoffSocket {
+    Tcp,
+    Unix,
+}
+
+/// Something a connection holds until it ends; dropping it releases what it counts.
+pub type ConnGuard = Box<dyn std::fmt::Debug + Send>;
 
 /// The order of writes to one retained topic: the publisher shard's clock (made strictly
 /// increasing per shard), then the shard id to break ties.

@@ -490,16 +490,16 @@ impl Service for BrokerShard {
         let now = Instant::now();
         for event in batch {
             match event {
-                Event::Handoff { fd, bytes } => {
+                Event::Handoff(handoff) => {
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
                         let svc = shard.service();
                         if !svc.admit_connection() {
                             // SAFETY: the fd was handed to us and nothing else uses it.
-                            unsafe { libc::close(fd) };
+                            unsafe { libc::close(handoff.fd) };
                             return;
                         }
-                        crate::net::serve_handoff(shard.clone(), fd, bytes).await;
+                        crate::net::serve_handoff(shard.clone(), *handoff).await;
                         shard.service().release_connection();
                     })
                     .detach();

@@ -1,0 +1,209 @@
+//! TLS and WebSocket connections on the accepting shard: the TLS handshake, the WebSocket
+//! upgrade, CONNECT, and then either serving the connection here or relaying it to the
+//! owner shard through a socket pair (see the module doc of [`crate::net`]).
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpStream, UnixStream};
+use std::os::fd::FromRawFd;
+
+use super::{
+    hand_off, handshake_limits, place, serve, tls, ws, Client, Listener, Placed, CLOSE_DRAIN,
+};
+use crate::config::Transport;
+use crate::shard::event::{ConnGuard, Handoff, HandoffSocket};
+use crate::shard::service::BrokerShard;
+use shards::Shard;
+
+/// Bytes a relay moves per read, in each direction (its whole buffer).
+const RELAY_CHUNK_BYTES: usize = 16 * 1024;
+
+type DynReader = Box<dyn AsyncRead + Unpin>;
+type DynWriter = Box<dyn AsyncWrite + Unpin>;
+
+/// Runs `f` until `deadline`; `None` when it passed.
+async fn before<T>(deadline: Instant, f: impl std::future::Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    future::or(async { Some(f.await) }, async {
+        glommio::timer::sleep(left).await;
+        None
+    })
+    .await
+}
+
+/// On the accepting shard, for a `tls`, `ws` or `wss` listener: the TLS handshake and/or
+/// WebSocket upgrade (within the connect timeout, like CONNECT itself), then CONNECT, then
+/// the connection is served here or relayed to its owner.
+pub(super) async fn handshake(
+    shard: Shard<BrokerShard>,
+    stream: TcpStream,
+    listener: &Listener,
+    guard: Option<ConnGuard>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let (packet_bytes_max, timeout) = handshake_limits(&shard);
+    let deadline = Instant::now() + timeout;
+    let ws_max = ws::message_bytes_max(packet_bytes_max);
+    let mut cert_identity = None;
+    let (reader, writer): (DynReader, DynWriter) = match listener.transport {
+        Transport::Tcp => unreachable!("plain TCP is handed off as a socket"),
+        Transport::Ws => {
+            match before(deadline, ws::accept(stream, &listener.ws_path, ws_max)).await {
+                Some(Ok(w)) => {
+                    let (r, w) = ws::split(w);
+                    (Box::new(r), Box::new(w))
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(listener = %listener.name, error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+        Transport::Tls | Transport::Wss => {
+            let acceptor = listener
+                .tls
+                .as_ref()
+                .expect("TLS listeners have an acceptor");
+            let tls = match before(deadline, acceptor.accept(stream)).await {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    tracing::debug!(listener = %listener.name, error = %e, "TLS handshake failed");
+                    return;
+                }
+                None => return,
+            };
+            if listener.identity_as_username {
+                cert_identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(tls::identity);
+            }
+            if listener.transport == Transport::Tls {
+                let (r, w) = futures_lite::io::split(tls);
+                (Box::new(r), Box::new(w))
+            } else {
+                match before(deadline, ws::accept(tls, &listener.ws_path, ws_max)).await {
+                    Some(Ok(w)) => {
+                        let (r, w) = ws::split(w);
+                        (Box::new(r), Box::new(w))
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(listener = %listener.name, error = %e, "WebSocket upgrade failed");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        }
+    };
+    let (mut reader, mut writer) = (reader, writer);
+    let left = deadline.saturating_duration_since(Instant::now());
+    match place(&shard, &mut reader, &mut writer, left).await {
+        Placed::Done => {
+            let _ = writer.close().await;
+        }
+        Placed::Here {
+            connect,
+            rest,
+            assigned,
+        } => {
+            serve(
+                shard,
+                reader,
+                writer,
+                connect,
+                rest,
+                assigned,
+                Client {
+                    addr: peer,
+                    cert_identity,
+                },
+            )
+            .await
+        }
+        Placed::Owner { owner, bytes } => {
+            let client = Client {
+                addr: peer,
+                cert_identity,
+            };
+            relay(&shard, owner, reader, writer, bytes, client).await
+        }
+    }
+    drop(guard);
+}
+
+/// Hands the owner one end of a new socket pair and relays between the client and the
+/// other end until both directions end.
+async fn relay(
+    shard: &Shard<BrokerShard>,
+    owner: usize,
+    reader: DynReader,
+    writer: DynWriter,
+    bytes: BytesMut,
+    client: Client,
+) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills `fds` with two new descriptors on success; checked.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "socketpair for a relayed connection failed");
+        return;
+    }
+    // SAFETY: fds[0] is ours alone from here on; fds[1] goes to the owner.
+    let local = unsafe { UnixStream::from_raw_fd(fds[0]) };
+    let handoff = Handoff {
+        fd: fds[1],
+        socket: HandoffSocket::Unix,
+        bytes: bytes.freeze(),
+        peer: client.addr,
+        cert_identity: client.cert_identity,
+        guard: None,
+    };
+    hand_off(shard, owner, handoff).await;
+    let (from_owner, to_owner) = futures_lite::io::split(local);
+    // Client to owner runs as its own task so that it can be dropped (cancelled) once the
+    // owner has closed and the client did not follow within CLOSE_DRAIN.
+    let upstream = glommio::spawn_local(pump(reader, to_owner));
+    pump(from_owner, writer).await;
+    future::or(
+        async {
+            upstream.await;
+        },
+        glommio::timer::sleep(CLOSE_DRAIN),
+    )
+    .await;
+}
+
+/// Copies `from` to `to` through one fixed buffer, flushing after each write, until `from`
+/// ends or either side fails; then closes `to` (end of stream for its reader).
+async fn pump<R, W>(mut from: R, mut to: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_CHUNK_BYTES];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+            break;
+        }
+        glommio::yield_if_needed().await;
+    }
+    let _ = to.close().await;
+}
