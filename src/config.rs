@@ -18,10 +18,10 @@ pub struct Config {
     /// Plain MQTT-over-TCP listeners. Like Mosquitto 2, the default is reachable only from
     /// this machine.
     pub listen: Vec<SocketAddr>,
-    /// Further listeners of any transport (TLS, WebSocket, ...), each with its own limits.
-    pub listeners: Vec<ListenerConfig>,
     /// Where each shard keeps its database (`<data_dir>/shard-<n>/`).
     pub data_dir: PathBuf,
+    /// Further listeners of any transport (TLS, WebSocket, ...), each with its own limits.
+    pub listeners: Vec<ListenerConfig>,
     pub shards: ShardsConfig,
     pub limits: Limits,
     pub sessions: SessionsConfig,
@@ -35,8 +35,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
-            listeners: Vec::new(),
             data_dir: PathBuf::from("./data"),
+            listeners: Vec::new(),
             shards: ShardsConfig::default(),
             limits: Limits::default(),
             sessions: SessionsConfig::default(),
@@ -240,7 +240,8 @@ impl Default for ShardsConfig {
 pub struct Limits {
     /// Largest packet accepted or sent, fixed header included (MQTT 5 Maximum Packet Size).
     pub packet_bytes_max: u32,
-    /// Connections open at once, over all listeners and shards (each shard gets its share).
+    /// Connections open at once, over all listeners and shards (each shard gets its share;
+    /// a relayed TLS or WebSocket connection counts on the accepting and the owning shard).
     pub connections_max: u32,
     /// How long a new socket may take to send CONNECT.
     pub connect_timeout_s: u32,
@@ -690,6 +691,37 @@ mod tests {
     fn the_annotated_default_file_is_the_default() {
         let text = include_str!("../config/shardmq.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn listener_tables_are_read_and_checked() {
+        let cfg = Config::from_toml(
+            "[[listeners]]\naddress = \"127.0.0.1:8883\"\ntransport = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nconnections_max = 5\n\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntransport = \"ws\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listeners.len(), 2);
+        assert_eq!(cfg.listeners[0].transport, Transport::Tls);
+        assert_eq!(cfg.listeners[0].connections_max, Some(5));
+        assert_eq!(cfg.listeners[1].ws_path, "/mqtt");
+        // What check-config prints reads back the same.
+        let text = toml::to_string_pretty(&cfg).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), cfg);
+
+        for (toml, key) in [
+            ("address = \"127.0.0.1:1\"\ntransport = \"tls\"\n", "listeners[0].cert_file"),
+            ("address = \"127.0.0.1:1\"\ncert_file = \"c\"\n", "listeners[0].cert_file"),
+            ("address = \"127.0.0.1:1\"\ntransport = \"tls\"\ncert_file = \"c\"\nkey_file = \"k\"\nrequire_client_cert = true\n", "listeners[0].require_client_cert"),
+            ("address = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_path = \"mqtt\"\n", "listeners[0].ws_path"),
+            ("address = \"127.0.0.1:1\"\nconnections_max = 0\n", "listeners[0].connections_max"),
+            ("address = \"127.0.0.1:1\"\nconnect_rate_per_s = 0\n", "listeners[0].connect_rate_per_s"),
+        ] {
+            let e = Config::from_toml(&format!("[[listeners]]\n{toml}")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let e =
+            Config::from_toml("[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"quic\"\n")
+                .unwrap_err();
+        assert_eq!(e.key, "listeners.transport", "{e}");
     }
 
     #[test]

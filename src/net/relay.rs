@@ -113,6 +113,7 @@ pub(super) async fn handshake(
             rest,
             assigned,
         } => {
+            tracing::debug!(listener = %listener.name, client = %connect.client_id, "serving on the accepting shard");
             serve(
                 shard,
                 reader,
@@ -128,6 +129,7 @@ pub(super) async fn handshake(
             .await
         }
         Placed::Owner { owner, bytes } => {
+            tracing::debug!(listener = %listener.name, owner, "relaying to the owner shard");
             let client = Client {
                 addr: peer,
                 cert_identity,

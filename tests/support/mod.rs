@@ -19,6 +19,10 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     pub shards: usize,
     pub data_dir: tempfile::TempDir,
+    /// The whole ready line (`listeners=... shards=N tcp=... tls=...`).
+    pub ready_line: String,
+    /// The broker's stderr, line by line, when started with [`TestBroker::start_logged`].
+    pub log: Option<mpsc::Receiver<String>>,
 }
 
 impl TestBroker {
@@ -38,6 +42,12 @@ impl TestBroker {
         TestBroker::start_env(shards, extra_toml, data_dir, &[], None)
     }
 
+    /// A broker whose stderr, with the log filter `rust_log`, is kept for [`TestBroker::wait_log`].
+    pub fn start_logged(shards: usize, extra_toml: &str, rust_log: &str) -> TestBroker {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        TestBroker::launch(shards, extra_toml, data_dir, &[], None, Some(rust_log))
+    }
+
     /// Starts a broker with extra environment variables (`NOTIFY_SOCKET`, say) and, with
     /// `log_file`, its stderr (the log) going to that file instead of the test's stderr.
     pub fn start_env(
@@ -47,9 +57,22 @@ impl TestBroker {
         envs: &[(&str, &str)],
         log_file: Option<&std::path::Path>,
     ) -> TestBroker {
-        let stderr = match log_file {
-            Some(p) => Stdio::from(std::fs::File::create(p).expect("create log file")),
-            None => Stdio::inherit(),
+        TestBroker::launch(shards, extra_toml, data_dir, envs, log_file, None)
+    }
+
+    /// With `rust_log`, the log (at that filter) is piped for [`TestBroker::wait_log`].
+    fn launch(
+        shards: usize,
+        extra_toml: &str,
+        data_dir: tempfile::TempDir,
+        envs: &[(&str, &str)],
+        log_file: Option<&std::path::Path>,
+        rust_log: Option<&str>,
+    ) -> TestBroker {
+        let stderr = match (log_file, rust_log) {
+            (Some(p), _) => Stdio::from(std::fs::File::create(p).expect("create log file")),
+            (None, Some(_)) => Stdio::piped(),
+            (None, None) => Stdio::inherit(),
         };
         let cfg_path = data_dir.path().join("test.toml");
         std::fs::write(&cfg_path, extra_toml).expect("write config");
@@ -63,12 +86,26 @@ impl TestBroker {
             .arg(data_dir.path().join("data"))
             .env(
                 "RUST_LOG",
-                std::env::var("SHARDMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                rust_log.map(str::to_string).unwrap_or_else(|| {
+                    std::env::var("SHARDMQ_TEST_LOG").unwrap_or_else(|_| "warn".into())
+                }),
             )
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("spawn shardmq");
+        let log = child.stderr.take().map(|stderr| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -96,6 +133,33 @@ impl TestBroker {
             addr,
             shards,
             data_dir,
+            ready_line: line,
+            log,
+        }
+    }
+
+    /// The first address the ready line gives for `transport` (`tcp`, `tls`, `ws`, `wss`).
+    pub fn listener(&self, transport: &str) -> SocketAddr {
+        let key = format!("{transport}=");
+        self.ready_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key.as_str()))
+            .and_then(|l| l.split(',').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {transport} listener in {:?}", self.ready_line))
+    }
+
+    /// Waits (bounded) for a log line containing every one of `parts`; returns it.
+    pub fn wait_log(&self, parts: &[&str]) -> String {
+        let rx = self.log.as_ref().expect("started with start_logged");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if parts.iter().all(|p| l.contains(p)) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {parts:?} within {TIMEOUT:?}"),
+            }
         }
     }
 
