@@ -160,6 +160,7 @@ impl Mq {
             _ => rumqttc::MqttOptions::new(id, host, addr.port()),
         };
         o.set_keep_alive(Duration::from_secs(60));
+        o.set_max_packet_size(1 << 20, 1 << 20);
         match via {
             Via::Tcp => {}
             Via::Tls(cfg) => {
@@ -318,17 +319,114 @@ fn tls_clients_on_either_shard_reach_tcp_clients_relayed_or_direct() {
     let tls = b.listener("tls");
     let mut plain = Mq::connect(b.addr, &id_on_shard("relay-plain", 0, 2), Via::Tcp);
     plain.sub("relay/up/#");
+    // Payloads of many relay buffers each, so that a relay moves them in pieces.
+    let filler = "x".repeat(100 * 1024);
     for i in 0..16 {
         let id = id_on_shard(&format!("relay-{i}"), i % 2, 2);
         let mut secure = Mq::connect(tls, &id, Via::Tls(pki.client_tls(&[TLS13], None)));
         secure.sub(&format!("relay/down/{i}"));
-        secure.publish(&format!("relay/up/{i}"), &format!("up {i}"));
-        assert_eq!(plain.recv_payload(), format!("up {i}"));
-        plain.publish(&format!("relay/down/{i}"), &format!("down {i}"));
-        assert_eq!(secure.recv_payload(), format!("down {i}"));
+        secure.publish(&format!("relay/up/{i}"), &format!("up {i} {filler}"));
+        assert_eq!(plain.recv_payload(), format!("up {i} {filler}"));
+        plain.publish(&format!("relay/down/{i}"), &format!("down {i} {filler}"));
+        assert_eq!(secure.recv_payload(), format!("down {i} {filler}"));
     }
     b.wait_log(&["relaying to the owner shard"]);
     b.wait_log(&["serving on the accepting shard"]);
+}
+
+/// MQTT 3.1.1 over TLS on the project's codec, for byte-level checks of closes.
+struct TlsRaw {
+    tls: rustls_client::StreamOwned<rustls_client::ClientConnection, TcpStream>,
+    buf: BytesMut,
+}
+
+impl TlsRaw {
+    fn connect(
+        addr: SocketAddr,
+        cfg: Arc<rustls_client::ClientConfig>,
+        opts: &ConnectOpts,
+    ) -> TlsRaw {
+        let name = rustls_client::pki_types::ServerName::try_from(addr.ip().to_string())
+            .expect("server name");
+        let conn = rustls_client::ClientConnection::new(cfg, name).expect("client connection");
+        let tcp = TcpStream::connect(addr).expect("tcp connect");
+        tcp.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut c = TlsRaw {
+            tls: rustls_client::StreamOwned::new(conn, tcp),
+            buf: BytesMut::new(),
+        };
+        c.send(&opts.packet());
+        match c.recv() {
+            Some(Packet::ConnAck(a)) => {
+                assert_eq!(a.reason_code, shardmq::protocol::ReasonCode::Success)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c
+    }
+
+    fn send(&mut self, p: &Packet) {
+        use std::io::Write;
+        self.tls.write_all(&encode(p)).expect("write");
+        self.tls.flush().expect("flush");
+    }
+
+    /// The next packet, or `None` when the broker closed the connection.
+    fn recv(&mut self) -> Option<Packet> {
+        let limits = DecodeLimits::new(1 << 20, Some(ProtocolVersion::V3_1_1));
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(p) = decode(&mut self.buf, &limits).expect("well-formed packet") {
+                return Some(p);
+            }
+            match self.tls.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("neither a packet nor a close within {TIMEOUT:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Closes travel through the relay both ways: a client that vanishes ends its session on
+/// the owner shard (its will is published), and a connection the owner closes is closed for
+/// the client. Eight clients owned by the shard that did not accept them (most likely; the
+/// log confirms at least one relay).
+#[test]
+fn closes_travel_through_the_relay_both_ways() {
+    let pki = Pki::new();
+    let b = TestBroker::start_logged(2, &pki.listener("tls", ""), "warn,shardmq::net=debug");
+    let tls = b.listener("tls");
+    let mut watcher = RawClient::connect_v311(b.addr, &id_on_shard("close-watch", 0, 2));
+    watcher.sub(&[("close/will/#", QoS::AtMostOnce)]);
+    for i in 0..8 {
+        let id = id_on_shard(&format!("close-will-{i}"), 1, 2);
+        let topic = format!("close/will/{i}");
+        let opts = ConnectOpts::v311(&id, true).will(&topic, b"gone", QoS::AtMostOnce, false);
+        let c = TlsRaw::connect(tls, pki.client_tls(&[TLS13], None), &opts);
+        // Vanish without DISCONNECT.
+        let _ = c.tls.sock.shutdown(std::net::Shutdown::Both);
+        drop(c);
+        let will = watcher.recv_publish();
+        assert_eq!(&will.topic.as_str(), &topic);
+    }
+    for i in 0..8 {
+        let id = id_on_shard(&format!("close-twice-{i}"), 1, 2);
+        let opts = ConnectOpts::v311(&id, true);
+        let mut c = TlsRaw::connect(tls, pki.client_tls(&[TLS12], None), &opts);
+        // A second CONNECT is a protocol error: the owner closes, and so does the relay.
+        c.send(&opts.packet());
+        assert!(c.recv().is_none(), "the connection is closed");
+    }
+    b.wait_log(&["relaying to the owner shard"]);
 }
 
 #[test]
@@ -375,6 +473,48 @@ fn a_required_client_certificate_is_checked_and_names_the_client() {
         let mut plain = Mq::connect(b.addr, &id_on_shard("cert-plain", 1 - shard, 2), Via::Tcp);
         exchange(&mut secure, &mut plain, &format!("cert/{shard}"));
     }
+}
+
+#[test]
+fn an_optional_client_certificate_is_verified_when_given() {
+    let pki = Pki::new();
+    let extra = format!(
+        "client_ca_file = {:?}\nuse_identity_as_username = true\n",
+        pki.path("ca.pem")
+    );
+    let b = TestBroker::start_logged(
+        1,
+        &pki.listener("wss", &extra),
+        "warn,shardmq::shard::core=debug",
+    );
+    let wss = b.listener("wss");
+    // Without a certificate: accepted, known by its CONNECT username (none here).
+    let mut anonymous = Mq::connect(
+        wss,
+        "opt-none",
+        Via::Wss("/mqtt", pki.client_tls(&[TLS13], None)),
+    );
+    b.wait_log(&["client connected", "opt-none"]);
+    // With a valid certificate: accepted, named by it.
+    let mut named = Mq::connect(
+        wss,
+        "opt-cert",
+        Via::Wss(
+            "/mqtt",
+            pki.client_tls(&[TLS12], Some(&pki.client("meter-3"))),
+        ),
+    );
+    b.wait_log(&["client connected", "opt-cert", "meter-3"]);
+    exchange(&mut anonymous, &mut named, "optional");
+    // With a certificate of another CA: refused.
+    let (other_ca, _, _) = make_ca("someone else");
+    let stranger = client_cert("stranger", &other_ca);
+    assert!(Mq::try_connect(
+        wss,
+        "opt-stranger",
+        Via::Wss("/mqtt", pki.client_tls(&[TLS13], Some(&stranger))),
+    )
+    .is_err());
 }
 
 #[test]

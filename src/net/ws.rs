@@ -29,8 +29,10 @@ const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// Bytes the WebSocket layer reads from the socket at a time.
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 
-/// The frame and message size limit for a broker whose packets are at most
-/// `packet_bytes_max`: one message may carry a packet and the start of the next.
+/// The size limit of an incoming frame and message for a broker whose packets are at most
+/// `packet_bytes_max`: one message may carry a packet and the start of the next. (What the
+/// broker writes is bounded by the connection's outbound buffer, written one batch, one
+/// frame, at a time.)
 pub fn message_bytes_max(packet_bytes_max: usize) -> usize {
     packet_bytes_max.saturating_mul(2)
 }
@@ -47,7 +49,6 @@ where
     let config = WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(0)
-        .max_write_buffer_size(message_bytes_max)
         .max_message_size(Some(message_bytes_max))
         .max_frame_size(Some(message_bytes_max));
     let path = path.to_string();
