@@ -429,6 +429,35 @@ fn closes_travel_through_the_relay_both_ways() {
     b.wait_log(&["relaying to the owner shard"]);
 }
 
+/// An ACL file that tells user names apart: anonymous clients may use `cert/anon/#` and
+/// `cert/shared/#`; each certificate user `cert/<user>/#` and `cert/shared/#`.
+fn identity_acl(pki: &Pki, users: &[&str]) -> String {
+    let mut acl = "topic readwrite cert/anon/#\ntopic readwrite cert/shared/#\n".to_string();
+    for u in users {
+        acl.push_str(&format!(
+            "user {u}\ntopic readwrite cert/{u}/#\ntopic readwrite cert/shared/#\n"
+        ));
+    }
+    std::fs::write(pki.path("acl"), acl).expect("write acl");
+    format!("[auth]\nacl_file = {:?}\n", pki.path("acl"))
+}
+
+/// Whether SUBSCRIBE to `filter` is granted (the ACL decides by user name).
+fn may_subscribe(c: &mut Mq, filter: &str) -> bool {
+    c.client
+        .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .expect("subscribe request");
+    match c.wait(|p| matches!(p, rumqttc::Packet::SubAck(_))) {
+        rumqttc::Packet::SubAck(a) => {
+            matches!(
+                a.return_codes[..],
+                [rumqttc::SubscribeReasonCode::Success(_)]
+            )
+        }
+        _ => unreachable!(),
+    }
+}
+
 #[test]
 fn a_required_client_certificate_is_checked_and_names_the_client() {
     let pki = Pki::new();
@@ -436,11 +465,12 @@ fn a_required_client_certificate_is_checked_and_names_the_client() {
         "client_ca_file = {:?}\nrequire_client_cert = true\nuse_identity_as_username = true\n",
         pki.path("ca.pem")
     );
-    let b = TestBroker::start_logged(
-        2,
-        &pki.listener("tls", &extra),
-        "warn,shardmq::shard::core=debug",
+    let toml = format!(
+        "{}{}",
+        pki.listener("tls", &extra),
+        identity_acl(&pki, &["sensor-0", "sensor-1"])
     );
+    let b = TestBroker::start_with(2, &toml);
     let tls = b.listener("tls");
 
     // No certificate: the TLS handshake fails.
@@ -463,15 +493,18 @@ fn a_required_client_certificate_is_checked_and_names_the_client() {
     )
     .is_err());
 
-    // A valid certificate: accepted; its Common Name is the client's username.
+    // A valid certificate: accepted; its Common Name is the client's user name (the ACL
+    // grants that user its own topics, not the other user's), on either shard.
     for shard in 0..2 {
-        let cn = format!("sensor-{shard}");
+        let (me, other) = (format!("sensor-{shard}"), format!("sensor-{}", 1 - shard));
         let id = id_on_shard("cert-ok", shard, 2);
-        let cert = pki.client(&cn);
+        let cert = pki.client(&me);
         let mut secure = Mq::connect(tls, &id, Via::Tls(pki.client_tls(&[TLS12], Some(&cert))));
-        b.wait_log(&["client connected", &id, &cn]);
+        assert!(may_subscribe(&mut secure, &format!("cert/{me}/#")));
+        assert!(!may_subscribe(&mut secure, &format!("cert/{other}/#")));
+        assert!(!may_subscribe(&mut secure, "cert/anon/#"));
         let mut plain = Mq::connect(b.addr, &id_on_shard("cert-plain", 1 - shard, 2), Via::Tcp);
-        exchange(&mut secure, &mut plain, &format!("cert/{shard}"));
+        exchange(&mut secure, &mut plain, &format!("cert/shared/{shard}"));
     }
 }
 
@@ -482,19 +515,21 @@ fn an_optional_client_certificate_is_verified_when_given() {
         "client_ca_file = {:?}\nuse_identity_as_username = true\n",
         pki.path("ca.pem")
     );
-    let b = TestBroker::start_logged(
-        1,
-        &pki.listener("wss", &extra),
-        "warn,shardmq::shard::core=debug",
+    let toml = format!(
+        "{}{}",
+        pki.listener("wss", &extra),
+        identity_acl(&pki, &["meter-3"])
     );
+    let b = TestBroker::start_with(1, &toml);
     let wss = b.listener("wss");
-    // Without a certificate: accepted, known by its CONNECT username (none here).
+    // Without a certificate: accepted, anonymous (no CONNECT user name either).
     let mut anonymous = Mq::connect(
         wss,
         "opt-none",
         Via::Wss("/mqtt", pki.client_tls(&[TLS13], None)),
     );
-    b.wait_log(&["client connected", "opt-none"]);
+    assert!(may_subscribe(&mut anonymous, "cert/anon/#"));
+    assert!(!may_subscribe(&mut anonymous, "cert/meter-3/#"));
     // With a valid certificate: accepted, named by it.
     let mut named = Mq::connect(
         wss,
@@ -504,8 +539,9 @@ fn an_optional_client_certificate_is_verified_when_given() {
             pki.client_tls(&[TLS12], Some(&pki.client("meter-3"))),
         ),
     );
-    b.wait_log(&["client connected", "opt-cert", "meter-3"]);
-    exchange(&mut anonymous, &mut named, "optional");
+    assert!(may_subscribe(&mut named, "cert/meter-3/#"));
+    assert!(!may_subscribe(&mut named, "cert/anon/#"));
+    exchange(&mut anonymous, &mut named, "cert/shared/optional");
     // With a certificate of another CA: refused.
     let (other_ca, _, _) = make_ca("someone else");
     let stranger = client_cert("stranger", &other_ca);
