@@ -60,8 +60,15 @@ use crate::shard::event::{ConnGuard, Event, Handoff, HandoffSocket};
 use crate::shard::service::BrokerShard;
 use shards::{Shard, ShardId};
 
-/// Bytes read from a socket at a time.
-const READ_CHUNK_BYTES: usize = 4096;
+/// Bytes read from a socket at a time: the size starts at the minimum (what an idle
+/// connection holds, in the read buffer and in the runtime's receive operation), doubles
+/// while reads fill it and halves while they use less than a quarter of it.
+const READ_MIN_BYTES: usize = 128;
+/// Bytes read at a time while waiting for CONNECT.
+const CONNECT_READ_BYTES: usize = 256;
+const READ_MAX_BYTES: usize = 16 * 1024;
+/// Capacity of a connection's outgoing buffers kept while nothing is waiting to be written.
+const OUTBOUND_IDLE_KEEP_BYTES: usize = 1024;
 /// How long a closing connection keeps reading (and discarding) before the socket is dropped.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Listen backlog of each shard's socket.
@@ -200,7 +207,6 @@ async fn read_connect<R: AsyncRead + Unpin>(
 ) -> Result<Box<Connect>, ConnectFailure> {
     let limits = DecodeLimits::new(max_packet, None);
     let deadline = Instant::now() + timeout;
-    let mut chunk = [0u8; 1024];
     loop {
         let mut probe = buf.clone();
         match decode(&mut probe, &limits) {
@@ -210,15 +216,27 @@ async fn read_connect<R: AsyncRead + Unpin>(
             Err(e) => return Err(ConnectFailure::Decode(e)),
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let n = future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            glommio::timer::sleep(left).await;
-            None
-        })
+        // Read straight into the buffer: no array in this future, which lives as long as
+        // the connection's task.
+        let start = buf.len();
+        buf.resize(start + CONNECT_READ_BYTES, 0);
+        let n = future::or(
+            async { Some(stream.read(&mut buf[start..]).await) },
+            async {
+                glommio::timer::sleep(left).await;
+                None
+            },
+        )
         .await;
+        let got = match n {
+            Some(Ok(n)) => n,
+            _ => 0,
+        };
+        buf.truncate(start + got);
         match n {
             None => return Err(ConnectFailure::Timeout),
             Some(Ok(0)) | Some(Err(_)) => return Err(ConnectFailure::Closed),
-            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Some(Ok(_)) => {}
         }
     }
 }
@@ -279,7 +297,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let (max_packet, _) = handshake_limits(shard);
-    let mut buf = BytesMut::with_capacity(512);
+    let mut buf = BytesMut::new();
     let connect = match read_connect(reader, &mut buf, max_packet, timeout).await {
         Ok(c) => c,
         Err(ConnectFailure::Decode(e)) => {
@@ -526,7 +544,7 @@ async fn serve<R, W>(
         .limits
         .packet_bytes_max as usize;
     let limits = DecodeLimits::new(max_packet, Some(version));
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    let mut read = ReadSize::default();
     let mut ending = Ending::Lost;
     let mut broker_closed = false;
     'conn: loop {
@@ -561,8 +579,9 @@ async fn serve<R, W>(
                 }
             }
         }
+        let start = read.prepare(&mut buf);
         let event = future::or(
-            async { ReadEvent::Data(reader.read(&mut chunk).await) },
+            async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
             future::or(
                 async {
                     out.closed().await;
@@ -578,10 +597,10 @@ async fn serve<R, W>(
             ),
         )
         .await;
+        read.finish(&mut buf, start, &event);
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
-            ReadEvent::Data(Ok(n)) => {
-                buf.extend_from_slice(&chunk[..n]);
+            ReadEvent::Data(Ok(_)) => {
                 // A socket that always has bytes waiting would otherwise keep this task
                 // running and starve every writer of the shard.
                 glommio::yield_if_needed().await;
@@ -606,6 +625,7 @@ async fn serve<R, W>(
     writer_task.await;
     if broker_closed {
         // Let the client read our DISCONNECT: keep reading (and discarding) until it closes.
+        let mut chunk = vec![0u8; READ_MIN_BYTES];
         let drain = async {
             while let Ok(n) = reader.read(&mut chunk).await {
                 if n == 0 {
@@ -637,6 +657,47 @@ async fn authenticate(
     }
 }
 
+/// The size of a connection's next read, adapted to its traffic (see [`READ_MIN_BYTES`]).
+struct ReadSize {
+    bytes: usize,
+}
+
+impl Default for ReadSize {
+    fn default() -> ReadSize {
+        ReadSize {
+            bytes: READ_MIN_BYTES,
+        }
+    }
+}
+
+impl ReadSize {
+    /// Makes room for the next read at the end of `buf` (zero-filled, as a read takes an
+    /// initialised slice) and returns where it starts. An empty buffer that grew large is
+    /// given back first, so an idle connection keeps only a small one.
+    fn prepare(&self, buf: &mut BytesMut) -> usize {
+        if buf.is_empty() && buf.capacity() > 2 * self.bytes {
+            *buf = BytesMut::new();
+        }
+        let start = buf.len();
+        buf.resize(start + self.bytes, 0);
+        start
+    }
+
+    /// Keeps the bytes read (none unless the event is data) and adapts the next size.
+    fn finish(&mut self, buf: &mut BytesMut, start: usize, event: &ReadEvent) {
+        let n = match event {
+            ReadEvent::Data(Ok(n)) => *n,
+            _ => 0,
+        };
+        buf.truncate(start + n);
+        if n == self.bytes {
+            self.bytes = (self.bytes * 2).min(READ_MAX_BYTES);
+        } else if n < self.bytes / 4 {
+            self.bytes = (self.bytes / 2).max(READ_MIN_BYTES);
+        }
+    }
+}
+
 /// Writes what the connection's [`Outbound`] collects, one batch per wake-up; on close,
 /// flushes and shuts down the write half.
 async fn write_loop<W: AsyncWrite + Unpin>(out: Rc<Outbound>, mut writer: W) {
@@ -652,6 +713,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Rc<Outbound>, mut writer: W) {
         spare = batch;
         if close {
             break;
+        }
+        if out.is_empty() {
+            // Idle for now: keep only small buffers (a burst grew them).
+            if spare.capacity() > OUTBOUND_IDLE_KEEP_BYTES {
+                spare = BytesMut::new();
+            }
+            out.shrink_if_empty(OUTBOUND_IDLE_KEEP_BYTES);
         }
     }
     let _ = writer.close().await;

@@ -40,7 +40,8 @@ impl std::fmt::Debug for Outbound {
 impl Outbound {
     pub fn new(version: ProtocolVersion) -> Outbound {
         Outbound {
-            buf: RefCell::new(BytesMut::with_capacity(4096)),
+            // Allocated on the first packet and given back when idle (see the writer).
+            buf: RefCell::new(BytesMut::new()),
             waker: Cell::new(None),
             close: Cell::new(None),
             close_waker: Cell::new(None),
@@ -59,6 +60,14 @@ impl Outbound {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Gives back the buffer's memory when it is empty and larger than `keep_bytes`.
+    pub fn shrink_if_empty(&self, keep_bytes: usize) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() && buf.capacity() > keep_bytes {
+            *buf = BytesMut::new();
+        }
     }
 
     /// Appends an encoded packet. Encoding cannot fail for packets the broker builds within
