@@ -88,9 +88,9 @@ impl<V> TopicTrie<V> {
     /// Calls `f` with the value of every filter that matches `topic` (section 4.7, the `$`
     /// rule included). Each matching filter is visited once.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a V)) {
-        let levels: Vec<&str> = topic.split('/').collect();
+        // The levels as a cloneable iterator, not a collected Vec: no allocation per publish.
         let system = topic.starts_with('$');
-        match_rec(&self.root, &levels, 0, system, &mut f);
+        match_rec(&self.root, topic.split('/'), 0, system, &mut f);
     }
 
     /// Every (filter, value), for admin listings.
@@ -116,7 +116,7 @@ fn remove_rec<V>(node: &mut Node<V>, levels: &[&str]) -> Option<V> {
 
 fn match_rec<'a, V>(
     node: &'a Node<V>,
-    levels: &[&str],
+    mut levels: std::str::Split<'_, char>,
     depth: usize,
     system: bool,
     f: &mut impl FnMut(&'a V),
@@ -128,7 +128,7 @@ fn match_rec<'a, V>(
             f(v);
         }
     }
-    let Some((level, rest)) = levels.split_first() else {
+    let Some(level) = levels.next() else {
         if let Some(v) = &node.value {
             f(v);
         }
@@ -136,11 +136,11 @@ fn match_rec<'a, V>(
     };
     if wild_ok {
         if let Some(plus) = node.children.get("+") {
-            match_rec(plus, rest, depth + 1, system, f);
+            match_rec(plus, levels.clone(), depth + 1, system, f);
         }
     }
-    if let Some(child) = node.children.get(*level) {
-        match_rec(child, rest, depth + 1, system, f);
+    if let Some(child) = node.children.get(level) {
+        match_rec(child, levels, depth + 1, system, f);
     }
 }
 

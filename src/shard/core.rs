@@ -283,13 +283,24 @@ pub trait EventSink {
     fn wake_committer(&self);
 }
 
+/// The matches of one publish on this shard, before they are grouped per client.
+#[derive(Debug, Default)]
+struct DeliverScratch {
+    hits: Vec<(MqttStr, SubscriptionOptions, Option<u32>)>,
+    groups: Vec<Arc<str>>,
+}
+
 /// The shard's MQTT state.
 pub struct Core {
     pub id: usize,
     pub count: usize,
     cfg: Rc<Config>,
     limits: SessionLimits,
-    sessions: HashMap<MqttStr, Session>,
+    /// Boxed: the table keeps a pointer per slot, not a whole session (a table is up to
+    /// twice the live count, and its free slots would each hold a session's size).
+    sessions: HashMap<MqttStr, Box<Session>>,
+    /// Buffers of `deliver_local`, kept between publishes.
+    scratch: DeliverScratch,
     subs: TopicTrie<Vec<LocalSub>>,
     index: TopicTrie<ShardSet>,
     retained: RetainedStore,
@@ -371,6 +382,7 @@ impl Core {
             count,
             limits,
             sessions: HashMap::new(),
+            scratch: DeliverScratch::default(),
             subs: TopicTrie::default(),
             index: TopicTrie::default(),
             retained: RetainedStore::default(),
@@ -496,7 +508,7 @@ impl Core {
     }
 
     pub fn session(&self, client_id: &MqttStr) -> Option<&Session> {
-        self.sessions.get(client_id)
+        self.sessions.get(client_id).map(|s| &**s)
     }
 
     /// Sends an event to shard `to`; events for this shard are handled at once.
@@ -907,7 +919,7 @@ impl Core {
         let epoch = s.epoch;
         let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
         let will_delay = s.will.as_ref().map(|w| w.delay_s);
-        self.sessions.insert(client_id.clone(), s);
+        self.sessions.insert(client_id.clone(), Box::new(s));
         let peers: Vec<usize> = self.peers().collect();
         for sub in subs {
             if sub.filter.is_shared() {
@@ -1163,7 +1175,7 @@ impl Core {
         let session = self
             .sessions
             .entry(client_id.clone())
-            .or_insert_with(|| Session::new(client_id.clone(), version, expiry_s));
+            .or_insert_with(|| Box::new(Session::new(client_id.clone(), version, expiry_s)));
         session.expiry_s = expiry_s;
         session.identity = Some(username.clone());
         session.epoch = Core::bump(&mut self.next_epoch);
@@ -1831,8 +1843,9 @@ impl Core {
     /// highest QoS of its matching subscriptions, with all their identifiers; each shared
     /// group homed here to one member.
     fn deliver_local(&mut self, msg: &SharedMessage, now: Instant) {
-        let mut hits: Vec<(MqttStr, SubscriptionOptions, Option<u32>)> = Vec::new();
-        let mut groups: Vec<Arc<str>> = Vec::new();
+        // Reused across publishes (taken and put back): no allocation per message.
+        let mut hits = std::mem::take(&mut self.scratch.hits);
+        let mut groups = std::mem::take(&mut self.scratch.groups);
         self.subs.for_each_match(&msg.topic, |subs| {
             for s in subs {
                 match s {
@@ -1885,7 +1898,7 @@ impl Core {
                 self.sync_session(&client_id, now);
             }
         }
-        for key in groups {
+        for key in groups.drain(..) {
             let reply = self.dispatch.map(|d| (d.to, d.token));
             if self.shared_dispatch(key, msg.clone(), None, 0, reply, now) == Dispatched::Remote {
                 if let Some(d) = &mut self.dispatch {
@@ -1893,6 +1906,8 @@ impl Core {
                 }
             }
         }
+        hits.clear();
+        self.scratch = DeliverScratch { hits, groups };
     }
 
     /// At a group's home: picks a member (round robin over online members; if none is
