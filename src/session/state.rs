@@ -322,6 +322,11 @@ pub struct Session {
     ops: Vec<StoreOp>,
     next_packet_id: u16,
     inflight: VecDeque<Inflight>,
+    /// Which packet ids `inflight` holds, one bit each: a cache built when the window is
+    /// wide enough that scanning it for a free id would cost more, kept up to date by
+    /// sending and completing, dropped (rebuilt on demand) by any other change, and freed
+    /// when the window empties.
+    ids_in_flight: Option<Box<PacketIdSet>>,
     /// The queued messages held in memory, in order.
     queue: VecDeque<Queued>,
     /// Bytes of the messages in `queue`.
@@ -332,6 +337,45 @@ pub struct Session {
     spilled_from: Option<u64>,
     spilled_len: u64,
     spilled_bytes: u64,
+}
+
+/// Up to this many messages in flight, a free packet id is found by scanning the window;
+/// beyond, through a [`PacketIdSet`].
+const PACKET_ID_SCAN_MAX: usize = 16;
+
+/// A set of packet ids, one bit per id (8 KiB).
+struct PacketIdSet {
+    bits: [u64; 1024],
+}
+
+impl Default for PacketIdSet {
+    fn default() -> PacketIdSet {
+        PacketIdSet { bits: [0; 1024] }
+    }
+}
+
+impl std::fmt::Debug for PacketIdSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n: u32 = self.bits.iter().map(|w| w.count_ones()).sum();
+        write!(f, "PacketIdSet({n} ids)")
+    }
+}
+
+impl PacketIdSet {
+    fn insert(&mut self, pid: PacketId) {
+        let i = pid.get() as usize;
+        self.bits[i / 64] |= 1 << (i % 64);
+    }
+
+    fn remove(&mut self, pid: PacketId) {
+        let i = pid.get() as usize;
+        self.bits[i / 64] &= !(1 << (i % 64));
+    }
+
+    fn contains(&self, pid: PacketId) -> bool {
+        let i = pid.get() as usize;
+        self.bits[i / 64] & (1 << (i % 64)) != 0
+    }
 }
 
 impl Session {
@@ -353,6 +397,7 @@ impl Session {
             ops: Vec::new(),
             next_packet_id: 1,
             inflight: VecDeque::new(),
+            ids_in_flight: None,
             queue: VecDeque::new(),
             queue_bytes: 0,
             next_seq: 0,
@@ -603,15 +648,27 @@ impl Session {
             self.spilled_bytes = queue_bytes;
         }
         self.inflight = inflight.into();
+        self.ids_in_flight = None;
     }
 
     fn alloc_packet_id(&mut self) -> PacketId {
         // The window is at most 65535 wide, so a free id always exists.
+        if self.ids_in_flight.is_none() && self.inflight.len() > PACKET_ID_SCAN_MAX {
+            let mut set = Box::new(PacketIdSet::default());
+            for i in &self.inflight {
+                set.insert(i.packet_id);
+            }
+            self.ids_in_flight = Some(set);
+        }
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
             let pid = PacketId::new(id).expect("ids start at 1 and skip 0");
-            if !self.inflight.iter().any(|i| i.packet_id == pid) {
+            let taken = match &self.ids_in_flight {
+                Some(set) => set.contains(pid),
+                None => self.inflight.iter().any(|i| i.packet_id == pid),
+            };
+            if !taken {
                 return pid;
             }
         }
@@ -631,6 +688,9 @@ impl Session {
                     delivery: d.clone(),
                     state,
                 });
+                if let Some(set) = &mut self.ids_in_flight {
+                    set.insert(pid);
+                }
                 self.inflight.push_back(Inflight {
                     packet_id: pid,
                     delivery: d,
@@ -721,6 +781,7 @@ impl Session {
         self.version = link.version;
         self.link = Some(link);
         let inflight = std::mem::take(&mut self.inflight);
+        self.ids_in_flight = None;
         for i in inflight {
             match i.state {
                 OutState::AwaitPubAck | OutState::AwaitPubRec => {
@@ -822,6 +883,11 @@ impl Session {
             .position(|i| i.packet_id == pid && i.state == expected)
             .ok_or(UnknownPacketId)?;
         self.inflight.remove(pos);
+        if self.inflight.is_empty() {
+            self.ids_in_flight = None;
+        } else if let Some(set) = &mut self.ids_in_flight {
+            set.remove(pid);
+        }
         self.record(StoreOp::InflightDelete { packet_id: pid });
         Ok(())
     }
@@ -848,6 +914,7 @@ impl Session {
     pub fn take_undelivered_shared(&mut self) -> Vec<Delivery> {
         let mut v: Vec<Delivery> = Vec::new();
         let mut done = Vec::new();
+        self.ids_in_flight = None;
         self.inflight.retain(|i| {
             if i.delivery.via_share.is_some() && i.state != OutState::AwaitPubComp {
                 v.push(i.delivery.clone());
@@ -962,6 +1029,49 @@ mod tests {
             s.on_puback(PacketId::new(1).unwrap(), &LIMITS, now),
             Err(UnknownPacketId)
         );
+    }
+
+    #[test]
+    fn wide_window_never_reuses_an_id_in_flight_across_the_wrap() {
+        let limits = SessionLimits {
+            inflight_max: 100,
+            queue_messages_max: 1000,
+            ..LIMITS
+        };
+        let mut s = Session::new(MqttStr::new("c").unwrap(), ProtocolVersion::V5, 0);
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        let now = Instant::now();
+        s.attach(Link::new(1, out.clone(), 100, 1 << 20, 0), &limits, now);
+        for _ in 0..50 {
+            s.deliver(delivery("t", QoS::AtLeastOnce), &limits, now);
+        }
+        // Acknowledge 1..=30 except 7, which stays in flight.
+        for id in (1..=30).filter(|id| *id != 7) {
+            s.on_puback(PacketId::new(id).unwrap(), &limits, now)
+                .unwrap();
+        }
+        // Wrap: the next ids are 65534, 65535, then 1.. where 7 and 31..=50 are taken.
+        s.next_packet_id = 65534;
+        for _ in 0..40 {
+            s.deliver(delivery("t", QoS::AtLeastOnce), &limits, now);
+        }
+        let ids: Vec<u16> = s.inflight().map(|i| i.packet_id.get()).collect();
+        let unique: HashSet<u16> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), 21 + 40);
+        assert_eq!(unique.len(), ids.len(), "an id is in flight twice: {ids:?}");
+        assert!(unique.contains(&65534) && unique.contains(&65535));
+        assert!(!unique.contains(&0));
+        // Every id acknowledged is usable again; the ones in flight were skipped.
+        for id in (1..=6).chain(8..=30).chain(51..=57) {
+            assert!(unique.contains(&id), "{id} not reused");
+        }
+        // Completing them all empties the window and frees the id set.
+        for id in ids {
+            s.on_puback(PacketId::new(id).unwrap(), &limits, now)
+                .unwrap();
+        }
+        assert_eq!(s.inflight().count(), 0);
+        assert!(s.ids_in_flight.is_none());
     }
 
     #[test]
