@@ -511,12 +511,14 @@ async fn serve<R, W>(
 {
     let version = connect.protocol;
     let out = Rc::new(Outbound::new(version));
-    let login = authenticate(
+    // Boxed: its state (a password check on another thread) would otherwise be part of
+    // this future, which every connection keeps for its whole life.
+    let login = Box::pin(authenticate(
         &shard,
         &connect,
         client.cert_identity.as_deref(),
         client.addr,
-    )
+    ))
     .await;
     let accepted = shard.service().core.borrow_mut().connect_as(
         &connect,
