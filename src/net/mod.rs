@@ -184,7 +184,12 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd, listener: Arc<Lis
                 glommio::spawn_local(async move {
                     match listener.transport {
                         Transport::Tcp => handshake(shard2.clone(), stream, guard).await,
-                        _ => relay::handshake(shard2.clone(), stream, &listener, guard).await,
+                        // Boxed: the TLS and WebSocket state would otherwise make every
+                        // plain TCP connection's task as large as theirs (tens of KiB).
+                        _ => {
+                            Box::pin(relay::handshake(shard2.clone(), stream, &listener, guard))
+                                .await
+                        }
                     }
                     shard2.service().release_connection();
                 })
