@@ -267,6 +267,14 @@ pub struct Limits {
     /// Encoded bytes waiting to be written to one connection; QoS 0 beyond it is dropped,
     /// QoS 1/2 wait in the session queue.
     pub outbound_buffer_bytes_max: u32,
+    /// A connection whose writes make no progress for this long (its client stopped reading)
+    /// is closed; its session keeps what was not delivered.
+    pub write_stall_timeout_s: u32,
+    /// Packets one connection may send per second, averaged over a second; beyond it the
+    /// broker reads that connection more slowly. 0: no limit.
+    pub inbound_messages_per_s: u32,
+    /// Bytes one connection may send per second, likewise. 0: no limit.
+    pub inbound_bytes_per_s: u64,
     /// Messages waiting for one session (offline, or beyond its inflight window).
     pub queue_messages_max: u32,
     /// Bytes of payload waiting for one session.
@@ -290,6 +298,9 @@ impl Default for Limits {
             client_id_bytes_max: 256,
             subscriptions_per_session_max: 1024,
             outbound_buffer_bytes_max: 4 * 1024 * 1024,
+            write_stall_timeout_s: 30,
+            inbound_messages_per_s: 0,
+            inbound_bytes_per_s: 0,
             queue_messages_max: 10_000,
             queue_bytes_max: 64 * 1024 * 1024,
             retained_messages_max: 1_000_000,
@@ -501,6 +512,10 @@ impl Config {
             (
                 "limits.outbound_buffer_bytes_max",
                 l.outbound_buffer_bytes_max as u64,
+            ),
+            (
+                "limits.write_stall_timeout_s",
+                l.write_stall_timeout_s as u64,
             ),
             ("limits.queue_messages_max", l.queue_messages_max as u64),
             ("limits.queue_bytes_max", l.queue_bytes_max),

@@ -31,6 +31,15 @@
 //! A relayed connection costs one extra copy through the kernel each way and holds a
 //! connection slot on both shards (`limits.connections_max` counts it twice); plain TCP has
 //! no extra step. Per-listener limits are in [`listener`].
+//!
+//! Flow control (see `README.md`, "Overload and slow clients"): the reader charges each connection's
+//! [`rate::InboundLimiter`] and waits out its debt before it reads again; it also stops
+//! reading while the connection's own [`Outbound`] holds more than the outbound cap (a client
+//! that does not read its answers cannot make them pile up). The writer gives up on a
+//! connection whose writes make no progress for `limits.write_stall_timeout_s`, and tells the
+//! shard when it made room for a session that was waiting for it.
+
+pub mod rate;
 
 mod listener;
 mod relay;
@@ -491,6 +500,28 @@ enum ReadEvent {
     Closed,
 }
 
+/// The flow-control limits of a served connection.
+#[derive(Clone, Copy)]
+struct FlowLimits {
+    outbound_max: usize,
+    write_stall: Duration,
+    messages_per_s: u32,
+    bytes_per_s: u64,
+}
+
+impl FlowLimits {
+    fn of(shard: &Shard<BrokerShard>) -> FlowLimits {
+        let core = shard.service().core.borrow();
+        let l = &core.config().limits;
+        FlowLimits {
+            outbound_max: l.outbound_buffer_bytes_max as usize,
+            write_stall: Duration::from_secs(l.write_stall_timeout_s as u64),
+            messages_per_s: l.inbound_messages_per_s,
+            bytes_per_s: l.inbound_bytes_per_s,
+        }
+    }
+}
+
 /// Who is connecting, as the accepting shard learned it.
 #[derive(Debug, Default)]
 struct Client {
@@ -515,6 +546,7 @@ async fn serve<R, W>(
     W: AsyncWrite + Unpin + 'static,
 {
     let version = connect.protocol;
+    let flow = FlowLimits::of(&shard);
     let out = Rc::new(Outbound::new(version));
     // Boxed: its state (a password check on another thread) would otherwise be part of
     // this future, which every connection keeps for its whole life.
@@ -533,7 +565,18 @@ async fn serve<R, W>(
         Instant::now(),
     );
     drop(connect);
-    let writer_task = glommio::spawn_local(write_loop(out.clone(), writer));
+    let on_room = accepted.as_ref().ok().map(|a| {
+        let (shard, client_id, conn_id) = (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
+        move || {
+            shard
+                .service()
+                .core
+                .borrow_mut()
+                .on_writable(&client_id, conn_id, Instant::now())
+        }
+    });
+    let writer_task =
+        glommio::spawn_local(write_loop(out.clone(), writer, flow.write_stall, on_room));
     let Ok(accepted) = accepted else {
         writer_task.await;
         return;
@@ -554,11 +597,21 @@ async fn serve<R, W>(
     let mut read = ReadSize::default();
     let mut ending = Ending::Lost;
     let mut broker_closed = false;
+    let mut rate = rate::InboundLimiter::new(flow.messages_per_s, flow.bytes_per_s, Instant::now());
     'conn: loop {
         loop {
+            // A client over its rate waits out its debt before its next packet is handled
+            // (and before more is read from it). This does not count against keep alive.
+            if let Some(wait) = rate.delay(Instant::now()) {
+                future::or(glommio::timer::sleep(wait), async {
+                    out.closed().await;
+                })
+                .await;
+            }
             match decode(&mut buf, &limits) {
                 Ok(Some(packet)) => {
                     let now = Instant::now();
+                    rate.packet(now);
                     let flow = shard
                         .service()
                         .core
@@ -586,6 +639,12 @@ async fn serve<R, W>(
                 }
             }
         }
+        // Back-pressure before reading more: the client's own answers must drain (this does
+        // not count against keep alive either). Sessions keep messages below the cap plus one packet, so only answers the client
+        // left unread take the buffer past twice the cap.
+        if out.pending_bytes() >= flow.outbound_max.saturating_mul(2) {
+            out.room(flow.outbound_max).await;
+        }
         let start = read.prepare(&mut buf);
         let event = future::or(
             async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
@@ -607,7 +666,8 @@ async fn serve<R, W>(
         read.finish(&mut buf, start, &event);
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
-            ReadEvent::Data(Ok(_)) => {
+            ReadEvent::Data(Ok(n)) => {
+                rate.bytes(n, Instant::now());
                 // A socket that always has bytes waiting would otherwise keep this task
                 // running and starve every writer of the shard.
                 glommio::yield_if_needed().await;
@@ -705,22 +765,81 @@ impl ReadSize {
     }
 }
 
+/// Largest spare batch buffer kept between writes; a bigger one (after a burst) is freed.
+const SPARE_KEEP_BYTES: usize = 64 * 1024;
+
 /// Writes what the connection's [`Outbound`] collects, one batch per wake-up; on close,
-/// flushes and shuts down the write half.
-async fn write_loop<W: AsyncWrite + Unpin>(out: Rc<Outbound>, mut writer: W) {
+/// flushes and shuts down the write half. A write that makes no progress for `stall` ends
+/// the connection (the client stopped reading). After each write that made room for a
+/// session that was waiting for it, calls `on_room`.
+async fn write_loop<W, F>(out: Rc<Outbound>, mut writer: W, stall: Duration, on_room: Option<F>)
+where
+    W: futures_lite::AsyncWrite + Unpin,
+    F: Fn(),
+{
     let mut spare = BytesMut::new();
-    loop {
+    'batches: loop {
         let (batch, close) = out.next_batch(spare).await;
-        // The flush sends what a TLS or WebSocket layer buffered (a no-op on a socket).
-        if !batch.is_empty()
-            && (writer.write_all(&batch).await.is_err() || writer.flush().await.is_err())
-        {
-            break;
+        let mut written = 0;
+        while written < batch.len() {
+            let step = future::or(
+                async { Some(writer.write(&batch[written..]).await) },
+                async {
+                    glommio::timer::sleep(stall).await;
+                    None
+                },
+            )
+            .await;
+            match step {
+                Some(Ok(n)) if n > 0 => {
+                    written += n;
+                    out.wrote(n);
+                    if out.take_starved() {
+                        if let Some(f) = &on_room {
+                            f();
+                        }
+                    }
+                }
+                Some(_) => break 'batches,
+                None => {
+                    tracing::info!(
+                        stalled_s = stall.as_secs(),
+                        pending = out.pending_bytes(),
+                        "client stopped reading; closing the connection"
+                    );
+                    out.close(None);
+                    return;
+                }
+            }
         }
-        spare = batch;
+        // The flush sends what a TLS or WebSocket layer buffered (a no-op on a socket).
+        if !batch.is_empty() {
+            let flushed = future::or(async { Some(writer.flush().await) }, async {
+                glommio::timer::sleep(stall).await;
+                None
+            })
+            .await;
+            match flushed {
+                Some(Ok(())) => {}
+                Some(Err(_)) => break 'batches,
+                None => {
+                    tracing::info!(
+                        stalled_s = stall.as_secs(),
+                        "client stopped reading; closing the connection"
+                    );
+                    out.close(None);
+                    return;
+                }
+            }
+        }
         if close {
             break;
         }
+        spare = if batch.capacity() > SPARE_KEEP_BYTES {
+            BytesMut::new()
+        } else {
+            batch
+        };
         if out.is_empty() {
             // Idle for now: keep only small buffers (a burst grew them).
             if spare.capacity() > OUTBOUND_IDLE_KEEP_BYTES {
@@ -729,7 +848,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Rc<Outbound>, mut writer: W) {
             out.shrink_if_empty(OUTBOUND_IDLE_KEEP_BYTES);
         }
     }
-    let _ = writer.close().await;
+    let _ = future::or(
+        async {
+            let _ = writer.close().await;
+        },
+        glommio::timer::sleep(stall),
+    )
+    .await;
 }
 
 #[cfg(test)]

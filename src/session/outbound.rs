@@ -1,6 +1,14 @@
 //! The bytes waiting to be written to one connection. Sessions and the shard append encoded
 //! packets; the connection's writer task takes everything at once and writes it in one go,
 //! so many small packets cost one write. No I/O here: appending wakes the writer.
+//!
+//! Flow control: [`Outbound::pending_bytes`] counts what is buffered plus what the writer
+//! took and has not written yet, which is what sessions compare with
+//! `limits.outbound_buffer_bytes_max`. A session that held messages back for want of room
+//! marks the buffer [starved](Outbound::mark_starved); the writer reports its progress
+//! ([`Outbound::wrote`]) and, when the mark is set, asks the shard to move queued messages
+//! in. The connection's reader waits for [room](Outbound::room) before it reads more from a
+//! client whose own answers pile up unread.
 
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
@@ -25,12 +33,19 @@ pub struct Outbound {
     close: Cell<Option<CloseRequest>>,
     close_waker: Cell<Option<Waker>>,
     version: ProtocolVersion,
+    /// Bytes the writer took with its last batch and has not written yet.
+    writing: Cell<usize>,
+    /// A session held messages back because this buffer was full.
+    starved: Cell<bool>,
+    /// The reader waiting for the buffer to drain below a mark.
+    room_waker: Cell<Option<Waker>>,
 }
 
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbound")
             .field("buffered", &self.len())
+            .field("writing", &self.writing.get())
             .field("close", &self.close.get())
             .field("version", &self.version)
             .finish()
@@ -46,7 +61,47 @@ impl Outbound {
             close: Cell::new(None),
             close_waker: Cell::new(None),
             version,
+            writing: Cell::new(0),
+            starved: Cell::new(false),
+            room_waker: Cell::new(None),
         }
+    }
+
+    /// Bytes waiting to reach the socket: buffered, plus taken by the writer and not yet
+    /// written. What the outbound cap limits.
+    pub fn pending_bytes(&self) -> usize {
+        self.len() + self.writing.get()
+    }
+
+    /// The writer wrote `n` bytes of its batch.
+    pub fn wrote(&self, n: usize) {
+        self.writing.set(self.writing.get().saturating_sub(n));
+        if let Some(w) = self.room_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// A session held messages back because the buffer was full: they are to be moved in
+    /// once the writer makes room.
+    pub fn mark_starved(&self) {
+        self.starved.set(true);
+    }
+
+    /// Takes the starved mark (the writer, after making room).
+    pub fn take_starved(&self) -> bool {
+        self.starved.replace(false)
+    }
+
+    /// Completes once fewer than `mark` bytes are pending or the connection is closing.
+    pub async fn room(&self, mark: usize) {
+        poll_fn(|cx| {
+            if self.pending_bytes() < mark || self.close.get().is_some() {
+                return Poll::Ready(());
+            }
+            self.room_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
     }
 
     pub fn version(&self) -> ProtocolVersion {
@@ -94,7 +149,8 @@ impl Outbound {
 
     /// Waits until there is something to write or the connection is to be closed, then
     /// takes the buffered bytes and whether to close after writing them. Reuses `spare` as
-    /// the next buffer.
+    /// the next buffer. Asking for a batch means the previous one was written; the new one
+    /// counts as pending until [`Outbound::wrote`] says otherwise.
     pub async fn next_batch(&self, spare: BytesMut) -> (BytesMut, bool) {
         let mut spare = Some(spare);
         poll_fn(|cx| {
@@ -104,6 +160,7 @@ impl Outbound {
                 let mut next = spare.take().unwrap_or_default();
                 next.clear();
                 let out = std::mem::replace(&mut *buf, next);
+                self.writing.set(out.len());
                 return Poll::Ready((out, closing));
             }
             self.waker.set(Some(cx.waker().clone()));
@@ -124,6 +181,9 @@ impl Outbound {
         self.close.set(Some(CloseRequest { reason }));
         self.wake();
         if let Some(w) = self.close_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.room_waker.take() {
             w.wake();
         }
     }

@@ -512,7 +512,8 @@ impl Session {
             Some(link) => {
                 let window_free =
                     self.inflight.len() < self.window(limits) && self.queue.is_empty();
-                let buffer_free = link.out.len() < limits.outbound_buffer_bytes_max as usize;
+                let buffer_free =
+                    link.out.pending_bytes() < limits.outbound_buffer_bytes_max as usize;
                 if d.qos == QoS::AtMostOnce {
                     if !buffer_free {
                         self.stats.dropped_qos0_slow += 1;
@@ -525,6 +526,9 @@ impl Session {
                 }
                 if window_free && buffer_free {
                     return self.send_inflight(d, now);
+                }
+                if !buffer_free {
+                    link.out.mark_starved();
                 }
                 self.enqueue(d, limits)
             }
@@ -758,7 +762,8 @@ impl Session {
         let Some(link) = &self.link else { return };
         let out = link.out.clone();
         while let Some(q) = self.queue.front() {
-            if out.len() >= limits.outbound_buffer_bytes_max as usize {
+            if out.pending_bytes() >= limits.outbound_buffer_bytes_max as usize {
+                out.mark_starved();
                 break;
             }
             if q.delivery.qos != QoS::AtMostOnce && self.inflight.len() >= self.window(limits) {

@@ -35,7 +35,7 @@ use crate::protocol::{
     Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
-use crate::session::state::StoreOp;
+use crate::session::state::{DeliverOutcome, DropReason, StoreOp};
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
     Qos2Id, Session, SessionLimits, SharedMessage, Subscription, Will,
@@ -117,6 +117,8 @@ enum Pending {
         remaining: usize,
         suback: SubAck,
         retained: Vec<Delivery>,
+        /// Filters whose index additions this SUBACK waits for (see `Core::index_adding`).
+        adding: Vec<Arc<str>>,
     },
     /// A group join at its home waiting for its index update; then answer `token` to `to`.
     Relay {
@@ -219,6 +221,22 @@ pub struct CoreStats {
     pub acl_denied_subscribe: u64,
     /// Messages not delivered to a subscriber that may not read the topic.
     pub acl_denied_delivery: u64,
+    /// QoS 0 messages not sent because the subscriber's outbound buffer was full (a slow
+    /// or stalled reader).
+    pub qos0_dropped_slow: u64,
+    /// Messages refused or dropped because a session's queue was full.
+    pub queue_dropped_full: u64,
+}
+
+impl CoreStats {
+    /// Counts what happened to one delivery.
+    fn note(&mut self, outcome: DeliverOutcome) {
+        match outcome {
+            DeliverOutcome::Dropped(DropReason::SlowConsumer) => self.qos0_dropped_slow += 1,
+            DeliverOutcome::Dropped(DropReason::QueueFull) => self.queue_dropped_full += 1,
+            _ => {}
+        }
+    }
 }
 
 /// Who a connecting client is, as established before [`Core::connect_as`].
@@ -327,6 +345,10 @@ pub struct Core {
     /// QoS 2 dedup keys held by this shard's persistent sessions: publisher client id ->
     /// publisher packet id -> the sessions holding the key (see the module docs).
     qos2_holders: HashMap<MqttStr, HashMap<u16, Vec<MqttStr>>>,
+    /// Filters whose addition to the peers' indexes is still in flight, with how many
+    /// SUBACKs wait for one. A SUBSCRIBE to such a filter (by any local client) must wait
+    /// too: its SUBACK would otherwise promise messages the peers do not route here yet.
+    index_adding: HashMap<Arc<str>, u32>,
     /// The version of the last write applied to each retained topic; deletions stay as
     /// tombstones for [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive
     /// a deleted message.
@@ -401,6 +423,7 @@ impl Core {
             recovered_peers: 0,
             dispatch: None,
             qos2_holders: HashMap::new(),
+            index_adding: HashMap::new(),
             retained_versions: HashMap::new(),
             last_retain_ns: 0,
             last_prune: Instant::now(),
@@ -1248,6 +1271,19 @@ impl Core {
         })
     }
 
+    /// The writer of connection `conn_id` made room in a buffer a session had found full:
+    /// moves the session's queued messages in (as far as window and buffer allow).
+    pub fn on_writable(&mut self, client_id: &MqttStr, conn_id: u64, now: Instant) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+            return;
+        }
+        s.pump(&self.limits, now);
+        self.sync_session(client_id, now);
+    }
+
     /// The connection of `ctx` has ended. Decides the will and the session's future.
     pub fn disconnected(&mut self, ctx: &ConnCtx, ending: Ending, now: Instant) {
         let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
@@ -1664,7 +1700,10 @@ impl Core {
         };
         let msg = Arc::new(Message {
             topic,
-            payload: p.payload,
+            // The decoded payload is a slice of the connection's read buffer: a message that
+            // waits (queued, in flight, retained) would pin that whole buffer, many times
+            // the payload's size. One copy makes the message own exactly its bytes.
+            payload: bytes::Bytes::copy_from_slice(&p.payload),
             qos: p.qos,
             retain: p.retain,
             properties,
@@ -1889,7 +1928,7 @@ impl Core {
                     self.stats.acl_denied_delivery += 1;
                     continue;
                 }
-                s.deliver(d, &self.limits, now);
+                self.stats.note(s.deliver(d, &self.limits, now));
                 if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
                     if s.holds_qos2(origin, id.packet_id) {
                         self.note_qos2_holder(origin, id.packet_id, &client_id);
@@ -1982,6 +2021,7 @@ impl Core {
         let mut retained = Vec::new();
         let sub_id = s.properties.subscription_identifier;
         let peers: Vec<usize> = self.peers().collect();
+        let mut adding: Vec<Arc<str>> = Vec::new();
         for (filter, options) in s.filters {
             let rc = self.check_filter(ctx, &filter);
             if matches!(rc, ReasonCode::NotAuthorized | ReasonCode::UnspecifiedError) {
@@ -2040,8 +2080,18 @@ impl Core {
                     options,
                     id: sub_id,
                 });
-                if first {
-                    remaining += self.index_add(filter.filter(), Some(token), &peers);
+                // A filter whose addition is still on its way to the peers is added again
+                // (the peers' indexes are sets, and each peer answers in order), so that this
+                // SUBACK too waits until every peer routes the filter here.
+                let in_flight = self.index_adding.contains_key(filter.filter());
+                if first || in_flight {
+                    let acks = self.index_add(filter.filter(), Some(token), &peers);
+                    if acks > 0 {
+                        remaining += acks;
+                        let key: Arc<str> = Arc::from(filter.filter());
+                        *self.index_adding.entry(key.clone()).or_insert(0) += 1;
+                        adding.push(key);
+                    }
                 }
                 let send_retained = match options.retain_handling {
                     RetainHandling::SendAtSubscribe => true,
@@ -2095,6 +2145,7 @@ impl Core {
                     remaining,
                     suback,
                     retained,
+                    adding,
                 },
             );
         }
@@ -2147,7 +2198,7 @@ impl Core {
             _ => return,
         }
         for d in retained {
-            s.deliver(d, &self.limits, now);
+            self.stats.note(s.deliver(d, &self.limits, now));
         }
         self.sync_session(client_id, now);
     }
@@ -2408,7 +2459,7 @@ impl Core {
                                 msg: msg.clone(),
                                 via_share: Some(key.clone()),
                             };
-                            s.deliver(d, &self.limits, now);
+                            self.stats.note(s.deliver(d, &self.limits, now));
                             true
                         }
                         None => false,
@@ -2593,8 +2644,19 @@ impl Core {
                 conn_id,
                 suback,
                 retained,
+                adding,
                 ..
-            }) => self.finish_suback(&client_id, conn_id, suback, retained, now),
+            }) => {
+                for f in adding {
+                    if let Some(n) = self.index_adding.get_mut(&f) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.index_adding.remove(&f);
+                        }
+                    }
+                }
+                self.finish_suback(&client_id, conn_id, suback, retained, now)
+            }
             Some(Pending::Relay {
                 to, token, failed, ..
             }) => self.send(to, Event::Ack { token, ok: !failed }),
@@ -2916,6 +2978,160 @@ mod subscribe_tests {
             got.iter().any(|p| matches!(p, Packet::Publish(_))),
             "{got:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::tests_support::*;
+    use super::*;
+    use crate::protocol::PacketId;
+
+    /// Two cores whose sinks the test empties by hand.
+    fn pair() -> (Vec<Core>, Vec<Rc<Sink>>) {
+        let sinks: Vec<Rc<Sink>> = (0..2).map(|_| Rc::new(Sink::default())).collect();
+        let cfg = Rc::new(Config::default());
+        let cores = (0..2)
+            .map(|i| Core::new(i, 2, cfg.clone(), sinks[i].clone(), None))
+            .collect();
+        (cores, sinks)
+    }
+
+    fn deliver_all(cores: &mut [Core], sinks: &[Rc<Sink>], now: Instant) {
+        loop {
+            let mut any = false;
+            for (from, sink) in sinks.iter().enumerate() {
+                let events: Vec<_> = sink.0.borrow_mut().drain(..).collect();
+                for (to, ev) in events {
+                    any = true;
+                    cores[to].on_event(from, ev, now);
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    fn subacks(out: &Outbound) -> Vec<u16> {
+        if out.is_empty() {
+            return Vec::new();
+        }
+        drain(out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SubAck(a) => Some(a.packet_id.get()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Found by the session fuzz target: a second SUBSCRIBE to a filter whose addition to
+    /// the peers' indexes was still in flight was acknowledged at once, and a message
+    /// published on the other shard right after that SUBACK was not routed here.
+    #[test]
+    fn a_second_subscribe_waits_for_the_first_ones_index_update() {
+        let (mut cores, sinks) = pair();
+        let now = Instant::now();
+        let (mut sub, sub_out) = conn(&mut cores[0], "s", now);
+        drain(&sub_out);
+        cores[0]
+            .on_packet(&mut sub, subscribe_packet(1, "a", QoS::AtLeastOnce), now)
+            .unwrap();
+        cores[0]
+            .on_packet(&mut sub, subscribe_packet(2, "a", QoS::AtLeastOnce), now)
+            .unwrap();
+        // Another client of the same shard, same filter: waits too.
+        let (mut other, other_out) = conn(&mut cores[0], "o", now);
+        drain(&other_out);
+        cores[0]
+            .on_packet(&mut other, subscribe_packet(1, "a", QoS::AtLeastOnce), now)
+            .unwrap();
+        assert_eq!(
+            subacks(&sub_out),
+            Vec::<u16>::new(),
+            "SUBACK before the peer knows"
+        );
+        assert_eq!(
+            subacks(&other_out),
+            Vec::<u16>::new(),
+            "SUBACK before the peer knows"
+        );
+        deliver_all(&mut cores, &sinks, now);
+        let mut got = subacks(&sub_out);
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2]);
+        assert_eq!(subacks(&other_out), vec![1]);
+        // Once acknowledged, a publish on the other shard reaches both.
+        let (mut publ, _) = conn(&mut cores[1], "p", now);
+        let mut p = Publish::new(
+            TopicName::new("a").unwrap(),
+            bytes::Bytes::from_static(b"x"),
+        );
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = PacketId::new(1);
+        cores[1]
+            .on_packet(&mut publ, Packet::Publish(p), now)
+            .unwrap();
+        deliver_all(&mut cores, &sinks, now);
+        for out in [&sub_out, &other_out] {
+            assert!(
+                drain(out).iter().any(|p| matches!(p, Packet::Publish(_))),
+                "the message was not routed to the subscriber"
+            );
+        }
+        // The in-flight record is gone: a later subscribe is answered at once.
+        assert!(cores[0].index_adding.is_empty());
+    }
+
+    /// A subscriber whose outbound buffer is full gets its QoS 0 messages dropped and
+    /// counted in the shard's stats; its QoS 1 messages wait in the queue and move in when
+    /// the writer makes room.
+    #[test]
+    fn slow_subscriber_qos0_is_dropped_and_counted_qos1_waits_for_room() {
+        let mut cfg = Config::default();
+        cfg.limits.packet_bytes_max = 1024;
+        cfg.limits.outbound_buffer_bytes_max = 1024;
+        let mut c = Core::new(0, 1, Rc::new(cfg), Rc::new(Sink::default()), None);
+        let now = Instant::now();
+        let (mut sub, sub_out) = conn(&mut c, "s", now);
+        c.on_packet(&mut sub, subscribe_packet(1, "q0", QoS::AtMostOnce), now)
+            .unwrap();
+        c.on_packet(&mut sub, subscribe_packet(2, "q1", QoS::AtLeastOnce), now)
+            .unwrap();
+        let (mut publ, _) = conn(&mut c, "p", now);
+        let payload = bytes::Bytes::from(vec![0u8; 300]);
+        for _ in 0..10 {
+            let p = Publish::new(TopicName::new("q0").unwrap(), payload.clone());
+            c.on_packet(&mut publ, Packet::Publish(p), now).unwrap();
+        }
+        assert!(c.stats.qos0_dropped_slow >= 6, "{:?}", c.stats);
+        for i in 1..=10u16 {
+            let mut p = Publish::new(TopicName::new("q1").unwrap(), payload.clone());
+            p.qos = QoS::AtLeastOnce;
+            p.packet_id = PacketId::new(i);
+            c.on_packet(&mut publ, Packet::Publish(p), now).unwrap();
+        }
+        // The writer takes what is buffered and writes it: the queue moves in.
+        let count = |ps: &[Packet]| {
+            ps.iter()
+                .filter(|p| matches!(p, Packet::Publish(q) if q.topic.as_str() == "q1"))
+                .count()
+        };
+        let mut got = 0;
+        for _ in 0..20 {
+            let batch = if sub_out.is_empty() {
+                Vec::new()
+            } else {
+                drain(&sub_out)
+            };
+            sub_out.wrote(sub_out.pending_bytes());
+            got += count(&batch);
+            if sub_out.take_starved() {
+                c.on_writable(&sub.client_id, sub.conn_id, now);
+            }
+        }
+        assert_eq!(got, 10, "every QoS 1 message arrives once there is room");
     }
 }
 

@@ -183,6 +183,37 @@ impl TestBroker {
         wait_bounded(&mut child)
     }
 
+    /// The broker's resident memory (VmRSS from /proc/PID/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// How many file descriptors the broker holds open (/proc/PID/fd).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+
+    /// Waits (bounded by TIMEOUT) until the broker holds at most `fds` descriptors; returns
+    /// the last count seen.
+    pub fn wait_fds_at_most(&self, fds: usize) -> usize {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let n = self.fd_count();
+            if n <= fds || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait (bounded) for the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
