@@ -32,10 +32,11 @@
 //! connection slot on both shards (`limits.connections_max` counts it twice); plain TCP has
 //! no extra step. Per-listener limits are in [`listener`].
 //!
-//! Flow control (see `README.md`, "Overload and slow clients"): the reader charges each connection's
-//! [`rate::InboundLimiter`] and waits out its debt before it reads again; it also stops
-//! reading while the connection's own [`Outbound`] holds more than the outbound cap (a client
-//! that does not read its answers cannot make them pile up). The writer gives up on a
+//! Flow control (see `README.md`, "Overload and slow clients"): the reader charges each
+//! connection's [`rate::InboundLimiter`] and waits out its debt before it handles the next
+//! packet; it also stops reading while the connection's own [`Outbound`] holds more than
+//! twice the outbound cap (a client that does not read its answers cannot make them pile
+//! up). The writer gives up on a
 //! connection whose writes make no progress for `limits.write_stall_timeout_s`, and tells the
 //! shard when it made room for a session that was waiting for it.
 
@@ -640,8 +641,9 @@ async fn serve<R, W>(
             }
         }
         // Back-pressure before reading more: the client's own answers must drain (this does
-        // not count against keep alive either). Sessions keep messages below the cap plus one packet, so only answers the client
-        // left unread take the buffer past twice the cap.
+        // not count against keep alive either). Sessions keep messages below the cap plus
+        // one packet, so only answers the client left unread take the buffer past twice the
+        // cap.
         if out.pending_bytes() >= flow.outbound_max.saturating_mul(2) {
             out.room(flow.outbound_max).await;
         }

@@ -1,0 +1,389 @@
+//! Misbehaving clients over raw sockets: garbage, truncated and malformed packets, packets
+//! before CONNECT, a second CONNECT, bad strings, topics and filters, QoS 3, packet id 0,
+//! properties where they are not allowed, bad topic aliases, PUBREL for an unknown id,
+//! sockets that go silent without a FIN. For each: the MQTT 5 reason code (DISCONNECT, or
+//! the answer the specification asks for) or a plain close for 3.1.1, no effect on a
+//! bystander on each shard, and no leak: over many repetitions the broker's file
+//! descriptors return to their baseline and its memory does not grow.
+//!
+//! `tests/broker_core.rs` (`malformed_packet_closes_only_that_connection`,
+//! `second_connect_closes_the_connection`, `connect_timeout_closes_a_silent_socket`,
+//! `keep_alive_expiry_drops_the_client_and_publishes_its_will`) and `tests/broker_v5.rs`
+//! (`client_topic_alias_zero_above_maximum_or_unknown_is_refused`,
+//! `packet_above_the_broker_maximum_is_refused`, `malformed_packet_disconnects_only_its_sender`)
+//! check single cases in detail (wills, exact bytes); this suite runs them all together,
+//! repeatedly, and watches the broker's resources. Clients that never read are in
+//! `tests/overload.rs`.
+
+mod support;
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use shardmq::protocol::{Packet, ProtocolVersion, QoS, ReasonCode};
+use support::raw::{publish_packet, ConnectOpts, RawClient};
+use support::{id_on_shard, TestBroker, TIMEOUT};
+
+const SHARDS: usize = 2;
+/// The broker's packet limit in these tests (so that "oversized" is cheap to send).
+const PACKET_MAX: u32 = 4096;
+
+/// What the broker must do with a hostile input.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// MQTT 5: DISCONNECT with this reason, then close. MQTT 3.1.1: close, nothing sent.
+    Disconnect(ReasonCode),
+    /// The connection stays; the broker answers with this packet first.
+    Answer(fn(&Packet) -> bool),
+    /// The client closes first (after a truncated packet): the broker closes too.
+    Closed,
+}
+
+struct Case {
+    what: &'static str,
+    /// Sent after a successful CONNECT.
+    bytes: Vec<u8>,
+    expect: Expect,
+    /// Also run against MQTT 3.1.1 (v5-only syntax is not).
+    v311: bool,
+}
+
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A packet with `first` byte, the remaining length of `body`, and `body`.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![first];
+    varint(body.len(), &mut v);
+    v.extend_from_slice(body);
+    v
+}
+
+/// A v5 PUBLISH QoS 0 to the 1-byte topic "a" with the given property bytes and payload "x".
+fn v5_publish_with_props(props: &[u8]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x01, b'a'];
+    varint(props.len(), &mut body);
+    body.extend_from_slice(props);
+    body.push(b'x');
+    packet(0x30, &body)
+}
+
+fn cases(version: ProtocolVersion) -> Vec<Case> {
+    let v5 = version == ProtocolVersion::V5;
+    // The property length byte that MQTT 5 puts after a PUBLISH topic / packet id.
+    let props: &[u8] = if v5 { &[0x00] } else { &[] };
+    let with_props = |head: &[u8], tail: &[u8]| -> Vec<u8> {
+        let mut v = head.to_vec();
+        v.extend_from_slice(props);
+        v.extend_from_slice(tail);
+        v
+    };
+    let mut second_connect = BytesMut::new();
+    ConnectOpts::new(version, "again", true)
+        .packet()
+        .encode(version, &mut second_connect)
+        .expect("encode");
+    let mut oversized = vec![0x30];
+    varint(PACKET_MAX as usize * 4, &mut oversized);
+    oversized.extend_from_slice(&[0x00, 0x01, b'a']);
+    let mut truncated = vec![0x30];
+    varint(100, &mut truncated);
+    truncated.extend_from_slice(&[0x00, 0x01, b'a', 0x00, 1, 2, 3]);
+    use Expect::*;
+    use ReasonCode as R;
+    vec![
+        Case {
+            what: "garbage (packet type 0)",
+            bytes: vec![0x00, 0x00, 0xde, 0xad, 0xbe, 0xef],
+            expect: Disconnect(R::MalformedPacket),
+            v311: true,
+        },
+        Case {
+            what: "remaining length of 5 bytes",
+            bytes: vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            expect: Disconnect(R::MalformedPacket),
+            v311: true,
+        },
+        Case {
+            what: "oversized packet",
+            bytes: oversized,
+            expect: Disconnect(R::PacketTooLarge),
+            v311: true,
+        },
+        Case {
+            what: "second CONNECT",
+            bytes: second_connect.to_vec(),
+            expect: Disconnect(R::ProtocolError),
+            v311: true,
+        },
+        Case {
+            what: "invalid UTF-8 in a topic",
+            bytes: packet(0x30, &with_props(&[0x00, 0x02, 0xc3, 0x28], b"x")),
+            expect: Disconnect(R::MalformedPacket),
+            v311: true,
+        },
+        Case {
+            what: "U+0000 in a topic",
+            bytes: packet(0x30, &with_props(&[0x00, 0x02, b'a', 0x00], b"x")),
+            expect: Disconnect(R::MalformedPacket),
+            v311: true,
+        },
+        Case {
+            what: "wildcard in a topic name",
+            bytes: packet(0x30, &with_props(&[0x00, 0x03, b'a', b'/', b'+'], b"x")),
+            expect: Disconnect(R::TopicNameInvalid),
+            v311: true,
+        },
+        Case {
+            what: "invalid filter a/#/b",
+            bytes: packet(
+                0x82,
+                &with_props(
+                    &[0x00, 0x01],
+                    &[0x00, 0x05, b'a', b'/', b'#', b'/', b'b', 0x01],
+                ),
+            ),
+            expect: Disconnect(R::TopicFilterInvalid),
+            v311: true,
+        },
+        Case {
+            what: "QoS 3",
+            bytes: packet(0x36, &with_props(&[0x00, 0x01, b'a', 0x00, 0x01], b"x")),
+            expect: Disconnect(R::MalformedPacket),
+            v311: true,
+        },
+        Case {
+            what: "packet id 0",
+            bytes: packet(0x32, &with_props(&[0x00, 0x01, b'a', 0x00, 0x00], b"x")),
+            expect: Disconnect(R::ProtocolError),
+            v311: true,
+        },
+        Case {
+            what: "property not allowed in PUBLISH (Session Expiry Interval)",
+            bytes: v5_publish_with_props(&[0x11, 0, 0, 0, 1]),
+            expect: Disconnect(R::MalformedPacket),
+            v311: false,
+        },
+        Case {
+            what: "topic alias 0",
+            bytes: v5_publish_with_props(&[0x23, 0x00, 0x00]),
+            expect: Disconnect(R::TopicAliasInvalid),
+            v311: false,
+        },
+        Case {
+            what: "topic alias above the maximum",
+            bytes: v5_publish_with_props(&[0x23, 0xff, 0xff]),
+            expect: Disconnect(R::TopicAliasInvalid),
+            v311: false,
+        },
+        Case {
+            what: "PUBREL for an unknown packet id",
+            bytes: if v5 {
+                vec![0x62, 0x02, 0x00, 0x07]
+            } else {
+                vec![0x62, 0x02, 0x00, 0x07]
+            },
+            expect: Answer(|p| matches!(p, Packet::PubComp(a) if a.packet_id.get() == 7)),
+            v311: true,
+        },
+        Case {
+            what: "truncated packet, then FIN",
+            bytes: truncated,
+            expect: Closed,
+            v311: true,
+        },
+    ]
+}
+
+/// Runs one case on a fresh connection owned by `shard`; panics with the case's name when
+/// the broker does not do what it must.
+fn run_case(b: &TestBroker, version: ProtocolVersion, case: &Case, n: usize, shard: usize) {
+    let id = id_on_shard(&format!("hostile{n}"), shard, SHARDS);
+    let (mut c, ack) = RawClient::connect_raw(b.addr, &ConnectOpts::new(version, &id, true));
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    c.send_bytes(&case.bytes);
+    let label = format!("{} ({version:?})", case.what);
+    match case.expect {
+        Expect::Disconnect(rc) if version == ProtocolVersion::V5 => {
+            assert_eq!(c.expect_disconnect(), rc, "{label}");
+        }
+        Expect::Disconnect(_) => {
+            let got = c.expect_closed();
+            assert!(got.is_empty(), "{label}: 3.1.1 gets no answer, got {got:?}");
+        }
+        Expect::Answer(pick) => {
+            let p = c.recv();
+            assert!(pick(&p), "{label}: got {p:?}");
+            if let Packet::PubComp(a) = &p {
+                if version == ProtocolVersion::V5 {
+                    assert_eq!(
+                        a.reason_code,
+                        ReasonCode::PacketIdentifierNotFound,
+                        "{label}"
+                    );
+                }
+            }
+            c.ping();
+            c.disconnect();
+        }
+        Expect::Closed => {
+            let _ = c.stream().shutdown(Shutdown::Write);
+            let got = c.expect_closed();
+            assert!(got.is_empty(), "{label}: got {got:?}");
+        }
+    }
+}
+
+/// Inputs before any CONNECT: the broker closes without answering (and frees the socket).
+fn before_connect(b: &TestBroker) {
+    let mut publish = BytesMut::new();
+    publish_packet("a", b"x", QoS::AtMostOnce, false, None, false)
+        .encode(ProtocolVersion::V3_1_1, &mut publish)
+        .expect("encode");
+    for (what, bytes) in [
+        (
+            "garbage before CONNECT",
+            vec![0xde, 0xad, 0xbe, 0xef, 0x00, 0x01],
+        ),
+        ("PUBLISH before CONNECT", publish.to_vec()),
+        (
+            "5-byte length before CONNECT",
+            vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        ),
+    ] {
+        let mut c = RawClient::tcp(b.addr);
+        c.send_bytes(&bytes);
+        let got = c.expect_closed();
+        assert!(
+            !got.iter()
+                .any(|p| matches!(p, Packet::ConnAck(a) if a.reason_code == ReasonCode::Success)),
+            "{what}: {got:?}"
+        );
+    }
+}
+
+/// One bystander per shard; each round trip goes from one shard to the other.
+struct Bystanders {
+    clients: Vec<RawClient>,
+    n: u64,
+}
+
+impl Bystanders {
+    fn new(b: &TestBroker) -> Bystanders {
+        let clients = (0..SHARDS)
+            .map(|s| {
+                let mut c = RawClient::connect_v311(b.addr, &id_on_shard("bystander", s, SHARDS));
+                c.sub(&[(&format!("by/{s}"), QoS::AtLeastOnce)]);
+                c
+            })
+            .collect();
+        Bystanders { clients, n: 0 }
+    }
+
+    /// Each bystander publishes to the next one, which must receive it (bounded).
+    fn round_trip(&mut self) {
+        for s in 0..SHARDS {
+            let to = (s + 1) % SHARDS;
+            self.n += 1;
+            let body = self.n.to_be_bytes();
+            let t = Instant::now();
+            self.clients[s].publish(&format!("by/{to}"), &body, QoS::AtLeastOnce, false);
+            let p = self.clients[to].recv_publish_ack();
+            assert_eq!(&p.payload[..], &body, "bystander on shard {to}");
+            assert!(t.elapsed() < TIMEOUT);
+        }
+    }
+}
+
+/// Every case, MQTT 5 and 3.1.1, on both shards, many times; bystanders keep working after
+/// each case; descriptors return to their baseline and memory stays flat.
+#[test]
+fn hostile_clients_get_the_right_answer_and_leave_nothing_behind() {
+    let b = TestBroker::start_with(
+        SHARDS,
+        &format!("[limits]\npacket_bytes_max = {PACKET_MAX}\n"),
+    );
+    let mut by = Bystanders::new(&b);
+    by.round_trip();
+    let base_fds = b.fd_count();
+    let mut n = 0;
+    let mut rss_warm = 0;
+    const ROUNDS: usize = 8;
+    for round in 0..ROUNDS {
+        for version in [ProtocolVersion::V5, ProtocolVersion::V3_1_1] {
+            for case in cases(version) {
+                if version != ProtocolVersion::V5 && !case.v311 {
+                    continue;
+                }
+                n += 1;
+                run_case(&b, version, &case, n, n % SHARDS);
+                by.round_trip();
+            }
+        }
+        before_connect(&b);
+        by.round_trip();
+        if round == 1 {
+            rss_warm = b.rss_kib();
+        }
+    }
+    let fds = b.wait_fds_at_most(base_fds);
+    assert!(
+        fds <= base_fds,
+        "the broker holds {fds} descriptors after {n} hostile clients, {base_fds} before"
+    );
+    let grown = b.rss_kib().saturating_sub(rss_warm);
+    assert!(
+        grown < 16 * 1024,
+        "broker memory grew by {grown} KiB over {} rounds of hostile clients",
+        ROUNDS - 2
+    );
+}
+
+/// Clients that vanish without a FIN (a silent socket with keep alive 1 s, never closed by
+/// the client): the broker closes them when keep alive expires, and their descriptors are
+/// released, while a bystander keeps working.
+#[test]
+fn half_open_sockets_are_closed_by_keep_alive_and_their_descriptors_released() {
+    let b = TestBroker::start(SHARDS);
+    let mut by = Bystanders::new(&b);
+    by.round_trip();
+    let base_fds = b.fd_count();
+    // Raw sockets we keep open (no FIN from our side) but never write to again.
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for i in 0..20 {
+        let id = id_on_shard(&format!("halfopen{i}"), i % SHARDS, SHARDS);
+        let (c, _) = RawClient::connect(b.addr, &ConnectOpts::v311(&id, true).keep_alive(1));
+        silent.push(c.stream().try_clone().expect("clone"));
+    }
+    // Half a packet from some of them, then silence.
+    for s in silent.iter_mut().step_by(3) {
+        s.write_all(&[0x30, 0x10, 0x00]).expect("write");
+    }
+    assert!(b.fd_count() >= base_fds + 20);
+    by.round_trip();
+    let fds = b.wait_fds_at_most(base_fds);
+    assert!(
+        fds <= base_fds,
+        "{fds} descriptors remain after keep alive expired, {base_fds} before"
+    );
+    // Our ends see the close.
+    for s in &silent {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut &*s, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the broker did not close a silent socket");
+    }
+    by.round_trip();
+}
