@@ -189,11 +189,7 @@ fn cases(version: ProtocolVersion) -> Vec<Case> {
         },
         Case {
             what: "PUBREL for an unknown packet id",
-            bytes: if v5 {
-                vec![0x62, 0x02, 0x00, 0x07]
-            } else {
-                vec![0x62, 0x02, 0x00, 0x07]
-            },
+            bytes: vec![0x62, 0x02, 0x00, 0x07],
             expect: Answer(|p| matches!(p, Packet::PubComp(a) if a.packet_id.get() == 7)),
             v311: true,
         },

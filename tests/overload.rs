@@ -140,6 +140,7 @@ fn slow_qos1_subscriber_gets_every_message_later_and_memory_stays_bounded() {
         }
         max_grown = max_grown.max(b.rss_kib().saturating_sub(rss_before));
     }
+    eprintln!("slow QoS 1 subscriber: memory grew by at most {max_grown} KiB");
     // The session layer holds at most its memory window (512 messages), the in-flight
     // window and the outbound cap; the storage engine's write path holds more (about the
     // backlog's size at this scale, see the README's "Overload" section): this bound is
