@@ -30,8 +30,7 @@ use libfuzzer_sys::fuzz_target;
 use shardmq::config::Config;
 use shardmq::protocol::{
     decode, Ack, Connect, ConnectProperties, DecodeLimits, MqttStr, Packet, PacketId,
-    ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions, TopicFilter,
-    TopicName,
+    ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions, TopicFilter, TopicName,
 };
 use shardmq::session::{owner_shard, Outbound};
 use shardmq::shard::core::{ConnCtx, Core, Ending, EventSink, Flow};
@@ -93,6 +92,12 @@ struct World {
     next_msg: u64,
     /// Acknowledged tracked messages and who must receive them.
     expected: Vec<(u64, Vec<usize>)>,
+}
+
+/// `SESSION_FUZZ_TRACE=1` prints the operations and the packets in and out (to read a crash).
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("SESSION_FUZZ_TRACE").is_some())
 }
 
 /// Reads operation arguments from the input; runs dry as zeros.
@@ -188,7 +193,10 @@ impl World {
             for from in 0..SHARDS {
                 let next = self.sinks[from].0.borrow_mut().pop_front();
                 if let Some((to, ev)) = next {
-                    assert!(to < SHARDS && to != from, "event for shard {to} from {from}");
+                    assert!(
+                        to < SHARDS && to != from,
+                        "event for shard {to} from {from}"
+                    );
                     self.cores[to].on_event(from, ev, self.now);
                     any = true;
                     n += 1;
@@ -270,7 +278,7 @@ impl World {
 
     /// Hands one packet to the core as the connection's reader would.
     fn feed(&mut self, c: usize, packet: Packet) {
-        if std::env::var_os("SESSION_FUZZ_TRACE").is_some() {
+        if trace() {
             eprintln!("  {} -> {packet:?}", self.clients[c].id);
         }
         let shard = self.clients[c].shard;
@@ -299,7 +307,11 @@ impl World {
             return;
         }
         let f = inp.byte() as usize % FILTERS.len();
-        let qos = if inp.byte() & 1 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+        let qos = if inp.byte() & 1 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::ExactlyOnce
+        };
         let p = self.next_pid(c);
         self.clients[c].subscribing.insert(p, f);
         let sub = Subscribe {
@@ -404,7 +416,7 @@ impl World {
             self.cores[shard].on_writable(&id, conn_id, self.now);
         }
         for p in packets {
-            if std::env::var_os("SESSION_FUZZ_TRACE").is_some() {
+            if trace() {
                 eprintln!("  {} <- {p:?}", self.clients[c].id);
             }
             self.on_packet_from_broker(c, p);
@@ -493,7 +505,9 @@ impl World {
         for cl in self.clients.iter().filter(|c| c.tracked) {
             let Some(conn) = &cl.conn else { continue };
             let id = MqttStr::new(&cl.id).expect("valid");
-            let s = self.cores[cl.shard].session(&id).expect("a connected client has a session");
+            let s = self.cores[cl.shard]
+                .session(&id)
+                .expect("a connected client has a session");
             let window = usize::from(conn.receive_max.min(INFLIGHT_MAX));
             assert!(
                 s.inflight().count() <= window,
@@ -546,8 +560,6 @@ impl World {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // SESSION_FUZZ_TRACE=1 prints the operations (to read a crash).
-    let trace = std::env::var_os("SESSION_FUZZ_TRACE").is_some();
     let mut w = World::new();
     let mut inp = Input(data);
     let mut ops = 0;
@@ -556,8 +568,14 @@ fuzz_target!(|data: &[u8]| {
         let op = inp.byte();
         let c = usize::from(inp.byte()) % w.clients.len();
         let tracked = w.clients[c].tracked;
-        if trace {
-            eprintln!("op {} client {} ({}) next {:?}", op % 10, c, w.clients[c].id, &inp.0[..inp.0.len().min(4)]);
+        if trace() {
+            eprintln!(
+                "op {} client {} ({}) next {:?}",
+                op % 10,
+                c,
+                w.clients[c].id,
+                &inp.0[..inp.0.len().min(4)]
+            );
         }
         match op % 10 {
             0 => w.connect(c, &mut inp),
