@@ -36,9 +36,9 @@
 //! connection's [`rate::InboundLimiter`] and waits out its debt before it handles the next
 //! packet; it also stops reading while the connection's own [`Outbound`] holds more than
 //! twice the outbound cap (a client that does not read its answers cannot make them pile
-//! up). The writer gives up on a
-//! connection whose writes make no progress for `limits.write_stall_timeout_s`, and tells the
-//! shard when it made room for a session that was waiting for it.
+//! up). The writer gives up on a connection whose writes make no progress for
+//! `limits.write_stall_timeout_s`, and tells the shard when it made room for a session that
+//! was waiting for it.
 
 pub mod rate;
 
