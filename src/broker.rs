@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use shards::{Control, Placement, Pool, Shard};
 
+use crate::admin::{AdminServer, BrokerInfo};
 use crate::auth::Auth;
 use crate::config::{parse_core_list, Config, Durability, Transport};
 use crate::net;
@@ -35,6 +36,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// A running broker.
 pub struct Broker {
     pool: Pool<BrokerShard, ()>,
+    admin: Option<AdminServer>,
+    /// Where the admin endpoint listens (port 0 resolved), if enabled.
+    pub admin_addr: Option<SocketAddr>,
     /// The listeners actually bound (port 0 resolved): `listen` first, then `[[listeners]]`,
     /// in config order.
     pub listeners: Vec<BoundListener>,
@@ -68,6 +72,10 @@ pub enum StartError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    AdminListen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     Runtime(String),
 }
 
@@ -76,6 +84,10 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Config(m) | StartError::Listener(m) => write!(f, "{m}"),
             StartError::Listen { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            StartError::AdminListen { addr, error } => write!(
+                f,
+                "cannot listen on {addr} for the admin endpoint (admin.listen): {error}"
+            ),
             StartError::Runtime(m) => write!(f, "cannot start the shards: {m}"),
         }
     }
@@ -171,6 +183,21 @@ impl Broker {
             }
         }
         let fds = Arc::new(fds);
+        let admin_listener = if cfg.admin.enabled {
+            let addr = cfg.admin.listen;
+            Some(
+                crate::admin::bind(addr)
+                    .map_err(|error| StartError::AdminListen { addr, error })?,
+            )
+        } else {
+            None
+        };
+        let admin_info = BrokerInfo {
+            cores: cores.clone(),
+            queue_policy: cfg.sessions.queue_policy,
+            started: std::time::SystemTime::now(),
+            concurrent_requests_max: cfg.admin.concurrent_requests_max,
+        };
 
         // One database per shard, opened here so that a bad data directory fails the start
         // with one line, before any shard runs.
@@ -230,7 +257,21 @@ impl Broker {
                 return Err(StartError::Runtime("a shard did not become ready".into()));
             }
         }
+        let admin = match admin_listener {
+            Some(l) => match AdminServer::start(l, pool.control(), admin_info) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    pool.control().stop();
+                    return Err(StartError::Runtime(format!(
+                        "cannot start the admin endpoint: {e}"
+                    )));
+                }
+            },
+            None => None,
+        };
         Ok(Broker {
+            admin_addr: admin.as_ref().map(|a| a.addr),
+            admin,
             pool,
             listeners,
             cores,
@@ -258,12 +299,16 @@ impl Broker {
 
     /// Waits for every shard to finish. Returns the shards that failed.
     pub fn join(self) -> Result<(), String> {
-        let failed: Vec<String> = self
-            .pool
+        let Broker { pool, admin, .. } = self;
+        let failed: Vec<String> = pool
             .join()
             .into_iter()
             .filter_map(|r| r.err().map(|e| e.to_string()))
             .collect();
+        // Last: until now it answered (requests made while the shards stop fail with 503).
+        if let Some(a) = admin {
+            a.stop();
+        }
         if failed.is_empty() {
             Ok(())
         } else {
@@ -407,6 +452,7 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
     // every shard's part of the routing tables is rebuilt here.
     BrokerShard::recover(&shard).await;
     let timers = glommio::spawn_local(BrokerShard::timer_loop(shard.clone()));
+    let sys = glommio::spawn_local(BrokerShard::sys_loop(shard.clone()));
     let mut accepts = Vec::new();
     for (fd, listener) in &fds[id] {
         accepts.push(glommio::spawn_local(net::accept_loop(
@@ -427,6 +473,7 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     timers.await;
+    sys.await;
     flusher.await;
     committer.await;
     storage_recovery.await;

@@ -29,6 +29,8 @@ pub struct Config {
     pub access: AccessConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub sys: SysConfig,
 }
 
 impl Default for Config {
@@ -44,6 +46,8 @@ impl Default for Config {
             access: AccessConfig::default(),
             auth: AuthConfig::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
+            sys: SysConfig::default(),
         }
     }
 }
@@ -438,6 +442,42 @@ impl Default for LogConfig {
     }
 }
 
+/// The admin HTTP endpoint (JSON API, Prometheus metrics, dashboard), on a thread of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// It has no authentication: keep it on loopback or a trusted network.
+    pub listen: SocketAddr,
+    /// API requests that gather from the shards at once (each asks every shard, so this
+    /// bounds the load the endpoint can put on them); more wait their turn.
+    pub concurrent_requests_max: u32,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            concurrent_requests_max: 16,
+        }
+    }
+}
+
+/// The `$SYS/broker/...` topics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SysConfig {
+    /// Seconds between two publications; 0 turns them off.
+    pub interval_s: u32,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig { interval_s: 10 }
+    }
+}
+
 /// A configuration that cannot be used, naming the key and the reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -531,6 +571,10 @@ impl Config {
             (
                 "auth.verifications_inflight_max",
                 self.auth.verifications_inflight_max as u64,
+            ),
+            (
+                "admin.concurrent_requests_max",
+                self.admin.concurrent_requests_max as u64,
             ),
         ] {
             if v == 0 {

@@ -6,6 +6,9 @@
 //!   session state). No I/O.
 //! - [`auth`]: password file, ACL file and login decisions (no I/O after loading).
 //! - [`config`]: every limit with its default; TOML and validation.
+//! - [`admin`]: the admin HTTP endpoint (JSON API, Prometheus metrics, dashboard), on its own
+//!   thread, asking the shards through map-reduce.
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -1,10 +1,11 @@
 //! The `shardmq` command: flags and config file in, a running broker out.
 //!
 //! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
-//! [--data-dir DIR] [--log-level LEVEL]`; `shardmq check-config FILE`; `shardmq passwd [--stdin] FILE USER`.
+//! [--data-dir DIR] [--log-level LEVEL] [--admin-listen ADDR:PORT | --no-admin]`; `shardmq check-config FILE`; `shardmq passwd [--stdin] FILE USER`.
 //! A wrong flag or value exits 2 with one line naming it; a failure to start exits 1 with one line. When every
 //! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N tcp=ADDR[,ADDR]`
-//! (and `tls=`, `ws=`, `wss=` with the addresses of those listeners),
+//! (and `tls=`, `ws=`, `wss=` with the addresses of those listeners, then `admin=ADDR` when the
+//! admin endpoint is on),
 //! and systemd (when `NOTIFY_SOCKET` is set) is told `READY=1`.
 //!
 //! Stop: the first SIGINT/SIGTERM tells systemd `STOPPING=1` and stops the broker in order
@@ -59,6 +60,13 @@ struct Cli {
     /// Overrides RUST_LOG, which overrides the config's log.level.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Serve the admin API, metrics and dashboard on ADDR:PORT (when `admin.enabled`, the
+    /// default). Default 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "no_admin")]
+    admin_listen: Option<SocketAddr>,
+    /// Do not serve the admin endpoint.
+    #[arg(long)]
+    no_admin: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -178,6 +186,12 @@ fn main() -> ExitCode {
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }
+    if let Some(a) = cli.admin_listen {
+        cfg.admin.listen = a;
+    }
+    if cli.no_admin {
+        cfg.admin.enabled = false;
+    }
     if let Err(e) = cfg.validate() {
         return fail(2, e);
     }
@@ -241,9 +255,16 @@ fn main() -> ExitCode {
             by_transport.push_str(&format!(" {}={}", t.name(), of_t.join(",")));
         }
     }
+    let admin = match broker.admin_addr {
+        Some(a) => {
+            tracing::info!("admin endpoint on http://{a}/");
+            format!(" admin={a}")
+        }
+        None => String::new(),
+    };
     let _ = writeln!(
         std::io::stdout(),
-        "shardmq ready listeners={} shards={}{by_transport}",
+        "shardmq ready listeners={} shards={}{by_transport}{admin}",
         addrs.join(","),
         broker.cores.len()
     );

@@ -14,9 +14,17 @@ use support::{TestBroker, TIMEOUT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardmq");
 
-/// Runs the binary to completion (bounded by TIMEOUT), with the default log filter.
+/// Runs the binary to completion (bounded by TIMEOUT), with the default log filter. The
+/// admin endpoint gets an ephemeral port unless `args` name one, so that no run takes the
+/// default 8080.
 fn run(args: &[&str]) -> Output {
+    let admin: &[&str] = if args.contains(&"--admin-listen") {
+        &[]
+    } else {
+        &["--admin-listen", "127.0.0.1:0"]
+    };
     let child = Command::new(BIN)
+        .args(admin)
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -104,6 +112,8 @@ fn help_flag_lists_the_flags() {
         "--shards",
         "--no-pin",
         "--data-dir",
+        "--admin-listen",
+        "--no-admin",
     ] {
         assert!(text.contains(flag), "--help should mention {flag}: {text}");
     }
@@ -217,6 +227,27 @@ fn port_already_taken_exits_nonzero_with_one_line() {
         lines[0]
     );
     assert!(out.stdout.is_empty(), "no ready line");
+    drop(taken);
+}
+
+#[test]
+fn admin_port_already_taken_exits_nonzero_with_one_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("data");
+    let out = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        &addr,
+        "--no-pin",
+        "--shards",
+        "1",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ]);
+    one_line_failure(&out, 1, &[&addr, "admin.listen"]);
     drop(taken);
 }
 

@@ -67,7 +67,7 @@ use crate::protocol::{
 use crate::session::{owner_shard, Outbound};
 use crate::shard::core::{Ending, Flow, Login, LoginStep};
 use crate::shard::event::{ConnGuard, Event, Handoff, HandoffSocket};
-use crate::shard::service::BrokerShard;
+use crate::shard::service::{BrokerShard, IoCounters};
 use shards::{Shard, ShardId};
 
 /// Bytes read from a socket at a time: the size starts at the minimum (what an idle
@@ -313,7 +313,9 @@ where
 {
     let (max_packet, _) = handshake_limits(shard);
     let mut buf = BytesMut::new();
-    let connect = match read_connect(reader, &mut buf, max_packet, timeout).await {
+    let read = read_connect(reader, &mut buf, max_packet, timeout).await;
+    shard.service().io.add_in(buf.len());
+    let connect = match read {
         Ok(c) => c,
         Err(ConnectFailure::Decode(e)) => {
             refuse_undecodable(writer, &buf, &e).await;
@@ -566,6 +568,7 @@ async fn serve<R, W>(
         Instant::now(),
     );
     drop(connect);
+    let io = shard.service().io.clone();
     let on_room = accepted.as_ref().ok().map(|a| {
         let (shard, client_id, conn_id) = (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
         move || {
@@ -577,7 +580,13 @@ async fn serve<R, W>(
         }
     });
     let writer_task =
-        glommio::spawn_local(write_loop(out.clone(), writer, flow.write_stall, on_room));
+        glommio::spawn_local(write_loop(
+        out.clone(),
+        writer,
+        flow.write_stall,
+        on_room,
+        io.clone(),
+    ));
     let Ok(accepted) = accepted else {
         writer_task.await;
         return;
@@ -670,6 +679,7 @@ async fn serve<R, W>(
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
             ReadEvent::Data(Ok(n)) => {
                 rate.bytes(n, Instant::now());
+                io.add_in(n);
                 // A socket that always has bytes waiting would otherwise keep this task
                 // running and starve every writer of the shard.
                 glommio::yield_if_needed().await;
@@ -774,7 +784,13 @@ const SPARE_KEEP_BYTES: usize = 64 * 1024;
 /// flushes and shuts down the write half. A write that makes no progress for `stall` ends
 /// the connection (the client stopped reading). After each write that made room for a
 /// session that was waiting for it, calls `on_room`.
-async fn write_loop<W, F>(out: Rc<Outbound>, mut writer: W, stall: Duration, on_room: Option<F>)
+async fn write_loop<W, F>(
+    out: Rc<Outbound>,
+    mut writer: W,
+    stall: Duration,
+    on_room: Option<F>,
+    io: Rc<IoCounters>,
+)
 where
     W: futures_lite::AsyncWrite + Unpin,
     F: Fn(),
@@ -834,6 +850,7 @@ where
                 }
             }
         }
+        io.add_out(batch.len());
         if close {
             break;
         }

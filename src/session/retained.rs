@@ -64,9 +64,22 @@ impl RetainedStore {
         match_rec(&self.root, &levels, 0, &mut f);
     }
 
-    /// Every retained message.
+    /// Every retained message but the `$` topics (what `#` matches).
     pub fn for_each(&self, mut f: impl FnMut(&SharedMessage)) {
         all_rec(&self.root, 0, true, &mut f);
+    }
+
+    /// Every retained message, `$` topics included.
+    pub fn for_each_any(&self, mut f: impl FnMut(&SharedMessage)) {
+        fn walk(node: &Node, f: &mut impl FnMut(&SharedMessage)) {
+            if let Some(m) = &node.message {
+                f(m);
+            }
+            for child in node.children.values() {
+                walk(child, f);
+            }
+        }
+        walk(&self.root, &mut f);
     }
 }
 

@@ -251,7 +251,26 @@ pub struct SessionStats {
     pub dropped_qos0_slow: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
+    /// QoS 0 for an offline session with `queue_qos0_offline = false`.
+    pub dropped_qos0_offline: u64,
     pub delivered: u64,
+    /// PUBLISH packets sent to the client, by the QoS they were sent at.
+    pub delivered_qos: [u64; 3],
+}
+
+impl SessionStats {
+    /// Adds another session's counters to these.
+    pub fn add(&mut self, o: &SessionStats) {
+        self.dropped_queue_full += o.dropped_queue_full;
+        self.dropped_qos0_slow += o.dropped_qos0_slow;
+        self.dropped_expired += o.dropped_expired;
+        self.dropped_too_large += o.dropped_too_large;
+        self.dropped_qos0_offline += o.dropped_qos0_offline;
+        self.delivered += o.delivered;
+        for (a, b) in self.delivered_qos.iter_mut().zip(o.delivered_qos) {
+            *a += b;
+        }
+    }
 }
 
 /// The limits a session works under (from the config).
@@ -534,6 +553,7 @@ impl Session {
             }
             None => {
                 if d.qos == QoS::AtMostOnce && !limits.queue_qos0_offline {
+                    self.stats.dropped_qos0_offline += 1;
                     return DeliverOutcome::Dropped(DropReason::Offline);
                 }
                 self.enqueue(d, limits)
@@ -754,6 +774,7 @@ impl Session {
             buf.extend_from_slice(&publish.payload);
         });
         self.stats.delivered += 1;
+        self.stats.delivered_qos[d.qos as usize] += 1;
         Ok(())
     }
 

@@ -194,6 +194,23 @@ mod tests {
         }
     }
 
+    /// MQTT-4.7.2-1: `#` and `+` at the first level do not match topics starting with `$`.
+    #[test]
+    fn wildcards_at_the_first_level_skip_sys_topics() {
+        let mut t: TopicTrie<Vec<&'static str>> = TopicTrie::default();
+        for f in ["#", "+/broker/uptime", "+/+/+", "$SYS/#", "$SYS/+/uptime"] {
+            t.entry(f).push(f);
+        }
+        assert_eq!(
+            matches(&t, "$SYS/broker/uptime"),
+            vec!["$SYS/#", "$SYS/+/uptime"]
+        );
+        assert_eq!(
+            matches(&t, "SYS/broker/uptime"),
+            vec!["#", "+/+/+", "+/broker/uptime"]
+        );
+    }
+
     #[test]
     fn remove_prunes() {
         let mut t: TopicTrie<u32> = TopicTrie::default();

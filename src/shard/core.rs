@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::event::{Event, Rehomed, RetainVersion, SharedMember, Token};
+use super::metrics::LatencyHistogram;
 use super::shardset::ShardSet;
 use crate::auth::{Access, Auth, LoginCheck, LoginFailure, PasswordHash, VerifiedCache};
 use crate::config::{Config, Durability};
@@ -35,7 +36,7 @@ use crate::protocol::{
     Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
-use crate::session::state::{DeliverOutcome, DropReason, StoreOp};
+use crate::session::state::{DeliverOutcome, DropReason, SessionStats, StoreOp};
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
     Qos2Id, Session, SessionLimits, SharedMessage, Subscription, Will,
@@ -44,6 +45,9 @@ use crate::storage::{
     InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError, Store,
     SubscriptionRecord, WallClock, WillRecord,
 };
+
+mod inspect;
+pub use inspect::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
 
 /// How long a retained deletion is remembered.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(60);
@@ -200,15 +204,23 @@ enum TimerKind {
     Expire { client_id: MqttStr, epoch: u64 },
 }
 
-/// Counters of one shard.
+/// Counters of one shard: plain integers, the shard is single-threaded. What sessions count
+/// (deliveries, drops) stays in each [`Session`] while it lives and is added to
+/// `ended_sessions` when it ends; [`Core::delivery_totals`] sums both.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CoreStats {
     pub connections: u64,
     pub connects_total: u64,
     pub messages_received: u64,
+    /// PUBLISH packets received from clients, by QoS.
+    pub received_qos: [u64; 3],
     pub messages_routed_remote: u64,
+    /// Messages other shards routed here.
+    pub messages_from_remote: u64,
     pub retained_dropped_full: u64,
     pub shared_dropped_no_member: u64,
+    /// Client PUBLISHes to `$SYS/...` (and wills there), dropped.
+    pub sys_publish_dropped: u64,
     pub wills_published: u64,
     pub sessions_expired: u64,
     /// CONNECTs refused for their credentials (or for none).
@@ -226,6 +238,13 @@ pub struct CoreStats {
     pub qos0_dropped_slow: u64,
     /// Messages refused or dropped because a session's queue was full.
     pub queue_dropped_full: u64,
+    /// Sessions discarded through the admin API.
+    pub sessions_deleted: u64,
+    pub ended_sessions: SessionStats,
+    /// Duration of each storage batch commit (the write, before fsync).
+    pub write_latency: LatencyHistogram,
+    /// Duration of each persist (fsync) of the shard's store.
+    pub fsync_latency: LatencyHistogram,
 }
 
 impl CoreStats {
@@ -237,6 +256,12 @@ impl CoreStats {
             _ => {}
         }
     }
+}
+
+/// Whether a topic is under the broker's own `$SYS/`, where clients may not publish. (The
+/// bare topic `$SYS` is left to clients: nothing of the broker's is there.)
+fn is_sys_topic(topic: &str) -> bool {
+    topic.starts_with("$SYS/")
 }
 
 /// Who a connecting client is, as established before [`Core::connect_as`].
@@ -643,7 +668,9 @@ impl Core {
                 }
             });
         }
+        let started = Instant::now();
         let r = r.and_then(|()| b.commit());
+        self.stats.write_latency.observe(started.elapsed());
         self.note_write(r);
     }
 
@@ -1387,6 +1414,10 @@ impl Core {
 
     /// Publishes a will now (its delay or its session is over), counted from now for expiry.
     fn publish_will(&mut self, will: Will, now: Instant) {
+        if is_sys_topic(&will.msg.topic) {
+            self.stats.sys_publish_dropped += 1;
+            return;
+        }
         self.stats.wills_published += 1;
         let mut msg = (*will.msg).clone();
         msg.created = now;
@@ -1399,6 +1430,7 @@ impl Core {
         let Some(mut s) = self.sessions.remove(client_id) else {
             return;
         };
+        self.stats.ended_sessions.add(&s.stats);
         if let Some(l) = s.detach() {
             l.out.close(None);
             self.stats.connections -= 1;
@@ -1688,6 +1720,32 @@ impl Core {
             }
         }
         self.stats.messages_received += 1;
+        self.stats.received_qos[p.qos as usize] += 1;
+        if is_sys_topic(&topic) {
+            // Only the broker publishes there (as Mosquitto does): dropped, acknowledged.
+            self.stats.sys_publish_dropped += 1;
+            if let Some(pid) = p.packet_id {
+                let rc = if ctx.version.is_v5() {
+                    ReasonCode::NotAuthorized
+                } else {
+                    ReasonCode::Success
+                };
+                let ack = Ack::with_reason(pid, rc);
+                let packet = if p.qos == QoS::AtLeastOnce {
+                    Packet::PubAck(ack)
+                } else {
+                    if !rc.is_error() {
+                        // The flow continues with PUBREL, answered by PUBCOMP.
+                        if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+                            s.incoming_qos2.insert(pid.get());
+                        }
+                    }
+                    Packet::PubRec(ack)
+                };
+                self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
+            }
+            return Ok(());
+        }
         let mut properties = p.properties;
         properties.topic_alias = None;
         // The dedup key of a QoS 2 message, for the persistent sessions that store it.
@@ -2304,6 +2362,7 @@ impl Core {
     pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
         match event {
             Event::Publish { msg, reply } => {
+                self.stats.messages_from_remote += u64::from(from != self.id);
                 // Shared-group members on other shards answer a relay here, which answers
                 // the publisher once they and this shard's own writes are durable.
                 let relay = reply.map(|_| self.token());
@@ -2789,7 +2848,11 @@ impl Core {
             }
         }
         let delete = msg.payload.is_empty();
+        // The broker's own `$SYS` topics (a fixed set, published again every interval) do
+        // not count against the limit and are not stored.
+        let sys = is_sys_topic(&msg.topic);
         if !delete
+            && !sys
             && self.retained.get(&msg.topic).is_none()
             && self.retained.len() >= self.cfg.limits.retained_messages_max as usize
         {
@@ -2799,7 +2862,7 @@ impl Core {
         self.retained_versions
             .insert(msg.topic.clone(), (version, delete.then_some(now)));
         let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
-        if home && store_at_home {
+        if home && store_at_home && !sys {
             if let Some(store) = &self.store {
                 let r = if delete {
                     store.retained_delete(msg.topic.as_str())

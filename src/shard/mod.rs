@@ -3,5 +3,7 @@
 
 pub mod core;
 pub mod event;
+pub mod metrics;
 pub mod service;
 pub mod shardset;
+pub mod sys;

@@ -11,11 +11,15 @@ use std::time::{Duration, Instant};
 
 use shards::{Outbox, Service, Shard, ShardId};
 
-use super::core::{Core, CoreStats, EventSink, Login, Verification};
+use super::core::{
+    Core, CoreStats, EventSink, Login, Page, RetainedInfo, SessionInfo, SubscriptionInfo,
+    Verification,
+};
 use super::event::Event;
 use crate::auth::Auth;
 use crate::auth::LoginFailure;
 use crate::config::{Config, Durability};
+use crate::session::state::SessionStats;
 use crate::storage::Store;
 
 /// How often due wills and session expiries are checked: the worst lateness of a will.
@@ -92,20 +96,64 @@ impl OutboxSink {
     }
 }
 
-/// A question for every shard (map-reduce).
+/// A question for every shard (map-reduce), asked by the admin API and the `$SYS`
+/// publisher. Listings take a cursor (the last key of the previous page) and a limit.
 #[derive(Clone, Debug)]
 pub enum Query {
     Stats,
     /// Put these password and ACL rules in force (reload); answered with the stats.
     SetAuth(Arc<Auth>),
+    Sessions {
+        after: Option<String>,
+        limit: usize,
+    },
+    /// One session, by client id (only its owner answers `Some`).
+    Session(String),
+    /// Disconnects a session if online and discards it, stored state included.
+    DeleteSession(String),
+    /// By (filter, client id).
+    Subscriptions {
+        after: Option<(String, String)>,
+        limit: usize,
+    },
+    /// By topic; each shard lists the topics it owns.
+    Retained {
+        after: Option<String>,
+        limit: usize,
+    },
 }
 
-/// One shard's answer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// One shard's answer to a [`Query`] (the variant of the question).
+#[derive(Debug)]
+pub enum Answer {
+    Stats(Box<ShardStats>),
+    Sessions(Page<SessionInfo>),
+    Session(Option<SessionInfo>),
+    Deleted(bool),
+    Subscriptions(Page<SubscriptionInfo>),
+    Retained(Page<RetainedInfo>),
+}
+
+/// One shard's counters and gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ShardStats {
     pub sessions: usize,
+    /// Retained messages held by this shard: each shard holds a copy of all of them.
     pub retained: usize,
+    pub subscriptions: usize,
     pub handoffs: u64,
+    /// Sockets open (MQTT sessions online are `core.connections`).
+    pub sockets: u32,
+    pub queued_messages: u64,
+    pub queued_bytes: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub storage_bytes: u64,
+    /// PUBLISH packets received and sent per second, since the previous stats query (at
+    /// least a second before).
+    pub received_per_s: f64,
+    pub sent_per_s: f64,
+    pub delivery: SessionStats,
     pub core: CoreStats,
 }
 
@@ -145,6 +193,36 @@ fn start_verifier(shard: usize, bound: usize) -> Option<crossbeam_channel::Sende
     }
 }
 
+/// Bytes through the shard's client sockets (a connection handed to another shard counts
+/// its CONNECT where it was read).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+}
+
+impl IoCounters {
+    pub fn add_in(&self, n: usize) {
+        self.bytes_in.set(self.bytes_in.get() + n as u64);
+    }
+
+    pub fn add_out(&self, n: usize) {
+        self.bytes_out.set(self.bytes_out.get() + n as u64);
+    }
+}
+
+/// The previous rate sample: when, PUBLISHes received, sent; and the rates it gave.
+#[derive(Clone, Copy, Debug)]
+struct RateSample {
+    at: Instant,
+    received: u64,
+    sent: u64,
+    rates: (f64, f64),
+}
+
+/// How far apart two rate samples must be.
+const RATE_SAMPLE_MIN: Duration = Duration::from_secs(1);
+
 /// The per-shard service.
 pub struct BrokerShard {
     pub core: RefCell<Core>,
@@ -153,14 +231,14 @@ pub struct BrokerShard {
     connections_max: u32,
     seed: Cell<u64>,
     handoffs: Cell<u64>,
-    /// Duration of the last persist (fsync), for stats.
-    persist_latency_us: Cell<u64>,
     /// The core's store (`None` in `memory` mode), for the storage recovery task.
     store: Option<Store>,
     /// Wakes the storage recovery task when the store reports a failure episode.
     storage_failed: Notify,
     /// The shard's password-verification thread (see [`start_verifier`]).
     verifier: Option<crossbeam_channel::Sender<VerifyJob>>,
+    pub io: Rc<IoCounters>,
+    rate: Cell<RateSample>,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -197,10 +275,16 @@ impl BrokerShard {
             connections_max,
             seed: Cell::new(id.index() as u64 ^ std_seed()),
             handoffs: Cell::new(0),
-            persist_latency_us: Cell::new(0),
             store,
             storage_failed: Notify::default(),
             verifier,
+            io: Rc::new(IoCounters::default()),
+            rate: Cell::new(RateSample {
+                at: Instant::now(),
+                received: 0,
+                sent: 0,
+                rates: (0.0, 0.0),
+            }),
         }
     }
 
@@ -266,6 +350,46 @@ impl BrokerShard {
         let s = self.seed.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
         self.seed.set(s);
         s
+    }
+
+    /// The shard's counters and gauges now.
+    pub fn stats(&self) -> ShardStats {
+        let core = self.core.borrow();
+        let delivery = core.delivery_totals();
+        let (queued_messages, queued_bytes) = core.queue_depth();
+        let now = Instant::now();
+        let mut sample = self.rate.get();
+        let elapsed = now.saturating_duration_since(sample.at);
+        let (received, sent) = (core.stats.messages_received, delivery.delivered);
+        if elapsed >= RATE_SAMPLE_MIN {
+            let s = elapsed.as_secs_f64();
+            sample = RateSample {
+                at: now,
+                received,
+                sent,
+                rates: (
+                    (received - sample.received) as f64 / s,
+                    (sent - sample.sent) as f64 / s,
+                ),
+            };
+            self.rate.set(sample);
+        }
+        ShardStats {
+            sessions: core.session_count(),
+            retained: core.retained_count(),
+            subscriptions: core.subscription_count(),
+            handoffs: self.handoffs.get(),
+            sockets: self.connections.get(),
+            queued_messages,
+            queued_bytes,
+            bytes_received: self.io.bytes_in.get(),
+            bytes_sent: self.io.bytes_out.get(),
+            storage_bytes: core.storage_bytes(),
+            received_per_s: sample.rates.0,
+            sent_per_s: sample.rates.1,
+            delivery,
+            core: core.stats,
+        }
     }
 
     pub fn note_handoff(&self) {
@@ -341,9 +465,10 @@ impl BrokerShard {
                         false
                     }
                 };
-                svc.persist_latency_us
-                    .set(started.elapsed().as_micros() as u64);
-                svc.core.borrow_mut().committed(seq, ok, Instant::now());
+                let mut core = svc.core.borrow_mut();
+                core.stats.fsync_latency.observe(started.elapsed());
+                core.committed(seq, ok, Instant::now());
+                drop(core);
                 if store.is_failing() {
                     svc.storage_failed.notify();
                 }
@@ -460,6 +585,57 @@ impl BrokerShard {
         }
     }
 
+    /// On shard 0, every `sys.interval_s` (from the start on): gathers every shard's
+    /// counters over the mesh and publishes the `$SYS/broker/...` topics (retained, QoS 0)
+    /// through normal routing. Other shards, or an interval of 0: returns at once.
+    pub async fn sys_loop(shard: Shard<BrokerShard>) {
+        let interval_s = shard.service().core.borrow().config().sys.interval_s;
+        if interval_s == 0 || shard.id().index() != 0 {
+            return;
+        }
+        let interval = Duration::from_secs(interval_s as u64);
+        let started = Instant::now();
+        let mut last = started;
+        let mut load = super::sys::SysLoad::default();
+        loop {
+            let gathered = shard
+                .map_reduce(
+                    Query::Stats,
+                    super::sys::SysTotals::default(),
+                    |mut t, _, a| {
+                        if let Answer::Stats(s) = a {
+                            t.add(&s);
+                        }
+                        t
+                    },
+                )
+                .await;
+            let now = Instant::now();
+            if let Ok(totals) = gathered {
+                let topics = load.publish(&totals, now - last, now - started);
+                last = now;
+                let mut core = shard.service().core.borrow_mut();
+                for (topic, payload) in topics {
+                    core.publish_sys(&topic, payload, now);
+                }
+            }
+            let stop = futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(interval).await;
+                    false
+                },
+                async {
+                    shard.stopped().await;
+                    true
+                },
+            )
+            .await;
+            if stop {
+                break;
+            }
+        }
+    }
+
     /// Fires will-delay and session-expiry timers until the pool stops.
     pub async fn timer_loop(shard: Shard<BrokerShard>) {
         while !shard.is_stopping() {
@@ -484,7 +660,7 @@ fn std_seed() -> u64 {
 impl Service for BrokerShard {
     type Msg = Vec<Event>;
     type Query = Query;
-    type Answer = ShardStats;
+    type Answer = Answer;
 
     fn on_message(&self, shard: &Shard<Self>, from: ShardId, batch: Vec<Event>) {
         let now = Instant::now();
@@ -509,17 +685,30 @@ impl Service for BrokerShard {
         }
     }
 
-    fn answer(&self, _shard: &Shard<Self>, query: Query) -> impl Future<Output = ShardStats> {
-        if let Query::SetAuth(auth) = query {
-            self.core.borrow_mut().set_auth(auth);
-        }
-        let core = self.core.borrow();
-        let stats = ShardStats {
-            sessions: core.session_count(),
-            retained: core.retained_count(),
-            handoffs: self.handoffs.get(),
-            core: core.stats,
+    fn answer(&self, _shard: &Shard<Self>, query: Query) -> impl Future<Output = Answer> {
+        let answer = match query {
+            Query::Stats => Answer::Stats(Box::new(self.stats())),
+            Query::SetAuth(auth) => {
+                self.core.borrow_mut().set_auth(auth);
+                Answer::Stats(Box::new(self.stats()))
+            }
+            Query::Sessions { after, limit } => {
+                Answer::Sessions(self.core.borrow().sessions_page(after.as_deref(), limit))
+            }
+            Query::Session(id) => Answer::Session(self.core.borrow().inspect_session(&id)),
+            Query::DeleteSession(id) => {
+                Answer::Deleted(self.core.borrow_mut().delete_session(&id, Instant::now()))
+            }
+            Query::Subscriptions { after, limit } => {
+                Answer::Subscriptions(self.core.borrow().subscriptions_page(
+                    after.as_ref().map(|(f, c)| (f.as_str(), c.as_str())),
+                    limit,
+                ))
+            }
+            Query::Retained { after, limit } => {
+                Answer::Retained(self.core.borrow().retained_page(after.as_deref(), limit))
+            }
         };
-        async move { stats }
+        async move { answer }
     }
 }

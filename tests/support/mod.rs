@@ -17,6 +17,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub struct TestBroker {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin endpoint (on its own ephemeral port), unless the config turned it off.
+    pub admin: Option<SocketAddr>,
     pub shards: usize,
     pub data_dir: tempfile::TempDir,
     /// The whole ready line (`listeners=... shards=N tcp=... tls=...`).
@@ -80,7 +82,8 @@ impl TestBroker {
             .envs(envs.iter().copied())
             .arg("--config")
             .arg(&cfg_path)
-            .args(["--listen", "127.0.0.1:0", "--no-pin", "--shards"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--no-pin", "--shards"])
             .arg(shards.to_string())
             .arg("--data-dir")
             .arg(data_dir.path().join("data"))
@@ -128,9 +131,14 @@ impl TestBroker {
             .and_then(|l| l.split(',').next())
             .and_then(|a| a.parse().ok())
             .expect("listener address in the ready line");
+        let admin = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .map(|a| a.parse().expect("admin address in the ready line"));
         TestBroker {
             child: Some(child),
             addr,
+            admin,
             shards,
             data_dir,
             ready_line: line,
@@ -220,6 +228,17 @@ impl TestBroker {
         // SAFETY: signalling the child we spawned, by its PID.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         wait_bounded(&mut child)
+    }
+
+    /// SIGTERM, then wait (bounded) for a successful exit; returns the data directory for
+    /// a restart.
+    pub fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling the child we spawned, by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_bounded(&mut child);
+        assert!(status.success(), "broker exit status {status}");
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"))
     }
 
     /// SIGKILL (a crash); returns the data directory for a restart.

@@ -1,0 +1,297 @@
+//! `/metrics`: the shards' counters in the Prometheus text exposition format (0.0.4).
+//! Every series carries `shard="N"`; counters end in `_total`, histograms in seconds.
+
+use std::fmt::Write;
+
+use super::BrokerInfo;
+use crate::config::QueuePolicy;
+use crate::shard::metrics::LatencyHistogram;
+use crate::shard::service::ShardStats;
+
+/// Writes one metric family: its HELP and TYPE, then one sample per shard and label set.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, shard: usize, labels: &[(&str, &str)], v: impl Into<f64>) {
+        let _ = write!(self.out, "{name}{{shard=\"{shard}\"");
+        for (k, val) in labels {
+            let _ = write!(self.out, ",{k}=\"{val}\"");
+        }
+        let _ = writeln!(self.out, "}} {}", fmt_value(v.into()));
+    }
+
+    fn histogram(&mut self, name: &str, shard: usize, h: &LatencyHistogram) {
+        for (le, n) in h.cumulative() {
+            let le = le.map_or_else(|| "+Inf".to_string(), fmt_value);
+            let _ = writeln!(
+                self.out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            self.out,
+            "{name}_sum{{shard=\"{shard}\"}} {}",
+            fmt_value(h.sum_us as f64 / 1e6)
+        );
+        let _ = writeln!(self.out, "{name}_count{{shard=\"{shard}\"}} {}", h.count);
+    }
+}
+
+fn fmt_value(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Renders every shard's stats (index = shard).
+pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
+    let mut out = String::with_capacity(8192);
+    let mut f = Family { out: &mut out };
+
+    type Gauge = fn(&ShardStats) -> f64;
+    let simple: [(&str, &str, &str, Gauge); 19] = [
+        ("shardmq_connections", "gauge", "Sockets open.", |s| {
+            s.sockets as f64
+        }),
+        (
+            "shardmq_clients_connected",
+            "gauge",
+            "MQTT sessions with a connection.",
+            |s| s.core.connections as f64,
+        ),
+        (
+            "shardmq_connects_total",
+            "counter",
+            "CONNECTs accepted.",
+            |s| s.core.connects_total as f64,
+        ),
+        (
+            "shardmq_sessions",
+            "gauge",
+            "Sessions, online and offline.",
+            |s| s.sessions as f64,
+        ),
+        (
+            "shardmq_subscriptions",
+            "gauge",
+            "Subscriptions held by the shard's sessions.",
+            |s| s.subscriptions as f64,
+        ),
+        (
+            "shardmq_retained_messages",
+            "gauge",
+            "Retained messages held (every shard holds a copy of all of them).",
+            |s| s.retained as f64,
+        ),
+        (
+            "shardmq_queued_messages",
+            "gauge",
+            "Messages queued for the shard's sessions.",
+            |s| s.queued_messages as f64,
+        ),
+        (
+            "shardmq_queued_bytes",
+            "gauge",
+            "Payload bytes queued for the shard's sessions.",
+            |s| s.queued_bytes as f64,
+        ),
+        (
+            "shardmq_bytes_received_total",
+            "counter",
+            "Bytes read from client sockets.",
+            |s| s.bytes_received as f64,
+        ),
+        (
+            "shardmq_bytes_sent_total",
+            "counter",
+            "Bytes written to client sockets.",
+            |s| s.bytes_sent as f64,
+        ),
+        (
+            "shardmq_storage_bytes",
+            "gauge",
+            "Bytes the shard's store takes on disk.",
+            |s| s.storage_bytes as f64,
+        ),
+        (
+            "shardmq_cross_shard_messages_sent_total",
+            "counter",
+            "Messages routed to another shard (one per target shard).",
+            |s| s.core.messages_routed_remote as f64,
+        ),
+        (
+            "shardmq_cross_shard_messages_received_total",
+            "counter",
+            "Messages another shard routed here.",
+            |s| s.core.messages_from_remote as f64,
+        ),
+        (
+            "shardmq_handoffs_total",
+            "counter",
+            "Connections handed to their session's shard.",
+            |s| s.handoffs as f64,
+        ),
+        (
+            "shardmq_wills_published_total",
+            "counter",
+            "Will messages published.",
+            |s| s.core.wills_published as f64,
+        ),
+        (
+            "shardmq_sessions_expired_total",
+            "counter",
+            "Sessions ended by their expiry.",
+            |s| s.core.sessions_expired as f64,
+        ),
+        (
+            "shardmq_logins_failed_total",
+            "counter",
+            "CONNECTs refused for their credentials.",
+            |s| s.core.logins_failed as f64,
+        ),
+        (
+            "shardmq_logins_busy_total",
+            "counter",
+            "CONNECTs refused because too many password checks were in flight.",
+            |s| s.core.logins_busy as f64,
+        ),
+        (
+            "shardmq_sessions_deleted_total",
+            "counter",
+            "Sessions discarded through the admin API.",
+            |s| s.core.sessions_deleted as f64,
+        ),
+    ];
+    for (name, kind, help, get) in simple {
+        f.head(name, kind, help);
+        for (i, s) in stats.iter().enumerate() {
+            f.sample(name, i, &[], get(s));
+        }
+    }
+
+    let qos = ["0", "1", "2"];
+    let name = "shardmq_messages_received_total";
+    f.head(
+        name,
+        "counter",
+        "PUBLISH packets received from clients, by QoS.",
+    );
+    for (i, s) in stats.iter().enumerate() {
+        for (q, n) in qos.iter().zip(s.core.received_qos) {
+            f.sample(name, i, &[("qos", q)], n as f64);
+        }
+    }
+    let name = "shardmq_messages_sent_total";
+    f.head(name, "counter", "PUBLISH packets sent to clients, by QoS.");
+    for (i, s) in stats.iter().enumerate() {
+        for (q, n) in qos.iter().zip(s.delivery.delivered_qos) {
+            f.sample(name, i, &[("qos", q)], n as f64);
+        }
+    }
+
+    let name = "shardmq_messages_dropped_total";
+    f.head(
+        name,
+        "counter",
+        "Messages not delivered or not kept, by reason (queue_full_* per sessions.queue_policy).",
+    );
+    let (full_now, full_other) = match info.queue_policy {
+        QueuePolicy::RejectNewest => ("queue_full_reject_newest", "queue_full_drop_oldest"),
+        QueuePolicy::DropOldest => ("queue_full_drop_oldest", "queue_full_reject_newest"),
+    };
+    for (i, s) in stats.iter().enumerate() {
+        let d = &s.delivery;
+        for (reason, n) in [
+            (full_now, d.dropped_queue_full),
+            (full_other, 0),
+            ("message_expired", d.dropped_expired),
+            ("qos0_offline_disabled", d.dropped_qos0_offline),
+            ("outbound_buffer_full", d.dropped_qos0_slow),
+            ("too_large_for_client", d.dropped_too_large),
+            ("retained_store_full", s.core.retained_dropped_full),
+            (
+                "shared_group_without_member",
+                s.core.shared_dropped_no_member,
+            ),
+            ("sys_topic_from_client", s.core.sys_publish_dropped),
+            ("acl_denied_publish", s.core.acl_denied_publish),
+            ("acl_denied_delivery", s.core.acl_denied_delivery),
+        ] {
+            f.sample(name, i, &[("reason", reason)], n as f64);
+        }
+    }
+
+    for (name, help, get) in [
+        (
+            "shardmq_storage_write_seconds",
+            "Duration of a storage batch write (before fsync).",
+            (|s: &ShardStats| s.core.write_latency) as fn(&ShardStats) -> LatencyHistogram,
+        ),
+        (
+            "shardmq_storage_fsync_seconds",
+            "Duration of a persist (fsync) of the shard's store.",
+            |s: &ShardStats| s.core.fsync_latency,
+        ),
+    ] {
+        f.head(name, "histogram", help);
+        for (i, s) in stats.iter().enumerate() {
+            f.histogram(name, i, &get(s));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn every_sample_is_labelled_and_every_family_typed() {
+        let mut a = ShardStats::default();
+        a.core.received_qos = [3, 2, 1];
+        a.core.fsync_latency.observe(Duration::from_millis(2));
+        let info = BrokerInfo {
+            cores: vec![None, None],
+            queue_policy: QueuePolicy::RejectNewest,
+            started: SystemTime::now(),
+            concurrent_requests_max: 1,
+        };
+        let text = render(&[a, ShardStats::default()], &info);
+        let mut typed = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.push(rest.split(' ').next().unwrap().to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap();
+            assert!(series.contains("{shard=\""), "{line}");
+            let name = series.split('{').next().unwrap();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| typed.iter().any(|t| t == b))
+                .unwrap_or(name);
+            assert!(typed.iter().any(|t| t == base), "untyped {line}");
+        }
+        assert!(text.contains("shardmq_messages_received_total{shard=\"0\",qos=\"2\"} 1\n"));
+        assert!(
+            text.contains("shardmq_storage_fsync_seconds_bucket{shard=\"0\",le=\"0.0025\"} 1\n")
+        );
+        assert!(text.contains("shardmq_storage_fsync_seconds_bucket{shard=\"0\",le=\"0.001\"} 0\n"));
+        assert!(text.contains("shardmq_storage_fsync_seconds_count{shard=\"1\"} 0\n"));
+    }
+}

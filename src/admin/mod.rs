@@ -1,0 +1,461 @@
+//! The admin endpoint: a JSON API (`/api/...`), Prometheus metrics (`/metrics`) and a
+//! dashboard (`/`), served by axum on a tokio current-thread runtime on a thread of its own.
+//!
+//! It never touches shard state directly: every request asks the shards through
+//! [`Control::map_reduce`] (each shard answers in a task of its own, between its other
+//! work), run on tokio's blocking pool so that the HTTP thread keeps serving. At most
+//! `admin.concurrent_requests_max` such gatherings run at once.
+//!
+//! Endpoints (listings are paged: `?after=<last key of the previous page>&limit=N`, `limit`
+//! at most [`PAGE_ITEMS_MAX`], default [`PAGE_ITEMS_DEFAULT`]; the answer carries `next`,
+//! the cursor of the following page, while there is one):
+//! - `GET /api/shards`: per shard, its core, connections, sessions, queue depth, message
+//!   rates, bytes on disk;
+//! - `GET /api/sessions`, `GET /api/sessions/{client_id}` (404 if none),
+//!   `DELETE /api/sessions/{client_id}` (disconnects and discards it; 204, or 404);
+//! - `GET /api/subscriptions` (cursor `after_filter` + `after_client`), `GET /api/retained`;
+//! - `GET /metrics`: Prometheus text format 0.0.4, every series labelled `shard`.
+
+mod metrics;
+
+use std::future::IntoFuture;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, Query as UrlQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use shards::{Control, ShardId};
+
+use crate::config::QueuePolicy;
+use crate::shard::core::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
+use crate::shard::service::{Answer, BrokerShard, Query, ShardStats};
+
+/// Entries per page when the request does not say.
+pub const PAGE_ITEMS_DEFAULT: usize = 100;
+/// How long a request waits for every shard to answer.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests under way may take to finish when the broker stops.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What the admin endpoint knows about the broker besides what the shards answer.
+#[derive(Clone, Debug)]
+pub struct BrokerInfo {
+    /// Shard index -> core it is pinned to.
+    pub cores: Vec<Option<usize>>,
+    pub queue_policy: QueuePolicy,
+    pub started: SystemTime,
+    pub concurrent_requests_max: u32,
+}
+
+/// The running admin endpoint; [`AdminServer::stop`] ends it.
+#[derive(Debug)]
+pub struct AdminServer {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Binds the admin socket (before the shards start, so that a taken port fails the start).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+struct AppState {
+    control: Control<BrokerShard>,
+    info: BrokerInfo,
+    permits: tokio::sync::Semaphore,
+}
+
+type Shared = Arc<AppState>;
+
+impl AdminServer {
+    /// Serves `listener` on a new thread until [`AdminServer::stop`].
+    pub fn start(
+        listener: TcpListener,
+        control: Control<BrokerShard>,
+        info: BrokerInfo,
+    ) -> std::io::Result<AdminServer> {
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(info.concurrent_requests_max as usize)
+            .thread_name("shardmq-admin-query")
+            .build()?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let state = Arc::new(AppState {
+            control,
+            permits: tokio::sync::Semaphore::new(info.concurrent_requests_max as usize),
+            info,
+        });
+        let thread = std::thread::Builder::new()
+            .name("shardmq-admin".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin endpoint cannot use its socket");
+                            return;
+                        }
+                    };
+                    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    };
+                    let serve = axum::serve(listener, router(state))
+                        .with_graceful_shutdown(stopping(rx.clone()));
+                    // Requests under way get STOP_GRACE to finish; then the thread ends anyway.
+                    let bound = async move {
+                        stopping(rx).await;
+                        tokio::time::sleep(STOP_GRACE).await;
+                        Ok(())
+                    };
+                    if let Err(e) = futures_lite::future::or(serve.into_future(), bound).await {
+                        tracing::error!(error = %e, "admin endpoint failed");
+                    }
+                });
+            })?;
+        Ok(AdminServer {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving and waits for the thread.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics_text))
+        .route("/api/shards", get(shards))
+        .route("/api/sessions", get(sessions))
+        .route(
+            "/api/sessions/{client_id}",
+            get(session).delete(delete_session),
+        )
+        .route("/api/subscriptions", get(subscriptions))
+        .route("/api/retained", get(retained))
+        .with_state(state)
+}
+
+/// A request the API could not answer.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        (self.0, Json(Body { error: self.1 })).into_response()
+    }
+}
+
+/// Asks every shard `query` (off the HTTP thread) and folds the answers.
+async fn gather<R: Send + 'static>(
+    st: &Shared,
+    query: Query,
+    init: R,
+    fold: impl FnMut(R, ShardId, Answer) -> R + Send + 'static,
+) -> Result<R, ApiError> {
+    let unavailable = |m: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, m);
+    let _permit = st
+        .permits
+        .acquire()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let control = st.control.clone();
+    tokio::task::spawn_blocking(move || control.map_reduce(query, GATHER_TIMEOUT, init, fold))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| unavailable(format!("the shards did not answer: {e}")))
+}
+
+async fn all_stats(st: &Shared) -> Result<Vec<ShardStats>, ApiError> {
+    gather(st, Query::Stats, Vec::new(), |mut v, _, a| {
+        if let Answer::Stats(s) = a {
+            v.push(*s);
+        }
+        v
+    })
+    .await
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+async fn metrics_text(State(st): State<Shared>) -> Result<Response, ApiError> {
+    let stats = all_stats(&st).await?;
+    let text = metrics::render(&stats, &st.info);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct ShardView {
+    shard: usize,
+    core: Option<usize>,
+    connections: u32,
+    clients_online: u64,
+    sessions: usize,
+    subscriptions: usize,
+    retained: usize,
+    queued_messages: u64,
+    queued_bytes: u64,
+    received_per_s: f64,
+    sent_per_s: f64,
+    messages_received: u64,
+    messages_sent: u64,
+    storage_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct ShardsView {
+    uptime_s: u64,
+    version: &'static str,
+    shards: Vec<ShardView>,
+}
+
+async fn shards(State(st): State<Shared>) -> Result<Json<ShardsView>, ApiError> {
+    let stats = all_stats(&st).await?;
+    let shards = stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ShardView {
+            shard: i,
+            core: st.info.cores.get(i).copied().flatten(),
+            connections: s.sockets,
+            clients_online: s.core.connections,
+            sessions: s.sessions,
+            subscriptions: s.subscriptions,
+            retained: s.retained,
+            queued_messages: s.queued_messages,
+            queued_bytes: s.queued_bytes,
+            received_per_s: s.received_per_s,
+            sent_per_s: s.sent_per_s,
+            messages_received: s.core.messages_received,
+            messages_sent: s.delivery.delivered,
+            storage_bytes: s.storage_bytes,
+        })
+        .collect();
+    Ok(Json(ShardsView {
+        uptime_s: st.info.started.elapsed().map_or(0, |d| d.as_secs()),
+        version: env!("CARGO_PKG_VERSION"),
+        shards,
+    }))
+}
+
+#[derive(Deserialize)]
+struct PageParams {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn limit_of(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(PAGE_ITEMS_DEFAULT) {
+        n @ 1..=PAGE_ITEMS_MAX => Ok(n),
+        n => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("limit {n}: must be between 1 and {PAGE_ITEMS_MAX}"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct Listing<T, C> {
+    total: usize,
+    items: Vec<T>,
+    /// The cursor of the next page, while there is one.
+    next: Option<C>,
+}
+
+/// Merges the shards' pages (each in key order) into one page of `limit` entries.
+fn merge<T, K: Ord>(
+    pages: Vec<Page<T>>,
+    limit: usize,
+    key: impl Fn(&T) -> K,
+) -> (usize, Vec<T>, bool) {
+    let total = pages.iter().map(|p| p.total).sum();
+    let remaining: usize = pages.iter().map(|p| p.remaining).sum();
+    let mut items: Vec<T> = pages.into_iter().flat_map(|p| p.items).collect();
+    items.sort_by_key(|t| key(t));
+    items.truncate(limit);
+    let more = remaining > items.len();
+    (total, items, more)
+}
+
+async fn sessions(
+    State(st): State<Shared>,
+    UrlQuery(p): UrlQuery<PageParams>,
+) -> Result<Json<Listing<SessionInfo, String>>, ApiError> {
+    let limit = limit_of(p.limit)?;
+    let query = Query::Sessions {
+        after: p.after,
+        limit,
+    };
+    let pages = gather(&st, query, Vec::new(), |mut v, _, a| {
+        if let Answer::Sessions(p) = a {
+            v.push(p);
+        }
+        v
+    })
+    .await?;
+    let (total, items, more) = merge(pages, limit, |s| s.client_id.clone());
+    let next = more
+        .then(|| items.last().map(|s| s.client_id.clone()))
+        .flatten();
+    Ok(Json(Listing { total, items, next }))
+}
+
+async fn session(
+    State(st): State<Shared>,
+    Path(client_id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let found = gather(
+        &st,
+        Query::Session(client_id.clone()),
+        None,
+        |acc, _, a| match a {
+            Answer::Session(Some(s)) => Some(s),
+            _ => acc,
+        },
+    )
+    .await?;
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {client_id:?}")))
+}
+
+async fn delete_session(
+    State(st): State<Shared>,
+    Path(client_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let deleted = gather(
+        &st,
+        Query::DeleteSession(client_id.clone()),
+        false,
+        |acc, _, a| acc | matches!(a, Answer::Deleted(true)),
+    )
+    .await?;
+    if deleted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no session {client_id:?}"),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+struct SubscriptionParams {
+    after_filter: Option<String>,
+    after_client: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct SubscriptionCursor {
+    after_filter: String,
+    after_client: String,
+}
+
+async fn subscriptions(
+    State(st): State<Shared>,
+    UrlQuery(p): UrlQuery<SubscriptionParams>,
+) -> Result<Json<Listing<SubscriptionInfo, SubscriptionCursor>>, ApiError> {
+    let limit = limit_of(p.limit)?;
+    let after = match (p.after_filter, p.after_client) {
+        (Some(f), c) => Some((f, c.unwrap_or_default())),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "after_client needs after_filter".into(),
+            ))
+        }
+    };
+    let pages = gather(
+        &st,
+        Query::Subscriptions { after, limit },
+        Vec::new(),
+        |mut v, _, a| {
+            if let Answer::Subscriptions(p) = a {
+                v.push(p);
+            }
+            v
+        },
+    )
+    .await?;
+    let (total, items, more) = merge(pages, limit, |s| (s.filter.clone(), s.client_id.clone()));
+    let next = more
+        .then(|| {
+            items.last().map(|s| SubscriptionCursor {
+                after_filter: s.filter.clone(),
+                after_client: s.client_id.clone(),
+            })
+        })
+        .flatten();
+    Ok(Json(Listing { total, items, next }))
+}
+
+async fn retained(
+    State(st): State<Shared>,
+    UrlQuery(p): UrlQuery<PageParams>,
+) -> Result<Json<Listing<RetainedInfo, String>>, ApiError> {
+    let limit = limit_of(p.limit)?;
+    let query = Query::Retained {
+        after: p.after,
+        limit,
+    };
+    let pages = gather(&st, query, Vec::new(), |mut v, _, a| {
+        if let Answer::Retained(p) = a {
+            v.push(p);
+        }
+        v
+    })
+    .await?;
+    let (total, items, more) = merge(pages, limit, |r| r.topic.clone());
+    let next = more
+        .then(|| items.last().map(|r| r.topic.clone()))
+        .flatten();
+    Ok(Json(Listing { total, items, next }))
+}

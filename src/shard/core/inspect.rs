@@ -1,0 +1,403 @@
+//! What the admin API asks a shard about its own state: counters summed over its sessions,
+//! pages of sessions, subscriptions and retained messages, one session, and discarding one.
+//! Answered on the shard's thread (a map-reduce task), so nothing here locks.
+//!
+//! Pages are ordered by a key (client id; filter then client id; topic) and continue after
+//! the last key of the previous page, so that a page costs one pass over the shard's map
+//! and a heap of `limit` entries, whatever the position.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::Core;
+use crate::protocol::{MqttStr, ProtocolVersion, QoS, ReasonCode};
+use crate::session::state::SessionStats;
+use crate::session::{owner_shard, Message, Session, SharedMessage};
+
+/// The most entries one page holds.
+pub const PAGE_ITEMS_MAX: usize = 1000;
+/// Payload bytes shown of a retained message.
+const PAYLOAD_PREVIEW_BYTES: usize = 64;
+
+/// Part of a listing: the entries after the cursor, and how many there are in all.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Page<T> {
+    pub total: usize,
+    /// Entries past the cursor, those in `items` included.
+    pub remaining: usize,
+    pub items: Vec<T>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SubscriptionBrief {
+    pub filter: String,
+    pub qos: u8,
+}
+
+/// One session, as the admin API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub shard: usize,
+    pub online: bool,
+    /// "3.1", "3.1.1" or "5.0": of the last connection.
+    pub protocol: &'static str,
+    /// Whether its state is kept on disk (it outlives the connection).
+    pub persistent: bool,
+    /// Session Expiry Interval, seconds; `None`: never expires.
+    pub expiry_s: Option<u32>,
+    pub subscriptions: Vec<SubscriptionBrief>,
+    pub queued_messages: u64,
+    pub queued_bytes: u64,
+    pub inflight: usize,
+    pub delivered: u64,
+    pub dropped: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SubscriptionInfo {
+    pub filter: String,
+    pub client_id: String,
+    pub shard: usize,
+    pub qos: u8,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RetainedInfo {
+    pub topic: String,
+    pub qos: u8,
+    pub payload_bytes: usize,
+    /// The start of the payload, as text (invalid UTF-8 replaced).
+    pub payload_preview: String,
+}
+
+fn protocol_name(v: ProtocolVersion) -> &'static str {
+    match v {
+        ProtocolVersion::V3_1 => "3.1",
+        ProtocolVersion::V3_1_1 => "3.1.1",
+        ProtocolVersion::V5 => "5.0",
+    }
+}
+
+/// The `limit` smallest keys past the cursor (`past`), in order; how many keys there are in
+/// all, and past the cursor.
+fn smallest_after<K: Ord>(
+    keys: impl Iterator<Item = K>,
+    past: impl Fn(&K) -> bool,
+    limit: usize,
+) -> (usize, usize, Vec<K>) {
+    let (mut total, mut remaining) = (0, 0);
+    let mut heap = BinaryHeap::with_capacity(limit + 1);
+    for k in keys {
+        total += 1;
+        if !past(&k) {
+            continue;
+        }
+        remaining += 1;
+        if limit == 0 {
+            continue;
+        }
+        if heap.len() < limit {
+            heap.push(k);
+        } else if heap.peek().is_some_and(|top| k < *top) {
+            heap.pop();
+            heap.push(k);
+        }
+    }
+    (total, remaining, heap.into_sorted_vec())
+}
+
+/// A retained message ordered by its topic.
+struct ByTopic(SharedMessage);
+
+impl PartialEq for ByTopic {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.topic.as_str() == o.0.topic.as_str()
+    }
+}
+impl Eq for ByTopic {}
+impl PartialOrd for ByTopic {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for ByTopic {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.topic.as_str().cmp(o.0.topic.as_str())
+    }
+}
+
+impl Core {
+    /// What the shard's sessions counted: those that ended, plus the live ones.
+    pub fn delivery_totals(&self) -> SessionStats {
+        let mut t = self.stats.ended_sessions;
+        for s in self.sessions.values() {
+            t.add(&s.stats);
+        }
+        t
+    }
+
+    /// Messages and payload bytes queued for the shard's sessions.
+    pub fn queue_depth(&self) -> (u64, u64) {
+        self.sessions.values().fold((0, 0), |(m, b), s| {
+            (m + s.queued_messages(), b + s.queued_bytes())
+        })
+    }
+
+    /// Bytes the shard's store takes on disk (0 without a store).
+    pub fn storage_bytes(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.disk_bytes())
+    }
+
+    /// Subscriptions held by the shard's sessions.
+    pub fn subscription_count(&self) -> usize {
+        self.sessions.values().map(|s| s.subscriptions.len()).sum()
+    }
+
+    fn session_info(&self, s: &Session) -> SessionInfo {
+        let mut subscriptions: Vec<SubscriptionBrief> = s
+            .subscriptions
+            .values()
+            .map(|sub| SubscriptionBrief {
+                filter: sub.filter.as_str().to_string(),
+                qos: sub.options.qos as u8,
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+        let st = &s.stats;
+        SessionInfo {
+            client_id: s.client_id.as_str().to_string(),
+            shard: self.id,
+            online: s.is_online(),
+            protocol: protocol_name(s.version),
+            persistent: s.persistent,
+            expiry_s: (s.expiry_s != u32::MAX).then_some(s.expiry_s),
+            subscriptions,
+            queued_messages: s.queued_messages(),
+            queued_bytes: s.queued_bytes(),
+            inflight: s.inflight().count(),
+            delivered: st.delivered,
+            dropped: st.dropped_queue_full
+                + st.dropped_qos0_slow
+                + st.dropped_expired
+                + st.dropped_too_large
+                + st.dropped_qos0_offline,
+        }
+    }
+
+    /// One session of this shard.
+    pub fn inspect_session(&self, client_id: &str) -> Option<SessionInfo> {
+        let id = MqttStr::new(client_id).ok()?;
+        self.sessions.get(&id).map(|s| self.session_info(s))
+    }
+
+    /// The shard's sessions after client id `after`, by client id.
+    pub fn sessions_page(&self, after: Option<&str>, limit: usize) -> Page<SessionInfo> {
+        let (total, remaining, keys) = smallest_after(
+            self.sessions.keys().map(|k| k.as_str()),
+            |k| after.is_none_or(|a| *k > a),
+            limit.min(PAGE_ITEMS_MAX),
+        );
+        let items = keys
+            .into_iter()
+            .filter_map(|k| self.inspect_session(k))
+            .collect();
+        Page {
+            total,
+            remaining,
+            items,
+        }
+    }
+
+    /// The shard's subscriptions after `(filter, client id)`, in that order.
+    pub fn subscriptions_page(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Page<SubscriptionInfo> {
+        let all = self.sessions.values().flat_map(|s| {
+            s.subscriptions
+                .values()
+                .map(move |sub| (sub.filter.as_str(), s.client_id.as_str(), sub.options.qos))
+        });
+        // The QoS rides along; the key is (filter, client id), unique per session.
+        let (total, remaining, keys) = smallest_after(
+            all,
+            |&(f, c, _)| after.is_none_or(|a| (f, c) > a),
+            limit.min(PAGE_ITEMS_MAX),
+        );
+        let items = keys
+            .into_iter()
+            .map(|(filter, client_id, qos)| SubscriptionInfo {
+                filter: filter.to_string(),
+                client_id: client_id.to_string(),
+                shard: self.id,
+                qos: qos as u8,
+            })
+            .collect();
+        Page {
+            total,
+            remaining,
+            items,
+        }
+    }
+
+    /// The retained messages whose topics this shard owns (every shard holds a copy of
+    /// all of them; each lists its own share), after topic `after`.
+    pub fn retained_page(&self, after: Option<&str>, limit: usize) -> Page<RetainedInfo> {
+        let mut mine = Vec::new();
+        self.retained.for_each_any(|m| {
+            if owner_shard(m.topic.as_bytes(), self.count) == self.id {
+                mine.push(ByTopic(m.clone()));
+            }
+        });
+        let (total, remaining, keys) = smallest_after(
+            mine.into_iter(),
+            |m| after.is_none_or(|a| m.0.topic.as_str() > a),
+            limit.min(PAGE_ITEMS_MAX),
+        );
+        let items = keys
+            .into_iter()
+            .map(|ByTopic(m)| {
+                let n = m.payload.len().min(PAYLOAD_PREVIEW_BYTES);
+                RetainedInfo {
+                    topic: m.topic.as_str().to_string(),
+                    qos: m.qos as u8,
+                    payload_bytes: m.payload.len(),
+                    payload_preview: String::from_utf8_lossy(&m.payload[..n]).into_owned(),
+                }
+            })
+            .collect();
+        Page {
+            total,
+            remaining,
+            items,
+        }
+    }
+
+    /// Discards a session of this shard: its connection (if any) is closed with DISCONNECT
+    /// 0x98 (Administrative action) for MQTT 5 clients, and its state, stored state
+    /// included, is deleted. A pending will is published, as when a session ends.
+    pub fn delete_session(&mut self, client_id: &str, now: Instant) -> bool {
+        let Ok(id) = MqttStr::new(client_id) else {
+            return false;
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        if let Some(link) = s.detach() {
+            link.out.close(Some(ReasonCode::AdministrativeAction));
+            self.stats.connections -= 1;
+        }
+        self.stats.sessions_deleted += 1;
+        self.end_session(&id, now);
+        true
+    }
+
+    /// Publishes a broker message (`$SYS/...`): retained, QoS 0, through normal routing.
+    pub fn publish_sys(&mut self, topic: &str, payload: String, now: Instant) {
+        let Ok(topic) = crate::protocol::TopicName::new(topic) else {
+            return;
+        };
+        let msg = Message {
+            topic,
+            payload: payload.into(),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Default::default(),
+            origin: None,
+            qos2_id: None,
+            created: now,
+        };
+        self.route(std::sync::Arc::new(msg), now, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests_support::{conn, core, drain, subscribe_packet};
+    use super::*;
+    use crate::protocol::{Packet, PacketId, Publish, TopicName};
+
+    fn publish(topic: &str, pid: u16) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: TopicName::new(topic).unwrap(),
+            packet_id: PacketId::new(pid),
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(b"x"),
+        })
+    }
+
+    #[test]
+    fn sys_publishes_are_dropped_counters_move_and_a_deleted_session_is_gone() {
+        let now = Instant::now();
+        let mut c = core();
+        let (mut a, a_out) = conn(&mut c, "a", now);
+        let (mut b, b_out) = conn(&mut c, "b", now);
+        c.on_packet(&mut a, subscribe_packet(1, "$SYS/#", QoS::AtLeastOnce), now)
+            .unwrap();
+        c.on_packet(&mut a, subscribe_packet(2, "s/#", QoS::AtLeastOnce), now)
+            .unwrap();
+        drain(&a_out);
+        drain(&b_out);
+
+        c.on_packet(&mut b, publish("$SYS/broker/forged", 1), now)
+            .unwrap();
+        assert!(matches!(&drain(&b_out)[..],
+            [Packet::PubAck(ack)] if ack.reason_code == ReasonCode::NotAuthorized));
+        assert!(a_out.is_empty());
+        assert_eq!(c.stats.sys_publish_dropped, 1);
+
+        c.on_packet(&mut b, publish("s/1", 2), now).unwrap();
+        assert!(matches!(&drain(&a_out)[..], [Packet::Publish(_)]));
+        assert_eq!(c.stats.received_qos, [0, 2, 0]);
+        assert_eq!(c.delivery_totals().delivered_qos, [0, 1, 0]);
+        assert_eq!(c.subscription_count(), 2);
+        let info = c.inspect_session("a").unwrap();
+        assert!(info.online);
+        assert_eq!(info.protocol, "5.0");
+        assert_eq!(info.inflight, 1);
+
+        // The broker's own $SYS message reaches the $SYS subscriber.
+        c.publish_sys("$SYS/broker/uptime", "3 seconds".into(), now);
+        assert!(matches!(&drain(&a_out)[..],
+            [Packet::Publish(p)] if p.topic.as_str() == "$SYS/broker/uptime"));
+        assert_eq!(
+            c.retained_page(None, 10).items[0].payload_preview,
+            "3 seconds"
+        );
+
+        assert!(c.delete_session("a", now));
+        assert!(matches!(drain(&a_out).last(),
+            Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::AdministrativeAction));
+        assert_eq!(c.inspect_session("a"), None);
+        assert!(!c.delete_session("a", now));
+        assert_eq!(c.stats.connections, 1);
+        assert_eq!(c.stats.sessions_deleted, 1);
+        // What the deleted session counted stays in the shard's totals.
+        assert_eq!(c.delivery_totals().delivered_qos, [1, 1, 0]);
+        assert_eq!(c.sessions_page(None, 10).total, 1);
+    }
+
+    #[test]
+    fn pages_continue_after_the_cursor_in_key_order() {
+        let keys = ["d", "a", "c", "e", "b"];
+        let page = |after: Option<&str>, limit| {
+            smallest_after(
+                keys.iter().copied(),
+                |k| after.is_none_or(|a| *k > a),
+                limit,
+            )
+        };
+        assert_eq!(page(None, 2), (5, 5, vec!["a", "b"]));
+        assert_eq!(page(Some("b"), 2), (5, 3, vec!["c", "d"]));
+        assert_eq!(page(Some("d"), 10), (5, 1, vec!["e"]));
+        assert_eq!(page(None, 0), (5, 5, vec![]));
+    }
+}

@@ -1,0 +1,644 @@
+//! The admin endpoint over real HTTP: every API answer, the Prometheus metrics (parsed
+//! strictly), counters moved by real MQTT traffic, DELETE of an online session, the
+//! dashboard rendered by headless Chromium, and the `$SYS` topics.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shardmq::protocol::{Packet, QoS, ReasonCode};
+use support::raw::{ConnectOpts, RawClient};
+use support::{id_on_shard, TestBroker, TIMEOUT};
+
+const SHARDS: usize = 2;
+
+fn admin(b: &TestBroker) -> SocketAddr {
+    b.admin.expect("the ready line names the admin endpoint")
+}
+
+/// GET, returning the status and the body (4xx/5xx included).
+fn get(b: &TestBroker, path: &str) -> (u16, String) {
+    request(b, "GET", path)
+}
+
+fn request(b: &TestBroker, method: &str, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", admin(b));
+    let agent = ureq::AgentBuilder::new().timeout(TIMEOUT).build();
+    match agent.request(method, &url).call() {
+        Ok(r) => (r.status(), r.into_string().expect("body")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+fn get_json(b: &TestBroker, path: &str) -> Value {
+    let (status, body) = get(b, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// An offline persistent session subscribed to `topic` with `queued` QoS 1 messages
+/// waiting for it (each acknowledged to the publisher, so each is queued).
+fn offline_session_with_queue(b: &TestBroker, client_id: &str, topic: &str, queued: usize) {
+    let (mut c, _) = RawClient::connect(b.addr, &ConnectOpts::v311(client_id, false));
+    c.sub(&[(topic, QoS::AtLeastOnce)]);
+    c.disconnect();
+    let mut p = RawClient::connect_v311(b.addr, &format!("{client_id}-publisher"));
+    for i in 0..queued {
+        p.publish(topic, format!("m{i}").as_bytes(), QoS::AtLeastOnce, false);
+    }
+    p.disconnect();
+}
+
+#[test]
+fn every_api_endpoint_answers_over_http() {
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let id = id_on_shard("api-sess", 1, SHARDS);
+    offline_session_with_queue(&b, &id, "api/queue", 3);
+    let mut r = RawClient::connect_v311(b.addr, "api-retainer");
+    r.publish("api/retained/one", b"kept", QoS::AtLeastOnce, true);
+    r.disconnect();
+
+    let shards = get_json(&b, "/api/shards");
+    let list = shards["shards"].as_array().expect("shards");
+    assert_eq!(list.len(), SHARDS);
+    for (i, s) in list.iter().enumerate() {
+        assert_eq!(s["shard"], i);
+        for k in [
+            "core",
+            "connections",
+            "sessions",
+            "queued_messages",
+            "received_per_s",
+            "sent_per_s",
+            "storage_bytes",
+        ] {
+            assert!(s.get(k).is_some(), "shard field {k}: {s}");
+        }
+    }
+    assert_eq!(list[1]["queued_messages"], 3, "{shards}");
+    assert!(list[1]["storage_bytes"].as_u64().unwrap() > 0, "{shards}");
+
+    let sessions = get_json(&b, "/api/sessions");
+    let mine = sessions["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["client_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} listed: {sessions}"))
+        .clone();
+    assert_eq!(mine["shard"], 1);
+    assert_eq!(mine["online"], false);
+    assert_eq!(mine["protocol"], "3.1.1");
+    assert_eq!(mine["queued_messages"], 3);
+    assert!(mine["queued_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(mine["subscriptions"][0]["filter"], "api/queue");
+    assert_eq!(mine["subscriptions"][0]["qos"], 1);
+    assert!(mine.get("expiry_s").is_some());
+
+    let one = get_json(&b, &format!("/api/sessions/{id}"));
+    assert_eq!(one, mine);
+    let (status, body) = get(&b, "/api/sessions/no-such-client");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("error"), "{body}");
+
+    let subs = get_json(&b, "/api/subscriptions");
+    assert!(
+        subs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["filter"] == "api/queue" && s["client_id"] == id.as_str()),
+        "{subs}"
+    );
+    let retained = get_json(&b, "/api/retained");
+    assert_eq!(retained["total"], 1, "{retained}");
+    assert_eq!(retained["items"][0]["topic"], "api/retained/one");
+    assert_eq!(retained["items"][0]["payload_preview"], "kept");
+
+    let (status, body) = get(&b, "/api/sessions?limit=0");
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = get(&b, "/api/sessions?limit=100000");
+    assert_eq!(status, 400);
+    let (status, _) = get(&b, "/api/nothing-here");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn listings_are_paged_with_a_cursor_over_every_shard() {
+    let b = TestBroker::start_with(3, "[sys]\ninterval_s = 0\n");
+    let mut ids: Vec<String> = (0..7).map(|i| format!("page-{i}")).collect();
+    let _clients: Vec<RawClient> = ids
+        .iter()
+        .map(|id| {
+            let mut c = RawClient::connect_v311(b.addr, id);
+            c.sub(&[(&format!("page/{id}"), QoS::AtMostOnce)]);
+            c
+        })
+        .collect();
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut path = "/api/sessions?limit=3".to_string();
+    let mut pages = 0;
+    loop {
+        let page = get_json(&b, &path);
+        assert_eq!(page["total"], 7);
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 3);
+        seen.extend(
+            items
+                .iter()
+                .map(|s| s["client_id"].as_str().unwrap().to_string()),
+        );
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/sessions?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+
+    let mut filters = Vec::new();
+    let mut path = "/api/subscriptions?limit=4".to_string();
+    loop {
+        let page = get_json(&b, &path);
+        let items = page["items"].as_array().unwrap();
+        filters.extend(
+            items
+                .iter()
+                .map(|s| s["filter"].as_str().unwrap().to_string()),
+        );
+        match page.get("next").filter(|n| !n.is_null()) {
+            Some(n) => {
+                path = format!(
+                    "/api/subscriptions?limit=4&after_filter={}&after_client={}",
+                    n["after_filter"].as_str().unwrap(),
+                    n["after_client"].as_str().unwrap()
+                )
+            }
+            None => break,
+        }
+    }
+    let want: Vec<String> = ids.iter().map(|id| format!("page/{id}")).collect();
+    assert_eq!(filters, want);
+}
+
+// ------------------------------------------------------------------------------ metrics
+
+/// A strict reading of the Prometheus text format 0.0.4: every sample belongs to a family
+/// declared once with `# TYPE` before it, families are contiguous, names and labels are
+/// well formed, values parse, every sample has a `shard` label, and histogram buckets are
+/// cumulative up to `+Inf` = `_count`. Returns `series -> value`.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    fn valid_name(n: &str) -> bool {
+        let mut cs = n.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn parse_labels(s: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let (name, after) = rest.split_once("=\"").expect("label=\"value\"");
+            assert!(
+                valid_name(name) && !name.starts_with("__"),
+                "label name {name:?}"
+            );
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().expect("closing quote") {
+                    (_, '\\') => match chars.next().expect("escape").1 {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        c => panic!("bad escape \\{c}"),
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            out.push((name.to_string(), value));
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        out
+    }
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut closed: HashSet<String> = HashSet::new();
+    let mut current: Option<String> = None;
+    let mut samples = BTreeMap::new();
+    let mut buckets: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    assert!(text.ends_with('\n'), "the text ends with a newline");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap();
+            let name = parts.next().expect("metric name").to_string();
+            assert!(valid_name(&name), "{line}");
+            if kind == "TYPE" {
+                let t = parts.next().expect("type");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                    "{line}"
+                );
+                assert!(
+                    types.insert(name.clone(), t.into()).is_none(),
+                    "TYPE twice: {line}"
+                );
+                if let Some(prev) = current.replace(name) {
+                    closed.insert(prev);
+                }
+            }
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.trim().is_empty(),
+            "{line:?}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect("series and value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, parse_labels(l.strip_suffix('}').expect("closing brace"))),
+            None => (series, Vec::new()),
+        };
+        assert!(valid_name(name), "{line}");
+        let family = types
+            .keys()
+            .find(|f| {
+                name == f.as_str()
+                    || (types[*f] == "histogram"
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| name.strip_suffix(s) == Some(f.as_str())))
+            })
+            .unwrap_or_else(|| panic!("no TYPE before {line}"))
+            .clone();
+        assert_eq!(
+            current.as_deref(),
+            Some(family.as_str()),
+            "family not contiguous: {line}"
+        );
+        assert!(!closed.contains(&family));
+        assert!(
+            labels
+                .iter()
+                .any(|(k, v)| k == "shard" && v.parse::<usize>().is_ok()),
+            "shard label: {line}"
+        );
+        if types[&family] == "counter" {
+            assert!(value >= 0.0, "{line}");
+        }
+        if name.ends_with("_bucket") {
+            let le = &labels.iter().find(|(k, _)| k == "le").expect("le").1;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            let key: Vec<String> = labels
+                .iter()
+                .filter(|(k, _)| k != "le")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            buckets
+                .entry(format!("{name}{key:?}"))
+                .or_default()
+                .push((le, value));
+        }
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "series twice: {line}"
+        );
+    }
+    for (series, b) in &buckets {
+        assert!(
+            b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "{series}: {b:?}"
+        );
+        assert_eq!(b.last().unwrap().0, f64::INFINITY, "{series}");
+    }
+    samples
+}
+
+/// The sum over shards (and other labels) of a metric's samples.
+fn total(samples: &BTreeMap<String, f64>, name: &str, with: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s.split('{').next() == Some(name) && s.contains(with))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn scrape(b: &TestBroker) -> BTreeMap<String, f64> {
+    let url = format!("http://{}/metrics", admin(b));
+    let r = ureq::get(&url)
+        .timeout(TIMEOUT)
+        .call()
+        .expect("GET /metrics");
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    parse_prometheus(&r.into_string().expect("body"))
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let before = scrape(&b);
+    for name in [
+        "shardmq_connections",
+        "shardmq_sessions",
+        "shardmq_messages_received_total",
+        "shardmq_messages_sent_total",
+        "shardmq_messages_dropped_total",
+        "shardmq_queued_messages",
+        "shardmq_bytes_received_total",
+        "shardmq_bytes_sent_total",
+        "shardmq_cross_shard_messages_sent_total",
+        "shardmq_storage_write_seconds_count",
+        "shardmq_storage_fsync_seconds_count",
+    ] {
+        for shard in 0..SHARDS {
+            assert!(
+                before
+                    .keys()
+                    .any(|k| k.starts_with(&format!("{name}{{shard=\"{shard}\""))),
+                "{name} for shard {shard}"
+            );
+        }
+    }
+    for reason in [
+        "queue_full_reject_newest",
+        "queue_full_drop_oldest",
+        "message_expired",
+        "qos0_offline_disabled",
+        "retained_store_full",
+        "shared_group_without_member",
+        "outbound_buffer_full",
+    ] {
+        assert!(
+            before.contains_key(&format!(
+                "shardmq_messages_dropped_total{{shard=\"0\",reason=\"{reason}\"}}"
+            )),
+            "drop reason {reason}"
+        );
+    }
+
+    // A persistent subscriber on shard 1, publishers on both shards: messages cross shards,
+    // are stored (write + fsync), sent at QoS 1, and some are received at QoS 2.
+    let sub_id = id_on_shard("metrics-sub", 1, SHARDS);
+    let (mut sub, _) = RawClient::connect(b.addr, &ConnectOpts::v311(&sub_id, false));
+    sub.sub(&[("metrics/t", QoS::AtLeastOnce)]);
+    let pub_id = id_on_shard("metrics-pub", 0, SHARDS);
+    let mut p = RawClient::connect_v311(b.addr, &pub_id);
+    for i in 0..5 {
+        p.publish(
+            "metrics/t",
+            format!("{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        );
+    }
+    p.publish("metrics/t", b"two", QoS::ExactlyOnce, false);
+    for _ in 0..6 {
+        sub.recv_publish_ack();
+    }
+    sub.ping();
+    let after = scrape(&b);
+    let moved = |name: &str, with: &str| total(&after, name, with) - total(&before, name, with);
+    assert_eq!(moved("shardmq_messages_received_total", "qos=\"1\""), 5.0);
+    assert_eq!(moved("shardmq_messages_received_total", "qos=\"2\""), 1.0);
+    assert_eq!(moved("shardmq_messages_sent_total", "qos=\"1\""), 6.0);
+    assert!(moved("shardmq_cross_shard_messages_sent_total", "") >= 6.0);
+    assert!(moved("shardmq_bytes_received_total", "") > 0.0);
+    assert!(moved("shardmq_bytes_sent_total", "") > 0.0);
+    assert!(moved("shardmq_storage_write_seconds_count", "") > 0.0);
+    assert!(moved("shardmq_storage_fsync_seconds_count", "") > 0.0);
+    assert_eq!(total(&after, "shardmq_sessions", ""), 2.0);
+    assert_eq!(total(&after, "shardmq_clients_connected", ""), 2.0);
+    assert_eq!(
+        after["shardmq_clients_connected{shard=\"1\"}"], 1.0,
+        "the subscriber lives on shard 1"
+    );
+
+    // A drop: QoS 0 to an offline session with queue_qos0_offline = false is counted.
+    drop(b);
+    let b = TestBroker::start_with(
+        SHARDS,
+        "[sys]\ninterval_s = 0\n[sessions]\nqueue_qos0_offline = false\n",
+    );
+    let (mut c, _) = RawClient::connect(b.addr, &ConnectOpts::v311("drop-sub", false));
+    c.sub(&[("drop/t", QoS::AtLeastOnce)]);
+    c.disconnect();
+    let mut p = RawClient::connect_v311(b.addr, "drop-pub");
+    p.publish("drop/t", b"lost", QoS::AtMostOnce, false);
+    p.ping();
+    // The QoS 0 publish was routed before the PINGRESP; the owner shard may be another one,
+    // so wait (bounded) for its count.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let m = scrape(&b);
+        if total(
+            &m,
+            "shardmq_messages_dropped_total",
+            "qos0_offline_disabled",
+        ) == 1.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drop was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ------------------------------------------------------------------------------ DELETE
+
+#[test]
+fn delete_disconnects_an_online_client_and_discards_its_session() {
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let id = "delete-me";
+    let (mut c, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
+    c.subscribe_v5(&[("delete/t", support::raw::opts(QoS::AtLeastOnce))], None);
+    assert_eq!(get_json(&b, &format!("/api/sessions/{id}"))["online"], true);
+
+    let (status, body) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(c.expect_disconnect(), ReasonCode::AdministrativeAction);
+    let (status, _) = get(&b, &format!("/api/sessions/{id}"));
+    assert_eq!(status, 404);
+    let (status, _) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    assert_eq!(status, 404);
+
+    // Gone with its stored state: a reconnect finds no session, and it survives no restart.
+    let (c2, ack) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
+    assert!(!ack.session_present);
+    c2.disconnect();
+    let (status, _) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    assert_eq!(status, 204);
+    let status = b.stop_keep_dir();
+    let b = TestBroker::start_in(SHARDS, "[sys]\ninterval_s = 0\n", status);
+    let (status, _) = get(&b, &format!("/api/sessions/{id}"));
+    assert_eq!(status, 404);
+}
+
+// ---------------------------------------------------------------------------- dashboard
+
+#[test]
+fn dashboard_shows_a_queued_session_in_headless_chromium() {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .unwrap_or_else(|| {
+            panic!("chromium is not installed: run `apt-get install -y chromium` (the dashboard test renders the page in it)")
+        });
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let id = "dashboard-watcher";
+    offline_session_with_queue(&b, id, "dash/q", 4);
+
+    let profile = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{}/", admin(&b)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dom.contains(&format!("data-client=\"{id}\" data-queued=\"4\"")),
+        "the session row with its queue depth: {dom}"
+    );
+    assert!(dom.contains(&format!(">{id}</td>")), "{dom}");
+    assert!(
+        dom.contains("<div id=\"status\" class=\"\">shardmq "),
+        "refreshed: {dom}"
+    );
+}
+
+// --------------------------------------------------------------------------------- $SYS
+
+#[test]
+fn sys_topics_reach_sys_subscribers_only() {
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 1\n");
+    let (mut sys, _) = RawClient::connect(b.addr, &ConnectOpts::v311("sys-watcher", true));
+    sys.sub(&[("$SYS/broker/#", QoS::AtMostOnce)]);
+    let (mut all, _) = RawClient::connect(b.addr, &ConnectOpts::v311("hash-watcher", true));
+    all.sub(&[("#", QoS::AtMostOnce)]);
+
+    // A client may not publish there: acknowledged, dropped.
+    let mut p = RawClient::connect_v311(b.addr, "sys-forger");
+    p.publish("$SYS/broker/forged", b"x", QoS::AtLeastOnce, true);
+    p.publish("$SYS/broker/forged", b"y", QoS::AtMostOnce, false);
+    p.ping();
+
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut rounds = 0;
+    // The retained values, then fresh rounds until one counts the three clients.
+    while rounds < 2
+        || seen
+            .get("$SYS/broker/clients/connected")
+            .map(String::as_str)
+            != Some("3")
+    {
+        let Packet::Publish(m) =
+            sys.recv_matching("a $SYS publish", |p| matches!(p, Packet::Publish(_)))
+        else {
+            unreachable!()
+        };
+        let t = m.topic.as_str().to_string();
+        rounds += usize::from(t == "$SYS/broker/load/bytes/sent/15min");
+        seen.insert(t, String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    for t in [
+        "clients/connected",
+        "clients/disconnected",
+        "clients/total",
+        "messages/received",
+        "messages/sent",
+        "bytes/received",
+        "bytes/sent",
+        "subscriptions/count",
+        "retained messages/count",
+        "uptime",
+        "version",
+        "load/messages/received/1min",
+        "load/messages/sent/5min",
+        "load/bytes/received/15min",
+        "load/bytes/sent/1min",
+    ] {
+        assert!(
+            seen.contains_key(&format!("$SYS/broker/{t}")),
+            "{t}: {seen:?}"
+        );
+    }
+    assert!(seen["$SYS/broker/uptime"].ends_with(" seconds"));
+    assert!(seen["$SYS/broker/version"].starts_with("shardmq "));
+    assert!(!seen.contains_key("$SYS/broker/forged"), "{seen:?}");
+
+    // `#` saw none of it (MQTT-4.7.2-1): a normal publish is the first thing it gets.
+    p.publish("after/sys", b"z", QoS::AtMostOnce, false);
+    let first = all.recv_publish();
+    assert_eq!(first.topic.as_str(), "after/sys");
+}
+
+// --------------------------------------------------------------------------------- stop
+
+/// A browser keeps its connection to the dashboard open; SIGTERM still stops the broker.
+#[test]
+fn sigterm_stops_the_broker_with_an_admin_connection_open() {
+    use std::io::{Read, Write};
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let mut s = std::net::TcpStream::connect(admin(&b)).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(b"GET /api/shards HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"shards\"") {
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let status = b.stop();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn no_admin_leaves_the_ready_line_without_an_address() {
+    let b = TestBroker::start_with(1, "[admin]\nenabled = false\n");
+    assert_eq!(b.admin, None);
+}
