@@ -598,6 +598,7 @@ fn a_bad_password_or_acl_file_stops_the_start_naming_file_and_line() {
             .arg("--config")
             .arg(&cfg)
             .args(["--listen", "127.0.0.1:0", "--shards", "1", "--no-pin"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .output()

@@ -21,6 +21,7 @@ fn logs(config_level: &str, rust_log: Option<&str>, flag: Option<&str>) -> Strin
     cmd.arg("--config")
         .arg(&cfg)
         .args(["--listen", "127.0.0.1:0", "--no-pin", "--shards", "1"])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env_remove("RUST_LOG")
@@ -80,7 +81,7 @@ fn the_flag_wins_over_rust_log_which_wins_over_the_config() {
 /// Runs to completion a start that must fail; returns (exit code, stderr).
 fn failed_start(args: &[&str], rust_log: Option<&str>) -> (Option<i32>, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(["--listen", "127.0.0.1:0"])
+    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
