@@ -605,6 +605,8 @@ fn an_unusable_certificate_or_key_file_stops_the_start_with_one_line() {
 
 fn run_to_exit(args: &[&str]) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        // Never the default admin port 8080: tests run in parallel.
+        .args(["--admin-listen", "127.0.0.1:0"])
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
