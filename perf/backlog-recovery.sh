@@ -53,7 +53,7 @@ start_broker() {
     local t0
     t0=$(now_ns)
     nice -n "$NICE" taskset -c "$BROKER_CORE" "$BROKER" "${CONFIG_ARGS[@]}" --listen "127.0.0.1:$PORT" \
-        --cores "$BROKER_CORE" --data-dir "$DATA" >"$fifo" 2>>"$log" &
+        --cores "$BROKER_CORE" --no-admin --data-dir "$DATA" >"$fifo" 2>>"$log" &
     BROKER_PID=$!
     local line=""
     exec 3<"$fifo"

@@ -49,7 +49,7 @@ trap cleanup EXIT
 
 # The broker, its ready line on stdout.
 "$BROKER_BIN" --config "$OUT/soak.toml" --listen "127.0.0.1:0" --shards "$SHARDS" \
-    --no-pin --data-dir "$DATA" > "$OUT/broker.stdout" 2> "$OUT/broker.stderr" &
+    --no-pin --no-admin --data-dir "$DATA" > "$OUT/broker.stdout" 2> "$OUT/broker.stderr" &
 BROKER=$!
 for _ in $(seq 1 200); do
     grep -q "shardmq ready" "$OUT/broker.stdout" 2>/dev/null && break

@@ -579,8 +579,7 @@ async fn serve<R, W>(
                 .on_writable(&client_id, conn_id, Instant::now())
         }
     });
-    let writer_task =
-        glommio::spawn_local(write_loop(
+    let writer_task = glommio::spawn_local(write_loop(
         out.clone(),
         writer,
         flow.write_stall,
@@ -790,8 +789,7 @@ async fn write_loop<W, F>(
     stall: Duration,
     on_room: Option<F>,
     io: Rc<IoCounters>,
-)
-where
+) where
     W: futures_lite::AsyncWrite + Unpin,
     F: Fn(),
 {
