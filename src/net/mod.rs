@@ -377,7 +377,10 @@ async fn handshake(shard: Shard<BrokerShard>, stream: TcpStream, guard: Option<C
     let raw_fd = stream.as_raw_fd();
     let peer = stream.peer_addr().ok();
     let (mut reader, mut writer) = futures_lite::io::split(stream);
-    let (owner, bytes) = match place(&shard, &mut reader, &mut writer, timeout).await {
+    // The three steps are boxed: awaited inline, their futures (`serve`'s, the connection's,
+    // in practice more than once) would be stored in this task for the connection's life.
+    let placed = Box::pin(place(&shard, &mut reader, &mut writer, timeout)).await;
+    let (owner, bytes) = match placed {
         Placed::Done => return,
         Placed::Here {
             connect,
@@ -388,7 +391,10 @@ async fn handshake(shard: Shard<BrokerShard>, stream: TcpStream, guard: Option<C
                 addr: peer,
                 cert_identity: None,
             };
-            serve(shard, reader, writer, connect, rest, assigned, client).await;
+            Box::pin(serve(
+                shard, reader, writer, connect, rest, assigned, client,
+            ))
+            .await;
             drop(guard);
             return;
         }
@@ -412,7 +418,7 @@ async fn handshake(shard: Shard<BrokerShard>, stream: TcpStream, guard: Option<C
         cert_identity: None,
         guard,
     };
-    hand_off(&shard, owner, handoff).await;
+    Box::pin(hand_off(&shard, owner, handoff)).await;
 }
 
 /// On the owning shard: takes over a socket handed over by another shard.
@@ -444,13 +450,14 @@ pub async fn serve_handoff(shard: Shard<BrokerShard>, handoff: Handoff) {
             None
         }
     };
+    // `serve` is boxed for the same reason as in `handshake`.
     match socket {
         HandoffSocket::Tcp => {
             // SAFETY: the accepting shard duplicated this fd for us and no longer uses it.
             let stream = unsafe { TcpStream::from_raw_fd(fd) };
             if let Some(c) = connect {
                 let (r, w) = futures_lite::io::split(stream);
-                serve(shard, r, w, c, buf, None, client).await;
+                Box::pin(serve(shard, r, w, c, buf, None, client)).await;
             }
         }
         HandoffSocket::Unix => {
@@ -458,7 +465,7 @@ pub async fn serve_handoff(shard: Shard<BrokerShard>, handoff: Handoff) {
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             if let Some(c) = connect {
                 let (r, w) = futures_lite::io::split(stream);
-                serve(shard, r, w, c, buf, None, client).await;
+                Box::pin(serve(shard, r, w, c, buf, None, client)).await;
             }
         }
     }
@@ -551,49 +558,57 @@ async fn serve<R, W>(
     let version = connect.protocol;
     let flow = FlowLimits::of(&shard);
     let out = Rc::new(Outbound::new(version));
-    // Boxed: its state (a password check on another thread) would otherwise be part of
-    // this future, which every connection keeps for its whole life.
-    let login = Box::pin(authenticate(
-        &shard,
-        &connect,
-        client.cert_identity.as_deref(),
-        client.addr,
-    ))
-    .await;
-    let accepted = shard.service().core.borrow_mut().connect_as(
-        &connect,
-        assigned,
-        login,
-        out.clone(),
-        Instant::now(),
-    );
-    drop(connect);
-    let io = shard.service().io.clone();
-    let on_room = accepted.as_ref().ok().map(|a| {
-        let (shard, client_id, conn_id) = (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
-        move || {
-            shard
-                .service()
-                .core
-                .borrow_mut()
-                .on_writable(&client_id, conn_id, Instant::now())
-        }
-    });
-    let writer_task = glommio::spawn_local(write_loop(
-        out.clone(),
-        writer,
-        flow.write_stall,
-        on_room,
-        io.clone(),
-    ));
-    let Ok(accepted) = accepted else {
+    // The set-up runs in a block of its own so that what it borrowed across an await (the
+    // CONNECT, the client's details, the connect result) is not kept in this future for the
+    // connection's whole life.
+    let (accepted, writer_task) = {
+        let (connect, client) = (connect, client);
+        // Boxed: its state (a password check on another thread) would otherwise be part of
+        // this future, which every connection keeps for its whole life.
+        let login = Box::pin(authenticate(
+            &shard,
+            &connect,
+            client.cert_identity.as_deref(),
+            client.addr,
+        ))
+        .await;
+        let accepted = shard.service().core.borrow_mut().connect_as(
+            &connect,
+            assigned,
+            login,
+            out.clone(),
+            Instant::now(),
+        );
+        let on_room = accepted.as_ref().ok().map(|a| {
+            let (shard, client_id, conn_id) =
+                (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
+            move || {
+                shard
+                    .service()
+                    .core
+                    .borrow_mut()
+                    .on_writable(&client_id, conn_id, Instant::now())
+            }
+        });
+        let writer_task = glommio::spawn_local(write_loop(
+            out.clone(),
+            writer,
+            flow.write_stall,
+            on_room,
+            shard.service().io.clone(),
+        ));
+        let accepted = accepted.ok().map(|a| {
+            let keep_alive = match a.keep_alive_s {
+                0 => None,
+                s => Some(Duration::from_millis(s as u64 * 1500)),
+            };
+            (a.ctx, keep_alive)
+        });
+        (accepted, writer_task)
+    };
+    let Some((mut ctx, keep_alive)) = accepted else {
         writer_task.await;
         return;
-    };
-    let mut ctx = accepted.ctx;
-    let keep_alive = match accepted.keep_alive_s {
-        0 => None,
-        s => Some(Duration::from_millis(s as u64 * 1500)),
     };
     let max_packet = shard
         .service()
@@ -606,12 +621,20 @@ async fn serve<R, W>(
     let mut read = ReadSize::default();
     let mut ending = Ending::Lost;
     let mut broker_closed = false;
-    let mut rate = rate::InboundLimiter::new(flow.messages_per_s, flow.bytes_per_s, Instant::now());
+    // Idle connections are the common case: the limiter exists only when a limit is set.
+    let mut rate = Some(rate::InboundLimiter::new(
+        flow.messages_per_s,
+        flow.bytes_per_s,
+        Instant::now(),
+    ))
+    .filter(rate::InboundLimiter::is_active)
+    .map(Box::new);
+    let outbound_max = flow.outbound_max;
     'conn: loop {
         loop {
             // A client over its rate waits out its debt before its next packet is handled
             // (and before more is read from it). This does not count against keep alive.
-            if let Some(wait) = rate.delay(Instant::now()) {
+            if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
                 future::or(glommio::timer::sleep(wait), async {
                     out.closed().await;
                 })
@@ -620,7 +643,9 @@ async fn serve<R, W>(
             match decode(&mut buf, &limits) {
                 Ok(Some(packet)) => {
                     let now = Instant::now();
-                    rate.packet(now);
+                    if let Some(r) = rate.as_mut() {
+                        r.packet(now);
+                    }
                     let flow = shard
                         .service()
                         .core
@@ -652,8 +677,8 @@ async fn serve<R, W>(
         // not count against keep alive either). Sessions keep messages below the cap plus
         // one packet, so only answers the client left unread take the buffer past twice the
         // cap.
-        if out.pending_bytes() >= flow.outbound_max.saturating_mul(2) {
-            out.room(flow.outbound_max).await;
+        if out.pending_bytes() >= outbound_max.saturating_mul(2) {
+            out.room(outbound_max).await;
         }
         let start = read.prepare(&mut buf);
         let event = future::or(
@@ -677,8 +702,10 @@ async fn serve<R, W>(
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
             ReadEvent::Data(Ok(n)) => {
-                rate.bytes(n, Instant::now());
-                io.add_in(n);
+                if let Some(r) = rate.as_mut() {
+                    r.bytes(n, Instant::now());
+                }
+                shard.service().io.add_in(n);
                 // A socket that always has bytes waiting would otherwise keep this task
                 // running and starve every writer of the shard.
                 glommio::yield_if_needed().await;
