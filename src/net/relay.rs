@@ -33,6 +33,29 @@ async fn before<T>(deadline: Instant, f: impl std::future::Future<Output = T>) -
     .await
 }
 
+/// The WebSocket upgrade of a `ws` or `wss` connection (within `deadline`), as byte-stream
+/// halves; `None` when it failed (logged) or took too long.
+async fn upgrade<S>(
+    stream: S,
+    listener: &Listener,
+    ws_max: usize,
+    deadline: Instant,
+) -> Option<(DynReader, DynWriter)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    match before(deadline, ws::accept(stream, &listener.ws_path, ws_max)).await? {
+        Ok(w) => {
+            let (r, w) = ws::split(w);
+            Some((Box::new(r), Box::new(w)))
+        }
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, error = %e, "WebSocket upgrade failed");
+            None
+        }
+    }
+}
+
 /// On the accepting shard, for a `tls`, `ws` or `wss` listener: the TLS handshake and/or
 /// WebSocket upgrade (within the connect timeout, like CONNECT itself), then CONNECT, then
 /// the connection is served here or relayed to its owner.
@@ -50,19 +73,10 @@ pub(super) async fn handshake(
     let mut cert_identity = None;
     let (reader, writer): (DynReader, DynWriter) = match listener.transport {
         Transport::Tcp => unreachable!("plain TCP is handed off as a socket"),
-        Transport::Ws => {
-            match before(deadline, ws::accept(stream, &listener.ws_path, ws_max)).await {
-                Some(Ok(w)) => {
-                    let (r, w) = ws::split(w);
-                    (Box::new(r), Box::new(w))
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(listener = %listener.name, error = %e, "WebSocket upgrade failed");
-                    return;
-                }
-                None => return,
-            }
-        }
+        Transport::Ws => match upgrade(stream, listener, ws_max, deadline).await {
+            Some(halves) => halves,
+            None => return,
+        },
         Transport::Tls | Transport::Wss => {
             let acceptor = listener
                 .tls
@@ -88,15 +102,8 @@ pub(super) async fn handshake(
                 let (r, w) = futures_lite::io::split(tls);
                 (Box::new(r), Box::new(w))
             } else {
-                match before(deadline, ws::accept(tls, &listener.ws_path, ws_max)).await {
-                    Some(Ok(w)) => {
-                        let (r, w) = ws::split(w);
-                        (Box::new(r), Box::new(w))
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(listener = %listener.name, error = %e, "WebSocket upgrade failed");
-                        return;
-                    }
+                match upgrade(tls, listener, ws_max, deadline).await {
+                    Some(halves) => halves,
                     None => return,
                 }
             }

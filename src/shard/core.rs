@@ -36,7 +36,7 @@ use crate::protocol::{
     Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
-use crate::session::state::{DeliverOutcome, DropReason, SessionStats, StoreOp};
+use crate::session::state::{SessionStats, StoreOp};
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
     Qos2Id, Session, SessionLimits, SharedMessage, Subscription, Will,
@@ -233,11 +233,6 @@ pub struct CoreStats {
     pub acl_denied_subscribe: u64,
     /// Messages not delivered to a subscriber that may not read the topic.
     pub acl_denied_delivery: u64,
-    /// QoS 0 messages not sent because the subscriber's outbound buffer was full (a slow
-    /// or stalled reader).
-    pub qos0_dropped_slow: u64,
-    /// Messages refused or dropped because a session's queue was full.
-    pub queue_dropped_full: u64,
     /// Sessions discarded through the admin API.
     pub sessions_deleted: u64,
     pub ended_sessions: SessionStats,
@@ -245,17 +240,6 @@ pub struct CoreStats {
     pub write_latency: LatencyHistogram,
     /// Duration of each persist (fsync) of the shard's store.
     pub fsync_latency: LatencyHistogram,
-}
-
-impl CoreStats {
-    /// Counts what happened to one delivery.
-    fn note(&mut self, outcome: DeliverOutcome) {
-        match outcome {
-            DeliverOutcome::Dropped(DropReason::SlowConsumer) => self.qos0_dropped_slow += 1,
-            DeliverOutcome::Dropped(DropReason::QueueFull) => self.queue_dropped_full += 1,
-            _ => {}
-        }
-    }
 }
 
 /// Whether a topic is under the broker's own `$SYS/`, where clients may not publish. (The
@@ -1681,20 +1665,7 @@ impl Core {
             // Dropped. MQTT 5 says so in the acknowledgement (0x87); a 3.x client cannot be
             // told and is acknowledged as usual, as Mosquitto does.
             self.stats.acl_denied_publish += 1;
-            if let Some(pid) = p.packet_id {
-                let rc = if ctx.version.is_v5() {
-                    ReasonCode::NotAuthorized
-                } else {
-                    ReasonCode::Success
-                };
-                let ack = Ack::with_reason(pid, rc);
-                let packet = if p.qos == QoS::AtLeastOnce {
-                    Packet::PubAck(ack)
-                } else {
-                    Packet::PubRec(ack)
-                };
-                self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
-            }
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
             return Ok(());
         }
         let receive_maximum = l.receive_maximum as usize;
@@ -1724,26 +1695,7 @@ impl Core {
         if is_sys_topic(&topic) {
             // Only the broker publishes there (as Mosquitto does): dropped, acknowledged.
             self.stats.sys_publish_dropped += 1;
-            if let Some(pid) = p.packet_id {
-                let rc = if ctx.version.is_v5() {
-                    ReasonCode::NotAuthorized
-                } else {
-                    ReasonCode::Success
-                };
-                let ack = Ack::with_reason(pid, rc);
-                let packet = if p.qos == QoS::AtLeastOnce {
-                    Packet::PubAck(ack)
-                } else {
-                    if !rc.is_error() {
-                        // The flow continues with PUBREL, answered by PUBCOMP.
-                        if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
-                            s.incoming_qos2.insert(pid.get());
-                        }
-                    }
-                    Packet::PubRec(ack)
-                };
-                self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
-            }
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
             return Ok(());
         }
         let mut properties = p.properties;
@@ -1822,6 +1774,40 @@ impl Core {
     /// Sends an acknowledgement to the client of `ctx` now, or holds it (in order with the
     /// others held on that connection) until `remote` shards have answered `token` and this
     /// shard's writes so far are durable.
+    /// Acknowledges a PUBLISH that is dropped instead of routed (a topic the client may not
+    /// write, or under `$SYS/`): MQTT 5 hears 0x87 in its PUBACK/PUBREC; a 3.x client cannot
+    /// be told and is acknowledged as usual, as Mosquitto does, its QoS 2 flow going on with
+    /// PUBREL.
+    fn ack_dropped_publish(
+        &mut self,
+        ctx: &ConnCtx,
+        packet_id: Option<crate::protocol::PacketId>,
+        qos: QoS,
+        now: Instant,
+    ) {
+        let Some(pid) = packet_id else {
+            return;
+        };
+        let rc = if ctx.version.is_v5() {
+            ReasonCode::NotAuthorized
+        } else {
+            ReasonCode::Success
+        };
+        let ack = Ack::with_reason(pid, rc);
+        let packet = if qos == QoS::AtLeastOnce {
+            Packet::PubAck(ack)
+        } else {
+            if !rc.is_error() {
+                // The flow continues with PUBREL, answered by PUBCOMP.
+                if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+                    s.incoming_qos2.insert(pid.get());
+                }
+            }
+            Packet::PubRec(ack)
+        };
+        self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
+    }
+
     fn ack_when_durable(
         &mut self,
         ctx: &ConnCtx,
@@ -1986,7 +1972,7 @@ impl Core {
                     self.stats.acl_denied_delivery += 1;
                     continue;
                 }
-                self.stats.note(s.deliver(d, &self.limits, now));
+                let _ = s.deliver(d, &self.limits, now);
                 if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
                     if s.holds_qos2(origin, id.packet_id) {
                         self.note_qos2_holder(origin, id.packet_id, &client_id);
@@ -2256,7 +2242,7 @@ impl Core {
             _ => return,
         }
         for d in retained {
-            self.stats.note(s.deliver(d, &self.limits, now));
+            let _ = s.deliver(d, &self.limits, now);
         }
         self.sync_session(client_id, now);
     }
@@ -2518,7 +2504,7 @@ impl Core {
                                 msg: msg.clone(),
                                 via_share: Some(key.clone()),
                             };
-                            self.stats.note(s.deliver(d, &self.limits, now));
+                            let _ = s.deliver(d, &self.limits, now);
                             true
                         }
                         None => false,
@@ -3168,7 +3154,8 @@ mod flow_tests {
             let p = Publish::new(TopicName::new("q0").unwrap(), payload.clone());
             c.on_packet(&mut publ, Packet::Publish(p), now).unwrap();
         }
-        assert!(c.stats.qos0_dropped_slow >= 6, "{:?}", c.stats);
+        let dropped = c.delivery_totals().dropped_qos0_slow;
+        assert!(dropped >= 6, "{:?}", c.delivery_totals());
         for i in 1..=10u16 {
             let mut p = Publish::new(TopicName::new("q1").unwrap(), payload.clone());
             p.qos = QoS::AtLeastOnce;

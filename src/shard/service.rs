@@ -402,17 +402,7 @@ impl BrokerShard {
         let stopped = shard.stopped();
         futures_lite::pin!(stopped);
         loop {
-            let stop = futures_lite::future::or(
-                async {
-                    svc.sink.wait().await;
-                    false
-                },
-                async {
-                    (&mut stopped).await;
-                    true
-                },
-            )
-            .await;
+            let stop = stopped_first(&mut stopped, svc.sink.wait()).await;
             let _ = svc.sink.outbox.flush(&shard).await;
             if stop {
                 break;
@@ -436,17 +426,7 @@ impl BrokerShard {
             }
         };
         loop {
-            let stopping = futures_lite::future::or(
-                async {
-                    svc.sink.commit.wait().await;
-                    false
-                },
-                async {
-                    shard.stopped().await;
-                    true
-                },
-            )
-            .await;
+            let stopping = stopped_first(shard.stopped(), svc.sink.commit.wait()).await;
             if let (Some(d), false) = (interval, stopping) {
                 glommio::timer::sleep(d).await;
             }
@@ -492,33 +472,13 @@ impl BrokerShard {
         let stopped = shard.stopped();
         futures_lite::pin!(stopped);
         loop {
-            let stop = futures_lite::future::or(
-                async {
-                    svc.storage_failed.wait().await;
-                    false
-                },
-                async {
-                    (&mut stopped).await;
-                    true
-                },
-            )
-            .await;
+            let stop = stopped_first(&mut stopped, svc.storage_failed.wait()).await;
             if stop {
                 return;
             }
             let mut wait = STORAGE_RETRY_MIN;
             while store.is_failing() {
-                let stop = futures_lite::future::or(
-                    async {
-                        glommio::timer::sleep(wait).await;
-                        false
-                    },
-                    async {
-                        (&mut stopped).await;
-                        true
-                    },
-                )
-                .await;
+                let stop = stopped_first(&mut stopped, glommio::timer::sleep(wait)).await;
                 if stop {
                     return;
                 }
@@ -619,17 +579,7 @@ impl BrokerShard {
                     core.publish_sys(&topic, payload, now);
                 }
             }
-            let stop = futures_lite::future::or(
-                async {
-                    glommio::timer::sleep(interval).await;
-                    false
-                },
-                async {
-                    shard.stopped().await;
-                    true
-                },
-            )
-            .await;
+            let stop = stopped_first(shard.stopped(), glommio::timer::sleep(interval)).await;
             if stop {
                 break;
             }
@@ -711,4 +661,22 @@ impl Service for BrokerShard {
         };
         async move { answer }
     }
+}
+
+/// Waits for `event` unless the pool stops first; `true` when it stopped.
+async fn stopped_first(
+    stopped: impl std::future::Future<Output = ()>,
+    event: impl std::future::Future<Output = ()>,
+) -> bool {
+    futures_lite::future::or(
+        async {
+            event.await;
+            false
+        },
+        async {
+            stopped.await;
+            true
+        },
+    )
+    .await
 }
