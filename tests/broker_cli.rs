@@ -4,13 +4,11 @@
 
 mod support;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use support::raw::RawClient;
-use support::{TestBroker, TIMEOUT};
+use support::{wait_output, TestBroker};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardmq");
 
@@ -33,30 +31,6 @@ fn run(args: &[&str]) -> Output {
         .spawn()
         .expect("spawn shardmq");
     wait_output(child)
-}
-
-fn wait_output(mut child: Child) -> Output {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut stdout = Vec::new();
-            let mut stderr = Vec::new();
-            child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
-            child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
-            return Output {
-                status,
-                stdout,
-                stderr,
-            };
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shardmq did not exit within {TIMEOUT:?}");
-        }
-        // Polling a child's exit status; not a synchronisation point.
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Asserts the run failed with `code` and exactly one line on stderr, containing each of
@@ -148,30 +122,37 @@ fn bad_flag_values_exit_2_with_one_line_naming_the_flag() {
     }
 }
 
+/// Runs the broker on a config file holding `toml` and asserts it exits with status 2 and
+/// one line on stderr naming `name`.
+fn config_refused(toml: &str, name: &str) {
+    let (_dir, path) = config_file(toml);
+    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
+    one_line_failure(&out, 2, &[name]);
+}
+
 #[test]
 fn bad_config_value_exits_nonzero_with_one_line_naming_the_key() {
-    let (_dir, path) = config_file("[limits]\nqueue_messages_max = 0\n");
-    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
-    one_line_failure(&out, 2, &["limits.queue_messages_max"]);
+    config_refused(
+        "[limits]\nqueue_messages_max = 0\n",
+        "limits.queue_messages_max",
+    );
 
-    let (_dir, path) = config_file("[limits]\nqueue_messages_max = \"many\"\n");
-    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
-    one_line_failure(&out, 2, &["queue_messages_max"]);
+    config_refused(
+        "[limits]\nqueue_messages_max = \"many\"\n",
+        "queue_messages_max",
+    );
 
-    let (_dir, path) = config_file("[access]\nsubscribe_deny = [\"a/#/b\"]\n");
-    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
-    one_line_failure(&out, 2, &["access.subscribe_deny"]);
+    config_refused(
+        "[access]\nsubscribe_deny = [\"a/#/b\"]\n",
+        "access.subscribe_deny",
+    );
 }
 
 #[test]
 fn unknown_config_key_is_refused() {
-    let (_dir, path) = config_file("[limits]\nqueue_mesages_max = 5\n");
-    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
-    one_line_failure(&out, 2, &["queue_mesages_max"]);
+    config_refused("[limits]\nqueue_mesages_max = 5\n", "queue_mesages_max");
 
-    let (_dir, path) = config_file("bogus_section_key = true\n");
-    let out = run(&["--config", &path, "--listen", "127.0.0.1:0"]);
-    one_line_failure(&out, 2, &["bogus_section_key"]);
+    config_refused("bogus_section_key = true\n", "bogus_section_key");
 }
 
 #[test]

@@ -20,25 +20,18 @@
 mod support;
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use shardmq::protocol::{Packet, QoS, ReasonCode};
 use support::raw::{publish_packet, ConnectOpts, RawClient};
-use support::{id_on_shard, owner, TestBroker, TIMEOUT};
+use support::{
+    drive_event_loop, id_on_shard, owner, stdout_lines, topic_on_shard, TestBroker, TIMEOUT,
+};
 
 // ------------------------------------------------------------------------------ helpers
-
-/// A topic name starting with `prefix` whose retained messages live on `shard`.
-fn topic_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}/{i}"))
-        .find(|t| owner(t, shards) == shard)
-        .expect("some topic lands on every shard")
-}
 
 fn payload(p: &shardmq::protocol::Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
@@ -55,17 +48,6 @@ fn raw_on(b: &TestBroker, prefix: &str, shard: usize) -> RawClient {
 }
 
 // ---- rumqttc, driven from synchronous tests
-
-fn rt() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    })
-}
 
 fn rq(q: QoS) -> rumqttc::QoS {
     match q {
@@ -93,24 +75,8 @@ impl Mq {
 
     /// Connects with `opts`; returns the client and the CONNACK's Session Present.
     fn connect_with(opts: rumqttc::MqttOptions) -> (Mq, bool) {
-        let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::channel();
-        let task = rt().spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(rumqttc::Event::Incoming(p)) => {
-                        if tx.send(Ok(p)).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(rumqttc::Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        break;
-                    }
-                }
-            }
-        });
+        let (client, el) = rumqttc::AsyncClient::new(opts, 64);
+        let (rx, task) = drive_event_loop(el);
         let mut mq = Mq {
             client,
             rx,
@@ -269,15 +235,7 @@ impl MosqSub {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn mosquitto_sub (install mosquitto-clients)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let mut s = MosqSub { child, lines };
         s.wait_line(|l| l.contains("received SUBACK"));
         s

@@ -30,25 +30,17 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use shardmq::protocol::{Ack, Packet, Publish, QoS, ReasonCode};
 use support::raw::{publish_packet, ConnectOpts, RawClient, ReadEnd};
-use support::{id_on_shard, owner, TestBroker, TIMEOUT};
+use support::{id_on_shard, owner, rt, stdout_lines, topic_on_shard, TestBroker, TIMEOUT};
 
 // ------------------------------------------------------------------------------ helpers
-
-/// A topic name starting with `prefix` whose retained messages live on `shard`.
-fn topic_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}/{i}"))
-        .find(|t| owner(t, shards) == shard)
-        .expect("some topic lands on every shard")
-}
 
 fn text(p: &Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
@@ -92,17 +84,6 @@ fn stop_keep_dir(mut b: TestBroker) -> tempfile::TempDir {
 }
 
 // ---- rumqttc (3.1.1 and 5.0), driven from synchronous tests
-
-fn rt() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    })
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ver {
@@ -389,15 +370,7 @@ impl MosqSub {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn mosquitto_sub (install mosquitto-clients)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         MosqSub { child, lines }
     }
 

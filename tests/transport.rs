@@ -15,7 +15,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -25,7 +25,7 @@ use shardmq::protocol::{
     decode, DecodeLimits, Packet, ProtocolVersion, QoS, Subscribe, SubscriptionOptions,
 };
 use support::raw::{publish_packet, ConnectOpts, RawClient, ReadEnd};
-use support::{id_on_shard, TestBroker, TIMEOUT};
+use support::{drive_event_loop, id_on_shard, wait_output, TestBroker, TIMEOUT};
 
 // ------------------------------------------------------------------------ certificates
 
@@ -119,17 +119,6 @@ const TLS13: &rustls_client::SupportedProtocolVersion = &rustls_client::version:
 
 // --------------------------------------------------------------------------- rumqttc
 
-fn rt() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    })
-}
-
 /// A rumqttc client whose event loop runs on the background runtime and forwards every
 /// incoming packet here; it stops at the first connection error.
 struct Mq {
@@ -177,24 +166,8 @@ impl Mq {
                 ));
             }
         }
-        let (client, mut el) = rumqttc::AsyncClient::new(o, 64);
-        let (tx, rx) = mpsc::channel();
-        let task = rt().spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(rumqttc::Event::Incoming(p)) => {
-                        if tx.send(Ok(p)).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(rumqttc::Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        break;
-                    }
-                }
-            }
-        });
+        let (client, el) = rumqttc::AsyncClient::new(o, 64);
+        let (rx, task) = drive_event_loop(el);
         let mq = Mq {
             client,
             rx,
@@ -604,7 +577,7 @@ fn an_unusable_certificate_or_key_file_stops_the_start_with_one_line() {
 }
 
 fn run_to_exit(args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
         // Never the default admin port 8080: tests run in parallel.
         .args(["--admin-listen", "127.0.0.1:0"])
         .args(args)
@@ -614,27 +587,7 @@ fn run_to_exit(args: &[&str]) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn shardmq");
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut stdout = Vec::new();
-            let mut stderr = Vec::new();
-            child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
-            child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
-            return std::process::Output {
-                status,
-                stdout,
-                stderr,
-            };
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shardmq did not exit within {TIMEOUT:?}");
-        }
-        // Polling a child's exit status; not a synchronisation point.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_output(child)
 }
 
 // ------------------------------------------------------------------------- WebSocket

@@ -5,10 +5,10 @@
 
 pub mod raw;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Generous bound for anything a test waits for; never a synchronisation point.
@@ -284,4 +284,91 @@ pub fn id_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
         .map(|i| format!("{prefix}-{i}"))
         .find(|id| owner(id, shards) == shard)
         .expect("some id lands on every shard")
+}
+
+/// The shared tokio runtime that drives rumqttc clients from synchronous tests.
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+/// A topic name starting with `prefix` whose retained messages live on `shard`.
+pub fn topic_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}/{i}"))
+        .find(|t| owner(t, shards) == shard)
+        .expect("some topic lands on every shard")
+}
+
+/// A channel of the packets an incoming rumqttc event loop yields
+/// (outgoing events skipped, the first error sent as text and ending it).
+pub type Incoming = mpsc::Receiver<Result<rumqttc::Packet, String>>;
+
+/// Polls `el` on [`rt`] until it fails or the receiver is dropped.
+pub fn drive_event_loop(mut el: rumqttc::EventLoop) -> (Incoming, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let task = rt().spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        break;
+                    }
+                }
+                Ok(rumqttc::Event::Outgoing(_)) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Waits (bounded by [`TIMEOUT`]) for a spawned `shardmq` with piped stdout and stderr to
+/// exit and returns its output; kills it and panics if it does not exit in time.
+pub fn wait_output(mut child: Child) -> Output {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
+            child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardmq did not exit within {TIMEOUT:?}");
+        }
+        // Polling a child's exit status; not a synchronisation point.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Takes the piped stdout of `child` and sends it, line by line, from a thread of its own
+/// (which stops at end of file or when the receiver is dropped).
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
