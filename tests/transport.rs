@@ -415,6 +415,25 @@ fn identity_acl(pki: &Pki, users: &[&str]) -> String {
     format!("[auth]\nacl_file = {:?}\n", pki.path("acl"))
 }
 
+/// A `transport` listener that checks client certificates against the test CA (and requires
+/// one when `require`) and takes their identity as the user name, plus [`identity_acl`].
+fn client_cert_config(pki: &Pki, transport: &str, require: bool, users: &[&str]) -> String {
+    let require = if require {
+        "require_client_cert = true\n"
+    } else {
+        ""
+    };
+    let extra = format!(
+        "client_ca_file = {:?}\n{require}use_identity_as_username = true\n",
+        pki.path("ca.pem")
+    );
+    format!(
+        "{}{}",
+        pki.listener(transport, &extra),
+        identity_acl(pki, users)
+    )
+}
+
 /// Whether SUBSCRIBE to `filter` is granted (the ACL decides by user name).
 fn may_subscribe(c: &mut Mq, filter: &str) -> bool {
     c.client
@@ -434,15 +453,7 @@ fn may_subscribe(c: &mut Mq, filter: &str) -> bool {
 #[test]
 fn a_required_client_certificate_is_checked_and_names_the_client() {
     let pki = Pki::new();
-    let extra = format!(
-        "client_ca_file = {:?}\nrequire_client_cert = true\nuse_identity_as_username = true\n",
-        pki.path("ca.pem")
-    );
-    let toml = format!(
-        "{}{}",
-        pki.listener("tls", &extra),
-        identity_acl(&pki, &["sensor-0", "sensor-1"])
-    );
+    let toml = client_cert_config(&pki, "tls", true, &["sensor-0", "sensor-1"]);
     let b = TestBroker::start_with(2, &toml);
     let tls = b.listener("tls");
 
@@ -484,15 +495,7 @@ fn a_required_client_certificate_is_checked_and_names_the_client() {
 #[test]
 fn an_optional_client_certificate_is_verified_when_given() {
     let pki = Pki::new();
-    let extra = format!(
-        "client_ca_file = {:?}\nuse_identity_as_username = true\n",
-        pki.path("ca.pem")
-    );
-    let toml = format!(
-        "{}{}",
-        pki.listener("wss", &extra),
-        identity_acl(&pki, &["meter-3"])
-    );
+    let toml = client_cert_config(&pki, "wss", false, &["meter-3"]);
     let b = TestBroker::start_with(1, &toml);
     let wss = b.listener("wss");
     // Without a certificate: accepted, anonymous (no CONNECT user name either).
