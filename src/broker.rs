@@ -23,6 +23,7 @@ use crate::auth::Auth;
 use crate::config::{parse_core_list, Config, Durability, Transport};
 use crate::net;
 use crate::session::owner_shard;
+use crate::shard::budget::QueuedBudget;
 use crate::shard::service::{BrokerShard, Query};
 use crate::storage::{Store, StoreOptions};
 
@@ -231,6 +232,7 @@ impl Broker {
         let cfg = Arc::new(cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<usize>();
         let build_cfg = cfg.clone();
+        let budget = Arc::new(QueuedBudget::new(count, cfg.storage.queued_bytes_max));
         let pool = Pool::start(
             &rt,
             move |id| {
@@ -240,6 +242,7 @@ impl Broker {
                     Rc::new((*build_cfg).clone()),
                     auth.clone(),
                     stores[id.index()].clone(),
+                    budget.clone(),
                 )
             },
             move |shard: Shard<BrokerShard>| {

@@ -279,9 +279,12 @@ pub struct Limits {
     pub inbound_messages_per_s: u32,
     /// Bytes one connection may send per second, likewise. 0: no limit.
     pub inbound_bytes_per_s: u64,
-    /// Messages waiting for one session (offline, or beyond its inflight window).
+    /// Messages waiting for one session (offline, or beyond its inflight window). A
+    /// persistent session's queue is on disk (at most 512 messages of it in memory while
+    /// online, none while offline), so this bounds disk, not memory; the disk as a whole
+    /// is guarded by `storage.queued_bytes_max`.
     pub queue_messages_max: u32,
-    /// Bytes of payload waiting for one session.
+    /// Bytes (payload plus topic) waiting for one session.
     pub queue_bytes_max: u64,
     /// Retained messages held by the broker.
     pub retained_messages_max: u32,
@@ -305,8 +308,8 @@ impl Default for Limits {
             write_stall_timeout_s: 30,
             inbound_messages_per_s: 0,
             inbound_bytes_per_s: 0,
-            queue_messages_max: 10_000,
-            queue_bytes_max: 64 * 1024 * 1024,
+            queue_messages_max: 1_000_000,
+            queue_bytes_max: 1024 * 1024 * 1024,
             retained_messages_max: 1_000_000,
         }
     }
@@ -364,6 +367,11 @@ pub struct StorageConfig {
     pub cache_bytes: u64,
     /// Files each shard's database keeps open (mind `ulimit -n` times the shard count).
     pub max_cached_files: u32,
+    /// Bytes (payload plus topic) queued for persistent sessions on all shards together.
+    /// Beyond it a persistent session refuses what it would queue, as on a full disk: the
+    /// publisher is never told the message was stored (MQTT 5: 0x97; 3.x: disconnected,
+    /// so that it resends).
+    pub queued_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -373,6 +381,7 @@ impl Default for StorageConfig {
             batched_interval_ms: 100,
             cache_bytes: 32 * 1024 * 1024,
             max_cached_files: 256,
+            queued_bytes_max: 16 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -568,6 +577,7 @@ impl Config {
                 "storage.max_cached_files",
                 self.storage.max_cached_files as u64,
             ),
+            ("storage.queued_bytes_max", self.storage.queued_bytes_max),
             (
                 "auth.verifications_inflight_max",
                 self.auth.verifications_inflight_max as u64,

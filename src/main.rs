@@ -203,9 +203,11 @@ fn main() -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(2, e),
     };
+    // Colour only for a terminal: journald and log files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // Installed before the shards start and before the ready line, so that a SIGTERM sent

@@ -20,29 +20,20 @@ fn admin(b: &TestBroker) -> SocketAddr {
     b.admin.expect("the ready line names the admin endpoint")
 }
 
-/// GET, returning the status and the body (4xx/5xx included).
 fn get(b: &TestBroker, path: &str) -> (u16, String) {
-    request(b, "GET", path)
+    b.http("GET", path)
 }
 
 fn request(b: &TestBroker, method: &str, path: &str) -> (u16, String) {
-    let url = format!("http://{}{path}", admin(b));
-    let agent = ureq::AgentBuilder::new().timeout(TIMEOUT).build();
-    match agent.request(method, &url).call() {
-        Ok(r) => (r.status(), r.into_string().expect("body")),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
+    b.http(method, path)
 }
 
 fn get_json(b: &TestBroker, path: &str) -> Value {
-    let (status, body) = get(b, path);
-    assert_eq!(status, 200, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    b.admin_json(path)
 }
 
-/// An offline persistent session subscribed to `topic` with `queued` QoS 1 messages
-/// waiting for it (each acknowledged to the publisher, so each is queued).
+/// An offline persistent session subscribed to `topic`, offered `queued` QoS 1 messages by a
+/// 3.1.1 publisher (each acknowledged; queued as far as the session's limits allow).
 fn offline_session_with_queue(b: &TestBroker, client_id: &str, topic: &str, queued: usize) {
     let (mut c, _) = RawClient::connect(b.addr, &ConnectOpts::v311(client_id, false));
     c.sub(&[(topic, QoS::AtLeastOnce)]);
@@ -380,6 +371,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     for reason in [
         "queue_full_reject_newest",
         "queue_full_drop_oldest",
+        "storage_budget_full",
         "message_expired",
         "qos0_offline_disabled",
         "retained_store_full",
@@ -508,9 +500,13 @@ fn dashboard_shows_a_queued_session_in_headless_chromium() {
         .unwrap_or_else(|| {
             panic!("chromium is not installed: run `apt-get install -y chromium` (the dashboard test renders the page in it)")
         });
-    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    // A queue of four, offered five: one drop, and the queue shown as full.
+    let b = TestBroker::start_with(
+        SHARDS,
+        "[sys]\ninterval_s = 0\n[limits]\nqueue_messages_max = 4\n",
+    );
     let id = "dashboard-watcher";
-    offline_session_with_queue(&b, id, "dash/q", 4);
+    offline_session_with_queue(&b, id, "dash/q", 5);
 
     let profile = tempfile::tempdir().expect("temp dir");
     let out = Command::new(chromium)
@@ -538,8 +534,14 @@ fn dashboard_shows_a_queued_session_in_headless_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        dom.contains(&format!("data-client=\"{id}\" data-queued=\"4\"")),
-        "the session row with its queue depth: {dom}"
+        dom.contains(&format!(
+            "data-client=\"{id}\" data-queued=\"4\" data-dropped=\"1\""
+        )),
+        "the session row with its queue depth and drops: {dom}"
+    );
+    assert!(
+        dom.contains("<td class=\"dropped full\">1 (queue full)</td>"),
+        "a full queue stands out: {dom}"
     );
     assert!(dom.contains(&format!(">{id}</td>")), "{dom}");
     assert!(

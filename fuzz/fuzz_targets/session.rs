@@ -23,6 +23,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -33,6 +34,7 @@ use shardmq::protocol::{
     ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions, TopicFilter, TopicName,
 };
 use shardmq::session::{owner_shard, Outbound};
+use shardmq::shard::budget::QueuedBudget;
 use shardmq::shard::core::{ConnCtx, Core, Ending, EventSink, Flow};
 use shardmq::shard::event::Event;
 
@@ -149,8 +151,18 @@ impl World {
         let cfg = Rc::new(config());
         let now = Instant::now();
         let sinks: Vec<Rc<QueueSink>> = (0..SHARDS).map(|_| Rc::default()).collect();
+        let budget = Arc::new(QueuedBudget::new(SHARDS, cfg.storage.queued_bytes_max));
         let mut cores: Vec<Core> = (0..SHARDS)
-            .map(|i| Core::new(i, SHARDS, cfg.clone(), sinks[i].clone(), None))
+            .map(|i| {
+                Core::new(
+                    i,
+                    SHARDS,
+                    cfg.clone(),
+                    sinks[i].clone(),
+                    None,
+                    budget.clone(),
+                )
+            })
             .collect();
         for c in &mut cores {
             c.recover(now);

@@ -213,6 +213,7 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
         for (reason, n) in [
             (full_now, d.dropped_queue_full),
             (full_other, 0),
+            ("storage_budget_full", d.dropped_storage_budget),
             ("message_expired", d.dropped_expired),
             ("qos0_offline_disabled", d.dropped_qos0_offline),
             ("outbound_buffer_full", d.dropped_qos0_slow),

@@ -134,9 +134,10 @@ impl Link {
     }
 
     /// Marks the acknowledgement of `token` ready and sends every ready one at the front.
-    /// When what it acknowledges could not be stored (`failed`), an MQTT 5 client gets the
-    /// acknowledgement with reason 0x80 and an MQTT 3.x client none (it will resend).
-    pub fn release_ack(&mut self, token: u64, failed: bool) {
+    /// When what it acknowledges was refused (`Some(reason)`: not stored, or not kept), an
+    /// MQTT 5 client gets the acknowledgement with that reason and an MQTT 3.x client none
+    /// (it will resend).
+    pub fn release_ack(&mut self, token: u64, refused: Option<crate::protocol::ReasonCode>) {
         let v5 = self.version.is_v5();
         if let Some(h) = self
             .held_acks
@@ -144,16 +145,14 @@ impl Link {
             .find(|h| h.token == token && !h.ready)
         {
             h.ready = true;
-            if failed {
+            if let Some(reason) = refused {
                 h.packet = match h.packet.take() {
-                    Some(Packet::PubAck(a)) if v5 => Some(Packet::PubAck(Ack::with_reason(
-                        a.packet_id,
-                        crate::protocol::ReasonCode::UnspecifiedError,
-                    ))),
-                    Some(Packet::PubRec(a)) if v5 => Some(Packet::PubRec(Ack::with_reason(
-                        a.packet_id,
-                        crate::protocol::ReasonCode::UnspecifiedError,
-                    ))),
+                    Some(Packet::PubAck(a)) if v5 => {
+                        Some(Packet::PubAck(Ack::with_reason(a.packet_id, reason)))
+                    }
+                    Some(Packet::PubRec(a)) if v5 => {
+                        Some(Packet::PubRec(Ack::with_reason(a.packet_id, reason)))
+                    }
                     Some(Packet::PubAck(_)) | Some(Packet::PubRec(_)) => None,
                     other => other,
                 };
@@ -208,6 +207,16 @@ pub enum QueuePolicy {
     DropOldest,
 }
 
+impl QueuePolicy {
+    /// The name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueuePolicy::RejectNewest => "reject-newest",
+            QueuePolicy::DropOldest => "drop-oldest",
+        }
+    }
+}
+
 /// A change to a persistent session's durable state.
 #[derive(Clone, Debug)]
 pub enum StoreOp {
@@ -248,6 +257,9 @@ pub struct Will {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionStats {
     pub dropped_queue_full: u64,
+    /// Refused by a persistent session while the broker-wide budget for queued data
+    /// (`storage.queued_bytes_max`) was spent.
+    pub dropped_storage_budget: u64,
     pub dropped_qos0_slow: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
@@ -262,6 +274,7 @@ impl SessionStats {
     /// Adds another session's counters to these.
     pub fn add(&mut self, o: &SessionStats) {
         self.dropped_queue_full += o.dropped_queue_full;
+        self.dropped_storage_budget += o.dropped_storage_budget;
         self.dropped_qos0_slow += o.dropped_qos0_slow;
         self.dropped_expired += o.dropped_expired;
         self.dropped_too_large += o.dropped_too_large;
@@ -270,6 +283,31 @@ impl SessionStats {
         for (a, b) in self.delivered_qos.iter_mut().zip(o.delivered_qos) {
             *a += b;
         }
+    }
+
+    /// Takes another's counters away from these (never below 0).
+    pub fn sub(&mut self, o: &SessionStats) {
+        let d = |a: &mut u64, b: u64| *a = a.saturating_sub(b);
+        d(&mut self.dropped_queue_full, o.dropped_queue_full);
+        d(&mut self.dropped_storage_budget, o.dropped_storage_budget);
+        d(&mut self.dropped_qos0_slow, o.dropped_qos0_slow);
+        d(&mut self.dropped_expired, o.dropped_expired);
+        d(&mut self.dropped_too_large, o.dropped_too_large);
+        d(&mut self.dropped_qos0_offline, o.dropped_qos0_offline);
+        d(&mut self.delivered, o.delivered);
+        for (a, b) in self.delivered_qos.iter_mut().zip(o.delivered_qos) {
+            d(a, b);
+        }
+    }
+
+    /// Every message dropped or refused, whatever the reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_queue_full
+            + self.dropped_storage_budget
+            + self.dropped_qos0_slow
+            + self.dropped_expired
+            + self.dropped_too_large
+            + self.dropped_qos0_offline
     }
 }
 
@@ -282,6 +320,20 @@ pub struct SessionLimits {
     pub outbound_buffer_bytes_max: u32,
     pub queue_qos0_offline: bool,
     pub queue_policy: QueuePolicy,
+    /// Set by the shard, not the config: the broker-wide budget for queued data
+    /// (`storage.queued_bytes_max`) is spent, so a persistent session refuses what it would
+    /// have to queue (on disk), as it would on a full disk.
+    pub storage_budget_spent: bool,
+}
+
+/// A change of a session's queue between full and not (see [`Session::take_queue_notes`]),
+/// for the one log line each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueNote {
+    /// The queue refused (or, with `drop-oldest`, pushed out) its first message.
+    Full,
+    /// A message was queued again without a drop; `dropped` were lost meanwhile.
+    Room { dropped: u64 },
 }
 
 /// What happened to a message handed to [`Session::deliver`].
@@ -297,6 +349,9 @@ pub enum DeliverOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
     QueueFull,
+    /// A persistent session would have queued it while the broker-wide budget for queued
+    /// data was spent.
+    StorageBudget,
     SlowConsumer,
     Expired,
     TooLarge,
@@ -356,6 +411,16 @@ pub struct Session {
     spilled_from: Option<u64>,
     spilled_len: u64,
     spilled_bytes: u64,
+    /// While the queue is full: `stats.dropped_queue_full` when it became full.
+    full_since_drops: Option<u64>,
+    /// Changes between full and not that the shard has not logged yet.
+    queue_notes: Vec<QueueNote>,
+    /// The shard's bookkeeping: the queued bytes of this session it last counted against
+    /// the broker-wide budget.
+    pub budget_counted: u64,
+    /// The shard's bookkeeping: [`SessionStats::dropped_total`] when the counters were last
+    /// written to the store.
+    pub drops_stored: u64,
 }
 
 /// Up to this many messages in flight, a free packet id is found by scanning the window;
@@ -423,7 +488,21 @@ impl Session {
             spilled_from: None,
             spilled_len: 0,
             spilled_bytes: 0,
+            full_since_drops: None,
+            queue_notes: Vec::new(),
+            budget_counted: 0,
+            drops_stored: 0,
         }
+    }
+
+    /// The queue's changes between full and not since the last call, oldest first.
+    pub fn take_queue_notes(&mut self) -> Vec<QueueNote> {
+        std::mem::take(&mut self.queue_notes)
+    }
+
+    /// Whether the queue is refusing (or pushing out) messages now.
+    pub fn queue_is_full(&self) -> bool {
+        self.full_since_drops.is_some()
     }
 
     /// The durable changes made since the last call, in order.
@@ -567,20 +646,33 @@ impl Session {
     }
 
     fn enqueue(&mut self, d: Delivery, limits: &SessionLimits) -> DeliverOutcome {
+        if self.persistent && limits.storage_budget_spent {
+            self.stats.dropped_storage_budget += 1;
+            return DeliverOutcome::Dropped(DropReason::StorageBudget);
+        }
         let cost = d.msg.cost_bytes();
         if cost > limits.queue_bytes_max {
-            self.stats.dropped_queue_full += 1;
+            self.note_queue_full();
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
+        let mut dropped = false;
         while self.queued_messages() >= limits.queue_messages_max as u64
             || self.queued_bytes() + cost > limits.queue_bytes_max
         {
-            self.stats.dropped_queue_full += 1;
+            self.note_queue_full();
+            dropped = true;
             match limits.queue_policy {
                 QueuePolicy::RejectNewest => {
                     return DeliverOutcome::Dropped(DropReason::QueueFull);
                 }
                 QueuePolicy::DropOldest => self.drop_oldest(),
+            }
+        }
+        if !dropped {
+            if let Some(since) = self.full_since_drops.take() {
+                self.queue_notes.push(QueueNote::Room {
+                    dropped: self.stats.dropped_queue_full - since,
+                });
             }
         }
         let seq = self.next_seq;
@@ -602,6 +694,16 @@ impl Session {
             self.queue.push_back(Queued { seq, delivery: d });
         }
         DeliverOutcome::Queued
+    }
+
+    /// Counts one message refused or pushed out by the queue limits; the first of a full
+    /// period leaves a [`QueueNote::Full`].
+    fn note_queue_full(&mut self) {
+        if self.full_since_drops.is_none() {
+            self.full_since_drops = Some(self.stats.dropped_queue_full);
+            self.queue_notes.push(QueueNote::Full);
+        }
+        self.stats.dropped_queue_full += 1;
     }
 
     /// Removes the oldest queued message (memory first; on disk, its size is taken as the
@@ -989,6 +1091,7 @@ mod tests {
         outbound_buffer_bytes_max: 1 << 20,
         queue_qos0_offline: true,
         queue_policy: QueuePolicy::RejectNewest,
+        storage_budget_spent: false,
     };
 
     fn delivery(topic: &str, qos: QoS) -> Delivery {
@@ -1200,6 +1303,7 @@ mod durable_tests {
             outbound_buffer_bytes_max: 1 << 20,
             queue_qos0_offline: true,
             queue_policy: policy,
+            storage_budget_spent: false,
         }
     }
 
@@ -1368,5 +1472,71 @@ mod durable_tests {
         let l = limits(10, QueuePolicy::RejectNewest);
         s.deliver(d(1), &l, Instant::now());
         assert!(s.take_ops().is_empty());
+    }
+
+    /// One note when the queue becomes full and one when it takes a message again, with
+    /// the count of what was refused meanwhile; nothing per message.
+    #[test]
+    fn a_full_queue_leaves_one_note_when_full_and_one_when_it_has_room_again() {
+        for policy in [QueuePolicy::RejectNewest, QueuePolicy::DropOldest] {
+            // Not persistent: its queue stays in memory, so the test needs no store.
+            let mut s = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 60);
+            let l = limits(3, policy);
+            let now = Instant::now();
+            for n in 0..3 {
+                assert_eq!(s.deliver(d(n), &l, now), DeliverOutcome::Queued);
+            }
+            assert!(s.take_queue_notes().is_empty());
+            for n in 3..8 {
+                let expect = match policy {
+                    QueuePolicy::RejectNewest => DeliverOutcome::Dropped(DropReason::QueueFull),
+                    QueuePolicy::DropOldest => DeliverOutcome::Queued,
+                };
+                assert_eq!(s.deliver(d(n), &l, now), expect, "{policy:?}");
+            }
+            assert_eq!(s.take_queue_notes(), [QueueNote::Full], "{policy:?}");
+            assert!(s.queue_is_full());
+            assert_eq!(s.stats.dropped_queue_full, 5);
+            assert_eq!(s.queued_messages(), 3);
+            // The client comes back and takes one message: room again.
+            let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+            s.attach(Link::new(1, out, 10, 1 << 20, 0), &l, now);
+            let sent = s.inflight().next().map(|i| i.packet_id).expect("one sent");
+            s.on_puback(sent, &l, now).unwrap();
+            assert!(s.take_queue_notes().is_empty(), "{policy:?}");
+            s.detach();
+            assert_eq!(s.deliver(d(9), &l, now), DeliverOutcome::Queued);
+            assert_eq!(
+                s.take_queue_notes(),
+                [QueueNote::Room { dropped: 5 }],
+                "{policy:?}"
+            );
+            assert!(!s.queue_is_full());
+        }
+    }
+
+    /// While the broker-wide budget is spent, a persistent session refuses what it would
+    /// queue; a session that keeps nothing on disk is not concerned.
+    #[test]
+    fn a_spent_storage_budget_refuses_queueing_for_persistent_sessions_only() {
+        let l = SessionLimits {
+            storage_budget_spent: true,
+            ..limits(100, QueuePolicy::DropOldest)
+        };
+        let now = Instant::now();
+        let mut s = persistent();
+        assert_eq!(
+            s.deliver(d(1), &l, now),
+            DeliverOutcome::Dropped(DropReason::StorageBudget)
+        );
+        assert_eq!(s.stats.dropped_storage_budget, 1);
+        assert_eq!(s.stats.dropped_queue_full, 0);
+        assert!(s.take_ops().is_empty(), "nothing written");
+        assert!(
+            s.take_queue_notes().is_empty(),
+            "not the session's own limit"
+        );
+        let mut n = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 0);
+        assert_eq!(n.deliver(d(1), &l, now), DeliverOutcome::Queued);
     }
 }

@@ -26,7 +26,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::event::{Event, Rehomed, RetainVersion, SharedMember, Token};
+use super::budget::QueuedBudget;
+use super::event::{Event, Fate, Rehomed, RetainVersion, SharedMember, Token};
 use super::metrics::LatencyHistogram;
 use super::shardset::ShardSet;
 use crate::auth::{Access, Auth, LoginCheck, LoginFailure, PasswordHash, VerifiedCache};
@@ -36,14 +37,14 @@ use crate::protocol::{
     Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
-use crate::session::state::{SessionStats, StoreOp};
+use crate::session::state::{DeliverOutcome, DropReason, QueueNote, SessionStats, StoreOp};
 use crate::session::{
     owner_shard, retained::RetainedStore, trie::TopicTrie, Delivery, Link, Message, Outbound,
     Qos2Id, Session, SessionLimits, SharedMessage, Subscription, Will,
 };
 use crate::storage::{
-    InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError, Store,
-    SubscriptionRecord, WallClock, WillRecord,
+    CountersRecord, InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError,
+    Store, SubscriptionRecord, WallClock, WillRecord,
 };
 
 mod inspect;
@@ -130,6 +131,8 @@ enum Pending {
         token: Token,
         remaining: usize,
         failed: bool,
+        /// What the sessions reached so far did with the relayed message.
+        fate: Fate,
     },
     /// A PUBACK/PUBREC/PUBCOMP held on the publisher's link until every shard that stored
     /// the message for a persistent session (or forgot its dedup key) and this shard's own
@@ -139,6 +142,8 @@ enum Pending {
         conn_id: u64,
         remaining: usize,
         failed: bool,
+        /// What the sessions the message reached did with it (see [`Fate`]).
+        fate: Fate,
         then: Then,
     },
     /// A session sent to its new owner: delete the local copy once the owner has it.
@@ -157,6 +162,27 @@ enum Then {
     /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
     /// send PUBCOMP once that is durable.
     DeleteIncoming(u16),
+}
+
+/// What a held acknowledgement waits for (see [`Core::ack_when_durable`]).
+#[derive(Debug, Clone, Copy)]
+struct AckWait {
+    /// The round trip's token; `None`: nothing to wait for, send at once.
+    token: Option<Token>,
+    /// Answers to expect from other shards.
+    remote: usize,
+    /// What this shard's own sessions did with the message.
+    fate: Fate,
+}
+
+impl AckWait {
+    fn of(token: Option<Token>, remote: usize) -> AckWait {
+        AckWait {
+            token,
+            remote,
+            fate: Fate::default(),
+        }
+    }
 }
 
 /// See [`Core::dispatch`].
@@ -183,8 +209,9 @@ enum Dispatched {
 enum Waiter {
     /// A round trip of this shard (`Pending`).
     Local(Token),
-    /// Another shard's round trip: answer it `Ack`.
-    Remote { to: usize, token: Token },
+    /// Another shard's round trip: answer it `Ack`, with what this shard's sessions did
+    /// with the message it asked about.
+    Remote { to: usize, token: Token, fate: Fate },
 }
 
 /// The group-commit log of one shard: every write bumps `write_seq`; a persist that started
@@ -236,10 +263,30 @@ pub struct CoreStats {
     /// Sessions discarded through the admin API.
     pub sessions_deleted: u64,
     pub ended_sessions: SessionStats,
+    /// The drop counters of the sessions read back from disk at start: part of the
+    /// sessions' own counts, not of this run's (see [`Core::delivery_totals`]).
+    pub restored_drops: SessionStats,
     /// Duration of each storage batch commit (the write, before fsync).
     pub write_latency: LatencyHistogram,
     /// Duration of each persist (fsync) of the shard's store.
     pub fsync_latency: LatencyHistogram,
+}
+
+/// What a publisher is told once its message's round trips are done: `None` for success,
+/// or the reason of a refusal. A write that failed (a full disk) is 0x80; a message refused
+/// for the broker-wide storage budget is 0x97 (Quota exceeded) — both mean "not stored",
+/// and a 3.x client is disconnected instead so that it resends. A message that every
+/// session it reached refused because its queue was full is 0x97 for an MQTT 5 client; a
+/// 3.x client cannot be told and is acknowledged (the drop is counted and logged). A
+/// message that some session took is a success, whatever the others did.
+fn refusal(failed: bool, fate: Fate, v5: bool) -> Option<ReasonCode> {
+    if failed {
+        Some(ReasonCode::UnspecifiedError)
+    } else if fate.budget_spent || (v5 && fate.queue_full && !fate.kept) {
+        Some(ReasonCode::QuotaExceeded)
+    } else {
+        None
+    }
 }
 
 /// Whether a topic is under the broker's own `$SYS/`, where clients may not publish. (The
@@ -372,6 +419,17 @@ pub struct Core {
     verified: VerifiedCache,
     /// Slow verifications running off the executor now.
     verifying: u32,
+    /// What the sessions reached by the delivery under way did with it (see
+    /// [`Core::with_fate`]).
+    fate: Fate,
+    /// The broker-wide budget for queued data, shared with the other shards.
+    budget: Arc<QueuedBudget>,
+    /// Queued bytes of this shard's persistent sessions (what it counts in `budget`).
+    queued_bytes: u64,
+    /// While the budget is spent: the refusals counted when it became spent.
+    budget_spent_since: Option<u64>,
+    /// Messages refused by persistent sessions of this shard for the budget.
+    budget_refused: u64,
     pub stats: CoreStats,
 }
 
@@ -393,6 +451,7 @@ impl Core {
         cfg: Rc<Config>,
         sink: Rc<dyn EventSink>,
         store: Option<Store>,
+        budget: Arc<QueuedBudget>,
     ) -> Core {
         let durability = if store.is_some() {
             cfg.storage.durability
@@ -407,6 +466,7 @@ impl Core {
             outbound_buffer_bytes_max: l.outbound_buffer_bytes_max,
             queue_qos0_offline: cfg.sessions.queue_qos0_offline,
             queue_policy: cfg.sessions.queue_policy,
+            storage_budget_spent: false,
         };
         Core {
             id,
@@ -445,6 +505,11 @@ impl Core {
             )),
             verified: VerifiedCache::new(cfg.auth.verified_cache_max as usize),
             verifying: 0,
+            fate: Fate::default(),
+            budget,
+            queued_bytes: 0,
+            budget_spent_since: None,
+            budget_refused: 0,
             cfg,
             stats: CoreStats::default(),
         }
@@ -588,15 +653,28 @@ impl Core {
 
     /// Applies a session's journal to the store and, while it is online and its queue is
     /// on disk, reads the queue back into memory and sends what the window allows.
+    /// Then logs the queue's changes between full and not, and counts its queued bytes
+    /// against the broker-wide budget.
     fn sync_session(&mut self, client_id: &MqttStr, now: Instant) {
+        self.sync_session_store(client_id, now);
+        self.settle_session(client_id);
+    }
+
+    fn sync_session_store(&mut self, client_id: &MqttStr, now: Instant) {
         loop {
             let Some(s) = self.sessions.get_mut(client_id) else {
                 return;
             };
             let ops = s.take_ops();
             let refill = s.needs_refill();
-            if !ops.is_empty() {
-                self.write_ops(client_id, ops);
+            // The drop counters go to disk with the session's other changes.
+            let drops = s.stats.dropped_total();
+            let counters = (s.persistent && drops != s.drops_stored).then(|| {
+                s.drops_stored = drops;
+                CountersRecord::from_stats(&s.stats)
+            });
+            if !ops.is_empty() || counters.is_some() {
+                self.write_ops(client_id, ops, counters);
             }
             let Some((from, max)) = refill else {
                 return;
@@ -614,14 +692,119 @@ impl Core {
         }
     }
 
-    fn write_ops(&mut self, client_id: &MqttStr, ops: Vec<StoreOp>) {
+    /// The bookkeeping that follows a change of a session: one log line when its queue
+    /// becomes full and one when it takes messages again, and its queued bytes counted
+    /// against the broker-wide budget.
+    fn settle_session(&mut self, client_id: &MqttStr) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        for note in s.take_queue_notes() {
+            let l = &self.limits;
+            match note {
+                QueueNote::Full => tracing::warn!(
+                    client = %client_id,
+                    online = s.is_online(),
+                    queue_messages_max = l.queue_messages_max,
+                    queue_bytes_max = l.queue_bytes_max,
+                    policy = l.queue_policy.name(),
+                    "session queue full: messages for this session are {} until it has room (limits.queue_messages_max, limits.queue_bytes_max)",
+                    match l.queue_policy {
+                        crate::config::QueuePolicy::RejectNewest => "refused",
+                        crate::config::QueuePolicy::DropOldest => "pushing out its oldest",
+                    }
+                ),
+                QueueNote::Room { dropped } => tracing::warn!(
+                    client = %client_id,
+                    dropped,
+                    policy = l.queue_policy.name(),
+                    "session queue has room again; messages dropped while it was full: {dropped}"
+                ),
+            }
+        }
+        let held = if s.persistent { s.queued_bytes() } else { 0 };
+        if held != s.budget_counted {
+            self.queued_bytes = (self.queued_bytes + held).saturating_sub(s.budget_counted);
+            s.budget_counted = held;
+            self.budget.set(self.id, self.queued_bytes);
+            self.check_budget();
+        }
+    }
+
+    /// Reads the budget (every shard's share) and logs when it becomes spent or has room
+    /// again, once per shard each. Deliveries read the shared flag themselves
+    /// ([`Core::read_budget`]).
+    fn check_budget(&mut self) {
+        let spent = self.budget.is_spent();
+        self.limits.storage_budget_spent = spent;
+        match (spent, self.budget_spent_since) {
+            (true, None) => {
+                self.budget_spent_since = Some(self.budget_refused);
+                tracing::warn!(
+                    shard = self.id,
+                    queued_bytes_max = self.budget.max(),
+                    "broker-wide budget for queued data spent (storage.queued_bytes_max): persistent sessions refuse what they would queue; MQTT 5 publishers get 0x97, MQTT 3.x publishers are disconnected and resend"
+                );
+            }
+            (false, Some(since)) => {
+                self.budget_spent_since = None;
+                tracing::warn!(
+                    shard = self.id,
+                    refused = self.budget_refused - since,
+                    "broker-wide budget for queued data has room again"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes the budget's state into the limits the sessions deliver under (one load).
+    fn read_budget(&mut self) {
+        self.limits.storage_budget_spent = self.budget.is_spent();
+    }
+
+    /// Runs `f` (a delivery) and returns what the sessions it reached did with the message;
+    /// an enclosing delivery sees it too.
+    fn with_fate(&mut self, f: impl FnOnce(&mut Core)) -> Fate {
+        self.read_budget();
+        let outer = std::mem::take(&mut self.fate);
+        f(self);
+        let mine = std::mem::replace(&mut self.fate, outer);
+        self.fate.merge(mine);
+        mine
+    }
+
+    /// Notes what a session did with a message, for the delivery's [`Fate`].
+    fn note_outcome(&mut self, outcome: DeliverOutcome) {
+        match outcome {
+            DeliverOutcome::Sent | DeliverOutcome::Queued | DeliverOutcome::Duplicate => {
+                self.fate.kept = true
+            }
+            DeliverOutcome::Dropped(DropReason::QueueFull) => self.fate.queue_full = true,
+            DeliverOutcome::Dropped(DropReason::StorageBudget) => {
+                self.fate.budget_spent = true;
+                self.budget_refused += 1;
+            }
+            DeliverOutcome::Dropped(_) => {}
+        }
+    }
+
+    fn write_ops(
+        &mut self,
+        client_id: &MqttStr,
+        ops: Vec<StoreOp>,
+        counters: Option<CountersRecord>,
+    ) {
         let Some(store) = &self.store else {
             return;
         };
         let clock = WallClock::now();
         let cid = client_id.as_str();
         let mut b = store.batch();
-        let mut r = Ok(());
+        let mut r = match &counters {
+            Some(c) => b.counters_put(cid, c),
+            None => Ok(()),
+        };
         for op in ops {
             r = r.and_then(|()| match op {
                 StoreOp::QueuePush { seq, delivery } => {
@@ -745,8 +928,8 @@ impl Core {
 
     fn release(&mut self, w: Waiter, ok: bool, now: Instant) {
         match w {
-            Waiter::Local(token) => self.on_ack(token, ok, now),
-            Waiter::Remote { to, token } => self.send(to, Event::Ack { token, ok }),
+            Waiter::Local(token) => self.on_ack(token, ok, Fate::default(), now),
+            Waiter::Remote { to, token, fate } => self.send(to, Event::Ack { token, ok, fate }),
         }
     }
 
@@ -937,6 +1120,11 @@ impl Core {
             inflight,
         );
         s.incoming_qos2 = rs.incoming.iter().copied().collect();
+        if let Some(c) = &rs.counters {
+            c.restore_into(&mut s.stats);
+            self.stats.restored_drops.add(&s.stats);
+            s.drops_stored = s.stats.dropped_total();
+        }
         // Keys of QoS 2 messages it may have published before the restart may be held
         // anywhere: when this session ends, every shard forgets them.
         s.qos2_published = true;
@@ -954,6 +1142,7 @@ impl Core {
         let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
         let will_delay = s.will.as_ref().map(|w| w.delay_s);
         self.sessions.insert(client_id.clone(), Box::new(s));
+        self.settle_session(&client_id);
         let peers: Vec<usize> = self.peers().collect();
         for sub in subs {
             if sub.filter.is_shared() {
@@ -1035,6 +1224,9 @@ impl Core {
             for (seq, q) in &r.queue {
                 res = res.and_then(|()| b.queue_push(&cid, *seq, q));
             }
+            if let Some(c) = &r.stored.counters {
+                res = res.and_then(|()| b.counters_put(&cid, c));
+            }
             let res = res.and_then(|()| b.commit());
             let ok = res.is_ok();
             self.note_write(res);
@@ -1047,6 +1239,7 @@ impl Core {
             Waiter::Remote {
                 to: from,
                 token: reply,
+                fate: Fate::default(),
             },
             now,
         );
@@ -1415,6 +1608,11 @@ impl Core {
             return;
         };
         self.stats.ended_sessions.add(&s.stats);
+        if s.budget_counted > 0 {
+            self.queued_bytes = self.queued_bytes.saturating_sub(s.budget_counted);
+            self.budget.set(self.id, self.queued_bytes);
+            self.check_budget();
+        }
         if let Some(l) = s.detach() {
             l.out.close(None);
             self.stats.connections -= 1;
@@ -1458,6 +1656,9 @@ impl Core {
         if self.stopping {
             return;
         }
+        // The other shards' shares of the budget change without telling this one.
+        self.budget.refresh();
+        self.check_budget();
         if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
             self.last_prune = now;
             self.prune_tombstones(now);
@@ -1572,7 +1773,7 @@ impl Core {
                         self.note_write(r);
                     }
                 }
-                self.ack_when_durable(ctx, comp, token, remote, then, now);
+                self.ack_when_durable(ctx, comp, AckWait::of(token, remote), then, now);
                 Ok(Flow::Continue)
             }
             Packet::Subscribe(s) => {
@@ -1679,7 +1880,7 @@ impl Core {
                 // wrote for it is durable), do not route again.
                 let token = (self.durability == Durability::Durable).then(|| self.token());
                 let rec = Packet::PubRec(Ack::new(pid));
-                self.ack_when_durable(ctx, rec, token, 0, Then::Ack, now);
+                self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);
                 return Ok(());
             }
             // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
@@ -1729,8 +1930,16 @@ impl Core {
         // is durable, here and on the other shards (one round trip each).
         // A retained publish is also acknowledged only once every shard has its copy, so that
         // a subscribe made anywhere after the acknowledgement finds it.
-        let token = (self.durability == Durability::Durable || p.retain).then(|| self.token());
-        let (matched, remote) = self.route(msg, now, token);
+        // It also waits for what every shard's sessions did with the message (its `Fate`):
+        // one refused for the storage budget is not acknowledged as stored, and an MQTT 5
+        // client hears when every session refused it for a full queue. Only a 3.x client
+        // of a broker without a store (which neither applies to) is acknowledged at once.
+        let wait = self.durability == Durability::Durable
+            || p.retain
+            || self.store.is_some()
+            || ctx.version.is_v5();
+        let token = wait.then(|| self.token());
+        let (matched, remote, fate) = self.route(msg, now, token);
         let mut then = Then::Ack;
         if p.qos == QoS::ExactlyOnce {
             let persistent = match self.sessions.get_mut(&ctx.client_id) {
@@ -1767,7 +1976,12 @@ impl Core {
         } else {
             Packet::PubRec(ack)
         };
-        self.ack_when_durable(ctx, packet, token, remote, then, now);
+        let wait = AckWait {
+            token,
+            remote,
+            fate,
+        };
+        self.ack_when_durable(ctx, packet, wait, then, now);
         Ok(())
     }
 
@@ -1805,18 +2019,22 @@ impl Core {
             }
             Packet::PubRec(ack)
         };
-        self.ack_when_durable(ctx, packet, None, 0, Then::Ack, now);
+        self.ack_when_durable(ctx, packet, AckWait::of(None, 0), Then::Ack, now);
     }
 
     fn ack_when_durable(
         &mut self,
         ctx: &ConnCtx,
         packet: Packet,
-        token: Option<Token>,
-        remote: usize,
+        wait: AckWait,
         then: Then,
         now: Instant,
     ) {
+        let AckWait {
+            token,
+            remote,
+            fate,
+        } = wait;
         let Some(link) = self
             .sessions
             .get_mut(&ctx.client_id)
@@ -1837,6 +2055,7 @@ impl Core {
                 conn_id: ctx.conn_id,
                 remaining: remote + 1,
                 failed: false,
+                fate,
                 then,
             },
         );
@@ -1848,15 +2067,16 @@ impl Core {
 
     /// Sends a message everywhere it has subscribers and updates the retained store. With
     /// `reply`, every other shard involved answers `Ack(reply)` once what it stored is
-    /// durable. Returns whether any shard has a matching subscription, and how many answers
-    /// to expect.
+    /// durable. Returns whether any shard has a matching subscription, how many answers
+    /// to expect, and what this shard's sessions did with the message.
     pub fn route(
         &mut self,
         msg: SharedMessage,
         now: Instant,
         reply: Option<Token>,
-    ) -> (bool, usize) {
+    ) -> (bool, usize, Fate) {
         let mut remote = 0;
+        let mut fate = Fate::default();
         if msg.retain {
             // The retained copy is delivered to later subscribers: it must not leave dedup
             // keys (they would outlive the release of the message).
@@ -1893,7 +2113,7 @@ impl Core {
                     token,
                     remote: 0,
                 });
-                self.deliver_local(&msg, now);
+                fate = self.with_fate(|c| c.deliver_local(&msg, now));
                 remote += self.dispatch.take().map_or(0, |d| d.remote);
             } else {
                 self.stats.messages_routed_remote += 1;
@@ -1907,7 +2127,7 @@ impl Core {
                 remote += usize::from(reply.is_some());
             }
         }
-        (!targets.is_empty(), remote)
+        (!targets.is_empty(), remote, fate)
     }
 
     /// A version for a retained write made here: this shard's clock, strictly increasing.
@@ -1972,7 +2192,11 @@ impl Core {
                     self.stats.acl_denied_delivery += 1;
                     continue;
                 }
-                let _ = s.deliver(d, &self.limits, now);
+                let outcome = s.deliver(d, &self.limits, now);
+                self.note_outcome(outcome);
+                let Some(s) = self.sessions.get(&client_id) else {
+                    continue;
+                };
                 if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
                     if s.holds_qos2(origin, id.packet_id) {
                         self.note_qos2_holder(origin, id.packet_id, &client_id);
@@ -2357,7 +2581,7 @@ impl Core {
                     token,
                     remote: 0,
                 });
-                self.deliver_local(&msg, now);
+                let fate = self.with_fate(|c| c.deliver_local(&msg, now));
                 let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
                 match (reply, relay) {
                     (Some(token), Some(relay)) if dispatched > 0 => {
@@ -2368,12 +2592,20 @@ impl Core {
                                 token,
                                 remaining: dispatched + 1,
                                 failed: false,
+                                fate,
                             },
                         );
                         self.wait_durable(Waiter::Local(relay), now);
                     }
                     (Some(token), _) => {
-                        self.wait_durable(Waiter::Remote { to: from, token }, now);
+                        self.wait_durable(
+                            Waiter::Remote {
+                                to: from,
+                                token,
+                                fate,
+                            },
+                            now,
+                        );
                     }
                     _ => {}
                 }
@@ -2393,10 +2625,17 @@ impl Core {
                     }
                 }
                 if let Some(token) = reply {
-                    self.send(from, Event::Ack { token, ok: true });
+                    self.send(
+                        from,
+                        Event::Ack {
+                            token,
+                            ok: true,
+                            fate: Fate::default(),
+                        },
+                    );
                 }
             }
-            Event::Ack { token, ok } => self.on_ack(token, ok, now),
+            Event::Ack { token, ok, fate } => self.on_ack(token, ok, fate, now),
             Event::RetainReplica {
                 msg,
                 version,
@@ -2404,7 +2643,14 @@ impl Core {
             } => {
                 self.apply_retained(msg, version, true);
                 if let Some(token) = reply {
-                    self.wait_durable(Waiter::Remote { to: from, token }, now);
+                    self.wait_durable(
+                        Waiter::Remote {
+                            to: from,
+                            token,
+                            fate: Fate::default(),
+                        },
+                        now,
+                    );
                 }
             }
             Event::Handoff { .. } => {
@@ -2436,6 +2682,7 @@ impl Core {
                                     token: reply,
                                     remaining,
                                     failed: false,
+                                    fate: Fate::default(),
                                 },
                             );
                         }
@@ -2447,6 +2694,7 @@ impl Core {
                         Event::Ack {
                             token: reply,
                             ok: true,
+                            fate: Fate::default(),
                         },
                     );
                 }
@@ -2489,32 +2737,35 @@ impl Core {
                 attempts,
                 reply,
             } => {
-                let taken = match self.sessions.get_mut(&client_id) {
-                    Some(s) if !may_read(&self.auth, s, &msg.topic) => {
-                        // Another member may read it: back to the group.
-                        self.stats.acl_denied_delivery += 1;
-                        false
-                    }
-                    Some(s) => match s.subscriptions.get(&*key) {
-                        Some(sub) => {
-                            let d = Delivery {
+                let mut taken = false;
+                let fate = self.with_fate(|c| {
+                    let outcome = match c.sessions.get_mut(&client_id) {
+                        Some(s) if !may_read(&c.auth, s, &msg.topic) => {
+                            // Another member may read it: back to the group.
+                            c.stats.acl_denied_delivery += 1;
+                            None
+                        }
+                        Some(s) => {
+                            let d = s.subscriptions.get(&*key).map(|sub| Delivery {
                                 qos: msg.qos.min(sub.options.qos),
                                 retain: sub.options.retain_as_published && msg.retain,
                                 sub_ids: sub.id.into_iter().collect(),
                                 msg: msg.clone(),
                                 via_share: Some(key.clone()),
-                            };
-                            let _ = s.deliver(d, &self.limits, now);
-                            true
+                            });
+                            d.map(|d| s.deliver(d, &c.limits, now))
                         }
-                        None => false,
-                    },
-                    None => false,
-                };
+                        None => None,
+                    };
+                    if let Some(outcome) = outcome {
+                        taken = true;
+                        c.note_outcome(outcome);
+                        c.sync_session(&client_id, now);
+                    }
+                });
                 if taken {
-                    self.sync_session(&client_id, now);
                     if let Some((to, token)) = reply {
-                        self.wait_durable(Waiter::Remote { to, token }, now);
+                        self.wait_durable(Waiter::Remote { to, token, fate }, now);
                     }
                 } else if attempts < 3 {
                     let home = owner_shard(key.as_bytes(), self.count);
@@ -2529,7 +2780,14 @@ impl Core {
                         },
                     );
                 } else if let Some((to, token)) = reply {
-                    self.send(to, Event::Ack { token, ok: true });
+                    self.send(
+                        to,
+                        Event::Ack {
+                            token,
+                            ok: true,
+                            fate: Fate::default(),
+                        },
+                    );
                 }
             }
             Event::SharedBounce {
@@ -2538,20 +2796,13 @@ impl Core {
                 not,
                 attempts,
                 reply,
-            } => match self.shared_dispatch(key, msg, Some(&not), attempts, reply, now) {
-                // A member here took it: answer once this shard's writes are durable.
-                Dispatched::Local => {
-                    if let Some((to, token)) = reply {
-                        self.wait_durable(Waiter::Remote { to, token }, now);
-                    }
-                }
-                Dispatched::Remote => {}
-                Dispatched::Dropped => {
-                    if let Some((to, token)) = reply {
-                        self.send(to, Event::Ack { token, ok: true });
-                    }
-                }
-            },
+            } => {
+                let mut dispatched = Dispatched::Dropped;
+                let fate = self.with_fate(|c| {
+                    dispatched = c.shared_dispatch(key, msg, Some(&not), attempts, reply, now);
+                });
+                self.after_bounce(dispatched, reply, fate, now);
+            }
             Event::Qos2Release {
                 origin,
                 packet_id,
@@ -2559,9 +2810,45 @@ impl Core {
             } => {
                 self.forget_qos2(&origin, packet_id, now);
                 if let Some(token) = reply {
-                    self.wait_durable(Waiter::Remote { to: from, token }, now);
+                    self.wait_durable(
+                        Waiter::Remote {
+                            to: from,
+                            token,
+                            fate: Fate::default(),
+                        },
+                        now,
+                    );
                 }
             }
+        }
+    }
+
+    /// After a bounced shared message was dispatched again at its group's home: a member
+    /// here took it (answer once this shard's writes are durable), one elsewhere answers
+    /// itself, or no member could take it (answer at once).
+    fn after_bounce(
+        &mut self,
+        dispatched: Dispatched,
+        reply: Option<(usize, Token)>,
+        fate: Fate,
+        now: Instant,
+    ) {
+        let Some((to, token)) = reply else {
+            return;
+        };
+        match dispatched {
+            Dispatched::Local => {
+                self.wait_durable(Waiter::Remote { to, token, fate }, now);
+            }
+            Dispatched::Remote => {}
+            Dispatched::Dropped => self.send(
+                to,
+                Event::Ack {
+                    token,
+                    ok: true,
+                    fate: Fate::default(),
+                },
+            ),
         }
     }
 
@@ -2657,27 +2944,30 @@ impl Core {
         }
     }
 
-    fn on_ack(&mut self, token: Token, ok: bool, now: Instant) {
+    fn on_ack(&mut self, token: Token, ok: bool, answer: Fate, now: Instant) {
         let done = match self.pending.get_mut(&token) {
             Some(Pending::SubAck { remaining, .. }) => {
                 *remaining -= 1;
                 *remaining == 0
             }
             Some(Pending::Relay {
-                remaining, failed, ..
+                remaining,
+                failed,
+                fate,
+                ..
+            })
+            | Some(Pending::PubAck {
+                remaining,
+                failed,
+                fate,
+                ..
             }) => {
                 *remaining -= 1;
                 *failed |= !ok;
+                fate.merge(answer);
                 *remaining == 0
             }
             Some(Pending::Rehome { .. }) => true,
-            Some(Pending::PubAck {
-                remaining, failed, ..
-            }) => {
-                *remaining -= 1;
-                *failed |= !ok;
-                *remaining == 0
-            }
             None => false,
         };
         if !done {
@@ -2703,15 +2993,59 @@ impl Core {
                 self.finish_suback(&client_id, conn_id, suback, retained, now)
             }
             Some(Pending::Relay {
-                to, token, failed, ..
-            }) => self.send(to, Event::Ack { token, ok: !failed }),
+                to,
+                token,
+                failed,
+                fate,
+                ..
+            }) => self.send(
+                to,
+                Event::Ack {
+                    token,
+                    ok: !failed,
+                    fate,
+                },
+            ),
             Some(Pending::PubAck {
                 client_id,
                 conn_id,
-                failed: false,
-                then: Then::Qos2Received { pid, store: true },
+                failed,
+                fate,
+                then,
                 ..
-            }) => {
+            }) => self.finish_pub_ack(token, client_id, conn_id, failed, fate, then, now),
+            Some(Pending::Rehome { client_id }) => {
+                if !ok {
+                    tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
+                } else if let Some(store) = &self.store {
+                    let r = store.delete_session(&client_id);
+                    self.note_write(r);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The round trips of a held PUBACK/PUBREC/PUBCOMP are done: decides what the client
+    /// is told (see [`refusal`]) and does what must follow.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_pub_ack(
+        &mut self,
+        token: Token,
+        client_id: MqttStr,
+        conn_id: u64,
+        failed: bool,
+        fate: Fate,
+        then: Then,
+        now: Instant,
+    ) {
+        let v5 = self
+            .sessions
+            .get(&client_id)
+            .is_some_and(|s| s.version.is_v5());
+        let refused = refusal(failed, fate, v5);
+        match (then, refused) {
+            (Then::Qos2Received { pid, store: true }, None) => {
                 // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
                 // durable too.
                 let write = self
@@ -2720,13 +3054,7 @@ impl Core {
                     .map(|st| st.incoming_put(client_id.as_str(), pid));
                 self.ack_after_write(token, client_id, conn_id, write, now);
             }
-            Some(Pending::PubAck {
-                client_id,
-                conn_id,
-                failed: true,
-                then: Then::Qos2Received { pid, .. },
-                ..
-            }) => {
+            (Then::Qos2Received { pid, .. }, Some(rc)) => {
                 // Not every copy is stored: the id is forgotten, so that a resend is routed
                 // again (the sessions that stored the message skip it by its key). An MQTT 5
                 // client gets PUBREC 0x80, which ends the flow: the keys go too.
@@ -2740,15 +3068,9 @@ impl Core {
                 if v5 && self.store.is_some() {
                     self.release_qos2(&client_id, Some(pid), None, now);
                 }
-                self.release_pub_ack(&client_id, conn_id, token, true);
+                self.release_pub_ack(&client_id, conn_id, token, Some(rc));
             }
-            Some(Pending::PubAck {
-                client_id,
-                conn_id,
-                failed,
-                then: Then::DeleteIncoming(pid),
-                ..
-            }) => {
+            (Then::DeleteIncoming(pid), _) => {
                 if failed {
                     tracing::error!(client = %client_id, packet_id = pid, "a QoS 2 dedup key could not be deleted on every shard; it stays until the session holding it ends");
                 }
@@ -2760,21 +3082,9 @@ impl Core {
                     .map(|st| st.incoming_delete(client_id.as_str(), pid));
                 self.ack_after_write(token, client_id, conn_id, write, now);
             }
-            Some(Pending::PubAck {
-                client_id,
-                conn_id,
-                failed,
-                ..
-            }) => self.release_pub_ack(&client_id, conn_id, token, failed),
-            Some(Pending::Rehome { client_id }) => {
-                if !ok {
-                    tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
-                } else if let Some(store) = &self.store {
-                    let r = store.delete_session(&client_id);
-                    self.note_write(r);
-                }
+            (Then::Qos2Received { store: false, .. } | Then::Ack, refused) => {
+                self.release_pub_ack(&client_id, conn_id, token, refused)
             }
-            None => {}
         }
     }
 
@@ -2798,16 +3108,25 @@ impl Core {
                 conn_id,
                 remaining: 1,
                 failed: false,
+                fate: Fate::default(),
                 then: Then::Ack,
             },
         );
         self.wait_durable(Waiter::Local(token), now);
     }
 
-    /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When storing failed, an MQTT 5
-    /// client gets reason 0x80; a 3.x client gets no acknowledgement, and its connection is
-    /// closed, because a 3.x client resends unacknowledged messages only when it reconnects.
-    fn release_pub_ack(&mut self, client_id: &MqttStr, conn_id: u64, token: Token, failed: bool) {
+    /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When the message was
+    /// refused (`Some(reason)`: not stored, or refused by every session for full queues), an
+    /// MQTT 5 client gets that reason; a 3.x client gets no acknowledgement, and its
+    /// connection is closed, because a 3.x client resends unacknowledged messages only when
+    /// it reconnects.
+    fn release_pub_ack(
+        &mut self,
+        client_id: &MqttStr,
+        conn_id: u64,
+        token: Token,
+        refused: Option<ReasonCode>,
+    ) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -2815,11 +3134,11 @@ impl Core {
         let Some(link) = s.link.as_mut().filter(|l| l.conn_id == conn_id) else {
             return;
         };
-        if failed {
-            tracing::debug!(client = %client_id, v5, "message not stored; its acknowledgement reports the failure");
+        if let Some(reason) = refused {
+            tracing::debug!(client = %client_id, v5, ?reason, "message not kept; its acknowledgement reports it");
         }
-        link.release_ack(token, failed);
-        if failed && !v5 {
+        link.release_ack(token, refused);
+        if refused.is_some() && !v5 {
             link.out.close(None);
         }
     }
@@ -2950,6 +3269,7 @@ mod tests {
             Rc::new(Config::default()),
             Rc::new(Sink::default()),
             None,
+            Arc::new(QueuedBudget::new(1, u64::MAX)),
         )
     }
 
@@ -3040,8 +3360,9 @@ mod flow_tests {
     fn pair() -> (Vec<Core>, Vec<Rc<Sink>>) {
         let sinks: Vec<Rc<Sink>> = (0..2).map(|_| Rc::new(Sink::default())).collect();
         let cfg = Rc::new(Config::default());
+        let budget = Arc::new(QueuedBudget::new(2, u64::MAX));
         let cores = (0..2)
-            .map(|i| Core::new(i, 2, cfg.clone(), sinks[i].clone(), None))
+            .map(|i| Core::new(i, 2, cfg.clone(), sinks[i].clone(), None, budget.clone()))
             .collect();
         (cores, sinks)
     }
@@ -3141,7 +3462,14 @@ mod flow_tests {
         let mut cfg = Config::default();
         cfg.limits.packet_bytes_max = 1024;
         cfg.limits.outbound_buffer_bytes_max = 1024;
-        let mut c = Core::new(0, 1, Rc::new(cfg), Rc::new(Sink::default()), None);
+        let mut c = Core::new(
+            0,
+            1,
+            Rc::new(cfg),
+            Rc::new(Sink::default()),
+            None,
+            Arc::new(QueuedBudget::new(1, u64::MAX)),
+        );
         let now = Instant::now();
         let (mut sub, sub_out) = conn(&mut c, "s", now);
         c.on_packet(&mut sub, subscribe_packet(1, "q0", QoS::AtMostOnce), now)
@@ -3207,6 +3535,7 @@ mod tests_support {
             Rc::new(Config::default()),
             Rc::new(Sink::default()),
             None,
+            Arc::new(QueuedBudget::new(1, u64::MAX)),
         )
     }
 
@@ -3279,6 +3608,7 @@ mod qos2_dedup_tests {
             Rc::new(cfg),
             Rc::new(Sink::default()),
             Some(store.clone()),
+            Arc::new(QueuedBudget::new(1, u64::MAX)),
         )
     }
 

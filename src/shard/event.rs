@@ -29,8 +29,9 @@ pub enum Event {
         reply: Option<Token>,
     },
     /// The answer to a round trip; `ok: false` when the answering shard could not store what
-    /// was asked (the acknowledgement that waited on it must fail).
-    Ack { token: Token, ok: bool },
+    /// was asked (the acknowledgement that waited on it must fail). `fate` says what the
+    /// answering shard's sessions did with a routed message (default for other round trips).
+    Ack { token: Token, ok: bool, fate: Fate },
     /// A retained message (or, with an empty payload, its deletion), sent by the publisher's
     /// shard to every other shard ahead of the message itself, so that a shard has the
     /// retained copy before any of its subscribers sees the live one. `version` orders
@@ -94,6 +95,31 @@ pub enum Event {
         /// Passed on to the next member (see [`Event::SharedDeliver`]).
         reply: Option<(usize, Token)>,
     },
+}
+
+/// What the sessions that a routed message reached did with it: one shard's answer to a
+/// publish's round trip, merged over every shard that answered. The publisher's
+/// acknowledgement is built from it: a message that no session took because queues were
+/// full is not acknowledged as a success (MQTT 5: 0x97), and one refused for the
+/// broker-wide storage budget is treated like a failed write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fate {
+    /// Some session took it: sent, queued, or already held (a QoS 2 resend).
+    pub kept: bool,
+    /// Some session refused it (or pushed out an older message) because its queue was at
+    /// `limits.queue_messages_max` or `limits.queue_bytes_max`.
+    pub queue_full: bool,
+    /// Some persistent session refused it because the broker-wide budget for queued data
+    /// (`storage.queued_bytes_max`) was spent.
+    pub budget_spent: bool,
+}
+
+impl Fate {
+    pub fn merge(&mut self, o: Fate) {
+        self.kept |= o.kept;
+        self.queue_full |= o.queue_full;
+        self.budget_spent |= o.budget_spent;
+    }
 }
 
 /// A connection on its way from the shard that accepted it to the shard that owns its client.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use shards::{Outbox, Service, Shard, ShardId};
 
+use super::budget::QueuedBudget;
 use super::core::{
     Core, CoreStats, EventSink, Login, Page, RetainedInfo, SessionInfo, SubscriptionInfo,
     Verification,
@@ -256,6 +257,7 @@ impl BrokerShard {
         cfg: Rc<Config>,
         auth: Arc<Auth>,
         store: Option<Store>,
+        budget: Arc<QueuedBudget>,
     ) -> BrokerShard {
         let sink = Rc::new(OutboxSink {
             outbox: Outbox::new(count),
@@ -266,7 +268,7 @@ impl BrokerShard {
         // Each shard takes its share of the connection limit (rounded up).
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
         let verifier = start_verifier(id.index(), cfg.auth.verifications_inflight_max as usize);
-        let mut core = Core::new(id.index(), count, cfg, sink.clone(), store.clone());
+        let mut core = Core::new(id.index(), count, cfg, sink.clone(), store.clone(), budget);
         core.set_auth(auth);
         BrokerShard {
             core: RefCell::new(core),

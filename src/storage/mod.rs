@@ -20,7 +20,7 @@
 //! # Key layout (the one place it is written down)
 //!
 //! One `Database` in `<data_dir>/shard-<n>/`, marked by the file `SHARDMQ_STORE` (format
-//! line `shardmq-store 1`), with seven keyspaces. `C` stands for a client id encoded as
+//! line `shardmq-store 1`), with eight keyspaces. `C` stands for a client id encoded as
 //! `[len: u16 big-endian][UTF-8 bytes]`: the length prefix makes the keys of client `ab`
 //! and client `abc` disjoint, so a prefix scan over `C` finds exactly one client's keys.
 //!
@@ -32,6 +32,7 @@
 //! | `inflight` | `C` + packet id: u16 big-endian      | [`InflightRecord`]    |
 //! | `incoming` | `C` + packet id: u16 big-endian      | header only (no body) |
 //! | `dedup`    | `C` + `O` + packet id: u16 big-endian | header only (no body) |
+//! | `counters` | `C`                                  | [`CountersRecord`]    |
 //! | `retained` | topic name bytes                     | [`MessageRecord`]     |
 //!
 //! `dedup` holds, per persistent session `C`, the QoS 2 messages it has stored and whose
@@ -56,8 +57,8 @@ mod records;
 
 pub use error::{RecordError, StorageError};
 pub use records::{
-    InflightRecord, MessageRecord, QueuedRecord, SessionRecord, SubscriptionRecord, WallClock,
-    WillRecord,
+    CountersRecord, InflightRecord, MessageRecord, QueuedRecord, SessionRecord, SubscriptionRecord,
+    WallClock, WillRecord,
 };
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -99,10 +100,11 @@ pub enum Space {
     Incoming,
     Retained,
     Dedup,
+    Counters,
 }
 
 impl Space {
-    pub const ALL: [Space; 7] = [
+    pub const ALL: [Space; 8] = [
         Space::Sessions,
         Space::Subscriptions,
         Space::Queue,
@@ -110,6 +112,7 @@ impl Space {
         Space::Incoming,
         Space::Retained,
         Space::Dedup,
+        Space::Counters,
     ];
 
     /// The keyspace name on disk.
@@ -122,17 +125,19 @@ impl Space {
             Space::Incoming => "incoming",
             Space::Retained => "retained",
             Space::Dedup => "dedup",
+            Space::Counters => "counters",
         }
     }
 
     /// The keyspaces keyed by client (everything but `retained`).
-    const PER_CLIENT: [Space; 6] = [
+    const PER_CLIENT: [Space; 7] = [
         Space::Sessions,
         Space::Subscriptions,
         Space::Queue,
         Space::Inflight,
         Space::Incoming,
         Space::Dedup,
+        Space::Counters,
     ];
 }
 
@@ -221,6 +226,8 @@ pub struct RecoveredSession {
     pub queue_len: u64,
     /// Their cost in bytes (payload plus topic, as `Message::cost_bytes`).
     pub queue_bytes: u64,
+    /// The session's drop counters, when any were stored.
+    pub counters: Option<CountersRecord>,
 }
 
 impl RecoveredSession {
@@ -236,6 +243,7 @@ impl RecoveredSession {
             queue_next_seq: 0,
             queue_len: 0,
             queue_bytes: 0,
+            counters: None,
         }
     }
 }
@@ -268,7 +276,7 @@ struct Inner {
 struct Engine {
     db: Database,
     /// In the order of [`Space::ALL`].
-    spaces: [Keyspace; 7],
+    spaces: [Keyspace; 8],
     /// The active journal file as last seen by `persist`: its number and a handle to fsync.
     journal: Mutex<Option<(u64, Arc<File>)>>,
     /// Set when an fsync of ours failed: the page cache may have dropped the data, so no
@@ -336,7 +344,7 @@ fn open_engine(dir: &Path, opts: &StoreOptions) -> Result<Engine, StorageError> 
             .map_err(StorageError::engine("open keyspace"))?;
         spaces.push(ks);
     }
-    let spaces: [Keyspace; 7] = spaces
+    let spaces: [Keyspace; 8] = spaces
         .try_into()
         .unwrap_or_else(|_| unreachable!("one keyspace per Space"));
     Ok(Engine {
@@ -837,6 +845,7 @@ impl Store {
             Space::Inflight,
             Space::Incoming,
             Space::Dedup,
+            Space::Counters,
         ] {
             let sessions = &mut rec.sessions;
             let damaged = &mut rec.damaged;
@@ -877,6 +886,10 @@ impl Store {
                         Some(id) => InflightRecord::from_value(v).map(|r| s.inflight.push((id, r))),
                         None => Err("malformed key".to_owned()),
                     },
+                    Space::Counters if rest.is_empty() => {
+                        CountersRecord::from_value(v).map(|r| s.counters = Some(r))
+                    }
+                    Space::Counters => Err("malformed key".to_owned()),
                     Space::Dedup => match dedup_of(rest) {
                         Some((origin, id)) => {
                             unframe(Kind::Dedup, v).map(|_| s.dedup.push((origin.to_owned(), id)))
@@ -997,6 +1010,9 @@ impl Store {
             }
             for (seq, q) in &queue {
                 b.queue_push(cid, *seq, q)?;
+            }
+            if let Some(c) = &rs.counters {
+                b.counters_put(cid, c)?;
             }
             b.put_session(cid, &rs.record)?;
             b.commit()?;
@@ -1312,6 +1328,20 @@ impl StoreBatch {
 
     pub fn delete_session(&mut self, client_id: &str) -> Result<(), StorageError> {
         self.ops.push(Op::DeleteClient(client_prefix(client_id)?));
+        Ok(())
+    }
+
+    /// Replaces the session's drop counters.
+    pub fn counters_put(
+        &mut self,
+        client_id: &str,
+        rec: &CountersRecord,
+    ) -> Result<(), StorageError> {
+        self.ops.push(Op::Put(
+            Space::Counters,
+            client_prefix(client_id)?,
+            rec.to_value()?,
+        ));
         Ok(())
     }
 

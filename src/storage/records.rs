@@ -26,7 +26,7 @@ use crate::protocol::{
     MqttStr, ProtocolVersion, PublishProperties, QoS, RetainHandling, SubscriptionOptions,
     TopicFilter, TopicName,
 };
-use crate::session::state::{Inflight, OutState};
+use crate::session::state::{Inflight, OutState, SessionStats};
 use crate::session::{Delivery, Message, Subscription, Will};
 
 /// Bytes before the rkyv body.
@@ -46,6 +46,7 @@ pub(crate) enum Kind {
     Incoming = b'n',
     Retained = b'r',
     Dedup = b'd',
+    Counters = b'c',
 }
 
 /// Frames an rkyv body: header plus body.
@@ -132,6 +133,43 @@ record!(SubscriptionRecord, Kind::Subscription);
 record!(QueuedRecord, Kind::Queued);
 record!(InflightRecord, Kind::Inflight);
 record!(MessageRecord, Kind::Retained);
+record!(CountersRecord, Kind::Counters);
+
+/// A session's drop counters (what [`crate::session::state::SessionStats`] counts of the
+/// messages it did not take), kept with the session so that they survive restarts. Stored
+/// in the same batch as the queue change that moved them.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CountersRecord {
+    pub dropped_queue_full: u64,
+    pub dropped_storage_budget: u64,
+    pub dropped_qos0_slow: u64,
+    pub dropped_expired: u64,
+    pub dropped_too_large: u64,
+    pub dropped_qos0_offline: u64,
+}
+
+impl CountersRecord {
+    pub fn from_stats(s: &SessionStats) -> CountersRecord {
+        CountersRecord {
+            dropped_queue_full: s.dropped_queue_full,
+            dropped_storage_budget: s.dropped_storage_budget,
+            dropped_qos0_slow: s.dropped_qos0_slow,
+            dropped_expired: s.dropped_expired,
+            dropped_too_large: s.dropped_too_large,
+            dropped_qos0_offline: s.dropped_qos0_offline,
+        }
+    }
+
+    /// Puts the stored counts into a session's counters (which count on from there).
+    pub fn restore_into(&self, s: &mut SessionStats) {
+        s.dropped_queue_full = self.dropped_queue_full;
+        s.dropped_storage_budget = self.dropped_storage_budget;
+        s.dropped_qos0_slow = self.dropped_qos0_slow;
+        s.dropped_expired = self.dropped_expired;
+        s.dropped_too_large = self.dropped_too_large;
+        s.dropped_qos0_offline = self.dropped_qos0_offline;
+    }
+}
 
 /// What a queued value costs the session's byte limit (payload plus topic, as
 /// [`Message::cost_bytes`]), read without deserializing; `Err` when damaged.

@@ -171,6 +171,25 @@ impl TestBroker {
         }
     }
 
+    /// An HTTP request to the admin endpoint: the status and the body (4xx/5xx included).
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        let admin = self.admin.expect("the ready line names the admin endpoint");
+        let url = format!("http://{admin}{path}");
+        let agent = ureq::AgentBuilder::new().timeout(TIMEOUT).build();
+        match agent.request(method, &url).call() {
+            Ok(r) => (r.status(), r.into_string().expect("body")),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{method} {url}: {e}"),
+        }
+    }
+
+    /// GET from the admin API, asserting 200 and a JSON body.
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.http("GET", path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }

@@ -54,7 +54,15 @@ pub struct SessionInfo {
     pub queued_bytes: u64,
     pub inflight: usize,
     pub delivered: u64,
+    /// Every message the session dropped or refused, counted since it was made (kept
+    /// with the session on disk, so restarts do not reset it).
     pub dropped: u64,
+    /// Of those: refused or pushed out by its own queue limits (`limits.queue_*`).
+    pub dropped_queue_full: u64,
+    /// Of those: refused while the broker-wide `storage.queued_bytes_max` was spent.
+    pub dropped_storage_budget: u64,
+    /// Whether its queue is full now (refusing, or pushing out its oldest).
+    pub queue_full: bool,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -132,11 +140,14 @@ impl Ord for ByTopic {
 
 impl Core {
     /// What the shard's sessions counted: those that ended, plus the live ones.
+    /// Counters of this run: the drops that sessions read back from disk had counted
+    /// before it are not part of them.
     pub fn delivery_totals(&self) -> SessionStats {
         let mut t = self.stats.ended_sessions;
         for s in self.sessions.values() {
             t.add(&s.stats);
         }
+        t.sub(&self.stats.restored_drops);
         t
     }
 
@@ -180,11 +191,10 @@ impl Core {
             queued_bytes: s.queued_bytes(),
             inflight: s.inflight().count(),
             delivered: st.delivered,
-            dropped: st.dropped_queue_full
-                + st.dropped_qos0_slow
-                + st.dropped_expired
-                + st.dropped_too_large
-                + st.dropped_qos0_offline,
+            dropped: st.dropped_total(),
+            dropped_queue_full: st.dropped_queue_full,
+            dropped_storage_budget: st.dropped_storage_budget,
+            queue_full: s.queue_is_full(),
         }
     }
 
