@@ -356,3 +356,41 @@ fn the_broker_wide_budget_refuses_on_every_shard_and_recovers_when_queues_drain(
         "{metrics}"
     );
 }
+
+/// A shared subscription whose picked member has a full queue gives the message to another
+/// member with room, instead of dropping it; when no member has room, an MQTT 5 publisher
+/// hears 0x97.
+#[test]
+fn a_shared_message_refused_by_a_full_member_goes_to_another_member() {
+    let b = TestBroker::start_with(SHARDS, "[limits]\nqueue_messages_max = 1\n");
+    // Both offline: the group's round robin takes `a`, then `m`, then `a` again...
+    let a = id_on_shard("qshare-a", 0, SHARDS);
+    let m = id_on_shard("qshare-m", 1, SHARDS);
+    let filter = "$share/g/qshare/t";
+    for id in [&a, &m] {
+        let (mut c, _) = RawClient::connect_v5(b.addr, &v5_persistent(id));
+        c.subscribe_v5(&[(filter, support::raw::opts(QoS::AtLeastOnce))], None);
+        c.disconnect();
+    }
+    let (mut p, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5("qshare-pub", true));
+    let mut send = |body: &str| p.publish_v5(msg("qshare/t", body.as_bytes(), QoS::AtLeastOnce));
+    assert_eq!(send("one"), Some(ReasonCode::Success)); // to a
+    assert_eq!(send("two"), Some(ReasonCode::Success)); // to m
+                                                        // Both full: every member refuses it.
+    assert_eq!(send("three"), Some(ReasonCode::QuotaExceeded));
+    // m takes its message and leaves: room there, while a is still full.
+    let (mut c, ack) = RawClient::connect_v5(b.addr, &v5_persistent(&m));
+    assert!(ack.session_present);
+    assert_eq!(receive_all(&mut c, 1), ["two"]);
+    c.ping();
+    c.disconnect();
+    // The round robin picks a, which is full; the message goes on to m.
+    assert_eq!(send("four"), Some(ReasonCode::Success));
+    assert_eq!(send("five"), Some(ReasonCode::QuotaExceeded));
+    for (id, expected) in [(&a, "one"), (&m, "four")] {
+        let (mut c, ack) = RawClient::connect_v5(b.addr, &v5_persistent(id));
+        assert!(ack.session_present);
+        assert_eq!(receive_all(&mut c, 1), [expected], "{id}");
+        c.ping();
+    }
+}

@@ -332,7 +332,7 @@ pub struct SessionLimits {
 pub enum QueueNote {
     /// The queue refused (or, with `drop-oldest`, pushed out) its first message.
     Full,
-    /// A message was queued again without a drop; `dropped` were lost meanwhile.
+    /// The queue is back under 90% of its limits; `dropped` were lost meanwhile.
     Room { dropped: u64 },
 }
 
@@ -655,24 +655,15 @@ impl Session {
             self.note_queue_full();
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
-        let mut dropped = false;
         while self.queued_messages() >= limits.queue_messages_max as u64
             || self.queued_bytes() + cost > limits.queue_bytes_max
         {
             self.note_queue_full();
-            dropped = true;
             match limits.queue_policy {
                 QueuePolicy::RejectNewest => {
                     return DeliverOutcome::Dropped(DropReason::QueueFull);
                 }
                 QueuePolicy::DropOldest => self.drop_oldest(),
-            }
-        }
-        if !dropped {
-            if let Some(since) = self.full_since_drops.take() {
-                self.queue_notes.push(QueueNote::Room {
-                    dropped: self.stats.dropped_queue_full - since,
-                });
             }
         }
         let seq = self.next_seq;
@@ -694,6 +685,25 @@ impl Session {
             self.queue.push_back(Queued { seq, delivery: d });
         }
         DeliverOutcome::Queued
+    }
+
+    /// Ends a full period once the queue is back under 90% of both limits (so that a queue
+    /// hovering at its limit, a slow consumer taking one message at a time, does not log
+    /// twice per message), leaving a [`QueueNote::Room`]. The shard calls it after every
+    /// change of the session.
+    pub fn check_queue_room(&mut self, limits: &SessionLimits) {
+        let Some(since) = self.full_since_drops else {
+            return;
+        };
+        let below = |used: u64, max: u64| used.saturating_mul(10) <= max.saturating_mul(9);
+        if below(self.queued_messages(), limits.queue_messages_max as u64)
+            && below(self.queued_bytes(), limits.queue_bytes_max)
+        {
+            self.full_since_drops = None;
+            self.queue_notes.push(QueueNote::Room {
+                dropped: self.stats.dropped_queue_full - since,
+            });
+        }
     }
 
     /// Counts one message refused or pushed out by the queue limits; the first of a full
@@ -1481,31 +1491,35 @@ mod durable_tests {
         for policy in [QueuePolicy::RejectNewest, QueuePolicy::DropOldest] {
             // Not persistent: its queue stays in memory, so the test needs no store.
             let mut s = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 60);
-            let l = limits(3, policy);
+            let l = limits(20, policy);
             let now = Instant::now();
-            for n in 0..3 {
+            for n in 0..20 {
                 assert_eq!(s.deliver(d(n), &l, now), DeliverOutcome::Queued);
             }
+            s.check_queue_room(&l);
             assert!(s.take_queue_notes().is_empty());
-            for n in 3..8 {
+            for n in 20..25 {
                 let expect = match policy {
                     QueuePolicy::RejectNewest => DeliverOutcome::Dropped(DropReason::QueueFull),
                     QueuePolicy::DropOldest => DeliverOutcome::Queued,
                 };
                 assert_eq!(s.deliver(d(n), &l, now), expect, "{policy:?}");
+                s.check_queue_room(&l);
             }
             assert_eq!(s.take_queue_notes(), [QueueNote::Full], "{policy:?}");
             assert!(s.queue_is_full());
             assert_eq!(s.stats.dropped_queue_full, 5);
-            assert_eq!(s.queued_messages(), 3);
-            // The client comes back and takes one message: room again.
+            assert_eq!(s.queued_messages(), 20);
+            // The client comes back and takes one (19 left, 95%): still full, no note.
             let out = Rc::new(Outbound::new(ProtocolVersion::V5));
             s.attach(Link::new(1, out, 10, 1 << 20, 0), &l, now);
+            s.check_queue_room(&l);
+            assert!(s.take_queue_notes().is_empty(), "{policy:?}");
+            assert!(s.queue_is_full());
+            // A second one (18 left, 90%): room again, with the count.
             let sent = s.inflight().next().map(|i| i.packet_id).expect("one sent");
             s.on_puback(sent, &l, now).unwrap();
-            assert!(s.take_queue_notes().is_empty(), "{policy:?}");
-            s.detach();
-            assert_eq!(s.deliver(d(9), &l, now), DeliverOutcome::Queued);
+            s.check_queue_room(&l);
             assert_eq!(
                 s.take_queue_notes(),
                 [QueueNote::Room { dropped: 5 }],

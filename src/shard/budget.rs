@@ -48,10 +48,18 @@ impl QueuedBudget {
         self.refresh();
     }
 
-    /// Sets the flag from every shard's count.
+    /// Sets the flag from every shard's count: spent at the budget, and spent until the
+    /// total is back under 95% of it, so that a total hovering at the budget does not turn
+    /// the flag (and the log lines that go with it) on and off with every message.
     pub fn refresh(&self) {
-        let spent = self.total() >= self.max;
-        if self.spent.0.load(Ordering::Relaxed) != spent {
+        let total = self.total();
+        let was = self.spent.0.load(Ordering::Relaxed);
+        let spent = if was {
+            total > self.max / 20 * 19
+        } else {
+            total >= self.max
+        };
+        if was != spent {
             self.spent.0.store(spent, Ordering::Relaxed);
         }
     }
@@ -83,8 +91,16 @@ mod tests {
         b.set(1, 1);
         assert!(b.is_spent());
         assert_eq!(b.total(), 100);
-        b.set(2, 0);
-        assert!(!b.is_spent());
+        // Spent until under 95%.
+        b.set(2, 55);
+        assert!(b.is_spent(), "96 of 100");
+        b.set(2, 54);
+        assert!(!b.is_spent(), "95 of 100");
+        b.set(2, 58);
+        assert!(
+            !b.is_spent(),
+            "99 of 100: not spent again before the budget"
+        );
         b.set(0, u64::MAX);
         assert!(b.is_spent(), "no overflow");
     }

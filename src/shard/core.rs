@@ -50,6 +50,9 @@ use crate::storage::{
 mod inspect;
 pub use inspect::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
 
+/// How many members a shared message is offered to before it is dropped.
+const SHARED_ATTEMPTS_MAX: u8 = 3;
+
 /// How long a retained deletion is remembered.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(60);
 
@@ -422,10 +425,15 @@ pub struct Core {
     /// What the sessions reached by the delivery under way did with it (see
     /// [`Core::with_fate`]).
     fate: Fate,
+    /// How many [`Core::with_fate`] calls are under way (nested deliveries).
+    fate_depth: u32,
     /// The broker-wide budget for queued data, shared with the other shards.
     budget: Arc<QueuedBudget>,
     /// Queued bytes of this shard's persistent sessions (what it counts in `budget`).
     queued_bytes: u64,
+    /// Persistent sessions whose drop counters changed without a write to carry them (at
+    /// most one entry per session): written together by [`Core::flush_counters`].
+    counters_dirty: hashbrown::HashSet<MqttStr>,
     /// While the budget is spent: the refusals counted when it became spent.
     budget_spent_since: Option<u64>,
     /// Messages refused by persistent sessions of this shard for the budget.
@@ -506,8 +514,10 @@ impl Core {
             verified: VerifiedCache::new(cfg.auth.verified_cache_max as usize),
             verifying: 0,
             fate: Fate::default(),
+            fate_depth: 0,
             budget,
             queued_bytes: 0,
+            counters_dirty: hashbrown::HashSet::new(),
             budget_spent_since: None,
             budget_refused: 0,
             cfg,
@@ -667,13 +677,22 @@ impl Core {
             };
             let ops = s.take_ops();
             let refill = s.needs_refill();
-            // The drop counters go to disk with the session's other changes.
+            // The drop counters go to disk with the session's other changes; a drop that
+            // changed nothing else (a refusal) is written by the next timer tick, so that
+            // refusing costs no write of its own.
             let drops = s.stats.dropped_total();
-            let counters = (s.persistent && drops != s.drops_stored).then(|| {
-                s.drops_stored = drops;
-                CountersRecord::from_stats(&s.stats)
-            });
-            if !ops.is_empty() || counters.is_some() {
+            let mut counters = None;
+            if s.persistent && drops != s.drops_stored {
+                if ops.is_empty() {
+                    if self.counters_dirty.len() < self.sessions.len() {
+                        self.counters_dirty.insert(client_id.clone());
+                    }
+                } else {
+                    s.drops_stored = drops;
+                    counters = Some(CountersRecord::from_stats(&s.stats));
+                }
+            }
+            if !ops.is_empty() {
                 self.write_ops(client_id, ops, counters);
             }
             let Some((from, max)) = refill else {
@@ -692,6 +711,30 @@ impl Core {
         }
     }
 
+    /// Writes the drop counters of the sessions whose drops changed nothing else (on the
+    /// timer tick and at stop), in one batch.
+    pub fn flush_counters(&mut self) {
+        if self.counters_dirty.is_empty() {
+            return;
+        }
+        let Some(store) = &self.store else {
+            self.counters_dirty.clear();
+            return;
+        };
+        let mut b = store.batch();
+        let mut r = Ok(());
+        for client_id in self.counters_dirty.drain() {
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            s.drops_stored = s.stats.dropped_total();
+            let rec = CountersRecord::from_stats(&s.stats);
+            r = r.and_then(|()| b.counters_put(client_id.as_str(), &rec));
+        }
+        let r = r.and_then(|()| b.commit());
+        self.note_write(r);
+    }
+
     /// The bookkeeping that follows a change of a session: one log line when its queue
     /// becomes full and one when it takes messages again, and its queued bytes counted
     /// against the broker-wide budget.
@@ -699,6 +742,7 @@ impl Core {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
+        s.check_queue_room(&self.limits);
         for note in s.take_queue_notes() {
             let l = &self.limits;
             match note {
@@ -768,9 +812,13 @@ impl Core {
     fn with_fate(&mut self, f: impl FnOnce(&mut Core)) -> Fate {
         self.read_budget();
         let outer = std::mem::take(&mut self.fate);
+        self.fate_depth += 1;
         f(self);
+        self.fate_depth -= 1;
         let mine = std::mem::replace(&mut self.fate, outer);
-        self.fate.merge(mine);
+        if self.fate_depth > 0 {
+            self.fate.merge(mine);
+        }
         mine
     }
 
@@ -1583,6 +1631,7 @@ impl Core {
                         not: client_id.clone(),
                         attempts: 0,
                         reply: None,
+                        fate: Fate::default(),
                     },
                 );
             }
@@ -1607,6 +1656,7 @@ impl Core {
         let Some(mut s) = self.sessions.remove(client_id) else {
             return;
         };
+        self.counters_dirty.remove(client_id);
         self.stats.ended_sessions.add(&s.stats);
         if s.budget_counted > 0 {
             self.queued_bytes = self.queued_bytes.saturating_sub(s.budget_counted);
@@ -1659,6 +1709,7 @@ impl Core {
         // The other shards' shares of the budget change without telling this one.
         self.budget.refresh();
         self.check_budget();
+        self.flush_counters();
         if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
             self.last_prune = now;
             self.prune_tombstones(now);
@@ -2207,7 +2258,8 @@ impl Core {
         }
         for key in groups.drain(..) {
             let reply = self.dispatch.map(|d| (d.to, d.token));
-            if self.shared_dispatch(key, msg.clone(), None, 0, reply, now) == Dispatched::Remote {
+            let first = (None, 0, Fate::default());
+            if self.shared_dispatch(key, msg.clone(), first, reply, now) == Dispatched::Remote {
                 if let Some(d) = &mut self.dispatch {
                     d.remote += 1;
                 }
@@ -2219,15 +2271,17 @@ impl Core {
 
     /// At a group's home: picks a member (round robin over online members; if none is
     /// online, a persistent one, which queues) and sends it the message.
+    /// `tried`: the member that just refused it (not picked again), how many tried
+    /// before, and what they did with it (see [`Event::SharedDeliver`]).
     fn shared_dispatch(
         &mut self,
         key: Arc<str>,
         msg: SharedMessage,
-        not: Option<&MqttStr>,
-        attempts: u8,
+        tried: (Option<&MqttStr>, u8, Fate),
         reply: Option<(usize, Token)>,
         now: Instant,
     ) -> Dispatched {
+        let (not, attempts, fate) = tried;
         let Some(g) = self.groups.get_mut(&key) else {
             self.stats.shared_dropped_no_member += 1;
             return Dispatched::Dropped;
@@ -2263,21 +2317,66 @@ impl Core {
         g.next = (idx + 1) % n;
         let member = g.members[idx].clone();
         let to = member.shard as usize;
-        let local = to == self.id;
-        let event = Event::SharedDeliver {
-            key,
-            client_id: member.client_id,
-            msg,
-            attempts,
-            reply: if local { None } else { reply },
-        };
-        if local {
-            self.on_event(self.id, event, now);
-            Dispatched::Local
-        } else {
+        if to != self.id {
+            let event = Event::SharedDeliver {
+                key,
+                client_id: member.client_id,
+                msg,
+                attempts,
+                reply,
+                fate,
+            };
             self.sink.push(to, event);
-            Dispatched::Remote
+            return Dispatched::Remote;
         }
+        // A member here: its copy is covered by this shard's own durability. One that
+        // cannot take it passes it on at once, so that the caller learns where it went.
+        if self.shared_take(&key, &member.client_id, &msg, now) {
+            Dispatched::Local
+        } else if attempts < SHARED_ATTEMPTS_MAX {
+            let tried = (Some(&member.client_id), attempts + 1, fate);
+            self.shared_dispatch(key, msg, tried, reply, now)
+        } else {
+            Dispatched::Dropped
+        }
+    }
+
+    /// Hands a shared message to the member `client_id`, a session of this shard. Returns
+    /// whether it took it: not when it is gone, may not read the topic, left the group, or
+    /// its queue (or the storage budget) refused it (what it did is noted in the fate).
+    fn shared_take(
+        &mut self,
+        key: &Arc<str>,
+        client_id: &MqttStr,
+        msg: &SharedMessage,
+        now: Instant,
+    ) -> bool {
+        let outcome = match self.sessions.get_mut(client_id) {
+            Some(s) if !may_read(&self.auth, s, &msg.topic) => {
+                self.stats.acl_denied_delivery += 1;
+                None
+            }
+            Some(s) => {
+                let d = s.subscriptions.get(&**key).map(|sub| Delivery {
+                    qos: msg.qos.min(sub.options.qos),
+                    retain: sub.options.retain_as_published && msg.retain,
+                    sub_ids: sub.id.into_iter().collect(),
+                    msg: msg.clone(),
+                    via_share: Some(key.clone()),
+                });
+                d.map(|d| s.deliver(d, &self.limits, now))
+            }
+            None => None,
+        };
+        let Some(outcome) = outcome else {
+            return false;
+        };
+        self.note_outcome(outcome);
+        self.sync_session(client_id, now);
+        !matches!(
+            outcome,
+            DeliverOutcome::Dropped(DropReason::QueueFull | DropReason::StorageBudget)
+        )
     }
 
     // ---------------------------------------------------------------- subscribe
@@ -2736,38 +2835,17 @@ impl Core {
                 msg,
                 attempts,
                 reply,
+                fate: carried,
             } => {
                 let mut taken = false;
-                let fate = self.with_fate(|c| {
-                    let outcome = match c.sessions.get_mut(&client_id) {
-                        Some(s) if !may_read(&c.auth, s, &msg.topic) => {
-                            // Another member may read it: back to the group.
-                            c.stats.acl_denied_delivery += 1;
-                            None
-                        }
-                        Some(s) => {
-                            let d = s.subscriptions.get(&*key).map(|sub| Delivery {
-                                qos: msg.qos.min(sub.options.qos),
-                                retain: sub.options.retain_as_published && msg.retain,
-                                sub_ids: sub.id.into_iter().collect(),
-                                msg: msg.clone(),
-                                via_share: Some(key.clone()),
-                            });
-                            d.map(|d| s.deliver(d, &c.limits, now))
-                        }
-                        None => None,
-                    };
-                    if let Some(outcome) = outcome {
-                        taken = true;
-                        c.note_outcome(outcome);
-                        c.sync_session(&client_id, now);
-                    }
-                });
+                let fate = self.with_fate(|c| taken = c.shared_take(&key, &client_id, &msg, now));
+                let mut fate = fate;
+                fate.merge(carried);
                 if taken {
                     if let Some((to, token)) = reply {
                         self.wait_durable(Waiter::Remote { to, token, fate }, now);
                     }
-                } else if attempts < 3 {
+                } else if attempts < SHARED_ATTEMPTS_MAX {
                     let home = owner_shard(key.as_bytes(), self.count);
                     self.send(
                         home,
@@ -2777,6 +2855,7 @@ impl Core {
                             not: client_id,
                             attempts: attempts + 1,
                             reply,
+                            fate,
                         },
                     );
                 } else if let Some((to, token)) = reply {
@@ -2785,7 +2864,7 @@ impl Core {
                         Event::Ack {
                             token,
                             ok: true,
-                            fate: Fate::default(),
+                            fate,
                         },
                     );
                 }
@@ -2796,11 +2875,14 @@ impl Core {
                 not,
                 attempts,
                 reply,
+                fate: carried,
             } => {
                 let mut dispatched = Dispatched::Dropped;
-                let fate = self.with_fate(|c| {
-                    dispatched = c.shared_dispatch(key, msg, Some(&not), attempts, reply, now);
+                let mut fate = self.with_fate(|c| {
+                    let tried = (Some(&not), attempts, carried);
+                    dispatched = c.shared_dispatch(key, msg, tried, reply, now);
                 });
+                fate.merge(carried);
                 self.after_bounce(dispatched, reply, fate, now);
             }
             Event::Qos2Release {
@@ -2841,12 +2923,13 @@ impl Core {
                 self.wait_durable(Waiter::Remote { to, token, fate }, now);
             }
             Dispatched::Remote => {}
+            // What the members tried before did with it (a full queue, say) is the answer.
             Dispatched::Dropped => self.send(
                 to,
                 Event::Ack {
                     token,
                     ok: true,
-                    fate: Fate::default(),
+                    fate,
                 },
             ),
         }
@@ -3224,6 +3307,7 @@ impl Core {
     /// Session Expiry Interval 0) is dropped with it.
     pub fn close_all(&mut self) {
         self.stopping = true;
+        self.flush_counters();
         for s in self.sessions.values() {
             if let Some(l) = &s.link {
                 l.out.close(Some(ReasonCode::ServerShuttingDown));

@@ -60,6 +60,8 @@ pub enum Event {
         online: bool,
     },
     /// From a group's home to the member's shard: deliver through the shared subscription.
+    /// A member that cannot take it (gone, may not read it, its queue full) sends it back
+    /// to the home ([`Event::SharedBounce`]), at most three times.
     SharedDeliver {
         key: Arc<str>,
         client_id: MqttStr,
@@ -68,6 +70,8 @@ pub enum Event {
         /// Answer `Ack` to (shard, token) once the copy is durable: the publisher's PUBACK
         /// waits for the member that took the message, not only for the group's home.
         reply: Option<(usize, Token)>,
+        /// What members tried before did with it (a full queue): part of the answer.
+        fate: Fate,
     },
     /// At start, after a shard sent everything its recovery rebuilt (index entries, retained
     /// messages, group joins): nothing more of its recovery follows on this channel.
@@ -94,6 +98,8 @@ pub enum Event {
         attempts: u8,
         /// Passed on to the next member (see [`Event::SharedDeliver`]).
         reply: Option<(usize, Token)>,
+        /// What the members tried so far did with it.
+        fate: Fate,
     },
 }
 

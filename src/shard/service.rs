@@ -503,6 +503,7 @@ impl BrokerShard {
     /// durable what closing them wrote (session records with their offline time and will).
     pub async fn final_commit(shard: &Shard<BrokerShard>) {
         let svc = shard.service();
+        svc.core.borrow_mut().flush_counters();
         loop {
             let target = svc.core.borrow().commit_target();
             let Some((store, seq)) = target else {
