@@ -495,6 +495,7 @@ mod tests {
             will: None,
             disconnected_unix_ms: Some(1_700_000_000_000),
             next_packet_id: 1,
+            owner: None,
         }
     }
 

@@ -278,6 +278,8 @@ pattern read inbox/%u/#
 struct AclBroker {
     b: TestBroker,
     acl: PathBuf,
+    /// The broker's config (to restart it).
+    cfg: String,
     /// Holds the password and ACL files.
     _dir: tempfile::TempDir,
 }
@@ -289,17 +291,16 @@ fn acl_broker(acl: &str) -> AclBroker {
     let pw = dir.path().join("passwd");
     std::fs::copy(FIXTURE, &pw).unwrap();
     assert!(shardmq_passwd(&pw, "admin", "admin-pw").status.success());
-    let b = TestBroker::start_with(
-        SHARDS,
-        &format!(
-            "[auth]\nallow_anonymous = true\npassword_file = {}\nacl_file = {}\n",
-            toml_path(&pw),
-            toml_path(&acl_path)
-        ),
+    let cfg = format!(
+        "[auth]\nallow_anonymous = true\npassword_file = {}\nacl_file = {}\n",
+        toml_path(&pw),
+        toml_path(&acl_path)
     );
+    let b = TestBroker::start_with(SHARDS, &cfg);
     AclBroker {
         b,
         acl: acl_path,
+        cfg,
         _dir: dir,
     }
 }
@@ -663,4 +664,145 @@ fn a_refused_login_does_not_take_over_the_session_of_its_client_id() {
     let mut p = connect_as(&b, ProtocolVersion::V5, "pub-bob", "bob", "bob-pw");
     p.publish("bob/still-here", b"1", QoS::AtLeastOnce, false);
     assert_eq!(publish_payload(&mut victim).0, "bob/still-here");
+}
+
+/// A persistent CONNECT as `user` with client id `id`; returns the CONNACK.
+fn persistent_login(
+    b: &TestBroker,
+    version: ProtocolVersion,
+    id: &str,
+    user: &str,
+    pw: &str,
+) -> (RawClient, shardmq::protocol::ConnAck) {
+    let mut opts = ConnectOpts::new(version, id, false);
+    if version == ProtocolVersion::V5 {
+        opts = opts.expiry(3600);
+    }
+    let packet = opts.packet_with(|c| {
+        c.username = Some(shardmq::protocol::MqttStr::new(user).unwrap());
+        c.password = Some(Bytes::copy_from_slice(pw.as_bytes()));
+    });
+    RawClient::connect_packet(b.addr, &packet)
+}
+
+/// Bob's CONNECTs with client id `id` (asking for the session, and a clean start) are
+/// refused with 0x87 (3.1.1: 0x05) and get nothing else.
+fn bob_is_refused(b: &TestBroker, version: ProtocolVersion, id: &str) {
+    for clean in [false, true] {
+        let mut opts = ConnectOpts::new(version, id, clean);
+        if version == ProtocolVersion::V5 && !clean {
+            opts = opts.expiry(3600);
+        }
+        let packet = opts.packet_with(|c| {
+            c.username = Some(shardmq::protocol::MqttStr::new("bob").unwrap());
+            c.password = Some(Bytes::from_static(b"bob-pw"));
+        });
+        let (mut bob, ack) = RawClient::connect_packet(b.addr, &packet);
+        assert_eq!(
+            ack.reason_code,
+            ReasonCode::NotAuthorized,
+            "{version:?} clean={clean}"
+        );
+        assert!(!ack.session_present);
+        assert!(bob.expect_closed().is_empty(), "nothing after the refusal");
+    }
+}
+
+/// A session belongs to the user that made it. Alice's offline session holds three messages
+/// of `alice/secret`; Bob, with his own valid password and Alice's client id, is refused
+/// (0x87; 3.1.1: 0x05) whether he asks for the session or a clean start, before and after a
+/// restart (the owner is stored with the session); Alice's session, queue and all, is
+/// untouched and hers when she returns.
+#[test]
+fn another_user_cannot_take_over_a_session_or_read_its_queue() {
+    for version in [ProtocolVersion::V5, ProtocolVersion::V3_1_1] {
+        let ab = acl_broker(ACL);
+        let id = id_on_shard(&format!("alice-{}", version.level()), 1, SHARDS);
+        let (mut a, ack) = persistent_login(&ab.b, version, &id, "alice", "alice-pw");
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        a.sub(&[("alice/#", QoS::AtLeastOnce)]);
+        a.disconnect();
+        let mut adm = admin(&ab.b, 0);
+        for i in 0..3 {
+            adm.publish(
+                "alice/secret",
+                format!("s{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            );
+        }
+        adm.disconnect();
+        bob_is_refused(&ab.b, version, &id);
+        let s = ab.b.admin_json(&format!("/api/sessions/{id}"));
+        assert_eq!(s["queued_messages"], 3, "{s}");
+
+        let dir = ab.b.stop_keep_dir();
+        let b = TestBroker::start_in(SHARDS, &ab.cfg, dir);
+        bob_is_refused(&b, version, &id);
+        let (_, metrics) = b.http("GET", "/metrics");
+        assert!(
+            metrics.contains("shardmq_takeovers_refused_total{shard=\"1\"} 2"),
+            "{metrics}"
+        );
+        let (mut a, ack) = persistent_login(&b, version, &id, "alice", "alice-pw");
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        assert!(ack.session_present);
+        let got: Vec<Vec<u8>> = (0..3).map(|_| publish_payload(&mut a).1).collect();
+        assert_eq!(got, [b"s0".to_vec(), b"s1".to_vec(), b"s2".to_vec()]);
+    }
+}
+
+/// Read access is checked again for what waits in a session when its client attaches: a
+/// reload that takes Alice's read access to `alice/secret/#` away keeps those queued
+/// messages from her (counted as denied deliveries), while the rest of her queue arrives.
+#[test]
+fn queued_messages_are_checked_against_the_rules_in_force_when_the_client_returns() {
+    let ab = acl_broker(ACL);
+    let (b, acl) = (&ab.b, &ab.acl);
+    let id = id_on_shard("alice-recheck", 1, SHARDS);
+    let (mut a, ack) = persistent_login(b, ProtocolVersion::V5, &id, "alice", "alice-pw");
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    a.sub(&[("alice/#", QoS::AtLeastOnce)]);
+    a.disconnect();
+    let mut adm = admin(b, 0);
+    adm.publish("alice/secret/1", b"hidden", QoS::AtLeastOnce, false);
+    adm.publish("alice/open", b"visible", QoS::AtLeastOnce, false);
+    std::fs::write(
+        acl,
+        format!("{ACL}\nuser alice\ntopic deny alice/secret/#\n"),
+    )
+    .unwrap();
+    // SAFETY: signalling the broker this test started, by its PID.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
+    // The reload is in force once a publish there is refused to Alice.
+    let probe_id = id_on_shard("alice-probe", 1, SHARDS);
+    let mut probe = connect_as(b, ProtocolVersion::V5, &probe_id, "alice", "alice-pw");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let r = probe.subscribe_v5(&[("alice/secret/x", opts(QoS::AtLeastOnce))], None);
+        if r.reason_codes[0] == ReasonCode::NotAuthorized {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reload did not apply");
+        probe.unsubscribe(&["alice/secret/x"]);
+    }
+    let (mut a, ack) = persistent_login(b, ProtocolVersion::V5, &id, "alice", "alice-pw");
+    assert!(ack.session_present);
+    assert_eq!(
+        publish_payload(&mut a),
+        ("alice/open".into(), b"visible".to_vec())
+    );
+    a.ping();
+    let s = b.admin_json(&format!("/api/sessions/{id}"));
+    assert_eq!(
+        s["queued_messages"], 0,
+        "the hidden message is gone, not waiting: {s}"
+    );
+    let (_, metrics) = b.http("GET", "/metrics");
+    assert!(
+        metrics.contains(
+            "shardmq_messages_dropped_total{shard=\"1\",reason=\"acl_denied_delivery\"} 1"
+        ),
+        "{metrics}"
+    );
 }

@@ -54,6 +54,7 @@ fn session(expiry_s: u32) -> SessionRecord {
         will: None,
         disconnected_unix_ms: Some(1_700_000_000_000),
         next_packet_id: 1,
+        owner: None,
     }
 }
 
@@ -113,6 +114,7 @@ fn reopen_after_clean_close_finds_everything() {
         }),
         disconnected_unix_ms: Some(clock.unix_ms),
         next_packet_id: 42,
+        owner: Some(Some("alice".into())),
     };
     {
         let store = Store::open(dir.path(), &opts()).unwrap();

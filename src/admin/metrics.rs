@@ -58,7 +58,7 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
     let mut f = Family { out: &mut out };
 
     type Gauge = fn(&ShardStats) -> f64;
-    let simple: [(&str, &str, &str, Gauge); 19] = [
+    let simple: [(&str, &str, &str, Gauge); 20] = [
         ("shardmq_connections", "gauge", "Sockets open.", |s| {
             s.sockets as f64
         }),
@@ -169,6 +169,12 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             "counter",
             "Sessions discarded through the admin API.",
             |s| s.core.sessions_deleted as f64,
+        ),
+        (
+            "shardmq_takeovers_refused_total",
+            "counter",
+            "CONNECTs refused because the client id's session belongs to another user.",
+            |s| s.core.takeovers_refused as f64,
         ),
     ];
     for (name, kind, help, get) in simple {

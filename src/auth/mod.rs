@@ -103,6 +103,12 @@ impl Auth {
         self.acl.is_some()
     }
 
+    /// Whether sessions belong to the user that made them: with a password file or an ACL
+    /// file in force (without either, no user may read less than another).
+    pub fn sessions_have_owners(&self) -> bool {
+        self.passwords.is_some() || self.acl.is_some()
+    }
+
     /// The first step of a login. `cert_identity`, when the listener takes it as the user
     /// name, is the user name and needs no password. Without a password file a user name
     /// is taken as given (as Mosquitto does).

@@ -1030,6 +1030,41 @@ impl Session {
         Ok(())
     }
 
+    /// Drops the messages in flight and queued in memory whose topic `readable` refuses (the
+    /// client may no longer read it: access rules changed since they were queued). A QoS 2
+    /// message already received by the client (PUBREL sent) stays, to finish its flow.
+    /// Returns how many were dropped.
+    pub fn drop_unreadable(&mut self, readable: impl Fn(&TopicName) -> bool) -> u64 {
+        let mut dropped = Vec::new();
+        self.inflight.retain(|i| {
+            let keep = i.state == OutState::AwaitPubComp || readable(&i.delivery.msg.topic);
+            if !keep {
+                dropped.push(StoreOp::InflightDelete {
+                    packet_id: i.packet_id,
+                });
+            }
+            keep
+        });
+        let mut bytes = 0;
+        self.queue.retain(|q| {
+            let keep = readable(&q.delivery.msg.topic);
+            if !keep {
+                bytes += q.delivery.msg.cost_bytes();
+                dropped.push(StoreOp::QueueDelete { seq: q.seq });
+            }
+            keep
+        });
+        self.queue_bytes -= bytes;
+        let n = dropped.len() as u64;
+        if n > 0 {
+            self.ids_in_flight = None;
+            for op in dropped {
+                self.record(op);
+            }
+        }
+        n
+    }
+
     /// Takes the queued (not in-flight) messages that came through shared subscriptions, so
     /// that the group can give them to a member that is online.
     pub fn take_queued_shared(&mut self) -> Vec<Delivery> {

@@ -265,6 +265,8 @@ pub struct CoreStats {
     pub acl_denied_delivery: u64,
     /// Sessions discarded through the admin API.
     pub sessions_deleted: u64,
+    /// CONNECTs refused because the client id's session belongs to another user.
+    pub takeovers_refused: u64,
     pub ended_sessions: SessionStats,
     /// The drop counters of the sessions read back from disk at start: part of the
     /// sessions' own counts, not of this run's (see [`Core::delivery_totals`]).
@@ -707,6 +709,12 @@ impl Core {
                 return;
             };
             s.refill(entries, max);
+            // Read back from disk: checked again against the rules in force now.
+            if let (true, Some(user)) = (self.auth.has_acl(), s.identity.clone()) {
+                let auth = &self.auth;
+                let dropped = s.drop_unreadable(|t| readable(auth, &user, client_id, t));
+                self.stats.acl_denied_delivery += dropped;
+            }
             s.pump(&self.limits, now);
         }
     }
@@ -935,6 +943,10 @@ impl Core {
             will: s.will.as_ref().map(|w| WillRecord::from_will(w, &clock)),
             disconnected_unix_ms: (!s.is_online()).then(|| clock.unix_ms_of(now)),
             next_packet_id: 0,
+            owner: s
+                .identity
+                .as_ref()
+                .map(|user| user.as_ref().map(|u| u.as_str().to_owned())),
         };
         let r = store.put_session(client_id.as_str(), &rec);
         self.note_write(r);
@@ -1146,6 +1158,12 @@ impl Core {
             .min(self.cfg.sessions.session_expiry_max_s);
         let mut s = Session::new(client_id.clone(), version, expiry_s);
         s.persistent = true;
+        // Its owner, as stored (a name that is no longer a valid MQTT string: unknown).
+        s.identity = match &rs.record.owner {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(user)) => MqttStr::new(user).ok().map(Some),
+        };
         s.will = rs.record.will.as_ref().and_then(|w| w.to_will(clock).ok());
         for (filter, sr) in &rs.subscriptions {
             match sr.to_subscription(filter) {
@@ -1386,6 +1404,26 @@ impl Core {
         };
         let expiry_s = requested_expiry.min(sessions_cfg.session_expiry_max_s);
 
+        // A session belongs to the user that made it: another user may neither take it
+        // over (and read its queue) nor end it with a clean start.
+        if self.auth.sessions_have_owners() {
+            let owner = self
+                .sessions
+                .get(&client_id)
+                .and_then(|s| s.identity.clone());
+            if let Some(owner) = owner.filter(|o| *o != username) {
+                self.stats.takeovers_refused += 1;
+                tracing::warn!(
+                    client = %client_id,
+                    user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                    owner = owner.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                    peer = ?login.peer,
+                    "connect refused: the session of this client id belongs to another user"
+                );
+                return refuse(ReasonCode::NotAuthorized);
+            }
+        }
+
         // Takeover: the old connection ends now, without DISCONNECT.
         let mut will_now: Option<Will> = None;
         let mut end_existing = false;
@@ -1490,6 +1528,13 @@ impl Core {
                 .min(self.cfg.limits.topic_alias_max),
         );
         session.persistent |= self.store.is_some() && expiry_s > 0;
+        // What waits for it was checked when queued, under the rules of that time: check
+        // again (a reload may have taken read access away).
+        if self.auth.has_acl() {
+            let auth = &self.auth;
+            let dropped = session.drop_unreadable(|t| readable(auth, &username, &client_id, t));
+            self.stats.acl_denied_delivery += dropped;
+        }
         session.attach(link, &self.limits, now);
         let shared: Vec<Arc<str>> = session
             .subscriptions
@@ -3322,13 +3367,18 @@ impl Core {
 fn may_read(auth: &Auth, s: &Session, topic: &TopicName) -> bool {
     match &s.identity {
         None => true,
-        Some(user) => auth.allows(
-            user.as_ref().map(|u| u.as_str()),
-            &s.client_id,
-            topic.as_str(),
-            Access::Read,
-        ),
+        Some(user) => readable(auth, user, &s.client_id, topic),
     }
+}
+
+/// Whether `user` (`None`: anonymous) with client id `client_id` may read `topic`.
+fn readable(auth: &Auth, user: &Option<MqttStr>, client_id: &MqttStr, topic: &TopicName) -> bool {
+    auth.allows(
+        user.as_ref().map(|u| u.as_str()),
+        client_id,
+        topic.as_str(),
+        Access::Read,
+    )
 }
 
 #[cfg(test)]

@@ -32,8 +32,18 @@ use crate::session::{Delivery, Message, Subscription, Will};
 /// Bytes before the rkyv body.
 pub(crate) const HEADER_LEN: usize = 8;
 const MAGIC: [u8; 2] = *b"SQ";
-/// Layout version of every record kind; bump on any change of a record struct.
+/// Layout version of every record kind but sessions; bump on any change of a record struct.
 pub(crate) const FORMAT: u8 = 1;
+/// Layout version of [`SessionRecord`]: 2 added the owner. Format 1 records are still read
+/// (their owner is unknown, as a session from before owners were stored).
+pub(crate) const SESSION_FORMAT: u8 = 2;
+
+fn format_of(kind: Kind) -> u8 {
+    match kind {
+        Kind::Session => SESSION_FORMAT,
+        _ => FORMAT,
+    }
+}
 
 /// Record kinds (the third byte of every stored value).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -54,7 +64,7 @@ fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER_LEN + body.len());
     v.extend_from_slice(&MAGIC);
     v.push(kind as u8);
-    v.push(FORMAT);
+    v.push(format_of(kind));
     v.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
     v.extend_from_slice(body);
     v
@@ -62,6 +72,14 @@ fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
 
 /// Checks the header and checksum and returns the rkyv body, or why the value is damaged.
 pub(crate) fn unframe(kind: Kind, value: &[u8]) -> Result<&[u8], String> {
+    match unframe_any(kind, value)? {
+        (f, body) if f == format_of(kind) => Ok(body),
+        (f, _) => Err(format!("unknown record format {f}")),
+    }
+}
+
+/// [`unframe`] for a kind read in more than one format: the format and the body.
+fn unframe_any(kind: Kind, value: &[u8]) -> Result<(u8, &[u8]), String> {
     if value.len() < HEADER_LEN {
         return Err(format!(
             "value of {} bytes is shorter than the header",
@@ -77,7 +95,7 @@ pub(crate) fn unframe(kind: Kind, value: &[u8]) -> Result<&[u8], String> {
             value[2] as char, kind as u8 as char, kind
         ));
     }
-    if value[3] != FORMAT {
+    if value[3] == 0 || value[3] > format_of(kind) {
         return Err(format!("unknown record format {}", value[3]));
     }
     let stored = u32::from_le_bytes([value[4], value[5], value[6], value[7]]);
@@ -88,7 +106,7 @@ pub(crate) fn unframe(kind: Kind, value: &[u8]) -> Result<&[u8], String> {
             "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
         ));
     }
-    Ok(body)
+    Ok((value[3], body))
 }
 
 /// The framed value of an incoming QoS 2 packet id (no body).
@@ -128,7 +146,23 @@ macro_rules! record {
     };
 }
 
-record!(SessionRecord, Kind::Session);
+impl Record for SessionRecord {
+    const KIND: Kind = Kind::Session;
+    fn to_value(&self) -> Result<Vec<u8>, StorageError> {
+        let body =
+            rkyv::to_bytes::<BoxedError>(self).map_err(|e| StorageError::Encode(e.to_string()))?;
+        Ok(frame(Self::KIND, &body))
+    }
+    fn from_value(value: &[u8]) -> Result<Self, String> {
+        let undecodable = |e: BoxedError| format!("undecodable record: {e}");
+        match unframe_any(Self::KIND, value)? {
+            (1, body) => rkyv::from_bytes::<SessionRecordV1, BoxedError>(body)
+                .map(SessionRecord::from)
+                .map_err(undecodable),
+            (_, body) => rkyv::from_bytes::<SessionRecord, BoxedError>(body).map_err(undecodable),
+        }
+    }
+}
 record!(SubscriptionRecord, Kind::Subscription);
 record!(QueuedRecord, Kind::Queued);
 record!(InflightRecord, Kind::Inflight);
@@ -388,6 +422,32 @@ pub struct SessionRecord {
     /// When the client went away; `None` while it is online.
     pub disconnected_unix_ms: Option<u64>,
     pub next_packet_id: u16,
+    /// Who made the session: `Some(Some(user))`, `Some(None)` for an anonymous client;
+    /// `None` when unknown (a record from before owners were stored).
+    pub owner: Option<Option<String>>,
+}
+
+/// A [`SessionRecord`] as format 1 stored it (no owner).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecordV1 {
+    pub expiry_s: u32,
+    pub version: u8,
+    pub will: Option<WillRecord>,
+    pub disconnected_unix_ms: Option<u64>,
+    pub next_packet_id: u16,
+}
+
+impl From<SessionRecordV1> for SessionRecord {
+    fn from(r: SessionRecordV1) -> SessionRecord {
+        SessionRecord {
+            expiry_s: r.expiry_s,
+            version: r.version,
+            will: r.will,
+            disconnected_unix_ms: r.disconnected_unix_ms,
+            next_packet_id: r.next_packet_id,
+            owner: None,
+        }
+    }
 }
 
 impl SessionRecord {
@@ -575,9 +635,28 @@ mod tests {
             will: Some(WillRecord::from_will(&will, &clock)),
             disconnected_unix_ms: Some(clock.unix_ms),
             next_packet_id: 65_535,
+            owner: Some(Some("alice".into())),
         };
         let s2 = SessionRecord::from_value(&s.to_value().unwrap()).unwrap();
         assert_eq!(s2, s);
+        // A record written before owners were stored reads back with no owner.
+        let old = SessionRecordV1 {
+            expiry_s: 60,
+            version: 4,
+            will: None,
+            disconnected_unix_ms: None,
+            next_packet_id: 1,
+        };
+        let body = rkyv::to_bytes::<BoxedError>(&old).unwrap();
+        let mut v = frame(Kind::Session, &body);
+        v[3] = 1;
+        let read = SessionRecord::from_value(&v).unwrap();
+        assert_eq!((read.expiry_s, read.version, read.owner), (60, 4, None));
+        v[3] = SESSION_FORMAT + 1;
+        assert!(
+            SessionRecord::from_value(&v).is_err(),
+            "a format from the future"
+        );
         assert_eq!(s2.protocol_version(), Ok(ProtocolVersion::V5));
         assert_eq!(s2.will.unwrap().to_will(&clock).unwrap().delay_s, 30);
 
@@ -659,6 +738,7 @@ mod tests {
             will: None,
             disconnected_unix_ms: None,
             next_packet_id: 1,
+            owner: None,
         };
         assert!(s.protocol_version().is_err());
     }

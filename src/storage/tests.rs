@@ -17,6 +17,7 @@ fn session(expiry_s: u32) -> SessionRecord {
         will: None,
         disconnected_unix_ms: Some(1_700_000_000_000),
         next_packet_id: 1,
+        owner: None,
     }
 }
 
