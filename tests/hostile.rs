@@ -383,3 +383,41 @@ fn half_open_sockets_are_closed_by_keep_alive_and_their_descriptors_released() {
     }
     by.round_trip();
 }
+
+/// A client that connects and disconnects over and over with the same persistent client id
+/// (a will with a delay, an expiry) leaves at most one will and one expiry timer behind, not
+/// one per visit: the shard's timer entries stay bounded (`/api/shards` `timers`).
+#[test]
+fn reconnecting_over_and_over_leaves_one_timer_of_each_kind() {
+    const VISITS: usize = 300;
+    let b = TestBroker::start(SHARDS);
+    let id = id_on_shard("revisit", 1, SHARDS);
+    let opts = ConnectOpts::v5(&id, false).expiry(86_400).will(
+        "revisit/gone",
+        b"bye",
+        QoS::AtLeastOnce,
+        false,
+    );
+    let with_delay = |opts: &ConnectOpts| {
+        opts.packet_with(|c| {
+            if let Some(w) = &mut c.will {
+                w.properties.will_delay_interval = Some(3600);
+            }
+        })
+    };
+    for _ in 0..VISITS {
+        let (mut c, ack) = RawClient::connect_packet(b.addr, &with_delay(&opts));
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        // Gone without DISCONNECT (the will waits for its delay, the session for its
+        // expiry), once the broker has seen the connection end.
+        c.close_and_wait();
+    }
+    let shards = b.admin_json("/api/shards");
+    let timers = shards["shards"][1]["timers"].as_u64().expect("timers");
+    // One will and one expiry timer, plus cancelled entries not yet compacted (at most 64
+    // beyond twice the live ones): far below one pair per visit.
+    assert!(
+        (2..=2 * 2 + 64).contains(&timers),
+        "{timers} timer entries after {VISITS} visits of one client id"
+    );
+}

@@ -245,6 +245,8 @@ struct ShardView {
     messages_received: u64,
     messages_sent: u64,
     storage_bytes: u64,
+    /// Will and session-expiry timers held (at most one of each per offline session).
+    timers: usize,
 }
 
 #[derive(Serialize)]
@@ -274,6 +276,7 @@ async fn shards(State(st): State<Shared>) -> Result<Json<ShardsView>, ApiError> 
             messages_received: s.core.messages_received,
             messages_sent: s.delivery.delivered,
             storage_bytes: s.storage_bytes,
+            timers: s.timers,
         })
         .collect();
     Ok(Json(ShardsView {

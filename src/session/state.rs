@@ -421,6 +421,9 @@ pub struct Session {
     /// The shard's bookkeeping: [`SessionStats::dropped_total`] when the counters were last
     /// written to the store.
     pub drops_stored: u64,
+    /// The shard's bookkeeping: the ids of its will and expiry timers while it is offline.
+    pub will_timer: Option<u64>,
+    pub expiry_timer: Option<u64>,
 }
 
 /// Up to this many messages in flight, a free packet id is found by scanning the window;
@@ -492,6 +495,8 @@ impl Session {
             queue_notes: Vec::new(),
             budget_counted: 0,
             drops_stored: 0,
+            will_timer: None,
+            expiry_timer: None,
         }
     }
 

@@ -1453,6 +1453,8 @@ impl Core {
             self.end_session(&client_id, now);
         }
         let session_present = self.sessions.contains_key(&client_id);
+        // Back online: the timers of its offline period are void.
+        self.cancel_timers(&client_id);
 
         // CONNACK, before anything the session resends.
         let keep_alive_max = self.cfg.limits.keep_alive_max_s;
@@ -1698,6 +1700,7 @@ impl Core {
     /// Ends a session: its subscriptions leave the routing tables, shared messages it had not
     /// taken go back to their groups, and a will still pending is published.
     fn end_session(&mut self, client_id: &MqttStr, now: Instant) {
+        self.cancel_timers(client_id);
         let Some(mut s) = self.sessions.remove(client_id) else {
             return;
         };
@@ -1739,11 +1742,55 @@ impl Core {
 
     // ---------------------------------------------------------------- timers
 
+    /// Sets a session's will or expiry timer, replacing the one it had of that kind: a
+    /// client id holds at most one timer of each kind, however often it comes and goes.
     fn schedule(&mut self, at: Instant, kind: TimerKind) {
         let id = self.next_timer;
         self.next_timer += 1;
+        let (client_id, will) = match &kind {
+            TimerKind::Will { client_id, .. } => (client_id, true),
+            TimerKind::Expire { client_id, .. } => (client_id, false),
+        };
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            let slot = if will {
+                &mut s.will_timer
+            } else {
+                &mut s.expiry_timer
+            };
+            if let Some(old) = slot.replace(id) {
+                self.timer_kinds.remove(&old);
+            }
+        }
         self.timers.push(Reverse((at, id)));
         self.timer_kinds.insert(id, kind);
+        self.compact_timers();
+    }
+
+    /// Cancels a session's timers (it came back, or it ended).
+    fn cancel_timers(&mut self, client_id: &MqttStr) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        for id in [s.will_timer.take(), s.expiry_timer.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.timer_kinds.remove(&id);
+        }
+    }
+
+    /// Drops the heap entries of cancelled timers once they are most of it, so that the
+    /// heap holds at most about twice the live timers.
+    fn compact_timers(&mut self) {
+        if self.timers.len() > 2 * self.timer_kinds.len() + 64 {
+            let live = &self.timer_kinds;
+            self.timers.retain(|Reverse((_, id))| live.contains_key(id));
+        }
+    }
+
+    /// Timer entries held (live and cancelled ones not yet dropped).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     /// Fires every timer due at `now`.
@@ -1767,6 +1814,14 @@ impl Core {
             let Some(kind) = self.timer_kinds.remove(&id) else {
                 continue;
             };
+            let (TimerKind::Will { client_id, .. } | TimerKind::Expire { client_id, .. }) = &kind;
+            if let Some(s) = self.sessions.get_mut(client_id) {
+                for slot in [&mut s.will_timer, &mut s.expiry_timer] {
+                    if *slot == Some(id) {
+                        *slot = None;
+                    }
+                }
+            }
             match kind {
                 TimerKind::Will { client_id, epoch } => {
                     let will = match self.sessions.get_mut(&client_id) {

@@ -150,6 +150,8 @@ pub struct ShardStats {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub storage_bytes: u64,
+    /// Will and expiry timer entries held.
+    pub timers: usize,
     /// PUBLISH packets received and sent per second, since the previous stats query (at
     /// least a second before).
     pub received_per_s: f64,
@@ -387,6 +389,7 @@ impl BrokerShard {
             bytes_received: self.io.bytes_in.get(),
             bytes_sent: self.io.bytes_out.get(),
             storage_bytes: core.storage_bytes(),
+            timers: core.timer_count(),
             received_per_s: sample.rates.0,
             sent_per_s: sample.rates.1,
             delivery,
