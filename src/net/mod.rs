@@ -60,6 +60,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Transport;
+use crate::protocol::wire::peek_varint;
 use crate::protocol::{
     decode, ConnAck, Connect, DecodeError, DecodeLimits, MqttStr, Packet, ProtocolVersion,
     ReasonCode,
@@ -76,6 +77,9 @@ use shards::{Shard, ShardId};
 const READ_MIN_BYTES: usize = 128;
 /// Bytes read at a time while waiting for CONNECT.
 const CONNECT_READ_BYTES: usize = 256;
+/// The most one read of a CONNECT's body asks for (a big CONNECT, a will with a large
+/// payload, is read in chunks of this size).
+const CONNECT_CHUNK_BYTES: usize = 64 * 1024;
 const READ_MAX_BYTES: usize = 16 * 1024;
 /// Capacity of a connection's outgoing buffers kept while nothing is waiting to be written.
 const OUTBOUND_IDLE_KEEP_BYTES: usize = 1024;
@@ -213,7 +217,11 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd, listener: Arc<Lis
     }
 }
 
-/// Reads until CONNECT decodes, bounded by the connect timeout and the packet limit.
+/// Reads until CONNECT decodes, bounded by the connect timeout and the packet limit. Every
+/// byte read stays in `buf` (a hand-off passes them on). Linear in the packet's size: the
+/// fixed header is checked as soon as it is in (type, flags, announced length against the
+/// limit), the body is read in chunks of up to [`CONNECT_CHUNK_BYTES`], and the CONNECT is
+/// decoded once, when all of it is in; the task yields between reads.
 async fn read_connect<R: AsyncRead + Unpin>(
     stream: &mut R,
     buf: &mut BytesMut,
@@ -222,19 +230,36 @@ async fn read_connect<R: AsyncRead + Unpin>(
 ) -> Result<Box<Connect>, ConnectFailure> {
     let limits = DecodeLimits::new(max_packet, None);
     let deadline = Instant::now() + timeout;
+    let decoded = |bytes: &[u8]| match decode(&mut BytesMut::from(bytes), &limits) {
+        Ok(Some(Packet::Connect(c))) => Some(Ok(c)),
+        Ok(Some(_)) => Some(Err(ConnectFailure::Decode(DecodeError::ExpectedConnect))),
+        Ok(None) => None,
+        Err(e) => Some(Err(ConnectFailure::Decode(e))),
+    };
+    let mut total = None;
     loop {
-        let mut probe = buf.clone();
-        match decode(&mut probe, &limits) {
-            Ok(Some(Packet::Connect(c))) => return Ok(c),
-            Ok(Some(_)) => return Err(ConnectFailure::Decode(DecodeError::ExpectedConnect)),
-            Ok(None) => {}
-            Err(e) => return Err(ConnectFailure::Decode(e)),
+        if total.is_none() {
+            // The fixed header (at most 5 bytes): refused at once if wrong or too large.
+            if let Some(done) = decoded(&buf[..buf.len().min(5)]) {
+                return done;
+            }
+            if let Some(Ok(Some((remaining, len_bytes)))) = buf.get(1..).map(peek_varint) {
+                // Not reserved ahead: memory follows what the client really sent.
+                total = Some(1 + len_bytes + remaining as usize);
+            }
         }
+        if let Some(t) = total.filter(|&t| buf.len() >= t) {
+            return decoded(&buf[..t])
+                .unwrap_or(Err(ConnectFailure::Decode(DecodeError::ExpectedConnect)));
+        }
+        let want = total.map_or(CONNECT_READ_BYTES, |t| {
+            (t - buf.len()).clamp(CONNECT_READ_BYTES, CONNECT_CHUNK_BYTES)
+        });
         let left = deadline.saturating_duration_since(Instant::now());
         // Read straight into the buffer: no array in this future, which lives as long as
         // the connection's task.
         let start = buf.len();
-        buf.resize(start + CONNECT_READ_BYTES, 0);
+        buf.resize(start + want, 0);
         let n = future::or(
             async { Some(stream.read(&mut buf[start..]).await) },
             async {
@@ -253,6 +278,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             Some(Ok(0)) | Some(Err(_)) => return Err(ConnectFailure::Closed),
             Some(Ok(_)) => {}
         }
+        glommio::yield_if_needed().await;
     }
 }
 
