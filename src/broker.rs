@@ -198,6 +198,8 @@ impl Broker {
             queue_policy: cfg.sessions.queue_policy,
             started: std::time::SystemTime::now(),
             concurrent_requests_max: cfg.admin.concurrent_requests_max,
+            allowed_hosts: cfg.admin.allowed_hosts.clone(),
+            token: cfg.admin.token.clone(),
         };
 
         // One database per shard, opened here so that a bad data directory fails the start

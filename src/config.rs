@@ -356,6 +356,9 @@ pub enum Durability {
     Memory,
 }
 
+/// The shortest `admin.token` accepted.
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
+
 /// Storage of persistent sessions (one database per shard under `data_dir`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -456,11 +459,18 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub enabled: bool,
-    /// It has no authentication: keep it on loopback or a trusted network.
+    /// Reading needs no credentials: keep it on loopback or a trusted network.
     pub listen: SocketAddr,
     /// API requests that gather from the shards at once (each asks every shard, so this
     /// bounds the load the endpoint can put on them); more wait their turn.
     pub concurrent_requests_max: u32,
+    /// Host names (besides `localhost` and IP addresses, always accepted) that requests
+    /// may name in their Host header. Any other name is refused (403), so that a web page
+    /// that rebinds its own name to this address cannot use the endpoint through a browser.
+    pub allowed_hosts: Vec<String>,
+    /// The bearer token that changing requests (`DELETE /api/sessions/{id}`) must carry
+    /// (`Authorization: Bearer <token>`), at least 16 characters. Absent: they are off (403).
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -469,6 +479,8 @@ impl Default for AdminConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             concurrent_requests_max: 16,
+            allowed_hosts: Vec::new(),
+            token: None,
         }
     }
 }
@@ -620,6 +632,22 @@ impl Config {
         }
         if let Some(cores) = &self.shards.cores {
             parse_core_list(cores).map_err(|r| bad("shards.cores", r))?;
+        }
+        if let Some(t) = &self.admin.token {
+            if t.chars().count() < ADMIN_TOKEN_MIN_CHARS || t.chars().any(|c| c.is_whitespace()) {
+                return Err(bad(
+                    "admin.token",
+                    format!("must be at least {ADMIN_TOKEN_MIN_CHARS} characters, without spaces"),
+                ));
+            }
+        }
+        for h in &self.admin.allowed_hosts {
+            if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+                return Err(bad(
+                    "admin.allowed_hosts",
+                    format!("{h:?} is not a host name (no port, no scheme)"),
+                ));
+            }
         }
         for f in &self.access.subscribe_deny {
             crate::protocol::TopicFilter::new(f)

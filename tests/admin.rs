@@ -455,30 +455,38 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
 
 // ------------------------------------------------------------------------------ DELETE
 
+const TOKEN: &str = "test-token-0123456789";
+const WITH_TOKEN: &str = "[sys]\ninterval_s = 0\n[admin]\ntoken = \"test-token-0123456789\"\n";
+
+fn delete(b: &TestBroker, path: &str) -> (u16, String) {
+    let auth = format!("Bearer {TOKEN}");
+    b.http_with("DELETE", path, &[("Authorization", &auth)])
+}
+
 #[test]
 fn delete_disconnects_an_online_client_and_discards_its_session() {
-    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let b = TestBroker::start_with(SHARDS, WITH_TOKEN);
     let id = "delete-me";
     let (mut c, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
     c.subscribe_v5(&[("delete/t", support::raw::opts(QoS::AtLeastOnce))], None);
     assert_eq!(get_json(&b, &format!("/api/sessions/{id}"))["online"], true);
 
-    let (status, body) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    let (status, body) = delete(&b, &format!("/api/sessions/{id}"));
     assert_eq!(status, 204, "{body}");
     assert_eq!(c.expect_disconnect(), ReasonCode::AdministrativeAction);
     let (status, _) = get(&b, &format!("/api/sessions/{id}"));
     assert_eq!(status, 404);
-    let (status, _) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    let (status, _) = delete(&b, &format!("/api/sessions/{id}"));
     assert_eq!(status, 404);
 
     // Gone with its stored state: a reconnect finds no session, and it survives no restart.
     let (c2, ack) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
     assert!(!ack.session_present);
     c2.disconnect();
-    let (status, _) = request(&b, "DELETE", &format!("/api/sessions/{id}"));
+    let (status, _) = delete(&b, &format!("/api/sessions/{id}"));
     assert_eq!(status, 204);
     let status = b.stop_keep_dir();
-    let b = TestBroker::start_in(SHARDS, "[sys]\ninterval_s = 0\n", status);
+    let b = TestBroker::start_in(SHARDS, WITH_TOKEN, status);
     let (status, _) = get(&b, &format!("/api/sessions/{id}"));
     assert_eq!(status, 404);
 }
@@ -625,7 +633,7 @@ fn sigterm_stops_the_broker_with_an_admin_connection_open() {
     let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
     let mut s = std::net::TcpStream::connect(admin(&b)).expect("connect");
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(b"GET /api/shards HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    s.write_all(b"GET /api/shards HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
         .unwrap();
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -643,4 +651,106 @@ fn sigterm_stops_the_broker_with_an_admin_connection_open() {
 fn no_admin_leaves_the_ready_line_without_an_address() {
     let b = TestBroker::start_with(1, "[admin]\nenabled = false\n");
     assert_eq!(b.admin, None);
+}
+
+// ---------------------------------------------------------------------------- security
+
+/// A raw HTTP/1.1 request with the given Host header (and more headers): the status code.
+fn raw_status(b: &TestBroker, method: &str, path: &str, host: &str, extra: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin(b)).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("answer");
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {out:?}"))
+}
+
+/// A page that rebinds its own name to the broker's address reaches the endpoint with its
+/// own name in the Host header: refused (403), reading and deleting alike. Loopback names
+/// and IP addresses are served. Changing requests need the configured bearer token.
+#[test]
+fn a_foreign_host_name_is_refused_and_changes_need_the_token() {
+    let b = TestBroker::start_with(SHARDS, WITH_TOKEN);
+    let port = admin(&b).port();
+    let id = "guarded";
+    let (c, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
+    c.disconnect();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let path = format!("/api/sessions/{id}");
+    for host in [
+        "rebind.attacker.test",
+        &format!("rebind.attacker.test:{port}"),
+    ] {
+        assert_eq!(
+            raw_status(&b, "GET", "/api/sessions", host, ""),
+            403,
+            "{host}"
+        );
+        assert_eq!(raw_status(&b, "GET", "/", host, ""), 403, "{host}");
+        assert_eq!(raw_status(&b, "GET", "/metrics", host, ""), 403, "{host}");
+        assert_eq!(raw_status(&b, "DELETE", &path, host, &auth), 403, "{host}");
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+    ] {
+        assert_eq!(raw_status(&b, "GET", &path, &host, ""), 200, "{host}");
+    }
+    // No token, a wrong one, the right one.
+    let (status, _) = b.http("DELETE", &path);
+    assert_eq!(status, 401);
+    let (status, _) = b.http_with(
+        "DELETE",
+        &path,
+        &[("Authorization", "Bearer nope-nope-nope-nope")],
+    );
+    assert_eq!(status, 401);
+    let (status, _) = b.http_with("DELETE", &path, &[("Authorization", TOKEN)]);
+    assert_eq!(status, 401, "the Bearer scheme is required");
+    assert_eq!(get_json(&b, &path)["client_id"], id, "still there");
+    let (status, body) = delete(&b, &path);
+    assert_eq!(status, 204, "{body}");
+
+    // Without a configured token, changing requests are off.
+    let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
+    let (c, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(id, false).expiry(3600));
+    c.disconnect();
+    let (status, body) = b.http_with(
+        "DELETE",
+        &path,
+        &[("Authorization", "Bearer anything-at-all-here")],
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin.token"), "{body}");
+    assert_eq!(get_json(&b, &path)["client_id"], id);
+}
+
+/// `admin.allowed_hosts` names the extra host names served (a broker reached by name).
+#[test]
+fn allowed_hosts_are_served() {
+    let b = TestBroker::start_with(SHARDS, "[admin]\nallowed_hosts = [\"broker.internal\"]\n");
+    let port = admin(&b).port();
+    assert_eq!(
+        raw_status(
+            &b,
+            "GET",
+            "/api/shards",
+            &format!("broker.internal:{port}"),
+            ""
+        ),
+        200
+    );
+    assert_eq!(
+        raw_status(&b, "GET", "/api/shards", "other.internal", ""),
+        403
+    );
 }

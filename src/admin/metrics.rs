@@ -272,6 +272,8 @@ mod tests {
             queue_policy: QueuePolicy::RejectNewest,
             started: SystemTime::now(),
             concurrent_requests_max: 1,
+            allowed_hosts: Vec::new(),
+            token: None,
         };
         let text = render(&[a, ShardStats::default()], &info);
         let mut typed = Vec::new();

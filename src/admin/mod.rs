@@ -15,6 +15,14 @@
 //!   `DELETE /api/sessions/{client_id}` (disconnects and discards it; 204, or 404);
 //! - `GET /api/subscriptions` (cursor `after_filter` + `after_client`), `GET /api/retained`;
 //! - `GET /metrics`: Prometheus text format 0.0.4, every series labelled `shard`.
+//!
+//! Security model: reading needs no credentials (keep the endpoint on loopback or a trusted
+//! network). A request whose Host header names anything but `localhost`, an IP address or
+//! a name in `admin.allowed_hosts` is refused (403): a web page that rebinds its own name to
+//! this address gets nothing through the browser of the operator, and a page on another
+//! origin can neither read answers (no CORS headers) nor send `DELETE` (not a simple
+//! request). Changing requests need `Authorization: Bearer <admin.token>`; without a
+//! configured token they are off.
 
 mod metrics;
 
@@ -24,8 +32,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Path, Query as UrlQuery, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query as UrlQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -53,6 +62,10 @@ pub struct BrokerInfo {
     pub queue_policy: QueuePolicy,
     pub started: SystemTime,
     pub concurrent_requests_max: u32,
+    /// Host names accepted besides `localhost` and IP addresses (`admin.allowed_hosts`).
+    pub allowed_hosts: Vec<String>,
+    /// The bearer token of changing requests (`admin.token`); `None`: they are off.
+    pub token: Option<String>,
 }
 
 /// The running admin endpoint; [`AdminServer::stop`] ends it.
@@ -153,7 +166,79 @@ impl Drop for AdminServer {
     }
 }
 
+/// Whether a Host header value (name or address, with or without a port) may be served:
+/// `localhost`, an IP address literal, or one of `allowed` (case-insensitive).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        return v6.split_once(']').is_some_and(|(addr, rest)| {
+            addr.parse::<std::net::Ipv6Addr>().is_ok()
+                && (rest.is_empty() || rest.strip_prefix(':').is_some_and(is_port))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Refuses a request whose Host header names a host this endpoint does not answer for.
+async fn host_guard(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST).map(|h| h.to_str());
+    match host {
+        // Browsers always send one; a client without one cannot be a rebound page.
+        None => next.run(req).await,
+        Some(Ok(h)) if host_allowed(h, &st.info.allowed_hosts) => next.run(req).await,
+        Some(h) => {
+            let shown = h
+                .unwrap_or("(not text)")
+                .chars()
+                .take(256)
+                .collect::<String>();
+            tracing::warn!(host = %shown, "admin request refused: Host not allowed (admin.allowed_hosts)");
+            ApiError(
+                StatusCode::FORBIDDEN,
+                format!("Host {shown:?} is not served here: add it to admin.allowed_hosts"),
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Checks a changing request's credentials (see the module docs).
+fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let Some(token) = &st.info.token else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "changing requests are off: set admin.token".into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if bool::from(g.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this request needs Authorization: Bearer <admin.token>".into(),
+        )),
+    }
+}
+
 fn router(state: Shared) -> Router {
+    let guard = axum::middleware::from_fn_with_state(state.clone(), host_guard);
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics_text))
@@ -165,6 +250,7 @@ fn router(state: Shared) -> Router {
         )
         .route("/api/subscriptions", get(subscriptions))
         .route("/api/retained", get(retained))
+        .layer(guard)
         .with_state(state)
 }
 
@@ -178,7 +264,14 @@ impl IntoResponse for ApiError {
         struct Body {
             error: String,
         }
-        (self.0, Json(Body { error: self.1 })).into_response()
+        let mut r = (self.0, Json(Body { error: self.1 })).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"shardmq\""),
+            );
+        }
+        r
     }
 }
 
@@ -370,7 +463,9 @@ async fn session(
 async fn delete_session(
     State(st): State<Shared>,
     Path(client_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    authorize(&st, &headers)?;
     let deleted = gather(
         &st,
         Query::DeleteSession(client_id.clone()),
@@ -461,4 +556,43 @@ async fn retained(
         .then(|| items.last().map(|r| r.topic.clone()))
         .flatten();
     Ok(Json(Listing { total, items, next }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_localhost_ip_literals_and_allowed_names_are_served() {
+        let allowed = vec!["broker.example".to_string()];
+        for ok in [
+            "localhost",
+            "LOCALHOST:8080",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+            "broker.example",
+            "Broker.Example:9000",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "rebind.attacker.test",
+            "rebind.attacker.test:8080",
+            "localhost.attacker.test",
+            "127.0.0.1.attacker.test",
+            "[::1",
+            "[::1]x",
+            "[zz]:80",
+            "localhost:http",
+            "localhost:",
+            "",
+            "broker.example.evil",
+        ] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
+    }
 }

@@ -173,10 +173,19 @@ impl TestBroker {
 
     /// An HTTP request to the admin endpoint: the status and the body (4xx/5xx included).
     pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        self.http_with(method, path, &[])
+    }
+
+    /// [`TestBroker::http`] with extra request headers.
+    pub fn http_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         let admin = self.admin.expect("the ready line names the admin endpoint");
         let url = format!("http://{admin}{path}");
         let agent = ureq::AgentBuilder::new().timeout(TIMEOUT).build();
-        match agent.request(method, &url).call() {
+        let mut req = agent.request(method, &url);
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        match req.call() {
             Ok(r) => (r.status(), r.into_string().expect("body")),
             Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
             Err(e) => panic!("{method} {url}: {e}"),
