@@ -24,10 +24,6 @@ fn get(b: &TestBroker, path: &str) -> (u16, String) {
     b.http("GET", path)
 }
 
-fn request(b: &TestBroker, method: &str, path: &str) -> (u16, String) {
-    b.http(method, path)
-}
-
 fn get_json(b: &TestBroker, path: &str) -> Value {
     b.admin_json(path)
 }
