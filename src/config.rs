@@ -279,6 +279,13 @@ pub struct Limits {
     pub inbound_messages_per_s: u32,
     /// Bytes one connection may send per second, likewise. 0: no limit.
     pub inbound_bytes_per_s: u64,
+    /// A packet that has started to arrive must be complete within this many seconds, or
+    /// the connection is closed (MQTT 5: DISCONNECT 0x8D), whatever its keep alive.
+    pub packet_timeout_s: u32,
+    /// Bytes held by all connections together in packets that have started and are not
+    /// complete (split evenly between the shards); beyond it the largest holders are closed
+    /// first (MQTT 5: DISCONNECT 0x97).
+    pub incomplete_packet_bytes_max: u64,
     /// Messages waiting for one session (offline, or beyond its inflight window). A
     /// persistent session's queue is on disk (at most 512 messages of it in memory while
     /// online, none while offline), so this bounds disk, not memory; the disk as a whole
@@ -308,6 +315,8 @@ impl Default for Limits {
             write_stall_timeout_s: 30,
             inbound_messages_per_s: 0,
             inbound_bytes_per_s: 0,
+            packet_timeout_s: 60,
+            incomplete_packet_bytes_max: 256 * 1024 * 1024,
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,
             retained_messages_max: 1_000_000,
@@ -579,6 +588,11 @@ impl Config {
                 l.write_stall_timeout_s as u64,
             ),
             ("limits.queue_messages_max", l.queue_messages_max as u64),
+            ("limits.packet_timeout_s", l.packet_timeout_s as u64),
+            (
+                "limits.incomplete_packet_bytes_max",
+                l.incomplete_packet_bytes_max,
+            ),
             ("limits.queue_bytes_max", l.queue_bytes_max),
             ("shards.preempt_timer_ms", self.shards.preempt_timer_ms),
             (

@@ -485,3 +485,120 @@ fn a_big_connect_in_many_pieces_costs_linear_time_and_stalls_no_one() {
     );
     drop(sockets);
 }
+
+/// A PUBLISH of `body` bytes of remaining length (topic `t`, QoS 0): its fixed header and
+/// variable header, without the payload.
+fn publish_head(body: usize) -> Vec<u8> {
+    let mut head = vec![0x30];
+    varint(body, &mut head);
+    head.extend_from_slice(&[0, 1, b't']);
+    head
+}
+
+/// A packet that has started must complete within `limits.packet_timeout_s`, whatever the
+/// keep alive (here none): a client that sends half a PUBLISH and stops is disconnected
+/// (MQTT 5: DISCONNECT 0x8D; 3.1.1: closed); a bystander on the same shard is not.
+#[test]
+fn a_packet_that_never_completes_is_cut_off_after_the_packet_timeout() {
+    let b = TestBroker::start_with(1, "[limits]\npacket_timeout_s = 1\n");
+    let mut bystander = RawClient::connect_v311(b.addr, "patient");
+    for version in [ProtocolVersion::V5, ProtocolVersion::V3_1_1] {
+        let opts = ConnectOpts::new(version, &format!("stalled-{}", version.level()), true);
+        let (mut c, ack) = RawClient::connect_raw(b.addr, &opts);
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        let mut half = publish_head(1000);
+        half.extend_from_slice(&[b'x'; 400]);
+        c.send_bytes(&half);
+        let started = Instant::now();
+        let got = c.expect_closed();
+        match version {
+            ProtocolVersion::V5 => assert!(
+                matches!(got.last(), Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::KeepAliveTimeout),
+                "{got:?}"
+            ),
+            _ => assert!(got.is_empty(), "{got:?}"),
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "not before the limit"
+        );
+    }
+    bystander.ping();
+    let (_, metrics) = b.http("GET", "/metrics");
+    assert!(
+        metrics.contains("shardmq_packet_timeouts_total{shard=\"0\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// The bytes held in incomplete packets have a budget: 100 clients each sending all but
+/// the last byte of a 1 MiB PUBLISH (100 MiB held before; Mosquitto holds them too) cost
+/// the broker at most its 8 MiB budget: the largest holders are closed first (MQTT 5:
+/// DISCONNECT 0x97), and its memory grows by far less than what the clients sent.
+#[test]
+fn incomplete_packets_have_a_broker_wide_budget() {
+    const CLIENTS: usize = 100;
+    let b = TestBroker::start_with(
+        1,
+        "[limits]\nincomplete_packet_bytes_max = 8388608\npacket_timeout_s = 600\n",
+    );
+    let mut bystander = RawClient::connect_v311(b.addr, "bystander");
+    let rss_before = b.rss_kib();
+    let body = (1 << 20) - 8;
+    let mut clients: Vec<RawClient> = (0..CLIENTS)
+        .map(|i| {
+            let opts = ConnectOpts::new(ProtocolVersion::V5, &format!("hoarder-{i}"), true);
+            let (c, ack) = RawClient::connect_raw(b.addr, &opts);
+            assert_eq!(ack.reason_code, ReasonCode::Success);
+            c
+        })
+        .collect();
+    let mut head = publish_head(body);
+    head.resize(head.len() + body - 3 - 1, b'x');
+    for c in &mut clients {
+        // A client the broker closed meanwhile may refuse the rest of its bytes.
+        let _ = c.try_send_bytes(&head);
+    }
+    // The broker reads the sockets at its own pace: the budget holds at every moment, and
+    // once it has read what the clients sent, at most 8 of them (each holding 1 MiB or
+    // more) are left.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let shards = b.admin_json("/api/shards");
+        let held = shards["shards"][0]["incomplete_packet_bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(held <= 8 << 20, "{held} bytes held in incomplete packets");
+        let (_, metrics) = b.http("GET", "/metrics");
+        let closed: usize = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("shardmq_incomplete_packet_closes_total{shard=\"0\"} "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{metrics}"));
+        if closed >= CLIENTS - 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{closed} closed, {held} bytes held"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Those closed heard why; the others are still waiting to finish their packet.
+    let mut told = 0;
+    for c in &mut clients {
+        let soon = Instant::now() + Duration::from_millis(300);
+        if let Ok((p, _)) = c.read_frame_until(soon) {
+            assert!(
+                matches!(&p, Packet::Disconnect(d) if d.reason_code == ReasonCode::QuotaExceeded),
+                "{p:?}"
+            );
+            told += 1;
+        }
+    }
+    assert!(told >= CLIENTS - 8, "{told} told");
+    let grown_mib = b.rss_kib().saturating_sub(rss_before) / 1024;
+    eprintln!("{CLIENTS} hoarders: RSS grew by {grown_mib} MiB");
+    assert!(grown_mib < 64, "RSS grew by {grown_mib} MiB");
+    bystander.ping();
+}

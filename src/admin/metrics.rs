@@ -58,7 +58,7 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
     let mut f = Family { out: &mut out };
 
     type Gauge = fn(&ShardStats) -> f64;
-    let simple: [(&str, &str, &str, Gauge); 20] = [
+    let simple: [(&str, &str, &str, Gauge); 23] = [
         ("shardmq_connections", "gauge", "Sockets open.", |s| {
             s.sockets as f64
         }),
@@ -169,6 +169,24 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             "counter",
             "Sessions discarded through the admin API.",
             |s| s.core.sessions_deleted as f64,
+        ),
+        (
+            "shardmq_incomplete_packet_bytes",
+            "gauge",
+            "Read buffer bytes held by packets that have started to arrive and are not complete.",
+            |s| s.incomplete_packet_bytes as f64,
+        ),
+        (
+            "shardmq_incomplete_packet_closes_total",
+            "counter",
+            "Connections closed as the largest holders of incomplete packets over limits.incomplete_packet_bytes_max.",
+            |s| s.closed_incomplete_budget as f64,
+        ),
+        (
+            "shardmq_packet_timeouts_total",
+            "counter",
+            "Connections closed because a started packet was not complete within limits.packet_timeout_s.",
+            |s| s.closed_packet_timeout as f64,
         ),
         (
             "shardmq_takeovers_refused_total",

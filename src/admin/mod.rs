@@ -340,6 +340,8 @@ struct ShardView {
     storage_bytes: u64,
     /// Will and session-expiry timers held (at most one of each per offline session).
     timers: usize,
+    /// Read buffer bytes held by packets that have started and are not complete.
+    incomplete_packet_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -370,6 +372,7 @@ async fn shards(State(st): State<Shared>) -> Result<Json<ShardsView>, ApiError> 
             messages_sent: s.delivery.delivered,
             storage_bytes: s.storage_bytes,
             timers: s.timers,
+            incomplete_packet_bytes: s.incomplete_packet_bytes,
         })
         .collect();
     Ok(Json(ShardsView {

@@ -533,6 +533,8 @@ async fn refuse<W: AsyncWrite + Unpin>(stream: &mut W, version: ProtocolVersion,
 enum ReadEvent {
     Data(io::Result<usize>),
     KeepAliveExpired,
+    /// A packet started `limits.packet_timeout_s` ago is still not complete.
+    PacketTimeout,
     Closed,
 }
 
@@ -541,6 +543,7 @@ enum ReadEvent {
 struct FlowLimits {
     outbound_max: usize,
     write_stall: Duration,
+    packet_timeout: Duration,
     messages_per_s: u32,
     bytes_per_s: u64,
 }
@@ -552,6 +555,7 @@ impl FlowLimits {
         FlowLimits {
             outbound_max: l.outbound_buffer_bytes_max as usize,
             write_stall: Duration::from_secs(l.write_stall_timeout_s as u64),
+            packet_timeout: Duration::from_secs(l.packet_timeout_s as u64),
             messages_per_s: l.inbound_messages_per_s,
             bytes_per_s: l.inbound_bytes_per_s,
         }
@@ -656,7 +660,10 @@ async fn serve<R, W>(
     .filter(rate::InboundLimiter::is_active)
     .map(Box::new);
     let outbound_max = flow.outbound_max;
+    // When the packet at the front of `buf` started to arrive (while it is incomplete).
+    let mut packet_started: Option<Instant> = None;
     'conn: loop {
+        let mut decoded_any = false;
         loop {
             // A client over its rate waits out its debt before its next packet is handled
             // (and before more is read from it). This does not count against keep alive.
@@ -668,6 +675,7 @@ async fn serve<R, W>(
             }
             match decode(&mut buf, &limits) {
                 Ok(Some(packet)) => {
+                    decoded_any = true;
                     let now = Instant::now();
                     if let Some(r) = rate.as_mut() {
                         r.packet(now);
@@ -699,6 +707,19 @@ async fn serve<R, W>(
                 }
             }
         }
+        // An incomplete packet: timed from its first byte, and its buffer counted against the
+        // shard's share of the budget for incomplete packets.
+        if buf.is_empty() {
+            if packet_started.take().is_some() {
+                shard.service().incomplete.update(ctx.conn_id, 0, &out);
+            }
+        } else {
+            if decoded_any || packet_started.is_none() {
+                packet_started = Some(Instant::now());
+            }
+            let held = buf.capacity() as u64;
+            shard.service().incomplete.update(ctx.conn_id, held, &out);
+        }
         // Back-pressure before reading more: the client's own answers must drain (this does
         // not count against keep alive either). Sessions keep messages below the cap plus
         // one packet, so only answers the client left unread take the buffer past twice the
@@ -715,11 +736,24 @@ async fn serve<R, W>(
                     ReadEvent::Closed
                 },
                 async {
-                    match keep_alive {
-                        Some(d) => glommio::timer::sleep(d).await,
-                        None => future::pending::<()>().await,
+                    // Whichever comes first: keep alive, or the started packet's time.
+                    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
+                    let pk = packet_started.map(|t| {
+                        let left =
+                            (t + flow.packet_timeout).saturating_duration_since(Instant::now());
+                        (left, ReadEvent::PacketTimeout)
+                    });
+                    let first = match (ka, pk) {
+                        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                        (a, b) => a.or(b),
+                    };
+                    match first {
+                        Some((d, event)) => {
+                            glommio::timer::sleep(d).await;
+                            event
+                        }
+                        None => future::pending().await,
                     }
-                    ReadEvent::KeepAliveExpired
                 },
             ),
         )
@@ -745,8 +779,20 @@ async fn serve<R, W>(
                 broker_closed = true;
                 break;
             }
+            ReadEvent::PacketTimeout => {
+                let inc = &shard.service().incomplete;
+                inc.timed_out.set(inc.timed_out.get() + 1);
+                tracing::debug!(client = %ctx.client_id, bytes = buf.len(), "packet not completed in time (limits.packet_timeout_s)");
+                out.close(Some(ReasonCode::KeepAliveTimeout));
+                broker_closed = true;
+                break;
+            }
         }
     }
+    shard.service().incomplete.update(ctx.conn_id, 0, &out);
+    // What the client had half sent is of no use now; the buffer goes before the drain
+    // below, which can last a while.
+    drop(buf);
     shard
         .service()
         .core

@@ -188,6 +188,11 @@ impl Outbound {
         }
     }
 
+    /// Whether [`Outbound::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        self.close.get().is_some()
+    }
+
     /// Completes when [`Outbound::close`] has been called (the reader selects on it).
     pub async fn closed(&self) -> CloseRequest {
         poll_fn(|cx| match self.close.get() {

@@ -17,6 +17,7 @@ use super::core::{
     Verification,
 };
 use super::event::Event;
+use super::incomplete::IncompletePackets;
 use crate::auth::Auth;
 use crate::auth::LoginFailure;
 use crate::config::{Config, Durability};
@@ -152,6 +153,12 @@ pub struct ShardStats {
     pub storage_bytes: u64,
     /// Will and expiry timer entries held.
     pub timers: usize,
+    /// Bytes held in incomplete packets now.
+    pub incomplete_packet_bytes: u64,
+    /// Connections closed as the largest holders of incomplete packets over the budget.
+    pub closed_incomplete_budget: u64,
+    /// Connections closed because a started packet did not complete in time.
+    pub closed_packet_timeout: u64,
     /// PUBLISH packets received and sent per second, since the previous stats query (at
     /// least a second before).
     pub received_per_s: f64,
@@ -241,6 +248,8 @@ pub struct BrokerShard {
     /// The shard's password-verification thread (see [`start_verifier`]).
     verifier: Option<crossbeam_channel::Sender<VerifyJob>>,
     pub io: Rc<IoCounters>,
+    /// The shard's share of the budget for incomplete packets.
+    pub incomplete: IncompletePackets,
     rate: Cell<RateSample>,
 }
 
@@ -267,8 +276,10 @@ impl BrokerShard {
             waker: Cell::new(None),
             commit: Notify::default(),
         });
-        // Each shard takes its share of the connection limit (rounded up).
+        // Each shard takes its share of the connection limit (rounded up), and of the
+        // budget for incomplete packets.
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
+        let incomplete_share = cfg.limits.incomplete_packet_bytes_max / count as u64;
         let verifier = start_verifier(id.index(), cfg.auth.verifications_inflight_max as usize);
         let mut core = Core::new(id.index(), count, cfg, sink.clone(), store.clone(), budget);
         core.set_auth(auth);
@@ -283,6 +294,7 @@ impl BrokerShard {
             storage_failed: Notify::default(),
             verifier,
             io: Rc::new(IoCounters::default()),
+            incomplete: IncompletePackets::new(incomplete_share),
             rate: Cell::new(RateSample {
                 at: Instant::now(),
                 received: 0,
@@ -390,6 +402,9 @@ impl BrokerShard {
             bytes_sent: self.io.bytes_out.get(),
             storage_bytes: core.storage_bytes(),
             timers: core.timer_count(),
+            incomplete_packet_bytes: self.incomplete.held(),
+            closed_incomplete_budget: self.incomplete.closed.get(),
+            closed_packet_timeout: self.incomplete.timed_out.get(),
             received_per_s: sample.rates.0,
             sent_per_s: sample.rates.1,
             delivery,
