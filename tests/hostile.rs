@@ -602,3 +602,74 @@ fn incomplete_packets_have_a_broker_wide_budget() {
     assert!(grown_mib < 64, "RSS grew by {grown_mib} MiB");
     bystander.ping();
 }
+
+/// What outlives a packet holds that packet's bytes only, never the connection's read
+/// buffer: 64 one-byte retained messages, each sent right behind a 1 MiB junk PUBLISH in
+/// the same write (before: each pinned the ~1 MiB buffer it was read into, ~100 MiB for
+/// 100 of them), and 64 offline sessions made by CONNECTs carrying ~1 MiB of user properties
+/// (before: each session's client id pinned its whole CONNECT) leave the broker's memory
+/// far below what was sent.
+#[test]
+fn kept_items_do_not_pin_the_buffers_they_were_read_from() {
+    const N: usize = 64;
+    // No $SYS topics: they are retained messages too.
+    let b = TestBroker::start_with(1, "[sys]\ninterval_s = 0\n");
+    let mut bystander = RawClient::connect_v311(b.addr, "bystander");
+    let rss_before = b.rss_kib();
+
+    let mut p = RawClient::connect_v311(b.addr, "junk-then-keep");
+    let junk_body = (1 << 20) - 16;
+    for i in 0..N {
+        let mut bytes = publish_head(junk_body);
+        bytes.resize(bytes.len() + junk_body - 3, b'j');
+        let mut kept = BytesMut::new();
+        publish_packet(
+            &format!("keep/{i}"),
+            b"k",
+            QoS::AtMostOnce,
+            true,
+            None,
+            false,
+        )
+        .encode(ProtocolVersion::V3_1_1, &mut kept)
+        .unwrap();
+        bytes.extend_from_slice(&kept);
+        p.send_bytes(&bytes);
+    }
+    p.ping();
+    let retained = b.admin_json("/api/shards")["shards"][0]["retained"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(retained, N as u64);
+
+    // ~1 MiB of user properties in each CONNECT (16 pairs of 32 KiB strings).
+    let big = "u".repeat(32 * 1024 - 64);
+    for i in 0..N {
+        let opts = ConnectOpts::v5(&format!("heavy-{i}"), false)
+            .expiry(3600)
+            .props(|p| {
+                p.user_properties = (0..16)
+                    .map(|_| {
+                        let s = shardmq::protocol::MqttStr::new(&big).unwrap();
+                        (s.clone(), s)
+                    })
+                    .collect()
+            });
+        let (c, ack) = RawClient::connect_v5(b.addr, &opts);
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        c.disconnect();
+    }
+    bystander.ping();
+    assert_eq!(
+        b.admin_json("/api/shards")["shards"][0]["sessions"]
+            .as_u64()
+            .unwrap(),
+        N as u64 + 2
+    );
+    let grown_mib = b.rss_kib().saturating_sub(rss_before) / 1024;
+    eprintln!("kept items: RSS grew by {grown_mib} MiB");
+    assert!(
+        grown_mib < 32,
+        "RSS grew by {grown_mib} MiB for {N} tiny retained messages and {N} sessions"
+    );
+}

@@ -23,7 +23,7 @@ mod subscribe;
 mod types;
 pub mod wire;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub use connect::{ConnAck, Connect, LastWill};
 pub use control::{Auth, Disconnect};
@@ -154,8 +154,23 @@ pub fn decode(buf: &mut BytesMut, limits: &DecodeLimits) -> Result<Option<Packet
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    let mut frame = buf.split_to(total).freeze();
-    let _ = frame.split_to(1 + len_bytes);
+    // The packets whose parts can outlive them (strings, payloads, properties kept in
+    // sessions, queues, retained messages) get an allocation of exactly their size: a kept
+    // part then holds its own packet's bytes, never the connection's read buffer (which may
+    // have grown large for another packet). The others are read in place.
+    let keeps = matches!(
+        ptype,
+        packet_type::CONNECT | packet_type::PUBLISH | packet_type::SUBSCRIBE
+    );
+    let frame = if keeps {
+        let body = Bytes::copy_from_slice(&buf[1 + len_bytes..total]);
+        buf.advance(total);
+        body
+    } else {
+        let mut frame = buf.split_to(total).freeze();
+        frame.advance(1 + len_bytes);
+        frame
+    };
     let mut r = Reader::new(frame);
     decode_body(ptype, flags, &mut r, version).map(Some)
 }

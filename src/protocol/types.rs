@@ -115,6 +115,12 @@ impl MqttStr {
         &self.0
     }
 
+    /// A copy with an allocation of its own: a decoded string is a slice of its packet,
+    /// and one that outlives the packet must not keep the rest of it alive.
+    pub fn detached(&self) -> MqttStr {
+        MqttStr(Bytes::copy_from_slice(&self.0))
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -179,6 +185,11 @@ impl TopicName {
         &self.0
     }
 
+    /// See [`MqttStr::detached`].
+    pub fn detached(&self) -> TopicName {
+        TopicName(self.0.detached())
+    }
+
     /// Topics beginning with `$` are not matched by filters starting with a wildcard.
     pub fn is_system(&self) -> bool {
         self.0.as_bytes().first() == Some(&b'$')
@@ -224,6 +235,14 @@ const SHARE_PREFIX: &str = "$share/";
 impl TopicFilter {
     pub fn new(s: &str) -> Result<TopicFilter, DecodeError> {
         TopicFilter::from_mqtt_str(MqttStr::new(s)?)
+    }
+
+    /// See [`MqttStr::detached`].
+    pub fn detached(&self) -> TopicFilter {
+        TopicFilter {
+            raw: self.raw.detached(),
+            share_prefix_len: self.share_prefix_len,
+        }
     }
 
     pub fn from_mqtt_str(raw: MqttStr) -> Result<TopicFilter, DecodeError> {

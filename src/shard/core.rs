@@ -1338,7 +1338,11 @@ impl Core {
     ) -> Result<Accepted, ReasonCode> {
         let version = c.protocol;
         let v5 = version.is_v5();
-        let client_id = assigned_id.clone().unwrap_or_else(|| c.client_id.clone());
+        // What the session keeps of the CONNECT gets allocations of its own, so that the
+        // rest of the packet (a password, user properties, up to the packet limit) is freed.
+        let client_id = assigned_id
+            .clone()
+            .unwrap_or_else(|| c.client_id.detached());
         let refuse = |rc: ReasonCode| {
             out.send(&Packet::ConnAck(Box::new(ConnAck {
                 session_present: false,
@@ -1376,7 +1380,7 @@ impl Core {
             );
             return refuse(ReasonCode::BadUserNameOrPassword);
         }
-        let username = login.username;
+        let username = login.username.map(|u| u.detached());
         if let Some(w) = &c.will {
             let user = username.as_ref().map(|u| u.as_str());
             if !self
@@ -1498,19 +1502,26 @@ impl Core {
             let p = &w.properties;
             Will {
                 msg: Arc::new(Message {
-                    topic: w.topic.clone(),
-                    payload: w.payload.clone(),
+                    topic: w.topic.detached(),
+                    payload: bytes::Bytes::copy_from_slice(&w.payload),
                     qos: w.qos,
                     retain: w.retain,
                     properties: PublishProperties {
                         payload_format_indicator: p.payload_format_indicator,
                         message_expiry_interval: p.message_expiry_interval,
                         topic_alias: None,
-                        response_topic: p.response_topic.clone(),
-                        correlation_data: p.correlation_data.clone(),
-                        user_properties: p.user_properties.clone(),
+                        response_topic: p.response_topic.as_ref().map(TopicName::detached),
+                        correlation_data: p
+                            .correlation_data
+                            .as_deref()
+                            .map(bytes::Bytes::copy_from_slice),
+                        user_properties: p
+                            .user_properties
+                            .iter()
+                            .map(|(k, v)| (k.detached(), v.detached()))
+                            .collect(),
                         subscription_identifiers: Vec::new(),
-                        content_type: p.content_type.clone(),
+                        content_type: p.content_type.as_ref().map(MqttStr::detached),
                     },
                     origin: Some(client_id.clone()),
                     qos2_id: None,
@@ -1999,7 +2010,8 @@ impl Core {
                     .cloned()
                     .ok_or(ReasonCode::ProtocolError)?;
             } else {
-                ctx.aliases_in.insert(alias.get(), topic.clone());
+                // Kept for the connection's life: not the whole PUBLISH it came in.
+                ctx.aliases_in.insert(alias.get(), topic.detached());
             }
         }
         if topic.len() > l.topic_bytes_max as usize || topic.levels() > l.topic_levels_max as usize
@@ -2062,10 +2074,10 @@ impl Core {
         };
         let msg = Arc::new(Message {
             topic,
-            // The decoded payload is a slice of the connection's read buffer: a message that
-            // waits (queued, in flight, retained) would pin that whole buffer, many times
-            // the payload's size. One copy makes the message own exactly its bytes.
-            payload: bytes::Bytes::copy_from_slice(&p.payload),
+            // A slice of this PUBLISH's own allocation (the codec copies it out of the read
+            // buffer): a message that waits (queued, in flight, retained) holds exactly its
+            // packet, never the connection's read buffer.
+            payload: p.payload,
             qos: p.qos,
             retain: p.retain,
             properties,
@@ -2502,8 +2514,9 @@ impl Core {
                 codes.push(ReasonCode::UnspecifiedError);
                 continue;
             };
+            // Kept for the session's life: its own bytes, not its SUBSCRIBE packet's.
             let new_sub = Subscription {
-                filter: filter.clone(),
+                filter: filter.detached(),
                 options,
                 id: sub_id,
             };
