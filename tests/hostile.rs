@@ -414,6 +414,7 @@ fn reconnecting_over_and_over_leaves_one_timer_of_each_kind() {
     }
     let shards = b.admin_json("/api/shards");
     let timers = shards["shards"][1]["timers"].as_u64().expect("timers");
+    eprintln!("{VISITS} visits of one client id: {timers} timer entries");
     // One will and one expiry timer, plus cancelled entries not yet compacted (at most 64
     // beyond twice the live ones): far below one pair per visit.
     assert!(
