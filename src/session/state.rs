@@ -505,6 +505,17 @@ impl Session {
         std::mem::take(&mut self.queue_notes)
     }
 
+    /// Whether the shard has anything to do after a change of this session: store writes,
+    /// reading the queue back, queue notes to log, bytes counted against the budget. A
+    /// clean session that only sends has none (the common case of a delivery).
+    pub fn needs_sync(&self) -> bool {
+        self.persistent
+            || !self.ops.is_empty()
+            || !self.queue_notes.is_empty()
+            || self.full_since_drops.is_some()
+            || self.budget_counted != 0
+    }
+
     /// Whether the queue is refusing (or pushing out) messages now.
     pub fn queue_is_full(&self) -> bool {
         self.full_since_drops.is_some()

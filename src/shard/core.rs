@@ -668,6 +668,9 @@ impl Core {
     /// Then logs the queue's changes between full and not, and counts its queued bytes
     /// against the broker-wide budget.
     fn sync_session(&mut self, client_id: &MqttStr, now: Instant) {
+        if !self.sessions.get(client_id).is_some_and(|s| s.needs_sync()) {
+            return;
+        }
         self.sync_session_store(client_id, now);
         self.settle_session(client_id);
     }
