@@ -837,12 +837,15 @@ async fn authenticate(
 /// The size of a connection's next read, adapted to its traffic (see [`READ_MIN_BYTES`]).
 struct ReadSize {
     bytes: usize,
+    /// The size of the read under way (see [`ReadSize::prepare`]).
+    window: usize,
 }
 
 impl Default for ReadSize {
     fn default() -> ReadSize {
         ReadSize {
             bytes: READ_MIN_BYTES,
+            window: READ_MIN_BYTES,
         }
     }
 }
@@ -851,12 +854,21 @@ impl ReadSize {
     /// Makes room for the next read at the end of `buf` (zero-filled, as a read takes an
     /// initialised slice) and returns where it starts. An empty buffer that grew large is
     /// given back first, so an idle connection keeps only a small one.
-    fn prepare(&self, buf: &mut BytesMut) -> usize {
+    /// While a packet is incomplete, the read stays within the room the decoder reserved
+    /// for the rest of it, so that a big packet's buffer is not grown (doubled) past its
+    /// size.
+    fn prepare(&mut self, buf: &mut BytesMut) -> usize {
         if buf.is_empty() && buf.capacity() > 2 * self.bytes {
             *buf = BytesMut::new();
         }
         let start = buf.len();
-        buf.resize(start + self.bytes, 0);
+        let spare = buf.capacity() - start;
+        self.window = if start > 0 && spare >= READ_MIN_BYTES {
+            self.bytes.min(spare)
+        } else {
+            self.bytes
+        };
+        buf.resize(start + self.window, 0);
         start
     }
 
@@ -867,9 +879,9 @@ impl ReadSize {
             _ => 0,
         };
         buf.truncate(start + n);
-        if n == self.bytes {
+        if n == self.window && n == self.bytes {
             self.bytes = (self.bytes * 2).min(READ_MAX_BYTES);
-        } else if n < self.bytes / 4 {
+        } else if n < self.window / 4 {
             self.bytes = (self.bytes / 2).max(READ_MIN_BYTES);
         }
     }
