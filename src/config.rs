@@ -623,6 +623,12 @@ impl Config {
         if l.client_id_bytes_max > u16::MAX as u32 {
             return Err(bad("limits.client_id_bytes_max", "must be at most 65535"));
         }
+        if l.incomplete_packet_bytes_max < l.packet_bytes_max as u64 {
+            return Err(bad(
+                "limits.incomplete_packet_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
         if (l.outbound_buffer_bytes_max) < l.packet_bytes_max {
             return Err(bad(
                 "limits.outbound_buffer_bytes_max",

@@ -184,7 +184,10 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
-        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        || allowed.iter().any(|a| {
+            let a = a.strip_suffix('.').unwrap_or(a);
+            a.eq_ignore_ascii_case(name)
+        })
 }
 
 fn is_port(p: &str) -> bool {
@@ -216,6 +219,7 @@ async fn host_guard(State(st): State<Shared>, req: Request, next: Next) -> Respo
 
 /// Checks a changing request's credentials (see the module docs).
 fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     let Some(token) = &st.info.token else {
         return Err(ApiError(
@@ -223,13 +227,18 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "changing requests are off: set admin.token".into(),
         ));
     };
+    // The scheme name is case-insensitive (RFC 7235).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    // Digests of equal length, compared in constant time: neither the token's bytes nor
+    // its length show in the answer's timing.
+    let digest = |t: &str| Sha256::digest(t.as_bytes());
     match given {
-        Some(g) if bool::from(g.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        Some(g) if bool::from(digest(g).ct_eq(&digest(token))) => Ok(()),
         _ => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "this request needs Authorization: Bearer <admin.token>".into(),
@@ -567,7 +576,7 @@ mod tests {
 
     #[test]
     fn only_localhost_ip_literals_and_allowed_names_are_served() {
-        let allowed = vec!["broker.example".to_string()];
+        let allowed = vec!["broker.example".to_string(), "other.example.".to_string()];
         for ok in [
             "localhost",
             "LOCALHOST:8080",
@@ -579,6 +588,8 @@ mod tests {
             "[::1]:8080",
             "broker.example",
             "Broker.Example:9000",
+            "other.example",
+            "other.example.:80",
         ] {
             assert!(host_allowed(ok, &allowed), "{ok}");
         }

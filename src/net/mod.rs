@@ -60,10 +60,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Transport;
-use crate::protocol::wire::peek_varint;
 use crate::protocol::{
-    decode, ConnAck, Connect, DecodeError, DecodeLimits, MqttStr, Packet, ProtocolVersion,
-    ReasonCode,
+    decode, fixed_header, packet_type, ConnAck, Connect, DecodeError, DecodeLimits, MqttStr,
+    Packet, ProtocolVersion, ReasonCode,
 };
 use crate::session::{owner_shard, Outbound};
 use crate::shard::core::{Ending, Flow, Login, LoginStep};
@@ -75,6 +74,9 @@ use shards::{Shard, ShardId};
 /// connection holds, in the read buffer and in the runtime's receive operation), doubles
 /// while reads fill it and halves while they use less than a quarter of it.
 const READ_MIN_BYTES: usize = 128;
+/// A read buffer bigger than this is replaced by one sized for the packet under way when it
+/// is less than half used.
+const READ_SHRINK_BYTES: usize = 64 * 1024;
 /// Bytes read at a time while waiting for CONNECT.
 const CONNECT_READ_BYTES: usize = 256;
 /// The most one read of a CONNECT's body asks for (a big CONNECT, a will with a large
@@ -217,43 +219,44 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd, listener: Arc<Lis
     }
 }
 
-/// Reads until CONNECT decodes, bounded by the connect timeout and the packet limit. Every
-/// byte read stays in `buf` (a hand-off passes them on). Linear in the packet's size: the
-/// fixed header is checked as soon as it is in (type, flags, announced length against the
-/// limit), the body is read in chunks of up to [`CONNECT_CHUNK_BYTES`], and the CONNECT is
-/// decoded once, when all of it is in; the task yields between reads.
+/// Reads until CONNECT decodes, bounded by the connect timeout and the packet limit; returns
+/// it with its size. Every byte read stays in `buf` (a hand-off passes them on). Linear in
+/// the packet's size: the fixed header is checked as soon as it is in (type, flags,
+/// announced length against the limit), the body is read in chunks that grow with what has
+/// arrived (so that memory follows what the client really sent, not what it announced) up
+/// to [`CONNECT_CHUNK_BYTES`], and the CONNECT is decoded once, when all of it is in; the
+/// task yields between reads.
 async fn read_connect<R: AsyncRead + Unpin>(
     stream: &mut R,
     buf: &mut BytesMut,
     max_packet: usize,
     timeout: Duration,
-) -> Result<Box<Connect>, ConnectFailure> {
+) -> Result<(Box<Connect>, usize), ConnectFailure> {
     let limits = DecodeLimits::new(max_packet, None);
     let deadline = Instant::now() + timeout;
-    let decoded = |bytes: &[u8]| match decode(&mut BytesMut::from(bytes), &limits) {
-        Ok(Some(Packet::Connect(c))) => Some(Ok(c)),
-        Ok(Some(_)) => Some(Err(ConnectFailure::Decode(DecodeError::ExpectedConnect))),
-        Ok(None) => None,
-        Err(e) => Some(Err(ConnectFailure::Decode(e))),
-    };
     let mut total = None;
     loop {
         if total.is_none() {
             // The fixed header (at most 5 bytes): refused at once if wrong or too large.
-            if let Some(done) = decoded(&buf[..buf.len().min(5)]) {
-                return done;
-            }
-            if let Some(Ok(Some((remaining, len_bytes)))) = buf.get(1..).map(peek_varint) {
-                // Not reserved ahead: memory follows what the client really sent.
-                total = Some(1 + len_bytes + remaining as usize);
+            match fixed_header(buf, &limits) {
+                Ok(Some(h)) if h.ptype != packet_type::CONNECT => {
+                    return Err(ConnectFailure::Decode(DecodeError::ExpectedConnect))
+                }
+                Ok(h) => total = h.map(|h| h.total),
+                Err(e) => return Err(ConnectFailure::Decode(e)),
             }
         }
         if let Some(t) = total.filter(|&t| buf.len() >= t) {
-            return decoded(&buf[..t])
-                .unwrap_or(Err(ConnectFailure::Decode(DecodeError::ExpectedConnect)));
+            return match decode(&mut BytesMut::from(&buf[..t]), &limits) {
+                Ok(Some(Packet::Connect(c))) => Ok((c, t)),
+                Ok(_) => Err(ConnectFailure::Decode(DecodeError::ExpectedConnect)),
+                Err(e) => Err(ConnectFailure::Decode(e)),
+            };
         }
         let want = total.map_or(CONNECT_READ_BYTES, |t| {
-            (t - buf.len()).clamp(CONNECT_READ_BYTES, CONNECT_CHUNK_BYTES)
+            (t - buf.len())
+                .min(buf.len().max(CONNECT_READ_BYTES))
+                .min(CONNECT_CHUNK_BYTES)
         });
         let left = deadline.saturating_duration_since(Instant::now());
         // Read straight into the buffer: no array in this future, which lives as long as
@@ -341,7 +344,7 @@ where
     let mut buf = BytesMut::new();
     let read = read_connect(reader, &mut buf, max_packet, timeout).await;
     shard.service().io.add_in(buf.len());
-    let connect = match read {
+    let (connect, connect_len) = match read {
         Ok(c) => c,
         Err(ConnectFailure::Decode(e)) => {
             refuse_undecodable(writer, &buf, &e).await;
@@ -370,7 +373,7 @@ where
     };
     if owner == shard.id().index() {
         let mut rest = buf;
-        let _ = decode(&mut rest, &DecodeLimits::new(max_packet, None));
+        bytes::Buf::advance(&mut rest, connect_len);
         Placed::Here {
             connect,
             rest,
@@ -668,10 +671,15 @@ async fn serve<R, W>(
             // A client over its rate waits out its debt before its next packet is handled
             // (and before more is read from it). This does not count against keep alive.
             if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
+                let waited = Instant::now();
                 future::or(glommio::timer::sleep(wait), async {
                     out.closed().await;
                 })
                 .await;
+                // The broker's own throttling does not count against the packet's time.
+                if let Some(t) = &mut packet_started {
+                    *t += waited.elapsed();
+                }
             }
             match decode(&mut buf, &limits) {
                 Ok(Some(packet)) => {
@@ -707,8 +715,9 @@ async fn serve<R, W>(
                 }
             }
         }
-        // An incomplete packet: timed from its first byte, and its buffer counted against the
-        // shard's share of the budget for incomplete packets.
+        // An incomplete packet: timed from its first byte, and its buffer (sized for the
+        // packet the client announced: what it will hold once the packet is in) counted
+        // against the shard's share of the budget for incomplete packets.
         if buf.is_empty() {
             if packet_started.take().is_some() {
                 shard.service().incomplete.update(ctx.conn_id, 0, &out);
@@ -716,16 +725,30 @@ async fn serve<R, W>(
         } else {
             if decoded_any || packet_started.is_none() {
                 packet_started = Some(Instant::now());
+                // A buffer that grew for a big packet is not kept for a small one.
+                let announced = fixed_header(&buf, &limits).ok().flatten().map(|h| h.total);
+                let need = announced.unwrap_or(buf.len()).max(buf.len());
+                if buf.capacity() > READ_SHRINK_BYTES && need.saturating_mul(2) < buf.capacity() {
+                    let mut small = BytesMut::with_capacity(need);
+                    small.extend_from_slice(&buf);
+                    buf = small;
+                }
             }
-            let held = buf.capacity() as u64;
-            shard.service().incomplete.update(ctx.conn_id, held, &out);
+            shard
+                .service()
+                .incomplete
+                .update(ctx.conn_id, buf.capacity() as u64, &out);
         }
         // Back-pressure before reading more: the client's own answers must drain (this does
         // not count against keep alive either). Sessions keep messages below the cap plus
         // one packet, so only answers the client left unread take the buffer past twice the
         // cap.
         if out.pending_bytes() >= outbound_max.saturating_mul(2) {
+            let waited = Instant::now();
             out.room(outbound_max).await;
+            if let Some(t) = &mut packet_started {
+                *t += waited.elapsed();
+            }
         }
         let start = read.prepare(&mut buf);
         let event = future::or(

@@ -116,6 +116,58 @@ fn required_flags(packet_type: u8) -> Option<u8> {
 /// Decodes one packet from the front of `buf`, consuming its bytes only when a whole packet
 /// (or an error) is found. See the module docs.
 pub fn decode(buf: &mut BytesMut, limits: &DecodeLimits) -> Result<Option<Packet>, DecodeError> {
+    let Some(FixedHeader {
+        ptype,
+        flags,
+        version,
+        len_bytes,
+        total,
+    }) = fixed_header(buf, limits)?
+    else {
+        return Ok(None);
+    };
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    // The packets whose parts can outlive them (strings, payloads, properties kept in
+    // sessions, queues, retained messages) get an allocation of exactly their size: a kept
+    // part then holds its own packet's bytes, never the connection's read buffer (which may
+    // have grown large for another packet). The others are read in place.
+    let keeps = matches!(
+        ptype,
+        packet_type::CONNECT | packet_type::PUBLISH | packet_type::SUBSCRIBE
+    );
+    let frame = if keeps {
+        let body = Bytes::copy_from_slice(&buf[1 + len_bytes..total]);
+        buf.advance(total);
+        body
+    } else {
+        let mut frame = buf.split_to(total).freeze();
+        frame.advance(1 + len_bytes);
+        frame
+    };
+    let mut r = Reader::new(frame);
+    decode_body(ptype, flags, &mut r, version).map(Some)
+}
+
+/// What the fixed header of a packet says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedHeader {
+    pub ptype: u8,
+    pub flags: u8,
+    /// The version to decode the body in.
+    pub version: ProtocolVersion,
+    /// Bytes of the Remaining Length field.
+    pub len_bytes: usize,
+    /// The whole packet's size, fixed header included.
+    pub total: usize,
+}
+
+/// Checks the fixed header at the front of `buf` (type, flags, length against the limit)
+/// without consuming anything: `Ok(None)` while it is incomplete. [`decode`] starts here; a
+/// reader that assembles a big packet uses it to learn the size early.
+pub fn fixed_header(buf: &[u8], limits: &DecodeLimits) -> Result<Option<FixedHeader>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -150,29 +202,13 @@ pub fn decode(buf: &mut BytesMut, limits: &DecodeLimits) -> Result<Option<Packet
             max: limits.max_packet_size,
         });
     }
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    // The packets whose parts can outlive them (strings, payloads, properties kept in
-    // sessions, queues, retained messages) get an allocation of exactly their size: a kept
-    // part then holds its own packet's bytes, never the connection's read buffer (which may
-    // have grown large for another packet). The others are read in place.
-    let keeps = matches!(
+    Ok(Some(FixedHeader {
         ptype,
-        packet_type::CONNECT | packet_type::PUBLISH | packet_type::SUBSCRIBE
-    );
-    let frame = if keeps {
-        let body = Bytes::copy_from_slice(&buf[1 + len_bytes..total]);
-        buf.advance(total);
-        body
-    } else {
-        let mut frame = buf.split_to(total).freeze();
-        frame.advance(1 + len_bytes);
-        frame
-    };
-    let mut r = Reader::new(frame);
-    decode_body(ptype, flags, &mut r, version).map(Some)
+        flags,
+        version,
+        len_bytes,
+        total,
+    }))
 }
 
 fn decode_body(

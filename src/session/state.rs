@@ -390,6 +390,10 @@ pub struct Session {
     /// read back from disk keeps no identity until its client returns), then
     /// `Some(user name)` (`Some(None)`: anonymous).
     pub identity: Option<Option<MqttStr>>,
+    /// The user the session belongs to (`Some(None)`: an anonymous client), recorded when
+    /// it was made while owner rules were in force (a password or ACL file); `None`: not
+    /// recorded, and the next user to connect with its client id under the rules gets it.
+    pub owner: Option<Option<MqttStr>>,
     /// Dedup keys (publisher, publisher packet id) of the QoS 2 messages this persistent
     /// session stored and their publisher has not released yet.
     qos2_keys: HashSet<(MqttStr, u16)>,
@@ -480,6 +484,7 @@ impl Session {
             persistent: false,
             qos2_published: false,
             identity: None,
+            owner: None,
             qos2_keys: HashSet::new(),
             ops: Vec::new(),
             next_packet_id: 1,
@@ -1048,18 +1053,29 @@ impl Session {
 
     /// Drops the messages in flight and queued in memory whose topic `readable` refuses (the
     /// client may no longer read it: access rules changed since they were queued). A QoS 2
-    /// message already received by the client (PUBREL sent) stays, to finish its flow.
+    /// message already received by the client (PUBREL sent) stays, to finish its flow; one
+    /// the client may have received (PUBLISH sent, no PUBREC yet) is not sent again but
+    /// released (PUBREL), so that the client frees its packet id before the id is reused.
     /// Returns how many were dropped.
     pub fn drop_unreadable(&mut self, readable: impl Fn(&TopicName) -> bool) -> u64 {
         let mut dropped = Vec::new();
-        self.inflight.retain(|i| {
-            let keep = i.state == OutState::AwaitPubComp || readable(&i.delivery.msg.topic);
-            if !keep {
-                dropped.push(StoreOp::InflightDelete {
-                    packet_id: i.packet_id,
-                });
+        self.inflight.retain_mut(|i| {
+            if i.state == OutState::AwaitPubComp || readable(&i.delivery.msg.topic) {
+                return true;
             }
-            keep
+            if i.state == OutState::AwaitPubRec {
+                i.state = OutState::AwaitPubComp;
+                dropped.push(StoreOp::InflightPut {
+                    packet_id: i.packet_id,
+                    delivery: i.delivery.clone(),
+                    state: i.state,
+                });
+                return true;
+            }
+            dropped.push(StoreOp::InflightDelete {
+                packet_id: i.packet_id,
+            });
+            false
         });
         let mut bytes = 0;
         self.queue.retain(|q| {

@@ -50,6 +50,10 @@ use crate::storage::{
 mod inspect;
 pub use inspect::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
 
+/// Reads of a session's queue from disk in one go: more happen only when a whole window
+/// read back was dropped (its topics no longer readable); the rest waits for the next tick.
+const REFILL_ROUNDS_MAX: usize = 8;
+
 /// How many members a shared message is offered to before it is dropped.
 const SHARED_ATTEMPTS_MAX: u8 = 3;
 
@@ -436,6 +440,9 @@ pub struct Core {
     /// Persistent sessions whose drop counters changed without a write to carry them (at
     /// most one entry per session): written together by [`Core::flush_counters`].
     counters_dirty: hashbrown::HashSet<MqttStr>,
+    /// Sessions whose queue is read back from disk at the next timer tick (see
+    /// [`REFILL_ROUNDS_MAX`]).
+    refill_later: hashbrown::HashSet<MqttStr>,
     /// While the budget is spent: the refusals counted when it became spent.
     budget_spent_since: Option<u64>,
     /// Messages refused by persistent sessions of this shard for the budget.
@@ -520,6 +527,7 @@ impl Core {
             budget,
             queued_bytes: 0,
             counters_dirty: hashbrown::HashSet::new(),
+            refill_later: hashbrown::HashSet::new(),
             budget_spent_since: None,
             budget_refused: 0,
             cfg,
@@ -676,7 +684,7 @@ impl Core {
     }
 
     fn sync_session_store(&mut self, client_id: &MqttStr, now: Instant) {
-        loop {
+        for round in 0.. {
             let Some(s) = self.sessions.get_mut(client_id) else {
                 return;
             };
@@ -703,6 +711,14 @@ impl Core {
             let Some((from, max)) = refill else {
                 return;
             };
+            if round == REFILL_ROUNDS_MAX {
+                // Each round's messages were all dropped (access taken away): the rest of
+                // the queue is read at the next timer tick, not all at once.
+                if self.refill_later.len() < self.sessions.len() {
+                    self.refill_later.insert(client_id.clone());
+                }
+                return;
+            }
             let Some(entries) = self.read_queue(client_id, from, max) else {
                 // The store is being reopened: the queue stays on disk, read at the
                 // session's next event.
@@ -947,7 +963,7 @@ impl Core {
             disconnected_unix_ms: (!s.is_online()).then(|| clock.unix_ms_of(now)),
             next_packet_id: 0,
             owner: s
-                .identity
+                .owner
                 .as_ref()
                 .map(|user| user.as_ref().map(|u| u.as_str().to_owned())),
         };
@@ -1162,11 +1178,13 @@ impl Core {
         let mut s = Session::new(client_id.clone(), version, expiry_s);
         s.persistent = true;
         // Its owner, as stored (a name that is no longer a valid MQTT string: unknown).
-        s.identity = match &rs.record.owner {
+        s.owner = match &rs.record.owner {
             None => None,
             Some(None) => Some(None),
             Some(Some(user)) => MqttStr::new(user).ok().map(Some),
         };
+        // Access checks of messages queued before its client returns use its owner.
+        s.identity = s.owner.clone();
         s.will = rs.record.will.as_ref().and_then(|w| w.to_will(clock).ok());
         for (filter, sr) in &rs.subscriptions {
             match sr.to_subscription(filter) {
@@ -1413,12 +1431,17 @@ impl Core {
 
         // A session belongs to the user that made it: another user may neither take it
         // over (and read its queue) nor end it with a clean start.
-        if self.auth.sessions_have_owners() {
-            let owner = self
-                .sessions
-                .get(&client_id)
-                .and_then(|s| s.identity.clone());
-            if let Some(owner) = owner.filter(|o| *o != username) {
+        let owned = self.auth.sessions_have_owners();
+        if owned {
+            let owner = self.sessions.get(&client_id).map(|s| s.owner.clone());
+            if owner == Some(None) && !c.clean_start {
+                tracing::warn!(
+                    client = %client_id,
+                    user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                    "a session without a recorded owner (made before owners were recorded, or while no password or ACL file was in force) now belongs to this user"
+                );
+            }
+            if let Some(owner) = owner.flatten().filter(|o| *o != username) {
                 self.stats.takeovers_refused += 1;
                 tracing::warn!(
                     client = %client_id,
@@ -1500,6 +1523,9 @@ impl Core {
             .or_insert_with(|| Box::new(Session::new(client_id.clone(), version, expiry_s)));
         session.expiry_s = expiry_s;
         session.identity = Some(username.clone());
+        // Recorded only under owner rules: a session made without them is not locked to a
+        // name nobody verified.
+        session.owner = owned.then(|| username.clone());
         session.epoch = Core::bump(&mut self.next_epoch);
         session.will = c.will.as_ref().map(|w| {
             let p = &w.properties;
@@ -1816,6 +1842,9 @@ impl Core {
         self.budget.refresh();
         self.check_budget();
         self.flush_counters();
+        for client_id in std::mem::take(&mut self.refill_later) {
+            self.sync_session(&client_id, now);
+        }
         if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
             self.last_prune = now;
             self.prune_tombstones(now);

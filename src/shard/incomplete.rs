@@ -1,11 +1,13 @@
 //! The shard's share of the broker-wide budget for bytes held in packets that have started
 //! to arrive and are not complete yet (`limits.incomplete_packet_bytes_max`, split evenly
 //! between the shards). A client that announces a large packet and sends it slowly, or not
-//! at all, holds a read buffer of up to the announced size; many such clients could hold
-//! the broker's memory without bound. Each connection reports the buffer it holds for an
-//! incomplete packet after every read; when the shard's total passes its share, the largest
-//! holders are closed first (MQTT 5: DISCONNECT 0x97 Quota exceeded) until it is back
-//! under. The time limit on a started packet (`limits.packet_timeout_s`) is the reader's.
+//! at all, holds a read buffer sized for the packet it announced; many such clients could
+//! hold the broker's memory without bound. Each connection reports the buffer it holds for
+//! an incomplete packet after every read (a buffer that grew for an earlier, bigger packet
+//! is first shrunk to the one under way); when the shard's total passes its share (at
+//! least one whole packet), the largest holders are closed first (MQTT 5: DISCONNECT 0x97
+//! Quota exceeded) until it is back under. The time limit on a started packet
+//! (`limits.packet_timeout_s`) is the reader's.
 
 use hashbrown::HashMap;
 use std::cell::{Cell, RefCell};

@@ -279,7 +279,10 @@ impl BrokerShard {
         // Each shard takes its share of the connection limit (rounded up), and of the
         // budget for incomplete packets.
         let connections_max = cfg.limits.connections_max.div_ceil(count as u32);
-        let incomplete_share = cfg.limits.incomplete_packet_bytes_max / count as u64;
+        // At least one whole packet, so that a legitimate packet of the largest size never
+        // closes itself.
+        let incomplete_share = (cfg.limits.incomplete_packet_bytes_max / count as u64)
+            .max(cfg.limits.packet_bytes_max as u64);
         let verifier = start_verifier(id.index(), cfg.auth.verifications_inflight_max as usize);
         let mut core = Core::new(id.index(), count, cfg, sink.clone(), store.clone(), budget);
         core.set_auth(auth);
