@@ -434,3 +434,60 @@ fn mosquitto_sub_v5_share_syntax() {
     );
     drop(subs);
 }
+
+/// Every member gets its SUBACK, also when the group's home is the member's own shard: on a
+/// one-shard broker (every 1-core host) and for a member placed on the home shard of a
+/// three-shard broker, in MQTT 5 and 3.1.1, and for `mosquitto_sub` (which waits for it).
+#[test]
+fn a_member_on_the_groups_home_shard_gets_its_suback() {
+    for shards in [1, SHARDS] {
+        let b = TestBroker::start(shards);
+        let filter = "$share/g/home/t";
+        // The shard the group's home is (the hash of the whole filter).
+        let home = support::owner(filter, shards);
+        let id5 = id_on_shard("home-member-5", home, shards);
+        let (mut m5, _) = RawClient::connect_v5(b.addr, &ConnectOpts::v5(&id5, true));
+        let ack = m5.subscribe_v5(&[(filter, opts(QoS::AtLeastOnce))], None);
+        assert_eq!(
+            ack.reason_codes,
+            [ReasonCode::GrantedQoS1],
+            "{shards} shards, v5"
+        );
+        let id3 = id_on_shard("home-member-3", home, shards);
+        let mut m3 = RawClient::connect_v311(b.addr, &id3);
+        let ack = m3.subscribe(&[(filter, QoS::AtLeastOnce)]);
+        assert_eq!(
+            ack.reason_codes,
+            [ReasonCode::GrantedQoS1],
+            "{shards} shards, 3.1.1"
+        );
+        // mosquitto_sub says when it has its SUBACK (-d).
+        // Line-buffered: its debug lines reach us as they are printed.
+        let mut sub = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", "127.0.0.1", "-p", &b.port().to_string()])
+            .args(["-V", "mqttv5", "-q", "1", "-C", "1", "-t", filter, "-d"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        let lines = support::stdout_lines(&mut sub);
+        // Stopped (by its PID) whatever happens below.
+        struct Stop(Child);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _stop = Stop(sub);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains("SUBACK") => break,
+                Ok(_) => {}
+                Err(_) => panic!("mosquitto_sub got no SUBACK on {shards} shard(s)"),
+            }
+        }
+    }
+}

@@ -2533,6 +2533,7 @@ impl Core {
         let sub_id = s.properties.subscription_identifier;
         let peers: Vec<usize> = self.peers().collect();
         let mut adding: Vec<Arc<str>> = Vec::new();
+        let mut local_joins = Vec::new();
         for (filter, options) in s.filters {
             let rc = self.check_filter(ctx, &filter);
             if matches!(rc, ReasonCode::NotAuthorized | ReasonCode::UnspecifiedError) {
@@ -2565,22 +2566,26 @@ impl Core {
                 let key: Arc<str> = Arc::from(filter.as_str());
                 let home = owner_shard(key.as_bytes(), self.count);
                 remaining += 1;
-                self.send(
-                    home,
-                    Event::SharedJoin {
-                        key,
-                        member: SharedMember {
-                            client_id: ctx.client_id.clone(),
-                            shard: self.id as u16,
-                            options,
-                            sub_id,
-                            online: true,
-                            persistent,
-                            identity: Some(ctx.username.clone()),
-                        },
-                        reply: token,
+                let join = Event::SharedJoin {
+                    key,
+                    member: SharedMember {
+                        client_id: ctx.client_id.clone(),
+                        shard: self.id as u16,
+                        options,
+                        sub_id,
+                        online: true,
+                        persistent,
+                        identity: Some(ctx.username.clone()),
                     },
-                );
+                    reply: token,
+                };
+                if home == self.id {
+                    // Handled here, and answered at once: only after the SUBACK's pending
+                    // entry exists, or the answer would find nothing to count down.
+                    local_joins.push(join);
+                } else {
+                    self.sink.push(home, join);
+                }
             } else {
                 let entry = self.subs.entry(filter.filter());
                 let first = entry.is_empty();
@@ -2660,6 +2665,9 @@ impl Core {
                     adding,
                 },
             );
+        }
+        for join in local_joins {
+            self.on_event(self.id, join, now);
         }
     }
 
