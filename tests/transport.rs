@@ -755,6 +755,42 @@ fn ws_packets_may_span_frames_and_frames_may_hold_several_packets() {
     }
 }
 
+/// RFC 6455 allows zero-length frames, and MQTT.js sends them (an empty topic with a topic
+/// alias, an empty payload clearing a retained message, each its own frame): the broker
+/// skips them, before CONNECT, between packets and inside one.
+#[test]
+fn ws_empty_frames_are_skipped() {
+    let b = TestBroker::start_with(
+        1,
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\ntransport = \"ws\"\nws_path = \"/mqtt\"\n",
+    );
+    let mut c = WsClient::connect(b.listener("ws"), "/mqtt", Some("mqtt")).expect("upgrade");
+    c.send_frame(&[]);
+    c.send_frame(&encode(&ConnectOpts::v311("empty-frames", true).packet()));
+    assert!(matches!(c.recv(), Packet::ConnAck(_)));
+    c.send_frame(&[]);
+    let ping = encode(&Packet::PingReq);
+    c.send_frame(&ping[..1]);
+    c.send_frame(&[]);
+    c.send_frame(&ping[1..]);
+    assert!(matches!(c.recv(), Packet::PingResp));
+    // Clearing a retained message: the PUBLISH with an empty payload is answered.
+    let set = publish_packet(
+        "ws/retained",
+        b"kept",
+        QoS::AtLeastOnce,
+        true,
+        Some(1),
+        false,
+    );
+    c.send_frame(&encode(&set));
+    assert!(matches!(c.recv(), Packet::PubAck(_)));
+    let clear = publish_packet("ws/retained", b"", QoS::AtLeastOnce, true, Some(2), false);
+    c.send_frame(&encode(&clear));
+    c.send_frame(&[]);
+    assert!(matches!(c.recv(), Packet::PubAck(_)));
+}
+
 #[test]
 fn a_ws_upgrade_without_the_mqtt_subprotocol_or_on_another_path_is_refused() {
     let b = TestBroker::start_with(

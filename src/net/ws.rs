@@ -103,8 +103,8 @@ where
     (ByteReader::new(BinaryFrames(stream)), ByteWriter::new(sink))
 }
 
-/// The binary messages of a WebSocket: control frames skipped, a text frame an error, a
-/// close frame the end.
+/// The binary messages of a WebSocket: control frames and empty frames skipped, a text frame
+/// an error, a close frame the end.
 #[derive(Debug)]
 pub struct BinaryFrames<S>(S);
 
@@ -117,6 +117,10 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             return match Pin::new(&mut self.0).poll_next(cx) {
+                // A zero-length frame (RFC 6455 allows it; MQTT.js sends one for an empty
+                // topic or payload) carries nothing: a byte reader would take its empty
+                // read for the end of the stream.
+                Poll::Ready(Some(Ok(Message::Binary(b)))) if b.is_empty() => continue,
                 Poll::Ready(Some(Ok(m @ Message::Binary(_)))) => Poll::Ready(Some(Ok(m))),
                 Poll::Ready(Some(Ok(Message::Text(_)))) => {
                     Poll::Ready(Some(Err(WsError::Io(std::io::Error::new(
