@@ -453,12 +453,17 @@ pub struct LogConfig {
     /// A log level such as "info", or a filter such as "info,shardmq=debug". RUST_LOG
     /// overrides it, and `--log-level` overrides both.
     pub level: String,
+    /// Info lines per second and shard about clients connecting and disconnecting (client
+    /// id, address, user, protocol, reason); beyond it they are counted and summed up in
+    /// one line a second. 0 turns them off (busy brokers).
+    pub connection_lines_per_s: u32,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            connection_lines_per_s: 100,
         }
     }
 }

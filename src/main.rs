@@ -203,11 +203,14 @@ fn main() -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(2, e),
     };
-    // Colour only for a terminal: journald and log files get plain text.
+    // Colour only for a terminal, and not with NO_COLOR set (https://no-color.org):
+    // journald and log files get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour)
         .init();
 
     // Installed before the shards start and before the ready line, so that a SIGTERM sent
@@ -279,6 +282,9 @@ fn main() -> ExitCode {
     // First SIGINT/SIGTERM: orderly stop, bounded. Second: exit at once. SIGHUP: reload the
     // password and ACL files (a bad file is logged and the old rules stay).
     let control = broker.control();
+    // When the stop was asked for, for the last line's duration.
+    let stop_requested: &'static std::sync::OnceLock<std::time::Instant> =
+        Box::leak(Box::new(std::sync::OnceLock::new()));
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -293,6 +299,7 @@ fn main() -> ExitCode {
                 }
                 seen += 1;
                 if seen == 1 {
+                    let _ = stop_requested.set(std::time::Instant::now());
                     tracing::info!(signal = sig, "stopping");
                     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
                         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
@@ -315,7 +322,11 @@ fn main() -> ExitCode {
             }
         })
         .ok();
-    match broker.join() {
+    let result = broker.join();
+    if let Some(t) = stop_requested.get() {
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "stopped");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, format!("shard failure: {e}")),
     }
@@ -333,7 +344,17 @@ fn log_filter(flag: Option<&str>, config: &str) -> Result<tracing_subscriber::En
         (None, None) => ("log.level", config),
     };
     check_log_filter(text).map_err(|e| format!("{source}: {e}"))?;
-    tracing_subscriber::EnvFilter::builder()
+    let mut filter = tracing_subscriber::EnvFilter::builder()
         .parse(text)
-        .map_err(|e| format!("{source}: invalid log filter {text:?}: {e}"))
+        .map_err(|e| format!("{source}: invalid log filter {text:?}: {e}"))?;
+    // The storage engine's own lines (every table flush, journal rotation, recovery step)
+    // only at warn, unless the filter asks for them by name.
+    for engine in ["fjall", "lsm_tree"] {
+        if !text.contains(engine) {
+            if let Ok(d) = format!("{engine}=warn").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
+    Ok(filter)
 }

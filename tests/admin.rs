@@ -275,10 +275,14 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
             "family not contiguous: {line}"
         );
         assert!(!closed.contains(&family));
+        // Every shardmq series is per shard; the process-wide ones are the standard
+        // `process_*` series and the build info.
+        let process_wide = name.starts_with("process_") || name == "shardmq_build_info";
         assert!(
-            labels
-                .iter()
-                .any(|(k, v)| k == "shard" && v.parse::<usize>().is_ok()),
+            process_wide
+                || labels
+                    .iter()
+                    .any(|(k, v)| k == "shard" && v.parse::<usize>().is_ok()),
             "shard label: {line}"
         );
         if types[&family] == "counter" {
@@ -342,6 +346,26 @@ fn scrape(b: &TestBroker) -> BTreeMap<String, f64> {
 fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let b = TestBroker::start_with(SHARDS, "[sys]\ninterval_s = 0\n");
     let before = scrape(&b);
+    // The standard process series, as the broker's own /proc figures give them.
+    let rss = before["process_resident_memory_bytes"];
+    let own = b.rss_kib() as f64 * 1024.0;
+    assert!(rss > 0.5 * own && rss < 2.0 * own, "{rss} vs VmRSS {own}");
+    assert!(before["process_open_fds"] >= 3.0);
+    assert!(before["process_max_fds"] >= before["process_open_fds"]);
+    assert!(before["process_cpu_seconds_total"] >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = before["process_start_time_seconds"];
+    assert!(started <= now && started > now - 600.0, "{started}");
+    assert_eq!(
+        before[&format!(
+            "shardmq_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )],
+        1.0
+    );
     for name in [
         "shardmq_connections",
         "shardmq_sessions",

@@ -122,3 +122,96 @@ fn an_invalid_level_is_one_line_naming_it_and_its_source() {
     let (code, err) = failed_start(&["--config", cfg.to_str().expect("utf-8")], None);
     assert_one_line_naming(code, &err, &["log.level", "\"noisy\""]);
 }
+
+/// What an operator reads at the default level: no storage-engine internals, a line per
+/// connect and disconnect with the client's id, address and user, and a last line saying the
+/// broker stopped and how long that took.
+#[test]
+fn the_default_log_has_connections_and_a_stop_line_but_no_storage_internals() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = dir.path().join("shardmq.toml");
+    std::fs::write(&cfg, "[log]\nlevel = \"info\"\n").expect("config");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--shards",
+            "2",
+            "--no-admin",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardmq");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = rx.recv_timeout(TIMEOUT).expect("ready line");
+    let addr: std::net::SocketAddr = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listeners="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .expect("listener address");
+    // One client in and out (CONNECT, then DISCONNECT), as a raw 3.1.1 client.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(b"\x10\x13\x00\x04MQTT\x04\x02\x00\x00\x00\x07visitor")
+            .unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        s.write_all(b"\xe0\x00").unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // SAFETY: signalling the child we spawned, by its PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(child.wait().expect("wait").success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("client connected")
+            && l.contains("visitor")
+            && l.contains("127.0.0.1")),
+        "{stderr}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("client disconnected")
+            && l.contains("visitor")
+            && l.contains("DISCONNECT")),
+        "{stderr}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("fjall") || l.contains("lsm_tree")),
+        "storage internals at info: {stderr}"
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("stopped") && l.contains("ms=")),
+        "the last line says it stopped: {stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "no colour codes in a piped log");
+}

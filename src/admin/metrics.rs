@@ -272,7 +272,99 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             f.histogram(name, i, &get(s));
         }
     }
+    process_metrics(&mut out, info);
     out
+}
+
+/// The process-wide series every Prometheus client library exports (`process_*`, read from
+/// /proc, without a shard label), and the build's version.
+fn process_metrics(out: &mut String, info: &BrokerInfo) {
+    let mut one = |name: &str, kind: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", fmt_value(v));
+        }
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    let cpu = field(11)
+        .zip(field(12))
+        .map(|(u, s)| (u + s) / ticks.max(1) as f64);
+    one(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        cpu,
+    );
+    one(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        field(21).map(|p| p * page.max(1) as f64),
+    );
+    one(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        field(20),
+    );
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as f64);
+    one(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        fds,
+    );
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let max_fds = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+        .then_some(limit.rlim_cur as f64);
+    one(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        max_fds,
+    );
+    let start = info
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64());
+    one(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        start,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardmq_build_info The running build (value 1)."
+    );
+    let _ = writeln!(out, "# TYPE shardmq_build_info gauge");
+    let _ = writeln!(
+        out,
+        "shardmq_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
 }
 
 #[cfg(test)]
@@ -305,7 +397,10 @@ mod tests {
             }
             let (series, value) = line.rsplit_once(' ').unwrap();
             value.parse::<f64>().unwrap();
-            assert!(series.contains("{shard=\""), "{line}");
+            // Per shard, but for the process-wide series.
+            let process_wide =
+                series.starts_with("process_") || series.starts_with("shardmq_build_info");
+            assert!(process_wide || series.contains("{shard=\""), "{line}");
             let name = series.split('{').next().unwrap();
             let base = ["_bucket", "_sum", "_count"]
                 .iter()

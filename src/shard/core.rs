@@ -91,6 +91,8 @@ pub struct ConnCtx {
     pub username: Option<MqttStr>,
     /// Topic aliases the client set on this connection (they do not outlive it).
     aliases_in: HashMap<u16, TopicName>,
+    /// The client's address (for the log), when known.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// What the connection task does after a packet.
@@ -169,6 +171,14 @@ enum Then {
     /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
     /// send PUBCOMP once that is durable.
     DeleteIncoming(u16),
+}
+
+/// The connect/disconnect lines of the current second (see [`Core::conn_line`]).
+#[derive(Debug, Clone, Copy)]
+struct ConnLines {
+    since: Instant,
+    used: u32,
+    held_back: u64,
 }
 
 /// What a held acknowledgement waits for (see [`Core::ack_when_durable`]).
@@ -433,6 +443,8 @@ pub struct Core {
     fate: Fate,
     /// How many [`Core::with_fate`] calls are under way (nested deliveries).
     fate_depth: u32,
+    /// The connect/disconnect lines logged in the current second.
+    conn_lines: ConnLines,
     /// The broker-wide budget for queued data, shared with the other shards.
     budget: Arc<QueuedBudget>,
     /// Queued bytes of this shard's persistent sessions (what it counts in `budget`).
@@ -524,6 +536,11 @@ impl Core {
             verifying: 0,
             fate: Fate::default(),
             fate_depth: 0,
+            conn_lines: ConnLines {
+                since: Instant::now(),
+                used: 0,
+                held_back: 0,
+            },
             budget,
             queued_bytes: 0,
             counters_dirty: hashbrown::HashSet::new(),
@@ -832,6 +849,37 @@ impl Core {
     /// Takes the budget's state into the limits the sessions deliver under (one load).
     fn read_budget(&mut self) {
         self.limits.storage_budget_spent = self.budget.is_spent();
+    }
+
+    /// Whether a connect/disconnect line may be logged now (`log.connection_lines_per_s`
+    /// per second); the lines held back are summed up once the second is over.
+    fn conn_line(&mut self, now: Instant) -> bool {
+        let max = self.cfg.log.connection_lines_per_s;
+        if max == 0 {
+            return false;
+        }
+        let c = &mut self.conn_lines;
+        if now.saturating_duration_since(c.since) >= Duration::from_secs(1) {
+            if c.held_back > 0 {
+                tracing::info!(
+                    shard = self.id,
+                    lines = c.held_back,
+                    "connect/disconnect lines held back (log.connection_lines_per_s)"
+                );
+            }
+            *c = ConnLines {
+                since: now,
+                used: 0,
+                held_back: 0,
+            };
+        }
+        if c.used < max {
+            c.used += 1;
+            true
+        } else {
+            c.held_back += 1;
+            false
+        }
     }
 
     /// Runs `f` (a delivery) and returns what the sessions it reached did with the message;
@@ -1597,6 +1645,17 @@ impl Core {
         }
         self.write_session_record(&client_id, now);
         self.sync_session(&client_id, now);
+        if self.conn_line(now) {
+            tracing::info!(
+                client = %client_id,
+                peer = ?login.peer,
+                user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                protocol = inspect::protocol_name(version),
+                session_present,
+                keep_alive_s,
+                "client connected"
+            );
+        }
         Ok(Accepted {
             ctx: ConnCtx {
                 conn_id,
@@ -1605,6 +1664,7 @@ impl Core {
                 out,
                 username,
                 aliases_in: HashMap::new(),
+                peer: login.peer,
             },
             keep_alive_s,
         })
@@ -1625,12 +1685,27 @@ impl Core {
 
     /// The connection of `ctx` has ended. Decides the will and the session's future.
     pub fn disconnected(&mut self, ctx: &ConnCtx, ending: Ending, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+        let Some(s) = self.sessions.get(&ctx.client_id) else {
             return;
         };
         if s.link.as_ref().map(|l| l.conn_id) != Some(ctx.conn_id) {
             return; // taken over already
         }
+        if self.conn_line(now) {
+            tracing::info!(
+                client = %ctx.client_id,
+                peer = ?ctx.peer,
+                reason = match ending {
+                    Ending::Normal => "DISCONNECT",
+                    Ending::WithWill => "DISCONNECT with will",
+                    Ending::Lost => "connection lost or closed by the broker",
+                },
+                "client disconnected"
+            );
+        }
+        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+            return;
+        };
         s.detach();
         s.epoch = Core::bump(&mut self.next_epoch);
         self.stats.connections -= 1;

@@ -82,7 +82,7 @@ pub struct RetainedInfo {
     pub payload_preview: String,
 }
 
-fn protocol_name(v: ProtocolVersion) -> &'static str {
+pub(super) fn protocol_name(v: ProtocolVersion) -> &'static str {
     match v {
         ProtocolVersion::V3_1 => "3.1",
         ProtocolVersion::V3_1_1 => "3.1.1",
