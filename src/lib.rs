@@ -12,6 +12,7 @@ pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod mosquitto;
 pub mod net;
 pub mod protocol;
 pub mod session;

@@ -1,7 +1,7 @@
 //! The `shardmq` command: flags and config file in, a running broker out.
 //!
 //! `shardmq [--config FILE] [--listen ADDR:PORT]... [--cores LIST | --shards N] [--no-pin]
-//! [--data-dir DIR] [--log-level LEVEL] [--admin-listen ADDR:PORT | --no-admin]`; `shardmq check-config FILE`; `shardmq passwd [--stdin] FILE USER`.
+//! [--data-dir DIR] [--log-level LEVEL] [--admin-listen ADDR:PORT | --no-admin]`; `shardmq check-config FILE`; `shardmq convert-mosquitto-conf FILE`; `shardmq passwd [--stdin] FILE USER`.
 //! A wrong flag or value exits 2 with one line naming it; a failure to start exits 1 with one line. When every
 //! shard listens, one line goes to stdout: `shardmq ready listeners=ADDR[,ADDR] shards=N tcp=ADDR[,ADDR]`
 //! (and `tls=`, `ws=`, `wss=` with the addresses of those listeners, then `admin=ADDR` when the
@@ -76,6 +76,9 @@ enum Command {
     /// Validate a config file (and the password and ACL files it names) and print the
     /// effective configuration.
     CheckConfig { file: PathBuf },
+    /// Print the shardmq configuration equivalent to a Mosquitto configuration FILE, with
+    /// every line it cannot carry over named, and why.
+    ConvertMosquittoConf { file: PathBuf },
     /// Create or update USER's entry in the password FILE (argon2id). The password is read
     /// from the terminal without echo, or as one line from standard input.
     Passwd {
@@ -148,6 +151,19 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Passwd { file, user, stdin }) = &cli.command {
         return passwd(file, user, *stdin);
+    }
+    if let Some(Command::ConvertMosquittoConf { file }) = &cli.command {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => return fail(2, format!("{}: {e}", file.display())),
+        };
+        let converted = shardmq::mosquitto::convert(&text);
+        let out = shardmq::mosquitto::render(&converted, &file.display().to_string());
+        let _ = std::io::stdout().write_all(out.as_bytes());
+        for n in &converted.skipped {
+            eprintln!("{}:{}: not carried over: {}", file.display(), n.line, n.why);
+        }
+        return ExitCode::SUCCESS;
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match load(file).and_then(|c| Auth::load(&c).map(|_| c).map_err(|e| e.to_string())) {

@@ -284,3 +284,80 @@ fn sigterm_right_after_start_exits_0() {
     let status = b.stop();
     assert_eq!(status.code(), Some(0));
 }
+
+/// A misspelt or misplaced key names its line and column and the key it most likely meant;
+/// two listeners (or a listener and the admin endpoint) on one port are refused.
+#[test]
+fn config_errors_say_where_and_what_was_meant() {
+    let (_d, path) = config_file("[sys]\ninterval_s = 0\n\n[limits]\nqueue_message_max = 5\n");
+    let out = run(&["check-config", &path]);
+    let line = one_line_failure(
+        &out,
+        2,
+        &[
+            "limits.queue_message_max",
+            "line 5, column 1",
+            "limits.queue_messages_max",
+        ],
+    );
+    assert!(line.contains("did you mean"), "{line}");
+    let (_d, path) = config_file("[sessions]\nqueue_messages_max = 5\n");
+    let out = run(&["check-config", &path]);
+    one_line_failure(
+        &out,
+        2,
+        &["sessions.queue_messages_max", "limits.queue_messages_max"],
+    );
+    let (_d, path) = config_file("[[listeners]]\naddress = \"0.0.0.0:8080\"\ntransport = \"ws\"\n");
+    let out = run(&["check-config", &path]);
+    one_line_failure(&out, 2, &["admin.listen", "listeners[0].address", "8080"]);
+}
+
+/// A Mosquitto configuration is recognised as one; `convert-mosquitto-conf` prints the
+/// equivalent shardmq configuration (which `check-config` accepts) and names on stderr each
+/// line it cannot carry over.
+#[test]
+fn a_mosquitto_config_is_recognised_and_converted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        "pid_file /run/mosquitto/mosquitto.pid\npersistence true\n\
+         persistence_location /var/lib/mosquitto/\n\
+         log_dest file /var/log/mosquitto/mosquitto.log\n\
+         include_dir /etc/mosquitto/conf.d\nallow_anonymous true\n\
+         listener 1883 127.0.0.1\nlistener 8080 127.0.0.1\nprotocol websockets\n",
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let out = run(&["check-config", conf]);
+    one_line_failure(&out, 2, &["Mosquitto", "convert-mosquitto-conf"]);
+
+    let out = Command::new(BIN)
+        .args(["convert-mosquitto-conf", conf])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let toml = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        ":1: not carried over",
+        ":4: not carried over",
+        ":5: not carried over",
+    ] {
+        assert!(stderr.contains(line), "{line}: {stderr}");
+    }
+    assert!(toml.contains("listen = [\"127.0.0.1:1883\"]"), "{toml}");
+    assert!(toml.contains("transport = \"ws\""), "{toml}");
+    assert!(
+        toml.contains("data_dir = \"/var/lib/mosquitto/\""),
+        "{toml}"
+    );
+    let (_d, path) = config_file(&toml);
+    let out = run(&["check-config", &path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
