@@ -983,7 +983,7 @@ mod tests {
     #[test]
     fn listener_tables_are_read_and_checked() {
         let cfg = Config::from_toml(
-            "[[listeners]]\naddress = \"127.0.0.1:8883\"\ntransport = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nconnections_max = 5\n\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntransport = \"ws\"\n",
+            "[[listeners]]\naddress = \"127.0.0.1:8883\"\ntransport = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nconnections_max = 5\n\n[[listeners]]\naddress = \"127.0.0.1:8083\"\ntransport = \"ws\"\n",
         )
         .unwrap();
         assert_eq!(cfg.listeners.len(), 2);
