@@ -69,6 +69,11 @@ fn every_api_endpoint_answers_over_http() {
     }
     assert_eq!(list[1]["queued_messages"], 3, "{shards}");
     assert!(list[1]["storage_bytes"].as_u64().unwrap() > 0, "{shards}");
+    // What the files take on disk (as du counts), not the journal's preallocated 64 MiB.
+    assert!(
+        list[1]["storage_bytes"].as_u64().unwrap() < 16 << 20,
+        "{shards}"
+    );
 
     let sessions = get_json(&b, "/api/sessions");
     let mine = sessions["items"]
