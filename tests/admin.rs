@@ -576,6 +576,8 @@ fn dashboard_shows_a_queued_session_in_headless_chromium() {
         dom.contains("<td class=\"dropped full\">1 (queue full)</td>"),
         "a full queue stands out: {dom}"
     );
+    // A 3.1.1 persistent session expires after sessions.session_expiry_max_s (7 days).
+    assert!(dom.contains("<td>7 d</td>"), "expiry as a duration: {dom}");
     assert!(dom.contains(&format!(">{id}</td>")), "{dom}");
     assert!(
         dom.contains("<div id=\"status\" class=\"\">shardmq "),
