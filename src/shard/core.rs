@@ -231,6 +231,17 @@ enum Waiter {
     Remote { to: usize, token: Token, fate: Fate },
 }
 
+impl Waiter {
+    /// Another shard's round trip that asked nothing about a message's fate.
+    fn answer(to: usize, token: Token) -> Waiter {
+        Waiter::Remote {
+            to,
+            token,
+            fate: Fate::default(),
+        }
+    }
+}
+
 /// The group-commit log of one shard: every write bumps `write_seq`; a persist that started
 /// after write `n` makes everything up to `n` durable and releases who waited on it.
 #[derive(Debug, Default)]
@@ -1370,14 +1381,7 @@ impl Core {
                 self.restore_session(r.stored, &clock, now);
             }
         }
-        self.wait_durable(
-            Waiter::Remote {
-                to: from,
-                token: reply,
-                fate: Fate::default(),
-            },
-            now,
-        );
+        self.wait_durable(Waiter::answer(from, reply), now);
     }
 
     // ---------------------------------------------------------------- connect / disconnect
@@ -2952,14 +2956,7 @@ impl Core {
                     }
                 }
                 if let Some(token) = reply {
-                    self.send(
-                        from,
-                        Event::Ack {
-                            token,
-                            ok: true,
-                            fate: Fate::default(),
-                        },
-                    );
+                    self.send(from, Event::done(token));
                 }
             }
             Event::Ack { token, ok, fate } => self.on_ack(token, ok, fate, now),
@@ -2970,14 +2967,7 @@ impl Core {
             } => {
                 self.apply_retained(msg, version, true);
                 if let Some(token) = reply {
-                    self.wait_durable(
-                        Waiter::Remote {
-                            to: from,
-                            token,
-                            fate: Fate::default(),
-                        },
-                        now,
-                    );
+                    self.wait_durable(Waiter::answer(from, token), now);
                 }
             }
             Event::Handoff { .. } => {
@@ -3016,14 +3006,7 @@ impl Core {
                     }
                 }
                 if remaining == 0 {
-                    self.send(
-                        to,
-                        Event::Ack {
-                            token: reply,
-                            ok: true,
-                            fate: Fate::default(),
-                        },
-                    );
+                    self.send(to, Event::done(reply));
                 }
             }
             Event::SharedLeave { key, client_id } => {
@@ -3120,14 +3103,7 @@ impl Core {
             } => {
                 self.forget_qos2(&origin, packet_id, now);
                 if let Some(token) = reply {
-                    self.wait_durable(
-                        Waiter::Remote {
-                            to: from,
-                            token,
-                            fate: Fate::default(),
-                        },
-                        now,
-                    );
+                    self.wait_durable(Waiter::answer(from, token), now);
                 }
             }
         }

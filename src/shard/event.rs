@@ -120,6 +120,17 @@ pub struct Fate {
     pub budget_spent: bool,
 }
 
+impl Event {
+    /// The answer to a round trip that succeeded and asked nothing about a message's fate.
+    pub fn done(token: Token) -> Event {
+        Event::Ack {
+            token,
+            ok: true,
+            fate: Fate::default(),
+        }
+    }
+}
+
 impl Fate {
     pub fn merge(&mut self, o: Fate) {
         self.kept |= o.kept;
