@@ -806,3 +806,23 @@ fn queued_messages_are_checked_against_the_rules_in_force_when_the_client_return
         "{metrics}"
     );
 }
+
+/// A clean session holds nothing of its user's beyond its connection: another user's CONNECT
+/// with the same client id takes it over as the protocol has it (the first connection gets
+/// DISCONNECT 0x8E), while a session that outlives its connection stays its owner's.
+#[test]
+fn a_clean_session_is_taken_over_by_another_user_as_the_protocol_has_it() {
+    let ab = acl_broker(ACL);
+    let id = id_on_shard("shared-device", 1, SHARDS);
+    let (mut a, ack) = RawClient::connect_packet(
+        ab.b.addr,
+        &login(ProtocolVersion::V5, &id, Some("alice"), Some("alice-pw")),
+    );
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    let (_bob, ack) = RawClient::connect_packet(
+        ab.b.addr,
+        &login(ProtocolVersion::V5, &id, Some("bob"), Some("bob-pw")),
+    );
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    assert_eq!(a.expect_disconnect(), ReasonCode::SessionTakenOver);
+}

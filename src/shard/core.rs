@@ -1483,9 +1483,16 @@ impl Core {
 
         // A session belongs to the user that made it: another user may neither take it
         // over (and read its queue) nor end it with a clean start.
+        // Only a session that outlives its connection holds anything of its owner's (a
+        // queue, subscriptions, a will): a clean session ends with its connection, and its
+        // client id is taken over as the protocol has it.
         let owned = self.auth.sessions_have_owners();
         if owned {
-            let owner = self.sessions.get(&client_id).map(|s| s.owner.clone());
+            let owner = self
+                .sessions
+                .get(&client_id)
+                .filter(|s| s.expiry_s > 0)
+                .map(|s| s.owner.clone());
             if owner == Some(None) && !c.clean_start {
                 tracing::warn!(
                     client = %client_id,
