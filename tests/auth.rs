@@ -739,10 +739,9 @@ fn another_user_cannot_take_over_a_session_or_read_its_queue() {
         let dir = ab.b.stop_keep_dir();
         let b = TestBroker::start_in(SHARDS, &ab.cfg, dir);
         bob_is_refused(&b, version, &id);
-        let (_, metrics) = b.http("GET", "/metrics");
-        assert!(
-            metrics.contains("shardmq_takeovers_refused_total{shard=\"1\"} 2"),
-            "{metrics}"
+        assert_eq!(
+            b.metric("shardmq_takeovers_refused_total{shard=\"1\"}"),
+            2.0
         );
         let (mut a, ack) = persistent_login(&b, version, &id, "alice", "alice-pw");
         assert_eq!(ack.reason_code, ReasonCode::Success);
@@ -798,12 +797,9 @@ fn queued_messages_are_checked_against_the_rules_in_force_when_the_client_return
         s["queued_messages"], 0,
         "the hidden message is gone, not waiting: {s}"
     );
-    let (_, metrics) = b.http("GET", "/metrics");
-    assert!(
-        metrics.contains(
-            "shardmq_messages_dropped_total{shard=\"1\",reason=\"acl_denied_delivery\"} 1"
-        ),
-        "{metrics}"
+    assert_eq!(
+        b.metric("shardmq_messages_dropped_total{shard=\"1\",reason=\"acl_denied_delivery\"}"),
+        1.0
     );
 }
 

@@ -525,11 +525,7 @@ fn a_packet_that_never_completes_is_cut_off_after_the_packet_timeout() {
         );
     }
     bystander.ping();
-    let (_, metrics) = b.http("GET", "/metrics");
-    assert!(
-        metrics.contains("shardmq_packet_timeouts_total{shard=\"0\"} 2"),
-        "{metrics}"
-    );
+    assert_eq!(b.metric("shardmq_packet_timeouts_total{shard=\"0\"}"), 2.0);
 }
 
 /// The bytes held in incomplete packets have a budget: 100 clients each sending all but
@@ -570,12 +566,7 @@ fn incomplete_packets_have_a_broker_wide_budget() {
             .as_u64()
             .unwrap();
         assert!(held <= 8 << 20, "{held} bytes held in incomplete packets");
-        let (_, metrics) = b.http("GET", "/metrics");
-        let closed: usize = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("shardmq_incomplete_packet_closes_total{shard=\"0\"} "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{metrics}"));
+        let closed = b.metric("shardmq_incomplete_packet_closes_total{shard=\"0\"}") as usize;
         if closed >= CLIENTS - 8 {
             break;
         }

@@ -207,7 +207,8 @@ async fn host_guard(State(st): State<Shared>, req: Request, next: Next) -> Respo
                 .chars()
                 .take(256)
                 .collect::<String>();
-            tracing::warn!(host = %shown, "admin request refused: Host not allowed (admin.allowed_hosts)");
+            // Debug, not warn: a page in a browser can send these as fast as it likes.
+            tracing::debug!(host = %shown, "admin request refused: Host not allowed (admin.allowed_hosts)");
             ApiError(
                 StatusCode::FORBIDDEN,
                 format!("Host {shown:?} is not served here: add it to admin.allowed_hosts"),

@@ -65,7 +65,9 @@ impl IncompletePackets {
             let (b, o) = holders.remove(&id).expect("just found");
             held -= b;
             self.closed.set(self.closed.get() + 1);
-            tracing::info!(
+            // Counted in /metrics; a line each only at debug (a flood of hoarders would
+            // otherwise flood the log too).
+            tracing::debug!(
                 bytes = b,
                 held,
                 "connection closed: the largest holder of incomplete packets while over limits.incomplete_packet_bytes_max"

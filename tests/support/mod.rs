@@ -192,6 +192,15 @@ impl TestBroker {
         }
     }
 
+    /// The value of one series in `/metrics`, named with its labels exactly as the broker
+    /// writes them (`shardmq_x_total{shard="0"}`); panics, showing the text, when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.http("GET", "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
+
     /// GET from the admin API, asserting 200 and a JSON body.
     pub fn admin_json(&self, path: &str) -> serde_json::Value {
         let (status, body) = self.http("GET", path);
