@@ -275,6 +275,15 @@ pattern readwrite devices/%c/#
 pattern read inbox/%u/#
 ";
 
+/// Replaces a file the running broker reads on SIGHUP as an operator's tools do (a new file
+/// renamed over the old): the broker never reads it half written. (Written in place, a
+/// SIGHUP handled during the write could load a truncated, empty ACL: deny everything.)
+fn replace_file(path: &Path, text: impl AsRef<[u8]>) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 struct AclBroker {
     b: TestBroker,
     acl: PathBuf,
@@ -552,7 +561,7 @@ fn sighup_reloads_the_acl_and_connections_stay() {
         Some(ReasonCode::NotAuthorized)
     );
 
-    std::fs::write(acl, format!("{ACL}\nuser alice\ntopic write news/#\n")).unwrap();
+    replace_file(acl, format!("{ACL}\nuser alice\ntopic write news/#\n"));
     // SAFETY: signalling the broker this test started, by its PID.
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + TIMEOUT;
@@ -570,9 +579,9 @@ fn sighup_reloads_the_acl_and_connections_stay() {
 
     // A broken file: the reload is refused, the rules in force stay (then a good file again
     // takes the grant away, showing the broker still reloads).
-    std::fs::write(acl, "topic bogus-access x y\nnonsense\n").unwrap();
+    replace_file(acl, "topic bogus-access x y\nnonsense\n");
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
-    std::fs::write(acl, ACL).unwrap();
+    replace_file(acl, ACL);
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -766,11 +775,10 @@ fn queued_messages_are_checked_against_the_rules_in_force_when_the_client_return
     let mut adm = admin(b, 0);
     adm.publish("alice/secret/1", b"hidden", QoS::AtLeastOnce, false);
     adm.publish("alice/open", b"visible", QoS::AtLeastOnce, false);
-    std::fs::write(
+    replace_file(
         acl,
         format!("{ACL}\nuser alice\ntopic deny alice/secret/#\n"),
-    )
-    .unwrap();
+    );
     // SAFETY: signalling the broker this test started, by its PID.
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
     // The reload is in force once a publish there is refused to Alice.
