@@ -1,6 +1,7 @@
 //! The admin endpoint over real HTTP: every API answer, the Prometheus metrics (parsed
 //! strictly), counters moved by real MQTT traffic, DELETE of an online session, the
-//! dashboard rendered by headless Chromium, and the `$SYS` topics.
+//! dashboard driven in headless Chromium, search, kick and rates over the API, and the
+//! `$SYS` topics.
 
 mod support;
 
@@ -516,11 +517,90 @@ fn delete_disconnects_an_online_client_and_discards_its_session() {
     assert_eq!(status, 404);
 }
 
+/// Search, the state filter, the kick action and the rate history, over HTTP.
+#[test]
+fn sessions_are_searched_kicked_and_rates_reported_over_http() {
+    let b = TestBroker::start_with(SHARDS, WITH_TOKEN);
+    let (mut kicked, _) =
+        RawClient::connect_v5(b.addr, &ConnectOpts::v5("Kick-Me", false).expiry(600));
+    let _other = RawClient::connect_v311(b.addr, "someone-else");
+    let ids = |path: &str| -> Vec<String> {
+        get_json(&b, path)["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["client_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("/api/sessions?q=kick"), ["Kick-Me"]);
+    assert_eq!(ids("/api/sessions?q=127.0.0.1").len(), 2, "by address");
+    assert_eq!(ids("/api/sessions?state=offline"), Vec::<String>::new());
+    let me = get_json(&b, "/api/sessions/Kick-Me");
+    assert!(
+        me["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{me}"
+    );
+    assert!(me["connected_since_unix_ms"].as_u64().is_some(), "{me}");
+    assert_eq!(me["keep_alive_s"], 0);
+    // Bad parameters get 400 and a reason.
+    let (status, body) = get(&b, &format!("/api/sessions?q={}", "x".repeat(257)));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get(&b, "/api/sessions?state=asleep");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("online"), "{body}");
+
+    // Kick: the token is needed; the client gets 0x98; the session stays, offline.
+    let path = "/api/sessions/Kick-Me/disconnect";
+    assert_eq!(b.http("POST", path).0, 401);
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) = b.http_with("POST", path, &[("Authorization", &auth)]);
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(kicked.expect_disconnect(), ReasonCode::AdministrativeAction);
+    let me = get_json(&b, "/api/sessions/Kick-Me");
+    assert_eq!(me["online"], false, "{me}");
+    let gone = me["offline_since_unix_ms"].as_u64().expect("offline since");
+    assert_eq!(me["expires_at_unix_ms"].as_u64(), Some(gone + 600_000));
+    assert_eq!(ids("/api/sessions?state=offline"), ["Kick-Me"]);
+    assert_eq!(ids("/api/sessions?state=online"), ["someone-else"]);
+    let (status, _) = b.http_with("POST", path, &[("Authorization", &auth)]);
+    assert_eq!(status, 404, "not online any more");
+    assert_eq!(total(&scrape(&b), "shardmq_clients_kicked_total", ""), 1.0);
+
+    // Rates: a burst shows in the history once a sample after it is taken.
+    let mut p = RawClient::connect_v311(b.addr, "rate-publisher");
+    for i in 0..100 {
+        p.publish(
+            "rates/t",
+            format!("{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        );
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let r = get_json(&b, "/api/rates");
+        assert_eq!(r["step_s"], 2.0);
+        let points = r["points"].as_array().unwrap();
+        let received: f64 = points
+            .iter()
+            .map(|p| p["received_per_s"].as_f64().unwrap() * 2.0)
+            .sum();
+        if received >= 100.0 {
+            assert!(received < 101.0, "each message counted once: {r}");
+            assert!(points
+                .iter()
+                .any(|p| p["bytes_in_per_s"].as_f64().unwrap() > 0.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no burst in the rates: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 // ---------------------------------------------------------------------------- dashboard
 
-#[test]
-fn dashboard_shows_a_queued_session_in_headless_chromium() {
-    let chromium = ["chromium", "chromium-browser"]
+fn chromium_path() -> std::path::PathBuf {
+    ["chromium", "chromium-browser"]
         .into_iter()
         .find(|c| {
             Command::new(c)
@@ -531,57 +611,323 @@ fn dashboard_shows_a_queued_session_in_headless_chromium() {
                 .is_ok_and(|s| s.success())
         })
         .unwrap_or_else(|| {
-            panic!("chromium is not installed: run `apt-get install -y chromium` (the dashboard test renders the page in it)")
-        });
+            panic!("chromium is not installed: run `apt-get install -y chromium` (the dashboard test drives the page in it)")
+        })
+        .into()
+}
+
+/// The value of a JavaScript expression in the page.
+fn js(tab: &headless_chrome::Tab, expr: &str) -> Value {
+    tab.evaluate(&format!("JSON.stringify({expr})"), false)
+        .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"))
+        .value
+        .and_then(|v| v.as_str().and_then(|s| serde_json::from_str(s).ok()))
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until a JavaScript condition holds in the page (it refreshes every 2 s).
+fn wait_js(tab: &headless_chrome::Tab, cond: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while js(tab, cond) != Value::Bool(true) {
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed {cond}; it shows: {}",
+            js(tab, "document.body.innerText")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The client ids in the sessions table, in order.
+fn session_rows(tab: &headless_chrome::Tab) -> Vec<String> {
+    let v = js(
+        tab,
+        "[...document.querySelectorAll('#sessions tbody tr[data-client]')].map(r => r.dataset.client)",
+    );
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+fn type_search(tab: &headless_chrome::Tab, id: &str, text: &str) {
+    js(tab, &format!("document.getElementById('{id}').value = ''"));
+    tab.find_element(&format!("#{id}"))
+        .expect("search box")
+        .type_into(text)
+        .expect("type");
+}
+
+/// Clicks, with the mouse, the middle of the element matched by `selector` (found anew
+/// each time: rows are redrawn on every refresh) until the page shows `then`.
+fn click_until(tab: &headless_chrome::Tab, selector: &str, then: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let at = js(
+            tab,
+            &format!(
+                "(() => {{ const e = document.querySelector('{selector}'); if (!e) return null; \
+                 e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
+                 return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+            ),
+        );
+        if let Some([x, y]) = serde_json::from_value::<Option<[f64; 2]>>(at)
+            .ok()
+            .flatten()
+        {
+            tab.click_point(headless_chrome::browser::tab::point::Point { x, y })
+                .expect("click");
+            let shown = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < shown {
+                if js(tab, then) == Value::Bool(true) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clicking {selector} never led to {then}; the page shows: {}",
+            js(tab, "document.body.innerText")
+        );
+    }
+}
+
+fn screenshot(tab: &headless_chrome::Tab, dir: &std::path::Path, name: &str) {
+    use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
+    let png = tab
+        .capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)
+        .expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    std::fs::write(dir.join(name), png).expect("write screenshot");
+}
+
+/// The dashboard in headless Chromium, driven as an operator does: a full queue stands out,
+/// paging through 63 sessions, searching, the traffic chart, and disconnecting then
+/// deleting a session with the admin token. Screenshots are kept in
+/// `$DASHBOARD_SCREENSHOTS` when set.
+#[test]
+fn dashboard_pages_searches_charts_and_kicks_in_headless_chromium() {
+    let chromium = chromium_path();
     // A queue of four, offered five: one drop, and the queue shown as full.
     let b = TestBroker::start_with(
         SHARDS,
-        "[sys]\ninterval_s = 0\n[limits]\nqueue_messages_max = 4\n",
+        &format!("{WITH_TOKEN}[limits]\nqueue_messages_max = 4\n"),
     );
     let id = "dashboard-watcher";
     offline_session_with_queue(&b, id, "dash/q", 5);
+    let _online: Vec<RawClient> = (0..60)
+        .map(|i| RawClient::connect_v311(b.addr, &format!("dash-page-{i:02}")))
+        .collect();
+    let (mut kicked, _) =
+        RawClient::connect_v5(b.addr, &ConnectOpts::v5("dash-kick", false).expiry(3600));
+    let mut retainer = RawClient::connect_v311(b.addr, "dash-retainer");
+    retainer.publish("dash/retained/kitchen", b"21.5", QoS::AtLeastOnce, true);
+    retainer.publish("dash/retained/hall", b"19", QoS::AtLeastOnce, true);
 
     let profile = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{}/", admin(&b)))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chromium");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let shots_dir = std::env::var_os("DASHBOARD_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| profile.path().to_path_buf());
+    std::fs::create_dir_all(&shots_dir).expect("screenshot dir");
+    let browser = headless_chrome::Browser::new(
+        headless_chrome::LaunchOptions::default_builder()
+            .path(Some(chromium))
+            .sandbox(false)
+            .window_size(Some((1600, 1000)))
+            .user_data_dir(Some(profile.path().join("profile")))
+            .idle_browser_timeout(Duration::from_secs(120))
+            .args(
+                [
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ]
+                .iter()
+                .map(std::ffi::OsStr::new)
+                .collect(),
+            )
+            .build()
+            .expect("launch options"),
+    )
+    .expect("start chromium");
+    let tab = browser.new_tab().expect("tab");
+    tab.navigate_to(&format!("http://{}/", admin(&b)))
+        .expect("open the dashboard");
+
+    // Page 1 of 63 sessions, by client id: 50 rows.
+    wait_js(
+        &tab,
+        "document.querySelectorAll('#sessions tbody tr[data-client]').length === 50",
     );
-    assert!(
-        dom.contains(&format!(
-            "data-client=\"{id}\" data-queued=\"4\" data-dropped=\"1\""
-        )),
-        "the session row with its queue depth and drops: {dom}"
+    let rows = session_rows(&tab);
+    assert_eq!(rows[0], "dash-kick");
+    assert_eq!(rows[49], "dash-page-48");
+    assert_eq!(
+        js(
+            &tab,
+            "document.getElementById('sessions-total').textContent"
+        ),
+        "(63)"
     );
-    assert!(
-        dom.contains("<td class=\"dropped full\">1 (queue full)</td>"),
-        "a full queue stands out: {dom}"
+    assert_eq!(
+        js(&tab, "document.getElementById('sessions-page').textContent"),
+        "page 1: 1–50 of 63"
+    );
+    let row = "document.querySelector('#sessions tr[data-client=\"dash-page-00\"]')";
+    assert_eq!(js(&tab, &format!("{row}.dataset.state")), "online");
+    assert_eq!(
+        js(
+            &tab,
+            &format!("{row}.querySelector('.address').textContent.startsWith('127.0.0.1:')")
+        ),
+        true,
+        "the client's address"
+    );
+    assert_eq!(
+        js(
+            &tab,
+            &format!("{row}.querySelector('.since').textContent.endsWith('ago')")
+        ),
+        true
+    );
+    // The broker's $SYS topics are not listed unless asked for; the user's are.
+    wait_js(
+        &tab,
+        "[...document.querySelectorAll('#retained .topic')].map(t => t.textContent).join() === 'dash/retained/hall,dash/retained/kitchen'",
+    );
+    screenshot(&tab, &shots_dir, "dashboard-1-first-page.png");
+
+    // Page 2: the rest, with the full queue.
+    click_until(
+        &tab,
+        "#sessions-next",
+        "document.getElementById('sessions-page').textContent === 'page 2: 51–63 of 63'",
+    );
+    let rows = session_rows(&tab);
+    assert_eq!(rows.len(), 13);
+    assert_eq!(rows.last().map(String::as_str), Some(id));
+    let row = format!("document.querySelector('#sessions tr[data-client=\"{id}\"]')");
+    assert_eq!(js(&tab, &format!("{row}.dataset.queued")), "4");
+    assert_eq!(js(&tab, &format!("{row}.dataset.state")), "offline");
+    assert_eq!(
+        js(
+            &tab,
+            &format!("{row}.querySelector('.dropped').textContent")
+        ),
+        "1 (queue full)"
+    );
+    assert_eq!(
+        js(&tab, &format!("{row}.querySelector('.dropped').className")),
+        "dropped full"
     );
     // A 3.1.1 persistent session expires after sessions.session_expiry_max_s (7 days).
-    assert!(dom.contains("<td>7 d</td>"), "expiry as a duration: {dom}");
-    assert!(dom.contains(&format!(">{id}</td>")), "{dom}");
-    assert!(
-        dom.contains("<div id=\"status\" class=\"\">shardmq "),
-        "refreshed: {dom}"
+    assert_eq!(
+        js(
+            &tab,
+            &format!("{row}.querySelector('.expires').textContent")
+        ),
+        "in 7 d"
+    );
+    screenshot(&tab, &shots_dir, "dashboard-2-second-page.png");
+    click_until(
+        &tab,
+        "#sessions-prev",
+        "document.getElementById('sessions-page').textContent === 'page 1: 1–50 of 63'",
+    );
+
+    // Search: by part of the client id, any case.
+    type_search(&tab, "session-search", "PAGE-3");
+    wait_js(
+        &tab,
+        "document.querySelectorAll('#sessions tbody tr[data-client]').length === 10",
+    );
+    let rows = session_rows(&tab);
+    assert_eq!(rows.first().map(String::as_str), Some("dash-page-30"));
+    assert_eq!(rows.last().map(String::as_str), Some("dash-page-39"));
+    type_search(&tab, "session-search", "watcher");
+    wait_js(&tab, &format!("document.querySelector('#sessions tbody tr').dataset.client === '{id}' && document.querySelectorAll('#sessions tbody tr').length === 1"));
+    type_search(&tab, "subscription-search", "dash/q");
+    wait_js(&tab, "[...document.querySelectorAll('#subscriptions .filter')].map(t => t.textContent).join() === 'dash/q'");
+
+    // Traffic: a burst shows in the chart once two samples (2 s apart) have it.
+    let mut p = RawClient::connect_v311(b.addr, "dash-burst");
+    for i in 0..200 {
+        p.publish(
+            "dash/burst",
+            format!("{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        );
+    }
+    wait_js(
+        &tab,
+        "Number(document.querySelector('#chart-messages svg').dataset.peak) >= 10",
+    );
+    screenshot(&tab, &shots_dir, "dashboard-3-search-and-chart.png");
+
+    // Disconnect, as an operator: nothing without the token; with it, two clicks.
+    type_search(&tab, "session-search", "dash-kick");
+    wait_js(
+        &tab,
+        "document.querySelector('#sessions tbody tr').dataset.client === 'dash-kick'",
+    );
+    click_until(
+        &tab,
+        "#sessions button.kick",
+        "document.getElementById('action-status').textContent.includes('admin token')",
+    );
+    tab.find_element("#token")
+        .expect("token box")
+        .type_into(TOKEN)
+        .expect("type the token");
+    click_until(
+        &tab,
+        "#sessions button.kick",
+        "document.querySelector('#sessions button.kick.confirm') !== null",
+    );
+    click_until(
+        &tab,
+        "#sessions button.kick.confirm",
+        "document.getElementById('action-status').textContent === 'disconnected dash-kick'",
+    );
+    assert_eq!(kicked.expect_disconnect(), ReasonCode::AdministrativeAction);
+    wait_js(
+        &tab,
+        "document.querySelector('#sessions tbody tr').dataset.state === 'offline'",
+    );
+    assert_eq!(
+        js(
+            &tab,
+            "document.querySelector('#sessions tbody tr .expires').textContent"
+        ),
+        "in 60 min"
+    );
+    let api = get_json(&b, "/api/sessions/dash-kick");
+    assert_eq!(api["online"], false, "the session stays: {api}");
+    screenshot(&tab, &shots_dir, "dashboard-4-kicked.png");
+
+    // Delete: the session is gone.
+    click_until(
+        &tab,
+        "#sessions button.delete",
+        "document.querySelector('#sessions button.delete.confirm') !== null",
+    );
+    click_until(
+        &tab,
+        "#sessions button.delete.confirm",
+        "document.getElementById('action-status').textContent === 'deleted session dash-kick'",
+    );
+    wait_js(
+        &tab,
+        "document.querySelector('#sessions tbody td.empty') !== null",
+    );
+    assert_eq!(get(&b, "/api/sessions/dash-kick").0, 404);
+    assert_eq!(
+        js(&tab, "document.getElementById('status').className"),
+        "",
+        "no refresh failed"
     );
 }
 

@@ -58,7 +58,7 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
     let mut f = Family { out: &mut out };
 
     type Gauge = fn(&ShardStats) -> f64;
-    let simple: [(&str, &str, &str, Gauge); 23] = [
+    let simple: [(&str, &str, &str, Gauge); 24] = [
         ("shardmq_connections", "gauge", "Sockets open.", |s| {
             s.sockets as f64
         }),
@@ -169,6 +169,12 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             "counter",
             "Sessions discarded through the admin API.",
             |s| s.core.sessions_deleted as f64,
+        ),
+        (
+            "shardmq_clients_kicked_total",
+            "counter",
+            "Clients disconnected through the admin API.",
+            |s| s.core.sessions_kicked as f64,
         ),
         (
             "shardmq_incomplete_packet_bytes",

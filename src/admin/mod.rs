@@ -11,9 +11,16 @@
 //! the cursor of the following page, while there is one):
 //! - `GET /api/shards`: per shard, its core, connections, sessions, queue depth, message
 //!   rates, bytes on disk;
-//! - `GET /api/sessions`, `GET /api/sessions/{client_id}` (404 if none),
-//!   `DELETE /api/sessions/{client_id}` (disconnects and discards it; 204, or 404);
-//! - `GET /api/subscriptions` (cursor `after_filter` + `after_client`), `GET /api/retained`;
+//! - `GET /api/sessions` (`q`: client id, user or address contains; `state`: `online` or
+//!   `offline`), `GET /api/sessions/{client_id}` (404 if none),
+//!   `DELETE /api/sessions/{client_id}` (disconnects and discards it; 204, or 404),
+//!   `POST /api/sessions/{client_id}/disconnect` (disconnects its client, DISCONNECT 0x98
+//!   for MQTT 5; the session stays as its expiry says; 204, or 404 when not online);
+//! - `GET /api/subscriptions` (cursor `after_filter` + `after_client`; `q`: filter or client
+//!   id contains), `GET /api/retained` (`q`: topic contains; `sys=false` leaves out
+//!   `$SYS/...`);
+//! - `GET /api/rates`: messages and bytes per second over the last ten minutes, one point
+//!   per 2 s step, summed over the shards;
 //! - `GET /metrics`: Prometheus text format 0.0.4, every series labelled `shard`.
 //!
 //! Security model: reading needs no credentials (keep the endpoint on loopback or a trusted
@@ -36,13 +43,17 @@ use axum::extract::{Path, Query as UrlQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shards::{Control, ShardId};
 
 use crate::config::QueuePolicy;
-use crate::shard::core::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
+use crate::shard::core::inspect::SEARCH_BYTES_MAX;
+use crate::shard::core::{
+    Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
+};
+use crate::shard::history::{RatePoint, RATE_STEP_MS};
 use crate::shard::service::{Answer, BrokerShard, Query, ShardStats};
 
 /// Entries per page when the request does not say.
@@ -258,6 +269,8 @@ fn router(state: Shared) -> Router {
             "/api/sessions/{client_id}",
             get(session).delete(delete_session),
         )
+        .route("/api/sessions/{client_id}/disconnect", post(kick_session))
+        .route("/api/rates", get(rates))
         .route("/api/subscriptions", get(subscriptions))
         .route("/api/retained", get(retained))
         .layer(guard)
@@ -393,9 +406,31 @@ async fn shards(State(st): State<Shared>) -> Result<Json<ShardsView>, ApiError> 
 }
 
 #[derive(Deserialize)]
-struct PageParams {
+struct SessionParams {
     after: Option<String>,
     limit: Option<usize>,
+    q: Option<String>,
+    state: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RetainedParams {
+    after: Option<String>,
+    limit: Option<usize>,
+    q: Option<String>,
+    sys: Option<bool>,
+}
+
+/// A search text: at most [`SEARCH_BYTES_MAX`] bytes; empty means none.
+fn search_of(q: Option<String>) -> Result<Option<String>, ApiError> {
+    match q {
+        Some(q) if q.len() > SEARCH_BYTES_MAX => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("q: at most {SEARCH_BYTES_MAX} bytes"),
+        )),
+        Some(q) if q.is_empty() => Ok(None),
+        q => Ok(q),
+    }
 }
 
 fn limit_of(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -433,12 +468,27 @@ fn merge<T, K: Ord>(
 
 async fn sessions(
     State(st): State<Shared>,
-    UrlQuery(p): UrlQuery<PageParams>,
+    UrlQuery(p): UrlQuery<SessionParams>,
 ) -> Result<Json<Listing<SessionInfo, String>>, ApiError> {
     let limit = limit_of(p.limit)?;
+    let online = match p.state.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some("online") => Some(true),
+        Some("offline") => Some(false),
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("state {other:?}: one of online, offline, all"),
+            ))
+        }
+    };
     let query = Query::Sessions {
         after: p.after,
         limit,
+        filter: SessionFilter {
+            search: search_of(p.q)?,
+            online,
+        },
     };
     let pages = gather(&st, query, Vec::new(), |mut v, _, a| {
         if let Answer::Sessions(p) = a {
@@ -496,11 +546,82 @@ async fn delete_session(
     }
 }
 
+async fn kick_session(
+    State(st): State<Shared>,
+    Path(client_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorize(&st, &headers)?;
+    let kicked = gather(&st, Query::Kick(client_id.clone()), false, |acc, _, a| {
+        acc | matches!(a, Answer::Kicked(true))
+    })
+    .await?;
+    if kicked {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no client {client_id:?} online"),
+        ))
+    }
+}
+
+/// Rates over one step, summed over the shards.
+#[derive(Debug, Default, PartialEq, Serialize)]
+struct RateView {
+    /// The end of the step (unix ms).
+    unix_ms: u64,
+    received_per_s: f64,
+    sent_per_s: f64,
+    bytes_in_per_s: f64,
+    bytes_out_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct RatesView {
+    step_s: f64,
+    points: Vec<RateView>,
+}
+
+/// Each shard's rates between its consecutive samples, added up by step.
+fn sum_rates(shards: &[Vec<RatePoint>]) -> Vec<RateView> {
+    let mut by_step = std::collections::BTreeMap::<u64, RateView>::new();
+    for points in shards {
+        for w in points.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let secs = (b.step - a.step) as f64 * RATE_STEP_MS as f64 / 1000.0;
+            let per_s = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
+            let v = by_step.entry(b.step).or_default();
+            v.unix_ms = b.step * RATE_STEP_MS;
+            v.received_per_s += per_s(a.received, b.received);
+            v.sent_per_s += per_s(a.sent, b.sent);
+            v.bytes_in_per_s += per_s(a.bytes_in, b.bytes_in);
+            v.bytes_out_per_s += per_s(a.bytes_out, b.bytes_out);
+        }
+    }
+    by_step.into_values().collect()
+}
+
+async fn rates(State(st): State<Shared>) -> Result<Json<RatesView>, ApiError> {
+    let shards = gather(&st, Query::Rates, Vec::new(), |mut v, _, a| {
+        if let Answer::Rates(p) = a {
+            v.push(p);
+        }
+        v
+    })
+    .await?;
+    Ok(Json(RatesView {
+        step_s: RATE_STEP_MS as f64 / 1000.0,
+        points: sum_rates(&shards),
+    }))
+}
+
 #[derive(Deserialize)]
 struct SubscriptionParams {
     after_filter: Option<String>,
     after_client: Option<String>,
     limit: Option<usize>,
+    q: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -526,7 +647,11 @@ async fn subscriptions(
     };
     let pages = gather(
         &st,
-        Query::Subscriptions { after, limit },
+        Query::Subscriptions {
+            after,
+            limit,
+            search: search_of(p.q)?,
+        },
         Vec::new(),
         |mut v, _, a| {
             if let Answer::Subscriptions(p) = a {
@@ -550,12 +675,14 @@ async fn subscriptions(
 
 async fn retained(
     State(st): State<Shared>,
-    UrlQuery(p): UrlQuery<PageParams>,
+    UrlQuery(p): UrlQuery<RetainedParams>,
 ) -> Result<Json<Listing<RetainedInfo, String>>, ApiError> {
     let limit = limit_of(p.limit)?;
     let query = Query::Retained {
         after: p.after,
         limit,
+        search: search_of(p.q)?,
+        sys: p.sys.unwrap_or(true),
     };
     let pages = gather(&st, query, Vec::new(), |mut v, _, a| {
         if let Answer::Retained(p) = a {
@@ -574,6 +701,34 @@ async fn retained(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_added_up_by_step_across_shards() {
+        let p = |step, received| RatePoint {
+            step,
+            received,
+            sent: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        let step_s = RATE_STEP_MS / 1000;
+        // Shard 0 sampled every step; shard 1 missed step 11.
+        let shards = vec![
+            vec![p(10, 0), p(11, 10 * step_s), p(12, 30 * step_s)],
+            vec![p(10, 0), p(12, 40 * step_s)],
+        ];
+        let r = sum_rates(&shards);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].unix_ms, r[0].received_per_s),
+            (11 * RATE_STEP_MS, 10.0)
+        );
+        assert_eq!(
+            (r[1].unix_ms, r[1].received_per_s),
+            (12 * RATE_STEP_MS, 40.0)
+        );
+        assert!(sum_rates(&[vec![p(1, 5)]]).is_empty());
+    }
 
     #[test]
     fn only_localhost_ip_literals_and_allowed_names_are_served() {

@@ -95,6 +95,10 @@ pub struct Link {
     /// PUBACK/PUBREC packets waiting for their messages to be durable, in the order the
     /// PUBLISHes arrived (MQTT-4.6.0-2): released from the front as they become ready.
     held_acks: VecDeque<HeldAck>,
+    /// The client's address, when known (for operators).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The keep alive the broker enforces on this connection (seconds, 0: none).
+    pub keep_alive_s: u16,
 }
 
 /// An acknowledgement held until what it acknowledges is stored.
@@ -189,6 +193,8 @@ impl Link {
             topic_alias_max,
             aliases: HashMap::new(),
             held_acks: VecDeque::new(),
+            peer: None,
+            keep_alive_s: 0,
         }
     }
 }
@@ -428,6 +434,9 @@ pub struct Session {
     /// The shard's bookkeeping: the ids of its will and expiry timers while it is offline.
     pub will_timer: Option<u64>,
     pub expiry_timer: Option<u64>,
+    /// When its client last connected (while online) or went away (while offline);
+    /// `None` when not known.
+    pub since: Option<Instant>,
 }
 
 /// Up to this many messages in flight, a free packet id is found by scanning the window;
@@ -502,6 +511,7 @@ impl Session {
             drops_stored: 0,
             will_timer: None,
             expiry_timer: None,
+            since: None,
         }
     }
 
@@ -938,6 +948,7 @@ impl Session {
     /// PUBREL), then drains the queue into the window (MQTT-4.4.0-1).
     pub fn attach(&mut self, link: Link, limits: &SessionLimits, now: Instant) {
         self.version = link.version;
+        self.since = Some(now);
         self.link = Some(link);
         let inflight = std::mem::take(&mut self.inflight);
         self.ids_in_flight = None;
@@ -964,7 +975,10 @@ impl Session {
 
     /// Detaches the connection (it closed); in-flight state stays for the next one. A
     /// persistent session's queue is on disk already and leaves memory.
-    pub fn detach(&mut self) -> Option<Link> {
+    pub fn detach(&mut self, now: Instant) -> Option<Link> {
+        if self.link.is_some() {
+            self.since = Some(now);
+        }
         if self.persistent {
             if let Some(first) = self.queue.front().map(|q| q.seq) {
                 self.spilled_from = Some(first);
@@ -1306,7 +1320,7 @@ mod tests {
         s.on_pubrec(PacketId::new(2).unwrap(), false, &LIMITS, now)
             .unwrap();
         let _ = sent(&out, ProtocolVersion::V5);
-        s.detach();
+        s.detach(now);
         let out2 = Rc::new(Outbound::new(ProtocolVersion::V5));
         s.attach(Link::new(2, out2.clone(), 10, 1 << 20, 0), &LIMITS, now);
         let packets = sent(&out2, ProtocolVersion::V5);

@@ -47,8 +47,10 @@ use crate::storage::{
     Store, SubscriptionRecord, WallClock, WillRecord,
 };
 
-mod inspect;
-pub use inspect::{Page, RetainedInfo, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX};
+pub mod inspect;
+pub use inspect::{
+    Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
+};
 
 /// Reads of a session's queue from disk in one go: more happen only when a whole window
 /// read back was dropped (its topics no longer readable); the rest waits for the next tick.
@@ -93,6 +95,27 @@ pub struct ConnCtx {
     aliases_in: HashMap<u16, TopicName>,
     /// The client's address (for the log), when known.
     pub peer: Option<std::net::SocketAddr>,
+}
+
+impl ConnCtx {
+    /// The context of a connection the broker is ending on its own (an operator's kick).
+    fn closing(
+        conn_id: u64,
+        client_id: MqttStr,
+        version: ProtocolVersion,
+        out: Rc<Outbound>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> ConnCtx {
+        ConnCtx {
+            conn_id,
+            client_id,
+            version,
+            out,
+            username: None,
+            aliases_in: HashMap::new(),
+            peer,
+        }
+    }
 }
 
 /// What the connection task does after a packet.
@@ -290,6 +313,8 @@ pub struct CoreStats {
     pub acl_denied_delivery: u64,
     /// Sessions discarded through the admin API.
     pub sessions_deleted: u64,
+    /// Clients disconnected through the admin API.
+    pub sessions_kicked: u64,
     /// CONNECTs refused because the client id's session belongs to another user.
     pub takeovers_refused: u64,
     pub ended_sessions: SessionStats,
@@ -471,6 +496,9 @@ pub struct Core {
     /// Messages refused by persistent sessions of this shard for the budget.
     budget_refused: u64,
     pub stats: CoreStats,
+    /// The wall clock at start: what the admin API shows as times of day is read against
+    /// one anchor, so that the same moment reads the same every time.
+    wall: WallClock,
 }
 
 impl std::fmt::Debug for Core {
@@ -560,6 +588,7 @@ impl Core {
             budget_refused: 0,
             cfg,
             stats: CoreStats::default(),
+            wall: WallClock::now(),
         }
     }
 
@@ -1287,6 +1316,13 @@ impl Core {
         let epoch = s.epoch;
         let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
         let will_delay = s.will.as_ref().map(|w| w.delay_s);
+        // Away since it disconnected (or since the crash, if it was online then); unknown
+        // when the monotonic clock does not reach back that far.
+        let away_ms = rs
+            .record
+            .disconnected_unix_ms
+            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d));
+        s.since = now.checked_sub(Duration::from_millis(away_ms));
         self.sessions.insert(client_id.clone(), Box::new(s));
         self.settle_session(&client_id);
         let peers: Vec<usize> = self.peers().collect();
@@ -1517,7 +1553,7 @@ impl Core {
         let mut will_now: Option<Will> = None;
         let mut end_existing = false;
         if let Some(s) = self.sessions.get_mut(&client_id) {
-            if let Some(old) = s.detach() {
+            if let Some(old) = s.detach(now) {
                 old.out.close(Some(ReasonCode::SessionTakenOver));
                 self.stats.connections -= 1;
                 s.epoch = Core::bump(&mut self.next_epoch);
@@ -1619,7 +1655,7 @@ impl Core {
             }
         });
         let cp = &c.properties;
-        let link = Link::new(
+        let mut link = Link::new(
             conn_id,
             out.clone(),
             cp.receive_maximum.unwrap_or(u16::MAX),
@@ -1628,6 +1664,8 @@ impl Core {
                 .unwrap_or(0)
                 .min(self.cfg.limits.topic_alias_max),
         );
+        link.peer = login.peer;
+        link.keep_alive_s = keep_alive_s;
         session.persistent |= self.store.is_some() && expiry_s > 0;
         // What waits for it was checked when queued, under the rules of that time: check
         // again (a reload may have taken read access away).
@@ -1717,7 +1755,7 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
             return;
         };
-        s.detach();
+        s.detach(now);
         s.epoch = Core::bump(&mut self.next_epoch);
         self.stats.connections -= 1;
         if ending == Ending::Normal {
@@ -1837,7 +1875,7 @@ impl Core {
             self.budget.set(self.id, self.queued_bytes);
             self.check_budget();
         }
-        if let Some(l) = s.detach() {
+        if let Some(l) = s.detach(now) {
             l.out.close(None);
             self.stats.connections -= 1;
         }

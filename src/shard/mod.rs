@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod core;
 pub mod event;
+pub mod history;
 pub mod incomplete;
 pub mod metrics;
 pub mod service;

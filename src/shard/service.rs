@@ -13,10 +13,11 @@ use shards::{Outbox, Service, Shard, ShardId};
 
 use super::budget::QueuedBudget;
 use super::core::{
-    Core, CoreStats, EventSink, Login, Page, RetainedInfo, SessionInfo, SubscriptionInfo,
-    Verification,
+    Core, CoreStats, EventSink, Login, Page, RetainedInfo, SessionFilter, SessionInfo,
+    SubscriptionInfo, Verification,
 };
 use super::event::Event;
+use super::history::{RateHistory, RatePoint};
 use super::incomplete::IncompletePackets;
 use crate::auth::Auth;
 use crate::auth::LoginFailure;
@@ -108,20 +109,32 @@ pub enum Query {
     Sessions {
         after: Option<String>,
         limit: usize,
+        filter: SessionFilter,
     },
     /// One session, by client id (only its owner answers `Some`).
     Session(String),
     /// Disconnects a session if online and discards it, stored state included.
     DeleteSession(String),
+    /// Disconnects a session's client (DISCONNECT 0x98 for MQTT 5); the session stays
+    /// as its expiry has it.
+    Kick(String),
+    /// The shard's counters, sampled over the last minutes.
+    Rates,
     /// By (filter, client id).
     Subscriptions {
         after: Option<(String, String)>,
         limit: usize,
+        /// Only those whose filter or client id contains this.
+        search: Option<String>,
     },
     /// By topic; each shard lists the topics it owns.
     Retained {
         after: Option<String>,
         limit: usize,
+        /// Only topics containing this.
+        search: Option<String>,
+        /// Whether the broker's own `$SYS/...` topics are listed.
+        sys: bool,
     },
 }
 
@@ -132,6 +145,8 @@ pub enum Answer {
     Sessions(Page<SessionInfo>),
     Session(Option<SessionInfo>),
     Deleted(bool),
+    Kicked(bool),
+    Rates(Vec<RatePoint>),
     Subscriptions(Page<SubscriptionInfo>),
     Retained(Page<RetainedInfo>),
 }
@@ -251,6 +266,8 @@ pub struct BrokerShard {
     /// The shard's share of the budget for incomplete packets.
     pub incomplete: IncompletePackets,
     rate: Cell<RateSample>,
+    /// The shard's counters over the last minutes (sampled by the timer loop).
+    history: RefCell<RateHistory>,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -304,6 +321,7 @@ impl BrokerShard {
                 sent: 0,
                 rates: (0.0, 0.0),
             }),
+            history: RefCell::new(RateHistory::default()),
         }
     }
 
@@ -610,16 +628,37 @@ impl BrokerShard {
         }
     }
 
-    /// Fires will-delay and session-expiry timers until the pool stops.
+    /// Fires will-delay and session-expiry timers, and samples the rate history, until
+    /// the pool stops.
     pub async fn timer_loop(shard: Shard<BrokerShard>) {
+        // The history starts with the counters at the start.
+        shard.service().sample_rates();
         while !shard.is_stopping() {
             glommio::timer::sleep(TIMER_TICK).await;
-            shard
-                .service()
-                .core
-                .borrow_mut()
-                .fire_timers(Instant::now());
+            let svc = shard.service();
+            svc.core.borrow_mut().fire_timers(Instant::now());
+            svc.sample_rates();
         }
+    }
+
+    /// Adds a sample to the rate history when a new step has begun.
+    fn sample_rates(&self) {
+        let unix_ms = crate::storage::WallClock::now().unix_ms;
+        let mut history = self.history.borrow_mut();
+        if !history.due(unix_ms) {
+            return;
+        }
+        let core = self.core.borrow();
+        history.note(
+            unix_ms,
+            RatePoint {
+                step: 0,
+                received: core.stats.messages_received,
+                sent: core.delivery_totals().delivered,
+                bytes_in: self.io.bytes_in.get(),
+                bytes_out: self.io.bytes_out.get(),
+            },
+        );
     }
 }
 
@@ -666,22 +705,43 @@ impl Service for BrokerShard {
                 self.core.borrow_mut().set_auth(auth);
                 Answer::Stats(Box::new(self.stats()))
             }
-            Query::Sessions { after, limit } => {
-                Answer::Sessions(self.core.borrow().sessions_page(after.as_deref(), limit))
-            }
+            Query::Sessions {
+                after,
+                limit,
+                filter,
+            } => Answer::Sessions(self.core.borrow().sessions_page(
+                after.as_deref(),
+                limit,
+                &filter,
+            )),
             Query::Session(id) => Answer::Session(self.core.borrow().inspect_session(&id)),
             Query::DeleteSession(id) => {
                 Answer::Deleted(self.core.borrow_mut().delete_session(&id, Instant::now()))
             }
-            Query::Subscriptions { after, limit } => {
-                Answer::Subscriptions(self.core.borrow().subscriptions_page(
-                    after.as_ref().map(|(f, c)| (f.as_str(), c.as_str())),
-                    limit,
-                ))
+            Query::Kick(id) => {
+                Answer::Kicked(self.core.borrow_mut().kick_session(&id, Instant::now()))
             }
-            Query::Retained { after, limit } => {
-                Answer::Retained(self.core.borrow().retained_page(after.as_deref(), limit))
-            }
+            Query::Rates => Answer::Rates(self.history.borrow().points()),
+            Query::Subscriptions {
+                after,
+                limit,
+                search,
+            } => Answer::Subscriptions(self.core.borrow().subscriptions_page(
+                after.as_ref().map(|(f, c)| (f.as_str(), c.as_str())),
+                limit,
+                search.as_deref(),
+            )),
+            Query::Retained {
+                after,
+                limit,
+                search,
+                sys,
+            } => Answer::Retained(self.core.borrow().retained_page(
+                after.as_deref(),
+                limit,
+                search.as_deref(),
+                sys,
+            )),
         };
         async move { answer }
     }

@@ -19,6 +19,8 @@ use crate::session::{owner_shard, Message, Session, SharedMessage};
 
 /// The most entries one page holds.
 pub const PAGE_ITEMS_MAX: usize = 1000;
+/// The longest search text a listing accepts, in bytes.
+pub const SEARCH_BYTES_MAX: usize = 256;
 /// Payload bytes shown of a retained message.
 const PAYLOAD_PREVIEW_BYTES: usize = 64;
 
@@ -63,6 +65,61 @@ pub struct SessionInfo {
     pub dropped_storage_budget: u64,
     /// Whether its queue is full now (refusing, or pushing out its oldest).
     pub queue_full: bool,
+    /// The client's address, while it is online.
+    pub address: Option<String>,
+    /// The user name its client logged in with (for a session read back from disk whose
+    /// client has not returned: the user that made it, when recorded); `None`: anonymous
+    /// or not known.
+    pub user: Option<String>,
+    /// Keep alive the broker enforces on the connection, seconds (0: none); while online.
+    pub keep_alive_s: Option<u16>,
+    /// When its client connected (unix ms), while online.
+    pub connected_since_unix_ms: Option<u64>,
+    /// When its client went away (unix ms), while offline and when known.
+    pub offline_since_unix_ms: Option<u64>,
+    /// When it expires (unix ms), while offline with a finite expiry.
+    pub expires_at_unix_ms: Option<u64>,
+}
+
+/// Which sessions a listing shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    /// Only those whose client id, user or address contains this (ASCII case ignored).
+    pub search: Option<String>,
+    /// Only those online (`Some(true)`) or offline (`Some(false)`).
+    pub online: Option<bool>,
+}
+
+impl SessionFilter {
+    fn admits(&self, s: &Session) -> bool {
+        if self.online.is_some_and(|o| o != s.is_online()) {
+            return false;
+        }
+        let Some(q) = self.search.as_deref().filter(|q| !q.is_empty()) else {
+            return true;
+        };
+        contains(s.client_id.as_str(), q)
+            || user_of(s).is_some_and(|u| contains(u, q))
+            || s.link
+                .as_ref()
+                .and_then(|l| l.peer)
+                .is_some_and(|a| contains(&a.to_string(), q))
+    }
+}
+
+/// Whether `text` contains `q`, ASCII case ignored.
+pub(crate) fn contains(text: &str, q: &str) -> bool {
+    let (t, q) = (text.as_bytes(), q.as_bytes());
+    q.is_empty() || t.windows(q.len()).any(|w| w.eq_ignore_ascii_case(q))
+}
+
+/// The user name a session is known by (see [`SessionInfo::user`]).
+fn user_of(s: &Session) -> Option<&str> {
+    s.identity
+        .as_ref()
+        .or(s.owner.as_ref())
+        .and_then(|u| u.as_ref())
+        .map(|u| u.as_str())
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -179,6 +236,9 @@ impl Core {
             .collect();
         subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
         let st = &s.stats;
+        let link = s.link.as_ref();
+        let since = s.since.map(|t| self.wall.unix_ms_of(t));
+        let offline_since = if link.is_none() { since } else { None };
         SessionInfo {
             client_id: s.client_id.as_str().to_string(),
             shard: self.id,
@@ -195,6 +255,14 @@ impl Core {
             dropped_queue_full: st.dropped_queue_full,
             dropped_storage_budget: st.dropped_storage_budget,
             queue_full: s.queue_is_full(),
+            address: link.and_then(|l| l.peer).map(|a| a.to_string()),
+            user: user_of(s).map(str::to_owned),
+            keep_alive_s: link.map(|l| l.keep_alive_s),
+            connected_since_unix_ms: if link.is_some() { since } else { None },
+            offline_since_unix_ms: offline_since,
+            expires_at_unix_ms: offline_since
+                .filter(|_| s.expiry_s != u32::MAX)
+                .map(|t| t.saturating_add(u64::from(s.expiry_s) * 1000)),
         }
     }
 
@@ -204,10 +272,18 @@ impl Core {
         self.sessions.get(&id).map(|s| self.session_info(s))
     }
 
-    /// The shard's sessions after client id `after`, by client id.
-    pub fn sessions_page(&self, after: Option<&str>, limit: usize) -> Page<SessionInfo> {
+    /// The shard's sessions that `filter` admits, after client id `after`, by client id.
+    pub fn sessions_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        filter: &SessionFilter,
+    ) -> Page<SessionInfo> {
         let (total, remaining, keys) = smallest_after(
-            self.sessions.keys().map(|k| k.as_str()),
+            self.sessions
+                .iter()
+                .filter(|(_, s)| filter.admits(s))
+                .map(|(k, _)| k.as_str()),
             |k| after.is_none_or(|a| *k > a),
             limit.min(PAGE_ITEMS_MAX),
         );
@@ -222,17 +298,23 @@ impl Core {
         }
     }
 
-    /// The shard's subscriptions after `(filter, client id)`, in that order.
+    /// The shard's subscriptions after `(filter, client id)`, in that order; with `search`,
+    /// those whose filter or client id contains it.
     pub fn subscriptions_page(
         &self,
         after: Option<(&str, &str)>,
         limit: usize,
+        search: Option<&str>,
     ) -> Page<SubscriptionInfo> {
-        let all = self.sessions.values().flat_map(|s| {
-            s.subscriptions
-                .values()
-                .map(move |sub| (sub.filter.as_str(), s.client_id.as_str(), sub.options.qos))
-        });
+        let all = self
+            .sessions
+            .values()
+            .flat_map(|s| {
+                s.subscriptions
+                    .values()
+                    .map(move |sub| (sub.filter.as_str(), s.client_id.as_str(), sub.options.qos))
+            })
+            .filter(|&(f, c, _)| search.is_none_or(|q| contains(f, q) || contains(c, q)));
         // The QoS rides along; the key is (filter, client id), unique per session.
         let (total, remaining, keys) = smallest_after(
             all,
@@ -256,11 +338,22 @@ impl Core {
     }
 
     /// The retained messages whose topics this shard owns (every shard holds a copy of
-    /// all of them; each lists its own share), after topic `after`.
-    pub fn retained_page(&self, after: Option<&str>, limit: usize) -> Page<RetainedInfo> {
+    /// all of them; each lists its own share), after topic `after`; with `search`, those
+    /// whose topic contains it; `$SYS/...` topics only with `sys`.
+    pub fn retained_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        search: Option<&str>,
+        sys: bool,
+    ) -> Page<RetainedInfo> {
         let mut mine = Vec::new();
         self.retained.for_each_any(|m| {
-            if owner_shard(m.topic.as_bytes(), self.count) == self.id {
+            let t = m.topic.as_str();
+            if owner_shard(m.topic.as_bytes(), self.count) == self.id
+                && (sys || !t.starts_with("$SYS/"))
+                && search.is_none_or(|q| contains(t, q))
+            {
                 mine.push(ByTopic(m.clone()));
             }
         });
@@ -298,12 +391,35 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&id) else {
             return false;
         };
-        if let Some(link) = s.detach() {
+        if let Some(link) = s.detach(now) {
             link.out.close(Some(ReasonCode::AdministrativeAction));
             self.stats.connections -= 1;
         }
         self.stats.sessions_deleted += 1;
         self.end_session(&id, now);
+        true
+    }
+
+    /// Disconnects a session's client, as an operator's action: DISCONNECT 0x98
+    /// (Administrative action) for an MQTT 5 client, its will published as for a lost
+    /// connection; the session stays or ends as its expiry says. `false`: no such session
+    /// online here.
+    pub fn kick_session(&mut self, client_id: &str, now: Instant) -> bool {
+        let Ok(id) = MqttStr::new(client_id) else {
+            return false;
+        };
+        let Some(ctx) = self.sessions.get(&id).and_then(|s| {
+            s.link
+                .as_ref()
+                .map(|l| (l.conn_id, l.out.clone(), s.version, l.peer))
+        }) else {
+            return false;
+        };
+        let (conn_id, out, version, peer) = ctx;
+        out.close(Some(ReasonCode::AdministrativeAction));
+        self.stats.sessions_kicked += 1;
+        let ctx = super::ConnCtx::closing(conn_id, id, version, out, peer);
+        self.disconnected(&ctx, super::Ending::Lost, now);
         true
     }
 
@@ -331,6 +447,8 @@ mod tests {
     use super::super::tests_support::{conn, core, drain, subscribe_packet};
     use super::*;
     use crate::protocol::{Packet, PacketId, Publish, TopicName};
+    use crate::session::outbound::Outbound;
+    use std::rc::Rc;
 
     fn publish(topic: &str, pid: u16) -> Packet {
         Packet::Publish(Publish {
@@ -379,7 +497,7 @@ mod tests {
         assert!(matches!(&drain(&a_out)[..],
             [Packet::Publish(p)] if p.topic.as_str() == "$SYS/broker/uptime"));
         assert_eq!(
-            c.retained_page(None, 10).items[0].payload_preview,
+            c.retained_page(None, 10, None, true).items[0].payload_preview,
             "3 seconds"
         );
 
@@ -392,7 +510,143 @@ mod tests {
         assert_eq!(c.stats.sessions_deleted, 1);
         // What the deleted session counted stays in the shard's totals.
         assert_eq!(c.delivery_totals().delivered_qos, [1, 1, 0]);
-        assert_eq!(c.sessions_page(None, 10).total, 1);
+        assert_eq!(
+            c.sessions_page(None, 10, &SessionFilter::default()).total,
+            1
+        );
+    }
+
+    /// A v5 client with a session that outlives its connection, logged in as `user`
+    /// from `peer`, keep alive 30 s.
+    fn login(c: &mut Core, id: &str, user: &str, peer: &str, now: Instant) -> Rc<Outbound> {
+        let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+        let properties = crate::protocol::ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..Default::default()
+        };
+        let connect = crate::protocol::Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 30,
+            properties,
+            client_id: MqttStr::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        let login = super::super::Login {
+            username: Some(MqttStr::new(user).unwrap()),
+            refused: None,
+            peer: Some(peer.parse().unwrap()),
+        };
+        c.connect_as(&connect, None, login, out.clone(), now)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sessions_show_who_and_when_and_are_found_by_search_and_state() {
+        let now = Instant::now();
+        let mut c = core();
+        let a_out = login(&mut c, "sensor-1", "alice", "192.0.2.7:4000", now);
+        let _b_out = login(&mut c, "Sensor-2", "bob", "[2001:db8::2]:5000", now);
+        let _c = conn(&mut c, "other", now);
+        let a = c.inspect_session("sensor-1").unwrap();
+        assert_eq!(a.address.as_deref(), Some("192.0.2.7:4000"));
+        assert_eq!(a.user.as_deref(), Some("alice"));
+        assert_eq!(a.keep_alive_s, Some(30));
+        assert!(a.connected_since_unix_ms.is_some());
+        assert_eq!(
+            (a.offline_since_unix_ms, a.expires_at_unix_ms),
+            (None, None)
+        );
+
+        let ids = |c: &Core, search: Option<&str>, online: Option<bool>| {
+            let f = SessionFilter {
+                search: search.map(str::to_owned),
+                online,
+            };
+            let p = c.sessions_page(None, 10, &f);
+            let ids: Vec<String> = p.items.into_iter().map(|s| s.client_id).collect();
+            (p.total, ids)
+        };
+        assert_eq!(ids(&c, Some("SENSOR"), None).1, ["Sensor-2", "sensor-1"]);
+        assert_eq!(ids(&c, Some("bob"), None).1, ["Sensor-2"]);
+        assert_eq!(ids(&c, Some("2001:db8"), None).1, ["Sensor-2"]);
+        assert_eq!(ids(&c, Some("nobody"), None), (0, vec![]));
+
+        // Kicked: DISCONNECT 0x98, the session stays, offline, with its expiry.
+        assert!(c.kick_session("sensor-1", now));
+        assert!(matches!(drain(&a_out).last(),
+            Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::AdministrativeAction));
+        assert!(!c.kick_session("sensor-1", now), "no longer online");
+        assert!(!c.kick_session("nobody", now));
+        assert_eq!(c.stats.sessions_kicked, 1);
+        assert_eq!(c.stats.connections, 2);
+        let a = c.inspect_session("sensor-1").unwrap();
+        assert!(!a.online);
+        assert_eq!((a.address, a.keep_alive_s), (None, None));
+        assert_eq!(a.user.as_deref(), Some("alice"));
+        let gone = a.offline_since_unix_ms.unwrap();
+        assert_eq!(a.expires_at_unix_ms, Some(gone + 600_000));
+        assert_eq!(ids(&c, None, Some(false)).1, ["sensor-1"]);
+        assert_eq!(ids(&c, None, Some(true)).1, ["Sensor-2", "other"]);
+    }
+
+    #[test]
+    fn subscriptions_and_retained_are_found_by_search() {
+        let now = Instant::now();
+        let mut c = core();
+        let (mut a, _a_out) = conn(&mut c, "a", now);
+        for (i, f) in ["home/kitchen/temp", "home/hall/+", "office/#"]
+            .iter()
+            .enumerate()
+        {
+            c.on_packet(
+                &mut a,
+                subscribe_packet(i as u16 + 1, f, QoS::AtMostOnce),
+                now,
+            )
+            .unwrap();
+        }
+        let filters = |search| -> Vec<String> {
+            c.subscriptions_page(None, 10, search)
+                .items
+                .into_iter()
+                .map(|s| s.filter)
+                .collect()
+        };
+        assert_eq!(filters(Some("HOME")), ["home/hall/+", "home/kitchen/temp"]);
+        assert_eq!(filters(Some("a")).len(), 3, "the client id matches too");
+        let mut p = publish("home/kitchen/temp", 9);
+        if let Packet::Publish(p) = &mut p {
+            p.retain = true;
+        }
+        c.on_packet(&mut a, p, now).unwrap();
+        c.publish_sys("$SYS/broker/uptime", "1".into(), now);
+        let topics = |search, sys| -> Vec<String> {
+            c.retained_page(None, 10, search, sys)
+                .items
+                .into_iter()
+                .map(|r| r.topic)
+                .collect()
+        };
+        assert_eq!(
+            topics(None, true),
+            ["$SYS/broker/uptime", "home/kitchen/temp"]
+        );
+        assert_eq!(topics(None, false), ["home/kitchen/temp"]);
+        assert_eq!(topics(Some("KITCHEN"), true), ["home/kitchen/temp"]);
+        assert!(topics(Some("nothing"), true).is_empty());
+    }
+
+    #[test]
+    fn search_ignores_ascii_case_only() {
+        assert!(contains("Sensor-1", "sENSOR"));
+        assert!(contains("x", ""));
+        assert!(!contains("ab", "abc"));
+        assert!(!contains("grüße", "GRÜ"));
+        assert!(contains("grüße", "grü"));
     }
 
     #[test]
