@@ -489,3 +489,42 @@ fn dedup_keys_load_per_session_go_with_the_session_and_are_copied() {
         .iter()
         .all(|(k, _)| split_client_key(k).unwrap().1 == "ab"));
 }
+
+/// Canary for the `#[doc(hidden)]` fjall APIs the store relies on (pinned in Cargo.toml):
+/// `write_buffer_size` counts what was written and not flushed, and `persist` seals the
+/// memtables once it reaches half of `memtable_bytes`, after which the engine flushes them
+/// and the count goes down. If an upgrade changes either, this fails instead of memory
+/// growing in production.
+#[test]
+fn persist_seals_full_memtables_and_the_engine_flushes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let engine = store.engine().unwrap();
+    let half = MIN_MEMTABLE_BYTES / 2;
+    let payload = vec![7u8; 4096];
+    let mut n = 0;
+    while engine.db.write_buffer_size() < half {
+        store
+            .retained_put(&format!("canary/{n}"), &msg("canary", &payload))
+            .unwrap();
+        n += 1;
+        assert!(n < 10_000, "write_buffer_size does not count writes");
+    }
+    store.persist().unwrap();
+    assert!(
+        engine
+            .spaces
+            .iter()
+            .any(|ks| ks.sealed_memtable_count() > 0)
+            || engine.db.write_buffer_size() < half,
+        "persist sealed no memtable"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while engine.db.write_buffer_size() >= half {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sealed memtables were never flushed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
