@@ -458,6 +458,7 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
     BrokerShard::recover(&shard).await;
     let timers = glommio::spawn_local(BrokerShard::timer_loop(shard.clone()));
     let sys = glommio::spawn_local(BrokerShard::sys_loop(shard.clone()));
+    let handoffs = glommio::spawn_local(net::handoff_loop(shard.clone()));
     let mut accepts = Vec::new();
     for (fd, listener) in &fds[id] {
         accepts.push(glommio::spawn_local(net::accept_loop(
@@ -472,11 +473,13 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
     for a in accepts {
         a.await;
     }
-    shard.service().core.borrow_mut().close_all();
-    let deadline = Instant::now() + STOP_GRACE;
-    while shard.service().open_connections() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
+    handoffs.await;
+    shard.service().close_all();
+    futures_lite::future::or(
+        shard.service().connections_closed(),
+        glommio::timer::sleep(STOP_GRACE),
+    )
+    .await;
     timers.await;
     sys.await;
     flusher.await;

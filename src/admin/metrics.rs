@@ -5,8 +5,8 @@ use std::fmt::Write;
 
 use super::BrokerInfo;
 use crate::config::QueuePolicy;
+use crate::shard::api::ShardStats;
 use crate::shard::metrics::LatencyHistogram;
-use crate::shard::service::ShardStats;
 
 /// Writes one metric family: its HELP and TYPE, then one sample per shard and label set.
 struct Family<'a> {

@@ -49,12 +49,11 @@ use serde::{Deserialize, Serialize};
 use shards::{Control, ShardId};
 
 use crate::config::QueuePolicy;
-use crate::shard::core::inspect::SEARCH_BYTES_MAX;
-use crate::shard::core::{
-    Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
+use crate::shard::api::{
+    Answer, Page, Query, RatePoint, RetainedInfo, SessionFilter, SessionInfo, ShardStats,
+    SubscriptionInfo, PAGE_ITEMS_MAX, RATE_STEP_MS, SEARCH_BYTES_MAX,
 };
-use crate::shard::history::{RatePoint, RATE_STEP_MS};
-use crate::shard::service::{Answer, BrokerShard, Query, ShardStats};
+use crate::shard::service::BrokerShard;
 
 /// Entries per page when the request does not say.
 pub const PAGE_ITEMS_DEFAULT: usize = 100;

@@ -7,11 +7,12 @@ use std::time::Instant;
 use bytes::BytesMut;
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpStream, UnixStream};
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 
-use super::{
-    hand_off, handshake_limits, place, serve, tls, ws, Client, Listener, Placed, CLOSE_DRAIN,
-};
+use super::conn::{serve, Client, CLOSE_DRAIN};
+use super::connect::{handshake_limits, place, Placed};
+use super::handoff::hand_off;
+use super::{tls, ws, Listener};
 use crate::config::Transport;
 use crate::shard::event::{ConnGuard, Handoff, HandoffSocket};
 use crate::shard::service::BrokerShard;
@@ -171,10 +172,16 @@ async fn relay(
         tracing::warn!(error = %std::io::Error::last_os_error(), "socketpair for a relayed connection failed");
         return;
     }
-    // SAFETY: fds[0] is ours alone from here on; fds[1] goes to the owner.
-    let local = unsafe { UnixStream::from_raw_fd(fds[0]) };
+    // SAFETY: socketpair made both descriptors for us alone: fds[0] stays here, fds[1]
+    // goes to the owner (closed by whoever drops it).
+    let (local, theirs) = unsafe {
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
     let handoff = Handoff {
-        fd: fds[1],
+        fd: theirs,
         socket: HandoffSocket::Unix,
         bytes: bytes.freeze(),
         peer: client.addr,

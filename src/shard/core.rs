@@ -673,6 +673,10 @@ impl Core {
         &self.cfg
     }
 
+    pub fn config_rc(&self) -> Rc<Config> {
+        self.cfg.clone()
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -3014,9 +3018,6 @@ impl Core {
                 if let Some(token) = reply {
                     self.wait_durable(Waiter::answer(from, token), now);
                 }
-            }
-            Event::Handoff { .. } => {
-                unreachable!("hand-offs are taken by the service before the core")
             }
             Event::RecoveryDone => self.recovered_peers += 1,
             Event::Rehome { session, reply } => self.adopt(from, *session, reply, now),

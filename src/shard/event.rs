@@ -2,7 +2,7 @@
 //! fanned out to many shards is never copied.
 
 use bytes::Bytes;
-use std::os::fd::RawFd;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crate::protocol::{MqttStr, SubscriptionOptions};
@@ -10,6 +10,20 @@ use crate::session::SharedMessage;
 
 /// A token that the shard waiting on a cross-shard round trip uses to find what it waits for.
 pub type Token = u64;
+
+/// What travels between shards: batches of events for the core, and connections for the
+/// network layer (which the core never sees).
+#[derive(Debug)]
+pub enum Mail {
+    Events(Vec<Event>),
+    Handoff(Box<Handoff>),
+}
+
+impl From<Vec<Event>> for Mail {
+    fn from(events: Vec<Event>) -> Mail {
+        Mail::Events(events)
+    }
+}
 
 /// One cross-shard event. Shards send each other `Vec<Event>` batches, one per tick.
 #[derive(Debug)]
@@ -43,8 +57,6 @@ pub enum Event {
         version: RetainVersion,
         reply: Option<Token>,
     },
-    /// An accepted connection whose client belongs to the receiving shard.
-    Handoff(Box<Handoff>),
     /// To a shared group's home: `member` subscribes (or updates its subscription).
     SharedJoin {
         key: Arc<str>,
@@ -144,8 +156,8 @@ impl Fate {
 pub struct Handoff {
     /// The socket, now the receiver's: the client's own TCP socket, or (TLS, WebSocket) the
     /// broker's end of a socket pair that the accepting shard relays the decrypted or
-    /// unframed bytes through.
-    pub fd: RawFd,
+    /// unframed bytes through. Closed when the hand-off is dropped undelivered.
+    pub fd: OwnedFd,
     pub socket: HandoffSocket,
     /// Every byte read so far: the whole CONNECT and anything after it.
     pub bytes: Bytes,

@@ -11,18 +11,15 @@ use std::time::{Duration, Instant};
 
 use shards::{Outbox, Service, Shard, ShardId};
 
+pub use super::api::{Answer, Query, ShardStats};
 use super::budget::QueuedBudget;
-use super::core::{
-    Core, CoreStats, EventSink, Login, Page, RetainedInfo, SessionFilter, SessionInfo,
-    SubscriptionInfo, Verification,
-};
-use super::event::Event;
+use super::core::{Core, EventSink, Login, Verification};
+use super::event::{Event, Handoff, Mail};
 use super::history::{RateHistory, RatePoint};
 use super::incomplete::IncompletePackets;
 use crate::auth::Auth;
 use crate::auth::LoginFailure;
 use crate::config::{Config, Durability};
-use crate::session::state::SessionStats;
 use crate::storage::Store;
 
 /// How often due wills and session expiries are checked: the worst lateness of a will.
@@ -99,89 +96,6 @@ impl OutboxSink {
     }
 }
 
-/// A question for every shard (map-reduce), asked by the admin API and the `$SYS`
-/// publisher. Listings take a cursor (the last key of the previous page) and a limit.
-#[derive(Clone, Debug)]
-pub enum Query {
-    Stats,
-    /// Put these password and ACL rules in force (reload); answered with the stats.
-    SetAuth(Arc<Auth>),
-    Sessions {
-        after: Option<String>,
-        limit: usize,
-        filter: SessionFilter,
-    },
-    /// One session, by client id (only its owner answers `Some`).
-    Session(String),
-    /// Disconnects a session if online and discards it, stored state included.
-    DeleteSession(String),
-    /// Disconnects a session's client (DISCONNECT 0x98 for MQTT 5); the session stays
-    /// as its expiry has it.
-    Kick(String),
-    /// The shard's counters, sampled over the last minutes.
-    Rates,
-    /// By (filter, client id).
-    Subscriptions {
-        after: Option<(String, String)>,
-        limit: usize,
-        /// Only those whose filter or client id contains this.
-        search: Option<String>,
-    },
-    /// By topic; each shard lists the topics it owns.
-    Retained {
-        after: Option<String>,
-        limit: usize,
-        /// Only topics containing this.
-        search: Option<String>,
-        /// Whether the broker's own `$SYS/...` topics are listed.
-        sys: bool,
-    },
-}
-
-/// One shard's answer to a [`Query`] (the variant of the question).
-#[derive(Debug)]
-pub enum Answer {
-    Stats(Box<ShardStats>),
-    Sessions(Page<SessionInfo>),
-    Session(Option<SessionInfo>),
-    Deleted(bool),
-    Kicked(bool),
-    Rates(Vec<RatePoint>),
-    Subscriptions(Page<SubscriptionInfo>),
-    Retained(Page<RetainedInfo>),
-}
-
-/// One shard's counters and gauges.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ShardStats {
-    pub sessions: usize,
-    /// Retained messages held by this shard: each shard holds a copy of all of them.
-    pub retained: usize,
-    pub subscriptions: usize,
-    pub handoffs: u64,
-    /// Sockets open (MQTT sessions online are `core.connections`).
-    pub sockets: u32,
-    pub queued_messages: u64,
-    pub queued_bytes: u64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub storage_bytes: u64,
-    /// Will and expiry timer entries held.
-    pub timers: usize,
-    /// Bytes held in incomplete packets now.
-    pub incomplete_packet_bytes: u64,
-    /// Connections closed as the largest holders of incomplete packets over the budget.
-    pub closed_incomplete_budget: u64,
-    /// Connections closed because a started packet did not complete in time.
-    pub closed_packet_timeout: u64,
-    /// PUBLISH packets received and sent per second, since the previous stats query (at
-    /// least a second before).
-    pub received_per_s: f64,
-    pub sent_per_s: f64,
-    pub delivery: SessionStats,
-    pub core: CoreStats,
-}
-
 /// The nice value of the password threads (see [`start_verifier`]).
 const VERIFIER_NICE: libc::c_int = 10;
 
@@ -250,7 +164,7 @@ const RATE_SAMPLE_MIN: Duration = Duration::from_secs(1);
 
 /// The per-shard service.
 pub struct BrokerShard {
-    pub core: RefCell<Core>,
+    pub(super) core: RefCell<Core>,
     sink: Rc<OutboxSink>,
     connections: Cell<u32>,
     connections_max: u32,
@@ -268,6 +182,14 @@ pub struct BrokerShard {
     rate: Cell<RateSample>,
     /// The shard's counters over the last minutes (sampled by the timer loop).
     history: RefCell<RateHistory>,
+    /// Connections other shards handed to this one, for the network layer's hand-off loop
+    /// ([`BrokerShard::next_handoff`]); it takes each at once.
+    arrivals: RefCell<std::collections::VecDeque<Box<Handoff>>>,
+    arrived: Notify,
+    /// Set once every peer's recovery has been applied here (the start barrier).
+    recovered: Notify,
+    /// Set when the last open connection closes (the stop waits for it).
+    all_closed: Notify,
 }
 
 impl std::fmt::Debug for BrokerShard {
@@ -322,6 +244,10 @@ impl BrokerShard {
                 rates: (0.0, 0.0),
             }),
             history: RefCell::new(RateHistory::default()),
+            arrivals: RefCell::default(),
+            arrived: Notify::default(),
+            recovered: Notify::default(),
+            all_closed: Notify::default(),
         }
     }
 
@@ -374,8 +300,19 @@ impl BrokerShard {
     }
 
     pub fn release_connection(&self) {
-        self.connections
-            .set(self.connections.get().saturating_sub(1));
+        let n = self.connections.get();
+        debug_assert!(n > 0, "a connection released twice");
+        self.connections.set(n.saturating_sub(1));
+        if n <= 1 {
+            self.all_closed.notify();
+        }
+    }
+
+    /// Returns once no connection is open on this shard.
+    pub async fn connections_closed(&self) {
+        while self.connections.get() > 0 {
+            self.all_closed.wait().await;
+        }
     }
 
     pub fn open_connections(&self) -> u32 {
@@ -430,6 +367,16 @@ impl BrokerShard {
             sent_per_s: sample.rates.1,
             delivery,
             core: core.stats,
+        }
+    }
+
+    /// The next connection another shard handed over, once there is one.
+    pub async fn next_handoff(&self) -> Box<Handoff> {
+        loop {
+            if let Some(h) = self.arrivals.borrow_mut().pop_front() {
+                return h;
+            }
+            self.arrived.wait().await;
         }
     }
 
@@ -573,17 +520,23 @@ impl BrokerShard {
     /// Recovers the shard from its store and waits until every peer's recovery has been
     /// applied here (the routing index is complete), bounded by [`RECOVERY_BARRIER_MAX`].
     pub async fn recover(shard: &Shard<BrokerShard>) {
-        shard.service().core.borrow_mut().recover(Instant::now());
-        let deadline = Instant::now() + RECOVERY_BARRIER_MAX;
-        while !shard.service().core.borrow().peers_recovered() {
-            if Instant::now() > deadline {
-                tracing::error!(
-                    shard = shard.id().index(),
-                    "peers did not finish recovering; starting anyway"
-                );
-                break;
+        let svc = shard.service();
+        svc.core.borrow_mut().recover(Instant::now());
+        let all_in = async {
+            while !svc.core.borrow().peers_recovered() {
+                svc.recovered.wait().await;
             }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
+            true
+        };
+        let late = async {
+            glommio::timer::sleep(RECOVERY_BARRIER_MAX).await;
+            false
+        };
+        if !futures_lite::future::or(all_in, late).await {
+            tracing::error!(
+                shard = shard.id().index(),
+                "peers did not finish recovering; starting anyway"
+            );
         }
     }
 
@@ -671,29 +624,25 @@ fn std_seed() -> u64 {
 }
 
 impl Service for BrokerShard {
-    type Msg = Vec<Event>;
+    type Msg = Mail;
     type Query = Query;
     type Answer = Answer;
 
-    fn on_message(&self, shard: &Shard<Self>, from: ShardId, batch: Vec<Event>) {
-        let now = Instant::now();
-        for event in batch {
-            match event {
-                Event::Handoff(handoff) => {
-                    let shard = shard.clone();
-                    glommio::spawn_local(async move {
-                        let svc = shard.service();
-                        if !svc.admit_connection() {
-                            // SAFETY: the fd was handed to us and nothing else uses it.
-                            unsafe { libc::close(handoff.fd) };
-                            return;
-                        }
-                        crate::net::serve_handoff(shard.clone(), *handoff).await;
-                        shard.service().release_connection();
-                    })
-                    .detach();
+    fn on_message(&self, _shard: &Shard<Self>, from: ShardId, mail: Mail) {
+        match mail {
+            Mail::Events(batch) => {
+                let now = Instant::now();
+                let mut core = self.core.borrow_mut();
+                for event in batch {
+                    core.on_event(from.index(), event, now);
                 }
-                other => self.core.borrow_mut().on_event(from.index(), other, now),
+                if core.peers_recovered() {
+                    self.recovered.notify();
+                }
+            }
+            Mail::Handoff(h) => {
+                self.arrivals.borrow_mut().push_back(h);
+                self.arrived.notify();
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::service::ShardStats;
+use super::api::ShardStats;
 
 /// The broker-wide sums of what the shards answered.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

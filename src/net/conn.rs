@@ -1,0 +1,475 @@
+//! A served connection on its owning shard: the reader (decode, flow limits, keep alive,
+//! packet timeout) that hands each packet to the shard, and the writer that drains the
+//! connection's [`Outbound`] into the socket.
+
+use bytes::BytesMut;
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{decode, fixed_header, Connect, DecodeLimits, MqttStr, ReasonCode};
+use crate::session::Outbound;
+use crate::shard::api::{Ending, Flow, Login, LoginStep};
+use crate::shard::service::{BrokerShard, IoCounters};
+use shards::Shard;
+
+/// Bytes read from a socket at a time: the size starts at the minimum (what an idle
+/// connection holds, in the read buffer and in the runtime's receive operation), doubles
+/// while reads fill it and halves while they use less than a quarter of it.
+pub(super) const READ_MIN_BYTES: usize = 128;
+/// A read buffer bigger than this is replaced by one sized for the packet under way when it
+/// is less than half used.
+pub(super) const READ_SHRINK_BYTES: usize = 64 * 1024;
+pub(super) const READ_MAX_BYTES: usize = 16 * 1024;
+/// Capacity of a connection's outgoing buffers kept while nothing is waiting to be written.
+pub(super) const OUTBOUND_IDLE_KEEP_BYTES: usize = 1024;
+/// How long a closing connection keeps reading (and discarding) before the socket is dropped.
+pub(super) const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+pub(super) enum ReadEvent {
+    Data(io::Result<usize>),
+    KeepAliveExpired,
+    /// A packet started `limits.packet_timeout_s` ago is still not complete.
+    PacketTimeout,
+    Closed,
+}
+
+/// The flow-control limits of a served connection.
+#[derive(Clone, Copy)]
+pub(super) struct FlowLimits {
+    outbound_max: usize,
+    write_stall: Duration,
+    packet_timeout: Duration,
+    messages_per_s: u32,
+    bytes_per_s: u64,
+}
+
+impl FlowLimits {
+    fn of(shard: &Shard<BrokerShard>) -> FlowLimits {
+        let cfg = shard.service().config();
+        let l = &cfg.limits;
+        FlowLimits {
+            outbound_max: l.outbound_buffer_bytes_max as usize,
+            write_stall: Duration::from_secs(l.write_stall_timeout_s as u64),
+            packet_timeout: Duration::from_secs(l.packet_timeout_s as u64),
+            messages_per_s: l.inbound_messages_per_s,
+            bytes_per_s: l.inbound_bytes_per_s,
+        }
+    }
+}
+
+/// Who is connecting, as the accepting shard learned it.
+#[derive(Debug, Default)]
+pub(super) struct Client {
+    /// The client's address (none for a relayed connection's socket pair, unless carried).
+    pub(super) addr: Option<SocketAddr>,
+    /// A verified client certificate's identity, when the listener uses it as the username.
+    pub(super) cert_identity: Option<String>,
+}
+
+/// Serves a connection whose CONNECT this shard owns, until it ends. `reader` and `writer`
+/// are the two halves of the client's byte stream (a socket, or a TLS or WebSocket session).
+pub(super) async fn serve<R, W>(
+    shard: Shard<BrokerShard>,
+    mut reader: R,
+    writer: W,
+    connect: Box<Connect>,
+    mut buf: BytesMut,
+    assigned: Option<MqttStr>,
+    client: Client,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let version = connect.protocol;
+    let flow = FlowLimits::of(&shard);
+    let out = Rc::new(Outbound::new(version));
+    // The set-up runs in a block of its own so that what it borrowed across an await (the
+    // CONNECT, the client's details, the connect result) is not kept in this future for the
+    // connection's whole life.
+    let (accepted, writer_task) = {
+        let (connect, client) = (connect, client);
+        // Boxed: its state (a password check on another thread) would otherwise be part of
+        // this future, which every connection keeps for its whole life.
+        let login = Box::pin(authenticate(
+            &shard,
+            &connect,
+            client.cert_identity.as_deref(),
+            client.addr,
+        ))
+        .await;
+        let accepted = shard
+            .service()
+            .connect(&connect, assigned, login, out.clone());
+        let on_room = accepted.as_ref().ok().map(|a| {
+            let (shard, client_id, conn_id) =
+                (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
+            move || shard.service().on_writable(&client_id, conn_id)
+        });
+        let writer_task = glommio::spawn_local(write_loop(
+            out.clone(),
+            writer,
+            flow.write_stall,
+            on_room,
+            shard.service().io.clone(),
+        ));
+        let accepted = accepted.ok().map(|a| {
+            let keep_alive = match a.keep_alive_s {
+                0 => None,
+                s => Some(Duration::from_millis(s as u64 * 1500)),
+            };
+            (a.ctx, keep_alive)
+        });
+        (accepted, writer_task)
+    };
+    let Some((mut ctx, keep_alive)) = accepted else {
+        writer_task.await;
+        return;
+    };
+    let max_packet = shard.service().config().limits.packet_bytes_max as usize;
+    let limits = DecodeLimits::new(max_packet, Some(version));
+    let mut read = ReadSize::default();
+    let mut ending = Ending::Lost;
+    let mut broker_closed = false;
+    // Idle connections are the common case: the limiter exists only when a limit is set.
+    let mut rate = Some(super::rate::InboundLimiter::new(
+        flow.messages_per_s,
+        flow.bytes_per_s,
+        Instant::now(),
+    ))
+    .filter(super::rate::InboundLimiter::is_active)
+    .map(Box::new);
+    let outbound_max = flow.outbound_max;
+    // When the packet at the front of `buf` started to arrive (while it is incomplete).
+    let mut packet_started: Option<Instant> = None;
+    'conn: loop {
+        let mut decoded_any = false;
+        loop {
+            // A client over its rate waits out its debt before its next packet is handled
+            // (and before more is read from it). This does not count against keep alive.
+            if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
+                let waited = Instant::now();
+                future::or(glommio::timer::sleep(wait), async {
+                    out.closed().await;
+                })
+                .await;
+                // The broker's own throttling does not count against the packet's time.
+                if let Some(t) = &mut packet_started {
+                    *t += waited.elapsed();
+                }
+            }
+            match decode(&mut buf, &limits) {
+                Ok(Some(packet)) => {
+                    decoded_any = true;
+                    let now = Instant::now();
+                    if let Some(r) = rate.as_mut() {
+                        r.packet(now);
+                    }
+                    let flow = shard.service().on_packet(&mut ctx, packet, now);
+                    match flow {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Disconnect(e)) => {
+                            ending = e;
+                            break 'conn;
+                        }
+                        Err(rc) => {
+                            out.close(Some(rc));
+                            broker_closed = true;
+                            break 'conn;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(client = %ctx.client_id, error = %e, "malformed packet");
+                    out.close(Some(e.reason_code()));
+                    broker_closed = true;
+                    break 'conn;
+                }
+            }
+        }
+        // An incomplete packet: timed from its first byte, and its buffer (sized for the
+        // packet the client announced: what it will hold once the packet is in) counted
+        // against the shard's share of the budget for incomplete packets.
+        if buf.is_empty() {
+            if packet_started.take().is_some() {
+                shard.service().incomplete.update(ctx.conn_id, 0, &out);
+            }
+        } else {
+            if decoded_any || packet_started.is_none() {
+                packet_started = Some(Instant::now());
+                // A buffer that grew for a big packet is not kept for a small one.
+                let announced = fixed_header(&buf, &limits).ok().flatten().map(|h| h.total);
+                let need = announced.unwrap_or(buf.len()).max(buf.len());
+                if buf.capacity() > READ_SHRINK_BYTES && need.saturating_mul(2) < buf.capacity() {
+                    let mut small = BytesMut::with_capacity(need);
+                    small.extend_from_slice(&buf);
+                    buf = small;
+                }
+            }
+            shard
+                .service()
+                .incomplete
+                .update(ctx.conn_id, buf.capacity() as u64, &out);
+        }
+        // Back-pressure before reading more: the client's own answers must drain (this does
+        // not count against keep alive either). Sessions keep messages below the cap plus
+        // one packet, so only answers the client left unread take the buffer past twice the
+        // cap.
+        if out.pending_bytes() >= outbound_max.saturating_mul(2) {
+            let waited = Instant::now();
+            out.room(outbound_max).await;
+            if let Some(t) = &mut packet_started {
+                *t += waited.elapsed();
+            }
+        }
+        let start = read.prepare(&mut buf);
+        let event = future::or(
+            async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
+            future::or(
+                async {
+                    out.closed().await;
+                    ReadEvent::Closed
+                },
+                async {
+                    // Whichever comes first: keep alive, or the started packet's time.
+                    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
+                    let pk = packet_started.map(|t| {
+                        let left =
+                            (t + flow.packet_timeout).saturating_duration_since(Instant::now());
+                        (left, ReadEvent::PacketTimeout)
+                    });
+                    let first = match (ka, pk) {
+                        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                        (a, b) => a.or(b),
+                    };
+                    match first {
+                        Some((d, event)) => {
+                            glommio::timer::sleep(d).await;
+                            event
+                        }
+                        None => future::pending().await,
+                    }
+                },
+            ),
+        )
+        .await;
+        read.finish(&mut buf, start, &event);
+        match event {
+            ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
+            ReadEvent::Data(Ok(n)) => {
+                if let Some(r) = rate.as_mut() {
+                    r.bytes(n, Instant::now());
+                }
+                shard.service().io.add_in(n);
+                // A socket that always has bytes waiting would otherwise keep this task
+                // running and starve every writer of the shard.
+                glommio::yield_if_needed().await;
+            }
+            ReadEvent::Closed => {
+                broker_closed = true;
+                break;
+            }
+            ReadEvent::KeepAliveExpired => {
+                out.close(Some(ReasonCode::KeepAliveTimeout));
+                broker_closed = true;
+                break;
+            }
+            ReadEvent::PacketTimeout => {
+                let inc = &shard.service().incomplete;
+                inc.timed_out.set(inc.timed_out.get() + 1);
+                tracing::debug!(client = %ctx.client_id, bytes = buf.len(), "packet not completed in time (limits.packet_timeout_s)");
+                out.close(Some(ReasonCode::KeepAliveTimeout));
+                broker_closed = true;
+                break;
+            }
+        }
+    }
+    shard.service().incomplete.update(ctx.conn_id, 0, &out);
+    // What the client had half sent is of no use now; the buffer goes before the drain
+    // below, which can last a while.
+    drop(buf);
+    shard.service().disconnected(&ctx, ending);
+    out.close(None);
+    writer_task.await;
+    if broker_closed {
+        // Let the client read our DISCONNECT: keep reading (and discarding) until it closes.
+        let mut chunk = vec![0u8; READ_MIN_BYTES];
+        let drain = async {
+            while let Ok(n) = reader.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        future::or(drain, glommio::timer::sleep(CLOSE_DRAIN)).await;
+    }
+}
+
+/// Checks a CONNECT's credentials; a slow password hash is verified on the shard's password
+/// thread, so that the executor keeps serving everyone else meanwhile. `cert_identity` is
+/// the client certificate's identity when the listener takes it as the user name.
+pub(super) async fn authenticate(
+    shard: &Shard<BrokerShard>,
+    connect: &Connect,
+    cert_identity: Option<&str>,
+    peer: Option<SocketAddr>,
+) -> Login {
+    let step = shard.service().check_login(connect, cert_identity, peer);
+    match step {
+        LoginStep::Done(login) => login,
+        LoginStep::Verify(v) => shard.service().verify(v).await,
+    }
+}
+
+/// The size of a connection's next read, adapted to its traffic (see [`READ_MIN_BYTES`]).
+pub(super) struct ReadSize {
+    bytes: usize,
+    /// The size of the read under way (see [`ReadSize::prepare`]).
+    window: usize,
+}
+
+impl Default for ReadSize {
+    fn default() -> ReadSize {
+        ReadSize {
+            bytes: READ_MIN_BYTES,
+            window: READ_MIN_BYTES,
+        }
+    }
+}
+
+impl ReadSize {
+    /// Makes room for the next read at the end of `buf` (zero-filled, as a read takes an
+    /// initialised slice) and returns where it starts. An empty buffer that grew large is
+    /// given back first, so an idle connection keeps only a small one.
+    /// While a packet is incomplete, the read stays within the room the decoder reserved
+    /// for the rest of it, so that a big packet's buffer is not grown (doubled) past its
+    /// size.
+    fn prepare(&mut self, buf: &mut BytesMut) -> usize {
+        if buf.is_empty() && buf.capacity() > 2 * self.bytes {
+            *buf = BytesMut::new();
+        }
+        let start = buf.len();
+        let spare = buf.capacity() - start;
+        self.window = if start > 0 && spare >= READ_MIN_BYTES {
+            self.bytes.min(spare)
+        } else {
+            self.bytes
+        };
+        buf.resize(start + self.window, 0);
+        start
+    }
+
+    /// Keeps the bytes read (none unless the event is data) and adapts the next size.
+    fn finish(&mut self, buf: &mut BytesMut, start: usize, event: &ReadEvent) {
+        let n = match event {
+            ReadEvent::Data(Ok(n)) => *n,
+            _ => 0,
+        };
+        buf.truncate(start + n);
+        if n == self.window && n == self.bytes {
+            self.bytes = (self.bytes * 2).min(READ_MAX_BYTES);
+        } else if n < self.window / 4 {
+            self.bytes = (self.bytes / 2).max(READ_MIN_BYTES);
+        }
+    }
+}
+
+/// Largest spare batch buffer kept between writes; a bigger one (after a burst) is freed.
+pub(super) const SPARE_KEEP_BYTES: usize = 64 * 1024;
+
+/// Writes what the connection's [`Outbound`] collects, one batch per wake-up; on close,
+/// flushes and shuts down the write half. A write that makes no progress for `stall` ends
+/// the connection (the client stopped reading). After each write that made room for a
+/// session that was waiting for it, calls `on_room`.
+pub(super) async fn write_loop<W, F>(
+    out: Rc<Outbound>,
+    mut writer: W,
+    stall: Duration,
+    on_room: Option<F>,
+    io: Rc<IoCounters>,
+) where
+    W: futures_lite::AsyncWrite + Unpin,
+    F: Fn(),
+{
+    let mut spare = BytesMut::new();
+    'batches: loop {
+        let (batch, close) = out.next_batch(spare).await;
+        let mut written = 0;
+        while written < batch.len() {
+            let step = future::or(
+                async { Some(writer.write(&batch[written..]).await) },
+                async {
+                    glommio::timer::sleep(stall).await;
+                    None
+                },
+            )
+            .await;
+            match step {
+                Some(Ok(n)) if n > 0 => {
+                    written += n;
+                    out.wrote(n);
+                    if out.take_starved() {
+                        if let Some(f) = &on_room {
+                            f();
+                        }
+                    }
+                }
+                Some(_) => break 'batches,
+                None => {
+                    tracing::info!(
+                        stalled_s = stall.as_secs(),
+                        pending = out.pending_bytes(),
+                        "client stopped reading; closing the connection"
+                    );
+                    out.close(None);
+                    return;
+                }
+            }
+        }
+        // The flush sends what a TLS or WebSocket layer buffered (a no-op on a socket).
+        if !batch.is_empty() {
+            let flushed = future::or(async { Some(writer.flush().await) }, async {
+                glommio::timer::sleep(stall).await;
+                None
+            })
+            .await;
+            match flushed {
+                Some(Ok(())) => {}
+                Some(Err(_)) => break 'batches,
+                None => {
+                    tracing::info!(
+                        stalled_s = stall.as_secs(),
+                        "client stopped reading; closing the connection"
+                    );
+                    out.close(None);
+                    return;
+                }
+            }
+        }
+        io.add_out(batch.len());
+        if close {
+            break;
+        }
+        spare = if batch.capacity() > SPARE_KEEP_BYTES {
+            BytesMut::new()
+        } else {
+            batch
+        };
+        if out.is_empty() {
+            // Idle for now: keep only small buffers (a burst grew them).
+            if spare.capacity() > OUTBOUND_IDLE_KEEP_BYTES {
+                spare = BytesMut::new();
+            }
+            out.shrink_if_empty(OUTBOUND_IDLE_KEEP_BYTES);
+        }
+    }
+    let _ = future::or(
+        async {
+            let _ = writer.close().await;
+        },
+        glommio::timer::sleep(stall),
+    )
+    .await;
+}
