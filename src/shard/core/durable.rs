@@ -1,0 +1,370 @@
+//! The durable log: what sessions changed goes to the store in one batch per session and
+//! shard tick, and acknowledgements wait ([`Waiter`]) until the group commit that covers
+//! their writes is on disk; the broker-wide queued-bytes budget and the stored drop counters.
+
+use super::*;
+
+impl Core {
+    /// Records the outcome of one write to the store.
+    pub(super) fn note_write(&mut self, r: Result<(), StorageError>) {
+        self.log.write_seq += 1;
+        if let Err(e) = r {
+            self.log.failed_seq = self.log.write_seq;
+            match &self.store {
+                // Logged once per failure episode by the store.
+                Some(store) if e.is_io_failure() => store.report_failure(&e),
+                _ => {
+                    tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail")
+                }
+            }
+        }
+        self.sink.wake_committer();
+    }
+
+    /// Applies a session's journal to the store and, while it is online and its queue is
+    /// on disk, reads the queue back into memory and sends what the window allows.
+    /// Then logs the queue's changes between full and not, and counts its queued bytes
+    /// against the broker-wide budget.
+    pub(super) fn sync_session(&mut self, client_id: &MqttStr, now: Instant) {
+        if !self.sessions.get(client_id).is_some_and(|s| s.needs_sync()) {
+            return;
+        }
+        self.sync_session_store(client_id, now);
+        self.settle_session(client_id);
+    }
+
+    pub(super) fn sync_session_store(&mut self, client_id: &MqttStr, now: Instant) {
+        for round in 0.. {
+            let Some(s) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            let ops = s.take_ops();
+            let refill = s.needs_refill();
+            // The drop counters go to disk with the session's other changes; a drop that
+            // changed nothing else (a refusal) is written by the next timer tick, so that
+            // refusing costs no write of its own.
+            let drops = s.stats.dropped_total();
+            let mut counters = None;
+            if s.persistent && drops != s.drops_stored {
+                if ops.is_empty() {
+                    if self.counters_dirty.len() < self.sessions.len() {
+                        self.counters_dirty.insert(client_id.clone());
+                    }
+                } else {
+                    s.drops_stored = drops;
+                    counters = Some(CountersRecord::from_stats(&s.stats));
+                }
+            }
+            if !ops.is_empty() {
+                self.write_ops(client_id, ops, counters);
+            }
+            let Some((from, max)) = refill else {
+                return;
+            };
+            if round == REFILL_ROUNDS_MAX {
+                // Each round's messages were all dropped (access taken away): the rest of
+                // the queue is read at the next timer tick, not all at once.
+                if self.refill_later.len() < self.sessions.len() {
+                    self.refill_later.insert(client_id.clone());
+                }
+                return;
+            }
+            let Some(entries) = self.read_queue(client_id, from, max) else {
+                // The store is being reopened: the queue stays on disk, read at the
+                // session's next event.
+                return;
+            };
+            let Some(s) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            s.refill(entries, max);
+            // Read back from disk: checked again against the rules in force now.
+            if let (true, Some(user)) = (self.auth.has_acl(), s.identity.clone()) {
+                let auth = &self.auth;
+                let dropped = s.drop_unreadable(|t| readable(auth, &user, client_id, t));
+                self.stats.acl_denied_delivery += dropped;
+            }
+            s.pump(&self.limits, now);
+        }
+    }
+
+    /// Writes the drop counters of the sessions whose drops changed nothing else (on the
+    /// timer tick and at stop), in one batch.
+    pub fn flush_counters(&mut self) {
+        if self.counters_dirty.is_empty() {
+            return;
+        }
+        let Some(store) = &self.store else {
+            self.counters_dirty.clear();
+            return;
+        };
+        let mut b = store.batch();
+        let mut r = Ok(());
+        for client_id in self.counters_dirty.drain() {
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            s.drops_stored = s.stats.dropped_total();
+            let rec = CountersRecord::from_stats(&s.stats);
+            r = r.and_then(|()| b.counters_put(client_id.as_str(), &rec));
+        }
+        let r = r.and_then(|()| b.commit());
+        self.note_write(r);
+    }
+
+    /// The bookkeeping that follows a change of a session: one log line when its queue
+    /// becomes full and one when it takes messages again, and its queued bytes counted
+    /// against the broker-wide budget.
+    pub(super) fn settle_session(&mut self, client_id: &MqttStr) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        s.check_queue_room(&self.limits);
+        for note in s.take_queue_notes() {
+            let l = &self.limits;
+            match note {
+                QueueNote::Full => tracing::warn!(
+                    client = %client_id,
+                    online = s.is_online(),
+                    queue_messages_max = l.queue_messages_max,
+                    queue_bytes_max = l.queue_bytes_max,
+                    policy = l.queue_policy.name(),
+                    "session queue full: messages for this session are {} until it has room (limits.queue_messages_max, limits.queue_bytes_max)",
+                    match l.queue_policy {
+                        crate::config::QueuePolicy::RejectNewest => "refused",
+                        crate::config::QueuePolicy::DropOldest => "pushing out its oldest",
+                    }
+                ),
+                QueueNote::Room { dropped } => tracing::warn!(
+                    client = %client_id,
+                    dropped,
+                    policy = l.queue_policy.name(),
+                    "session queue has room again; messages dropped while it was full: {dropped}"
+                ),
+            }
+        }
+        let held = if s.persistent { s.queued_bytes() } else { 0 };
+        if held != s.budget_counted {
+            self.queued_bytes = (self.queued_bytes + held).saturating_sub(s.budget_counted);
+            s.budget_counted = held;
+            self.budget.set(self.id, self.queued_bytes);
+            self.check_budget();
+        }
+    }
+
+    /// Reads the budget (every shard's share) and logs when it becomes spent or has room
+    /// again, once per shard each. Deliveries read the shared flag themselves
+    /// ([`Core::read_budget`]).
+    pub(super) fn check_budget(&mut self) {
+        let spent = self.budget.is_spent();
+        self.limits.storage_budget_spent = spent;
+        match (spent, self.budget_spent_since) {
+            (true, None) => {
+                self.budget_spent_since = Some(self.budget_refused);
+                tracing::warn!(
+                    shard = self.id,
+                    queued_bytes_max = self.budget.max(),
+                    "broker-wide budget for queued data spent (storage.queued_bytes_max): persistent sessions refuse what they would queue; MQTT 5 publishers get 0x97, MQTT 3.x publishers are disconnected and resend"
+                );
+            }
+            (false, Some(since)) => {
+                self.budget_spent_since = None;
+                tracing::warn!(
+                    shard = self.id,
+                    refused = self.budget_refused - since,
+                    "broker-wide budget for queued data has room again"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes the budget's state into the limits the sessions deliver under (one load).
+    pub(super) fn read_budget(&mut self) {
+        self.limits.storage_budget_spent = self.budget.is_spent();
+    }
+
+    pub(super) fn write_ops(
+        &mut self,
+        client_id: &MqttStr,
+        ops: Vec<StoreOp>,
+        counters: Option<CountersRecord>,
+    ) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let clock = WallClock::now();
+        let cid = client_id.as_str();
+        let mut b = store.batch();
+        let mut r = match &counters {
+            Some(c) => b.counters_put(cid, c),
+            None => Ok(()),
+        };
+        for op in ops {
+            r = r.and_then(|()| match op {
+                StoreOp::QueuePush { seq, delivery } => {
+                    b.queue_push(cid, seq, &QueuedRecord::from_delivery(&delivery, &clock))
+                }
+                StoreOp::QueueDelete { seq } => b.queue_delete(cid, seq),
+                StoreOp::InflightPut {
+                    packet_id,
+                    delivery,
+                    state,
+                } => {
+                    let rec = InflightRecord::from_inflight(
+                        &crate::session::state::Inflight {
+                            packet_id,
+                            delivery,
+                            state,
+                        },
+                        &clock,
+                    );
+                    b.inflight_put(cid, packet_id.get(), &rec)
+                }
+                StoreOp::InflightDelete { packet_id } => b.inflight_delete(cid, packet_id.get()),
+                StoreOp::DedupPut { origin, packet_id } => {
+                    b.dedup_put(cid, origin.as_str(), packet_id)
+                }
+                StoreOp::DedupDelete { origin, packet_id } => {
+                    b.dedup_delete(cid, origin.as_str(), packet_id)
+                }
+            });
+        }
+        let started = Instant::now();
+        let r = r.and_then(|()| b.commit());
+        self.stats.write_latency.observe(started.elapsed());
+        self.note_write(r);
+    }
+
+    /// `None` while the store is being reopened after a failure.
+    pub(super) fn read_queue(
+        &mut self,
+        client_id: &MqttStr,
+        from: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, Delivery)>> {
+        let Some(store) = &self.store else {
+            return Some(Vec::new());
+        };
+        let clock = WallClock::now();
+        match store.queue_read(client_id.as_str(), from, max) {
+            Ok(recs) => Some(
+                recs.into_iter()
+                    .filter_map(|(seq, r)| match r.to_delivery(&clock) {
+                        Ok(d) => Some((seq, d)),
+                        Err(e) => {
+                            tracing::warn!(client = %client_id, seq, error = %e, "skipping unreadable queued message");
+                            None
+                        }
+                    })
+                    .collect(),
+            ),
+            Err(StorageError::Unavailable { .. }) => None,
+            Err(e) => {
+                tracing::error!(client = %client_id, error = %e, "cannot read the session queue");
+                Some(Vec::new())
+            }
+        }
+    }
+
+    /// Writes a persistent session's record (expiry, will, whether and since when offline).
+    pub(super) fn write_session_record(&mut self, client_id: &MqttStr, now: Instant) {
+        let (Some(store), Some(s)) = (&self.store, self.sessions.get(client_id)) else {
+            return;
+        };
+        if !s.persistent {
+            return;
+        }
+        let clock = WallClock::now();
+        let rec = SessionRecord {
+            expiry_s: s.expiry_s,
+            version: s.version.level(),
+            will: s.will.as_ref().map(|w| WillRecord::from_will(w, &clock)),
+            disconnected_unix_ms: (!s.is_online()).then(|| clock.unix_ms_of(now)),
+            next_packet_id: 0,
+            owner: s
+                .owner
+                .as_ref()
+                .map(|user| user.as_ref().map(|u| u.as_str().to_owned())),
+        };
+        let r = store.put_session(client_id.as_str(), &rec);
+        self.note_write(r);
+    }
+
+    pub(super) fn write_subscription(
+        &mut self,
+        client_id: &MqttStr,
+        sub: Option<&Subscription>,
+        filter: &str,
+    ) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if !self.sessions.get(client_id).is_some_and(|s| s.persistent) {
+            return;
+        }
+        let r = match sub {
+            Some(sub) => store.put_subscription(
+                client_id.as_str(),
+                filter,
+                &SubscriptionRecord::from_subscription(sub),
+            ),
+            None => store.delete_subscription(client_id.as_str(), filter),
+        };
+        self.note_write(r);
+    }
+
+    /// Registers `w` to be released once every write so far is durable (at once when
+    /// nothing is pending or acknowledgements do not wait for the disk).
+    pub(super) fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
+        if self.durability != Durability::Durable || self.log.write_seq <= self.log.synced_seq {
+            self.release(w, true, now);
+            return false;
+        }
+        self.log.waiters.push_back((self.log.write_seq, w));
+        true
+    }
+
+    pub(super) fn release(&mut self, w: Waiter, ok: bool, now: Instant) {
+        match w {
+            Waiter::Local(token) => self.on_ack(token, ok, Fate::default(), now),
+            Waiter::Remote { to, token, fate } => self.send(to, Event::Ack { token, ok, fate }),
+        }
+    }
+
+    /// What the committer should make durable: the store and the last write so far.
+    pub fn commit_target(&self) -> Option<(Store, u64)> {
+        let store = self.store.as_ref()?;
+        (self.log.write_seq > self.log.synced_seq).then(|| (store.clone(), self.log.write_seq))
+    }
+
+    /// Whether the committer waits for the disk before acknowledging (`durable`) or persists
+    /// on an interval (`batched`).
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// A persist that covered every write up to `target` finished (`ok` = fsync succeeded).
+    pub fn committed(&mut self, target: u64, ok: bool, now: Instant) {
+        let failed_in_range =
+            self.log.failed_seq > self.log.synced_seq && self.log.failed_seq <= target;
+        let ok = ok && !failed_in_range;
+        if !ok {
+            // The store logs the failure episode; this is per persist.
+            tracing::debug!(
+                shard = self.id,
+                "persist failed; failing the acknowledgements that waited on it"
+            );
+        }
+        self.log.synced_seq = self.log.synced_seq.max(target);
+        while let Some((seq, _)) = self.log.waiters.front() {
+            if *seq > target {
+                break;
+            }
+            let (_, w) = self.log.waiters.pop_front().expect("front exists");
+            self.release(w, ok, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- recovery
+}

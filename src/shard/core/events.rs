@@ -1,0 +1,412 @@
+//! Cross-shard events: what other shards tell this one, and the answers to this shard's
+//! round trips (which finish PUBACKs, SUBACKs and the like once every shard has answered).
+
+use super::*;
+
+impl Core {
+    /// Handles an event from shard `from` (this shard itself on the local path).
+    pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
+        match event {
+            Event::Publish { msg, reply } => {
+                self.stats.messages_from_remote += u64::from(from != self.id);
+                // Shared-group members on other shards answer a relay here, which answers
+                // the publisher once they and this shard's own writes are durable.
+                let relay = reply.map(|_| self.token());
+                self.dispatch = relay.map(|token| Dispatch {
+                    to: self.id,
+                    token,
+                    remote: 0,
+                });
+                let fate = self.with_fate(|c| c.deliver_local(&msg, now));
+                let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
+                match (reply, relay) {
+                    (Some(token), Some(relay)) if dispatched > 0 => {
+                        self.pending.insert(
+                            relay,
+                            Pending::Relay {
+                                to: from,
+                                token,
+                                remaining: dispatched + 1,
+                                failed: false,
+                                fate,
+                            },
+                        );
+                        self.wait_durable(Waiter::Local(relay), now);
+                    }
+                    (Some(token), _) => {
+                        self.wait_durable(
+                            Waiter::Remote {
+                                to: from,
+                                token,
+                                fate,
+                            },
+                            now,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            Event::Index {
+                filter,
+                shard,
+                add,
+                reply,
+            } => {
+                if add {
+                    self.index.entry(&filter).insert(shard as usize);
+                } else if let Some(set) = self.index.get_mut(&filter) {
+                    set.remove(shard as usize);
+                    if set.is_empty() {
+                        self.index.remove(&filter);
+                    }
+                }
+                if let Some(token) = reply {
+                    self.send(from, Event::done(token));
+                }
+            }
+            Event::Ack { token, ok, fate } => self.on_ack(token, ok, fate, now),
+            Event::RetainReplica {
+                msg,
+                version,
+                reply,
+            } => {
+                self.apply_retained(msg, version, true);
+                if let Some(token) = reply {
+                    self.wait_durable(Waiter::answer(from, token), now);
+                }
+            }
+            Event::RecoveryDone => self.recovered_peers += 1,
+            Event::Rehome { session, reply } => self.adopt(from, *session, reply, now),
+            Event::SharedJoin { key, member, reply } => {
+                let to = member.shard as usize;
+                let g = self.groups.entry(key.clone()).or_default();
+                let fresh = g.members.is_empty();
+                g.members.retain(|m| m.client_id != member.client_id);
+                g.members.push(member);
+                let mut remaining = 0;
+                if fresh {
+                    let filter = TopicFilter::new(&key).expect("validated by the codec");
+                    let entry = self.subs.entry(filter.filter());
+                    let first = entry.is_empty();
+                    entry.push(LocalSub::Group { key: key.clone() });
+                    if first {
+                        let token = self.token();
+                        let peers: Vec<usize> = self.peers().collect();
+                        remaining = self.index_add(filter.filter(), Some(token), &peers);
+                        if remaining > 0 {
+                            self.pending.insert(
+                                token,
+                                Pending::Relay {
+                                    to,
+                                    token: reply,
+                                    remaining,
+                                    failed: false,
+                                    fate: Fate::default(),
+                                },
+                            );
+                        }
+                    }
+                }
+                if remaining == 0 {
+                    self.send(to, Event::done(reply));
+                }
+            }
+            Event::SharedLeave { key, client_id } => {
+                let Some(g) = self.groups.get_mut(&key) else {
+                    return;
+                };
+                g.members.retain(|m| m.client_id != client_id);
+                if g.members.is_empty() {
+                    self.groups.remove(&key);
+                    let filter = TopicFilter::new(&key).expect("validated by the codec");
+                    let f = filter.filter();
+                    if let Some(entry) = self.subs.get_mut(f) {
+                        entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));
+                        if entry.is_empty() {
+                            self.subs.remove(f);
+                            self.index_remove(f);
+                        }
+                    }
+                }
+            }
+            Event::SharedOnline {
+                key,
+                client_id,
+                online,
+            } => {
+                if let Some(g) = self.groups.get_mut(&key) {
+                    for m in &mut g.members {
+                        if m.client_id == client_id {
+                            m.online = online;
+                        }
+                    }
+                }
+            }
+            Event::SharedDeliver {
+                key,
+                client_id,
+                msg,
+                attempts,
+                reply,
+                fate: carried,
+            } => {
+                let mut taken = false;
+                let fate = self.with_fate(|c| taken = c.shared_take(&key, &client_id, &msg, now));
+                let mut fate = fate;
+                fate.merge(carried);
+                if taken {
+                    if let Some((to, token)) = reply {
+                        self.wait_durable(Waiter::Remote { to, token, fate }, now);
+                    }
+                } else if attempts < SHARED_ATTEMPTS_MAX {
+                    let home = owner_shard(key.as_bytes(), self.count);
+                    self.send(
+                        home,
+                        Event::SharedBounce {
+                            key,
+                            msg,
+                            not: client_id,
+                            attempts: attempts + 1,
+                            reply,
+                            fate,
+                        },
+                    );
+                } else if let Some((to, token)) = reply {
+                    self.send(
+                        to,
+                        Event::Ack {
+                            token,
+                            ok: true,
+                            fate,
+                        },
+                    );
+                }
+            }
+            Event::SharedBounce {
+                key,
+                msg,
+                not,
+                attempts,
+                reply,
+                fate: carried,
+            } => {
+                let mut dispatched = Dispatched::Dropped;
+                let mut fate = self.with_fate(|c| {
+                    let tried = (Some(&not), attempts, carried);
+                    dispatched = c.shared_dispatch(key, msg, tried, reply, now);
+                });
+                fate.merge(carried);
+                self.after_bounce(dispatched, reply, fate, now);
+            }
+            Event::Qos2Release {
+                origin,
+                packet_id,
+                reply,
+            } => {
+                self.forget_qos2(&origin, packet_id, now);
+                if let Some(token) = reply {
+                    self.wait_durable(Waiter::answer(from, token), now);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, token: Token, ok: bool, answer: Fate, now: Instant) {
+        let done = match self.pending.get_mut(&token) {
+            Some(Pending::SubAck { remaining, .. }) => {
+                *remaining -= 1;
+                *remaining == 0
+            }
+            Some(Pending::Relay {
+                remaining,
+                failed,
+                fate,
+                ..
+            })
+            | Some(Pending::PubAck {
+                remaining,
+                failed,
+                fate,
+                ..
+            }) => {
+                *remaining -= 1;
+                *failed |= !ok;
+                fate.merge(answer);
+                *remaining == 0
+            }
+            Some(Pending::Rehome { .. }) => true,
+            None => false,
+        };
+        if !done {
+            return;
+        }
+        match self.pending.remove(&token) {
+            Some(Pending::SubAck {
+                client_id,
+                conn_id,
+                suback,
+                retained,
+                adding,
+                ..
+            }) => {
+                for f in adding {
+                    if let Some(n) = self.index_adding.get_mut(&f) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.index_adding.remove(&f);
+                        }
+                    }
+                }
+                self.finish_suback(&client_id, conn_id, suback, retained, now)
+            }
+            Some(Pending::Relay {
+                to,
+                token,
+                failed,
+                fate,
+                ..
+            }) => self.send(
+                to,
+                Event::Ack {
+                    token,
+                    ok: !failed,
+                    fate,
+                },
+            ),
+            Some(Pending::PubAck {
+                client_id,
+                conn_id,
+                failed,
+                fate,
+                then,
+                ..
+            }) => self.finish_pub_ack(token, client_id, conn_id, failed, fate, then, now),
+            Some(Pending::Rehome { client_id }) => {
+                if !ok {
+                    tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
+                } else if let Some(store) = &self.store {
+                    let r = store.delete_session(&client_id);
+                    self.note_write(r);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The round trips of a held PUBACK/PUBREC/PUBCOMP are done: decides what the client
+    /// is told (see [`refusal`]) and does what must follow.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_pub_ack(
+        &mut self,
+        token: Token,
+        client_id: MqttStr,
+        conn_id: u64,
+        failed: bool,
+        fate: Fate,
+        then: Then,
+        now: Instant,
+    ) {
+        let v5 = self
+            .sessions
+            .get(&client_id)
+            .is_some_and(|s| s.version.is_v5());
+        let refused = refusal(failed, fate, v5);
+        match (then, refused) {
+            (Then::Qos2Received { pid, store: true }, None) => {
+                // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
+                // durable too.
+                let write = self
+                    .store
+                    .as_ref()
+                    .map(|st| st.incoming_put(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, write, now);
+            }
+            (Then::Qos2Received { pid, .. }, Some(rc)) => {
+                // Not every copy is stored: the id is forgotten, so that a resend is routed
+                // again (the sessions that stored the message skip it by its key). An MQTT 5
+                // client gets PUBREC 0x80, which ends the flow: the keys go too.
+                let v5 = match self.sessions.get_mut(&client_id) {
+                    Some(s) => {
+                        s.incoming_qos2.remove(&pid);
+                        s.version.is_v5()
+                    }
+                    None => false,
+                };
+                if v5 && self.store.is_some() {
+                    self.release_qos2(&client_id, Some(pid), None, now);
+                }
+                self.release_pub_ack(&client_id, conn_id, token, Some(rc));
+            }
+            (Then::DeleteIncoming(pid), _) => {
+                if failed {
+                    tracing::error!(client = %client_id, packet_id = pid, "a QoS 2 dedup key could not be deleted on every shard; it stays until the session holding it ends");
+                }
+                // Every shard forgot the key: now delete the id, and send PUBCOMP once that is
+                // durable too.
+                let write = self
+                    .store
+                    .as_ref()
+                    .map(|st| st.incoming_delete(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, write, now);
+            }
+            (Then::Qos2Received { store: false, .. } | Then::Ack, refused) => {
+                self.release_pub_ack(&client_id, conn_id, token, refused)
+            }
+        }
+    }
+
+    /// The last step of a held acknowledgement: records `write` (when there is a store) and
+    /// releases the acknowledgement of `token` once it is durable.
+    pub(super) fn ack_after_write(
+        &mut self,
+        token: Token,
+        client_id: MqttStr,
+        conn_id: u64,
+        write: Option<Result<(), StorageError>>,
+        now: Instant,
+    ) {
+        if let Some(r) = write {
+            self.note_write(r);
+        }
+        self.pending.insert(
+            token,
+            Pending::PubAck {
+                client_id,
+                conn_id,
+                remaining: 1,
+                failed: false,
+                fate: Fate::default(),
+                then: Then::Ack,
+            },
+        );
+        self.wait_durable(Waiter::Local(token), now);
+    }
+
+    /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When the message was
+    /// refused (`Some(reason)`: not stored, or refused by every session for full queues), an
+    /// MQTT 5 client gets that reason; a 3.x client gets no acknowledgement, and its
+    /// connection is closed, because a 3.x client resends unacknowledged messages only when
+    /// it reconnects.
+    pub(super) fn release_pub_ack(
+        &mut self,
+        client_id: &MqttStr,
+        conn_id: u64,
+        token: Token,
+        refused: Option<ReasonCode>,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let v5 = s.version.is_v5();
+        let Some(link) = s.link.as_mut().filter(|l| l.conn_id == conn_id) else {
+            return;
+        };
+        if let Some(reason) = refused {
+            tracing::debug!(client = %client_id, v5, ?reason, "message not kept; its acknowledgement reports it");
+        }
+        link.release_ack(token, refused);
+        if refused.is_some() && !v5 {
+            link.out.close(None);
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Inbound packets of a connection: dispatch by type, PUBLISH (access, retained, routing,
+//! the acknowledgement held until durable) and DISCONNECT.
+
+use super::*;
+
+impl Core {
+    /// Handles one packet from a connected client. `Err` is the reason to close with.
+    pub fn on_packet(
+        &mut self,
+        ctx: &mut ConnCtx,
+        packet: Packet,
+        now: Instant,
+    ) -> Result<Flow, ReasonCode> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(ctx, p, now).map(|()| Flow::Continue),
+            Packet::PubAck(a) => {
+                self.with_session(ctx, |s, l| {
+                    let _ = s.on_puback(a.packet_id, l, now);
+                });
+                self.sync_session(&ctx.client_id, now);
+                Ok(Flow::Continue)
+            }
+            Packet::PubRec(a) => {
+                let mut unknown = false;
+                self.with_session(ctx, |s, l| {
+                    unknown = s
+                        .on_pubrec(a.packet_id, a.reason_code.is_error(), l, now)
+                        .is_err();
+                });
+                if unknown && !a.reason_code.is_error() {
+                    ctx.out.send(&Packet::PubRel(Ack::with_reason(
+                        a.packet_id,
+                        ReasonCode::PacketIdentifierNotFound,
+                    )));
+                }
+                self.sync_session(&ctx.client_id, now);
+                Ok(Flow::Continue)
+            }
+            Packet::PubComp(a) => {
+                self.with_session(ctx, |s, l| {
+                    let _ = s.on_pubcomp(a.packet_id, l, now);
+                });
+                self.sync_session(&ctx.client_id, now);
+                Ok(Flow::Continue)
+            }
+            Packet::PubRel(a) => {
+                let pid = a.packet_id.get();
+                let (known, persistent) = self
+                    .sessions
+                    .get_mut(&ctx.client_id)
+                    .map_or((false, false), |s| {
+                        (s.incoming_qos2.remove(&pid), s.persistent)
+                    });
+                let rc = if known {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
+                let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
+                if known && self.store.is_some() {
+                    // Every shard forgets the message's dedup key first, durably; only then is
+                    // the id deleted here, and PUBCOMP sent once that is durable too. A key
+                    // left behind would make the next message with this id look like a
+                    // resend; an id deleted first would leave keys no PUBREL will release.
+                    let wait = self.durability == Durability::Durable;
+                    token = wait.then(|| self.token());
+                    remote = self.release_qos2(&ctx.client_id, Some(pid), token, now);
+                    if persistent && wait {
+                        then = Then::DeleteIncoming(pid);
+                    } else if persistent {
+                        let r = self
+                            .store
+                            .as_ref()
+                            .map_or(Ok(()), |st| st.incoming_delete(ctx.client_id.as_str(), pid));
+                        self.note_write(r);
+                    }
+                }
+                self.ack_when_durable(ctx, comp, AckWait::of(token, remote), then, now);
+                Ok(Flow::Continue)
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(ctx, s, now);
+                Ok(Flow::Continue)
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(ctx, u);
+                Ok(Flow::Continue)
+            }
+            Packet::PingReq => {
+                ctx.out.send(&Packet::PingResp);
+                Ok(Flow::Continue)
+            }
+            Packet::Disconnect(d) => {
+                self.on_disconnect(ctx, &d)?;
+                Ok(Flow::Disconnect(
+                    if d.reason_code == ReasonCode::DisconnectWithWillMessage {
+                        Ending::WithWill
+                    } else {
+                        Ending::Normal
+                    },
+                ))
+            }
+            // A second CONNECT, AUTH without an authentication method, or a packet only a
+            // server sends.
+            Packet::Connect(_)
+            | Packet::Auth(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => Err(ReasonCode::ProtocolError),
+        }
+    }
+
+    pub(super) fn with_session(
+        &mut self,
+        ctx: &ConnCtx,
+        f: impl FnOnce(&mut Session, &SessionLimits),
+    ) {
+        if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+            f(s, &self.limits);
+        }
+    }
+
+    pub(super) fn on_disconnect(
+        &mut self,
+        ctx: &ConnCtx,
+        d: &Disconnect,
+    ) -> Result<(), ReasonCode> {
+        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+            return Ok(());
+        };
+        if let Some(new) = d.properties.session_expiry_interval {
+            if s.expiry_s == 0 && new != 0 {
+                // MQTT-3.14.2-2: a session that was to end cannot be given a life here.
+                return Err(ReasonCode::ProtocolError);
+            }
+            s.expiry_s = new.min(self.cfg.sessions.session_expiry_max_s);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_publish(
+        &mut self,
+        ctx: &mut ConnCtx,
+        p: Publish,
+        now: Instant,
+    ) -> Result<(), ReasonCode> {
+        let l = &self.cfg.limits;
+        let mut topic = p.topic;
+        if let Some(alias) = p.properties.topic_alias {
+            if alias.get() > l.topic_alias_max {
+                return Err(ReasonCode::TopicAliasInvalid);
+            }
+            if topic.is_empty() {
+                topic = ctx
+                    .aliases_in
+                    .get(&alias.get())
+                    .cloned()
+                    .ok_or(ReasonCode::ProtocolError)?;
+            } else {
+                // Kept for the connection's life: not the whole PUBLISH it came in.
+                ctx.aliases_in.insert(alias.get(), topic.detached());
+            }
+        }
+        if topic.len() > l.topic_bytes_max as usize || topic.levels() > l.topic_levels_max as usize
+        {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(ReasonCode::ProtocolError);
+        }
+        let user = ctx.username.as_ref().map(|u| u.as_str());
+        if !self
+            .auth
+            .allows(user, &ctx.client_id, topic.as_str(), Access::Write)
+        {
+            // Dropped. MQTT 5 says so in the acknowledgement (0x87); a 3.x client cannot be
+            // told and is acknowledged as usual, as Mosquitto does.
+            self.stats.acl_denied_publish += 1;
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
+            return Ok(());
+        }
+        let receive_maximum = l.receive_maximum as usize;
+        if let Some(pid) = p.packet_id {
+            let s = self
+                .sessions
+                .get(&ctx.client_id)
+                .ok_or(ReasonCode::UnspecifiedError)?;
+            if p.qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
+                // A resend of a message already routed: acknowledge (once what this shard
+                // wrote for it is durable), do not route again.
+                let token = (self.durability == Durability::Durable).then(|| self.token());
+                let rec = Packet::PubRec(Ack::new(pid));
+                self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);
+                return Ok(());
+            }
+            // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
+            // PUBACK waits for the disk.
+            let unacknowledged =
+                s.incoming_qos2.len() + s.link.as_ref().map_or(0, |l| l.held_qos1());
+            if unacknowledged >= receive_maximum {
+                return Err(ReasonCode::ReceiveMaximumExceeded);
+            }
+        }
+        self.stats.messages_received += 1;
+        self.stats.received_qos[p.qos as usize] += 1;
+        if is_sys_topic(&topic) {
+            // Only the broker publishes there (as Mosquitto does): dropped, acknowledged.
+            self.stats.sys_publish_dropped += 1;
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
+            return Ok(());
+        }
+        let mut properties = p.properties;
+        properties.topic_alias = None;
+        // The dedup key of a QoS 2 message, for the persistent sessions that store it.
+        let qos2_id = match p.packet_id {
+            Some(pid) if p.qos == QoS::ExactlyOnce && self.store.is_some() => Some(Qos2Id {
+                packet_id: pid.get(),
+                dup: p.dup,
+            }),
+            _ => None,
+        };
+        let msg = Arc::new(Message {
+            topic,
+            // A slice of this PUBLISH's own allocation (the codec copies it out of the read
+            // buffer): a message that waits (queued, in flight, retained) holds exactly its
+            // packet, never the connection's read buffer.
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+            origin: Some(ctx.client_id.clone()),
+            qos2_id,
+            created: now,
+        });
+        let Some(pid) = p.packet_id else {
+            self.route(msg, now, None);
+            return Ok(());
+        };
+        // QoS 1/2: the acknowledgement waits until every copy stored for a persistent session
+        // is durable, here and on the other shards (one round trip each).
+        // A retained publish is also acknowledged only once every shard has its copy, so that
+        // a subscribe made anywhere after the acknowledgement finds it.
+        // It also waits for what every shard's sessions did with the message (its `Fate`):
+        // one refused for the storage budget is not acknowledged as stored, and an MQTT 5
+        // client hears when every session refused it for a full queue. Only a 3.x client
+        // of a broker without a store (which neither applies to) is acknowledged at once.
+        let wait = self.durability == Durability::Durable
+            || p.retain
+            || self.store.is_some()
+            || ctx.version.is_v5();
+        let token = wait.then(|| self.token());
+        let (matched, remote, fate) = self.route(msg, now, token);
+        let mut then = Then::Ack;
+        if p.qos == QoS::ExactlyOnce {
+            let persistent = match self.sessions.get_mut(&ctx.client_id) {
+                Some(s) => {
+                    s.incoming_qos2.insert(pid.get());
+                    s.qos2_published |= qos2_id.is_some();
+                    s.persistent
+                }
+                None => false,
+            };
+            if token.is_some() {
+                // Stored only after every copy of the message is durable (see
+                // `on_ack`): a stored id with a lost copy would make the resend after a
+                // crash look like a duplicate, and the copy would never be delivered.
+                then = Then::Qos2Received {
+                    pid: pid.get(),
+                    store: persistent,
+                };
+            } else if persistent {
+                if let Some(store) = &self.store {
+                    let r = store.incoming_put(ctx.client_id.as_str(), pid.get());
+                    self.note_write(r);
+                }
+            }
+        }
+        let rc = if matched || !ctx.version.is_v5() {
+            ReasonCode::Success
+        } else {
+            ReasonCode::NoMatchingSubscribers
+        };
+        let ack = Ack::with_reason(pid, rc);
+        let packet = if p.qos == QoS::AtLeastOnce {
+            Packet::PubAck(ack)
+        } else {
+            Packet::PubRec(ack)
+        };
+        let wait = AckWait {
+            token,
+            remote,
+            fate,
+        };
+        self.ack_when_durable(ctx, packet, wait, then, now);
+        Ok(())
+    }
+
+    /// Sends an acknowledgement to the client of `ctx` now, or holds it (in order with the
+    /// others held on that connection) until `remote` shards have answered `token` and this
+    /// shard's writes so far are durable.
+    /// Acknowledges a PUBLISH that is dropped instead of routed (a topic the client may not
+    /// write, or under `$SYS/`): MQTT 5 hears 0x87 in its PUBACK/PUBREC; a 3.x client cannot
+    /// be told and is acknowledged as usual, as Mosquitto does, its QoS 2 flow going on with
+    /// PUBREL.
+    pub(super) fn ack_dropped_publish(
+        &mut self,
+        ctx: &ConnCtx,
+        packet_id: Option<crate::protocol::PacketId>,
+        qos: QoS,
+        now: Instant,
+    ) {
+        let Some(pid) = packet_id else {
+            return;
+        };
+        let rc = if ctx.version.is_v5() {
+            ReasonCode::NotAuthorized
+        } else {
+            ReasonCode::Success
+        };
+        let ack = Ack::with_reason(pid, rc);
+        let packet = if qos == QoS::AtLeastOnce {
+            Packet::PubAck(ack)
+        } else {
+            if !rc.is_error() {
+                // The flow continues with PUBREL, answered by PUBCOMP.
+                if let Some(s) = self.sessions.get_mut(&ctx.client_id) {
+                    s.incoming_qos2.insert(pid.get());
+                }
+            }
+            Packet::PubRec(ack)
+        };
+        self.ack_when_durable(ctx, packet, AckWait::of(None, 0), Then::Ack, now);
+    }
+
+    pub(super) fn ack_when_durable(
+        &mut self,
+        ctx: &ConnCtx,
+        packet: Packet,
+        wait: AckWait,
+        then: Then,
+        now: Instant,
+    ) {
+        let AckWait {
+            token,
+            remote,
+            fate,
+        } = wait;
+        let Some(link) = self
+            .sessions
+            .get_mut(&ctx.client_id)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| l.conn_id == ctx.conn_id)
+        else {
+            return;
+        };
+        let Some(token) = token else {
+            link.send_ack(packet);
+            return;
+        };
+        link.hold_ack(token, packet);
+        self.pending.insert(
+            token,
+            Pending::PubAck {
+                client_id: ctx.client_id.clone(),
+                conn_id: ctx.conn_id,
+                remaining: remote + 1,
+                failed: false,
+                fate,
+                then,
+            },
+        );
+        // The local part: this shard's own writes (or none, released at once).
+        self.wait_durable(Waiter::Local(token), now);
+    }
+
+    // ---------------------------------------------------------------- routing
+}

@@ -1,0 +1,198 @@
+//! QoS 2 dedup keys and failed persists, on a real store.
+
+use super::tests_support::{drain, subscribe_packet, Sink};
+use super::*;
+use crate::protocol::{ConnectProperties, PacketId};
+use crate::storage::StoreOptions;
+
+fn open(dir: &std::path::Path) -> Store {
+    let opts = StoreOptions {
+        cache_bytes: 1 << 20,
+        max_cached_files: 16,
+        memtable_bytes: 1 << 20,
+        max_journal_bytes: 64 << 20,
+        worker_threads: 1,
+    };
+    Store::open(dir, &opts).unwrap()
+}
+
+fn durable_core(store: &Store) -> Core {
+    let cfg = Config::default();
+    assert_eq!(cfg.storage.durability, Durability::Durable);
+    Core::new(
+        0,
+        1,
+        Rc::new(cfg),
+        Rc::new(Sink::default()),
+        Some(store.clone()),
+        Arc::new(QueuedBudget::new(1, u64::MAX)),
+    )
+}
+
+/// What the committer does: every write so far made durable, its waiters released.
+fn commit(c: &mut Core, now: Instant) {
+    while let Some((store, target)) = c.commit_target() {
+        store.persist().unwrap();
+        c.committed(target, true, now);
+    }
+}
+
+fn connect(c: &mut Core, id: &str, clean_start: bool, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+    let connect = Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start,
+        keep_alive: 0,
+        properties: ConnectProperties {
+            session_expiry_interval: Some(3600),
+            ..Default::default()
+        },
+        client_id: MqttStr::new(id).unwrap(),
+        will: None,
+        username: None,
+        password: None,
+    };
+    let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
+    (ctx, out)
+}
+
+fn publish(pid: u16, dup: bool, payload: &'static [u8]) -> Packet {
+    let mut p = Publish::new(
+        TopicName::new("t").unwrap(),
+        bytes::Bytes::from_static(payload),
+    );
+    p.qos = QoS::ExactlyOnce;
+    p.packet_id = Some(PacketId::new(pid).unwrap());
+    p.dup = dup;
+    Packet::Publish(p)
+}
+
+fn id(s: &str) -> MqttStr {
+    MqttStr::new(s).unwrap()
+}
+
+fn stored<'a>(
+    r: &'a crate::storage::Recovered,
+    client: &str,
+) -> &'a crate::storage::RecoveredSession {
+    r.sessions.iter().find(|s| s.client_id == client).unwrap()
+}
+
+/// An fsync that fails never yields a success acknowledgement: the PUBACK that waited on
+/// it goes out with 0x80 (MQTT 5), and nothing is acknowledged before the persist ends.
+#[test]
+fn a_failed_persist_fails_the_acknowledgements_that_waited_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = Instant::now();
+    let mut c = durable_core(&store);
+    let (mut sub, _) = connect(&mut c, "s", false, now);
+    let subscribe = subscribe_packet(1, "t", QoS::AtLeastOnce);
+    c.on_packet(&mut sub, subscribe, now).unwrap();
+    commit(&mut c, now);
+    c.disconnected(&sub, Ending::Normal, now);
+    commit(&mut c, now);
+    let (mut publ, publ_out) = connect(&mut c, "p", true, now);
+    let _ = drain(&publ_out); // CONNACK
+    let mut p = Publish::new(
+        TopicName::new("t").unwrap(),
+        bytes::Bytes::from_static(b"m"),
+    );
+    p.qos = QoS::AtLeastOnce;
+    p.packet_id = Some(PacketId::new(9).unwrap());
+    c.on_packet(&mut publ, Packet::Publish(p), now).unwrap();
+    assert!(publ_out.is_empty(), "no PUBACK before the copy is durable");
+    let (_, target) = c
+        .commit_target()
+        .expect("the queued copy waits for a persist");
+    c.committed(target, false, now); // the fsync failed
+    let acks = drain(&publ_out);
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(a)]
+            if a.packet_id.get() == 9 && a.reason_code == ReasonCode::UnspecifiedError),
+        "{acks:?}"
+    );
+}
+
+/// A QoS 2 message stored for an offline persistent session, then the broker "crashes"
+/// before the publisher's packet id is stored: the resend (DUP) after the restart is
+/// routed again and skipped by the session, which holds its key. PUBREL makes the shard
+/// forget the key, durably, before PUBCOMP; the packet id then carries a new message.
+#[test]
+fn a_qos2_resend_after_a_restart_is_skipped_and_pubrel_releases_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = Instant::now();
+    let (s, p) = (id("s"), id("p"));
+    {
+        let mut c = durable_core(&store);
+        let (mut sub, _) = connect(&mut c, "s", false, now);
+        let subscribe = subscribe_packet(1, "t", QoS::ExactlyOnce);
+        c.on_packet(&mut sub, subscribe, now).unwrap();
+        c.disconnected(&sub, Ending::Normal, now);
+        let (mut publ, _) = connect(&mut c, "p", false, now);
+        c.on_packet(&mut publ, publish(7, false, b"one"), now)
+            .unwrap();
+        assert!(c.session(&s).unwrap().holds_qos2(&p, 7));
+        assert_eq!(c.qos2_holders[&p][&7], vec![s.clone()]);
+        commit(&mut c, now);
+    }
+    // The crash took the packet id's write (stored after the copies were durable).
+    store.incoming_delete("p", 7).unwrap();
+    store.persist().unwrap();
+    let r = store.load().unwrap();
+    assert_eq!(stored(&r, "s").dedup, vec![("p".to_owned(), 7)]);
+    assert_eq!(stored(&r, "s").queue_len, 1);
+    assert!(stored(&r, "p").incoming.is_empty());
+
+    let mut c = durable_core(&store);
+    c.recover(now);
+    assert!(c.session(&s).unwrap().holds_qos2(&p, 7), "key restored");
+    let (mut publ, out) = connect(&mut c, "p", false, now);
+    assert!(matches!(&drain(&out)[..], [Packet::ConnAck(a)] if a.session_present));
+    c.on_packet(&mut publ, publish(7, true, b"one"), now)
+        .unwrap();
+    assert_eq!(
+        c.session(&s).unwrap().queued_messages(),
+        1,
+        "resend skipped"
+    );
+    commit(&mut c, now);
+    let got = drain(&out);
+    assert!(
+        matches!(&got[..], [Packet::PubRec(a)] if a.packet_id.get() == 7),
+        "{got:?}"
+    );
+
+    // PUBREL: the key goes at once in memory; PUBCOMP only after the deletion and then
+    // the packet id's deletion are durable.
+    let pubrel = Packet::PubRel(Ack::new(PacketId::new(7).unwrap()));
+    c.on_packet(&mut publ, pubrel, now).unwrap();
+    assert!(!c.session(&s).unwrap().holds_qos2(&p, 7));
+    assert!(c.qos2_holders.is_empty());
+    assert!(out.is_empty(), "PUBCOMP waits for the disk");
+    commit(&mut c, now);
+    let got = drain(&out);
+    assert!(
+        matches!(&got[..], [Packet::PubComp(a)] if a.packet_id.get() == 7),
+        "{got:?}"
+    );
+    let r = store.load().unwrap();
+    assert!(stored(&r, "s").dedup.is_empty(), "key deleted on disk");
+    assert!(stored(&r, "p").incoming.is_empty());
+
+    // The packet id reused for a new message: delivered, keyed again.
+    c.on_packet(&mut publ, publish(7, false, b"two"), now)
+        .unwrap();
+    assert_eq!(c.session(&s).unwrap().queued_messages(), 2);
+    assert!(c.session(&s).unwrap().holds_qos2(&p, 7));
+
+    // The publisher's session ends (clean start): every key of it is forgotten.
+    c.disconnected(&publ, Ending::Lost, now);
+    let _ = connect(&mut c, "p", true, now);
+    assert!(!c.session(&s).unwrap().holds_qos2(&p, 7));
+    assert!(c.qos2_holders.is_empty());
+    commit(&mut c, now);
+    let r = store.load().unwrap();
+    assert!(stored(&r, "s").dedup.is_empty());
+}

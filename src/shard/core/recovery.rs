@@ -1,0 +1,293 @@
+//! Recovery: sessions, queues, subscriptions and retained messages read back from the store
+//! at start (and sessions re-homed from another shard after a shard-count change); the
+//! start barrier that waits for every peer's part of the routing index.
+
+use super::*;
+
+impl Core {
+    /// Rebuilds the shard from its store at start: sessions (offline, with subscriptions,
+    /// in-flight messages, incoming QoS 2 ids, queue extent, will and expiry timers), the
+    /// routing index on every shard, and the retained messages. Sessions whose client id now
+    /// belongs to another shard are sent there. Then tells every peer it is done.
+    pub fn recover(&mut self, now: Instant) {
+        let Some(store) = self.store.clone() else {
+            self.announce_recovered();
+            return;
+        };
+        let started = Instant::now();
+        let recovered = match store.load() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot read the store; starting empty");
+                self.announce_recovered();
+                return;
+            }
+        };
+        for d in &recovered.damaged {
+            tracing::warn!(shard = self.id, record = %d, "damaged record skipped");
+        }
+        let clock = WallClock::now();
+        let (mut restored, mut rehomed) = (0usize, 0usize);
+        for rs in recovered.sessions {
+            let owner = owner_shard(rs.client_id.as_bytes(), self.count);
+            if owner == self.id {
+                restored += usize::from(self.restore_session(rs, &clock, now));
+                continue;
+            }
+            let queue = match store.queue_read(&rs.client_id, rs.queue_first_seq, usize::MAX) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(client = %rs.client_id, error = %e, "cannot read a queue to re-home; the session stays");
+                    continue;
+                }
+            };
+            let token = self.token();
+            self.pending.insert(
+                token,
+                Pending::Rehome {
+                    client_id: rs.client_id.clone(),
+                },
+            );
+            self.sink.push(
+                owner,
+                Event::Rehome {
+                    session: Box::new(Rehomed { stored: rs, queue }),
+                    reply: token,
+                },
+            );
+            rehomed += 1;
+        }
+        let retained = recovered.retained.len();
+        for m in recovered.retained {
+            let Ok(msg) = m.to_message(&clock) else {
+                continue;
+            };
+            let msg = Arc::new(msg);
+            // Stored messages predate every live write: version 0.
+            let version = RetainVersion {
+                at_ns: 0,
+                shard: self.id as u16,
+            };
+            let home = owner_shard(msg.topic.as_bytes(), self.count);
+            if home != self.id {
+                // The shard count changed: the new home stores it when it applies it.
+                let r = store.retained_delete(msg.topic.as_str());
+                self.note_write(r);
+            }
+            self.apply_retained(msg.clone(), version, home != self.id);
+            for p in self.peers() {
+                self.sink.push(
+                    p,
+                    Event::RetainReplica {
+                        msg: msg.clone(),
+                        version,
+                        reply: None,
+                    },
+                );
+            }
+        }
+        tracing::info!(
+            shard = self.id,
+            sessions = restored,
+            rehomed,
+            retained,
+            damaged = recovered.damaged.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        self.announce_recovered();
+    }
+
+    pub(super) fn announce_recovered(&mut self) {
+        for p in self.peers() {
+            self.sink.push(p, Event::RecoveryDone);
+        }
+    }
+
+    /// Whether every peer's recovery has been applied here: only then is the routing index
+    /// complete and may this shard accept connections.
+    pub fn peers_recovered(&self) -> bool {
+        self.recovered_peers + 1 >= self.count
+    }
+
+    /// Brings one stored session back into memory (offline) and into the routing tables.
+    /// Returns false when it was already here or cannot be read.
+    pub(super) fn restore_session(
+        &mut self,
+        rs: crate::storage::RecoveredSession,
+        clock: &WallClock,
+        now: Instant,
+    ) -> bool {
+        let Ok(client_id) = MqttStr::new(&rs.client_id) else {
+            return false;
+        };
+        if self.sessions.contains_key(&client_id) {
+            return false;
+        }
+        let version = rs
+            .record
+            .protocol_version()
+            .unwrap_or(ProtocolVersion::V3_1_1);
+        let expiry_s = rs
+            .record
+            .expiry_s
+            .min(self.cfg.sessions.session_expiry_max_s);
+        let mut s = Session::new(client_id.clone(), version, expiry_s);
+        s.persistent = true;
+        // Its owner, as stored (a name that is no longer a valid MQTT string: unknown).
+        s.owner = match &rs.record.owner {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(user)) => MqttStr::new(user).ok().map(Some),
+        };
+        // Access checks of messages queued before its client returns use its owner.
+        s.identity = s.owner.clone();
+        s.will = rs.record.will.as_ref().and_then(|w| w.to_will(clock).ok());
+        for (filter, sr) in &rs.subscriptions {
+            match sr.to_subscription(filter) {
+                Ok(sub) => {
+                    s.subscriptions.insert(filter.as_str().into(), sub);
+                }
+                Err(e) => tracing::warn!(client = %client_id, error = %e, "subscription skipped"),
+            }
+        }
+        let inflight = rs
+            .inflight
+            .iter()
+            .filter_map(|(pid, ir)| ir.to_inflight(*pid, clock).ok())
+            .collect();
+        s.restore(
+            rs.queue_first_seq,
+            rs.queue_next_seq,
+            rs.queue_len,
+            rs.queue_bytes,
+            inflight,
+        );
+        s.incoming_qos2 = rs.incoming.iter().copied().collect();
+        if let Some(c) = &rs.counters {
+            c.restore_into(&mut s.stats);
+            self.stats.restored_drops.add(&s.stats);
+            s.drops_stored = s.stats.dropped_total();
+        }
+        // Keys of QoS 2 messages it may have published before the restart may be held
+        // anywhere: when this session ends, every shard forgets them.
+        s.qos2_published = true;
+        let keys: Vec<(MqttStr, u16)> = rs
+            .dedup
+            .iter()
+            .filter_map(|(o, pid)| MqttStr::new(o).ok().map(|o| (o, *pid)))
+            .collect();
+        for (origin, pid) in &keys {
+            self.note_qos2_holder(origin, *pid, &client_id);
+        }
+        s.restore_qos2_keys(keys);
+        s.epoch = Core::bump(&mut self.next_epoch);
+        let epoch = s.epoch;
+        let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
+        let will_delay = s.will.as_ref().map(|w| w.delay_s);
+        // Away since it disconnected (or since the crash, if it was online then); unknown
+        // when the monotonic clock does not reach back that far.
+        let away_ms = rs
+            .record
+            .disconnected_unix_ms
+            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d));
+        s.since = now.checked_sub(Duration::from_millis(away_ms));
+        self.sessions.insert(client_id.clone(), Box::new(s));
+        self.settle_session(&client_id);
+        let peers: Vec<usize> = self.peers().collect();
+        for sub in subs {
+            if sub.filter.is_shared() {
+                let key: Arc<str> = Arc::from(sub.filter.as_str());
+                let home = owner_shard(key.as_bytes(), self.count);
+                let token = self.token(); // no one waits for this join
+                self.send(
+                    home,
+                    Event::SharedJoin {
+                        key,
+                        member: SharedMember {
+                            client_id: client_id.clone(),
+                            shard: self.id as u16,
+                            options: sub.options,
+                            sub_id: sub.id,
+                            online: false,
+                            persistent: true,
+                            identity: None,
+                        },
+                        reply: token,
+                    },
+                );
+            } else {
+                let entry = self.subs.entry(sub.filter.filter());
+                let first = entry.is_empty();
+                entry.push(LocalSub::Client {
+                    client_id: client_id.clone(),
+                    options: sub.options,
+                    id: sub.id,
+                });
+                if first {
+                    self.index_add(sub.filter.filter(), None, &peers);
+                }
+            }
+        }
+        // The client has been away since it disconnected (or since the crash, if it was
+        // online then): its will and expiry timers resume from that moment.
+        let away_s = rs
+            .record
+            .disconnected_unix_ms
+            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d) / 1000);
+        let left = |total: u32| Duration::from_secs((total as u64).saturating_sub(away_s));
+        if let Some(delay) = will_delay {
+            if delay < expiry_s {
+                self.schedule(
+                    now + left(delay),
+                    TimerKind::Will {
+                        client_id: client_id.clone(),
+                        epoch,
+                    },
+                );
+            }
+        }
+        if expiry_s != u32::MAX {
+            self.schedule(now + left(expiry_s), TimerKind::Expire { client_id, epoch });
+        }
+        true
+    }
+
+    /// Takes a session re-homed from shard `from`: stores it here, then answers once durable.
+    pub(super) fn adopt(&mut self, from: usize, r: Rehomed, reply: Token, now: Instant) {
+        let cid = r.stored.client_id.clone();
+        let exists = MqttStr::new(&cid).is_ok_and(|c| self.sessions.contains_key(&c));
+        if let (Some(store), false) = (&self.store, exists) {
+            let mut b = store.batch();
+            let mut res = b.put_session(&cid, &r.stored.record);
+            for (f, sr) in &r.stored.subscriptions {
+                res = res.and_then(|()| b.put_subscription(&cid, f, sr));
+            }
+            for (pid, ir) in &r.stored.inflight {
+                res = res.and_then(|()| b.inflight_put(&cid, *pid, ir));
+            }
+            for pid in &r.stored.incoming {
+                res = res.and_then(|()| b.incoming_put(&cid, *pid));
+            }
+            for (origin, pid) in &r.stored.dedup {
+                res = res.and_then(|()| b.dedup_put(&cid, origin, *pid));
+            }
+            for (seq, q) in &r.queue {
+                res = res.and_then(|()| b.queue_push(&cid, *seq, q));
+            }
+            if let Some(c) = &r.stored.counters {
+                res = res.and_then(|()| b.counters_put(&cid, c));
+            }
+            let res = res.and_then(|()| b.commit());
+            let ok = res.is_ok();
+            self.note_write(res);
+            if ok {
+                let clock = WallClock::now();
+                self.restore_session(r.stored, &clock, now);
+            }
+        }
+        self.wait_durable(Waiter::answer(from, reply), now);
+    }
+
+    // ---------------------------------------------------------------- connect / disconnect
+}

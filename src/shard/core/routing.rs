@@ -1,0 +1,159 @@
+//! Routing: a message matched once against the cross-shard index and sent once to each
+//! target shard; delivery to this shard's sessions.
+
+use super::*;
+
+impl Core {
+    /// Sends a message everywhere it has subscribers and updates the retained store. With
+    /// `reply`, every other shard involved answers `Ack(reply)` once what it stored is
+    /// durable. Returns whether any shard has a matching subscription, how many answers
+    /// to expect, and what this shard's sessions did with the message.
+    pub fn route(
+        &mut self,
+        msg: SharedMessage,
+        now: Instant,
+        reply: Option<Token>,
+    ) -> (bool, usize, Fate) {
+        let mut remote = 0;
+        let mut fate = Fate::default();
+        if msg.retain {
+            // The retained copy is delivered to later subscribers: it must not leave dedup
+            // keys (they would outlive the release of the message).
+            let kept = if msg.qos2_id.is_some() {
+                Arc::new(Message {
+                    qos2_id: None,
+                    ..(*msg).clone()
+                })
+            } else {
+                msg.clone()
+            };
+            let version = self.retain_version();
+            self.apply_retained(kept.clone(), version, true);
+            for p in self.peers() {
+                self.sink.push(
+                    p,
+                    Event::RetainReplica {
+                        msg: kept.clone(),
+                        version,
+                        reply,
+                    },
+                );
+                remote += usize::from(reply.is_some());
+            }
+        }
+        let mut targets = ShardSet::default();
+        self.index
+            .for_each_match(&msg.topic, |s| targets.union_with(s));
+        for shard in targets.iter() {
+            if shard == self.id {
+                // Shared-group members on other shards answer the publisher directly.
+                self.dispatch = reply.map(|token| Dispatch {
+                    to: self.id,
+                    token,
+                    remote: 0,
+                });
+                fate = self.with_fate(|c| c.deliver_local(&msg, now));
+                remote += self.dispatch.take().map_or(0, |d| d.remote);
+            } else {
+                self.stats.messages_routed_remote += 1;
+                self.sink.push(
+                    shard,
+                    Event::Publish {
+                        msg: msg.clone(),
+                        reply,
+                    },
+                );
+                remote += usize::from(reply.is_some());
+            }
+        }
+        (!targets.is_empty(), remote, fate)
+    }
+
+    /// A version for a retained write made here: this shard's clock, strictly increasing.
+    pub(super) fn retain_version(&mut self) -> RetainVersion {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        self.last_retain_ns = now_ns.max(self.last_retain_ns + 1);
+        RetainVersion {
+            at_ns: self.last_retain_ns,
+            shard: self.id as u16,
+        }
+    }
+
+    /// Delivers a message to this shard's matching subscribers: each session once, at the
+    /// highest QoS of its matching subscriptions, with all their identifiers; each shared
+    /// group homed here to one member.
+    pub(super) fn deliver_local(&mut self, msg: &SharedMessage, now: Instant) {
+        // Reused across publishes (taken and put back): no allocation per message.
+        let mut hits = std::mem::take(&mut self.scratch.hits);
+        let mut groups = std::mem::take(&mut self.scratch.groups);
+        self.subs.for_each_match(&msg.topic, |subs| {
+            for s in subs {
+                match s {
+                    LocalSub::Client {
+                        client_id,
+                        options,
+                        id,
+                    } => {
+                        if options.no_local && msg.origin.as_ref() == Some(client_id) {
+                            continue;
+                        }
+                        hits.push((client_id.clone(), *options, *id));
+                    }
+                    LocalSub::Group { key } => groups.push(key.clone()),
+                }
+            }
+        });
+        hits.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut i = 0;
+        while i < hits.len() {
+            let client_id = hits[i].0.clone();
+            let mut qos = QoS::AtMostOnce;
+            let mut rap = false;
+            let mut sub_ids = Vec::new();
+            while i < hits.len() && hits[i].0 == client_id {
+                let (_, o, id) = &hits[i];
+                qos = qos.max(o.qos.min(msg.qos));
+                rap |= o.retain_as_published;
+                sub_ids.extend(*id);
+                i += 1;
+            }
+            let d = Delivery {
+                msg: msg.clone(),
+                qos,
+                retain: rap && msg.retain,
+                sub_ids,
+                via_share: None,
+            };
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                if !may_read(&self.auth, s, &msg.topic) {
+                    self.stats.acl_denied_delivery += 1;
+                    continue;
+                }
+                let outcome = s.deliver(d, &self.limits, now);
+                self.note_outcome(outcome);
+                let Some(s) = self.sessions.get(&client_id) else {
+                    continue;
+                };
+                if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
+                    if s.holds_qos2(origin, id.packet_id) {
+                        self.note_qos2_holder(origin, id.packet_id, &client_id);
+                    }
+                }
+                self.sync_session(&client_id, now);
+            }
+        }
+        for key in groups.drain(..) {
+            let reply = self.dispatch.map(|d| (d.to, d.token));
+            let first = (None, 0, Fate::default());
+            if self.shared_dispatch(key, msg.clone(), first, reply, now) == Dispatched::Remote {
+                if let Some(d) = &mut self.dispatch {
+                    d.remote += 1;
+                }
+            }
+        }
+        hits.clear();
+        self.scratch = DeliverScratch { hits, groups };
+    }
+}

@@ -1,0 +1,66 @@
+//! Helpers for the core's unit tests: a core with a recording sink, a connected client, packets.
+
+use super::*;
+use crate::protocol::{decode, DecodeLimits};
+use std::cell::RefCell;
+
+#[derive(Default)]
+pub struct Sink(pub RefCell<Vec<(usize, Event)>>);
+impl EventSink for Sink {
+    fn push(&self, to: usize, event: Event) {
+        self.0.borrow_mut().push((to, event));
+    }
+    fn wake_committer(&self) {}
+}
+
+pub fn core() -> Core {
+    Core::new(
+        0,
+        1,
+        Rc::new(Config::default()),
+        Rc::new(Sink::default()),
+        None,
+        Arc::new(QueuedBudget::new(1, u64::MAX)),
+    )
+}
+
+pub fn conn(c: &mut Core, id: &str, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+    let connect = Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: true,
+        keep_alive: 0,
+        properties: Default::default(),
+        client_id: MqttStr::new(id).unwrap(),
+        will: None,
+        username: None,
+        password: None,
+    };
+    let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
+    (ctx, out)
+}
+
+/// A SUBSCRIBE with one filter.
+pub fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: crate::protocol::PacketId::new(packet_id).unwrap(),
+        properties: Default::default(),
+        filters: vec![(
+            TopicFilter::new(filter).unwrap(),
+            SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        )],
+    })
+}
+
+pub fn drain(out: &Outbound) -> Vec<Packet> {
+    let mut buf = futures_lite::future::block_on(out.next_batch(bytes::BytesMut::new())).0;
+    let limits = DecodeLimits::new(1 << 20, Some(ProtocolVersion::V5));
+    let mut v = Vec::new();
+    while let Ok(Some(p)) = decode(&mut buf, &limits) {
+        v.push(p);
+    }
+    v
+}
