@@ -597,6 +597,63 @@ fn sessions_are_searched_kicked_and_rates_reported_over_http() {
     }
 }
 
+/// A kicked client that keeps sending has nothing more handled: the broker stops reading
+/// its packets at once, however much is waiting on the socket (before, a client that never
+/// paused kept being served under its old identity for hundreds of thousands of messages).
+#[test]
+fn a_kicked_client_that_keeps_sending_is_not_served_any_more() {
+    let b = TestBroker::start_with(SHARDS, WITH_TOKEN);
+    let received = |b: &TestBroker| total(&scrape(b), "shardmq_messages_received_total", "");
+    let mut flooder = RawClient::connect_v311(b.addr, "flooder");
+    let mut batch = bytes::BytesMut::new();
+    for _ in 0..1000 {
+        Packet::Publish(shardmq::protocol::Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: shardmq::protocol::TopicName::new("flood/t").unwrap(),
+            packet_id: None,
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(b"x"),
+        })
+        .encode(shardmq::protocol::ProtocolVersion::V3_1_1, &mut batch)
+        .unwrap();
+    }
+    // Sends until the broker closes the socket (bounded in count and time).
+    let flood = std::thread::spawn(move || {
+        let end = Instant::now() + TIMEOUT;
+        for _ in 0..1_000_000 {
+            if !flooder.try_send_bytes(&batch) {
+                return true;
+            }
+            if Instant::now() > end {
+                break;
+            }
+        }
+        false
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while received(&b) < 20_000.0 {
+        assert!(Instant::now() < deadline, "the flood never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) = b.http_with(
+        "POST",
+        "/api/sessions/flooder/disconnect",
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 204, "{body}");
+    let at_kick = received(&b);
+    assert!(
+        flood.join().unwrap(),
+        "the broker closed the flooder's socket"
+    );
+    let after = received(&b) - at_kick;
+    // At most what was decoded from the read buffer already (16 KiB of 17-byte packets).
+    assert!(after < 2_000.0, "{after} messages handled after the kick");
+}
+
 // ---------------------------------------------------------------------------- dashboard
 
 fn chromium_path() -> std::path::PathBuf {

@@ -146,6 +146,12 @@ pub(super) async fn serve<R, W>(
     'conn: loop {
         let mut decoded_any = false;
         loop {
+            // The broker closed this connection (a takeover, an operator's kick, the stop):
+            // nothing more the client sent is handled, however much of it is waiting.
+            if out.is_closed() {
+                broker_closed = true;
+                break 'conn;
+            }
             // A client over its rate waits out its debt before its next packet is handled
             // (and before more is read from it). This does not count against keep alive.
             if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
@@ -225,13 +231,14 @@ pub(super) async fn serve<R, W>(
             }
         }
         let start = read.prepare(&mut buf);
+        // The close is polled first: a socket that always has bytes waiting must not hide it.
         let event = future::or(
-            async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
+            async {
+                out.closed().await;
+                ReadEvent::Closed
+            },
             future::or(
-                async {
-                    out.closed().await;
-                    ReadEvent::Closed
-                },
+                async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
                 async {
                     // Whichever comes first: keep alive, or the started packet's time.
                     let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
