@@ -25,6 +25,8 @@ pub(super) const READ_SHRINK_BYTES: usize = 64 * 1024;
 pub(super) const READ_MAX_BYTES: usize = 16 * 1024;
 /// Capacity of a connection's outgoing buffers kept while nothing is waiting to be written.
 pub(super) const OUTBOUND_IDLE_KEEP_BYTES: usize = 1024;
+/// The most a closing connection reads (and discards) before the socket is dropped.
+pub(super) const CLOSE_DRAIN_BYTES_MAX: usize = 1 << 20;
 /// How long a closing connection keeps reading (and discarding) before the socket is dropped.
 pub(super) const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 pub(super) enum ReadEvent {
@@ -302,12 +304,18 @@ pub(super) async fn serve<R, W>(
     writer_task.await;
     if broker_closed {
         // Let the client read our DISCONNECT: keep reading (and discarding) until it closes.
+        // A client that keeps sending would make every read complete at once: without a
+        // yield the drain would hold the shard (and never let the timer below fire).
+        // Bounded in time and in bytes.
         let mut chunk = vec![0u8; READ_MIN_BYTES];
         let drain = async {
+            let mut left = CLOSE_DRAIN_BYTES_MAX;
             while let Ok(n) = reader.read(&mut chunk).await {
-                if n == 0 {
+                if n == 0 || n >= left {
                     break;
                 }
+                left -= n;
+                glommio::yield_if_needed().await;
             }
         };
         future::or(drain, glommio::timer::sleep(CLOSE_DRAIN)).await;
