@@ -5,7 +5,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
+use shardmq_protocol::{MqttStr, PublishProperties, QoS, TopicName};
 
 /// One published message. Immutable once built; receivers adapt QoS, packet id, retain flag,
 /// topic alias, subscription identifiers and the remaining expiry when they encode it.

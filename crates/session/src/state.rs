@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use super::message::{Qos2Id, SharedMessage};
 use super::outbound::Outbound;
-use crate::protocol::{
+use shardmq_protocol::{
     Ack, MqttStr, Packet, PacketId, ProtocolVersion, Publish, QoS, SubscriptionOptions,
     TopicFilter, TopicName,
 };
@@ -141,7 +141,7 @@ impl Link {
     /// When what it acknowledges was refused (`Some(reason)`: not stored, or not kept), an
     /// MQTT 5 client gets the acknowledgement with that reason and an MQTT 3.x client none
     /// (it will resend).
-    pub fn release_ack(&mut self, token: u64, refused: Option<crate::protocol::ReasonCode>) {
+    pub fn release_ack(&mut self, token: u64, refused: Option<shardmq_protocol::ReasonCode>) {
         let v5 = self.version.is_v5();
         if let Some(h) = self
             .held_acks
@@ -1170,9 +1170,9 @@ fn assign_alias(link: &mut Link, publish: &mut Publish) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{decode, DecodeLimits, PublishProperties};
-    use crate::session::message::Message;
+    use crate::message::Message;
     use bytes::Bytes;
+    use shardmq_protocol::{decode, DecodeLimits, PublishProperties};
     use std::sync::Arc;
 
     const LIMITS: SessionLimits = SessionLimits {
@@ -1381,9 +1381,9 @@ mod tests {
 #[cfg(test)]
 mod durable_tests {
     use super::*;
-    use crate::protocol::PublishProperties;
-    use crate::session::message::Message;
+    use crate::message::Message;
     use bytes::Bytes;
+    use shardmq_protocol::PublishProperties;
     use std::sync::Arc;
 
     fn limits(max: u32, policy: QueuePolicy) -> SessionLimits {

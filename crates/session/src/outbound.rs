@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 
-use crate::protocol::{Packet, ProtocolVersion, ReasonCode};
+use shardmq_protocol::{Packet, ProtocolVersion, ReasonCode};
 
 /// Why a connection is being closed by the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +176,7 @@ impl Outbound {
             return;
         }
         if let (Some(r), true) = (reason, self.version.is_v5()) {
-            self.send(&Packet::Disconnect(crate::protocol::Disconnect::new(r)));
+            self.send(&Packet::Disconnect(shardmq_protocol::Disconnect::new(r)));
         }
         self.close.set(Some(CloseRequest { reason }));
         self.wake();

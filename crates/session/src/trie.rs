@@ -162,7 +162,7 @@ fn walk_rec<V>(node: &Node<V>, path: &mut String, root: bool, f: &mut impl FnMut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::topic_matches;
+    use shardmq_protocol::topic_matches;
 
     fn matches(t: &TopicTrie<Vec<&'static str>>, topic: &str) -> Vec<&'static str> {
         let mut out = Vec::new();

@@ -141,8 +141,8 @@ fn all_rec(node: &Node, depth: usize, include_self: bool, f: &mut impl FnMut(&Sh
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{topic_matches, PublishProperties, QoS, TopicName};
-    use crate::session::message::Message;
+    use crate::message::Message;
+    use shardmq_protocol::{topic_matches, PublishProperties, QoS, TopicName};
     use std::sync::Arc;
     use std::time::Instant;
 
