@@ -28,8 +28,8 @@
 //!   `subscriptions`);
 //! - `routing`: the cross-shard index and local delivery; `shared`: shared groups at their
 //!   home; `retained`: retained versions and tombstones; `qos2`: QoS 2 dedup keys;
-//! - `events`: what other shards send, and the answers to this shard's round trips
-//!   ([`Pending`] entries, finished in `events::on_ack`);
+//! - `events`: what other shards send; `round_trip`: this shard's cross-shard round trips,
+//!   each a [`RoundTrip`] counting its answers and ending in a typed [`Completion`];
 //! - `durable`: the store batch per session, group commit and the waiters on it, the
 //!   queued-bytes budget; `recovery`: reading the store back at start, re-homing;
 //! - `timers`: will and expiry timers; `inspect`: what the admin API reads.
@@ -73,6 +73,7 @@ mod login;
 mod qos2;
 mod recovery;
 mod retained;
+mod round_trip;
 mod routing;
 mod shared;
 mod subscriptions;
@@ -80,6 +81,7 @@ mod timers;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
 };
+use round_trip::{Completion, PubAckDone, RoundTrip, SubAckDone, Then};
 
 /// Reads of a session's queue from disk in one go: more happen only when a whole window
 /// read back was dropped (its topics no longer readable); the rest waits for the next tick.
@@ -174,57 +176,6 @@ pub struct Accepted {
     pub keep_alive_s: u16,
 }
 
-#[derive(Debug)]
-enum Pending {
-    /// A SUBACK waiting for index updates and group joins to be applied everywhere.
-    SubAck {
-        client_id: MqttStr,
-        conn_id: u64,
-        remaining: usize,
-        suback: SubAck,
-        retained: Vec<Delivery>,
-        /// Filters whose index additions this SUBACK waits for (see `Core::index_adding`).
-        adding: Vec<Arc<str>>,
-    },
-    /// A group join at its home waiting for its index update; then answer `token` to `to`.
-    Relay {
-        to: usize,
-        token: Token,
-        remaining: usize,
-        failed: bool,
-        /// What the sessions reached so far did with the relayed message.
-        fate: Fate,
-    },
-    /// A PUBACK/PUBREC/PUBCOMP held on the publisher's link until every shard that stored
-    /// the message for a persistent session (or forgot its dedup key) and this shard's own
-    /// writes are durable; then `then`.
-    PubAck {
-        client_id: MqttStr,
-        conn_id: u64,
-        remaining: usize,
-        failed: bool,
-        /// What the sessions the message reached did with it (see [`Fate`]).
-        fate: Fate,
-        then: Then,
-    },
-    /// A session sent to its new owner: delete the local copy once the owner has it.
-    Rehome { client_id: String },
-}
-
-/// What a [`Pending::PubAck`] does once its round trips are done, before the acknowledgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Then {
-    /// Send it.
-    Ack,
-    /// PUBREC: every copy of the QoS 2 message `pid` is durable. With `store`, store the
-    /// packet id (the publisher's session is persistent) and send PUBREC once that is
-    /// durable too. On failure, forget the id, so that a resend is routed again.
-    Qos2Received { pid: u16, store: bool },
-    /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
-    /// send PUBCOMP once that is durable.
-    DeleteIncoming(u16),
-}
-
 /// The connect/disconnect lines of the current second (see [`Core::conn_line`]).
 #[derive(Debug, Clone, Copy)]
 struct ConnLines {
@@ -276,7 +227,7 @@ enum Dispatched {
 /// Who waits for the shard's writes so far to be durable.
 #[derive(Debug, Clone)]
 enum Waiter {
-    /// A round trip of this shard (`Pending`).
+    /// A round trip of this shard (see `round_trip`).
     Local(Token),
     /// Another shard's round trip: answer it `Ack`, with what this shard's sessions did
     /// with the message it asked about.
@@ -471,7 +422,8 @@ pub struct Core {
     /// timer set for an ended session can never match a new one with the same client id.
     next_epoch: u64,
     next_token: Token,
-    pending: HashMap<Token, Pending>,
+    /// Cross-shard round trips under way, by token (see `round_trip`).
+    pending: HashMap<Token, RoundTrip>,
     sink: Rc<dyn EventSink>,
     /// The shard's database; `None` with `storage.durability = "memory"`.
     store: Option<Store>,

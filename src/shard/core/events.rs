@@ -21,15 +21,10 @@ impl Core {
                 let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
                 match (reply, relay) {
                     (Some(token), Some(relay)) if dispatched > 0 => {
-                        self.pending.insert(
+                        self.begin(
                             relay,
-                            Pending::Relay {
-                                to: from,
-                                token,
-                                remaining: dispatched + 1,
-                                failed: false,
-                                fate,
-                            },
+                            RoundTrip::new(dispatched + 1, Completion::Relay { to: from, token })
+                                .with_fate(fate),
                         );
                         self.wait_durable(Waiter::Local(relay), now);
                     }
@@ -94,15 +89,9 @@ impl Core {
                         let peers: Vec<usize> = self.peers().collect();
                         remaining = self.index_add(filter.filter(), Some(token), &peers);
                         if remaining > 0 {
-                            self.pending.insert(
+                            self.begin(
                                 token,
-                                Pending::Relay {
-                                    to,
-                                    token: reply,
-                                    remaining,
-                                    failed: false,
-                                    fate: Fate::default(),
-                                },
+                                RoundTrip::new(remaining, Completion::Relay { to, token: reply }),
                             );
                         }
                     }
@@ -211,101 +200,21 @@ impl Core {
         }
     }
 
-    pub(super) fn on_ack(&mut self, token: Token, ok: bool, answer: Fate, now: Instant) {
-        let done = match self.pending.get_mut(&token) {
-            Some(Pending::SubAck { remaining, .. }) => {
-                *remaining -= 1;
-                *remaining == 0
-            }
-            Some(Pending::Relay {
-                remaining,
-                failed,
-                fate,
-                ..
-            })
-            | Some(Pending::PubAck {
-                remaining,
-                failed,
-                fate,
-                ..
-            }) => {
-                *remaining -= 1;
-                *failed |= !ok;
-                fate.merge(answer);
-                *remaining == 0
-            }
-            Some(Pending::Rehome { .. }) => true,
-            None => false,
-        };
-        if !done {
-            return;
-        }
-        match self.pending.remove(&token) {
-            Some(Pending::SubAck {
-                client_id,
-                conn_id,
-                suback,
-                retained,
-                adding,
-                ..
-            }) => {
-                for f in adding {
-                    if let Some(n) = self.index_adding.get_mut(&f) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.index_adding.remove(&f);
-                        }
-                    }
-                }
-                self.finish_suback(&client_id, conn_id, suback, retained, now)
-            }
-            Some(Pending::Relay {
-                to,
-                token,
-                failed,
-                fate,
-                ..
-            }) => self.send(
-                to,
-                Event::Ack {
-                    token,
-                    ok: !failed,
-                    fate,
-                },
-            ),
-            Some(Pending::PubAck {
-                client_id,
-                conn_id,
-                failed,
-                fate,
-                then,
-                ..
-            }) => self.finish_pub_ack(token, client_id, conn_id, failed, fate, then, now),
-            Some(Pending::Rehome { client_id }) => {
-                if !ok {
-                    tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
-                } else if let Some(store) = &self.store {
-                    let r = store.delete_session(&client_id);
-                    self.note_write(r);
-                }
-            }
-            None => {}
-        }
-    }
-
     /// The round trips of a held PUBACK/PUBREC/PUBCOMP are done: decides what the client
     /// is told (see [`refusal`]) and does what must follow.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn finish_pub_ack(
         &mut self,
         token: Token,
-        client_id: MqttStr,
-        conn_id: u64,
+        p: PubAckDone,
         failed: bool,
         fate: Fate,
-        then: Then,
         now: Instant,
     ) {
+        let PubAckDone {
+            client_id,
+            conn_id,
+            then,
+        } = p;
         let v5 = self
             .sessions
             .get(&client_id)
@@ -368,16 +277,16 @@ impl Core {
         if let Some(r) = write {
             self.note_write(r);
         }
-        self.pending.insert(
+        self.begin(
             token,
-            Pending::PubAck {
-                client_id,
-                conn_id,
-                remaining: 1,
-                failed: false,
-                fate: Fate::default(),
-                then: Then::Ack,
-            },
+            RoundTrip::new(
+                1,
+                Completion::PubAck(PubAckDone {
+                    client_id,
+                    conn_id,
+                    then: Then::Ack,
+                }),
+            ),
         );
         self.wait_durable(Waiter::Local(token), now);
     }

@@ -360,16 +360,17 @@ impl Core {
             return;
         };
         link.hold_ack(token, packet);
-        self.pending.insert(
+        self.begin(
             token,
-            Pending::PubAck {
-                client_id: ctx.client_id.clone(),
-                conn_id: ctx.conn_id,
-                remaining: remote + 1,
-                failed: false,
-                fate,
-                then,
-            },
+            RoundTrip::new(
+                remote + 1,
+                Completion::PubAck(PubAckDone {
+                    client_id: ctx.client_id.clone(),
+                    conn_id: ctx.conn_id,
+                    then,
+                }),
+            )
+            .with_fate(fate),
         );
         // The local part: this shard's own writes (or none, released at once).
         self.wait_durable(Waiter::Local(token), now);

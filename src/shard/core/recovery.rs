@@ -42,11 +42,14 @@ impl Core {
                 }
             };
             let token = self.token();
-            self.pending.insert(
+            self.begin(
                 token,
-                Pending::Rehome {
-                    client_id: rs.client_id.clone(),
-                },
+                RoundTrip::new(
+                    1,
+                    Completion::Rehome {
+                        client_id: rs.client_id.clone(),
+                    },
+                ),
             );
             self.sink.push(
                 owner,

@@ -133,16 +133,18 @@ impl Core {
         if remaining == 0 {
             self.finish_suback(&ctx.client_id, ctx.conn_id, suback, retained, now);
         } else {
-            self.pending.insert(
+            self.begin(
                 token,
-                Pending::SubAck {
-                    client_id: ctx.client_id.clone(),
-                    conn_id: ctx.conn_id,
+                RoundTrip::new(
                     remaining,
-                    suback,
-                    retained,
-                    adding,
-                },
+                    Completion::SubAck(SubAckDone {
+                        client_id: ctx.client_id.clone(),
+                        conn_id: ctx.conn_id,
+                        suback,
+                        retained,
+                        adding,
+                    }),
+                ),
             );
         }
         for join in local_joins {
