@@ -28,150 +28,30 @@ impl Core {
         now: Instant,
     ) -> Result<Accepted, ReasonCode> {
         let version = c.protocol;
-        let v5 = version.is_v5();
         // What the session keeps of the CONNECT gets allocations of its own, so that the
         // rest of the packet (a password, user properties, up to the packet limit) is freed.
         let client_id = assigned_id
             .clone()
             .unwrap_or_else(|| c.client_id.detached());
-        let refuse = |rc: ReasonCode| {
+        let username = login.username.as_ref().map(|u| u.detached());
+        let admitted = self
+            .admit_connect(c, &client_id, &login)
+            .and_then(|()| self.check_owner(c, &client_id, &username, login.peer));
+        if let Err(rc) = admitted {
             out.send(&Packet::ConnAck(Box::new(ConnAck {
                 session_present: false,
                 reason_code: rc,
                 properties: ConnAckProperties::default(),
             })));
             out.close(None);
-            Err(rc)
-        };
-        let id_max = if version == ProtocolVersion::V3_1 {
-            23
-        } else {
-            self.cfg.limits.client_id_bytes_max as usize
-        };
-        if client_id.len() > id_max || client_id.is_empty() {
-            return refuse(ReasonCode::ClientIdentifierNotValid);
+            return Err(rc);
         }
-        if v5 && c.properties.authentication_method.is_some() {
-            return refuse(ReasonCode::BadAuthenticationMethod);
-        }
-        if login.refused == Some(LoginFailure::Busy) {
-            // Not a verdict on the credentials: the shard has enough checks in flight.
-            self.stats.logins_busy += 1;
-            tracing::debug!(client = %client_id, peer = ?login.peer, "login refused: busy");
-            return refuse(ReasonCode::ServerBusy);
-        }
-        if let Some(why) = login.refused {
-            self.stats.logins_failed += 1;
-            tracing::warn!(
-                user = login.username.as_ref().map_or("", |u| u.as_str()),
-                client = %client_id,
-                peer = ?login.peer,
-                reason = why.as_str(),
-                "login refused"
-            );
-            return refuse(ReasonCode::BadUserNameOrPassword);
-        }
-        let username = login.username.map(|u| u.detached());
-        if let Some(w) = &c.will {
-            let user = username.as_ref().map(|u| u.as_str());
-            if !self
-                .auth
-                .allows(user, &client_id, w.topic.as_str(), Access::Write)
-            {
-                self.stats.acl_denied_publish += 1;
-                tracing::info!(client = %client_id, topic = %w.topic.as_str(), "will topic not allowed");
-                return refuse(ReasonCode::NotAuthorized);
-            }
-        }
-        let sessions_cfg = &self.cfg.sessions;
-        let requested_expiry = if v5 {
-            c.properties
-                .session_expiry_interval
-                .unwrap_or(if c.clean_start {
-                    0
-                } else {
-                    sessions_cfg.session_expiry_default_s
-                })
-        } else if c.clean_start {
-            0
-        } else {
-            sessions_cfg.session_expiry_max_s
-        };
-        let expiry_s = requested_expiry.min(sessions_cfg.session_expiry_max_s);
-
-        // A session belongs to the user that made it: another user may neither take it
-        // over (and read its queue) nor end it with a clean start.
-        // Only a session that outlives its connection holds anything of its owner's (a
-        // queue, subscriptions, a will): a clean session ends with its connection, and its
-        // client id is taken over as the protocol has it.
-        let owned = self.auth.sessions_have_owners();
-        if owned {
-            let owner = self
-                .sessions
-                .get(&client_id)
-                .filter(|s| s.expiry_s > 0)
-                .map(|s| s.owner.clone());
-            if owner == Some(None) && !c.clean_start {
-                tracing::warn!(
-                    client = %client_id,
-                    user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
-                    "a session without a recorded owner (made before owners were recorded, or while no password or ACL file was in force) now belongs to this user"
-                );
-            }
-            if let Some(owner) = owner.flatten().filter(|o| *o != username) {
-                self.stats.takeovers_refused += 1;
-                tracing::warn!(
-                    client = %client_id,
-                    user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
-                    owner = owner.as_ref().map_or("(anonymous)", |u| u.as_str()),
-                    peer = ?login.peer,
-                    "connect refused: the session of this client id belongs to another user"
-                );
-                return refuse(ReasonCode::NotAuthorized);
-            }
-        }
-
-        // Takeover: the old connection ends now, without DISCONNECT.
-        let mut will_now: Option<Will> = None;
-        let mut end_existing = false;
-        if let Some(s) = self.sessions.get_mut(&client_id) {
-            if let Some(old) = s.detach(now) {
-                old.out.close(Some(ReasonCode::SessionTakenOver));
-                self.stats.connections -= 1;
-                s.epoch = Core::bump(&mut self.next_epoch);
-                let ends = c.clean_start || s.expiry_s == 0;
-                if let Some(w) = s.will.take() {
-                    if ends || w.delay_s == 0 {
-                        will_now = Some(w);
-                    }
-                }
-                end_existing = ends;
-            } else if c.clean_start {
-                end_existing = true;
-            } else {
-                // Back before the will delay passed: the will is not sent (MQTT-3.1.3-9).
-                s.will = None;
-            }
-        }
-        if let Some(w) = will_now {
-            self.publish_will(w, now);
-        }
-        if end_existing {
-            self.end_session(&client_id, now);
-        }
-        let session_present = self.sessions.contains_key(&client_id);
-        // Back online: the timers of its offline period are void.
-        self.cancel_timers(&client_id);
-
+        let expiry_s = self.session_expiry_of(c);
+        let session_present = self.take_over(c, &client_id, now);
         // CONNACK, before anything the session resends.
-        let keep_alive_max = self.cfg.limits.keep_alive_max_s;
-        let keep_alive_s = if c.keep_alive > keep_alive_max {
-            keep_alive_max
-        } else {
-            c.keep_alive
-        };
+        let keep_alive_s = c.keep_alive.min(self.cfg.limits.keep_alive_max_s);
         let mut props = ConnAckProperties::default();
-        if v5 {
+        if version.is_v5() {
             let l = &self.cfg.limits;
             props.receive_maximum = Some(l.receive_maximum).filter(|&r| r != u16::MAX);
             props.maximum_packet_size = Some(l.packet_bytes_max);
@@ -189,53 +69,10 @@ impl Core {
             reason_code: ReasonCode::Success,
             properties: props,
         })));
-
         let conn_id = self.next_conn_id;
         self.next_conn_id += 1;
         self.stats.connections += 1;
         self.stats.connects_total += 1;
-        let session = self
-            .sessions
-            .entry(client_id.clone())
-            .or_insert_with(|| Box::new(Session::new(client_id.clone(), version, expiry_s)));
-        session.expiry_s = expiry_s;
-        session.identity = Some(username.clone());
-        // Recorded only under owner rules: a session made without them is not locked to a
-        // name nobody verified.
-        session.owner = owned.then(|| username.clone());
-        session.epoch = Core::bump(&mut self.next_epoch);
-        session.will = c.will.as_ref().map(|w| {
-            let p = &w.properties;
-            Will {
-                msg: Arc::new(Message {
-                    topic: w.topic.detached(),
-                    payload: bytes::Bytes::copy_from_slice(&w.payload),
-                    qos: w.qos,
-                    retain: w.retain,
-                    properties: PublishProperties {
-                        payload_format_indicator: p.payload_format_indicator,
-                        message_expiry_interval: p.message_expiry_interval,
-                        topic_alias: None,
-                        response_topic: p.response_topic.as_ref().map(TopicName::detached),
-                        correlation_data: p
-                            .correlation_data
-                            .as_deref()
-                            .map(bytes::Bytes::copy_from_slice),
-                        user_properties: p
-                            .user_properties
-                            .iter()
-                            .map(|(k, v)| (k.detached(), v.detached()))
-                            .collect(),
-                        subscription_identifiers: Vec::new(),
-                        content_type: p.content_type.as_ref().map(MqttStr::detached),
-                    },
-                    origin: Some(client_id.clone()),
-                    qos2_id: None,
-                    created: now,
-                }),
-                delay_s: p.will_delay_interval.unwrap_or(0),
-            }
-        });
         let cp = &c.properties;
         let mut link = Link::new(
             conn_id,
@@ -248,34 +85,8 @@ impl Core {
         );
         link.peer = login.peer;
         link.keep_alive_s = keep_alive_s;
-        session.persistent |= self.store.is_some() && expiry_s > 0;
-        // What waits for it was checked when queued, under the rules of that time: check
-        // again (a reload may have taken read access away).
-        if self.auth.has_acl() {
-            let auth = &self.auth;
-            let dropped = session.drop_unreadable(|t| readable(auth, &username, &client_id, t));
-            self.stats.acl_denied_delivery += dropped;
-        }
-        session.attach(link, &self.limits, now);
-        let shared: Vec<Arc<str>> = session
-            .subscriptions
-            .values()
-            .filter(|s| s.filter.is_shared())
-            .map(|s| Arc::from(s.filter.as_str()))
-            .collect();
-        for key in shared {
-            let home = owner_shard(key.as_bytes(), self.count);
-            self.send(
-                home,
-                Event::SharedOnline {
-                    key,
-                    client_id: client_id.clone(),
-                    online: true,
-                },
-            );
-        }
-        self.write_session_record(&client_id, now);
-        self.sync_session(&client_id, now);
+        let will = will_of(c, &client_id, now);
+        self.attach_session(&client_id, version, expiry_s, &username, will, link, now);
         if self.conn_line(now) {
             tracing::info!(
                 client = %client_id,
@@ -299,6 +110,209 @@ impl Core {
             },
             keep_alive_s,
         })
+    }
+
+    /// The checks a CONNECT passes before its session is touched: the client id, the
+    /// authentication method, the login, the will topic's access. `Err`: the CONNACK code.
+    fn admit_connect(
+        &mut self,
+        c: &Connect,
+        client_id: &MqttStr,
+        login: &Login,
+    ) -> Result<(), ReasonCode> {
+        let id_max = if c.protocol == ProtocolVersion::V3_1 {
+            23
+        } else {
+            self.cfg.limits.client_id_bytes_max as usize
+        };
+        if client_id.len() > id_max || client_id.is_empty() {
+            return Err(ReasonCode::ClientIdentifierNotValid);
+        }
+        if c.protocol.is_v5() && c.properties.authentication_method.is_some() {
+            return Err(ReasonCode::BadAuthenticationMethod);
+        }
+        if login.refused == Some(LoginFailure::Busy) {
+            // Not a verdict on the credentials: the shard has enough checks in flight.
+            self.stats.logins_busy += 1;
+            tracing::debug!(client = %client_id, peer = ?login.peer, "login refused: busy");
+            return Err(ReasonCode::ServerBusy);
+        }
+        if let Some(why) = login.refused {
+            self.stats.logins_failed += 1;
+            tracing::warn!(
+                user = login.username.as_ref().map_or("", |u| u.as_str()),
+                client = %client_id,
+                peer = ?login.peer,
+                reason = why.as_str(),
+                "login refused"
+            );
+            return Err(ReasonCode::BadUserNameOrPassword);
+        }
+        if let Some(w) = &c.will {
+            let user = login.username.as_ref().map(|u| u.as_str());
+            if !self
+                .auth
+                .allows(user, client_id, w.topic.as_str(), Access::Write)
+            {
+                self.stats.acl_denied_publish += 1;
+                tracing::info!(client = %client_id, topic = %w.topic.as_str(), "will topic not allowed");
+                return Err(ReasonCode::NotAuthorized);
+            }
+        }
+        Ok(())
+    }
+
+    /// The Session Expiry Interval a CONNECT gets: what it asks (MQTT 5) or its clean
+    /// session flag means (3.x), capped by `sessions.session_expiry_max_s`.
+    fn session_expiry_of(&self, c: &Connect) -> u32 {
+        let cfg = &self.cfg.sessions;
+        let requested = if c.protocol.is_v5() {
+            c.properties
+                .session_expiry_interval
+                .unwrap_or(if c.clean_start {
+                    0
+                } else {
+                    cfg.session_expiry_default_s
+                })
+        } else if c.clean_start {
+            0
+        } else {
+            cfg.session_expiry_max_s
+        };
+        requested.min(cfg.session_expiry_max_s)
+    }
+
+    /// A session belongs to the user that made it: another user may neither take it over
+    /// (and read its queue) nor end it with a clean start. Only a session that outlives its
+    /// connection holds anything of its owner's (a queue, subscriptions, a will): a clean
+    /// session ends with its connection, and its client id is taken over as the protocol
+    /// has it.
+    fn check_owner(
+        &mut self,
+        c: &Connect,
+        client_id: &MqttStr,
+        username: &Option<MqttStr>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), ReasonCode> {
+        if !self.auth.sessions_have_owners() {
+            return Ok(());
+        }
+        let owner = self
+            .sessions
+            .get(client_id)
+            .filter(|s| s.expiry_s > 0)
+            .map(|s| s.owner.clone());
+        if owner == Some(None) && !c.clean_start {
+            tracing::warn!(
+                client = %client_id,
+                user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                "a session without a recorded owner (made before owners were recorded, or while no password or ACL file was in force) now belongs to this user"
+            );
+        }
+        if let Some(owner) = owner.flatten().filter(|o| o != username) {
+            self.stats.takeovers_refused += 1;
+            tracing::warn!(
+                client = %client_id,
+                user = username.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                owner = owner.as_ref().map_or("(anonymous)", |u| u.as_str()),
+                peer = ?peer,
+                "connect refused: the session of this client id belongs to another user"
+            );
+            return Err(ReasonCode::NotAuthorized);
+        }
+        Ok(())
+    }
+
+    /// Ends the client id's current connection (takeover, without DISCONNECT) and, for a
+    /// clean start or a session that ends with its connection, the session, its will
+    /// published as the protocol has it. Returns whether a session is present.
+    fn take_over(&mut self, c: &Connect, client_id: &MqttStr, now: Instant) -> bool {
+        let mut will_now: Option<Will> = None;
+        let mut end_existing = false;
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            if let Some(old) = s.detach(now) {
+                old.out.close(Some(ReasonCode::SessionTakenOver));
+                self.stats.connections -= 1;
+                s.epoch = Core::bump(&mut self.next_epoch);
+                let ends = c.clean_start || s.expiry_s == 0;
+                if let Some(w) = s.will.take() {
+                    if ends || w.delay_s == 0 {
+                        will_now = Some(w);
+                    }
+                }
+                end_existing = ends;
+            } else if c.clean_start {
+                end_existing = true;
+            } else {
+                // Back before the will delay passed: the will is not sent (MQTT-3.1.3-9).
+                s.will = None;
+            }
+        }
+        if let Some(w) = will_now {
+            self.publish_will(w, now);
+        }
+        if end_existing {
+            self.end_session(client_id, now);
+        }
+        // Back online: the timers of its offline period are void.
+        self.cancel_timers(client_id);
+        self.sessions.contains_key(client_id)
+    }
+
+    /// Makes or resumes the client's session on `link`: its expiry, identity, owner and
+    /// will; what waits for it checked against the access rules in force; the shared
+    /// groups it is in told it is online; the record stored.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_session(
+        &mut self,
+        client_id: &MqttStr,
+        version: ProtocolVersion,
+        expiry_s: u32,
+        username: &Option<MqttStr>,
+        will: Option<Will>,
+        link: Link,
+        now: Instant,
+    ) {
+        let owned = self.auth.sessions_have_owners();
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Box::new(Session::new(client_id.clone(), version, expiry_s)));
+        session.expiry_s = expiry_s;
+        session.identity = Some(username.clone());
+        // Recorded only under owner rules: a session made without them is not locked to a
+        // name nobody verified.
+        session.owner = owned.then(|| username.clone());
+        session.epoch = Core::bump(&mut self.next_epoch);
+        session.will = will;
+        session.persistent |= self.store.is_some() && expiry_s > 0;
+        // What waits for it was checked when queued, under the rules of that time: check
+        // again (a reload may have taken read access away).
+        if self.auth.has_acl() {
+            let auth = &self.auth;
+            let dropped = session.drop_unreadable(|t| readable(auth, username, client_id, t));
+            self.stats.acl_denied_delivery += dropped;
+        }
+        session.attach(link, &self.limits, now);
+        let shared: Vec<Arc<str>> = session
+            .subscriptions
+            .values()
+            .filter(|s| s.filter.is_shared())
+            .map(|s| Arc::from(s.filter.as_str()))
+            .collect();
+        for key in shared {
+            let home = owner_shard(key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedOnline {
+                    key,
+                    client_id: client_id.clone(),
+                    online: true,
+                },
+            );
+        }
+        self.write_session_record(client_id, now);
+        self.sync_session(client_id, now);
     }
 
     /// The writer of connection `conn_id` made room in a buffer a session had found full:
@@ -522,4 +536,39 @@ impl Core {
             }
         }
     }
+}
+
+/// The will of a CONNECT, with allocations of its own (not pinning the packet's buffer).
+fn will_of(c: &Connect, client_id: &MqttStr, now: Instant) -> Option<Will> {
+    let w = c.will.as_ref()?;
+    let p = &w.properties;
+    Some(Will {
+        msg: Arc::new(Message {
+            topic: w.topic.detached(),
+            payload: bytes::Bytes::copy_from_slice(&w.payload),
+            qos: w.qos,
+            retain: w.retain,
+            properties: PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: p.message_expiry_interval,
+                topic_alias: None,
+                response_topic: p.response_topic.as_ref().map(TopicName::detached),
+                correlation_data: p
+                    .correlation_data
+                    .as_deref()
+                    .map(bytes::Bytes::copy_from_slice),
+                user_properties: p
+                    .user_properties
+                    .iter()
+                    .map(|(k, v)| (k.detached(), v.detached()))
+                    .collect(),
+                subscription_identifiers: Vec::new(),
+                content_type: p.content_type.as_ref().map(MqttStr::detached),
+            },
+            origin: Some(client_id.clone()),
+            qos2_id: None,
+            created: now,
+        }),
+        delay_s: p.will_delay_interval.unwrap_or(0),
+    })
 }
