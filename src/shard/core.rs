@@ -82,6 +82,7 @@ pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
 };
 use round_trip::{Completion, PubAckDone, RoundTrip, SubAckDone, Then};
+use shared::SharedOffer;
 
 /// Reads of a session's queue from disk in one go: more happen only when a whole window
 /// read back was dropped (its topics no longer readable); the rest waits for the next tick.

@@ -7,54 +7,14 @@ impl Core {
     /// Handles an event from shard `from` (this shard itself on the local path).
     pub fn on_event(&mut self, from: usize, event: Event, now: Instant) {
         match event {
-            Event::Publish { msg, reply } => {
-                self.stats.messages_from_remote += u64::from(from != self.id);
-                // Shared-group members on other shards answer a relay here, which answers
-                // the publisher once they and this shard's own writes are durable.
-                let relay = reply.map(|_| self.token());
-                self.dispatch = relay.map(|token| Dispatch {
-                    to: self.id,
-                    token,
-                    remote: 0,
-                });
-                let fate = self.with_fate(|c| c.deliver_local(&msg, now));
-                let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
-                match (reply, relay) {
-                    (Some(token), Some(relay)) if dispatched > 0 => {
-                        self.begin(
-                            relay,
-                            RoundTrip::new(dispatched + 1, Completion::Relay { to: from, token })
-                                .with_fate(fate),
-                        );
-                        self.wait_durable(Waiter::Local(relay), now);
-                    }
-                    (Some(token), _) => {
-                        self.wait_durable(
-                            Waiter::Remote {
-                                to: from,
-                                token,
-                                fate,
-                            },
-                            now,
-                        );
-                    }
-                    _ => {}
-                }
-            }
+            Event::Publish { msg, reply } => self.on_routed(from, msg, reply, now),
             Event::Index {
                 filter,
                 shard,
                 add,
                 reply,
             } => {
-                if add {
-                    self.index.entry(&filter).insert(shard as usize);
-                } else if let Some(set) = self.index.get_mut(&filter) {
-                    set.remove(shard as usize);
-                    if set.is_empty() {
-                        self.index.remove(&filter);
-                    }
-                }
+                self.apply_index(&filter, shard as usize, add);
                 if let Some(token) = reply {
                     self.send(from, Event::done(token));
                 }
@@ -72,52 +32,8 @@ impl Core {
             }
             Event::RecoveryDone => self.recovered_peers += 1,
             Event::Rehome { session, reply } => self.adopt(from, *session, reply, now),
-            Event::SharedJoin { key, member, reply } => {
-                let to = member.shard as usize;
-                let g = self.groups.entry(key.clone()).or_default();
-                let fresh = g.members.is_empty();
-                g.members.retain(|m| m.client_id != member.client_id);
-                g.members.push(member);
-                let mut remaining = 0;
-                if fresh {
-                    let filter = TopicFilter::new(&key).expect("validated by the codec");
-                    let entry = self.subs.entry(filter.filter());
-                    let first = entry.is_empty();
-                    entry.push(LocalSub::Group { key: key.clone() });
-                    if first {
-                        let token = self.token();
-                        let peers: Vec<usize> = self.peers().collect();
-                        remaining = self.index_add(filter.filter(), Some(token), &peers);
-                        if remaining > 0 {
-                            self.begin(
-                                token,
-                                RoundTrip::new(remaining, Completion::Relay { to, token: reply }),
-                            );
-                        }
-                    }
-                }
-                if remaining == 0 {
-                    self.send(to, Event::done(reply));
-                }
-            }
-            Event::SharedLeave { key, client_id } => {
-                let Some(g) = self.groups.get_mut(&key) else {
-                    return;
-                };
-                g.members.retain(|m| m.client_id != client_id);
-                if g.members.is_empty() {
-                    self.groups.remove(&key);
-                    let filter = TopicFilter::new(&key).expect("validated by the codec");
-                    let f = filter.filter();
-                    if let Some(entry) = self.subs.get_mut(f) {
-                        entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));
-                        if entry.is_empty() {
-                            self.subs.remove(f);
-                            self.index_remove(f);
-                        }
-                    }
-                }
-            }
+            Event::SharedJoin { key, member, reply } => self.shared_join(key, member, reply),
+            Event::SharedLeave { key, client_id } => self.shared_leave(key, &client_id),
             Event::SharedOnline {
                 key,
                 client_id,
@@ -137,39 +53,16 @@ impl Core {
                 msg,
                 attempts,
                 reply,
-                fate: carried,
+                fate,
             } => {
-                let mut taken = false;
-                let fate = self.with_fate(|c| taken = c.shared_take(&key, &client_id, &msg, now));
-                let mut fate = fate;
-                fate.merge(carried);
-                if taken {
-                    if let Some((to, token)) = reply {
-                        self.wait_durable(Waiter::Remote { to, token, fate }, now);
-                    }
-                } else if attempts < SHARED_ATTEMPTS_MAX {
-                    let home = owner_shard(key.as_bytes(), self.count);
-                    self.send(
-                        home,
-                        Event::SharedBounce {
-                            key,
-                            msg,
-                            not: client_id,
-                            attempts: attempts + 1,
-                            reply,
-                            fate,
-                        },
-                    );
-                } else if let Some((to, token)) = reply {
-                    self.send(
-                        to,
-                        Event::Ack {
-                            token,
-                            ok: true,
-                            fate,
-                        },
-                    );
-                }
+                let offer = SharedOffer {
+                    key,
+                    msg,
+                    attempts,
+                    reply,
+                    carried: fate,
+                };
+                self.on_shared_deliver(offer, client_id, now)
             }
             Event::SharedBounce {
                 key,

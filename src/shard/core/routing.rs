@@ -156,4 +156,60 @@ impl Core {
         hits.clear();
         self.scratch = DeliverScratch { hits, groups };
     }
+
+    /// A message another shard (or this one) routed here: delivered to this shard's
+    /// sessions; with `reply`, answered once what it wrote is durable, and once the shared
+    /// members on other shards it was offered to have answered.
+    pub(super) fn on_routed(
+        &mut self,
+        from: usize,
+        msg: SharedMessage,
+        reply: Option<Token>,
+        now: Instant,
+    ) {
+        self.stats.messages_from_remote += u64::from(from != self.id);
+        // Shared-group members on other shards answer a relay here, which answers the
+        // publisher once they and this shard's own writes are durable.
+        let relay = reply.map(|_| self.token());
+        self.dispatch = relay.map(|token| Dispatch {
+            to: self.id,
+            token,
+            remote: 0,
+        });
+        let fate = self.with_fate(|c| c.deliver_local(&msg, now));
+        let dispatched = self.dispatch.take().map_or(0, |d| d.remote);
+        match (reply, relay) {
+            (Some(token), Some(relay)) if dispatched > 0 => {
+                self.begin(
+                    relay,
+                    RoundTrip::new(dispatched + 1, Completion::Relay { to: from, token })
+                        .with_fate(fate),
+                );
+                self.wait_durable(Waiter::Local(relay), now);
+            }
+            (Some(token), _) => {
+                self.wait_durable(
+                    Waiter::Remote {
+                        to: from,
+                        token,
+                        fate,
+                    },
+                    now,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The routing index: `shard` has (`add`) or no longer has subscribers of `filter`.
+    pub(super) fn apply_index(&mut self, filter: &str, shard: usize, add: bool) {
+        if add {
+            self.index.entry(filter).insert(shard);
+        } else if let Some(set) = self.index.get_mut(filter) {
+            set.remove(shard);
+            if set.is_empty() {
+                self.index.remove(filter);
+            }
+        }
+    }
 }

@@ -147,4 +147,104 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- QoS 2 dedup keys
+
+    /// At the group's home: `member` joins (or updates its subscription). The first member
+    /// makes the group a subscriber of its filter here, and the index update on every
+    /// shard is awaited before the member's shard is answered.
+    pub(super) fn shared_join(&mut self, key: Arc<str>, member: SharedMember, reply: Token) {
+        let to = member.shard as usize;
+        let g = self.groups.entry(key.clone()).or_default();
+        let fresh = g.members.is_empty();
+        g.members.retain(|m| m.client_id != member.client_id);
+        g.members.push(member);
+        let mut remaining = 0;
+        if fresh {
+            let filter = TopicFilter::new(&key).expect("validated by the codec");
+            let entry = self.subs.entry(filter.filter());
+            let first = entry.is_empty();
+            entry.push(LocalSub::Group { key: key.clone() });
+            if first {
+                let token = self.token();
+                let peers: Vec<usize> = self.peers().collect();
+                remaining = self.index_add(filter.filter(), Some(token), &peers);
+                if remaining > 0 {
+                    self.begin(
+                        token,
+                        RoundTrip::new(remaining, Completion::Relay { to, token: reply }),
+                    );
+                }
+            }
+        }
+        if remaining == 0 {
+            self.send(to, Event::done(reply));
+        }
+    }
+
+    /// At the group's home: a member left; the last one takes the group's subscription.
+    pub(super) fn shared_leave(&mut self, key: Arc<str>, client_id: &MqttStr) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            return;
+        };
+        g.members.retain(|m| m.client_id != *client_id);
+        if g.members.is_empty() {
+            self.groups.remove(&key);
+            let filter = TopicFilter::new(&key).expect("validated by the codec");
+            let f = filter.filter();
+            if let Some(entry) = self.subs.get_mut(f) {
+                entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));
+                if entry.is_empty() {
+                    self.subs.remove(f);
+                    self.index_remove(f);
+                }
+            }
+        }
+    }
+
+    /// At a member's shard: the group's home offers it a message. Taken, it is answered
+    /// once durable; refused, it goes back to the home for another member (at most
+    /// [`SHARED_ATTEMPTS_MAX`] offers), then it is dropped and the publisher answered.
+    pub(super) fn on_shared_deliver(&mut self, o: SharedOffer, client_id: MqttStr, now: Instant) {
+        let mut taken = false;
+        let mut fate = self.with_fate(|c| taken = c.shared_take(&o.key, &client_id, &o.msg, now));
+        fate.merge(o.carried);
+        if taken {
+            if let Some((to, token)) = o.reply {
+                self.wait_durable(Waiter::Remote { to, token, fate }, now);
+            }
+        } else if o.attempts < SHARED_ATTEMPTS_MAX {
+            let home = owner_shard(o.key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedBounce {
+                    key: o.key,
+                    msg: o.msg,
+                    not: client_id,
+                    attempts: o.attempts + 1,
+                    reply: o.reply,
+                    fate,
+                },
+            );
+        } else if let Some((to, token)) = o.reply {
+            self.send(
+                to,
+                Event::Ack {
+                    token,
+                    ok: true,
+                    fate,
+                },
+            );
+        }
+    }
+}
+
+/// A shared message offered to a member (see [`Core::on_shared_deliver`]).
+pub(super) struct SharedOffer {
+    pub key: Arc<str>,
+    pub msg: SharedMessage,
+    /// Offers made so far.
+    pub attempts: u8,
+    /// Who waits for the answer: (shard, token).
+    pub reply: Option<(usize, Token)>,
+    /// What the members offered before did with it.
+    pub carried: Fate,
 }
