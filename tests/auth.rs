@@ -580,8 +580,10 @@ fn sighup_reloads_the_acl_and_connections_stay() {
     // A broken file: the reload is refused, the rules in force stay (then a good file again
     // takes the grant away, showing the broker still reloads).
     replace_file(acl, "topic bogus-access x y\nnonsense\n");
+    // SAFETY: kill(2) on the broker this test started; no memory is involved.
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
     replace_file(acl, ACL);
+    // SAFETY: as above.
     unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + TIMEOUT;
     loop {

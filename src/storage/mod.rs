@@ -1210,6 +1210,7 @@ fn free_bytes(dir: &Path) -> Result<u64, StorageError> {
         .map_err(|e| io(std::io::Error::new(ErrorKind::InvalidInput, e)))?;
     // SAFETY: a zeroed statvfs is valid; statvfs fills it from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is valid for writing.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return Err(io(std::io::Error::last_os_error()));
     }
