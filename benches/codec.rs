@@ -9,6 +9,12 @@
 //! Decoding consumes its input, so each decode iteration gets a fresh copy of the packet's
 //! bytes made outside the timed section; encodes write into one reused buffer.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use std::hint::black_box;
 use std::num::NonZeroU16;
 use std::time::Duration;

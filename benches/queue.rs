@@ -11,6 +11,12 @@
 //!
 //! 64-byte payloads, a 24-byte topic, MQTT 5 with no properties. `cargo bench --bench queue`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -12,6 +12,12 @@
 //!
 //! `cargo bench --bench trie`; see perf/README.md.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use std::hint::black_box;
 use std::time::Duration;
 

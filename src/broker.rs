@@ -396,8 +396,14 @@ fn merge_extra_stores(
                 };
                 data_dir.join(format!("shard-{k}.migrated-{unix_s}{suffix}"))
             })
+            .take(1000)
             .find(|p| std::fs::symlink_metadata(p).is_err())
-            .expect("some name is free");
+            .ok_or_else(|| {
+                StartError::Config(format!(
+                    "{}: no free name for the migrated copy of shard-{k}",
+                    data_dir.display()
+                ))
+            })?;
         std::fs::rename(&dir, &moved).map_err(|e| fail("rename", &e))?;
         // The rename is durable before any file of the store goes away.
         std::fs::File::open(data_dir)

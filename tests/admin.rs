@@ -3,6 +3,12 @@
 //! dashboard driven in headless Chromium, search, kick and rates over the API, and the
 //! `$SYS` topics.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

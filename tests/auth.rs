@@ -7,6 +7,12 @@
 //! "Not delivered" is shown by order, not by waiting: a forbidden message is followed by an
 //! allowed one from the same publisher, and the allowed one must be the next thing received.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use bytes::Bytes;

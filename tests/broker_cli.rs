@@ -2,6 +2,12 @@
 //! runs the real binary with `std::process::Command`, on 127.0.0.1 only; a run that should
 //! fail is given `--listen 127.0.0.1:0` so that a wrong pass never takes a real port.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::net::TcpListener;

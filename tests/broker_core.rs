@@ -17,6 +17,12 @@
 //! will from the shard that owns the will's client) to the shard that owns the subscriber.
 //! A marker therefore comes from a client owned by the same shard as the thing it follows.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::collections::VecDeque;

@@ -11,6 +11,12 @@
 //! is shown with markers sent through the group after the messages counted: each member's
 //! messages come to it from the group's home shard in the order the home dispatched them,
 //! so once every member has a marker, every message dispatched before the markers is in.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
 mod support;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet as RPacket, Publish as RPublish};

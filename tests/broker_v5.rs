@@ -10,6 +10,12 @@
 //! closing. To show that something does NOT arrive, a later marker travels the same path and
 //! must come first. Only will delay and expiry are time-based by definition; those tests use
 //! 1-2 s and one-sided assertions, and say so where they wait.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
 mod support;
 
 use bytes::Bytes;

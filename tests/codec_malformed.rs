@@ -3,6 +3,12 @@
 //! Error, 0x84 Unsupported Protocol Version, 0x8F Topic Filter invalid, 0x90 Topic Name
 //! invalid, 0x94 Topic Alias invalid, 0x95 Packet too large).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod codec_common;
 
 use bytes::BytesMut;

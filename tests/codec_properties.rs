@@ -1,6 +1,12 @@
 //! MQTT 5 properties (section 2.2.2, table 2-4): which packet may carry which property,
 //! which may repeat, and which values are refused, each with its exact error and reason code.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod codec_common;
 
 use codec_common::*;

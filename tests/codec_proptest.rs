@@ -2,6 +2,12 @@
 //! a stream of packets split at every position decodes to the same packets; arbitrary and
 //! mutated bytes never panic the decoder, and whatever it accepts re-encodes to itself.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod codec_common;
 
 use bytes::{Bytes, BytesMut};

@@ -2,6 +2,12 @@
 //! to the exact bytes of the specification (MQTT 3.1, 3.1.1 and 5.0), including the
 //! specification's own examples. Every MQTT 5 property appears in at least one vector.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod codec_common;
 
 use bytes::{Bytes, BytesMut};

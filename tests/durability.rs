@@ -27,6 +27,12 @@
 //! at QoS 1 for that reason: messages from one publisher reach a shard in order, and one
 //! shard's journal is written in order, so that PUBACK covers the QoS 0 messages before it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

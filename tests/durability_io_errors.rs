@@ -9,6 +9,12 @@
 //! acknowledged before, during and after the episode is delivered, after a reconnect and
 //! again after a restart.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::collections::BTreeSet;

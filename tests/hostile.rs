@@ -15,6 +15,12 @@
 //! repeatedly, and watches the broker's resources. Clients that never read are in
 //! `tests/overload.rs`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::io::Write;

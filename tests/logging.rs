@@ -1,6 +1,12 @@
 //! Log levels: `--log-level` over `RUST_LOG` over the config's `log.level`; an invalid level
 //! from any of them stops the start with one line naming where it came from.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;

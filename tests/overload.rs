@@ -6,6 +6,12 @@
 //! failure bounds, far below what the same traffic would cost without the limits (the
 //! tests say how much that is), never speed targets.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::io::Read;

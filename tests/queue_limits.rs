@@ -11,6 +11,12 @@
 //!   persistent session would queue (MQTT 5: 0x97; 3.1.1: no PUBACK, the connection closed),
 //!   and takes messages again once the queues drain.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::time::Instant;

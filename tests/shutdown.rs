@@ -3,6 +3,12 @@
 //! start are in `broker_cli`; queued QoS 1 messages of an offline persistent session
 //! surviving a SIGTERM restart are the `durability::plain_*_restart` tests.)
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

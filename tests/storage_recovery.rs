@@ -5,6 +5,12 @@
 //! The timed measurement at the end is `#[ignore]`d; run it with
 //! `cargo test --release --test storage_recovery -- --ignored --nocapture`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use shardmq::storage::{
     InflightRecord, MessageRecord, QueuedRecord, RecoveredSession, SessionRecord, Space,
     StorageError, Store, StoreOptions, SubscriptionRecord, WallClock, WillRecord, MARKER_FILE,

@@ -2,6 +2,12 @@
 //! broker speaks the notify protocol (`Type=notify`): `READY=1` once it accepts MQTT
 //! connections, `STOPPING=1` when a SIGTERM starts the orderly stop.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::os::unix::net::UnixDatagram;

@@ -8,6 +8,12 @@
 //! `support::raw` on the plain listeners. Every wait is for an event, bounded by
 //! `support::TIMEOUT`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod support;
 
 use std::collections::VecDeque;

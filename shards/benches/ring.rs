@@ -12,6 +12,12 @@
 //! fewer than two free cores the figure includes the threads' competition for one core.
 //! `cargo bench -p shards --bench ring`; see perf/README.md.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -203,6 +203,10 @@ struct Inner<S: Service> {
 }
 
 impl<S: Service> Inner<S> {
+    #[expect(
+        clippy::expect_used,
+        reason = "callers pass peers only: a shard has no channel to itself, by construction"
+    )]
     fn peer(&self, to: ShardId) -> &Peer<S> {
         assert!(
             to.index() < self.count,

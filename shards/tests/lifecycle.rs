@@ -1,5 +1,11 @@
 //! Starting and stopping pools: orderly stop, startup errors, pinning, panics.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,11 @@
 //! Map-reduce over all shards, from inside a shard and from an outside thread.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod common;
 
 use std::time::Duration;

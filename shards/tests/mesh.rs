@@ -1,5 +1,11 @@
 //! Cross-shard messaging on real executors: order, broadcast, the local fast path, batching.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the test's failure"
+)]
+
 mod common;
 
 use common::{all_ok, config, join_within, Recorder, JOIN_LIMIT};

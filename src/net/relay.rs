@@ -79,10 +79,10 @@ pub(super) async fn handshake(
             None => return,
         },
         Transport::Tls | Transport::Wss => {
-            let acceptor = listener
-                .tls
-                .as_ref()
-                .expect("TLS listeners have an acceptor");
+            let Some(acceptor) = listener.tls.as_ref() else {
+                tracing::error!(listener = %listener.name, "a TLS listener without its certificate; connection closed");
+                return;
+            };
             let tls = match before(deadline, acceptor.accept(stream)).await {
                 Some(Ok(t)) => t,
                 Some(Err(e)) => {

@@ -62,7 +62,9 @@ impl IncompletePackets {
             let Some((&id, _)) = holders.iter().max_by_key(|(_, (b, _))| *b) else {
                 break;
             };
-            let (b, o) = holders.remove(&id).expect("just found");
+            let Some((b, o)) = holders.remove(&id) else {
+                break;
+            };
             held -= b;
             self.closed.set(self.closed.get() + 1);
             // Counted in /metrics; a line each only at debug (a flood of hoarders would

@@ -1,6 +1,12 @@
 //! Starts the real `shardmq` binary for a test: its own ephemeral port on 127.0.0.1, its own
 //! temporary data directory, and the ready line on stdout as the signal that every shard
 //! listens. The broker is stopped (by its PID) when the handle drops.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failure is a test failure"
+)]
 #![allow(dead_code)]
 
 pub mod raw;

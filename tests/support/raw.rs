@@ -3,6 +3,12 @@
 //! the broker closed the socket. It never acknowledges anything by itself, so a test decides
 //! what the broker sees. Every read is bounded by [`super::TIMEOUT`] (a failure bound, never
 //! a synchronisation point): a test waits for the packet or the close it expects.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failure is a test failure"
+)]
 #![allow(dead_code)]
 
 use bytes::{Bytes, BytesMut};

@@ -162,8 +162,11 @@ impl Link {
                 };
             }
         }
-        while self.held_acks.front().is_some_and(|h| h.ready) {
-            let h = self.held_acks.pop_front().expect("front exists");
+        while let Some(h) = self.held_acks.pop_front() {
+            if !h.ready {
+                self.held_acks.push_front(h);
+                break;
+            }
             if let Some(p) = h.packet {
                 self.out.send(&p);
             }
@@ -830,7 +833,10 @@ impl Session {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            let pid = PacketId::new(id).expect("ids start at 1 and skip 0");
+            // Ids start at 1 and wrap to 1: never 0.
+            let Some(pid) = PacketId::new(id) else {
+                continue;
+            };
             let taken = match &self.ids_in_flight {
                 Some(set) => set.contains(pid),
                 None => self.inflight.iter().any(|i| i.packet_id == pid),
@@ -933,7 +939,9 @@ impl Session {
             if q.delivery.qos != QoS::AtMostOnce && self.inflight.len() >= self.window(limits) {
                 break;
             }
-            let Queued { seq, delivery: d } = self.queue.pop_front().expect("front exists");
+            let Some(Queued { seq, delivery: d }) = self.queue.pop_front() else {
+                break;
+            };
             self.queue_bytes -= d.msg.cost_bytes();
             self.record(StoreOp::QueueDelete { seq });
             if d.qos == QoS::AtMostOnce {
@@ -1161,7 +1169,9 @@ fn assign_alias(link: &mut Link, publish: &mut Publish) {
     }
     let next = link.aliases.len() + 1;
     if next <= link.topic_alias_max as usize {
-        let alias = NonZeroU16::new(next as u16).expect("starts at 1");
+        let Some(alias) = u16::try_from(next).ok().and_then(NonZeroU16::new) else {
+            return;
+        };
         link.aliases.insert(publish.topic.clone(), alias);
         publish.properties.topic_alias = Some(alias);
     }

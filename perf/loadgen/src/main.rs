@@ -1,5 +1,11 @@
 //! `shardmq-loadgen`: an MQTT 3.1.1/5.0 load generator. See `perf/README.md`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a load generator, not the broker: a broken invariant here ends the run loudly"
+)]
+
 mod cli;
 mod clock;
 mod engine;

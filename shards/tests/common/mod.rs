@@ -1,6 +1,11 @@
 //! Helpers shared by the integration tests: a recording service and a join with a failure
 //! bound. Synchronisation is by events (semaphores, channels), never by sleeping.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failure is a test failure"
+)]
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::cell::RefCell;

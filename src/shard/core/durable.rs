@@ -357,11 +357,11 @@ impl Core {
             );
         }
         self.log.synced_seq = self.log.synced_seq.max(target);
-        while let Some((seq, _)) = self.log.waiters.front() {
-            if *seq > target {
+        while let Some((seq, w)) = self.log.waiters.pop_front() {
+            if seq > target {
+                self.log.waiters.push_front((seq, w));
                 break;
             }
-            let (_, w) = self.log.waiters.pop_front().expect("front exists");
             self.release(w, ok, now);
         }
     }

@@ -397,12 +397,13 @@ impl Core {
             .map(|w| w.delay_s);
         if let Some(delay) = will_delay.filter(|_| !self.stopping) {
             if delay == 0 {
-                let w = self
+                if let Some(w) = self
                     .sessions
                     .get_mut(&ctx.client_id)
                     .and_then(|s| s.will.take())
-                    .expect("checked above");
-                self.publish_will(w, now);
+                {
+                    self.publish_will(w, now);
+                }
             } else if delay < expiry_s {
                 self.schedule(
                     now + Duration::from_secs(delay as u64),
@@ -510,10 +511,13 @@ impl Core {
         // the next seed, and two clients were given the same id).
         let mut n = seed;
         loop {
-            let id = MqttStr::new(&format!("shardmq-{:x}-{:x}", self.id, n)).expect("ascii");
-            if owner_shard(id.as_bytes(), self.count) == self.id && !self.sessions.contains_key(&id)
-            {
-                return id;
+            // Short ASCII: always a valid MQTT string.
+            if let Ok(id) = MqttStr::new(&format!("shardmq-{:x}-{:x}", self.id, n)) {
+                if owner_shard(id.as_bytes(), self.count) == self.id
+                    && !self.sessions.contains_key(&id)
+                {
+                    return id;
+                }
             }
             n = n.wrapping_add(1);
         }

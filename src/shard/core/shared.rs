@@ -158,8 +158,9 @@ impl Core {
         g.members.retain(|m| m.client_id != member.client_id);
         g.members.push(member);
         let mut remaining = 0;
-        if fresh {
-            let filter = TopicFilter::new(&key).expect("validated by the codec");
+        // The key is a filter the codec validated on the member's shard.
+        let filter = TopicFilter::new(&key).ok().filter(|_| fresh);
+        if let Some(filter) = filter {
             let entry = self.subs.entry(filter.filter());
             let first = entry.is_empty();
             entry.push(LocalSub::Group { key: key.clone() });
@@ -188,7 +189,10 @@ impl Core {
         g.members.retain(|m| m.client_id != *client_id);
         if g.members.is_empty() {
             self.groups.remove(&key);
-            let filter = TopicFilter::new(&key).expect("validated by the codec");
+            // The key is a filter the codec validated on the member's shard.
+            let Ok(filter) = TopicFilter::new(&key) else {
+                return;
+            };
             let f = filter.filter();
             if let Some(entry) = self.subs.get_mut(f) {
                 entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));
