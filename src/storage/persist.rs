@@ -1,0 +1,170 @@
+//! Making writes durable: the journal flush and fsync behind every acknowledgement (outside the engine's lock), memtable rotation, and the size of the store on disk.
+
+use super::*;
+
+impl Store {
+    /// Makes every write made before the call durable: flushes the engine's journal buffer
+    /// and `fdatasync`s the journal file. Blocks for the fsync; run it off the executor
+    /// thread.
+    ///
+    /// The fsync runs *outside* the engine's journal mutex, so that writes from other
+    /// threads proceed meanwhile (fjall's own `persist(SyncData)` holds the mutex across
+    /// the fsync). Why that is as durable: the buffer flush happens under the mutex and puts
+    /// every earlier write into the page cache of the active journal file `<n>.jnl`; fsync
+    /// acts on the file, whatever descriptor it comes through; and when the engine seals a
+    /// journal (rotation) it fsyncs it before it creates `<n+1>.jnl`, so if a newer journal
+    /// is seen here, the one holding our writes is already on disk. Should the directory
+    /// show no journal (a layout this code does not know), it falls back to the engine's
+    /// locked fsync.
+    pub fn persist(&self) -> Result<(), StorageError> {
+        self.persist_journal()?;
+        self.rotate_memtables();
+        Ok(())
+    }
+
+    /// Seals the memtables for flushing once the unflushed bytes of the whole store reach
+    /// half of `StoreOptions::memtable_bytes` (skipping keyspaces with a flush pending).
+    ///
+    /// Why the store does what the engine does by itself: fjall 3.1 asks its background
+    /// worker to rotate a full memtable from every write that finds it full, on the bounded
+    /// channel on which that worker also sends itself the flush request that follows. Under
+    /// write load those requests fill the channel, the worker blocks sending to itself, no
+    /// memtable is flushed again and memory grows with everything written
+    /// (fjall-rs/fjall#323; seen here as ~25 MiB more per minute of durable QoS 1 traffic).
+    /// Rotating here, off the executor, after each group commit keeps every memtable under
+    /// the engine's own limit, so the engine never sends those requests.
+    pub(super) fn rotate_memtables(&self) {
+        let Ok(engine) = self.engine() else {
+            return;
+        };
+        let rotate_at_bytes = self.inner.opts.memtable_bytes.max(MIN_MEMTABLE_BYTES) / 2;
+        if engine.db.write_buffer_size() < rotate_at_bytes {
+            return;
+        }
+        for ks in &engine.spaces {
+            if ks.sealed_memtable_count() > 0 {
+                continue;
+            }
+            if let Err(e) = ks.rotate_memtable() {
+                tracing::warn!(store = %self.inner.dir.display(), error = %e, "memtable rotation failed");
+            }
+        }
+    }
+
+    pub(super) fn persist_journal(&self) -> Result<(), StorageError> {
+        let poisoned = || StorageError::Engine {
+            op: "persist",
+            source: fjall::Error::Poisoned,
+        };
+        let engine = self.engine()?;
+        if engine.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
+        engine
+            .db
+            .persist(PersistMode::Buffer)
+            .map_err(StorageError::engine("persist"))?;
+        let Some(journal) = self.active_journal(&engine)? else {
+            return self.persist_locked();
+        };
+        journal.sync_data().map_err(|source| {
+            engine.poisoned.store(true, Ordering::Release);
+            tracing::error!(store = %self.inner.dir.display(), error = %source, "journal fsync failed");
+            StorageError::Io {
+                path: self.inner.dir.clone(),
+                op: "fsync the journal of",
+                source,
+            }
+        })
+    }
+
+    /// The engine's own persist: `fdatasync` of the journal under its mutex.
+    pub fn persist_locked(&self) -> Result<(), StorageError> {
+        self.engine()?
+            .db
+            .persist(PersistMode::SyncData)
+            .map_err(StorageError::engine("persist"))
+    }
+
+    /// The highest-numbered `<n>.jnl` in the store directory, opened (cached while it stays
+    /// the highest).
+    pub(super) fn active_journal(
+        &self,
+        engine: &Engine,
+    ) -> Result<Option<Arc<File>>, StorageError> {
+        let dir = &self.inner.dir;
+        let io = |op| {
+            move |source| StorageError::Io {
+                path: dir.clone(),
+                op,
+                source,
+            }
+        };
+        let mut newest: Option<u64> = None;
+        for entry in std::fs::read_dir(dir).map_err(io("list"))? {
+            let name = entry.map_err(io("list"))?.file_name();
+            let n = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if n > newest {
+                newest = n;
+            }
+        }
+        let Some(n) = newest else {
+            return Ok(None);
+        };
+        let mut cached = engine.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((m, f)) = cached.as_ref() {
+            if *m == n {
+                return Ok(Some(f.clone()));
+            }
+        }
+        let file = match File::open(dir.join(format!("{n}.jnl"))) {
+            Ok(f) => Arc::new(f),
+            // Sealed and deleted since the listing: it was fsynced when sealed, and what it
+            // held is in table files now; the newer journal is fsynced next time.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return self.persist_locked().map(|()| None)
+            }
+            Err(e) => return Err(io("open journal")(e)),
+        };
+        *cached = Some((n, file.clone()));
+        Ok(Some(file))
+    }
+
+    /// Bytes the store's files really take on disk (allocated blocks, as `du` counts them):
+    /// the engine's own figure counts its journal at its preallocated size (64 MiB for a
+    /// store holding a few KiB).
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(dir: &Path, depth: u8) -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            let mut total = 0;
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() && depth < 8 {
+                    total += walk(&e.path(), depth + 1);
+                } else if m.is_file() {
+                    total += m.blocks() * 512;
+                }
+            }
+            total
+        }
+        walk(&self.inner.dir, 0)
+    }
+
+    /// Test hook: flushes every keyspace's memtable into a table file and waits for it (to
+    /// build fixtures of damaged table files).
+    #[doc(hidden)]
+    pub fn flush_to_tables(&self) -> Result<(), StorageError> {
+        let engine = self.engine()?;
+        for ks in &engine.spaces {
+            ks.rotate_memtable_and_wait()
+                .map_err(StorageError::engine("flush memtable"))?;
+        }
+        Ok(())
+    }
+}
