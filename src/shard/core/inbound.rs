@@ -140,15 +140,80 @@ impl Core {
         Ok(())
     }
 
+    /// A PUBLISH from the client of `ctx`: checked (topic, alias, access, flow control),
+    /// routed, and acknowledged once what it depends on is durable.
     pub(super) fn on_publish(
         &mut self,
         ctx: &mut ConnCtx,
         p: Publish,
         now: Instant,
     ) -> Result<(), ReasonCode> {
+        let topic = self.resolve_topic(ctx, p.topic, &p.properties)?;
+        let user = ctx.username.as_ref().map(|u| u.as_str());
+        if !self
+            .auth
+            .allows(user, &ctx.client_id, topic.as_str(), Access::Write)
+        {
+            // Dropped. MQTT 5 says so in the acknowledgement (0x87); a 3.x client cannot be
+            // told and is acknowledged as usual, as Mosquitto does.
+            self.stats.acl_denied_publish += 1;
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
+            return Ok(());
+        }
+        if self.resend_or_over_window(ctx, p.packet_id, p.qos, now)? {
+            return Ok(());
+        }
+        self.stats.messages_received += 1;
+        self.stats.received_qos[p.qos as usize] += 1;
+        if is_sys_topic(&topic) {
+            // Only the broker publishes there (as Mosquitto does): dropped, acknowledged.
+            self.stats.sys_publish_dropped += 1;
+            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
+            return Ok(());
+        }
+        // The dedup key of a QoS 2 message, for the persistent sessions that store it.
+        let qos2_id = match p.packet_id {
+            Some(pid) if p.qos == QoS::ExactlyOnce && self.store.is_some() => Some(Qos2Id {
+                packet_id: pid.get(),
+                dup: p.dup,
+            }),
+            _ => None,
+        };
+        let (pid, qos, retain) = (p.packet_id, p.qos, p.retain);
+        let mut properties = p.properties;
+        properties.topic_alias = None;
+        let msg = Arc::new(Message {
+            topic,
+            // A slice of this PUBLISH's own allocation (the codec copies it out of the read
+            // buffer): a message that waits (queued, in flight, retained) holds exactly its
+            // packet, never the connection's read buffer.
+            payload: p.payload,
+            qos,
+            retain,
+            properties,
+            origin: Some(ctx.client_id.clone()),
+            qos2_id,
+            created: now,
+        });
+        match pid {
+            None => {
+                self.route(msg, now, None);
+            }
+            Some(pid) => self.route_and_acknowledge(ctx, pid, msg, now),
+        }
+        Ok(())
+    }
+
+    /// The topic a PUBLISH is for: its own, or the one its topic alias stands for (a new
+    /// alias is recorded); checked against the topic limits.
+    fn resolve_topic(
+        &self,
+        ctx: &mut ConnCtx,
+        mut topic: TopicName,
+        properties: &PublishProperties,
+    ) -> Result<TopicName, ReasonCode> {
         let l = &self.cfg.limits;
-        let mut topic = p.topic;
-        if let Some(alias) = p.properties.topic_alias {
+        if let Some(alias) = properties.topic_alias {
             if alias.get() > l.topic_alias_max {
                 return Err(ReasonCode::TopicAliasInvalid);
             }
@@ -167,93 +232,68 @@ impl Core {
         {
             return Err(ReasonCode::TopicNameInvalid);
         }
-        if !p.properties.subscription_identifiers.is_empty() {
+        if !properties.subscription_identifiers.is_empty() {
             return Err(ReasonCode::ProtocolError);
         }
-        let user = ctx.username.as_ref().map(|u| u.as_str());
-        if !self
-            .auth
-            .allows(user, &ctx.client_id, topic.as_str(), Access::Write)
-        {
-            // Dropped. MQTT 5 says so in the acknowledgement (0x87); a 3.x client cannot be
-            // told and is acknowledged as usual, as Mosquitto does.
-            self.stats.acl_denied_publish += 1;
-            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
-            return Ok(());
-        }
-        let receive_maximum = l.receive_maximum as usize;
-        if let Some(pid) = p.packet_id {
-            let s = self
-                .sessions
-                .get(&ctx.client_id)
-                .ok_or(ReasonCode::UnspecifiedError)?;
-            if p.qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
-                // A resend of a message already routed: acknowledge (once what this shard
-                // wrote for it is durable), do not route again.
-                let token = (self.durability == Durability::Durable).then(|| self.token());
-                let rec = Packet::PubRec(Ack::new(pid));
-                self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);
-                return Ok(());
-            }
-            // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
-            // PUBACK waits for the disk.
-            let unacknowledged =
-                s.incoming_qos2.len() + s.link.as_ref().map_or(0, |l| l.held_qos1());
-            if unacknowledged >= receive_maximum {
-                return Err(ReasonCode::ReceiveMaximumExceeded);
-            }
-        }
-        self.stats.messages_received += 1;
-        self.stats.received_qos[p.qos as usize] += 1;
-        if is_sys_topic(&topic) {
-            // Only the broker publishes there (as Mosquitto does): dropped, acknowledged.
-            self.stats.sys_publish_dropped += 1;
-            self.ack_dropped_publish(ctx, p.packet_id, p.qos, now);
-            return Ok(());
-        }
-        let mut properties = p.properties;
-        properties.topic_alias = None;
-        // The dedup key of a QoS 2 message, for the persistent sessions that store it.
-        let qos2_id = match p.packet_id {
-            Some(pid) if p.qos == QoS::ExactlyOnce && self.store.is_some() => Some(Qos2Id {
-                packet_id: pid.get(),
-                dup: p.dup,
-            }),
-            _ => None,
+        Ok(topic)
+    }
+
+    /// Flow control of a QoS 1/2 PUBLISH: a QoS 2 resend of a message already routed is
+    /// acknowledged (once durable) and not routed again (`Ok(true)`); one past the Receive
+    /// Maximum is a protocol error.
+    fn resend_or_over_window(
+        &mut self,
+        ctx: &ConnCtx,
+        packet_id: Option<crate::protocol::PacketId>,
+        qos: QoS,
+        now: Instant,
+    ) -> Result<bool, ReasonCode> {
+        let Some(pid) = packet_id else {
+            return Ok(false);
         };
-        let msg = Arc::new(Message {
-            topic,
-            // A slice of this PUBLISH's own allocation (the codec copies it out of the read
-            // buffer): a message that waits (queued, in flight, retained) holds exactly its
-            // packet, never the connection's read buffer.
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            properties,
-            origin: Some(ctx.client_id.clone()),
-            qos2_id,
-            created: now,
-        });
-        let Some(pid) = p.packet_id else {
-            self.route(msg, now, None);
-            return Ok(());
-        };
-        // QoS 1/2: the acknowledgement waits until every copy stored for a persistent session
-        // is durable, here and on the other shards (one round trip each).
-        // A retained publish is also acknowledged only once every shard has its copy, so that
-        // a subscribe made anywhere after the acknowledgement finds it.
-        // It also waits for what every shard's sessions did with the message (its `Fate`):
-        // one refused for the storage budget is not acknowledged as stored, and an MQTT 5
-        // client hears when every session refused it for a full queue. Only a 3.x client
-        // of a broker without a store (which neither applies to) is acknowledged at once.
+        let s = self
+            .sessions
+            .get(&ctx.client_id)
+            .ok_or(ReasonCode::UnspecifiedError)?;
+        if qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
+            let token = (self.durability == Durability::Durable).then(|| self.token());
+            let rec = Packet::PubRec(Ack::new(pid));
+            self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);
+            return Ok(true);
+        }
+        // QoS 1/2 publishes not yet acknowledged: QoS 2 awaiting PUBREL and QoS 1 whose
+        // PUBACK waits for the disk.
+        let unacknowledged = s.incoming_qos2.len() + s.link.as_ref().map_or(0, |l| l.held_qos1());
+        if unacknowledged >= self.cfg.limits.receive_maximum as usize {
+            return Err(ReasonCode::ReceiveMaximumExceeded);
+        }
+        Ok(false)
+    }
+
+    /// Routes a QoS 1/2 message and holds its PUBACK/PUBREC until every copy stored for a
+    /// persistent session is durable, here and on the other shards (one round trip each).
+    /// A retained publish is also acknowledged only once every shard has its copy, so that
+    /// a subscribe made anywhere after the acknowledgement finds it. It also waits for what
+    /// every shard's sessions did with the message (its `Fate`): one refused for the storage
+    /// budget is not acknowledged as stored, and an MQTT 5 client hears when every session
+    /// refused it for a full queue. Only a 3.x client of a broker without a store (which
+    /// neither applies to) is acknowledged at once.
+    fn route_and_acknowledge(
+        &mut self,
+        ctx: &ConnCtx,
+        pid: crate::protocol::PacketId,
+        msg: SharedMessage,
+        now: Instant,
+    ) {
+        let (qos, retain, qos2_id) = (msg.qos, msg.retain, msg.qos2_id);
         let wait = self.durability == Durability::Durable
-            || p.retain
+            || retain
             || self.store.is_some()
             || ctx.version.is_v5();
         let token = wait.then(|| self.token());
         let (matched, remote, fate) = self.route(msg, now, token);
         let mut then = Then::Ack;
-        if p.qos == QoS::ExactlyOnce {
+        if qos == QoS::ExactlyOnce {
             let persistent = match self.sessions.get_mut(&ctx.client_id) {
                 Some(s) => {
                     s.incoming_qos2.insert(pid.get());
@@ -264,8 +304,8 @@ impl Core {
             };
             if token.is_some() {
                 // Stored only after every copy of the message is durable (see
-                // `on_ack`): a stored id with a lost copy would make the resend after a
-                // crash look like a duplicate, and the copy would never be delivered.
+                // `finish_pub_ack`): a stored id with a lost copy would make the resend
+                // after a crash look like a duplicate, and the copy would never be delivered.
                 then = Then::Qos2Received {
                     pid: pid.get(),
                     store: persistent,
@@ -283,7 +323,7 @@ impl Core {
             ReasonCode::NoMatchingSubscribers
         };
         let ack = Ack::with_reason(pid, rc);
-        let packet = if p.qos == QoS::AtLeastOnce {
+        let packet = if qos == QoS::AtLeastOnce {
             Packet::PubAck(ack)
         } else {
             Packet::PubRec(ack)
@@ -294,7 +334,6 @@ impl Core {
             fate,
         };
         self.ack_when_durable(ctx, packet, wait, then, now);
-        Ok(())
     }
 
     /// Sends an acknowledgement to the client of `ctx` now, or holds it (in order with the
