@@ -4,119 +4,22 @@
 use super::*;
 
 impl Core {
+    /// A SUBSCRIBE: each filter checked and added to the session; the SUBACK is held
+    /// until the routing index on every shard and the shared groups' homes have the new
+    /// filters, and the subscriptions are durable (see [`SubAckDone`]).
     pub(super) fn on_subscribe(&mut self, ctx: &ConnCtx, s: Subscribe, now: Instant) {
-        let token = self.token();
-        let mut remaining = 0usize;
+        let mut w = SubscribeWork {
+            token: self.token(),
+            sub_id: s.properties.subscription_identifier,
+            peers: self.peers().collect(),
+            remaining: 0,
+            retained: Vec::new(),
+            adding: Vec::new(),
+            local_joins: Vec::new(),
+        };
         let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained = Vec::new();
-        let sub_id = s.properties.subscription_identifier;
-        let peers: Vec<usize> = self.peers().collect();
-        let mut adding: Vec<Arc<str>> = Vec::new();
-        let mut local_joins = Vec::new();
         for (filter, options) in s.filters {
-            let rc = self.check_filter(ctx, &filter);
-            if matches!(rc, ReasonCode::NotAuthorized | ReasonCode::UnspecifiedError) {
-                self.stats.acl_denied_subscribe += 1;
-            }
-            if rc != ReasonCode::Success {
-                codes.push(rc); // 3.x SUBACK encodes any failure as 0x80
-                continue;
-            }
-            let Some(session) = self.sessions.get_mut(&ctx.client_id) else {
-                codes.push(ReasonCode::UnspecifiedError);
-                continue;
-            };
-            // Kept for the session's life: its own bytes, not its SUBSCRIBE packet's.
-            let new_sub = Subscription {
-                filter: filter.detached(),
-                options,
-                id: sub_id,
-            };
-            let previous = session
-                .subscriptions
-                .insert(filter.as_str().into(), new_sub.clone());
-            let existed = previous.is_some();
-            self.write_subscription(&ctx.client_id, Some(&new_sub), filter.as_str());
-            let Some(session) = self.sessions.get(&ctx.client_id) else {
-                continue;
-            };
-            let persistent = session.expiry_s > 0;
-            if filter.is_shared() {
-                let key: Arc<str> = Arc::from(filter.as_str());
-                let home = owner_shard(key.as_bytes(), self.count);
-                remaining += 1;
-                let join = Event::SharedJoin {
-                    key,
-                    member: SharedMember {
-                        client_id: ctx.client_id.clone(),
-                        shard: self.id as u16,
-                        options,
-                        sub_id,
-                        online: true,
-                        persistent,
-                        identity: Some(ctx.username.clone()),
-                    },
-                    reply: token,
-                };
-                if home == self.id {
-                    // Handled here, and answered at once: only after the SUBACK's pending
-                    // entry exists, or the answer would find nothing to count down.
-                    local_joins.push(join);
-                } else {
-                    self.sink.push(home, join);
-                }
-            } else {
-                let entry = self.subs.entry(filter.filter());
-                let first = entry.is_empty();
-                entry.retain(
-                    |s| !matches!(s, LocalSub::Client { client_id, .. } if *client_id == ctx.client_id),
-                );
-                entry.push(LocalSub::Client {
-                    client_id: ctx.client_id.clone(),
-                    options,
-                    id: sub_id,
-                });
-                // A filter whose addition is still on its way to the peers is added again
-                // (the peers' indexes are sets, and each peer answers in order), so that this
-                // SUBACK too waits until every peer routes the filter here.
-                let in_flight = self.index_adding.contains_key(filter.filter());
-                if first || in_flight {
-                    let acks = self.index_add(filter.filter(), Some(token), &peers);
-                    if acks > 0 {
-                        remaining += acks;
-                        let key: Arc<str> = Arc::from(filter.filter());
-                        *self.index_adding.entry(key.clone()).or_insert(0) += 1;
-                        adding.push(key);
-                    }
-                }
-                let send_retained = match options.retain_handling {
-                    RetainHandling::SendAtSubscribe => true,
-                    RetainHandling::SendAtSubscribeIfNew => !existed,
-                    RetainHandling::DoNotSend => false,
-                };
-                if send_retained {
-                    let (auth, user) = (&self.auth, ctx.username.as_ref().map(|u| u.as_str()));
-                    let denied = &mut self.stats.acl_denied_delivery;
-                    self.retained.for_each_match(filter.filter(), |m| {
-                        if !auth.allows(user, &ctx.client_id, m.topic.as_str(), Access::Read) {
-                            *denied += 1;
-                            return;
-                        }
-                        retained.push(Delivery {
-                            msg: m.clone(),
-                            qos: m.qos.min(options.qos),
-                            retain: true,
-                            sub_ids: sub_id.into_iter().collect(),
-                            via_share: None,
-                        });
-                    });
-                }
-            }
-            codes.push(match options.qos {
-                QoS::AtMostOnce => ReasonCode::Success,
-                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
-                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
-            });
+            codes.push(self.subscribe_one(ctx, filter, options, &mut w));
         }
         let suback = SubAck {
             packet_id: s.packet_id,
@@ -127,28 +30,164 @@ impl Core {
         if self.durability == Durability::Durable && self.log.write_seq > self.log.synced_seq {
             self.log
                 .waiters
-                .push_back((self.log.write_seq, Waiter::Local(token)));
-            remaining += 1;
+                .push_back((self.log.write_seq, Waiter::Local(w.token)));
+            w.remaining += 1;
         }
-        if remaining == 0 {
-            self.finish_suback(&ctx.client_id, ctx.conn_id, suback, retained, now);
+        if w.remaining == 0 {
+            self.finish_suback(&ctx.client_id, ctx.conn_id, suback, w.retained, now);
         } else {
             self.begin(
-                token,
+                w.token,
                 RoundTrip::new(
-                    remaining,
+                    w.remaining,
                     Completion::SubAck(SubAckDone {
                         client_id: ctx.client_id.clone(),
                         conn_id: ctx.conn_id,
                         suback,
-                        retained,
-                        adding,
+                        retained: w.retained,
+                        adding: w.adding,
                     }),
                 ),
             );
         }
-        for join in local_joins {
+        for join in w.local_joins {
             self.on_event(self.id, join, now);
+        }
+    }
+
+    /// One filter of a SUBSCRIBE; returns its SUBACK code.
+    fn subscribe_one(
+        &mut self,
+        ctx: &ConnCtx,
+        filter: TopicFilter,
+        options: SubscriptionOptions,
+        w: &mut SubscribeWork,
+    ) -> ReasonCode {
+        let rc = self.check_filter(ctx, &filter);
+        if matches!(rc, ReasonCode::NotAuthorized | ReasonCode::UnspecifiedError) {
+            self.stats.acl_denied_subscribe += 1;
+        }
+        if rc != ReasonCode::Success {
+            return rc; // 3.x SUBACK encodes any failure as 0x80
+        }
+        let Some(session) = self.sessions.get_mut(&ctx.client_id) else {
+            return ReasonCode::UnspecifiedError;
+        };
+        // Kept for the session's life: its own bytes, not its SUBSCRIBE packet's.
+        let new_sub = Subscription {
+            filter: filter.detached(),
+            options,
+            id: w.sub_id,
+        };
+        let existed = session
+            .subscriptions
+            .insert(filter.as_str().into(), new_sub.clone())
+            .is_some();
+        let persistent = session.expiry_s > 0;
+        self.write_subscription(&ctx.client_id, Some(&new_sub), filter.as_str());
+        if filter.is_shared() {
+            self.join_shared(ctx, &filter, options, persistent, w);
+        } else {
+            self.subscribe_local(ctx, &filter, options, existed, w);
+        }
+        match options.qos {
+            QoS::AtMostOnce => ReasonCode::Success,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+        }
+    }
+
+    /// A shared subscription: the member joins at the group's home (a round trip).
+    fn join_shared(
+        &mut self,
+        ctx: &ConnCtx,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+        persistent: bool,
+        w: &mut SubscribeWork,
+    ) {
+        let key: Arc<str> = Arc::from(filter.as_str());
+        let home = owner_shard(key.as_bytes(), self.count);
+        w.remaining += 1;
+        let join = Event::SharedJoin {
+            key,
+            member: SharedMember {
+                client_id: ctx.client_id.clone(),
+                shard: self.id as u16,
+                options,
+                sub_id: w.sub_id,
+                online: true,
+                persistent,
+                identity: Some(ctx.username.clone()),
+            },
+            reply: w.token,
+        };
+        if home == self.id {
+            // Handled here, and answered at once: only after the SUBACK's round trip
+            // exists, or the answer would find nothing to count down.
+            w.local_joins.push(join);
+        } else {
+            self.sink.push(home, join);
+        }
+    }
+
+    /// A plain subscription: this shard's subscribers of the filter, the routing index on
+    /// every peer (a round trip when the filter is new here), and the retained messages it
+    /// matches, as its Retain Handling asks.
+    fn subscribe_local(
+        &mut self,
+        ctx: &ConnCtx,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+        existed: bool,
+        w: &mut SubscribeWork,
+    ) {
+        let entry = self.subs.entry(filter.filter());
+        let first = entry.is_empty();
+        entry.retain(
+            |s| !matches!(s, LocalSub::Client { client_id, .. } if *client_id == ctx.client_id),
+        );
+        entry.push(LocalSub::Client {
+            client_id: ctx.client_id.clone(),
+            options,
+            id: w.sub_id,
+        });
+        // A filter whose addition is still on its way to the peers is added again (the
+        // peers' indexes are sets, and each peer answers in order), so that this SUBACK too
+        // waits until every peer routes the filter here.
+        let in_flight = self.index_adding.contains_key(filter.filter());
+        if first || in_flight {
+            let acks = self.index_add(filter.filter(), Some(w.token), &w.peers);
+            if acks > 0 {
+                w.remaining += acks;
+                let key: Arc<str> = Arc::from(filter.filter());
+                *self.index_adding.entry(key.clone()).or_insert(0) += 1;
+                w.adding.push(key);
+            }
+        }
+        let send_retained = match options.retain_handling {
+            RetainHandling::SendAtSubscribe => true,
+            RetainHandling::SendAtSubscribeIfNew => !existed,
+            RetainHandling::DoNotSend => false,
+        };
+        if send_retained {
+            let (auth, user) = (&self.auth, ctx.username.as_ref().map(|u| u.as_str()));
+            let denied = &mut self.stats.acl_denied_delivery;
+            let sub_id = w.sub_id;
+            let retained = &mut w.retained;
+            self.retained.for_each_match(filter.filter(), |m| {
+                if !auth.allows(user, &ctx.client_id, m.topic.as_str(), Access::Read) {
+                    *denied += 1;
+                    return;
+                }
+                retained.push(Delivery {
+                    msg: m.clone(),
+                    qos: m.qos.min(options.qos),
+                    retain: true,
+                    sub_ids: sub_id.into_iter().collect(),
+                    via_share: None,
+                });
+            });
         }
     }
 
@@ -305,4 +344,20 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- events
+}
+
+/// What one SUBSCRIBE gathers while its filters are handled.
+struct SubscribeWork {
+    /// The SUBACK's round trip.
+    token: Token,
+    sub_id: Option<u32>,
+    peers: Vec<usize>,
+    /// Answers the SUBACK waits for.
+    remaining: usize,
+    /// Retained messages to send after the SUBACK.
+    retained: Vec<Delivery>,
+    /// Filters whose index additions the SUBACK waits for.
+    adding: Vec<Arc<str>>,
+    /// Joins of groups whose home is this shard, handled once the round trip exists.
+    local_joins: Vec<Event>,
 }
