@@ -127,6 +127,49 @@ impl Core {
         if self.sessions.contains_key(&client_id) {
             return false;
         }
+        let mut s = self.session_from_store(&client_id, &rs, clock);
+        s.epoch = Core::bump(&mut self.next_epoch);
+        let epoch = s.epoch;
+        let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
+        let will_delay = s.will.as_ref().map(|w| w.delay_s);
+        let expiry_s = s.expiry_s;
+        // The client has been away since it disconnected (or since the crash, if it was
+        // online then): its will and expiry timers resume from that moment. (Unknown when
+        // the monotonic clock does not reach back that far.)
+        let away_ms = rs
+            .record
+            .disconnected_unix_ms
+            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d));
+        s.since = now.checked_sub(Duration::from_millis(away_ms));
+        self.sessions.insert(client_id.clone(), s);
+        self.settle_session(&client_id);
+        self.route_restored(&client_id, subs);
+        let left = |total: u32| Duration::from_secs((total as u64).saturating_sub(away_ms / 1000));
+        if let Some(delay) = will_delay {
+            if delay < expiry_s {
+                self.schedule(
+                    now + left(delay),
+                    TimerKind::Will {
+                        client_id: client_id.clone(),
+                        epoch,
+                    },
+                );
+            }
+        }
+        if expiry_s != u32::MAX {
+            self.schedule(now + left(expiry_s), TimerKind::Expire { client_id, epoch });
+        }
+        true
+    }
+
+    /// A session as the store kept it: owner, will, subscriptions, queue extent, in-flight
+    /// messages, incoming QoS 2 ids, drop counters and the QoS 2 dedup keys it holds.
+    fn session_from_store(
+        &mut self,
+        client_id: &MqttStr,
+        rs: &crate::storage::RecoveredSession,
+        clock: &WallClock,
+    ) -> Box<Session> {
         let version = rs
             .record
             .protocol_version()
@@ -135,7 +178,7 @@ impl Core {
             .record
             .expiry_s
             .min(self.cfg.sessions.session_expiry_max_s);
-        let mut s = Session::new(client_id.clone(), version, expiry_s);
+        let mut s = Box::new(Session::new(client_id.clone(), version, expiry_s));
         s.persistent = true;
         // Its owner, as stored (a name that is no longer a valid MQTT string: unknown).
         s.owner = match &rs.record.owner {
@@ -181,22 +224,16 @@ impl Core {
             .filter_map(|(o, pid)| MqttStr::new(o).ok().map(|o| (o, *pid)))
             .collect();
         for (origin, pid) in &keys {
-            self.note_qos2_holder(origin, *pid, &client_id);
+            self.note_qos2_holder(origin, *pid, client_id);
         }
         s.restore_qos2_keys(keys);
-        s.epoch = Core::bump(&mut self.next_epoch);
-        let epoch = s.epoch;
-        let subs: Vec<Subscription> = s.subscriptions.values().cloned().collect();
-        let will_delay = s.will.as_ref().map(|w| w.delay_s);
-        // Away since it disconnected (or since the crash, if it was online then); unknown
-        // when the monotonic clock does not reach back that far.
-        let away_ms = rs
-            .record
-            .disconnected_unix_ms
-            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d));
-        s.since = now.checked_sub(Duration::from_millis(away_ms));
-        self.sessions.insert(client_id.clone(), Box::new(s));
-        self.settle_session(&client_id);
+        s
+    }
+
+    /// A restored session's subscriptions back in the routing tables: this shard's
+    /// subscribers and the index on every peer; shared groups joined at their homes
+    /// (offline; nobody waits for the answers).
+    fn route_restored(&mut self, client_id: &MqttStr, subs: Vec<Subscription>) {
         let peers: Vec<usize> = self.peers().collect();
         for sub in subs {
             if sub.filter.is_shared() {
@@ -232,28 +269,6 @@ impl Core {
                 }
             }
         }
-        // The client has been away since it disconnected (or since the crash, if it was
-        // online then): its will and expiry timers resume from that moment.
-        let away_s = rs
-            .record
-            .disconnected_unix_ms
-            .map_or(0, |d| clock.unix_ms_of(now).saturating_sub(d) / 1000);
-        let left = |total: u32| Duration::from_secs((total as u64).saturating_sub(away_s));
-        if let Some(delay) = will_delay {
-            if delay < expiry_s {
-                self.schedule(
-                    now + left(delay),
-                    TimerKind::Will {
-                        client_id: client_id.clone(),
-                        epoch,
-                    },
-                );
-            }
-        }
-        if expiry_s != u32::MAX {
-            self.schedule(now + left(expiry_s), TimerKind::Expire { client_id, epoch });
-        }
-        true
     }
 
     /// Takes a session re-homed from shard `from`: stores it here, then answers once durable.
