@@ -308,6 +308,15 @@ pub struct CoreStats {
     pub fsync_latency: LatencyHistogram,
 }
 
+impl CoreStats {
+    /// A connection of this shard ended: counted down, never below zero (a second count
+    /// of one connection is a bug, loud in debug builds).
+    fn connection_ended(&mut self) {
+        debug_assert!(self.connections > 0, "a connection ended twice");
+        self.connections = self.connections.saturating_sub(1);
+    }
+}
+
 /// What a publisher is told once its message's round trips are done: `None` for success,
 /// or the reason of a refusal. A write that failed (a full disk) is 0x80; a message refused
 /// for the broker-wide storage budget is 0x97 (Quota exceeded) — both mean "not stored",

@@ -716,6 +716,10 @@ impl Session {
             self.spilled_bytes += cost;
         } else {
             self.queue_bytes += cost;
+            debug_assert!(
+                self.queue.back().is_none_or(|q| q.seq < seq),
+                "queue sequence numbers go up"
+            );
             self.queue.push_back(Queued { seq, delivery: d });
         }
         DeliverOutcome::Queued
@@ -754,7 +758,7 @@ impl Session {
     /// average of what is there, so the byte count stays an estimate until refilled).
     fn drop_oldest(&mut self) {
         if let Some(q) = self.queue.pop_front() {
-            self.queue_bytes -= q.delivery.msg.cost_bytes();
+            self.queue_bytes = take_bytes(self.queue_bytes, q.delivery.msg.cost_bytes());
             self.record(StoreOp::QueueDelete { seq: q.seq });
         } else if let Some(from) = self.spilled_from {
             let avg = self.spilled_bytes / self.spilled_len.max(1);
@@ -788,6 +792,10 @@ impl Session {
             self.spilled_len = self.spilled_len.saturating_sub(1);
             self.spilled_bytes = self.spilled_bytes.saturating_sub(cost);
             self.queue_bytes += cost;
+            debug_assert!(
+                self.queue.back().is_none_or(|q| q.seq < seq),
+                "queue read back in sequence order"
+            );
             self.queue.push_back(Queued { seq, delivery });
             last = Some(seq);
         }
@@ -869,6 +877,10 @@ impl Session {
                     delivery: d,
                     state,
                 });
+                debug_assert!(
+                    self.inflight.len() <= usize::from(u16::MAX),
+                    "more messages in flight than packet ids"
+                );
                 DeliverOutcome::Sent
             }
             Err(r) => DeliverOutcome::Dropped(r),
@@ -942,7 +954,7 @@ impl Session {
             let Some(Queued { seq, delivery: d }) = self.queue.pop_front() else {
                 break;
             };
-            self.queue_bytes -= d.msg.cost_bytes();
+            self.queue_bytes = take_bytes(self.queue_bytes, d.msg.cost_bytes());
             self.record(StoreOp::QueueDelete { seq });
             if d.qos == QoS::AtMostOnce {
                 let _ = self.send_publish(&d, None, false, now);
@@ -1108,7 +1120,7 @@ impl Session {
             }
             keep
         });
-        self.queue_bytes -= bytes;
+        self.queue_bytes = take_bytes(self.queue_bytes, bytes);
         let n = dropped.len() as u64;
         if n > 0 {
             self.ids_in_flight = None;
@@ -1175,6 +1187,16 @@ fn assign_alias(link: &mut Link, publish: &mut Publish) {
         link.aliases.insert(publish.topic.clone(), alias);
         publish.properties.topic_alias = Some(alias);
     }
+}
+
+/// `held - bytes` for a byte count that can never go below zero: a larger `bytes` is a
+/// bookkeeping bug, loud in debug builds; release builds clamp instead of wrapping.
+fn take_bytes(held: u64, bytes: u64) -> u64 {
+    debug_assert!(
+        bytes <= held,
+        "queued bytes would go negative: {held} - {bytes}"
+    );
+    held.saturating_sub(bytes)
 }
 
 #[cfg(test)]

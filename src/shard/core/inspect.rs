@@ -425,7 +425,7 @@ impl Core {
         };
         if let Some(link) = s.detach(now) {
             link.out.close(Some(ReasonCode::AdministrativeAction));
-            self.stats.connections -= 1;
+            self.stats.connection_ended();
         }
         self.stats.sessions_deleted += 1;
         self.end_session(&id, now);

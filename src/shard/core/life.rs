@@ -232,7 +232,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(client_id) {
             if let Some(old) = s.detach(now) {
                 old.out.close(Some(ReasonCode::SessionTakenOver));
-                self.stats.connections -= 1;
+                self.stats.connection_ended();
                 s.epoch = Core::bump(&mut self.next_epoch);
                 let ends = c.clean_start || s.expiry_s == 0;
                 if let Some(w) = s.will.take() {
@@ -273,6 +273,11 @@ impl Core {
         link: Link,
         now: Instant,
     ) {
+        debug_assert_eq!(
+            owner_shard(client_id.as_bytes(), self.count),
+            self.id,
+            "a session lives on the shard its client id hashes to (one owner per session)"
+        );
         let owned = self.auth.sessions_have_owners();
         let session = self
             .sessions
@@ -353,7 +358,7 @@ impl Core {
         };
         s.detach(now);
         s.epoch = Core::bump(&mut self.next_epoch);
-        self.stats.connections -= 1;
+        self.stats.connection_ended();
         if ending == Ending::Normal {
             s.will = None;
         }
@@ -474,7 +479,7 @@ impl Core {
         }
         if let Some(l) = s.detach(now) {
             l.out.close(None);
-            self.stats.connections -= 1;
+            self.stats.connection_ended();
         }
         let undelivered = s.take_undelivered_shared();
         self.hand_back(client_id, undelivered);
