@@ -83,6 +83,7 @@ pub use inspect::{
 };
 use round_trip::{Completion, PubAckDone, RoundTrip, SubAckDone, Then};
 use shared::SharedOffer;
+use timers::{TimerKind, Timers};
 
 /// Reads of a session's queue from disk in one go: more happen only when a whole window
 /// read back was dropped (its topics no longer readable); the rest waits for the next tick.
@@ -257,12 +258,6 @@ struct DurableLog {
     waiters: std::collections::VecDeque<(u64, Waiter)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum TimerKind {
-    Will { client_id: MqttStr, epoch: u64 },
-    Expire { client_id: MqttStr, epoch: u64 },
-}
-
 /// Counters of one shard: plain integers, the shard is single-threaded. What sessions count
 /// (deliveries, drops) stays in each [`Session`] while it lives and is added to
 /// `ended_sessions` when it ends; [`Core::delivery_totals`] sums both.
@@ -424,9 +419,7 @@ pub struct Core {
     index: TopicTrie<ShardSet>,
     retained: RetainedStore,
     groups: HashMap<Arc<str>, Group>,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    timer_kinds: HashMap<u64, TimerKind>,
-    next_timer: u64,
+    timers: Timers,
     next_conn_id: u64,
     /// Source of session epochs: unique over every incarnation of every session, so that a
     /// timer set for an ended session can never match a new one with the same client id.
@@ -537,9 +530,7 @@ impl Core {
             index: TopicTrie::default(),
             retained: RetainedStore::default(),
             groups: HashMap::new(),
-            timers: BinaryHeap::new(),
-            timer_kinds: HashMap::new(),
-            next_timer: 0,
+            timers: Timers::default(),
             next_conn_id: 1,
             next_epoch: 1,
             next_token: 1,
