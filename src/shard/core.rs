@@ -78,6 +78,7 @@ mod routing;
 mod shared;
 mod subscriptions;
 mod timers;
+use durable::DurableLog;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
 };
@@ -245,17 +246,6 @@ impl Waiter {
             fate: Fate::default(),
         }
     }
-}
-
-/// The group-commit log of one shard: every write bumps `write_seq`; a persist that started
-/// after write `n` makes everything up to `n` durable and releases who waited on it.
-#[derive(Debug, Default)]
-struct DurableLog {
-    write_seq: u64,
-    synced_seq: u64,
-    /// The last write that failed: a persist covering it does not make it durable.
-    failed_seq: u64,
-    waiters: std::collections::VecDeque<(u64, Waiter)>,
 }
 
 /// Counters of one shard: plain integers, the shard is single-threaded. What sessions count

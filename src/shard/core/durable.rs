@@ -4,12 +4,65 @@
 
 use super::*;
 
+/// The group-commit log of one shard: every write takes the next sequence number; a
+/// persist that started after write `n` makes everything up to `n` durable and releases
+/// who waited on it, in order, failing them if a write in its range failed.
+#[derive(Debug, Default)]
+pub(super) struct DurableLog {
+    write_seq: u64,
+    synced_seq: u64,
+    /// The last write that failed: a persist covering it does not make it durable.
+    failed_seq: u64,
+    waiters: std::collections::VecDeque<(u64, Waiter)>,
+}
+
+impl DurableLog {
+    /// One more write (`ok`: the store took it).
+    pub(super) fn note(&mut self, ok: bool) {
+        self.write_seq += 1;
+        if !ok {
+            self.failed_seq = self.write_seq;
+        }
+    }
+
+    /// Whether some write is not durable yet.
+    pub(super) fn unsynced(&self) -> bool {
+        self.write_seq > self.synced_seq
+    }
+
+    /// `w` waits for every write so far.
+    pub(super) fn wait(&mut self, w: Waiter) {
+        self.waiters.push_back((self.write_seq, w));
+    }
+
+    /// What a persist starting now would cover.
+    pub(super) fn target(&self) -> Option<u64> {
+        self.unsynced().then_some(self.write_seq)
+    }
+
+    /// A persist covering writes up to `target` ended (`ok`: its fsync succeeded). Returns
+    /// whether the waiters it releases succeed, and those waiters, oldest first.
+    pub(super) fn synced(&mut self, target: u64, ok: bool) -> (bool, Vec<Waiter>) {
+        let failed_in_range = self.failed_seq > self.synced_seq && self.failed_seq <= target;
+        self.synced_seq = self.synced_seq.max(target);
+        debug_assert!(
+            self.waiters
+                .iter()
+                .zip(self.waiters.iter().skip(1))
+                .all(|(a, b)| a.0 <= b.0),
+            "waiters in write order"
+        );
+        let n = self.waiters.partition_point(|(seq, _)| *seq <= target);
+        let done = self.waiters.drain(..n).map(|(_, w)| w).collect();
+        (ok && !failed_in_range, done)
+    }
+}
+
 impl Core {
     /// Records the outcome of one write to the store.
     pub(super) fn note_write(&mut self, r: Result<(), StorageError>) {
-        self.log.write_seq += 1;
+        self.log.note(r.is_ok());
         if let Err(e) = r {
-            self.log.failed_seq = self.log.write_seq;
             match &self.store {
                 // Logged once per failure episode by the store.
                 Some(store) if e.is_io_failure() => store.report_failure(&e),
@@ -317,11 +370,11 @@ impl Core {
     /// Registers `w` to be released once every write so far is durable (at once when
     /// nothing is pending or acknowledgements do not wait for the disk).
     pub(super) fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
-        if self.durability != Durability::Durable || self.log.write_seq <= self.log.synced_seq {
+        if self.durability != Durability::Durable || !self.log.unsynced() {
             self.release(w, true, now);
             return false;
         }
-        self.log.waiters.push_back((self.log.write_seq, w));
+        self.log.wait(w);
         true
     }
 
@@ -335,7 +388,7 @@ impl Core {
     /// What the committer should make durable: the store and the last write so far.
     pub fn commit_target(&self) -> Option<(Store, u64)> {
         let store = self.store.as_ref()?;
-        (self.log.write_seq > self.log.synced_seq).then(|| (store.clone(), self.log.write_seq))
+        self.log.target().map(|t| (store.clone(), t))
     }
 
     /// Whether the committer waits for the disk before acknowledging (`durable`) or persists
@@ -346,9 +399,7 @@ impl Core {
 
     /// A persist that covered every write up to `target` finished (`ok` = fsync succeeded).
     pub fn committed(&mut self, target: u64, ok: bool, now: Instant) {
-        let failed_in_range =
-            self.log.failed_seq > self.log.synced_seq && self.log.failed_seq <= target;
-        let ok = ok && !failed_in_range;
+        let (ok, released) = self.log.synced(target, ok);
         if !ok {
             // The store logs the failure episode; this is per persist.
             tracing::debug!(
@@ -356,15 +407,63 @@ impl Core {
                 "persist failed; failing the acknowledgements that waited on it"
             );
         }
-        self.log.synced_seq = self.log.synced_seq.max(target);
-        while let Some((seq, w)) = self.log.waiters.pop_front() {
-            if seq > target {
-                self.log.waiters.push_front((seq, w));
-                break;
-            }
+        for w in released {
             self.release(w, ok, now);
         }
     }
 
     // ---------------------------------------------------------------- recovery
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(ws: Vec<Waiter>) -> Vec<Token> {
+        ws.into_iter()
+            .map(|w| match w {
+                Waiter::Local(t) => t,
+                Waiter::Remote { token, .. } => token,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_persist_releases_who_waited_on_what_it_covered_in_order() {
+        let mut log = DurableLog::default();
+        assert_eq!(log.target(), None);
+        log.note(true); // write 1
+        log.wait(Waiter::Local(10));
+        log.note(true); // write 2
+        log.wait(Waiter::Local(20));
+        assert_eq!(log.target(), Some(2));
+        // A persist that started after write 1 only.
+        let (ok, done) = log.synced(1, true);
+        assert!(ok);
+        assert_eq!(tokens(done), [10]);
+        assert!(log.unsynced());
+        let (ok, done) = log.synced(2, true);
+        assert!(ok);
+        assert_eq!(tokens(done), [20]);
+        assert!(!log.unsynced());
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_persist_that_covers_it_and_no_later_one() {
+        let mut log = DurableLog::default();
+        log.note(false); // write 1 failed
+        log.wait(Waiter::Local(1));
+        let (ok, done) = log.synced(1, true);
+        assert!(!ok, "the fsync succeeded but a write in its range did not");
+        assert_eq!(tokens(done), [1]);
+        log.note(true); // write 2
+        log.wait(Waiter::Local(2));
+        let (ok, done) = log.synced(2, true);
+        assert!(ok);
+        assert_eq!(tokens(done), [2]);
+        // A failed fsync fails its waiters whatever the writes did.
+        log.note(true);
+        log.wait(Waiter::Local(3));
+        assert!(!log.synced(3, false).0);
+    }
 }

@@ -27,10 +27,8 @@ impl Core {
             reason_codes: codes,
         };
         // A subscription of a persistent session is acknowledged once it is on disk.
-        if self.durability == Durability::Durable && self.log.write_seq > self.log.synced_seq {
-            self.log
-                .waiters
-                .push_back((self.log.write_seq, Waiter::Local(w.token)));
+        if self.durability == Durability::Durable && self.log.unsynced() {
+            self.log.wait(Waiter::Local(w.token));
             w.remaining += 1;
         }
         if w.remaining == 0 {
