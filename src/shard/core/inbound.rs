@@ -21,19 +21,7 @@ impl Core {
                 Ok(Flow::Continue)
             }
             Packet::PubRec(a) => {
-                let mut unknown = false;
-                self.with_session(ctx, |s, l| {
-                    unknown = s
-                        .on_pubrec(a.packet_id, a.reason_code.is_error(), l, now)
-                        .is_err();
-                });
-                if unknown && !a.reason_code.is_error() {
-                    ctx.out.send(&Packet::PubRel(Ack::with_reason(
-                        a.packet_id,
-                        ReasonCode::PacketIdentifierNotFound,
-                    )));
-                }
-                self.sync_session(&ctx.client_id, now);
+                self.on_pubrec(ctx, a, now);
                 Ok(Flow::Continue)
             }
             Packet::PubComp(a) => {
@@ -44,39 +32,7 @@ impl Core {
                 Ok(Flow::Continue)
             }
             Packet::PubRel(a) => {
-                let pid = a.packet_id.get();
-                let (known, persistent) = self
-                    .sessions
-                    .get_mut(&ctx.client_id)
-                    .map_or((false, false), |s| {
-                        (s.incoming_qos2.remove(&pid), s.persistent)
-                    });
-                let rc = if known {
-                    ReasonCode::Success
-                } else {
-                    ReasonCode::PacketIdentifierNotFound
-                };
-                let comp = Packet::PubComp(Ack::with_reason(a.packet_id, rc));
-                let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
-                if known && self.store.is_some() {
-                    // Every shard forgets the message's dedup key first, durably; only then is
-                    // the id deleted here, and PUBCOMP sent once that is durable too. A key
-                    // left behind would make the next message with this id look like a
-                    // resend; an id deleted first would leave keys no PUBREL will release.
-                    let wait = self.durability == Durability::Durable;
-                    token = wait.then(|| self.token());
-                    remote = self.release_qos2(&ctx.client_id, Some(pid), token, now);
-                    if persistent && wait {
-                        then = Then::DeleteIncoming(pid);
-                    } else if persistent {
-                        let r = self
-                            .store
-                            .as_ref()
-                            .map_or(Ok(()), |st| st.incoming_delete(ctx.client_id.as_str(), pid));
-                        self.note_write(r);
-                    }
-                }
-                self.ack_when_durable(ctx, comp, AckWait::of(token, remote), then, now);
+                self.on_pubrel(ctx, a.packet_id, now);
                 Ok(Flow::Continue)
             }
             Packet::Subscribe(s) => {
@@ -110,6 +66,59 @@ impl Core {
             | Packet::UnsubAck(_)
             | Packet::PingResp => Err(ReasonCode::ProtocolError),
         }
+    }
+
+    /// PUBREC from the client: PUBREL (0x92 for an id not in flight).
+    fn on_pubrec(&mut self, ctx: &ConnCtx, a: Ack, now: Instant) {
+        let mut unknown = false;
+        self.with_session(ctx, |s, l| {
+            unknown = s
+                .on_pubrec(a.packet_id, a.reason_code.is_error(), l, now)
+                .is_err();
+        });
+        if unknown && !a.reason_code.is_error() {
+            ctx.out.send(&Packet::PubRel(Ack::with_reason(
+                a.packet_id,
+                ReasonCode::PacketIdentifierNotFound,
+            )));
+        }
+        self.sync_session(&ctx.client_id, now);
+    }
+
+    /// PUBREL from the client: every shard forgets the message's dedup key first, durably;
+    /// only then is the id deleted here, and PUBCOMP sent once that is durable too. A key
+    /// left behind would make the next message with this id look like a resend; an id
+    /// deleted first would leave keys no PUBREL will release.
+    fn on_pubrel(&mut self, ctx: &ConnCtx, packet_id: crate::protocol::PacketId, now: Instant) {
+        let pid = packet_id.get();
+        let (known, persistent) = self
+            .sessions
+            .get_mut(&ctx.client_id)
+            .map_or((false, false), |s| {
+                (s.incoming_qos2.remove(&pid), s.persistent)
+            });
+        let rc = if known {
+            ReasonCode::Success
+        } else {
+            ReasonCode::PacketIdentifierNotFound
+        };
+        let comp = Packet::PubComp(Ack::with_reason(packet_id, rc));
+        let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
+        if known && self.store.is_some() {
+            let wait = self.durability == Durability::Durable;
+            token = wait.then(|| self.token());
+            remote = self.release_qos2(&ctx.client_id, Some(pid), token, now);
+            if persistent && wait {
+                then = Then::DeleteIncoming(pid);
+            } else if persistent {
+                let r = self
+                    .store
+                    .as_ref()
+                    .map_or(Ok(()), |st| st.incoming_delete(ctx.client_id.as_str(), pid));
+                self.note_write(r);
+            }
+        }
+        self.ack_when_durable(ctx, comp, AckWait::of(token, remote), then, now);
     }
 
     pub(super) fn with_session(

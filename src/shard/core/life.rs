@@ -353,22 +353,34 @@ impl Core {
                 "client disconnected"
             );
         }
-        let Some(s) = self.sessions.get_mut(&ctx.client_id) else {
+        let Some((epoch, expiry_s)) = self.go_offline(ctx, ending, now) else {
             return;
         };
+        if expiry_s == 0 {
+            self.end_session(&ctx.client_id, now);
+            return;
+        }
+        self.schedule_offline(&ctx.client_id, epoch, expiry_s, now);
+        self.write_session_record(&ctx.client_id, now);
+        self.sync_session(&ctx.client_id, now);
+    }
+
+    /// Detaches the session from its connection: a new epoch (timers of the old one are
+    /// void), the will kept or dropped as the ending says, its shared groups told it is
+    /// offline and, for a session that stays, what they had queued for it handed back.
+    /// Returns its epoch and expiry.
+    fn go_offline(&mut self, ctx: &ConnCtx, ending: Ending, now: Instant) -> Option<(u64, u32)> {
+        let s = self.sessions.get_mut(&ctx.client_id)?;
         s.detach(now);
         s.epoch = Core::bump(&mut self.next_epoch);
         self.stats.connection_ended();
-        if ending == Ending::Normal {
+        let persistent = s.expiry_s > 0;
+        if ending == Ending::Normal || (self.stopping && !persistent) {
+            // A clean DISCONNECT discards the will; a clean session ends with the process
+            // at stop (see `close_all`).
             s.will = None;
         }
-        let epoch = s.epoch;
-        let expiry_s = s.expiry_s;
-        let persistent = expiry_s > 0;
-        if self.stopping && !persistent {
-            // Ends with the process: see `close_all`.
-            s.will = None;
-        }
+        let (epoch, expiry_s) = (s.epoch, s.expiry_s);
         let shared: Vec<Arc<str>> = s
             .subscriptions
             .values()
@@ -392,28 +404,27 @@ impl Core {
             );
         }
         self.hand_back(&ctx.client_id, handback);
-        if !persistent {
-            self.end_session(&ctx.client_id, now);
-            return;
-        }
-        let will_delay = self.sessions[&ctx.client_id]
-            .will
-            .as_ref()
+        Some((epoch, expiry_s))
+    }
+
+    /// The will (now, or after its delay if that comes before the expiry) and the expiry
+    /// of a session that went offline.
+    fn schedule_offline(&mut self, client_id: &MqttStr, epoch: u64, expiry_s: u32, now: Instant) {
+        let will_delay = self
+            .sessions
+            .get(client_id)
+            .and_then(|s| s.will.as_ref())
             .map(|w| w.delay_s);
         if let Some(delay) = will_delay.filter(|_| !self.stopping) {
             if delay == 0 {
-                if let Some(w) = self
-                    .sessions
-                    .get_mut(&ctx.client_id)
-                    .and_then(|s| s.will.take())
-                {
+                if let Some(w) = self.sessions.get_mut(client_id).and_then(|s| s.will.take()) {
                     self.publish_will(w, now);
                 }
             } else if delay < expiry_s {
                 self.schedule(
                     now + Duration::from_secs(delay as u64),
                     TimerKind::Will {
-                        client_id: ctx.client_id.clone(),
+                        client_id: client_id.clone(),
                         epoch,
                     },
                 );
@@ -423,13 +434,11 @@ impl Core {
             self.schedule(
                 now + Duration::from_secs(expiry_s as u64),
                 TimerKind::Expire {
-                    client_id: ctx.client_id.clone(),
+                    client_id: client_id.clone(),
                     epoch,
                 },
             );
         }
-        self.write_session_record(&ctx.client_id, now);
-        self.sync_session(&ctx.client_id, now);
     }
 
     pub(super) fn hand_back(&mut self, client_id: &MqttStr, deliveries: Vec<Delivery>) {
