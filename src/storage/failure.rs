@@ -1,4 +1,6 @@
-//! Failure episodes: a failed write poisons the engine; the store reports it once, then tries to reopen on a backoff once the disk has room, and checks a real write before it serves again.
+//! Failure episodes: a failed write poisons the engine; the store reports it once, then tries
+//! to reopen on a backoff once the disk has room, and checks a real write before it serves
+//! again.
 
 use super::*;
 

@@ -1,4 +1,6 @@
-//! Reading a store back at start (sessions with their subscriptions, queues, in-flight and QoS 2 state; retained messages), and copying one store into another when the shard count changed.
+//! Reading a store back at start (sessions with their subscriptions, queues, in-flight and QoS
+//! 2 state; retained messages), and copying one store into another when the shard count
+//! changed.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Making writes durable: the journal flush and fsync behind every acknowledgement (outside the engine's lock), memtable rotation, and the size of the store on disk.
+//! Making writes durable: the journal flush and fsync behind every acknowledgement (outside the
+//! engine's lock), memtable rotation, and the size of the store on disk.
 
 use super::*;
 

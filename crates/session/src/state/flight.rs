@@ -1,4 +1,5 @@
-//! A session's messages in flight: packet ids, the window towards the client, resends on reattach, and the acknowledgements that complete them.
+//! A session's messages in flight: packet ids, the window towards the client, resends on
+//! reattach, and the acknowledgements that complete them.
 
 use super::*;
 

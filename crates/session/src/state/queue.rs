@@ -1,4 +1,5 @@
-//! A session's queue: delivering or queueing a message (QoS 2 dedup keys, limits and policies, the broker-wide budget), the part kept in memory and the part read back from disk.
+//! A session's queue: delivering or queueing a message (QoS 2 dedup keys, limits and policies,
+//! the broker-wide budget), the part kept in memory and the part read back from disk.
 
 use super::*;
 

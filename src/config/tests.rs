@@ -1,0 +1,83 @@
+//! Config reading and checking.
+
+use super::*;
+
+#[test]
+fn log_filters() {
+    for ok in [
+        "info",
+        "WARN",
+        "off",
+        "info,shardmq=debug",
+        " debug , fjall=warn ",
+    ] {
+        assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+    }
+    for bad in ["verbose", "shardmq", "info,shardmq=loud", "", " , "] {
+        assert!(check_log_filter(bad).is_err(), "{bad}");
+    }
+    let mut c = Config::default();
+    c.log.level = "chatty".into();
+    let e = c.validate().unwrap_err();
+    assert_eq!(e.key, "log.level");
+    assert!(e.reason.contains("\"chatty\""), "{e}");
+}
+
+#[test]
+fn core_lists() {
+    assert_eq!(parse_core_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
+    assert_eq!(parse_core_list("2").unwrap(), vec![2]);
+    assert!(parse_core_list("3-1").is_err());
+    assert!(parse_core_list("1,1").is_err());
+    assert!(parse_core_list("a").is_err());
+    assert!(parse_core_list("").is_err());
+}
+
+#[test]
+fn the_annotated_default_file_is_the_default() {
+    let text = include_str!("../../config/shardmq.toml");
+    assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+}
+
+#[test]
+fn listener_tables_are_read_and_checked() {
+    let cfg = Config::from_toml(
+        "[[listeners]]\naddress = \"127.0.0.1:8883\"\ntransport = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nconnections_max = 5\n\n[[listeners]]\naddress = \"127.0.0.1:8083\"\ntransport = \"ws\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.listeners.len(), 2);
+    assert_eq!(cfg.listeners[0].transport, Transport::Tls);
+    assert_eq!(cfg.listeners[0].connections_max, Some(5));
+    assert_eq!(cfg.listeners[1].ws_path, "/mqtt");
+    // What check-config prints reads back the same.
+    let text = toml::to_string_pretty(&cfg).unwrap();
+    assert_eq!(Config::from_toml(&text).unwrap(), cfg);
+
+    for (toml, key) in [
+        ("address = \"127.0.0.1:1\"\ntransport = \"tls\"\n", "listeners[0].cert_file"),
+        ("address = \"127.0.0.1:1\"\ncert_file = \"c\"\n", "listeners[0].cert_file"),
+        ("address = \"127.0.0.1:1\"\ntransport = \"tls\"\ncert_file = \"c\"\nkey_file = \"k\"\nrequire_client_cert = true\n", "listeners[0].require_client_cert"),
+        ("address = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_path = \"mqtt\"\n", "listeners[0].ws_path"),
+        ("address = \"127.0.0.1:1\"\nconnections_max = 0\n", "listeners[0].connections_max"),
+        ("address = \"127.0.0.1:1\"\nconnect_rate_per_s = 0\n", "listeners[0].connect_rate_per_s"),
+    ] {
+        let e = Config::from_toml(&format!("[[listeners]]\n{toml}")).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+    let e = Config::from_toml("[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"quic\"\n")
+        .unwrap_err();
+    assert_eq!(e.key, "listeners.transport", "{e}");
+}
+
+#[test]
+fn defaults_are_valid_and_unknown_keys_refused() {
+    Config::default().validate().unwrap();
+    let e = Config::from_toml("[limits]\nbogus = 1\n").unwrap_err();
+    assert!(e.reason.contains("bogus"), "{e}");
+    let e = Config::from_toml("[limits]\nqueue_messages_max = 0\n").unwrap_err();
+    assert_eq!(e.key, "limits.queue_messages_max");
+    let e = Config::from_toml("[limits]\nqueue_messages_max = \"many\"\n").unwrap_err();
+    assert_eq!(e.key, "limits.queue_messages_max", "{e}");
+    let e = Config::from_toml("log = 3\n").unwrap_err();
+    assert_eq!(e.key, "log", "{e}");
+}

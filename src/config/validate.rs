@@ -1,0 +1,169 @@
+//! Checking a config: every limit in range, listeners and the admin endpoint on distinct
+//! addresses, files that must exist; one line naming the key at fault.
+
+use super::*;
+
+impl Config {
+    /// Checks each value and how the limits relate.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if self.listen.is_empty() && self.listeners.is_empty() {
+            return Err(bad("listen", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(i)?;
+        }
+        if l.packet_bytes_max < PACKET_BYTES_MIN
+            || l.packet_bytes_max as usize > crate::protocol::MAX_PACKET_SIZE_PROTOCOL
+        {
+            return Err(bad(
+                "limits.packet_bytes_max",
+                format!("must be between {PACKET_BYTES_MIN} and 268435460"),
+            ));
+        }
+        for (key, v) in [
+            ("limits.connections_max", l.connections_max as u64),
+            ("limits.connect_timeout_s", l.connect_timeout_s as u64),
+            ("limits.keep_alive_max_s", l.keep_alive_max_s as u64),
+            ("limits.receive_maximum", l.receive_maximum as u64),
+            ("limits.inflight_max", l.inflight_max as u64),
+            ("limits.topic_bytes_max", l.topic_bytes_max as u64),
+            ("limits.topic_levels_max", l.topic_levels_max as u64),
+            ("limits.client_id_bytes_max", l.client_id_bytes_max as u64),
+            (
+                "limits.subscriptions_per_session_max",
+                l.subscriptions_per_session_max as u64,
+            ),
+            (
+                "limits.outbound_buffer_bytes_max",
+                l.outbound_buffer_bytes_max as u64,
+            ),
+            (
+                "limits.write_stall_timeout_s",
+                l.write_stall_timeout_s as u64,
+            ),
+            ("limits.queue_messages_max", l.queue_messages_max as u64),
+            ("limits.packet_timeout_s", l.packet_timeout_s as u64),
+            (
+                "limits.incomplete_packet_bytes_max",
+                l.incomplete_packet_bytes_max,
+            ),
+            ("limits.queue_bytes_max", l.queue_bytes_max),
+            ("shards.preempt_timer_ms", self.shards.preempt_timer_ms),
+            (
+                "storage.batched_interval_ms",
+                self.storage.batched_interval_ms as u64,
+            ),
+            (
+                "storage.max_cached_files",
+                self.storage.max_cached_files as u64,
+            ),
+            ("storage.queued_bytes_max", self.storage.queued_bytes_max),
+            (
+                "auth.verifications_inflight_max",
+                self.auth.verifications_inflight_max as u64,
+            ),
+            (
+                "admin.concurrent_requests_max",
+                self.admin.concurrent_requests_max as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0"));
+            }
+        }
+        if l.topic_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.topic_bytes_max", "must be at most 65535"));
+        }
+        if l.client_id_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.client_id_bytes_max", "must be at most 65535"));
+        }
+        if l.incomplete_packet_bytes_max < l.packet_bytes_max as u64 {
+            return Err(bad(
+                "limits.incomplete_packet_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
+        if (l.outbound_buffer_bytes_max) < l.packet_bytes_max {
+            return Err(bad(
+                "limits.outbound_buffer_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
+        check_log_filter(&self.log.level).map_err(|e| bad("log.level", e))?;
+        if self.sessions.session_expiry_default_s > self.sessions.session_expiry_max_s {
+            return Err(bad(
+                "sessions.session_expiry_default_s",
+                "must not exceed sessions.session_expiry_max_s",
+            ));
+        }
+        if let Some(n) = self.shards.count {
+            if n == 0 || n > MAX_SHARDS {
+                return Err(bad(
+                    "shards.count",
+                    format!("must be between 1 and {MAX_SHARDS}"),
+                ));
+            }
+        }
+        if let Some(cores) = &self.shards.cores {
+            parse_core_list(cores).map_err(|r| bad("shards.cores", r))?;
+        }
+        // Two listeners (or a listener and the admin endpoint) on one port: the second
+        // could not bind, or (with SO_REUSEPORT) would share the port with the first.
+        let mut bound: Vec<(SocketAddr, String)> = Vec::new();
+        let named = self
+            .listen
+            .iter()
+            .map(|a| (*a, "listen".to_string()))
+            .chain(
+                self.listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (l.address, format!("listeners[{i}].address"))),
+            )
+            .chain(
+                self.admin
+                    .enabled
+                    .then(|| (self.admin.listen, "admin.listen".to_string())),
+            );
+        for (addr, key) in named {
+            if addr.port() == 0 {
+                continue;
+            }
+            let clash = bound.iter().find(|(a, _)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            if let Some((other, other_key)) = clash {
+                return Err(bad(
+                    &key,
+                    format!("{addr} takes the port of {other_key} ({other})"),
+                ));
+            }
+            bound.push((addr, key));
+        }
+        if let Some(t) = &self.admin.token {
+            if t.chars().count() < ADMIN_TOKEN_MIN_CHARS || t.chars().any(|c| c.is_whitespace()) {
+                return Err(bad(
+                    "admin.token",
+                    format!("must be at least {ADMIN_TOKEN_MIN_CHARS} characters, without spaces"),
+                ));
+            }
+        }
+        for h in &self.admin.allowed_hosts {
+            if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+                return Err(bad(
+                    "admin.allowed_hosts",
+                    format!("{h:?} is not a host name (no port, no scheme)"),
+                ));
+            }
+        }
+        for f in &self.access.subscribe_deny {
+            crate::protocol::TopicFilter::new(f)
+                .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
