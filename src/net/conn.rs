@@ -197,30 +197,15 @@ pub(super) async fn serve<R, W>(
                 }
             }
         }
-        // An incomplete packet: timed from its first byte, and its buffer (sized for the
-        // packet the client announced: what it will hold once the packet is in) counted
-        // against the shard's share of the budget for incomplete packets.
-        if buf.is_empty() {
-            if packet_started.take().is_some() {
-                shard.service().incomplete.update(ctx.conn_id, 0, &out);
-            }
-        } else {
-            if decoded_any || packet_started.is_none() {
-                packet_started = Some(Instant::now());
-                // A buffer that grew for a big packet is not kept for a small one.
-                let announced = fixed_header(&buf, &limits).ok().flatten().map(|h| h.total);
-                let need = announced.unwrap_or(buf.len()).max(buf.len());
-                if buf.capacity() > READ_SHRINK_BYTES && need.saturating_mul(2) < buf.capacity() {
-                    let mut small = BytesMut::with_capacity(need);
-                    small.extend_from_slice(&buf);
-                    buf = small;
-                }
-            }
-            shard
-                .service()
-                .incomplete
-                .update(ctx.conn_id, buf.capacity() as u64, &out);
-        }
+        track_incomplete(
+            &shard,
+            ctx.conn_id,
+            &out,
+            &mut buf,
+            &limits,
+            decoded_any,
+            &mut packet_started,
+        );
         // Back-pressure before reading more: the client's own answers must drain (this does
         // not count against keep alive either). Sessions keep messages below the cap plus
         // one packet, so only answers the client left unread take the buffer past twice the
@@ -233,37 +218,8 @@ pub(super) async fn serve<R, W>(
             }
         }
         let start = read.prepare(&mut buf);
-        // The close is polled first: a socket that always has bytes waiting must not hide it.
-        let event = future::or(
-            async {
-                out.closed().await;
-                ReadEvent::Closed
-            },
-            future::or(
-                async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
-                async {
-                    // Whichever comes first: keep alive, or the started packet's time.
-                    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
-                    let pk = packet_started.map(|t| {
-                        let left =
-                            (t + flow.packet_timeout).saturating_duration_since(Instant::now());
-                        (left, ReadEvent::PacketTimeout)
-                    });
-                    let first = match (ka, pk) {
-                        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-                        (a, b) => a.or(b),
-                    };
-                    match first {
-                        Some((d, event)) => {
-                            glommio::timer::sleep(d).await;
-                            event
-                        }
-                        None => future::pending().await,
-                    }
-                },
-            ),
-        )
-        .await;
+        let deadline = packet_started.map(|t| t + flow.packet_timeout);
+        let event = next_event(&mut reader, &mut buf[start..], &out, keep_alive, deadline).await;
         read.finish(&mut buf, start, &event);
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
@@ -303,23 +259,96 @@ pub(super) async fn serve<R, W>(
     out.close(None);
     writer_task.await;
     if broker_closed {
-        // Let the client read our DISCONNECT: keep reading (and discarding) until it closes.
-        // A client that keeps sending would make every read complete at once: without a
-        // yield the drain would hold the shard (and never let the timer below fire).
-        // Bounded in time and in bytes.
-        let mut chunk = vec![0u8; READ_MIN_BYTES];
-        let drain = async {
-            let mut left = CLOSE_DRAIN_BYTES_MAX;
-            while let Ok(n) = reader.read(&mut chunk).await {
-                if n == 0 || n >= left {
-                    break;
-                }
-                left -= n;
-                glommio::yield_if_needed().await;
-            }
-        };
-        future::or(drain, glommio::timer::sleep(CLOSE_DRAIN)).await;
+        drain_after_close(&mut reader).await;
     }
+}
+
+/// An incomplete packet: timed from its first byte, and its buffer (sized for the packet
+/// the client announced: what it will hold once the packet is in) counted against the
+/// shard's share of the budget for incomplete packets. A buffer that grew for a big packet
+/// is not kept for a small one.
+fn track_incomplete(
+    shard: &Shard<BrokerShard>,
+    conn_id: u64,
+    out: &Rc<Outbound>,
+    buf: &mut BytesMut,
+    limits: &DecodeLimits,
+    decoded_any: bool,
+    packet_started: &mut Option<Instant>,
+) {
+    let incomplete = &shard.service().incomplete;
+    if buf.is_empty() {
+        if packet_started.take().is_some() {
+            incomplete.update(conn_id, 0, out);
+        }
+        return;
+    }
+    if decoded_any || packet_started.is_none() {
+        *packet_started = Some(Instant::now());
+        let announced = fixed_header(buf, limits).ok().flatten().map(|h| h.total);
+        let need = announced.unwrap_or(buf.len()).max(buf.len());
+        if buf.capacity() > READ_SHRINK_BYTES && need.saturating_mul(2) < buf.capacity() {
+            let mut small = BytesMut::with_capacity(need);
+            small.extend_from_slice(buf);
+            *buf = small;
+        }
+    }
+    incomplete.update(conn_id, buf.capacity() as u64, out);
+}
+
+/// What happens next on a connection: the broker closed it (polled first: a socket that
+/// always has bytes waiting must not hide it), bytes arrived, or the keep alive or the
+/// started packet's deadline passed, whichever comes first.
+async fn next_event<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    into: &mut [u8],
+    out: &Outbound,
+    keep_alive: Option<Duration>,
+    packet_deadline: Option<Instant>,
+) -> ReadEvent {
+    future::or(
+        async {
+            out.closed().await;
+            ReadEvent::Closed
+        },
+        future::or(async { ReadEvent::Data(reader.read(into).await) }, async {
+            let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
+            let pk = packet_deadline.map(|t| {
+                let left = t.saturating_duration_since(Instant::now());
+                (left, ReadEvent::PacketTimeout)
+            });
+            let first = match (ka, pk) {
+                (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                (a, b) => a.or(b),
+            };
+            match first {
+                Some((d, event)) => {
+                    glommio::timer::sleep(d).await;
+                    event
+                }
+                None => future::pending().await,
+            }
+        }),
+    )
+    .await
+}
+
+/// Lets the client read our DISCONNECT: keeps reading (and discarding) until it closes. A
+/// client that keeps sending would make every read complete at once: without a yield the
+/// drain would hold the shard (and never let the timer fire). Bounded in time and bytes.
+async fn drain_after_close<R: AsyncRead + Unpin>(reader: &mut R) {
+    let mut chunk = vec![0u8; READ_MIN_BYTES];
+    let drain = async {
+        let mut left = CLOSE_DRAIN_BYTES_MAX;
+        while let Ok(n) = reader.read(&mut chunk).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+            glommio::yield_if_needed().await;
+        }
+    };
+    future::or(drain, glommio::timer::sleep(CLOSE_DRAIN)).await;
 }
 
 /// Checks a CONNECT's credentials; a slow password hash is verified on the shard's password
