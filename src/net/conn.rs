@@ -218,8 +218,39 @@ pub(super) async fn serve<R, W>(
             }
         }
         let start = read.prepare(&mut buf);
-        let deadline = packet_started.map(|t| t + flow.packet_timeout);
-        let event = next_event(&mut reader, &mut buf[start..], &out, keep_alive, deadline).await;
+        // Inline, not a function of its own: an async fn's future here made every idle
+        // connection 260 bytes bigger (measured with `shardmq-loadgen idle`).
+        // The close is polled first: a socket that always has bytes waiting must not hide it.
+        let event = future::or(
+            async {
+                out.closed().await;
+                ReadEvent::Closed
+            },
+            future::or(
+                async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
+                async {
+                    // Whichever comes first: keep alive, or the started packet's time.
+                    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
+                    let pk = packet_started.map(|t| {
+                        let left =
+                            (t + flow.packet_timeout).saturating_duration_since(Instant::now());
+                        (left, ReadEvent::PacketTimeout)
+                    });
+                    let first = match (ka, pk) {
+                        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                        (a, b) => a.or(b),
+                    };
+                    match first {
+                        Some((d, event)) => {
+                            glommio::timer::sleep(d).await;
+                            event
+                        }
+                        None => future::pending().await,
+                    }
+                },
+            ),
+        )
+        .await;
         read.finish(&mut buf, start, &event);
         match event {
             ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
@@ -294,43 +325,6 @@ fn track_incomplete(
         }
     }
     incomplete.update(conn_id, buf.capacity() as u64, out);
-}
-
-/// What happens next on a connection: the broker closed it (polled first: a socket that
-/// always has bytes waiting must not hide it), bytes arrived, or the keep alive or the
-/// started packet's deadline passed, whichever comes first.
-async fn next_event<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    into: &mut [u8],
-    out: &Outbound,
-    keep_alive: Option<Duration>,
-    packet_deadline: Option<Instant>,
-) -> ReadEvent {
-    future::or(
-        async {
-            out.closed().await;
-            ReadEvent::Closed
-        },
-        future::or(async { ReadEvent::Data(reader.read(into).await) }, async {
-            let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
-            let pk = packet_deadline.map(|t| {
-                let left = t.saturating_duration_since(Instant::now());
-                (left, ReadEvent::PacketTimeout)
-            });
-            let first = match (ka, pk) {
-                (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-                (a, b) => a.or(b),
-            };
-            match first {
-                Some((d, event)) => {
-                    glommio::timer::sleep(d).await;
-                    event
-                }
-                None => future::pending().await,
-            }
-        }),
-    )
-    .await
 }
 
 /// Lets the client read our DISCONNECT: keeps reading (and discarding) until it closes. A
