@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{decode, fixed_header, Connect, DecodeLimits, MqttStr, ReasonCode};
+use crate::protocol::{decode, fixed_header, Connect, DecodeLimits, MqttStr, Packet, ReasonCode};
 use crate::session::Outbound;
-use crate::shard::api::{Ending, Flow, Login, LoginStep};
+use crate::shard::api::{ConnCtx, Ending, Flow, Login, LoginStep};
 use crate::shard::service::{BrokerShard, IoCounters};
 use shards::Shard;
 
@@ -148,12 +148,6 @@ pub(super) async fn serve<R, W>(
     'conn: loop {
         let mut decoded_any = false;
         loop {
-            // The broker closed this connection (a takeover, an operator's kick, the stop):
-            // nothing more the client sent is handled, however much of it is waiting.
-            if out.is_closed() {
-                broker_closed = true;
-                break 'conn;
-            }
             // A client over its rate waits out its debt before its next packet is handled
             // (and before more is read from it). This does not count against keep alive.
             if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
@@ -166,6 +160,16 @@ pub(super) async fn serve<R, W>(
                 if let Some(t) = &mut packet_started {
                     *t += waited.elapsed();
                 }
+            }
+            // The broker closed this connection (a takeover, an operator's kick, the stop):
+            // nothing more the client sent is handled, however much of it is waiting, except
+            // a DISCONNECT it already sent (which decides its will).
+            if out.is_closed() {
+                broker_closed = true;
+                if let Some(e) = buffered_disconnect(&shard, &mut ctx, &mut buf, &limits) {
+                    ending = e;
+                }
+                break 'conn;
             }
             match decode(&mut buf, &limits) {
                 Ok(Some(packet)) => {
@@ -327,9 +331,31 @@ fn track_incomplete(
     incomplete.update(conn_id, buf.capacity() as u64, out);
 }
 
+/// The DISCONNECT among the packets a closed connection had already sent, handled as
+/// usual (it discards the will, or asks for it; MQTT 5 may change the session expiry); the
+/// rest is dropped.
+fn buffered_disconnect(
+    shard: &Shard<BrokerShard>,
+    ctx: &mut ConnCtx,
+    buf: &mut BytesMut,
+    limits: &DecodeLimits,
+) -> Option<Ending> {
+    while let Ok(Some(packet)) = decode(buf, limits) {
+        if matches!(packet, Packet::Disconnect(_)) {
+            return match shard.service().on_packet(ctx, packet, Instant::now()) {
+                Ok(Flow::Disconnect(e)) => Some(e),
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
 /// Lets the client read our DISCONNECT: keeps reading (and discarding) until it closes. A
 /// client that keeps sending would make every read complete at once: without a yield the
-/// drain would hold the shard (and never let the timer fire). Bounded in time and bytes.
+/// drain would hold the shard (and never let the timer fire). Bounded in time and in bytes:
+/// a client still sending after [`CLOSE_DRAIN_BYTES_MAX`] has its socket closed with data
+/// unread (the kernel may answer with a reset, and it may miss our DISCONNECT).
 async fn drain_after_close<R: AsyncRead + Unpin>(reader: &mut R) {
     let mut chunk = vec![0u8; READ_MIN_BYTES];
     let drain = async {

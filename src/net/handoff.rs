@@ -37,6 +37,7 @@ pub async fn handoff_loop(shard: Shard<BrokerShard>) {
             },
         );
         let Some(handoff) = next.await else {
+            shard.service().drop_arrivals();
             return;
         };
         let shard = shard.clone();

@@ -54,7 +54,9 @@ impl EventSink for OutboxSink {
     }
 }
 
-/// A wake-up flag for one waiting task.
+/// A wake-up flag for one waiting task (it keeps one waker: two tasks waiting on the same
+/// `Notify` would lose a wake-up). Single-threaded: the flag is tested in the same poll that
+/// stores the waker, so a notify between them cannot be missed.
 #[derive(Default)]
 struct Notify {
     set: Cell<bool>,
@@ -370,6 +372,11 @@ impl BrokerShard {
         }
     }
 
+    /// Closes the connections handed over and not served (the shard is stopping).
+    pub fn drop_arrivals(&self) {
+        self.arrivals.borrow_mut().clear();
+    }
+
     /// The next connection another shard handed over, once there is one.
     pub async fn next_handoff(&self) -> Box<Handoff> {
         loop {
@@ -628,7 +635,7 @@ impl Service for BrokerShard {
     type Query = Query;
     type Answer = Answer;
 
-    fn on_message(&self, _shard: &Shard<Self>, from: ShardId, mail: Mail) {
+    fn on_message(&self, shard: &Shard<Self>, from: ShardId, mail: Mail) {
         match mail {
             Mail::Events(batch) => {
                 let now = Instant::now();
@@ -640,6 +647,8 @@ impl Service for BrokerShard {
                     self.recovered.notify();
                 }
             }
+            // Once the shard stops, nobody serves hand-offs: dropping one closes its socket.
+            Mail::Handoff(_) if shard.is_stopping() => {}
             Mail::Handoff(h) => {
                 self.arrivals.borrow_mut().push_back(h);
                 self.arrived.notify();

@@ -82,15 +82,23 @@ impl Core {
     pub(super) fn schedule(&mut self, at: Instant, kind: TimerKind) {
         let will = matches!(kind, TimerKind::Will { .. });
         let client_id = kind.client_id().clone();
-        let id = self.timers.add(at, kind);
-        if let Some(s) = self.sessions.get_mut(&client_id) {
-            let slot = if will {
+        let slot = self.sessions.get_mut(&client_id).map(|s| {
+            if will {
                 &mut s.will_timer
             } else {
                 &mut s.expiry_timer
-            };
-            if let Some(old) = slot.replace(id) {
-                self.timers.cancel(old);
+            }
+        });
+        let old = slot.and_then(|slot| slot.take());
+        if let Some(old) = old {
+            self.timers.cancel(old);
+        }
+        let id = self.timers.add(at, kind);
+        if let Some(s) = self.sessions.get_mut(&client_id) {
+            if will {
+                s.will_timer = Some(id);
+            } else {
+                s.expiry_timer = Some(id);
             }
         }
     }
