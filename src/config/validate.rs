@@ -6,13 +6,43 @@ use super::*;
 impl Config {
     /// Checks each value and how the limits relate.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
         if self.listen.is_empty() && self.listeners.is_empty() {
             return Err(bad("listen", "at least one listener is needed"));
         }
         for (i, l) in self.listeners.iter().enumerate() {
             l.validate(i)?;
         }
+        self.check_limits()?;
+        check_log_filter(&self.log.level).map_err(|e| bad("log.level", e))?;
+        if self.sessions.session_expiry_default_s > self.sessions.session_expiry_max_s {
+            return Err(bad(
+                "sessions.session_expiry_default_s",
+                "must not exceed sessions.session_expiry_max_s",
+            ));
+        }
+        if let Some(n) = self.shards.count {
+            if n == 0 || n > MAX_SHARDS {
+                return Err(bad(
+                    "shards.count",
+                    format!("must be between 1 and {MAX_SHARDS}"),
+                ));
+            }
+        }
+        if let Some(cores) = &self.shards.cores {
+            parse_core_list(cores).map_err(|r| bad("shards.cores", r))?;
+        }
+        self.check_addresses()?;
+        self.check_admin()?;
+        for f in &self.access.subscribe_deny {
+            crate::protocol::TopicFilter::new(f)
+                .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Every limit in range, and the limits that depend on each other consistent.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
         if l.packet_bytes_max < PACKET_BYTES_MIN
             || l.packet_bytes_max as usize > crate::protocol::MAX_PACKET_SIZE_PROTOCOL
         {
@@ -90,26 +120,12 @@ impl Config {
                 "must be at least limits.packet_bytes_max (one packet must fit)",
             ));
         }
-        check_log_filter(&self.log.level).map_err(|e| bad("log.level", e))?;
-        if self.sessions.session_expiry_default_s > self.sessions.session_expiry_max_s {
-            return Err(bad(
-                "sessions.session_expiry_default_s",
-                "must not exceed sessions.session_expiry_max_s",
-            ));
-        }
-        if let Some(n) = self.shards.count {
-            if n == 0 || n > MAX_SHARDS {
-                return Err(bad(
-                    "shards.count",
-                    format!("must be between 1 and {MAX_SHARDS}"),
-                ));
-            }
-        }
-        if let Some(cores) = &self.shards.cores {
-            parse_core_list(cores).map_err(|r| bad("shards.cores", r))?;
-        }
-        // Two listeners (or a listener and the admin endpoint) on one port: the second
-        // could not bind, or (with SO_REUSEPORT) would share the port with the first.
+        Ok(())
+    }
+
+    /// Two listeners (or a listener and the admin endpoint) on one port: the second could
+    /// not bind, or (with SO_REUSEPORT) would share the port with the first.
+    fn check_addresses(&self) -> Result<(), ConfigError> {
         let mut bound: Vec<(SocketAddr, String)> = Vec::new();
         let named = self
             .listen
@@ -144,6 +160,11 @@ impl Config {
             }
             bound.push((addr, key));
         }
+        Ok(())
+    }
+
+    /// The admin token's strength and the allowed host names' form.
+    fn check_admin(&self) -> Result<(), ConfigError> {
         if let Some(t) = &self.admin.token {
             if t.chars().count() < ADMIN_TOKEN_MIN_CHARS || t.chars().any(|c| c.is_whitespace()) {
                 return Err(bad(
@@ -159,10 +180,6 @@ impl Config {
                     format!("{h:?} is not a host name (no port, no scheme)"),
                 ));
             }
-        }
-        for f in &self.access.subscribe_deny {
-            crate::protocol::TopicFilter::new(f)
-                .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
         }
         Ok(())
     }
