@@ -83,6 +83,7 @@ pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
 };
 use round_trip::{Completion, PubAckDone, RoundTrip, SubAckDone, Then};
+use routing::RoutingIndex;
 use shared::SharedOffer;
 use timers::{TimerKind, Timers};
 
@@ -406,7 +407,8 @@ pub struct Core {
     /// Buffers of `deliver_local`, kept between publishes.
     scratch: DeliverScratch,
     subs: TopicTrie<Vec<LocalSub>>,
-    index: TopicTrie<ShardSet>,
+    /// Filter -> shards with subscribers of it (a copy on every shard; see `routing`).
+    index: RoutingIndex,
     retained: RetainedStore,
     groups: HashMap<Arc<str>, Group>,
     timers: Timers,
@@ -430,10 +432,6 @@ pub struct Core {
     /// QoS 2 dedup keys held by this shard's persistent sessions: publisher client id ->
     /// publisher packet id -> the sessions holding the key (see the module docs).
     qos2_holders: HashMap<MqttStr, HashMap<u16, Vec<MqttStr>>>,
-    /// Filters whose addition to the peers' indexes is still in flight, with how many
-    /// SUBACKs wait for one. A SUBSCRIBE to such a filter (by any local client) must wait
-    /// too: its SUBACK would otherwise promise messages the peers do not route here yet.
-    index_adding: HashMap<Arc<str>, u32>,
     /// The version of the last write applied to each retained topic; deletions stay as
     /// tombstones for [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive
     /// a deleted message.
@@ -517,7 +515,7 @@ impl Core {
             sessions: HashMap::new(),
             scratch: DeliverScratch::default(),
             subs: TopicTrie::default(),
-            index: TopicTrie::default(),
+            index: RoutingIndex::default(),
             retained: RetainedStore::default(),
             groups: HashMap::new(),
             timers: Timers::default(),
@@ -532,7 +530,6 @@ impl Core {
             recovered_peers: 0,
             dispatch: None,
             qos2_holders: HashMap::new(),
-            index_adding: HashMap::new(),
             retained_versions: HashMap::new(),
             last_retain_ns: 0,
             last_prune: Instant::now(),

@@ -99,7 +99,7 @@ fn a_second_subscribe_waits_for_the_first_ones_index_update() {
         );
     }
     // The in-flight record is gone: a later subscribe is answered at once.
-    assert!(cores[0].index_adding.is_empty());
+    assert!(cores[0].index.settled());
 }
 
 /// A subscriber whose outbound buffer is full gets its QoS 0 messages dropped and

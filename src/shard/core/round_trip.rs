@@ -49,7 +49,7 @@ pub(super) struct SubAckDone {
     pub suback: SubAck,
     /// Retained messages to send after the SUBACK.
     pub retained: Vec<Delivery>,
-    /// Filters whose index additions this SUBACK waits for (see `Core::index_adding`).
+    /// Filters whose index additions this SUBACK waits for (see `RoutingIndex::begin_adding`).
     pub adding: Vec<Arc<str>>,
 }
 
@@ -134,12 +134,7 @@ impl Core {
         match done {
             Completion::SubAck(s) => {
                 for f in &s.adding {
-                    if let Some(n) = self.index_adding.get_mut(f) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.index_adding.remove(f);
-                        }
-                    }
+                    self.index.end_adding(f);
                 }
                 self.finish_suback(&s.client_id, s.conn_id, s.suback, s.retained, now)
             }

@@ -41,9 +41,7 @@ impl Core {
                 remote += usize::from(reply.is_some());
             }
         }
-        let mut targets = ShardSet::default();
-        self.index
-            .for_each_match(&msg.topic, |s| targets.union_with(s));
+        let targets = self.index.targets(&msg.topic);
         for shard in targets.iter() {
             if shard == self.id {
                 // Shared-group members on other shards answer the publisher directly.
@@ -203,13 +201,99 @@ impl Core {
 
     /// The routing index: `shard` has (`add`) or no longer has subscribers of `filter`.
     pub(super) fn apply_index(&mut self, filter: &str, shard: usize, add: bool) {
+        self.index.set(filter, shard, add);
+    }
+}
+
+/// Every shard's copy of the routing index: topic filter -> the shards with at least one
+/// subscriber of it, and the filters whose addition is still on its way to the peers (with
+/// how many SUBACKs wait for it: a SUBACK of such a filter waits too, see `subscribe_local`).
+#[derive(Debug, Default)]
+pub(super) struct RoutingIndex {
+    trie: TopicTrie<ShardSet>,
+    adding: HashMap<Arc<str>, u32>,
+}
+
+impl RoutingIndex {
+    /// `shard` has (`add`) or no longer has subscribers of `filter`.
+    pub(super) fn set(&mut self, filter: &str, shard: usize, add: bool) {
         if add {
-            self.index.entry(filter).insert(shard);
-        } else if let Some(set) = self.index.get_mut(filter) {
+            self.trie.entry(filter).insert(shard);
+        } else if let Some(set) = self.trie.get_mut(filter) {
             set.remove(shard);
             if set.is_empty() {
-                self.index.remove(filter);
+                self.trie.remove(filter);
             }
         }
+    }
+
+    /// The shards a message on `topic` goes to.
+    pub(super) fn targets(&self, topic: &TopicName) -> ShardSet {
+        let mut targets = ShardSet::default();
+        self.trie.for_each_match(topic, |s| targets.union_with(s));
+        targets
+    }
+
+    /// Whether an addition of `filter` is still on its way to the peers.
+    pub(super) fn is_adding(&self, filter: &str) -> bool {
+        self.adding.contains_key(filter)
+    }
+
+    /// A SUBACK waits for the addition of `filter` to reach every peer.
+    pub(super) fn begin_adding(&mut self, filter: Arc<str>) {
+        *self.adding.entry(filter).or_insert(0) += 1;
+    }
+
+    /// A SUBACK that waited for the addition of `filter` has its answers.
+    pub(super) fn end_adding(&mut self, filter: &str) {
+        if let Some(n) = self.adding.get_mut(filter) {
+            debug_assert!(*n > 0, "an addition ended twice");
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.adding.remove(filter);
+            }
+        }
+    }
+
+    /// No addition is under way (tests).
+    #[cfg(test)]
+    pub(super) fn settled(&self) -> bool {
+        self.adding.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(t: &str) -> TopicName {
+        TopicName::new(t).unwrap()
+    }
+
+    #[test]
+    fn shards_are_added_and_removed_per_filter() {
+        let mut ix = RoutingIndex::default();
+        ix.set("a/+", 1, true);
+        ix.set("a/#", 2, true);
+        ix.set("a/+", 3, true);
+        let t: Vec<usize> = ix.targets(&topic("a/b")).iter().collect();
+        assert_eq!(t, [1, 2, 3]);
+        ix.set("a/+", 1, false);
+        ix.set("a/+", 3, false);
+        let t: Vec<usize> = ix.targets(&topic("a/b")).iter().collect();
+        assert_eq!(t, [2]);
+        assert!(ix.targets(&topic("b")).iter().next().is_none());
+    }
+
+    #[test]
+    fn additions_under_way_are_counted_per_waiting_suback() {
+        let mut ix = RoutingIndex::default();
+        ix.begin_adding(Arc::from("x"));
+        ix.begin_adding(Arc::from("x"));
+        assert!(ix.is_adding("x"));
+        ix.end_adding("x");
+        assert!(ix.is_adding("x"), "one SUBACK still waits");
+        ix.end_adding("x");
+        assert!(!ix.is_adding("x") && ix.settled());
     }
 }

@@ -153,13 +153,13 @@ impl Core {
         // A filter whose addition is still on its way to the peers is added again (the
         // peers' indexes are sets, and each peer answers in order), so that this SUBACK too
         // waits until every peer routes the filter here.
-        let in_flight = self.index_adding.contains_key(filter.filter());
+        let in_flight = self.index.is_adding(filter.filter());
         if first || in_flight {
             let acks = self.index_add(filter.filter(), Some(w.token), &w.peers);
             if acks > 0 {
                 w.remaining += acks;
                 let key: Arc<str> = Arc::from(filter.filter());
-                *self.index_adding.entry(key.clone()).or_insert(0) += 1;
+                self.index.begin_adding(key.clone());
                 w.adding.push(key);
             }
         }
@@ -248,7 +248,7 @@ impl Core {
         reply: Option<Token>,
         peers: &[usize],
     ) -> usize {
-        self.index.entry(filter).insert(self.id);
+        self.index.set(filter, self.id, true);
         let filter: Arc<str> = Arc::from(filter);
         for &p in peers {
             self.sink.push(
@@ -269,12 +269,7 @@ impl Core {
     }
 
     pub(super) fn index_remove(&mut self, filter: &str) {
-        if let Some(set) = self.index.get_mut(filter) {
-            set.remove(self.id);
-            if set.is_empty() {
-                self.index.remove(filter);
-            }
-        }
+        self.index.set(filter, self.id, false);
         let filter: Arc<str> = Arc::from(filter);
         for p in self.peers() {
             self.sink.push(
