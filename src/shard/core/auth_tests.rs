@@ -6,14 +6,9 @@ use crate::auth::PasswordFile;
 
 fn connect_with(user: &str, password: &[u8]) -> Connect {
     Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 0,
-        properties: Default::default(),
-        client_id: MqttStr::new("cid").unwrap(),
-        will: None,
         username: Some(MqttStr::new(user).unwrap()),
         password: Some(bytes::Bytes::copy_from_slice(password)),
+        ..connect_v5("cid", true, None)
     }
 }
 

@@ -476,7 +476,7 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_support::{conn, core, drain, subscribe_packet};
+    use super::super::tests_support::{conn, connect_v5, core, drain, subscribe_packet};
     use super::*;
     use crate::protocol::{Packet, PacketId, Publish, TopicName};
     use crate::session::outbound::Outbound;
@@ -552,19 +552,9 @@ mod tests {
     /// from `peer`, keep alive 30 s.
     fn login(c: &mut Core, id: &str, user: &str, peer: &str, now: Instant) -> Rc<Outbound> {
         let out = Rc::new(Outbound::new(ProtocolVersion::V5));
-        let properties = crate::protocol::ConnectProperties {
-            session_expiry_interval: Some(600),
-            ..Default::default()
-        };
         let connect = crate::protocol::Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
             keep_alive: 30,
-            properties,
-            client_id: MqttStr::new(id).unwrap(),
-            will: None,
-            username: None,
-            password: None,
+            ..connect_v5(id, true, Some(600))
         };
         let login = super::super::Login {
             username: Some(MqttStr::new(user).unwrap()),

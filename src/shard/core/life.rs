@@ -299,23 +299,7 @@ impl Core {
             self.stats.acl_denied_delivery += dropped;
         }
         session.attach(link, &self.limits, now);
-        let shared: Vec<Arc<str>> = session
-            .subscriptions
-            .values()
-            .filter(|s| s.filter.is_shared())
-            .map(|s| Arc::from(s.filter.as_str()))
-            .collect();
-        for key in shared {
-            let home = owner_shard(key.as_bytes(), self.count);
-            self.send(
-                home,
-                Event::SharedOnline {
-                    key,
-                    client_id: client_id.clone(),
-                    online: true,
-                },
-            );
-        }
+        self.tell_groups(client_id, true);
         self.write_session_record(client_id, now);
         self.sync_session(client_id, now);
     }
@@ -381,28 +365,12 @@ impl Core {
             s.will = None;
         }
         let (epoch, expiry_s) = (s.epoch, s.expiry_s);
-        let shared: Vec<Arc<str>> = s
-            .subscriptions
-            .values()
-            .filter(|s| s.filter.is_shared())
-            .map(|s| Arc::from(s.filter.as_str()))
-            .collect();
         let handback = if persistent {
             s.take_queued_shared()
         } else {
             Vec::new()
         };
-        for key in shared {
-            let home = owner_shard(key.as_bytes(), self.count);
-            self.send(
-                home,
-                Event::SharedOnline {
-                    key,
-                    client_id: ctx.client_id.clone(),
-                    online: false,
-                },
-            );
-        }
+        self.tell_groups(&ctx.client_id, false);
         self.hand_back(&ctx.client_id, handback);
         Some((epoch, expiry_s))
     }
@@ -436,6 +404,31 @@ impl Core {
                 TimerKind::Expire {
                     client_id: client_id.clone(),
                     epoch,
+                },
+            );
+        }
+    }
+
+    /// Tells the homes of the shared groups the session is in that its client came online
+    /// or went offline.
+    fn tell_groups(&mut self, client_id: &MqttStr, online: bool) {
+        let Some(s) = self.sessions.get(client_id) else {
+            return;
+        };
+        let keys: Vec<Arc<str>> = s
+            .subscriptions
+            .values()
+            .filter(|s| s.filter.is_shared())
+            .map(|s| Arc::from(s.filter.as_str()))
+            .collect();
+        for key in keys {
+            let home = owner_shard(key.as_bytes(), self.count);
+            self.send(
+                home,
+                Event::SharedOnline {
+                    key,
+                    client_id: client_id.clone(),
+                    online,
                 },
             );
         }

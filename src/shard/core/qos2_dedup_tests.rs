@@ -1,8 +1,8 @@
 //! QoS 2 dedup keys and failed persists, on a real store.
 
-use super::tests_support::{drain, subscribe_packet, Sink};
+use super::tests_support::{connect_to, connect_v5, drain, subscribe_packet, Sink};
 use super::*;
-use crate::protocol::{ConnectProperties, PacketId};
+use crate::protocol::PacketId;
 use crate::storage::StoreOptions;
 
 fn open(dir: &std::path::Path) -> Store {
@@ -38,22 +38,7 @@ fn commit(c: &mut Core, now: Instant) {
 }
 
 fn connect(c: &mut Core, id: &str, clean_start: bool, now: Instant) -> (ConnCtx, Rc<Outbound>) {
-    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
-    let connect = Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start,
-        keep_alive: 0,
-        properties: ConnectProperties {
-            session_expiry_interval: Some(3600),
-            ..Default::default()
-        },
-        client_id: MqttStr::new(id).unwrap(),
-        will: None,
-        username: None,
-        password: None,
-    };
-    let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
-    (ctx, out)
+    connect_to(c, &connect_v5(id, clean_start, Some(3600)), now)
 }
 
 fn publish(pid: u16, dup: bool, payload: &'static [u8]) -> Packet {

@@ -24,20 +24,34 @@ pub fn core() -> Core {
     )
 }
 
-pub fn conn(c: &mut Core, id: &str, now: Instant) -> (ConnCtx, Rc<Outbound>) {
-    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
-    let connect = Connect {
+/// An MQTT 5 CONNECT of client `id`, anonymous, without keep alive or will; `expiry`:
+/// its Session Expiry Interval, when it sends one.
+pub fn connect_v5(id: &str, clean_start: bool, expiry: Option<u32>) -> Connect {
+    Connect {
         protocol: ProtocolVersion::V5,
-        clean_start: true,
+        clean_start,
         keep_alive: 0,
-        properties: Default::default(),
+        properties: crate::protocol::ConnectProperties {
+            session_expiry_interval: expiry,
+            ..Default::default()
+        },
         client_id: MqttStr::new(id).unwrap(),
         will: None,
         username: None,
         password: None,
-    };
-    let ctx = c.connect(&connect, None, out.clone(), now).unwrap().ctx;
+    }
+}
+
+/// Connects `connect` to the core; its connection context and outbound buffer.
+pub fn connect_to(c: &mut Core, connect: &Connect, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+    let ctx = c.connect(connect, None, out.clone(), now).unwrap().ctx;
     (ctx, out)
+}
+
+/// A clean MQTT 5 client that keeps no session.
+pub fn conn(c: &mut Core, id: &str, now: Instant) -> (ConnCtx, Rc<Outbound>) {
+    connect_to(c, &connect_v5(id, true, None), now)
 }
 
 /// A SUBSCRIBE with one filter.

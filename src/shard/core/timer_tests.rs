@@ -1,30 +1,10 @@
 //! Will and expiry timers across reconnects.
 
-use super::tests_support::core;
+use super::tests_support::{connect_to, connect_v5, core};
 use super::*;
-use crate::protocol::ConnectProperties;
-
-fn connect(id: &str, clean_start: bool, expiry: u32) -> Connect {
-    Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start,
-        keep_alive: 0,
-        properties: ConnectProperties {
-            session_expiry_interval: Some(expiry),
-            ..Default::default()
-        },
-        client_id: MqttStr::new(id).unwrap(),
-        will: None,
-        username: None,
-        password: None,
-    }
-}
 
 fn session_of(c: &mut Core, id: &str, clean: bool, expiry: u32, now: Instant) -> ConnCtx {
-    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
-    c.connect(&connect(id, clean, expiry), None, out, now)
-        .unwrap()
-        .ctx
+    connect_to(c, &connect_v5(id, clean, Some(expiry)), now).0
 }
 
 #[test]
