@@ -17,22 +17,26 @@
 //! publisher releases the message (PUBREL), its shard has every shard forget the key
 //! ([`Event::Qos2Release`]) and waits for those deletions to be durable before it deletes
 //! the packet id and sends PUBCOMP: only then may the client reuse the id. Each shard finds
-//! the sessions holding a key through `qos2_holders`.
+//! the sessions holding a key through its [`Qos2Keys`].
 //!
 //! ## Parts
-//! The state lives in [`Core`] (below, with the types the parts share); each part is an
-//! `impl Core` block of its own file, one concern each:
-//! - `login`: credentials and access rules; `life`: CONNECT, takeover, disconnect, wills,
-//!   expiry, the end of a session;
+//! [`Core`] (below, with the types the parts share) holds the sessions and ties the parts
+//! together; each part is a file, one concern each. Where a part has state of its own, a
+//! struct in its file owns it behind a small API with unit tests that need no `Core`
+//! (named in brackets); the file's `impl Core` block is the glue to the rest:
+//! - `login` ([`Logins`]): credentials and access rules; `life`: CONNECT, takeover,
+//!   disconnect, wills, expiry, the end of a session;
 //! - `inbound`: a connection's packets (PUBLISH, DISCONNECT; SUBSCRIBE and UNSUBSCRIBE in
 //!   `subscriptions`);
-//! - `routing`: the cross-shard index and local delivery; `shared`: shared groups at their
-//!   home; `retained`: retained versions and tombstones; `qos2`: QoS 2 dedup keys;
+//! - `routing` ([`RoutingIndex`]): the cross-shard index and local delivery; `shared`
+//!   ([`SharedGroups`]): shared groups at their home; `retained` ([`RetainedVersions`]):
+//!   retained versions and tombstones; `qos2` ([`Qos2Keys`]): QoS 2 dedup keys;
 //! - `events`: what other shards send; `round_trip`: this shard's cross-shard round trips,
 //!   each a [`RoundTrip`] counting its answers and ending in a typed [`Completion`];
-//! - `durable`: the store batch per session, group commit and the waiters on it, the
-//!   queued-bytes budget; `recovery`: reading the store back at start, re-homing;
-//! - `timers`: will and expiry timers; `inspect`: what the admin API reads.
+//! - `durable` ([`DurableLog`]): the store batch per session, group commit and the waiters
+//!   on it, the queued-bytes budget; `recovery`: reading the store back at start,
+//!   re-homing;
+//! - `timers` ([`Timers`]): will and expiry timers; `inspect`: what the admin API reads.
 //!
 //! Unit tests sit in `*_tests.rs` beside them, with shared helpers in `tests_support`.
 
@@ -82,9 +86,12 @@ use durable::DurableLog;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
 };
+use login::Logins;
+use qos2::Qos2Keys;
+use retained::RetainedVersions;
 use round_trip::{Completion, PubAckDone, RoundTrip, SubAckDone, Then};
 use routing::RoutingIndex;
-use shared::SharedOffer;
+use shared::{SharedGroups, SharedOffer};
 use timers::{TimerKind, Timers};
 
 /// Reads of a session's queue from disk in one go: more happen only when a whole window
@@ -108,13 +115,6 @@ enum LocalSub {
     },
     /// A shared group whose home is this shard.
     Group { key: Arc<str> },
-}
-
-/// A shared subscription group, at its home shard.
-#[derive(Debug, Default)]
-struct Group {
-    members: Vec<SharedMember>,
-    next: usize,
 }
 
 /// What a connection task knows about its connection, passed into every call.
@@ -410,7 +410,8 @@ pub struct Core {
     /// Filter -> shards with subscribers of it (a copy on every shard; see `routing`).
     index: RoutingIndex,
     retained: RetainedStore,
-    groups: HashMap<Arc<str>, Group>,
+    /// The shared groups whose home is this shard.
+    groups: SharedGroups,
     timers: Timers,
     next_conn_id: u64,
     /// Source of session epochs: unique over every incarnation of every session, so that a
@@ -429,23 +430,14 @@ pub struct Core {
     /// While a routed message with a reply is delivered here: where shared-group members on
     /// other shards answer, and how many were sent the message.
     dispatch: Option<Dispatch>,
-    /// QoS 2 dedup keys held by this shard's persistent sessions: publisher client id ->
-    /// publisher packet id -> the sessions holding the key (see the module docs).
-    qos2_holders: HashMap<MqttStr, HashMap<u16, Vec<MqttStr>>>,
-    /// The version of the last write applied to each retained topic; deletions stay as
-    /// tombstones for [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive
-    /// a deleted message.
-    retained_versions: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
-    last_retain_ns: u64,
-    last_prune: Instant,
+    /// QoS 2 dedup keys held by this shard's persistent sessions (see the module docs).
+    qos2: Qos2Keys,
+    /// Versions of the retained writes applied here, and the clock for this shard's own.
+    retained_versions: RetainedVersions,
     /// Set by [`Core::close_all`]: the broker is stopping, and publishes no will.
     stopping: bool,
-    /// Password and ACL rules, shared read-only by every shard; replaced on reload.
-    auth: Arc<Auth>,
-    /// Logins verified recently (see [`VerifiedCache`]).
-    verified: VerifiedCache,
-    /// Slow verifications running off the executor now.
-    verifying: u32,
+    /// Password and ACL rules in force, and logins verified or being verified.
+    logins: Logins,
     /// What the sessions reached by the delivery under way did with it (see
     /// [`Core::with_fate`]).
     fate: Fate,
@@ -517,7 +509,7 @@ impl Core {
             subs: TopicTrie::default(),
             index: RoutingIndex::default(),
             retained: RetainedStore::default(),
-            groups: HashMap::new(),
+            groups: SharedGroups::default(),
             timers: Timers::default(),
             next_conn_id: 1,
             next_epoch: 1,
@@ -529,19 +521,10 @@ impl Core {
             log: DurableLog::default(),
             recovered_peers: 0,
             dispatch: None,
-            qos2_holders: HashMap::new(),
-            retained_versions: HashMap::new(),
-            last_retain_ns: 0,
-            last_prune: Instant::now(),
+            qos2: Qos2Keys::default(),
+            retained_versions: RetainedVersions::new(id, Instant::now()),
             stopping: false,
-            auth: Arc::new(Auth::new(
-                cfg.auth.anonymous_allowed(),
-                None,
-                None,
-                cfg.access.subscribe_deny.clone(),
-            )),
-            verified: VerifiedCache::new(cfg.auth.verified_cache_max as usize),
-            verifying: 0,
+            logins: Logins::new(&cfg),
             fate: Fate::default(),
             fate_depth: 0,
             conn_lines: ConnLines {

@@ -99,35 +99,44 @@ fn a_certificate_identity_is_the_user_name_without_a_password() {
 
 #[test]
 fn slow_hashes_go_off_the_executor_within_a_bound() {
-    let mut c = core();
+    // The login state alone, without a shard core around it.
+    let cfg = Config::default();
+    let mut c = Logins::new(&cfg);
     let phc = crate::auth::password::hash_argon2id(b"pw").unwrap();
     let pw = PasswordFile::parse(&format!("u:{phc}\n"), "p").unwrap();
-    c.set_auth(Arc::new(Auth::new(false, Some(pw), None, vec![])));
-    let max = c.config().auth.verifications_inflight_max;
+    let auth = Arc::new(Auth::new(false, Some(pw), None, vec![]));
+    c.set_auth(auth.clone());
+    let max = cfg.auth.verifications_inflight_max;
     let mut pending = Vec::new();
     for _ in 0..max {
-        match c.check_login(&connect_with("u", b"bad"), None, None) {
+        match c.check(&connect_with("u", b"bad"), None, None) {
             LoginStep::Verify(v) => pending.push(v),
             LoginStep::Done(l) => panic!("{l:?}"),
         }
     }
     // One more: refused as busy rather than queued without bound.
-    match c.check_login(&connect_with("u", b"bad"), None, None) {
+    match c.check(&connect_with("u", b"bad"), None, None) {
         LoginStep::Done(l) => assert_eq!(l.refused, Some(LoginFailure::Busy)),
         LoginStep::Verify(_) => panic!("beyond verifications_inflight_max"),
     }
     for v in pending {
         let ok = v.run();
-        assert!(c.verified(v, ok).refused.is_some());
+        assert!(c.finish(v, ok).refused.is_some());
     }
     // The right password, verified once, is then remembered.
-    let LoginStep::Verify(v) = c.check_login(&connect_with("u", b"pw"), None, None) else {
+    let LoginStep::Verify(v) = c.check(&connect_with("u", b"pw"), None, None) else {
         panic!("first login verifies");
     };
     let ok = v.run();
-    assert!(c.verified(v, ok).refused.is_none());
+    assert!(c.finish(v, ok).refused.is_none());
     assert!(matches!(
-        c.check_login(&connect_with("u", b"pw"), None, None),
+        c.check(&connect_with("u", b"pw"), None, None),
         LoginStep::Done(Login { refused: None, .. })
+    ));
+    // New rules (a reload) forget what was verified under the old ones.
+    c.set_auth(auth);
+    assert!(matches!(
+        c.check(&connect_with("u", b"pw"), None, None),
+        LoginStep::Verify(_)
     ));
 }

@@ -132,8 +132,8 @@ impl Core {
             };
             s.refill(entries, max);
             // Read back from disk: checked again against the rules in force now.
-            if let (true, Some(user)) = (self.auth.has_acl(), s.identity.clone()) {
-                let auth = &self.auth;
+            if let (true, Some(user)) = (self.logins.auth.has_acl(), s.identity.clone()) {
+                let auth = &self.logins.auth;
                 let dropped = s.drop_unreadable(|t| readable(auth, &user, client_id, t));
                 self.stats.acl_denied_delivery += dropped;
             }

@@ -38,15 +38,7 @@ impl Core {
                 key,
                 client_id,
                 online,
-            } => {
-                if let Some(g) = self.groups.get_mut(&key) {
-                    for m in &mut g.members {
-                        if m.client_id == client_id {
-                            m.online = online;
-                        }
-                    }
-                }
-            }
+            } => self.groups.set_online(&key, &client_id, online),
             Event::SharedDeliver {
                 key,
                 client_id,

@@ -160,6 +160,7 @@ impl Core {
         let topic = self.resolve_topic(ctx, p.topic, &p.properties)?;
         let user = ctx.username.as_ref().map(|u| u.as_str());
         if !self
+            .logins
             .auth
             .allows(user, &ctx.client_id, topic.as_str(), Access::Write)
         {

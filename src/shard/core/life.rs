@@ -151,6 +151,7 @@ impl Core {
         if let Some(w) = &c.will {
             let user = login.username.as_ref().map(|u| u.as_str());
             if !self
+                .logins
                 .auth
                 .allows(user, client_id, w.topic.as_str(), Access::Write)
             {
@@ -194,7 +195,7 @@ impl Core {
         username: &Option<MqttStr>,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<(), ReasonCode> {
-        if !self.auth.sessions_have_owners() {
+        if !self.logins.auth.sessions_have_owners() {
             return Ok(());
         }
         let owner = self
@@ -278,7 +279,7 @@ impl Core {
             self.id,
             "a session lives on the shard its client id hashes to (one owner per session)"
         );
-        let owned = self.auth.sessions_have_owners();
+        let owned = self.logins.auth.sessions_have_owners();
         let session = self
             .sessions
             .entry(client_id.clone())
@@ -293,8 +294,8 @@ impl Core {
         session.persistent |= self.store.is_some() && expiry_s > 0;
         // What waits for it was checked when queued, under the rules of that time: check
         // again (a reload may have taken read access away).
-        if self.auth.has_acl() {
-            let auth = &self.auth;
+        if self.logins.auth.has_acl() {
+            let auth = &self.logins.auth;
             let dropped = session.drop_unreadable(|t| readable(auth, username, client_id, t));
             self.stats.acl_denied_delivery += dropped;
         }

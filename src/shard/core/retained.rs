@@ -3,6 +3,74 @@
 
 use super::*;
 
+/// The version of the last write applied to each retained topic on this shard, and the
+/// clock that versions this shard's own writes. Deletions stay as tombstones for
+/// [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive a deleted message.
+#[derive(Debug)]
+pub(super) struct RetainedVersions {
+    applied: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
+    /// The last version this shard gave out (nanoseconds since the epoch, strictly rising).
+    last_ns: u64,
+    last_prune: Instant,
+    shard: u16,
+}
+
+impl RetainedVersions {
+    pub fn new(shard: usize, now: Instant) -> RetainedVersions {
+        RetainedVersions {
+            applied: HashMap::new(),
+            last_ns: 0,
+            last_prune: now,
+            shard: shard as u16,
+        }
+    }
+
+    /// A version for a write made here at `now_ns` on the wall clock: strictly above every
+    /// version given out before, even when the clock steps back.
+    pub fn next(&mut self, now_ns: u64) -> RetainVersion {
+        self.last_ns = now_ns.max(self.last_ns + 1);
+        RetainVersion {
+            at_ns: self.last_ns,
+            shard: self.shard,
+        }
+    }
+
+    /// Whether a write of `topic` at `version` is no newer than the one applied.
+    pub fn is_stale(&self, topic: &TopicName, version: RetainVersion) -> bool {
+        self.applied.get(topic).is_some_and(|(v, _)| *v >= version)
+    }
+
+    /// Notes the write applied to `topic` (`deleted_at`: it was a deletion, made then).
+    pub fn applied(
+        &mut self,
+        topic: TopicName,
+        version: RetainVersion,
+        deleted_at: Option<Instant>,
+    ) {
+        self.applied.insert(topic, (version, deleted_at));
+    }
+
+    /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
+    /// milliseconds; the tombstones only guard against reordering). Sweeps at most once per
+    /// [`TOMBSTONE_KEEP`].
+    pub fn prune(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_prune) < TOMBSTONE_KEEP {
+            return;
+        }
+        self.last_prune = now;
+        self.applied.retain(|_, (_, deleted)| match deleted {
+            Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
+            None => true,
+        });
+    }
+
+    /// How many topics have a version noted (live writes and tombstones).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.applied.len()
+    }
+}
+
 impl Core {
     /// Applies a retained write if it is newer than what this shard has for the topic; the
     /// topic's home shard also stores it (when `store_at_home`).
@@ -13,10 +81,8 @@ impl Core {
         store_at_home: bool,
     ) {
         let now = Instant::now();
-        if let Some((v, _)) = self.retained_versions.get(&msg.topic) {
-            if *v >= version {
-                return; // an older write arriving late
-            }
+        if self.retained_versions.is_stale(&msg.topic, version) {
+            return; // an older write arriving late
         }
         let delete = msg.payload.is_empty();
         // The broker's own `$SYS` topics (a fixed set, published again every interval) do
@@ -31,7 +97,7 @@ impl Core {
             return;
         }
         self.retained_versions
-            .insert(msg.topic.clone(), (version, delete.then_some(now)));
+            .applied(msg.topic.clone(), version, delete.then_some(now));
         let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
         if home && store_at_home && !sys {
             if let Some(store) = &self.store {
@@ -52,14 +118,79 @@ impl Core {
             self.retained.set(msg);
         }
     }
+}
 
-    /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
-    /// milliseconds; the tombstones only guard against reordering).
-    pub(super) fn prune_tombstones(&mut self, now: Instant) {
-        self.retained_versions
-            .retain(|_, (_, deleted)| match deleted {
-                Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
-                None => true,
-            });
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(t: &str) -> TopicName {
+        TopicName::new(t).unwrap()
+    }
+
+    #[test]
+    fn versions_given_out_rise_even_when_the_clock_steps_back() {
+        let mut v = RetainedVersions::new(3, Instant::now());
+        let a = v.next(1_000);
+        let b = v.next(500); // the wall clock stepped back
+        let c = v.next(2_000);
+        assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
+        assert_eq!((a.shard, b.at_ns, c.at_ns), (3, 1_001, 2_000));
+    }
+
+    #[test]
+    fn an_older_or_equal_write_is_stale_and_a_newer_one_is_not() {
+        let mut v = RetainedVersions::new(0, Instant::now());
+        let t = topic("a/b");
+        let old = RetainVersion {
+            at_ns: 10,
+            shard: 1,
+        };
+        let new = RetainVersion {
+            at_ns: 20,
+            shard: 0,
+        };
+        assert!(!v.is_stale(&t, old), "nothing applied yet");
+        v.applied(t.clone(), new, None);
+        assert!(v.is_stale(&t, old));
+        assert!(v.is_stale(&t, new), "the same write twice is applied once");
+        assert!(!v.is_stale(
+            &t,
+            RetainVersion {
+                at_ns: 20,
+                shard: 1
+            }
+        ));
+        assert!(!v.is_stale(&topic("a/c"), old), "versions are per topic");
+    }
+
+    #[test]
+    fn tombstones_outlive_a_late_write_then_are_forgotten_and_live_topics_stay() {
+        let t0 = Instant::now();
+        let mut v = RetainedVersions::new(0, t0);
+        let (gone, live) = (topic("gone"), topic("live"));
+        let del = RetainVersion {
+            at_ns: 20,
+            shard: 0,
+        };
+        v.applied(gone.clone(), del, Some(t0));
+        v.applied(live.clone(), RetainVersion { at_ns: 5, shard: 0 }, None);
+        v.prune(t0 + TOMBSTONE_KEEP / 2);
+        assert!(
+            v.is_stale(
+                &gone,
+                RetainVersion {
+                    at_ns: 19,
+                    shard: 0
+                }
+            ),
+            "kept while young"
+        );
+        v.prune(t0 + TOMBSTONE_KEEP);
+        assert_eq!(v.len(), 1, "the old tombstone went");
+        assert!(
+            v.is_stale(&live, RetainVersion { at_ns: 5, shard: 0 }),
+            "a live topic stays"
+        );
     }
 }

@@ -72,11 +72,7 @@ impl Core {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        self.last_retain_ns = now_ns.max(self.last_retain_ns + 1);
-        RetainVersion {
-            at_ns: self.last_retain_ns,
-            shard: self.id as u16,
-        }
+        self.retained_versions.next(now_ns)
     }
 
     /// Delivers a message to this shard's matching subscribers: each session once, at the
@@ -125,7 +121,7 @@ impl Core {
                 via_share: None,
             };
             if let Some(s) = self.sessions.get_mut(&client_id) {
-                if !may_read(&self.auth, s, &msg.topic) {
+                if !may_read(&self.logins.auth, s, &msg.topic) {
                     self.stats.acl_denied_delivery += 1;
                     continue;
                 }

@@ -3,6 +3,82 @@
 
 use super::*;
 
+/// A shared subscription group, at its home shard.
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<SharedMember>,
+    /// Where the round robin looks first next time.
+    next: usize,
+}
+
+/// The shared groups this shard is home to, by key (`$share/<group>/<filter>`): their
+/// members (each client id once) and the round robin over them.
+#[derive(Debug, Default)]
+pub(super) struct SharedGroups {
+    groups: HashMap<Arc<str>, Group>,
+}
+
+impl SharedGroups {
+    /// `member` joins the group `key` (or updates its entry). Returns whether it is the
+    /// group's first member (the group is new).
+    pub fn join(&mut self, key: Arc<str>, member: SharedMember) -> bool {
+        let g = self.groups.entry(key).or_default();
+        let fresh = g.members.is_empty();
+        g.members.retain(|m| m.client_id != member.client_id);
+        g.members.push(member);
+        fresh
+    }
+
+    /// `client_id` leaves the group `key`. Returns whether that ended the group (it had
+    /// members and has none now).
+    pub fn leave(&mut self, key: &Arc<str>, client_id: &MqttStr) -> bool {
+        let Some(g) = self.groups.get_mut(key) else {
+            return false;
+        };
+        g.members.retain(|m| m.client_id != *client_id);
+        let ended = g.members.is_empty();
+        if ended {
+            self.groups.remove(key);
+        }
+        ended
+    }
+
+    /// The member `client_id` of the group `key` came online or went offline.
+    pub fn set_online(&mut self, key: &Arc<str>, client_id: &MqttStr, online: bool) {
+        if let Some(g) = self.groups.get_mut(key) {
+            for m in g.members.iter_mut().filter(|m| m.client_id == *client_id) {
+                m.online = online;
+            }
+        }
+    }
+
+    /// The next member of the group `key` to offer a message to: round robin over the
+    /// online members that `may_take`, else over the offline persistent ones (which queue);
+    /// never `not`. `None`: no such member (or no such group).
+    pub fn pick(
+        &mut self,
+        key: &Arc<str>,
+        not: Option<&MqttStr>,
+        may_take: impl Fn(&SharedMember) -> bool,
+    ) -> Option<SharedMember> {
+        let g = self.groups.get_mut(key)?;
+        let n = g.members.len();
+        let eligible = |m: &SharedMember, online: bool| {
+            Some(&m.client_id) != not
+                && (m.online == online)
+                && (online || m.persistent)
+                && may_take(m)
+        };
+        let idx = [true, false].into_iter().find_map(|online| {
+            (0..n)
+                .map(|k| (g.next + k) % n)
+                .find(|&idx| eligible(&g.members[idx], online))
+        })?;
+        g.next = (idx + 1) % n;
+        Some(g.members[idx].clone())
+    }
+}
+
 impl Core {
     /// At a group's home: picks a member (round robin over online members; if none is
     /// online, a persistent one, which queues) and sends it the message.
@@ -17,40 +93,17 @@ impl Core {
         now: Instant,
     ) -> Dispatched {
         let (not, attempts, fate) = tried;
-        let Some(g) = self.groups.get_mut(&key) else {
+        let auth = &self.logins.auth;
+        let may_read = |m: &SharedMember| {
+            m.identity.as_ref().is_none_or(|user| {
+                let user = user.as_ref().map(|u| u.as_str());
+                auth.allows(user, &m.client_id, msg.topic.as_str(), Access::Read)
+            })
+        };
+        let Some(member) = self.groups.pick(&key, not, may_read) else {
             self.stats.shared_dropped_no_member += 1;
             return Dispatched::Dropped;
         };
-        let n = g.members.len();
-        let auth = &self.auth;
-        let eligible = |m: &SharedMember, online: bool| {
-            Some(&m.client_id) != not
-                && (m.online == online)
-                && (online || m.persistent)
-                && m.identity.as_ref().is_none_or(|user| {
-                    let user = user.as_ref().map(|u| u.as_str());
-                    auth.allows(user, &m.client_id, msg.topic.as_str(), Access::Read)
-                })
-        };
-        let mut pick = None;
-        for online in [true, false] {
-            for k in 0..n {
-                let idx = (g.next + k) % n;
-                if eligible(&g.members[idx], online) {
-                    pick = Some(idx);
-                    break;
-                }
-            }
-            if pick.is_some() {
-                break;
-            }
-        }
-        let Some(idx) = pick else {
-            self.stats.shared_dropped_no_member += 1;
-            return Dispatched::Dropped;
-        };
-        g.next = (idx + 1) % n;
-        let member = g.members[idx].clone();
         let to = member.shard as usize;
         if to != self.id {
             let event = Event::SharedDeliver {
@@ -87,7 +140,7 @@ impl Core {
         now: Instant,
     ) -> bool {
         let outcome = match self.sessions.get_mut(client_id) {
-            Some(s) if !may_read(&self.auth, s, &msg.topic) => {
+            Some(s) if !may_read(&self.logins.auth, s, &msg.topic) => {
                 self.stats.acl_denied_delivery += 1;
                 None
             }
@@ -113,8 +166,6 @@ impl Core {
             DeliverOutcome::Dropped(DropReason::QueueFull | DropReason::StorageBudget)
         )
     }
-
-    // ---------------------------------------------------------------- subscribe
 
     /// After a bounced shared message was dispatched again at its group's home: a member
     /// here took it (answer once this shard's writes are durable), one elsewhere answers
@@ -146,17 +197,12 @@ impl Core {
         }
     }
 
-    // ---------------------------------------------------------------- QoS 2 dedup keys
-
     /// At the group's home: `member` joins (or updates its subscription). The first member
     /// makes the group a subscriber of its filter here, and the index update on every
     /// shard is awaited before the member's shard is answered.
     pub(super) fn shared_join(&mut self, key: Arc<str>, member: SharedMember, reply: Token) {
         let to = member.shard as usize;
-        let g = self.groups.entry(key.clone()).or_default();
-        let fresh = g.members.is_empty();
-        g.members.retain(|m| m.client_id != member.client_id);
-        g.members.push(member);
+        let fresh = self.groups.join(key.clone(), member);
         let mut remaining = 0;
         // The key is a filter the codec validated on the member's shard.
         let filter = TopicFilter::new(&key).ok().filter(|_| fresh);
@@ -183,12 +229,7 @@ impl Core {
 
     /// At the group's home: a member left; the last one takes the group's subscription.
     pub(super) fn shared_leave(&mut self, key: Arc<str>, client_id: &MqttStr) {
-        let Some(g) = self.groups.get_mut(&key) else {
-            return;
-        };
-        g.members.retain(|m| m.client_id != *client_id);
-        if g.members.is_empty() {
-            self.groups.remove(&key);
+        if self.groups.leave(&key, client_id) {
             // The key is a filter the codec validated on the member's shard.
             let Ok(filter) = TopicFilter::new(&key) else {
                 return;
@@ -251,4 +292,82 @@ pub(super) struct SharedOffer {
     pub reply: Option<(usize, Token)>,
     /// What the members offered before did with it.
     pub carried: Fate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, online: bool, persistent: bool) -> SharedMember {
+        SharedMember {
+            client_id: MqttStr::new(id).unwrap(),
+            shard: 0,
+            options: SubscriptionOptions::default(),
+            sub_id: None,
+            online,
+            persistent,
+            identity: None,
+        }
+    }
+
+    fn picks(g: &mut SharedGroups, key: &Arc<str>, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                g.pick(key, None, |_| true)
+                    .map_or("-".into(), |m| m.client_id.as_str().to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn members_take_turns_online_first_then_offline_persistent_ones() {
+        let mut g = SharedGroups::default();
+        let key: Arc<str> = Arc::from("$share/g/t");
+        assert!(g.join(key.clone(), member("a", true, false)));
+        assert!(!g.join(key.clone(), member("b", true, true)));
+        assert!(!g.join(key.clone(), member("c", false, true)));
+        assert_eq!(picks(&mut g, &key, 4), ["a", "b", "a", "b"]);
+        g.set_online(&key, &MqttStr::new("a").unwrap(), false);
+        g.set_online(&key, &MqttStr::new("b").unwrap(), false);
+        // Nobody online: the offline persistent members queue in turn; "a" is not persistent.
+        assert_eq!(picks(&mut g, &key, 3), ["c", "b", "c"]);
+    }
+
+    #[test]
+    fn the_member_that_refused_and_members_that_may_not_read_are_skipped() {
+        let mut g = SharedGroups::default();
+        let key: Arc<str> = Arc::from("$share/g/t");
+        g.join(key.clone(), member("a", true, false));
+        g.join(key.clone(), member("b", true, false));
+        let a = MqttStr::new("a").unwrap();
+        for _ in 0..3 {
+            let m = g.pick(&key, Some(&a), |_| true).unwrap();
+            assert_eq!(m.client_id.as_str(), "b");
+        }
+        assert!(g
+            .pick(&key, None, |m| m.client_id.as_str() == "zz")
+            .is_none());
+        assert!(g
+            .pick(&Arc::from("$share/none/t"), None, |_| true)
+            .is_none());
+    }
+
+    #[test]
+    fn joining_again_updates_and_the_last_leaver_ends_the_group() {
+        let mut g = SharedGroups::default();
+        let key: Arc<str> = Arc::from("$share/g/t");
+        g.join(key.clone(), member("a", false, false));
+        g.join(key.clone(), member("a", true, false)); // the same client again, now online
+        assert_eq!(picks(&mut g, &key, 2), ["a", "a"], "listed once, updated");
+        g.join(key.clone(), member("b", true, false));
+        assert!(!g.leave(&key, &MqttStr::new("a").unwrap()));
+        assert!(!g.leave(&key, &MqttStr::new("nobody").unwrap()));
+        assert!(
+            g.leave(&key, &MqttStr::new("b").unwrap()),
+            "the last member ends it"
+        );
+        assert!(!g.leave(&key, &MqttStr::new("b").unwrap()), "gone already");
+        assert!(g.pick(&key, None, |_| true).is_none());
+        assert!(g.join(key, member("c", true, false)), "a new group");
+    }
 }

@@ -169,7 +169,7 @@ impl Core {
             RetainHandling::DoNotSend => false,
         };
         if send_retained {
-            let (auth, user) = (&self.auth, ctx.username.as_ref().map(|u| u.as_str()));
+            let (auth, user) = (&self.logins.auth, ctx.username.as_ref().map(|u| u.as_str()));
             let denied = &mut self.stats.acl_denied_delivery;
             let sub_id = w.sub_id;
             let retained = &mut w.retained;
@@ -198,6 +198,7 @@ impl Core {
         }
         let user = ctx.username.as_ref().map(|u| u.as_str());
         match self
+            .logins
             .auth
             .refuses_subscribe(user, &ctx.client_id, filter.as_str())
         {

@@ -133,10 +133,7 @@ impl Core {
         for client_id in std::mem::take(&mut self.refill_later) {
             self.sync_session(&client_id, now);
         }
-        if now.saturating_duration_since(self.last_prune) >= TOMBSTONE_KEEP {
-            self.last_prune = now;
-            self.prune_tombstones(now);
-        }
+        self.retained_versions.prune(now);
         while let Some((id, kind)) = self.timers.pop_due(now) {
             if let Some(s) = self.sessions.get_mut(kind.client_id()) {
                 for slot in [&mut s.will_timer, &mut s.expiry_timer] {
