@@ -47,7 +47,22 @@ pub(super) struct FlowLimits {
     bytes_per_s: u64,
 }
 
+/// A connection's inbound rate limiter; boxed, and only when a limit is set (idle
+/// connections are the common case).
+type Limiter = Option<Box<super::rate::InboundLimiter>>;
+
 impl FlowLimits {
+    /// The inbound rate limiter these limits ask for.
+    fn limiter(&self) -> Limiter {
+        Some(super::rate::InboundLimiter::new(
+            self.messages_per_s,
+            self.bytes_per_s,
+            Instant::now(),
+        ))
+        .filter(super::rate::InboundLimiter::is_active)
+        .map(Box::new)
+    }
+
     fn of(shard: &Shard<BrokerShard>) -> FlowLimits {
         let cfg = shard.service().config();
         let l = &cfg.limits;
@@ -72,6 +87,11 @@ pub(super) struct Client {
 
 /// Serves a connection whose CONNECT this shard owns, until it ends. `reader` and `writer`
 /// are the two halves of the client's byte stream (a socket, or a TLS or WebSocket session).
+///
+/// The work is in plain functions ([`handle_buffered`], [`track_incomplete`],
+/// [`after_read`]); the waits stay here, because every connection keeps this future for its
+/// whole life and a helper future awaited in the loop widens it (see `perf/README.md`,
+/// "Memory per connection, exactly").
 pub(super) async fn serve<R, W>(
     shard: Shard<BrokerShard>,
     mut reader: R,
@@ -87,44 +107,10 @@ pub(super) async fn serve<R, W>(
     let version = connect.protocol;
     let flow = FlowLimits::of(&shard);
     let out = Rc::new(Outbound::new(version));
-    // The set-up runs in a block of its own so that what it borrowed across an await (the
-    // CONNECT, the client's details, the connect result) is not kept in this future for the
-    // connection's whole life.
-    let (accepted, writer_task) = {
-        let (connect, client) = (connect, client);
-        // Boxed: its state (a password check on another thread) would otherwise be part of
-        // this future, which every connection keeps for its whole life.
-        let login = Box::pin(authenticate(
-            &shard,
-            &connect,
-            client.cert_identity.as_deref(),
-            client.addr,
-        ))
-        .await;
-        let accepted = shard
-            .service()
-            .connect(&connect, assigned, login, out.clone());
-        let on_room = accepted.as_ref().ok().map(|a| {
-            let (shard, client_id, conn_id) =
-                (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
-            move || shard.service().on_writable(&client_id, conn_id)
-        });
-        let writer_task = glommio::spawn_local(write_loop(
-            out.clone(),
-            writer,
-            flow.write_stall,
-            on_room,
-            shard.service().io.clone(),
-        ));
-        let accepted = accepted.ok().map(|a| {
-            let keep_alive = match a.keep_alive_s {
-                0 => None,
-                s => Some(Duration::from_millis(s as u64 * 1500)),
-            };
-            (a.ctx, keep_alive)
-        });
-        (accepted, writer_task)
-    };
+    // Boxed: the set-up's state would otherwise widen this future, which every connection
+    // keeps for its whole life (measured with `-Zprint-type-sizes`, see `perf/README.md`).
+    let opening = Box::pin(open(&shard, connect, assigned, client, writer, &out, &flow));
+    let (accepted, writer_task) = opening.await;
     let Some((mut ctx, keep_alive)) = accepted else {
         writer_task.await;
         return;
@@ -133,70 +119,35 @@ pub(super) async fn serve<R, W>(
     let limits = DecodeLimits::new(max_packet, Some(version));
     let mut read = ReadSize::default();
     let mut ending = Ending::Lost;
-    let mut broker_closed = false;
-    // Idle connections are the common case: the limiter exists only when a limit is set.
-    let mut rate = Some(super::rate::InboundLimiter::new(
-        flow.messages_per_s,
-        flow.bytes_per_s,
-        Instant::now(),
-    ))
-    .filter(super::rate::InboundLimiter::is_active)
-    .map(Box::new);
+    let broker_closed;
+    let mut rate = flow.limiter();
     let outbound_max = flow.outbound_max;
     // When the packet at the front of `buf` started to arrive (while it is incomplete).
     let mut packet_started: Option<Instant> = None;
     'conn: loop {
         let mut decoded_any = false;
         loop {
-            // A client over its rate waits out its debt before its next packet is handled
-            // (and before more is read from it). This does not count against keep alive.
-            if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
-                let waited = Instant::now();
-                future::or(glommio::timer::sleep(wait), async {
-                    out.closed().await;
-                })
-                .await;
-                // The broker's own throttling does not count against the packet's time.
-                if let Some(t) = &mut packet_started {
-                    *t += waited.elapsed();
+            match handle_buffered(&shard, &mut ctx, &out, &mut buf, &limits, &mut rate) {
+                Handled::NeedMore { decoded } => {
+                    decoded_any |= decoded;
+                    break;
                 }
-            }
-            // The broker closed this connection (a takeover, an operator's kick, the stop):
-            // nothing more the client sent is handled, however much of it is waiting, except
-            // a DISCONNECT it already sent (which decides its will).
-            if out.is_closed() {
-                broker_closed = true;
-                if let Some(e) = buffered_disconnect(&shard, &mut ctx, &mut buf, &limits) {
-                    ending = e;
+                // A client over its rate waits out its debt before its next packet is
+                // handled (and before more is read from it). This does not count against
+                // keep alive, nor against the packet's time.
+                Handled::Throttle { wait, decoded } => {
+                    decoded_any |= decoded;
+                    let throttle = future::or(glommio::timer::sleep(wait), async {
+                        out.closed().await;
+                    });
+                    not_counted(throttle, &mut packet_started).await;
                 }
-                break 'conn;
-            }
-            match decode(&mut buf, &limits) {
-                Ok(Some(packet)) => {
-                    decoded_any = true;
-                    let now = Instant::now();
-                    if let Some(r) = rate.as_mut() {
-                        r.packet(now);
-                    }
-                    let flow = shard.service().on_packet(&mut ctx, packet, now);
-                    match flow {
-                        Ok(Flow::Continue) => {}
-                        Ok(Flow::Disconnect(e)) => {
-                            ending = e;
-                            break 'conn;
-                        }
-                        Err(rc) => {
-                            out.close(Some(rc));
-                            broker_closed = true;
-                            break 'conn;
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(client = %ctx.client_id, error = %e, "malformed packet");
-                    out.close(Some(e.reason_code()));
-                    broker_closed = true;
+                Handled::End {
+                    ending: e,
+                    broker_closed: closed,
+                } => {
+                    ending = e.unwrap_or(ending);
+                    broker_closed = closed;
                     break 'conn;
                 }
             }
@@ -215,11 +166,7 @@ pub(super) async fn serve<R, W>(
         // one packet, so only answers the client left unread take the buffer past twice the
         // cap.
         if out.pending_bytes() >= outbound_max.saturating_mul(2) {
-            let waited = Instant::now();
-            out.room(outbound_max).await;
-            if let Some(t) = &mut packet_started {
-                *t += waited.elapsed();
-            }
+            not_counted(out.room(outbound_max), &mut packet_started).await;
         }
         let start = read.prepare(&mut buf);
         // Inline, not a function of its own: an async fn's future here made every idle
@@ -233,18 +180,7 @@ pub(super) async fn serve<R, W>(
             future::or(
                 async { ReadEvent::Data(reader.read(&mut buf[start..]).await) },
                 async {
-                    // Whichever comes first: keep alive, or the started packet's time.
-                    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
-                    let pk = packet_started.map(|t| {
-                        let left =
-                            (t + flow.packet_timeout).saturating_duration_since(Instant::now());
-                        (left, ReadEvent::PacketTimeout)
-                    });
-                    let first = match (ka, pk) {
-                        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-                        (a, b) => a.or(b),
-                    };
-                    match first {
+                    match first_deadline(keep_alive, packet_started, flow.packet_timeout) {
                         Some((d, event)) => {
                             glommio::timer::sleep(d).await;
                             event
@@ -256,32 +192,12 @@ pub(super) async fn serve<R, W>(
         )
         .await;
         read.finish(&mut buf, start, &event);
-        match event {
-            ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => break,
-            ReadEvent::Data(Ok(n)) => {
-                if let Some(r) = rate.as_mut() {
-                    r.bytes(n, Instant::now());
-                }
-                shard.service().io.add_in(n);
-                // A socket that always has bytes waiting would otherwise keep this task
-                // running and starve every writer of the shard.
-                glommio::yield_if_needed().await;
-            }
-            ReadEvent::Closed => {
-                broker_closed = true;
-                break;
-            }
-            ReadEvent::KeepAliveExpired => {
-                out.close(Some(ReasonCode::KeepAliveTimeout));
-                broker_closed = true;
-                break;
-            }
-            ReadEvent::PacketTimeout => {
-                let inc = &shard.service().incomplete;
-                inc.timed_out.set(inc.timed_out.get() + 1);
-                tracing::debug!(client = %ctx.client_id, bytes = buf.len(), "packet not completed in time (limits.packet_timeout_s)");
-                out.close(Some(ReasonCode::KeepAliveTimeout));
-                broker_closed = true;
+        match after_read(&shard, &ctx, &out, &mut rate, buf.len(), event) {
+            // A socket that always has bytes waiting would otherwise keep this task running
+            // and starve every writer of the shard.
+            None => glommio::yield_if_needed().await,
+            Some(closed) => {
+                broker_closed = closed;
                 break;
             }
         }
@@ -295,6 +211,196 @@ pub(super) async fn serve<R, W>(
     writer_task.await;
     if broker_closed {
         drain_after_close(&mut reader).await;
+    }
+}
+
+/// Waits for `pause` (the broker's own throttling or back-pressure), which does not count
+/// against the time the packet under way has to be completed.
+async fn not_counted(pause: impl std::future::Future, packet_started: &mut Option<Instant>) {
+    let waited = Instant::now();
+    pause.await;
+    if let Some(t) = packet_started {
+        *t += waited.elapsed();
+    }
+}
+
+/// The session a connection was accepted into: its context and keep-alive bound.
+type Opened = Option<(ConnCtx, Option<Duration>)>;
+
+/// Logs the client in, connects its session (which writes CONNACK into `out`) and starts
+/// the connection's writer task. A function of its own so that what the set-up holds across
+/// an await (the CONNECT, the client's details) is not kept for the connection's life.
+async fn open<W>(
+    shard: &Shard<BrokerShard>,
+    connect: Box<Connect>,
+    assigned: Option<MqttStr>,
+    client: Client,
+    writer: W,
+    out: &Rc<Outbound>,
+    flow: &FlowLimits,
+) -> (Opened, glommio::Task<()>)
+where
+    W: AsyncWrite + Unpin + 'static,
+{
+    // Boxed: its state (a password check on another thread) would otherwise be part of
+    // this future (freed once the set-up is done, but as big while it runs).
+    let login = Box::pin(authenticate(
+        shard,
+        &connect,
+        client.cert_identity.as_deref(),
+        client.addr,
+    ))
+    .await;
+    let accepted = shard
+        .service()
+        .connect(&connect, assigned, login, out.clone());
+    let on_room = accepted.as_ref().ok().map(|a| {
+        let (shard, client_id, conn_id) = (shard.clone(), a.ctx.client_id.clone(), a.ctx.conn_id);
+        move || shard.service().on_writable(&client_id, conn_id)
+    });
+    let writer_task = glommio::spawn_local(write_loop(
+        out.clone(),
+        writer,
+        flow.write_stall,
+        on_room,
+        shard.service().io.clone(),
+    ));
+    let accepted = accepted.ok().map(|a| {
+        let keep_alive = match a.keep_alive_s {
+            0 => None,
+            s => Some(Duration::from_millis(s as u64 * 1500)),
+        };
+        (a.ctx, keep_alive)
+    });
+    (accepted, writer_task)
+}
+
+/// What handling the packets buffered so far came to.
+enum Handled {
+    /// Every complete packet was handled: read more.
+    NeedMore { decoded: bool },
+    /// The client is over its rate: wait before handling the next packet.
+    Throttle { wait: Duration, decoded: bool },
+    /// The connection ends: how (when the client said so) and whether the broker closed it.
+    End {
+        ending: Option<Ending>,
+        broker_closed: bool,
+    },
+}
+
+/// Decodes and handles the complete packets in `buf`, in order, until it needs more bytes,
+/// the client must wait for its rate, or the connection ends. Bad input closes the
+/// connection with its reason code.
+fn handle_buffered(
+    shard: &Shard<BrokerShard>,
+    ctx: &mut ConnCtx,
+    out: &Outbound,
+    buf: &mut BytesMut,
+    limits: &DecodeLimits,
+    rate: &mut Limiter,
+) -> Handled {
+    let mut decoded = false;
+    loop {
+        if let Some(wait) = rate.as_mut().and_then(|r| r.delay(Instant::now())) {
+            return Handled::Throttle { wait, decoded };
+        }
+        // The broker closed this connection (a takeover, an operator's kick, the stop):
+        // nothing more the client sent is handled, however much of it is waiting, except a
+        // DISCONNECT it already sent (which decides its will).
+        if out.is_closed() {
+            let ending = buffered_disconnect(shard, ctx, buf, limits);
+            return Handled::End {
+                ending,
+                broker_closed: true,
+            };
+        }
+        match decode(buf, limits) {
+            Ok(Some(packet)) => {
+                decoded = true;
+                let now = Instant::now();
+                if let Some(r) = rate.as_mut() {
+                    r.packet(now);
+                }
+                match shard.service().on_packet(ctx, packet, now) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Disconnect(e)) => {
+                        return Handled::End {
+                            ending: Some(e),
+                            broker_closed: false,
+                        }
+                    }
+                    Err(rc) => {
+                        out.close(Some(rc));
+                        return Handled::End {
+                            ending: None,
+                            broker_closed: true,
+                        };
+                    }
+                }
+            }
+            Ok(None) => return Handled::NeedMore { decoded },
+            Err(e) => {
+                tracing::debug!(client = %ctx.client_id, error = %e, "malformed packet");
+                out.close(Some(e.reason_code()));
+                return Handled::End {
+                    ending: None,
+                    broker_closed: true,
+                };
+            }
+        }
+    }
+}
+
+/// Whichever comes first, and in how long: the keep-alive bound, or the time the packet
+/// started at `packet_started` has to be completed.
+fn first_deadline(
+    keep_alive: Option<Duration>,
+    packet_started: Option<Instant>,
+    packet_timeout: Duration,
+) -> Option<(Duration, ReadEvent)> {
+    let ka = keep_alive.map(|d| (d, ReadEvent::KeepAliveExpired));
+    let pk = packet_started.map(|t| {
+        let left = (t + packet_timeout).saturating_duration_since(Instant::now());
+        (left, ReadEvent::PacketTimeout)
+    });
+    match (ka, pk) {
+        (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What a read event means: `None`, data came in (counted) and the connection goes on;
+/// `Some(broker_closed)`, the connection ends (the client left, the broker closed it, or
+/// it timed out, closed here with its reason).
+fn after_read(
+    shard: &Shard<BrokerShard>,
+    ctx: &ConnCtx,
+    out: &Outbound,
+    rate: &mut Limiter,
+    buffered: usize,
+    event: ReadEvent,
+) -> Option<bool> {
+    match event {
+        ReadEvent::Data(Ok(0)) | ReadEvent::Data(Err(_)) => Some(false),
+        ReadEvent::Data(Ok(n)) => {
+            if let Some(r) = rate.as_mut() {
+                r.bytes(n, Instant::now());
+            }
+            shard.service().io.add_in(n);
+            None
+        }
+        ReadEvent::Closed => Some(true),
+        ReadEvent::KeepAliveExpired => {
+            out.close(Some(ReasonCode::KeepAliveTimeout));
+            Some(true)
+        }
+        ReadEvent::PacketTimeout => {
+            let inc = &shard.service().incomplete;
+            inc.timed_out.set(inc.timed_out.get() + 1);
+            tracing::debug!(client = %ctx.client_id, bytes = buffered, "packet not completed in time (limits.packet_timeout_s)");
+            out.close(Some(ReasonCode::KeepAliveTimeout));
+            Some(true)
+        }
     }
 }
 
