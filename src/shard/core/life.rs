@@ -50,41 +50,16 @@ impl Core {
         let session_present = self.take_over(c, &client_id, now);
         // CONNACK, before anything the session resends.
         let keep_alive_s = c.keep_alive.min(self.cfg.limits.keep_alive_max_s);
-        let mut props = ConnAckProperties::default();
-        if version.is_v5() {
-            let l = &self.cfg.limits;
-            props.receive_maximum = Some(l.receive_maximum).filter(|&r| r != u16::MAX);
-            props.maximum_packet_size = Some(l.packet_bytes_max);
-            props.topic_alias_maximum = Some(l.topic_alias_max).filter(|&a| a > 0);
-            props.assigned_client_identifier = assigned_id;
-            if keep_alive_s != c.keep_alive {
-                props.server_keep_alive = Some(keep_alive_s);
-            }
-            if expiry_s != c.properties.session_expiry_interval.unwrap_or(0) {
-                props.session_expiry_interval = Some(expiry_s);
-            }
-        }
         out.send(&Packet::ConnAck(Box::new(ConnAck {
             session_present: session_present && version != ProtocolVersion::V3_1,
             reason_code: ReasonCode::Success,
-            properties: props,
+            properties: self.connack_properties(c, assigned_id, keep_alive_s, expiry_s),
         })));
         let conn_id = self.next_conn_id;
         self.next_conn_id += 1;
         self.stats.connections += 1;
         self.stats.connects_total += 1;
-        let cp = &c.properties;
-        let mut link = Link::new(
-            conn_id,
-            out.clone(),
-            cp.receive_maximum.unwrap_or(u16::MAX),
-            cp.maximum_packet_size.unwrap_or(u32::MAX),
-            cp.topic_alias_maximum
-                .unwrap_or(0)
-                .min(self.cfg.limits.topic_alias_max),
-        );
-        link.peer = login.peer;
-        link.keep_alive_s = keep_alive_s;
+        let link = self.link_of(c, conn_id, out.clone(), login.peer, keep_alive_s);
         let will = will_of(c, &client_id, now);
         self.attach_session(&client_id, version, expiry_s, &username, will, link, now);
         if self.conn_line(now) {
@@ -110,6 +85,57 @@ impl Core {
             },
             keep_alive_s,
         })
+    }
+
+    /// CONNACK's MQTT 5 properties: this broker's limits, and what it changed of the
+    /// client's asks (an assigned client id, keep alive, session expiry).
+    fn connack_properties(
+        &self,
+        c: &Connect,
+        assigned_id: Option<MqttStr>,
+        keep_alive_s: u16,
+        expiry_s: u32,
+    ) -> ConnAckProperties {
+        let mut props = ConnAckProperties::default();
+        if !c.protocol.is_v5() {
+            return props;
+        }
+        let l = &self.cfg.limits;
+        props.receive_maximum = Some(l.receive_maximum).filter(|&r| r != u16::MAX);
+        props.maximum_packet_size = Some(l.packet_bytes_max);
+        props.topic_alias_maximum = Some(l.topic_alias_max).filter(|&a| a > 0);
+        props.assigned_client_identifier = assigned_id;
+        if keep_alive_s != c.keep_alive {
+            props.server_keep_alive = Some(keep_alive_s);
+        }
+        if expiry_s != c.properties.session_expiry_interval.unwrap_or(0) {
+            props.session_expiry_interval = Some(expiry_s);
+        }
+        props
+    }
+
+    /// The session's link to the connection, with the flow limits the client asked for.
+    fn link_of(
+        &self,
+        c: &Connect,
+        conn_id: u64,
+        out: Rc<Outbound>,
+        peer: Option<std::net::SocketAddr>,
+        keep_alive_s: u16,
+    ) -> Link {
+        let cp = &c.properties;
+        let mut link = Link::new(
+            conn_id,
+            out,
+            cp.receive_maximum.unwrap_or(u16::MAX),
+            cp.maximum_packet_size.unwrap_or(u32::MAX),
+            cp.topic_alias_maximum
+                .unwrap_or(0)
+                .min(self.cfg.limits.topic_alias_max),
+        );
+        link.peer = peer;
+        link.keep_alive_s = keep_alive_s;
+        link
     }
 
     /// The checks a CONNECT passes before its session is touched: the client id, the

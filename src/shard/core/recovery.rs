@@ -34,46 +34,67 @@ impl Core {
                 restored += usize::from(self.restore_session(rs, &clock, now));
                 continue;
             }
-            let queue = match store.queue_read(&rs.client_id, rs.queue_first_seq, usize::MAX) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::error!(client = %rs.client_id, error = %e, "cannot read a queue to re-home; the session stays");
-                    continue;
-                }
-            };
-            let token = self.token();
-            self.begin(
-                token,
-                RoundTrip::new(
-                    1,
-                    Completion::Rehome {
-                        client_id: rs.client_id.clone(),
-                    },
-                ),
-            );
-            self.sink.push(
-                owner,
-                Event::Rehome {
-                    session: Box::new(Rehomed { stored: rs, queue }),
-                    reply: token,
-                },
-            );
-            rehomed += 1;
+            rehomed += usize::from(self.send_home(&store, rs, owner));
         }
         let retained = recovered.retained.len();
-        for m in recovered.retained {
-            let Ok(msg) = m.to_message(&clock) else {
+        self.restore_retained(&store, recovered.retained, &clock);
+        tracing::info!(
+            shard = self.id,
+            sessions = restored,
+            rehomed,
+            retained,
+            damaged = recovered.damaged.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        self.announce_recovered();
+    }
+
+    /// Sends a stored session whose owner is now another shard (the shard count changed)
+    /// there with its queue; it is deleted here once the owner has it on disk (see
+    /// [`Completion::Rehome`]). Returns whether it was sent (a queue that cannot be read
+    /// keeps the session here).
+    fn send_home(
+        &mut self,
+        store: &Store,
+        rs: crate::storage::RecoveredSession,
+        owner: usize,
+    ) -> bool {
+        let queue = match store.queue_read(&rs.client_id, rs.queue_first_seq, usize::MAX) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(client = %rs.client_id, error = %e, "cannot read a queue to re-home; the session stays");
+                return false;
+            }
+        };
+        let token = self.token();
+        let client_id = rs.client_id.clone();
+        self.begin(token, RoundTrip::new(1, Completion::Rehome { client_id }));
+        self.sink.push(
+            owner,
+            Event::Rehome {
+                session: Box::new(Rehomed { stored: rs, queue }),
+                reply: token,
+            },
+        );
+        true
+    }
+
+    /// Applies the stored retained messages here and on every peer, as writes older than
+    /// any live one (version 0); one whose home moved (the shard count changed) is deleted
+    /// here and stored by its new home.
+    fn restore_retained(&mut self, store: &Store, retained: Vec<MessageRecord>, clock: &WallClock) {
+        for m in retained {
+            let Ok(msg) = m.to_message(clock) else {
                 continue;
             };
             let msg = Arc::new(msg);
-            // Stored messages predate every live write: version 0.
             let version = RetainVersion {
                 at_ns: 0,
                 shard: self.id as u16,
             };
             let home = owner_shard(msg.topic.as_bytes(), self.count);
             if home != self.id {
-                // The shard count changed: the new home stores it when it applies it.
                 let r = store.retained_delete(msg.topic.as_str());
                 self.note_write(r);
             }
@@ -89,16 +110,6 @@ impl Core {
                 );
             }
         }
-        tracing::info!(
-            shard = self.id,
-            sessions = restored,
-            rehomed,
-            retained,
-            damaged = recovered.damaged.len(),
-            ms = started.elapsed().as_millis() as u64,
-            "recovered"
-        );
-        self.announce_recovered();
     }
 
     pub(super) fn announce_recovered(&mut self) {
