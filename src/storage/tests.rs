@@ -1,3 +1,6 @@
+//! Unit tests of the store: records round-trip, batches are atomic, queues keep order and
+//! bounds, re-homing copies everything, and the engine seals and flushes what was persisted.
+
 use super::*;
 
 fn opts() -> StoreOptions {
