@@ -465,6 +465,8 @@ fn read_now(conn: &mut Conn) -> Result<()> {
     }
 }
 
+/// Sends the plan's messages and settles their acknowledgements until both are done or
+/// the acknowledgement deadline passed; an error ends the publisher.
 async fn publish_loop(conn: &mut Conn, plan: &PubPlan, ctx: &Ctx, r: &mut PubResult) -> Result<()> {
     let limits = conn.limits();
     let qos = plan.qos;
