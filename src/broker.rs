@@ -168,32 +168,9 @@ impl Broker {
         let count = placement.shard_count();
         let cores: Vec<Option<usize>> = (0..count).map(|i| placement.core_of(i)).collect();
 
-        let specs = listeners_of(&cfg).map_err(StartError::Listener)?;
-        let mut listeners = Vec::new();
-        let mut fds: ShardSockets = vec![Vec::new(); count];
-        for spec in specs {
-            let addr = spec.addr;
-            let (socks, bound) = net::bind_listeners(addr, count)
-                .map_err(|error| StartError::Listen { addr, error })?;
-            listeners.push(BoundListener {
-                addr: bound,
-                transport: spec.transport,
-            });
-            let spec = Arc::new(spec);
-            for (shard, fd) in socks.into_iter().enumerate() {
-                fds[shard].push((fd, spec.clone()));
-            }
-        }
+        let (listeners, fds) = bind_client_listeners(&cfg, count)?;
         let fds = Arc::new(fds);
-        let admin_listener = if cfg.admin.enabled {
-            let addr = cfg.admin.listen;
-            Some(
-                crate::admin::bind(addr)
-                    .map_err(|error| StartError::AdminListen { addr, error })?,
-            )
-        } else {
-            None
-        };
+        let admin_listener = bind_admin(&cfg)?;
         let admin_info = BrokerInfo {
             cores: cores.clone(),
             queue_policy: cfg.sessions.queue_policy,
@@ -202,36 +179,9 @@ impl Broker {
             allowed_hosts: cfg.admin.allowed_hosts.clone(),
             token: cfg.admin.token.clone(),
         };
+        let stores = Arc::new(open_stores(&cfg, count)?);
 
-        // One database per shard, opened here so that a bad data directory fails the start
-        // with one line, before any shard runs.
-        let stores: Vec<Option<Store>> = if cfg.storage.durability == Durability::Memory {
-            vec![None; count]
-        } else {
-            let opts = StoreOptions {
-                cache_bytes: cfg.storage.cache_bytes,
-                max_cached_files: cfg.storage.max_cached_files as usize,
-                ..StoreOptions::default()
-            };
-            let mut v = Vec::with_capacity(count);
-            for shard in 0..count {
-                let dir = cfg.data_dir.join(format!("shard-{shard}"));
-                let store = Store::open(&dir, &opts).map_err(|e| {
-                    StartError::Config(format!("cannot open {}: {e}", dir.display()))
-                })?;
-                v.push(store);
-            }
-            merge_extra_stores(&cfg.data_dir, &v, &opts)?;
-            v.into_iter().map(Some).collect()
-        };
-        let stores = Arc::new(stores);
-
-        let mut rt = shards::Config::new(placement);
-        rt.preempt_timer = Duration::from_millis(cfg.shards.preempt_timer_ms);
-        rt.thread_name_prefix = "shardmq".into();
-        // glommio is patched against the lost wake-up the nudger guards against (see
-        // vendor/README.md); a slow nudge stays as cheap insurance.
-        rt.nudge_interval = Some(Duration::from_millis(100));
+        let rt = runtime_config(&cfg, placement);
         let cfg = Arc::new(cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<usize>();
         let build_cfg = cfg.clone();
@@ -255,24 +205,9 @@ impl Broker {
             },
         )
         .map_err(|e| StartError::Runtime(e.to_string()))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        for _ in 0..count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if ready_rx.recv_timeout(left).is_err() {
-                pool.control().stop();
-                return Err(StartError::Runtime("a shard did not become ready".into()));
-            }
-        }
+        wait_ready(&pool, &ready_rx, count)?;
         let admin = match admin_listener {
-            Some(l) => match AdminServer::start(l, pool.control(), admin_info) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    pool.control().stop();
-                    return Err(StartError::Runtime(format!(
-                        "cannot start the admin endpoint: {e}"
-                    )));
-                }
-            },
+            Some(l) => Some(start_admin(l, &pool, admin_info)?),
             None => None,
         };
         Ok(Broker {
@@ -440,6 +375,104 @@ fn merge_extra_stores(
 
 /// Per shard: its listening sockets, each with the listener it belongs to.
 type ShardSockets = Vec<Vec<(RawFd, Arc<net::Listener>)>>;
+
+/// Binds every client listener of the configuration, one socket per shard each: the bound
+/// addresses (port 0 resolved), and each shard's sockets.
+fn bind_client_listeners(
+    cfg: &Config,
+    count: usize,
+) -> Result<(Vec<BoundListener>, ShardSockets), StartError> {
+    let specs = listeners_of(cfg).map_err(StartError::Listener)?;
+    let mut listeners = Vec::new();
+    let mut fds: ShardSockets = vec![Vec::new(); count];
+    for spec in specs {
+        let addr = spec.addr;
+        let (socks, bound) =
+            net::bind_listeners(addr, count).map_err(|error| StartError::Listen { addr, error })?;
+        listeners.push(BoundListener {
+            addr: bound,
+            transport: spec.transport,
+        });
+        let spec = Arc::new(spec);
+        for (shard, fd) in socks.into_iter().enumerate() {
+            fds[shard].push((fd, spec.clone()));
+        }
+    }
+    Ok((listeners, fds))
+}
+
+/// Binds the admin endpoint's socket when `admin.enabled`.
+fn bind_admin(cfg: &Config) -> Result<Option<std::net::TcpListener>, StartError> {
+    if !cfg.admin.enabled {
+        return Ok(None);
+    }
+    let addr = cfg.admin.listen;
+    crate::admin::bind(addr)
+        .map(Some)
+        .map_err(|error| StartError::AdminListen { addr, error })
+}
+
+/// Starts the admin endpoint on its bound socket; on failure stops the pool.
+fn start_admin(
+    l: std::net::TcpListener,
+    pool: &Pool<BrokerShard, ()>,
+    info: BrokerInfo,
+) -> Result<AdminServer, StartError> {
+    AdminServer::start(l, pool.control(), info).map_err(|e| {
+        pool.control().stop();
+        StartError::Runtime(format!("cannot start the admin endpoint: {e}"))
+    })
+}
+
+/// One database per shard (none for `durability = "memory"`), opened here so that a bad
+/// data directory fails the start with one line, before any shard runs.
+fn open_stores(cfg: &Config, count: usize) -> Result<Vec<Option<Store>>, StartError> {
+    if cfg.storage.durability == Durability::Memory {
+        return Ok(vec![None; count]);
+    }
+    let opts = StoreOptions {
+        cache_bytes: cfg.storage.cache_bytes,
+        max_cached_files: cfg.storage.max_cached_files as usize,
+        ..StoreOptions::default()
+    };
+    let mut v = Vec::with_capacity(count);
+    for shard in 0..count {
+        let dir = cfg.data_dir.join(format!("shard-{shard}"));
+        let store = Store::open(&dir, &opts)
+            .map_err(|e| StartError::Config(format!("cannot open {}: {e}", dir.display())))?;
+        v.push(store);
+    }
+    merge_extra_stores(&cfg.data_dir, &v, &opts)?;
+    Ok(v.into_iter().map(Some).collect())
+}
+
+/// The shards runtime's settings for `placement`.
+fn runtime_config(cfg: &Config, placement: Placement) -> shards::Config {
+    let mut rt = shards::Config::new(placement);
+    rt.preempt_timer = Duration::from_millis(cfg.shards.preempt_timer_ms);
+    rt.thread_name_prefix = "shardmq".into();
+    // glommio is patched against the lost wake-up the nudger guards against (see
+    // vendor/README.md); a slow nudge stays as cheap insurance.
+    rt.nudge_interval = Some(Duration::from_millis(100));
+    rt
+}
+
+/// Waits until every shard reported ready, within [`START_TIMEOUT`]; else stops the pool.
+fn wait_ready(
+    pool: &Pool<BrokerShard, ()>,
+    ready_rx: &mpsc::Receiver<usize>,
+    count: usize,
+) -> Result<(), StartError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    for _ in 0..count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if ready_rx.recv_timeout(left).is_err() {
+            pool.control().stop();
+            return Err(StartError::Runtime("a shard did not become ready".into()));
+        }
+    }
+    Ok(())
+}
 
 /// Every listener of the configuration, `listen` first, with its TLS files read and
 /// checked. The error is one line naming the listener and the file.

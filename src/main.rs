@@ -137,54 +137,131 @@ fn load(path: &PathBuf) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(c) => c,
+        Err(code) => return code,
+    };
+    match &cli.command {
+        Some(Command::Passwd { file, user, stdin }) => return passwd(file, user, *stdin),
+        Some(Command::ConvertMosquittoConf { file }) => return convert_mosquitto_conf(file),
+        Some(Command::CheckConfig { file }) => return check_config(file),
+        None => {}
+    }
+    let cfg = match effective_config(&cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let auth = match Auth::load(&cfg) {
+        Ok(a) => std::sync::Arc::new(a),
+        Err(e) => return fail(2, e),
+    };
+    let filter = match log_filter(cli.log_level.as_deref(), &cfg.log.level) {
+        Ok(f) => f,
+        Err(e) => return fail(2, e),
+    };
+    init_logging(filter);
+
+    // Installed before the shards start and before the ready line, so that a SIGTERM sent
+    // as soon as the broker reports ready (or while it starts) is an orderly stop, not the
+    // default action (death by signal). Signals arriving before the thread below runs wait.
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        Ok(s) => s,
+        Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
+    };
+    let reload_cfg = cfg.clone();
+    let broker = match Broker::start_with_auth(cfg, auth) {
+        Ok(b) => b,
+        Err(e @ StartError::Listener(_)) => return fail(2, e),
+        Err(e) => return fail(1, e),
+    };
+    announce_ready(&broker);
+
+    // When the stop was asked for, for the last line's duration.
+    let stop_requested: &'static std::sync::OnceLock<std::time::Instant> =
+        Box::leak(Box::new(std::sync::OnceLock::new()));
+    spawn_signal_thread(&broker, signals, reload_cfg, stop_requested);
+    let result = broker.join();
+    if let Some(t) = stop_requested.get() {
+        tracing::info!(ms = t.elapsed().as_millis() as u64, "stopped");
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, format!("shard failure: {e}")),
+    }
+}
+
+/// Parses the command line; `--help`/`--version` print and exit 0, an error exits 2 with
+/// its first line.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(c) => Ok(c),
         Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            Err(ExitCode::SUCCESS)
         }
         Err(e) => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            return fail(2, first.trim_start_matches("error: "));
+            Err(fail(2, first.trim_start_matches("error: ")))
         }
+    }
+}
+
+/// `shardmq convert-mosquitto-conf FILE`: prints the converted configuration, and each line
+/// not carried over to stderr.
+fn convert_mosquitto_conf(file: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(2, format!("{}: {e}", file.display())),
     };
-    if let Some(Command::Passwd { file, user, stdin }) = &cli.command {
-        return passwd(file, user, *stdin);
+    let converted = shardmq::mosquitto::convert(&text);
+    let out = shardmq::mosquitto::render(&converted, &file.display().to_string());
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    for n in &converted.skipped {
+        eprintln!("{}:{}: not carried over: {}", file.display(), n.line, n.why);
     }
-    if let Some(Command::ConvertMosquittoConf { file }) = &cli.command {
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) => return fail(2, format!("{}: {e}", file.display())),
-        };
-        let converted = shardmq::mosquitto::convert(&text);
-        let out = shardmq::mosquitto::render(&converted, &file.display().to_string());
-        let _ = std::io::stdout().write_all(out.as_bytes());
-        for n in &converted.skipped {
-            eprintln!("{}:{}: not carried over: {}", file.display(), n.line, n.why);
-        }
-        return ExitCode::SUCCESS;
-    }
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match load(file).and_then(|c| Auth::load(&c).map(|_| c).map_err(|e| e.to_string())) {
-            Ok(cfg) => {
-                if let Err(e) = listeners_of(&cfg) {
-                    return fail(2, format!("{}: {e}", file.display()));
-                }
-                let text = toml::to_string_pretty(&cfg).unwrap_or_default();
-                let _ = std::io::stdout().write_all(text.as_bytes());
-                ExitCode::SUCCESS
+    ExitCode::SUCCESS
+}
+
+/// `shardmq check-config FILE`: validates the file (and the files it names) and prints the
+/// effective configuration.
+fn check_config(file: &PathBuf) -> ExitCode {
+    match load(file).and_then(|c| Auth::load(&c).map(|_| c).map_err(|e| e.to_string())) {
+        Ok(cfg) => {
+            if let Err(e) = listeners_of(&cfg) {
+                return fail(2, format!("{}: {e}", file.display()));
             }
-            Err(e) => fail(2, e),
-        };
+            let text = toml::to_string_pretty(&cfg).unwrap_or_default();
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, e),
     }
+}
+
+/// The configuration to run: the `--config` file (or the defaults) with the flags applied,
+/// validated; an error exits 2.
+fn effective_config(cli: &Cli) -> Result<Config, ExitCode> {
     let mut cfg = match &cli.config {
         Some(p) => match load(p) {
             Ok(c) => c,
-            Err(e) => return fail(2, e),
+            Err(e) => return Err(fail(2, e)),
         },
         None => Config::default(),
     };
+    apply_flags(cli, &mut cfg);
+    if let Err(e) = cfg.validate() {
+        return Err(fail(2, e));
+    }
+    Ok(cfg)
+}
+
+/// Overrides the configuration's settings with the flags given.
+fn apply_flags(cli: &Cli, cfg: &mut Config) {
     if !cli.listen.is_empty() {
         cfg.listen = cli.listen.clone();
     }
@@ -208,17 +285,10 @@ fn main() -> ExitCode {
     if cli.no_admin {
         cfg.admin.enabled = false;
     }
-    if let Err(e) = cfg.validate() {
-        return fail(2, e);
-    }
-    let auth = match Auth::load(&cfg) {
-        Ok(a) => std::sync::Arc::new(a),
-        Err(e) => return fail(2, e),
-    };
-    let filter = match log_filter(cli.log_level.as_deref(), &cfg.log.level) {
-        Ok(f) => f,
-        Err(e) => return fail(2, e),
-    };
+}
+
+/// Logs to stderr through `filter`, in colour only on a terminal without `NO_COLOR`.
+fn init_logging(filter: tracing_subscriber::EnvFilter) {
     // Colour only for a terminal, and not with NO_COLOR set (https://no-color.org):
     // journald and log files get plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -228,24 +298,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .init();
+}
 
-    // Installed before the shards start and before the ready line, so that a SIGTERM sent
-    // as soon as the broker reports ready (or while it starts) is an orderly stop, not the
-    // default action (death by signal). Signals arriving before the thread below runs wait.
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ]) {
-        Ok(s) => s,
-        Err(e) => return fail(1, format!("cannot install signal handlers: {e}")),
-    };
-    let reload_cfg = cfg.clone();
-    let broker = match Broker::start_with_auth(cfg, auth) {
-        Ok(b) => b,
-        Err(e @ StartError::Listener(_)) => return fail(2, e),
-        Err(e) => return fail(1, e),
-    };
+/// Logs where the shards and listeners are, prints the ready line and tells systemd.
+fn announce_ready(broker: &Broker) {
     for (i, core) in broker.cores.iter().enumerate() {
         match core {
             Some(c) => tracing::info!("shard {i} on core {c}"),
@@ -258,24 +314,7 @@ fn main() -> ExitCode {
         .map(|l| l.addr.to_string())
         .collect();
     tracing::info!("listening on {}", addrs.join(", "));
-    // Then each transport's addresses, so that a client started with port 0 finds its own.
-    let mut by_transport = String::new();
-    for t in [
-        Transport::Tcp,
-        Transport::Tls,
-        Transport::Ws,
-        Transport::Wss,
-    ] {
-        let of_t: Vec<String> = broker
-            .listeners
-            .iter()
-            .filter(|l| l.transport == t)
-            .map(|l| l.addr.to_string())
-            .collect();
-        if !of_t.is_empty() {
-            by_transport.push_str(&format!(" {}={}", t.name(), of_t.join(",")));
-        }
-    }
+    let by_transport = addresses_by_transport(broker);
     let admin = match broker.admin_addr {
         Some(a) => {
             tracing::info!("admin endpoint on http://{a}/");
@@ -294,13 +333,42 @@ fn main() -> ExitCode {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
     }
+}
 
-    // First SIGINT/SIGTERM: orderly stop, bounded. Second: exit at once. SIGHUP: reload the
-    // password and ACL files (a bad file is logged and the old rules stay).
+/// The ready line's ` tcp=ADDR[,ADDR]` (then `tls=`, `ws=`, `wss=`) parts, for the
+/// transports that have listeners.
+fn addresses_by_transport(broker: &Broker) -> String {
+    // Each transport's addresses, so that a client started with port 0 finds its own.
+    let mut by_transport = String::new();
+    for t in [
+        Transport::Tcp,
+        Transport::Tls,
+        Transport::Ws,
+        Transport::Wss,
+    ] {
+        let of_t: Vec<String> = broker
+            .listeners
+            .iter()
+            .filter(|l| l.transport == t)
+            .map(|l| l.addr.to_string())
+            .collect();
+        if !of_t.is_empty() {
+            by_transport.push_str(&format!(" {}={}", t.name(), of_t.join(",")));
+        }
+    }
+    by_transport
+}
+
+/// Starts the thread that handles signals. First SIGINT/SIGTERM: orderly stop, bounded.
+/// Second: exit at once. SIGHUP: reload the password and ACL files (a bad file is logged
+/// and the old rules stay).
+fn spawn_signal_thread(
+    broker: &Broker,
+    mut signals: signal_hook::iterator::Signals,
+    reload_cfg: Config,
+    stop_requested: &'static std::sync::OnceLock<std::time::Instant>,
+) {
     let control = broker.control();
-    // When the stop was asked for, for the last line's duration.
-    let stop_requested: &'static std::sync::OnceLock<std::time::Instant> =
-        Box::leak(Box::new(std::sync::OnceLock::new()));
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -321,16 +389,7 @@ fn main() -> ExitCode {
                         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
                     }
                     control.stop();
-                    let _ = std::thread::Builder::new()
-                        .name("stop-timeout".into())
-                        .spawn(|| {
-                            // A bound, not a synchronisation: the orderly stop exits first.
-                            std::thread::sleep(STOP_TIMEOUT);
-                            tracing::error!(
-                                "the orderly stop did not finish within {STOP_TIMEOUT:?}; exiting"
-                            );
-                            std::process::exit(1);
-                        });
+                    spawn_stop_timeout();
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting at once");
                     std::process::exit(130);
@@ -338,14 +397,18 @@ fn main() -> ExitCode {
             }
         })
         .ok();
-    let result = broker.join();
-    if let Some(t) = stop_requested.get() {
-        tracing::info!(ms = t.elapsed().as_millis() as u64, "stopped");
-    }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(1, format!("shard failure: {e}")),
-    }
+}
+
+/// Starts the thread that exits (status 1) if the orderly stop takes over [`STOP_TIMEOUT`].
+fn spawn_stop_timeout() {
+    let _ = std::thread::Builder::new()
+        .name("stop-timeout".into())
+        .spawn(|| {
+            // A bound, not a synchronisation: the orderly stop exits first.
+            std::thread::sleep(STOP_TIMEOUT);
+            tracing::error!("the orderly stop did not finish within {STOP_TIMEOUT:?}; exiting");
+            std::process::exit(1);
+        });
 }
 
 /// The log filter: `--log-level`, else `RUST_LOG` (when set and not empty), else the

@@ -40,15 +40,48 @@ struct Block {
     max_connections: Option<u32>,
 }
 
+/// Where a setting was read: its line number and its text, for the notes about it.
+struct At<'a> {
+    line: usize,
+    text: &'a str,
+}
+
+impl At<'_> {
+    /// A note about this line, saying why.
+    fn note(&self, why: &str) -> Note {
+        Note {
+            line: self.line,
+            text: self.text.to_string(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// The conversion under way: what the lines read so far set, and the notes about them.
+struct Converter {
+    cfg: Config,
+    skipped: Vec<Note>,
+    caveats: Vec<Note>,
+    blocks: Vec<Block>,
+    persistence: bool,
+    default_port: Option<(usize, u16)>,
+}
+
+/// A setting's value as a number, when it is one.
+fn num(v: &str) -> Option<i64> {
+    v.parse::<i64>().ok()
+}
+
 pub fn convert(text: &str) -> Converted {
-    let mut cfg = Config::default();
-    let mut skipped = Vec::new();
-    let mut caveats = Vec::new();
-    let mut blocks: Vec<Block> = Vec::new();
-    let mut persistence = false;
-    let mut default_port: Option<(usize, u16)> = None;
+    let mut c = Converter {
+        cfg: Config::default(),
+        skipped: Vec::new(),
+        caveats: Vec::new(),
+        blocks: Vec::new(),
+        persistence: false,
+        default_port: None,
+    };
     for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
         let l = raw.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
@@ -57,210 +90,264 @@ pub fn convert(text: &str) -> Converted {
             Some((k, v)) => (k, v.trim()),
             None => (l, ""),
         };
-        let note = |why: &str| Note {
-            line,
-            text: l.to_string(),
-            why: why.to_string(),
-        };
-        let num = |v: &str| v.parse::<i64>().ok();
-        let mut skip = |why: &str| skipped.push(note(why));
+        c.setting(
+            &At {
+                line: i + 1,
+                text: l,
+            },
+            key,
+            value,
+        );
+    }
+    c.finish()
+}
+
+impl Converter {
+    /// Notes a line as not carried over, and why.
+    fn skip(&mut self, at: &At<'_>, why: &str) {
+        self.skipped.push(at.note(why));
+    }
+
+    /// Carries over one `key value` line, or notes why not.
+    fn setting(&mut self, at: &At<'_>, key: &str, value: &str) {
         match key {
-            "listener" => {
-                let mut parts = value.split_whitespace();
-                let port = parts.next().and_then(|p| p.parse::<u16>().ok());
-                let bind = parts.next().map(|b| b.parse::<IpAddr>());
-                match (port, bind) {
-                    (Some(port), None) => blocks.push(Block::new(line, port, None)),
-                    (Some(port), Some(Ok(ip))) => blocks.push(Block::new(line, port, Some(ip))),
-                    (Some(_), Some(Err(_))) => {
-                        skip("a host name or a unix socket path: shardmq listens on IP addresses")
-                    }
-                    (None, _) => skip("no port number"),
-                }
+            "listener" => self.listener(at, value),
+            "port" => {
+                self.default_port = num(value)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .map(|p| (at.line, p))
             }
-            "port" => default_port = num(value).and_then(|p| u16::try_from(p).ok()).map(|p| (line, p)),
-            "protocol" | "certfile" | "keyfile" | "cafile" | "require_certificate"
-            | "use_identity_as_username" | "bind_address" | "max_connections"
-                if !blocks.is_empty() || key == "max_connections" =>
+            "protocol"
+            | "certfile"
+            | "keyfile"
+            | "cafile"
+            | "require_certificate"
+            | "use_identity_as_username"
+            | "bind_address"
+            | "max_connections"
+                if !self.blocks.is_empty() || key == "max_connections" =>
             {
-                let b = blocks.last_mut();
-                match (key, b) {
-                    ("protocol", Some(b)) => match value {
-                        "websockets" => b.websockets = true,
-                        "mqtt" => {}
-                        _ => skip("unknown protocol"),
-                    },
-                    ("certfile", Some(b)) => b.cert = Some(value.into()),
-                    ("keyfile", Some(b)) => b.key = Some(value.into()),
-                    ("cafile", Some(b)) => b.ca = Some(value.into()),
-                    ("require_certificate", Some(b)) => b.require_certificate = value == "true",
-                    ("use_identity_as_username", Some(b)) => {
-                        b.identity_as_username = value == "true"
-                    }
-                    ("bind_address", Some(b)) => match value.parse() {
-                        Ok(ip) => b.bind = Some(ip),
-                        Err(_) => skip("not an IP address"),
-                    },
-                    ("max_connections", b) => match (num(value), b) {
-                        (Some(n), Some(b)) if n > 0 => b.max_connections = u32::try_from(n).ok(),
-                        (Some(n), None) if n > 0 => {
-                            cfg.limits.connections_max = u32::try_from(n).unwrap_or(u32::MAX)
-                        }
-                        (Some(_), _) => {
-                            caveats.push(note("-1 (no limit) has no equivalent: limits.connections_max keeps its default, 100000"))
-                        }
-                        (None, _) => skip("not a number"),
-                    },
-                    _ => skip("outside a listener block"),
-                }
+                self.listener_setting(at, key, value)
             }
-            "persistence" => persistence = value == "true",
-            "persistence_location" => cfg.data_dir = value.into(),
-            "persistence_file" | "autosave_interval" | "autosave_on_changes" => skip(
-                "shardmq's store is one database per shard under data_dir, written as messages are acknowledged (no snapshot file, no autosave)",
-            ),
-            "max_queued_messages" => match num(value) {
-                Some(n) if n > 0 => {
-                    cfg.limits.queue_messages_max = u32::try_from(n).unwrap_or(u32::MAX)
-                }
-                Some(_) => caveats.push(note(
-                    "0 (no limit) has no equivalent: limits.queue_messages_max keeps its default (1000000; the queue is on disk)",
-                )),
-                None => skip("not a number"),
-            },
-            "max_queued_bytes" => match num(value) {
-                Some(n) if n > 0 => cfg.limits.queue_bytes_max = n as u64,
-                Some(_) => caveats.push(note(
-                    "0 (no limit) has no equivalent: limits.queue_bytes_max keeps its default (1 GiB)",
-                )),
-                None => skip("not a number"),
-            },
-            "max_inflight_messages" => match num(value) {
-                Some(n) if n > 0 => cfg.limits.inflight_max = u16::try_from(n).unwrap_or(u16::MAX),
-                Some(_) => caveats.push(note("0 (no limit) has no equivalent: limits.inflight_max keeps its default (1024)")),
-                None => skip("not a number"),
-            },
-            "max_packet_size" => match num(value) {
-                Some(n) if n > 0 => {
-                    cfg.limits.packet_bytes_max = u32::try_from(n).unwrap_or(u32::MAX);
-                    let p = cfg.limits.packet_bytes_max;
-                    cfg.limits.outbound_buffer_bytes_max = cfg.limits.outbound_buffer_bytes_max.max(p);
-                    cfg.limits.incomplete_packet_bytes_max =
-                        cfg.limits.incomplete_packet_bytes_max.max(p as u64);
-                }
-                Some(_) => {}
-                None => skip("not a number"),
-            },
-            "max_keepalive" => match num(value) {
-                Some(n) if n > 0 => {
-                    cfg.limits.keep_alive_max_s = u16::try_from(n).unwrap_or(u16::MAX)
-                }
-                Some(_) => {}
-                None => skip("not a number"),
-            },
-            "allow_anonymous" => cfg.auth.allow_anonymous = Some(value == "true"),
-            "password_file" => cfg.auth.password_file = Some(value.into()),
-            "acl_file" => cfg.auth.acl_file = Some(value.into()),
+            "persistence" => self.persistence = value == "true",
+            "persistence_location" => self.cfg.data_dir = value.into(),
+            "max_queued_messages"
+            | "max_queued_bytes"
+            | "max_inflight_messages"
+            | "max_packet_size"
+            | "max_keepalive" => self.limit(at, key, value),
+            "allow_anonymous" => self.cfg.auth.allow_anonymous = Some(value == "true"),
+            "password_file" => self.cfg.auth.password_file = Some(value.into()),
+            "acl_file" => self.cfg.auth.acl_file = Some(value.into()),
             "sys_interval" => match num(value) {
-                Some(n) if n >= 0 => cfg.sys.interval_s = u32::try_from(n).unwrap_or(u32::MAX),
-                _ => skip("not a number"),
+                Some(n) if n >= 0 => self.cfg.sys.interval_s = u32::try_from(n).unwrap_or(u32::MAX),
+                _ => self.skip(at, "not a number"),
             },
-            "queue_qos0_messages" => cfg.sessions.queue_qos0_offline = value == "true",
-            "log_dest" | "log_type" | "log_timestamp" | "log_timestamp_format" | "connection_messages" => skip(
-                "logs go to stderr (journald under systemd); the level is log.level, connection lines log.connection_lines_per_s",
+            "queue_qos0_messages" => self.cfg.sessions.queue_qos0_offline = value == "true",
+            _ => self.skip(at, why_skipped(key)),
+        }
+    }
+
+    /// Opens a `listener PORT [ADDRESS]` block.
+    fn listener(&mut self, at: &At<'_>, value: &str) {
+        let mut parts = value.split_whitespace();
+        let port = parts.next().and_then(|p| p.parse::<u16>().ok());
+        let bind = parts.next().map(|b| b.parse::<IpAddr>());
+        match (port, bind) {
+            (Some(port), None) => self.blocks.push(Block::new(at.line, port, None)),
+            (Some(port), Some(Ok(ip))) => self.blocks.push(Block::new(at.line, port, Some(ip))),
+            (Some(_), Some(Err(_))) => self.skip(
+                at,
+                "a host name or a unix socket path: shardmq listens on IP addresses",
             ),
-            "pid_file" | "user" => skip("run under systemd (config/shardmq.service) as the user it names"),
-            "include_dir" => skip("one file: fold the included files in and convert them too"),
-            "per_listener_settings" => skip("shardmq has one set of authentication rules for all listeners"),
-            "connection" | "address" | "topic" | "bridge_protocol_version" | "remote_username"
-            | "remote_password" | "cleansession" | "try_private" => {
-                skip("bridges are not supported (several shardmq nodes form a cluster instead)")
+            (None, _) => self.skip(at, "no port number"),
+        }
+    }
+
+    /// A setting of the open `listener` block (or `max_connections` outside one).
+    fn listener_setting(&mut self, at: &At<'_>, key: &str, value: &str) {
+        let skipped = &mut self.skipped;
+        let mut skip = |why: &str| skipped.push(at.note(why));
+        match (key, self.blocks.last_mut()) {
+            ("protocol", Some(b)) => match value {
+                "websockets" => b.websockets = true,
+                "mqtt" => {}
+                _ => skip("unknown protocol"),
+            },
+            ("certfile", Some(b)) => b.cert = Some(value.into()),
+            ("keyfile", Some(b)) => b.key = Some(value.into()),
+            ("cafile", Some(b)) => b.ca = Some(value.into()),
+            ("require_certificate", Some(b)) => b.require_certificate = value == "true",
+            ("use_identity_as_username", Some(b)) => {
+                b.identity_as_username = value == "true"
             }
-            "retain_available" | "message_size_limit" | "upgrade_outgoing_qos" | "set_tcp_nodelay" => {
-                skip("no equivalent setting")
+            ("bind_address", Some(b)) => match value.parse() {
+                Ok(ip) => b.bind = Some(ip),
+                Err(_) => skip("not an IP address"),
+            },
+            ("max_connections", b) => match (num(value), b) {
+                (Some(n), Some(b)) if n > 0 => b.max_connections = u32::try_from(n).ok(),
+                (Some(n), None) if n > 0 => {
+                    self.cfg.limits.connections_max = u32::try_from(n).unwrap_or(u32::MAX)
+                }
+                (Some(_), _) => {
+                    self.caveats.push(at.note("-1 (no limit) has no equivalent: limits.connections_max keeps its default, 100000"))
+                }
+                (None, _) => skip("not a number"),
+            },
+            _ => skip("outside a listener block"),
+        }
+    }
+
+    /// One of the `limits`: queue, in-flight, packet size, keep-alive.
+    fn limit(&mut self, at: &At<'_>, key: &str, value: &str) {
+        let limits = &mut self.cfg.limits;
+        let caveats = &mut self.caveats;
+        let mut caveat = |why: &str| caveats.push(at.note(why));
+        let n = num(value);
+        match (key, n) {
+            (_, None) => self.skipped.push(at.note("not a number")),
+            ("max_queued_messages", Some(n)) if n > 0 => {
+                limits.queue_messages_max = u32::try_from(n).unwrap_or(u32::MAX)
             }
-            _ => skip("not known to this converter"),
+            ("max_queued_messages", Some(_)) => caveat(
+                "0 (no limit) has no equivalent: limits.queue_messages_max keeps its default (1000000; the queue is on disk)",
+            ),
+            ("max_queued_bytes", Some(n)) if n > 0 => limits.queue_bytes_max = n as u64,
+            ("max_queued_bytes", Some(_)) => caveat(
+                "0 (no limit) has no equivalent: limits.queue_bytes_max keeps its default (1 GiB)",
+            ),
+            ("max_inflight_messages", Some(n)) if n > 0 => limits.inflight_max = u16::try_from(n).unwrap_or(u16::MAX),
+            ("max_inflight_messages", Some(_)) => caveat("0 (no limit) has no equivalent: limits.inflight_max keeps its default (1024)"),
+            ("max_packet_size", Some(n)) if n > 0 => {
+                limits.packet_bytes_max = u32::try_from(n).unwrap_or(u32::MAX);
+                let p = limits.packet_bytes_max;
+                limits.outbound_buffer_bytes_max = limits.outbound_buffer_bytes_max.max(p);
+                limits.incomplete_packet_bytes_max =
+                    limits.incomplete_packet_bytes_max.max(p as u64);
+            }
+            ("max_keepalive", Some(n)) if n > 0 => {
+                limits.keep_alive_max_s = u16::try_from(n).unwrap_or(u16::MAX)
+            }
+            _ => {}
         }
     }
-    if persistence {
-        cfg.storage.durability = Durability::Durable;
-        caveats.push(Note {
-            line: 0,
-            text: "persistence true".into(),
-            why: "shardmq writes each acknowledged message to disk before acknowledging it (storage.durability = \"durable\"), where Mosquitto saves snapshots".into(),
-        });
-    } else {
-        cfg.storage.durability = Durability::Memory;
-    }
-    let mut listen = Vec::new();
-    let mut listeners = Vec::new();
-    if let Some((line, port)) = default_port {
-        if blocks.iter().all(|b| b.port != port) {
-            blocks.insert(0, Block::new(line, port, None));
-        }
-    }
-    for b in blocks {
-        let ip = b.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let addr = SocketAddr::new(ip, b.port);
-        let tls = b.cert.is_some() || b.key.is_some();
-        let transport = match (b.websockets, tls) {
-            (false, false) => Transport::Tcp,
-            (false, true) => Transport::Tls,
-            (true, false) => Transport::Ws,
-            (true, true) => Transport::Wss,
-        };
-        if b.bind.is_none() {
-            caveats.push(Note {
-                line: b.line,
-                text: format!("listener {}", b.port),
-                why: format!(
-                    "no address: listens on {addr} (IPv4; add [::]:{} for IPv6)",
-                    b.port
-                ),
-            });
-        }
-        if transport == Transport::Tcp && b.max_connections.is_none() {
-            listen.push(addr);
-            continue;
-        }
-        let mut l = ListenerConfig::new(addr, transport);
-        l.cert_file = b.cert;
-        l.key_file = b.key;
-        l.client_ca_file = b.ca;
-        l.require_client_cert = b.require_certificate;
-        l.use_identity_as_username = b.identity_as_username;
-        l.connections_max = b.max_connections;
-        listeners.push(l);
-    }
-    if !listen.is_empty() || !listeners.is_empty() {
-        cfg.listen = listen;
-        cfg.listeners = listeners;
-    }
-    // The admin endpoint moves off a port a listener took (8080 is a common WebSocket port).
-    let used: Vec<u16> = cfg
-        .listen
-        .iter()
-        .chain(cfg.listeners.iter().map(|l| &l.address))
-        .map(SocketAddr::port)
-        .collect();
-    if used.contains(&cfg.admin.listen.port()) {
-        let from = cfg.admin.listen.port();
-        if let Some(free) = (from..u16::MAX).find(|p| !used.contains(p)) {
-            cfg.admin.listen.set_port(free);
-            caveats.push(Note {
+
+    /// The configuration the lines read give, with the notes about them.
+    fn finish(mut self) -> Converted {
+        if self.persistence {
+            self.cfg.storage.durability = Durability::Durable;
+            self.caveats.push(Note {
                 line: 0,
-                text: format!("a listener on port {from}"),
-                why: format!(
-                    "the admin endpoint's default port: admin.listen moves to {}",
-                    cfg.admin.listen
-                ),
+                text: "persistence true".into(),
+                why: "shardmq writes each acknowledged message to disk before acknowledging it (storage.durability = \"durable\"), where Mosquitto saves snapshots".into(),
             });
+        } else {
+            self.cfg.storage.durability = Durability::Memory;
+        }
+        self.listeners();
+        self.move_admin_port();
+        Converted {
+            config: self.cfg,
+            skipped: self.skipped,
+            caveats: self.caveats,
         }
     }
-    Converted {
-        config: cfg,
-        skipped,
-        caveats,
+
+    /// Turns the listener blocks (and `port`) into `listen` addresses and `listeners`.
+    fn listeners(&mut self) {
+        let mut listen = Vec::new();
+        let mut listeners = Vec::new();
+        if let Some((line, port)) = self.default_port {
+            if self.blocks.iter().all(|b| b.port != port) {
+                self.blocks.insert(0, Block::new(line, port, None));
+            }
+        }
+        for b in std::mem::take(&mut self.blocks) {
+            let ip = b.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let addr = SocketAddr::new(ip, b.port);
+            let tls = b.cert.is_some() || b.key.is_some();
+            let transport = match (b.websockets, tls) {
+                (false, false) => Transport::Tcp,
+                (false, true) => Transport::Tls,
+                (true, false) => Transport::Ws,
+                (true, true) => Transport::Wss,
+            };
+            if b.bind.is_none() {
+                self.caveats.push(Note {
+                    line: b.line,
+                    text: format!("listener {}", b.port),
+                    why: format!(
+                        "no address: listens on {addr} (IPv4; add [::]:{} for IPv6)",
+                        b.port
+                    ),
+                });
+            }
+            if transport == Transport::Tcp && b.max_connections.is_none() {
+                listen.push(addr);
+                continue;
+            }
+            let mut l = ListenerConfig::new(addr, transport);
+            l.cert_file = b.cert;
+            l.key_file = b.key;
+            l.client_ca_file = b.ca;
+            l.require_client_cert = b.require_certificate;
+            l.use_identity_as_username = b.identity_as_username;
+            l.connections_max = b.max_connections;
+            listeners.push(l);
+        }
+        if !listen.is_empty() || !listeners.is_empty() {
+            self.cfg.listen = listen;
+            self.cfg.listeners = listeners;
+        }
+    }
+
+    /// Moves the admin endpoint off a port a listener took (8080 is a common WebSocket port).
+    fn move_admin_port(&mut self) {
+        let cfg = &mut self.cfg;
+        let used: Vec<u16> = cfg
+            .listen
+            .iter()
+            .chain(cfg.listeners.iter().map(|l| &l.address))
+            .map(SocketAddr::port)
+            .collect();
+        if used.contains(&cfg.admin.listen.port()) {
+            let from = cfg.admin.listen.port();
+            if let Some(free) = (from..u16::MAX).find(|p| !used.contains(p)) {
+                cfg.admin.listen.set_port(free);
+                self.caveats.push(Note {
+                    line: 0,
+                    text: format!("a listener on port {from}"),
+                    why: format!(
+                        "the admin endpoint's default port: admin.listen moves to {}",
+                        cfg.admin.listen
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// Why a key with no equivalent (or one this converter does not know) is not carried over.
+fn why_skipped(key: &str) -> &'static str {
+    match key {
+        "persistence_file" | "autosave_interval" | "autosave_on_changes" => {
+            "shardmq's store is one database per shard under data_dir, written as messages are acknowledged (no snapshot file, no autosave)"
+        }
+        "log_dest" | "log_type" | "log_timestamp" | "log_timestamp_format" | "connection_messages" => {
+            "logs go to stderr (journald under systemd); the level is log.level, connection lines log.connection_lines_per_s"
+        }
+        "pid_file" | "user" => "run under systemd (config/shardmq.service) as the user it names",
+        "include_dir" => "one file: fold the included files in and convert them too",
+        "per_listener_settings" => "shardmq has one set of authentication rules for all listeners",
+        "connection" | "address" | "topic" | "bridge_protocol_version" | "remote_username"
+        | "remote_password" | "cleansession" | "try_private" => {
+            "bridges are not supported (several shardmq nodes form a cluster instead)"
+        }
+        "retain_available" | "message_size_limit" | "upgrade_outgoing_qos" | "set_tcp_nodelay" => {
+            "no equivalent setting"
+        }
+        _ => "not known to this converter",
     }
 }
 

@@ -465,6 +465,9 @@ enum End<S: Service> {
     Rx(ShardId, ConnectedReceiver<Envelope<S>>),
 }
 
+/// The connected receiving ends, each with the shard it hears from.
+type Receivers<S> = Vec<(ShardId, ConnectedReceiver<Envelope<S>>)>;
+
 /// A connect in progress.
 type Connecting<'a, S> = Pin<Box<dyn Future<Output = End<S>> + 'a>>;
 
@@ -498,7 +501,47 @@ where
         shared,
     } = launch;
     let service = build(id);
+    let connected = connect_mesh(id, ends, &inbox, &shared).await;
+    let (peers, receivers) = sort_ends(id, count, connected);
 
+    let all_peers_finished = LocalEvent::default();
+    if count == 1 {
+        all_peers_finished.set();
+    }
+    let shard = Shard {
+        inner: Rc::new(Inner {
+            id,
+            count,
+            service,
+            peers,
+            calls: Calls {
+                next: Cell::new(0),
+                pending: RefCell::new(HashMap::new()),
+            },
+            stop: LocalEvent::default(),
+            unfinished_peers: Cell::new(count - 1),
+            all_peers_finished,
+            shared,
+        }),
+    };
+    let loops: Vec<_> = receivers
+        .into_iter()
+        .map(|(peer, rx)| glommio::spawn_local(receive_loop(shard.clone(), peer, rx)))
+        .collect();
+    let control = glommio::spawn_local(control_loop(shard.clone(), inbox));
+
+    let output = main(shard.clone()).await;
+    wind_down(&shard, control, loops).await;
+    output
+}
+
+/// Connects every end of this shard's mesh and gives them once all are connected.
+async fn connect_mesh<S: Service>(
+    id: ShardId,
+    ends: Endpoints<S>,
+    inbox: &Inbox<S::Query, S::Answer>,
+    shared: &Shared<S::Query, S::Answer>,
+) -> Vec<End<S>> {
     // Connect every end. A connect completes once the peer has connected its end too, but
     // glommio 0.9 never tells the peer when that happens (it finds out only when polled again,
     // and its executor may be asleep). So the connects are polled right here, by this task,
@@ -539,6 +582,16 @@ where
     })
     .await;
     drop(connecting);
+    connected
+}
+
+/// The connected ends by kind: a sender per peer (indexed by shard, `None` at `id`), and
+/// the receivers with the shard each one hears from.
+fn sort_ends<S: Service>(
+    id: ShardId,
+    count: usize,
+    connected: Vec<End<S>>,
+) -> (Vec<Option<Peer<S>>>, Receivers<S>) {
     let mut peers: Vec<Option<Peer<S>>> = (0..count).map(|_| None).collect();
     let mut receivers = Vec::with_capacity(count.saturating_sub(1));
     for end in connected {
@@ -557,35 +610,16 @@ where
         .iter()
         .enumerate()
         .all(|(i, p)| p.is_some() == (i != id.index())));
+    (peers, receivers)
+}
 
-    let all_peers_finished = LocalEvent::default();
-    if count == 1 {
-        all_peers_finished.set();
-    }
-    let shard = Shard {
-        inner: Rc::new(Inner {
-            id,
-            count,
-            service,
-            peers,
-            calls: Calls {
-                next: Cell::new(0),
-                pending: RefCell::new(HashMap::new()),
-            },
-            stop: LocalEvent::default(),
-            unfinished_peers: Cell::new(count - 1),
-            all_peers_finished,
-            shared,
-        }),
-    };
-    let loops: Vec<_> = receivers
-        .into_iter()
-        .map(|(peer, rx)| glommio::spawn_local(receive_loop(shard.clone(), peer, rx)))
-        .collect();
-    let control = glommio::spawn_local(control_loop(shard.clone(), inbox));
-
-    let output = main(shard.clone()).await;
-
+/// After `main` returned: tells every peer, serves until every peer's `main` is done too,
+/// then closes the rings and ends the control and receive loops.
+async fn wind_down<S: Service>(
+    shard: &Shard<S>,
+    control: glommio::Task<()>,
+    loops: Vec<glommio::Task<()>>,
+) {
     // Tell every peer this shard's main is done, behind everything it sent before.
     for peer in shard.peer_ids() {
         // A peer that is already gone needs no notice.
@@ -600,7 +634,6 @@ where
     for receive in loops {
         receive.cancel().await;
     }
-    output
 }
 
 /// Hands everything shard `from` sends here to the service, in ring order.

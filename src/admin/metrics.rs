@@ -52,162 +52,178 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
+/// Reads one per-shard value out of a shard's stats.
+type Gauge = fn(&ShardStats) -> f64;
+
+/// The families with one unlabelled sample per shard: name, type, help, and how to read it.
+const SIMPLE: [(&str, &str, &str, Gauge); 24] = [
+    ("shardmq_connections", "gauge", "Sockets open.", |s| {
+        s.sockets as f64
+    }),
+    (
+        "shardmq_clients_connected",
+        "gauge",
+        "MQTT sessions with a connection.",
+        |s| s.core.connections as f64,
+    ),
+    (
+        "shardmq_connects_total",
+        "counter",
+        "CONNECTs accepted.",
+        |s| s.core.connects_total as f64,
+    ),
+    (
+        "shardmq_sessions",
+        "gauge",
+        "Sessions, online and offline.",
+        |s| s.sessions as f64,
+    ),
+    (
+        "shardmq_subscriptions",
+        "gauge",
+        "Subscriptions held by the shard's sessions.",
+        |s| s.subscriptions as f64,
+    ),
+    (
+        "shardmq_retained_messages",
+        "gauge",
+        "Retained messages held (every shard holds a copy of all of them).",
+        |s| s.retained as f64,
+    ),
+    (
+        "shardmq_queued_messages",
+        "gauge",
+        "Messages queued for the shard's sessions.",
+        |s| s.queued_messages as f64,
+    ),
+    (
+        "shardmq_queued_bytes",
+        "gauge",
+        "Payload bytes queued for the shard's sessions.",
+        |s| s.queued_bytes as f64,
+    ),
+    (
+        "shardmq_bytes_received_total",
+        "counter",
+        "Bytes read from client sockets.",
+        |s| s.bytes_received as f64,
+    ),
+    (
+        "shardmq_bytes_sent_total",
+        "counter",
+        "Bytes written to client sockets.",
+        |s| s.bytes_sent as f64,
+    ),
+    (
+        "shardmq_storage_bytes",
+        "gauge",
+        "Bytes the shard's store takes on disk.",
+        |s| s.storage_bytes as f64,
+    ),
+    (
+        "shardmq_cross_shard_messages_sent_total",
+        "counter",
+        "Messages routed to another shard (one per target shard).",
+        |s| s.core.messages_routed_remote as f64,
+    ),
+    (
+        "shardmq_cross_shard_messages_received_total",
+        "counter",
+        "Messages another shard routed here.",
+        |s| s.core.messages_from_remote as f64,
+    ),
+    (
+        "shardmq_handoffs_total",
+        "counter",
+        "Connections handed to their session's shard.",
+        |s| s.handoffs as f64,
+    ),
+    (
+        "shardmq_wills_published_total",
+        "counter",
+        "Will messages published.",
+        |s| s.core.wills_published as f64,
+    ),
+    (
+        "shardmq_sessions_expired_total",
+        "counter",
+        "Sessions ended by their expiry.",
+        |s| s.core.sessions_expired as f64,
+    ),
+    (
+        "shardmq_logins_failed_total",
+        "counter",
+        "CONNECTs refused for their credentials.",
+        |s| s.core.logins_failed as f64,
+    ),
+    (
+        "shardmq_logins_busy_total",
+        "counter",
+        "CONNECTs refused because too many password checks were in flight.",
+        |s| s.core.logins_busy as f64,
+    ),
+    (
+        "shardmq_sessions_deleted_total",
+        "counter",
+        "Sessions discarded through the admin API.",
+        |s| s.core.sessions_deleted as f64,
+    ),
+    (
+        "shardmq_clients_kicked_total",
+        "counter",
+        "Clients disconnected through the admin API.",
+        |s| s.core.sessions_kicked as f64,
+    ),
+    (
+        "shardmq_incomplete_packet_bytes",
+        "gauge",
+        "Read buffer bytes held by packets that have started to arrive and are not complete.",
+        |s| s.incomplete_packet_bytes as f64,
+    ),
+    (
+        "shardmq_incomplete_packet_closes_total",
+        "counter",
+        "Connections closed as the largest holders of incomplete packets over limits.incomplete_packet_bytes_max.",
+        |s| s.closed_incomplete_budget as f64,
+    ),
+    (
+        "shardmq_packet_timeouts_total",
+        "counter",
+        "Connections closed because a started packet was not complete within limits.packet_timeout_s.",
+        |s| s.closed_packet_timeout as f64,
+    ),
+    (
+        "shardmq_takeovers_refused_total",
+        "counter",
+        "CONNECTs refused because the client id's session belongs to another user.",
+        |s| s.core.takeovers_refused as f64,
+    ),
+];
+
 /// Renders every shard's stats (index = shard).
 pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
     let mut out = String::with_capacity(8192);
     let mut f = Family { out: &mut out };
+    render_simple(&mut f, stats);
+    render_by_qos(&mut f, stats);
+    render_dropped(&mut f, stats, info.queue_policy);
+    render_latencies(&mut f, stats);
+    process_metrics(&mut out, info);
+    out
+}
 
-    type Gauge = fn(&ShardStats) -> f64;
-    let simple: [(&str, &str, &str, Gauge); 24] = [
-        ("shardmq_connections", "gauge", "Sockets open.", |s| {
-            s.sockets as f64
-        }),
-        (
-            "shardmq_clients_connected",
-            "gauge",
-            "MQTT sessions with a connection.",
-            |s| s.core.connections as f64,
-        ),
-        (
-            "shardmq_connects_total",
-            "counter",
-            "CONNECTs accepted.",
-            |s| s.core.connects_total as f64,
-        ),
-        (
-            "shardmq_sessions",
-            "gauge",
-            "Sessions, online and offline.",
-            |s| s.sessions as f64,
-        ),
-        (
-            "shardmq_subscriptions",
-            "gauge",
-            "Subscriptions held by the shard's sessions.",
-            |s| s.subscriptions as f64,
-        ),
-        (
-            "shardmq_retained_messages",
-            "gauge",
-            "Retained messages held (every shard holds a copy of all of them).",
-            |s| s.retained as f64,
-        ),
-        (
-            "shardmq_queued_messages",
-            "gauge",
-            "Messages queued for the shard's sessions.",
-            |s| s.queued_messages as f64,
-        ),
-        (
-            "shardmq_queued_bytes",
-            "gauge",
-            "Payload bytes queued for the shard's sessions.",
-            |s| s.queued_bytes as f64,
-        ),
-        (
-            "shardmq_bytes_received_total",
-            "counter",
-            "Bytes read from client sockets.",
-            |s| s.bytes_received as f64,
-        ),
-        (
-            "shardmq_bytes_sent_total",
-            "counter",
-            "Bytes written to client sockets.",
-            |s| s.bytes_sent as f64,
-        ),
-        (
-            "shardmq_storage_bytes",
-            "gauge",
-            "Bytes the shard's store takes on disk.",
-            |s| s.storage_bytes as f64,
-        ),
-        (
-            "shardmq_cross_shard_messages_sent_total",
-            "counter",
-            "Messages routed to another shard (one per target shard).",
-            |s| s.core.messages_routed_remote as f64,
-        ),
-        (
-            "shardmq_cross_shard_messages_received_total",
-            "counter",
-            "Messages another shard routed here.",
-            |s| s.core.messages_from_remote as f64,
-        ),
-        (
-            "shardmq_handoffs_total",
-            "counter",
-            "Connections handed to their session's shard.",
-            |s| s.handoffs as f64,
-        ),
-        (
-            "shardmq_wills_published_total",
-            "counter",
-            "Will messages published.",
-            |s| s.core.wills_published as f64,
-        ),
-        (
-            "shardmq_sessions_expired_total",
-            "counter",
-            "Sessions ended by their expiry.",
-            |s| s.core.sessions_expired as f64,
-        ),
-        (
-            "shardmq_logins_failed_total",
-            "counter",
-            "CONNECTs refused for their credentials.",
-            |s| s.core.logins_failed as f64,
-        ),
-        (
-            "shardmq_logins_busy_total",
-            "counter",
-            "CONNECTs refused because too many password checks were in flight.",
-            |s| s.core.logins_busy as f64,
-        ),
-        (
-            "shardmq_sessions_deleted_total",
-            "counter",
-            "Sessions discarded through the admin API.",
-            |s| s.core.sessions_deleted as f64,
-        ),
-        (
-            "shardmq_clients_kicked_total",
-            "counter",
-            "Clients disconnected through the admin API.",
-            |s| s.core.sessions_kicked as f64,
-        ),
-        (
-            "shardmq_incomplete_packet_bytes",
-            "gauge",
-            "Read buffer bytes held by packets that have started to arrive and are not complete.",
-            |s| s.incomplete_packet_bytes as f64,
-        ),
-        (
-            "shardmq_incomplete_packet_closes_total",
-            "counter",
-            "Connections closed as the largest holders of incomplete packets over limits.incomplete_packet_bytes_max.",
-            |s| s.closed_incomplete_budget as f64,
-        ),
-        (
-            "shardmq_packet_timeouts_total",
-            "counter",
-            "Connections closed because a started packet was not complete within limits.packet_timeout_s.",
-            |s| s.closed_packet_timeout as f64,
-        ),
-        (
-            "shardmq_takeovers_refused_total",
-            "counter",
-            "CONNECTs refused because the client id's session belongs to another user.",
-            |s| s.core.takeovers_refused as f64,
-        ),
-    ];
-    for (name, kind, help, get) in simple {
+/// Writes the [`SIMPLE`] families, one unlabelled sample per shard.
+fn render_simple(f: &mut Family<'_>, stats: &[ShardStats]) {
+    for (name, kind, help, get) in SIMPLE {
         f.head(name, kind, help);
         for (i, s) in stats.iter().enumerate() {
             f.sample(name, i, &[], get(s));
         }
     }
+}
 
+/// Writes the PUBLISH counters received and sent, labelled by QoS.
+fn render_by_qos(f: &mut Family<'_>, stats: &[ShardStats]) {
     let qos = ["0", "1", "2"];
     let name = "shardmq_messages_received_total";
     f.head(
@@ -227,14 +243,17 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             f.sample(name, i, &[("qos", q)], n as f64);
         }
     }
+}
 
+/// Writes the dropped-message counter, one sample per shard and reason.
+fn render_dropped(f: &mut Family<'_>, stats: &[ShardStats], policy: QueuePolicy) {
     let name = "shardmq_messages_dropped_total";
     f.head(
         name,
         "counter",
         "Messages not delivered or not kept, by reason (queue_full_* per sessions.queue_policy).",
     );
-    let (full_now, full_other) = match info.queue_policy {
+    let (full_now, full_other) = match policy {
         QueuePolicy::RejectNewest => ("queue_full_reject_newest", "queue_full_drop_oldest"),
         QueuePolicy::DropOldest => ("queue_full_drop_oldest", "queue_full_reject_newest"),
     };
@@ -260,7 +279,10 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             f.sample(name, i, &[("reason", reason)], n as f64);
         }
     }
+}
 
+/// Writes the storage write and fsync latency histograms.
+fn render_latencies(f: &mut Family<'_>, stats: &[ShardStats]) {
     for (name, help, get) in [
         (
             "shardmq_storage_write_seconds",
@@ -278,20 +300,48 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
             f.histogram(name, i, &get(s));
         }
     }
-    process_metrics(&mut out, info);
-    out
 }
 
 /// The process-wide series every Prometheus client library exports (`process_*`, read from
 /// /proc, without a shard label), and the build's version.
 fn process_metrics(out: &mut String, info: &BrokerInfo) {
-    let mut one = |name: &str, kind: &str, help: &str, v: Option<f64>| {
-        if let Some(v) = v {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", fmt_value(v));
-        }
-    };
+    proc_stat_metrics(out);
+    fd_metrics(out);
+    let start = info
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64());
+    process_series(
+        out,
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        start,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardmq_build_info The running build (value 1)."
+    );
+    let _ = writeln!(out, "# TYPE shardmq_build_info gauge");
+    let _ = writeln!(
+        out,
+        "shardmq_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// Writes one unlabelled process-wide series (HELP, TYPE, value), or nothing without a value.
+fn process_series(out: &mut String, name: &str, kind: &str, help: &str, v: Option<f64>) {
+    if let Some(v) = v {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {}", fmt_value(v));
+    }
+}
+
+/// Writes the CPU time and memory series read from /proc/self/stat.
+fn proc_stat_metrics(out: &mut String) {
     let stat = std::fs::read_to_string("/proc/self/stat").ok();
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
@@ -310,28 +360,36 @@ fn process_metrics(out: &mut String, info: &BrokerInfo) {
     let cpu = field(11)
         .zip(field(12))
         .map(|(u, s)| (u + s) / ticks.max(1) as f64);
-    one(
+    process_series(
+        out,
         "process_cpu_seconds_total",
         "counter",
         "Total user and system CPU time spent in seconds.",
         cpu,
     );
-    one(
+    process_series(
+        out,
         "process_resident_memory_bytes",
         "gauge",
         "Resident memory size in bytes.",
         field(21).map(|p| p * page.max(1) as f64),
     );
-    one(
+    process_series(
+        out,
         "process_virtual_memory_bytes",
         "gauge",
         "Virtual memory size in bytes.",
         field(20),
     );
+}
+
+/// Writes the open and maximum file descriptor series.
+fn fd_metrics(out: &mut String) {
     let fds = std::fs::read_dir("/proc/self/fd")
         .ok()
         .map(|d| d.count() as f64);
-    one(
+    process_series(
+        out,
         "process_open_fds",
         "gauge",
         "Number of open file descriptors.",
@@ -344,32 +402,12 @@ fn process_metrics(out: &mut String, info: &BrokerInfo) {
     // SAFETY: getrlimit writes into the struct it is given.
     let max_fds = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
         .then_some(limit.rlim_cur as f64);
-    one(
+    process_series(
+        out,
         "process_max_fds",
         "gauge",
         "Maximum number of open file descriptors.",
         max_fds,
-    );
-    let start = info
-        .started
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs_f64());
-    one(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        start,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP shardmq_build_info The running build (value 1)."
-    );
-    let _ = writeln!(out, "# TYPE shardmq_build_info gauge");
-    let _ = writeln!(
-        out,
-        "shardmq_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
     );
 }
 

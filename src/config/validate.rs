@@ -51,7 +51,36 @@ impl Config {
                 format!("must be between {PACKET_BYTES_MIN} and 268435460"),
             ));
         }
-        for (key, v) in [
+        for (key, v) in self.positive_settings() {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0"));
+            }
+        }
+        if l.topic_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.topic_bytes_max", "must be at most 65535"));
+        }
+        if l.client_id_bytes_max > u16::MAX as u32 {
+            return Err(bad("limits.client_id_bytes_max", "must be at most 65535"));
+        }
+        if l.incomplete_packet_bytes_max < l.packet_bytes_max as u64 {
+            return Err(bad(
+                "limits.incomplete_packet_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
+        if (l.outbound_buffer_bytes_max) < l.packet_bytes_max {
+            return Err(bad(
+                "limits.outbound_buffer_bytes_max",
+                "must be at least limits.packet_bytes_max (one packet must fit)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings that must be greater than 0, by key, in the order they are checked.
+    fn positive_settings(&self) -> [(&'static str, u64); 21] {
+        let l = &self.limits;
+        [
             ("limits.connections_max", l.connections_max as u64),
             ("limits.connect_timeout_s", l.connect_timeout_s as u64),
             ("limits.keep_alive_max_s", l.keep_alive_max_s as u64),
@@ -97,30 +126,7 @@ impl Config {
                 "admin.concurrent_requests_max",
                 self.admin.concurrent_requests_max as u64,
             ),
-        ] {
-            if v == 0 {
-                return Err(bad(key, "must be greater than 0"));
-            }
-        }
-        if l.topic_bytes_max > u16::MAX as u32 {
-            return Err(bad("limits.topic_bytes_max", "must be at most 65535"));
-        }
-        if l.client_id_bytes_max > u16::MAX as u32 {
-            return Err(bad("limits.client_id_bytes_max", "must be at most 65535"));
-        }
-        if l.incomplete_packet_bytes_max < l.packet_bytes_max as u64 {
-            return Err(bad(
-                "limits.incomplete_packet_bytes_max",
-                "must be at least limits.packet_bytes_max (one packet must fit)",
-            ));
-        }
-        if (l.outbound_buffer_bytes_max) < l.packet_bytes_max {
-            return Err(bad(
-                "limits.outbound_buffer_bytes_max",
-                "must be at least limits.packet_bytes_max (one packet must fit)",
-            ));
-        }
-        Ok(())
+        ]
     }
 
     /// Two listeners (or a listener and the admin endpoint) on one port: the second could

@@ -546,6 +546,49 @@ impl ReadSize {
     }
 }
 
+/// Runs `f` for at most `stall`; `None` when that passed first.
+#[inline]
+fn within<T>(
+    stall: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> impl std::future::Future<Output = Option<T>> {
+    future::or(async move { Some(f.await) }, async move {
+        glommio::timer::sleep(stall).await;
+        None
+    })
+}
+
+/// Counts `n` bytes written and, when that made room a session was waiting for, calls
+/// `on_room`.
+#[inline]
+fn after_write<F: Fn()>(out: &Outbound, n: usize, on_room: Option<&F>) {
+    out.wrote(n);
+    if out.take_starved() {
+        if let Some(f) = on_room {
+            f();
+        }
+    }
+}
+
+/// The buffer for the next batch: the one just written unless a burst grew it, and only a
+/// small one while the connection is idle (then the outbound queue shrinks too).
+#[inline]
+fn keep_spare(out: &Outbound, batch: BytesMut) -> BytesMut {
+    let mut spare = if batch.capacity() > SPARE_KEEP_BYTES {
+        BytesMut::new()
+    } else {
+        batch
+    };
+    if out.is_empty() {
+        // Idle for now: keep only small buffers (a burst grew them).
+        if spare.capacity() > OUTBOUND_IDLE_KEEP_BYTES {
+            spare = BytesMut::new();
+        }
+        out.shrink_if_empty(OUTBOUND_IDLE_KEEP_BYTES);
+    }
+    spare
+}
+
 /// Largest spare batch buffer kept between writes; a bigger one (after a burst) is freed.
 pub(super) const SPARE_KEEP_BYTES: usize = 64 * 1024;
 
@@ -568,23 +611,10 @@ pub(super) async fn write_loop<W, F>(
         let (batch, close) = out.next_batch(spare).await;
         let mut written = 0;
         while written < batch.len() {
-            let step = future::or(
-                async { Some(writer.write(&batch[written..]).await) },
-                async {
-                    glommio::timer::sleep(stall).await;
-                    None
-                },
-            )
-            .await;
-            match step {
+            match within(stall, writer.write(&batch[written..])).await {
                 Some(Ok(n)) if n > 0 => {
                     written += n;
-                    out.wrote(n);
-                    if out.take_starved() {
-                        if let Some(f) = &on_room {
-                            f();
-                        }
-                    }
+                    after_write(&out, n, on_room.as_ref());
                 }
                 Some(_) => break 'batches,
                 None => {
@@ -600,12 +630,7 @@ pub(super) async fn write_loop<W, F>(
         }
         // The flush sends what a TLS or WebSocket layer buffered (a no-op on a socket).
         if !batch.is_empty() {
-            let flushed = future::or(async { Some(writer.flush().await) }, async {
-                glommio::timer::sleep(stall).await;
-                None
-            })
-            .await;
-            match flushed {
+            match within(stall, writer.flush()).await {
                 Some(Ok(())) => {}
                 Some(Err(_)) => break 'batches,
                 None => {
@@ -622,18 +647,7 @@ pub(super) async fn write_loop<W, F>(
         if close {
             break;
         }
-        spare = if batch.capacity() > SPARE_KEEP_BYTES {
-            BytesMut::new()
-        } else {
-            batch
-        };
-        if out.is_empty() {
-            // Idle for now: keep only small buffers (a burst grew them).
-            if spare.capacity() > OUTBOUND_IDLE_KEEP_BYTES {
-                spare = BytesMut::new();
-            }
-            out.shrink_if_empty(OUTBOUND_IDLE_KEEP_BYTES);
-        }
+        spare = keep_spare(&out, batch);
     }
     let _ = future::or(
         async {

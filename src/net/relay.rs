@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::server::TlsStream;
 use glommio::net::{TcpStream, UnixStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -67,11 +68,13 @@ pub(super) async fn handshake(
     guard: Option<ConnGuard>,
 ) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+    let mut client = Client {
+        addr: stream.peer_addr().ok(),
+        cert_identity: None,
+    };
     let (packet_bytes_max, timeout) = handshake_limits(&shard);
     let deadline = Instant::now() + timeout;
     let ws_max = ws::message_bytes_max(packet_bytes_max);
-    let mut cert_identity = None;
     let (reader, writer): (DynReader, DynWriter) = match listener.transport {
         Transport::Tcp => unreachable!("plain TCP is handed off as a socket"),
         Transport::Ws => match upgrade(stream, listener, ws_max, deadline).await {
@@ -83,25 +86,15 @@ pub(super) async fn handshake(
                 tracing::error!(listener = %listener.name, "a TLS listener without its certificate; connection closed");
                 return;
             };
-            let tls = match before(deadline, acceptor.accept(stream)).await {
-                Some(Ok(t)) => t,
-                Some(Err(e)) => {
-                    tracing::debug!(listener = %listener.name, error = %e, "TLS handshake failed");
-                    return;
-                }
-                None => return,
+            let accepted = before(deadline, acceptor.accept(stream)).await;
+            let Some(tls) = tls_accepted(accepted, listener) else {
+                return;
             };
             if listener.identity_as_username {
-                cert_identity = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(tls::identity);
+                client.cert_identity = cert_identity_of(&tls);
             }
             if listener.transport == Transport::Tls {
-                let (r, w) = futures_lite::io::split(tls);
-                (Box::new(r), Box::new(w))
+                tls_halves(tls)
             } else {
                 match upgrade(tls, listener, ws_max, deadline).await {
                     Some(halves) => halves,
@@ -122,30 +115,41 @@ pub(super) async fn handshake(
             assigned,
         } => {
             tracing::debug!(listener = %listener.name, client = %connect.client_id, "serving on the accepting shard");
-            serve(
-                shard,
-                reader,
-                writer,
-                connect,
-                rest,
-                assigned,
-                Client {
-                    addr: peer,
-                    cert_identity,
-                },
-            )
-            .await
+            serve(shard, reader, writer, connect, rest, assigned, client).await
         }
         Placed::Owner { owner, bytes } => {
             tracing::debug!(listener = %listener.name, owner, "relaying to the owner shard");
-            let client = Client {
-                addr: peer,
-                cert_identity,
-            };
             relay(&shard, owner, reader, writer, bytes, client).await
         }
     }
     drop(guard);
+}
+
+/// The TLS stream of a finished handshake; `None` when it failed (logged) or took too long
+/// (`accepted` is `None`).
+fn tls_accepted<T>(accepted: Option<std::io::Result<T>>, listener: &Listener) -> Option<T> {
+    match accepted? {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// The identity (for the username) of the client's certificate, if it sent one.
+fn cert_identity_of(tls: &TlsStream<TcpStream>) -> Option<String> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::identity)
+}
+
+/// A `tls` connection's halves as byte streams.
+fn tls_halves(tls: TlsStream<TcpStream>) -> (DynReader, DynWriter) {
+    let (r, w) = futures_lite::io::split(tls);
+    (Box::new(r), Box::new(w))
 }
 
 /// Hands the owner one end of a new socket pair and relays between the client and the

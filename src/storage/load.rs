@@ -11,9 +11,21 @@ impl Store {
     /// once to verify it and count its bytes.
     pub fn load(&self) -> Result<Recovered, StorageError> {
         let mut rec = Recovered::default();
+        let (index, damaged_clients) = self.load_sessions(&mut rec);
+        let orphans = self.load_per_client(&mut rec, &index, &damaged_clients);
+        self.load_retained(&mut rec);
+        if !orphans.is_empty() {
+            rec.orphans_removed = orphans.len() as u64;
+            self.delete_orphans(orphans)?;
+        }
+        Ok(rec)
+    }
+
+    /// Reads the session records into `rec.sessions`; gives each one's key with its index
+    /// there, and the keys of the damaged ones.
+    fn load_sessions(&self, rec: &mut Recovered) -> (HashMap<Vec<u8>, usize>, HashSet<Vec<u8>>) {
         let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut damaged_clients: HashSet<Vec<u8>> = HashSet::new();
-
         for item in self.scan(Space::Sessions) {
             let (k, v) = match item {
                 Ok(kv) => kv,
@@ -37,10 +49,20 @@ impl Store {
                 }
             }
         }
+        (index, damaged_clients)
+    }
 
+    /// Reads the per-client keyspaces into the sessions they belong to (by `index`); gives
+    /// the keys of clients without a session record (and not damaged), the orphans.
+    fn load_per_client(
+        &self,
+        rec: &mut Recovered,
+        index: &HashMap<Vec<u8>, usize>,
+        damaged_clients: &HashSet<Vec<u8>>,
+    ) -> Vec<(Space, Vec<u8>)> {
         // Every known client prefix, in key order: where a per-client scan resumes after a
         // read error.
-        let mut known: Vec<Vec<u8>> = index.keys().chain(&damaged_clients).cloned().collect();
+        let mut known: Vec<Vec<u8>> = index.keys().chain(damaged_clients).cloned().collect();
         known.sort_unstable();
         let mut orphans: Vec<(Space, Vec<u8>)> = Vec::new();
         for space in [
@@ -64,54 +86,17 @@ impl Store {
                     }
                     return;
                 };
-                let s = &mut sessions[i];
-                let result = match space {
-                    Space::Subscriptions => match std::str::from_utf8(rest) {
-                        Ok(filter) => SubscriptionRecord::from_value(v)
-                            .map(|r| s.subscriptions.push((filter.to_owned(), r))),
-                        Err(_) => Err("malformed key".to_owned()),
-                    },
-                    Space::Queue => match seq_of(rest) {
-                        Some(seq) => {
-                            // The bounds cover damaged entries too, so that new sequence
-                            // numbers never land below a stored key.
-                            if s.queue_next_seq == 0 {
-                                s.queue_first_seq = seq;
-                            }
-                            s.queue_next_seq = seq.saturating_add(1);
-                            queued_cost(v).map(|cost| {
-                                s.queue_len += 1;
-                                s.queue_bytes += cost;
-                            })
-                        }
-                        None => Err("malformed key".to_owned()),
-                    },
-                    Space::Inflight => match packet_id_of(rest) {
-                        Some(id) => InflightRecord::from_value(v).map(|r| s.inflight.push((id, r))),
-                        None => Err("malformed key".to_owned()),
-                    },
-                    Space::Counters if rest.is_empty() => {
-                        CountersRecord::from_value(v).map(|r| s.counters = Some(r))
-                    }
-                    Space::Counters => Err("malformed key".to_owned()),
-                    Space::Dedup => match dedup_of(rest) {
-                        Some((origin, id)) => {
-                            unframe(Kind::Dedup, v).map(|_| s.dedup.push((origin.to_owned(), id)))
-                        }
-                        None => Err("malformed key".to_owned()),
-                    },
-                    _ => match packet_id_of(rest) {
-                        Some(id) => unframe(Kind::Incoming, v).map(|_| s.incoming.push(id)),
-                        None => Err("malformed key".to_owned()),
-                    },
-                };
-                if let Err(reason) = result {
+                if let Err(reason) = load_client_value(&mut sessions[i], space, rest, v) {
                     damage(damaged, space, k, &reason);
                 }
             });
             rec.damaged.extend(read_errors);
         }
+        orphans
+    }
 
+    /// Reads the retained messages into `rec.retained`.
+    fn load_retained(&self, rec: &mut Recovered) {
         for item in self.scan(Space::Retained) {
             let (k, v) = match item {
                 Ok(kv) => kv,
@@ -131,24 +116,24 @@ impl Store {
                 Err(reason) => damage(&mut rec.damaged, Space::Retained, &k, &reason),
             }
         }
+    }
 
-        if !orphans.is_empty() {
-            rec.orphans_removed = orphans.len() as u64;
-            tracing::info!(
-                store = %self.inner.dir.display(),
-                keys = orphans.len(),
-                "deleting keys of clients without a session record"
-            );
-            let engine = self.engine()?;
-            let mut batch = engine.db.batch();
-            for (space, key) in orphans {
-                batch.remove(engine.ks(space), key);
-            }
-            batch
-                .commit()
-                .map_err(StorageError::engine("delete orphans"))?;
+    /// Deletes the keys of clients without a session record, in one batch.
+    fn delete_orphans(&self, orphans: Vec<(Space, Vec<u8>)>) -> Result<(), StorageError> {
+        tracing::info!(
+            store = %self.inner.dir.display(),
+            keys = orphans.len(),
+            "deleting keys of clients without a session record"
+        );
+        let engine = self.engine()?;
+        let mut batch = engine.db.batch();
+        for (space, key) in orphans {
+            batch.remove(engine.ks(space), key);
         }
-        Ok(rec)
+        batch
+            .commit()
+            .map_err(StorageError::engine("delete orphans"))?;
+        Ok(())
     }
 
     /// Copies everything this store holds into `targets` (the stores of the shards that
@@ -177,78 +162,15 @@ impl Store {
         };
         let mut written = vec![false; targets.len()];
         for rs in recovered.sessions {
-            let cid = rs.client_id.as_str();
-            let home = session_home(cid);
-            let target = &targets[home];
-            let key = client_prefix(cid)?;
-            if target
-                .ks(Space::Sessions)?
-                .contains_key(&key)
-                .map_err(StorageError::engine("read session"))?
-            {
-                tracing::info!(
-                    from = %self.inner.dir.display(),
-                    to = %target.inner.dir.display(),
-                    client = %cid,
-                    "the target store already holds this client's session; its copy wins"
-                );
-                out.sessions_kept += 1;
-                continue;
+            let home = session_home(rs.client_id.as_str());
+            if self.copy_session(&targets[home], &rs, &mut out)? {
+                written[home] = true;
             }
-            let queue = self.queue_read(cid, rs.queue_first_seq, usize::MAX)?;
-            let mut b = target.batch();
-            // The target holds no session of this client, so any key of it there is an
-            // orphan: clear them, so that the copy is exact.
-            b.delete_session(cid)?;
-            for (filter, sr) in &rs.subscriptions {
-                b.put_subscription(cid, filter, sr)?;
-            }
-            for (pid, ir) in &rs.inflight {
-                b.inflight_put(cid, *pid, ir)?;
-            }
-            for pid in &rs.incoming {
-                b.incoming_put(cid, *pid)?;
-            }
-            for (origin, pid) in &rs.dedup {
-                b.dedup_put(cid, origin, *pid)?;
-            }
-            for (seq, q) in &queue {
-                b.queue_push(cid, *seq, q)?;
-            }
-            if let Some(c) = &rs.counters {
-                b.counters_put(cid, c)?;
-            }
-            b.put_session(cid, &rs.record)?;
-            b.commit()?;
-            written[home] = true;
-            out.sessions += 1;
-            out.queued += queue.len() as u64;
         }
         let mut retained: Vec<StoreBatch> = targets.iter().map(Store::batch).collect();
         for m in recovered.retained {
             let home = retained_home(&m.topic);
-            let target = &targets[home];
-            let held = target
-                .ks(Space::Retained)?
-                .get(keys::retained_key(&m.topic)?)
-                .map_err(StorageError::engine("read retained"))?;
-            // A damaged record in the target counts as older than an intact copy.
-            let newer = held.is_none_or(|v| {
-                MessageRecord::from_value(&v)
-                    .map_or(true, |t| m.created_unix_ms > t.created_unix_ms)
-            });
-            if newer {
-                retained[home].retained_put(&m.topic, &m)?;
-                out.retained += 1;
-            } else {
-                tracing::info!(
-                    from = %self.inner.dir.display(),
-                    to = %target.inner.dir.display(),
-                    topic = %m.topic,
-                    "the target store holds a retained message of this topic at least as new; it wins"
-                );
-                out.retained_kept += 1;
-            }
+            self.copy_retained(&targets[home], &mut retained[home], &m, &mut out)?;
         }
         for (i, b) in retained.into_iter().enumerate() {
             if !b.is_empty() {
@@ -260,6 +182,92 @@ impl Store {
             target.persist()?;
         }
         Ok(out)
+    }
+
+    /// Copies one session, with its queue, into `target` as one batch, unless the target
+    /// holds that client's session already (its copy wins); `true` when it wrote.
+    fn copy_session(
+        &self,
+        target: &Store,
+        rs: &RecoveredSession,
+        out: &mut Copied,
+    ) -> Result<bool, StorageError> {
+        let cid = rs.client_id.as_str();
+        let key = client_prefix(cid)?;
+        if target
+            .ks(Space::Sessions)?
+            .contains_key(&key)
+            .map_err(StorageError::engine("read session"))?
+        {
+            tracing::info!(
+                from = %self.inner.dir.display(),
+                to = %target.inner.dir.display(),
+                client = %cid,
+                "the target store already holds this client's session; its copy wins"
+            );
+            out.sessions_kept += 1;
+            return Ok(false);
+        }
+        let queue = self.queue_read(cid, rs.queue_first_seq, usize::MAX)?;
+        let mut b = target.batch();
+        // The target holds no session of this client, so any key of it there is an
+        // orphan: clear them, so that the copy is exact.
+        b.delete_session(cid)?;
+        for (filter, sr) in &rs.subscriptions {
+            b.put_subscription(cid, filter, sr)?;
+        }
+        for (pid, ir) in &rs.inflight {
+            b.inflight_put(cid, *pid, ir)?;
+        }
+        for pid in &rs.incoming {
+            b.incoming_put(cid, *pid)?;
+        }
+        for (origin, pid) in &rs.dedup {
+            b.dedup_put(cid, origin, *pid)?;
+        }
+        for (seq, q) in &queue {
+            b.queue_push(cid, *seq, q)?;
+        }
+        if let Some(c) = &rs.counters {
+            b.counters_put(cid, c)?;
+        }
+        b.put_session(cid, &rs.record)?;
+        b.commit()?;
+        out.sessions += 1;
+        out.queued += queue.len() as u64;
+        Ok(true)
+    }
+
+    /// Adds a retained message to `batch` (for `target`) unless the target holds one of
+    /// the topic at least as new.
+    fn copy_retained(
+        &self,
+        target: &Store,
+        batch: &mut StoreBatch,
+        m: &MessageRecord,
+        out: &mut Copied,
+    ) -> Result<(), StorageError> {
+        let held = target
+            .ks(Space::Retained)?
+            .get(keys::retained_key(&m.topic)?)
+            .map_err(StorageError::engine("read retained"))?;
+        // A damaged record in the target counts as older than an intact copy.
+        let newer = held.is_none_or(|v| {
+            MessageRecord::from_value(&v).map_or(true, |t| m.created_unix_ms > t.created_unix_ms)
+        });
+        if newer {
+            batch.retained_put(&m.topic, m)?;
+            out.retained += 1;
+        } else {
+            tracing::info!(
+                from = %self.inner.dir.display(),
+                to = %target.inner.dir.display(),
+                topic = %m.topic,
+                "the target store holds a retained message of this topic at least as new; it wins"
+            );
+            out.retained_kept += 1;
+        }
+        Ok(())
     }
 
     /// Every key and value of a keyspace. An engine read error (a table block failing the
@@ -353,5 +361,54 @@ impl Store {
                 None => return errors,
             }
         }
+    }
+}
+
+/// Adds one per-client record (of `space`, key suffix `rest`) to its session.
+fn load_client_value(
+    s: &mut RecoveredSession,
+    space: Space,
+    rest: &[u8],
+    v: &[u8],
+) -> Result<(), String> {
+    match space {
+        Space::Subscriptions => match std::str::from_utf8(rest) {
+            Ok(filter) => SubscriptionRecord::from_value(v)
+                .map(|r| s.subscriptions.push((filter.to_owned(), r))),
+            Err(_) => Err("malformed key".to_owned()),
+        },
+        Space::Queue => match seq_of(rest) {
+            Some(seq) => {
+                // The bounds cover damaged entries too, so that new sequence numbers never
+                // land below a stored key.
+                if s.queue_next_seq == 0 {
+                    s.queue_first_seq = seq;
+                }
+                s.queue_next_seq = seq.saturating_add(1);
+                queued_cost(v).map(|cost| {
+                    s.queue_len += 1;
+                    s.queue_bytes += cost;
+                })
+            }
+            None => Err("malformed key".to_owned()),
+        },
+        Space::Inflight => match packet_id_of(rest) {
+            Some(id) => InflightRecord::from_value(v).map(|r| s.inflight.push((id, r))),
+            None => Err("malformed key".to_owned()),
+        },
+        Space::Counters if rest.is_empty() => {
+            CountersRecord::from_value(v).map(|r| s.counters = Some(r))
+        }
+        Space::Counters => Err("malformed key".to_owned()),
+        Space::Dedup => match dedup_of(rest) {
+            Some((origin, id)) => {
+                unframe(Kind::Dedup, v).map(|_| s.dedup.push((origin.to_owned(), id)))
+            }
+            None => Err("malformed key".to_owned()),
+        },
+        _ => match packet_id_of(rest) {
+            Some(id) => unframe(Kind::Incoming, v).map(|_| s.incoming.push(id)),
+            None => Err("malformed key".to_owned()),
+        },
     }
 }

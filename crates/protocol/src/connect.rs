@@ -71,19 +71,7 @@ const FLAG_USERNAME: u8 = 0x80;
 
 impl Connect {
     pub(crate) fn decode(r: &mut Reader) -> Result<Connect, DecodeError> {
-        let name = r.binary()?;
-        let is_mqtt = &name[..] == b"MQTT";
-        let is_mqisdp = &name[..] == b"MQIsdp";
-        if !is_mqtt && !is_mqisdp {
-            return Err(DecodeError::InvalidProtocolName);
-        }
-        let level = r.u8()?;
-        let protocol = match (level, is_mqisdp) {
-            (3, true) => ProtocolVersion::V3_1,
-            (4, false) => ProtocolVersion::V3_1_1,
-            (5, false) => ProtocolVersion::V5,
-            (other, _) => return Err(DecodeError::UnsupportedProtocolVersion(other)),
-        };
+        let protocol = decode_protocol(r)?;
         let flags = r.u8()?;
         if flags & FLAG_RESERVED != 0 {
             return Err(DecodeError::ReservedConnectFlag);
@@ -110,23 +98,7 @@ impl Connect {
         };
         let client_id = r.string()?;
         let will = if will_flag {
-            let properties = if protocol.is_v5() {
-                WillProperties::decode(r)?
-            } else {
-                WillProperties::default()
-            };
-            let topic = TopicName::from_mqtt_str(r.string()?)?;
-            if topic.is_empty() {
-                return Err(DecodeError::TopicNameInvalid);
-            }
-            let payload = r.binary()?;
-            Some(LastWill {
-                topic,
-                payload,
-                qos: QoS::from_u8(will_qos)?,
-                retain: will_retain,
-                properties,
-            })
+            Some(decode_will(r, protocol, will_qos, will_retain)?)
         } else {
             None
         };
@@ -215,6 +187,50 @@ impl Connect {
             put_binary(buf, p);
         }
     }
+}
+
+/// The protocol name and level at the start of a CONNECT, as the version they name.
+fn decode_protocol(r: &mut Reader) -> Result<ProtocolVersion, DecodeError> {
+    let name = r.binary()?;
+    let is_mqtt = &name[..] == b"MQTT";
+    let is_mqisdp = &name[..] == b"MQIsdp";
+    if !is_mqtt && !is_mqisdp {
+        return Err(DecodeError::InvalidProtocolName);
+    }
+    let level = r.u8()?;
+    match (level, is_mqisdp) {
+        (3, true) => Ok(ProtocolVersion::V3_1),
+        (4, false) => Ok(ProtocolVersion::V3_1_1),
+        (5, false) => Ok(ProtocolVersion::V5),
+        (other, _) => Err(DecodeError::UnsupportedProtocolVersion(other)),
+    }
+}
+
+/// The will of a CONNECT whose will flag is set: properties (5.0), topic and payload, with
+/// the QoS and retain flag from the connect flags.
+fn decode_will(
+    r: &mut Reader,
+    protocol: ProtocolVersion,
+    will_qos: u8,
+    will_retain: bool,
+) -> Result<LastWill, DecodeError> {
+    let properties = if protocol.is_v5() {
+        WillProperties::decode(r)?
+    } else {
+        WillProperties::default()
+    };
+    let topic = TopicName::from_mqtt_str(r.string()?)?;
+    if topic.is_empty() {
+        return Err(DecodeError::TopicNameInvalid);
+    }
+    let payload = r.binary()?;
+    Ok(LastWill {
+        topic,
+        payload,
+        qos: QoS::from_u8(will_qos)?,
+        retain: will_retain,
+        properties,
+    })
 }
 
 /// The server's answer to CONNECT.

@@ -504,35 +504,8 @@ impl ReasonCode {
     /// Whether this code may appear in the given packet (the tables of section 3).
     pub fn allowed_in(self, kind: ReasonContext) -> bool {
         use ReasonCode::*;
-        let v = self as u8;
         match kind {
-            ReasonContext::ConnAck => {
-                v == 0
-                    || matches!(
-                        self,
-                        UnspecifiedError
-                            | MalformedPacket
-                            | ProtocolError
-                            | ImplementationSpecificError
-                            | UnsupportedProtocolVersion
-                            | ClientIdentifierNotValid
-                            | BadUserNameOrPassword
-                            | NotAuthorized
-                            | ServerUnavailable
-                            | ServerBusy
-                            | Banned
-                            | BadAuthenticationMethod
-                            | TopicNameInvalid
-                            | PacketTooLarge
-                            | QuotaExceeded
-                            | PayloadFormatInvalid
-                            | RetainNotSupported
-                            | QoSNotSupported
-                            | UseAnotherServer
-                            | ServerMoved
-                            | ConnectionRateExceeded
-                    )
-            }
+            ReasonContext::ConnAck => self.allowed_in_connack(),
             ReasonContext::PubAck | ReasonContext::PubRec => matches!(
                 self,
                 Success
@@ -573,25 +546,64 @@ impl ReasonCode {
                     | TopicFilterInvalid
                     | PacketIdentifierInUse
             ),
-            ReasonContext::Disconnect => {
-                matches!(self, Success | DisconnectWithWillMessage)
-                    || (v >= 0x80
-                        && !matches!(
-                            self,
-                            UnsupportedProtocolVersion
-                                | ClientIdentifierNotValid
-                                | BadUserNameOrPassword
-                                | ServerUnavailable
-                                | Banned
-                                | BadAuthenticationMethod
-                                | PacketIdentifierInUse
-                                | PacketIdentifierNotFound
-                        ))
-            }
+            ReasonContext::Disconnect => self.allowed_in_disconnect(),
             ReasonContext::Auth => {
                 matches!(self, Success | ContinueAuthentication | ReAuthenticate)
             }
         }
+    }
+
+    /// Whether this code may appear in a CONNACK: success or one of its error codes.
+    #[inline]
+    fn allowed_in_connack(self) -> bool {
+        use ReasonCode::*;
+        let v = self as u8;
+        v == 0
+            || matches!(
+                self,
+                UnspecifiedError
+                    | MalformedPacket
+                    | ProtocolError
+                    | ImplementationSpecificError
+                    | UnsupportedProtocolVersion
+                    | ClientIdentifierNotValid
+                    | BadUserNameOrPassword
+                    | NotAuthorized
+                    | ServerUnavailable
+                    | ServerBusy
+                    | Banned
+                    | BadAuthenticationMethod
+                    | TopicNameInvalid
+                    | PacketTooLarge
+                    | QuotaExceeded
+                    | PayloadFormatInvalid
+                    | RetainNotSupported
+                    | QoSNotSupported
+                    | UseAnotherServer
+                    | ServerMoved
+                    | ConnectionRateExceeded
+            )
+    }
+
+    /// Whether this code may appear in a DISCONNECT: success, disconnect with will, or an
+    /// error code (0x80 and up) but those about the CONNECT itself or packet identifiers.
+    #[inline]
+    fn allowed_in_disconnect(self) -> bool {
+        use ReasonCode::*;
+        let v = self as u8;
+        matches!(self, Success | DisconnectWithWillMessage)
+            || (v >= 0x80
+                && !matches!(
+                    self,
+                    UnsupportedProtocolVersion
+                        | ClientIdentifierNotValid
+                        | BadUserNameOrPassword
+                        | ServerUnavailable
+                        | Banned
+                        | BadAuthenticationMethod
+                        | PacketIdentifierInUse
+                        | PacketIdentifierNotFound
+                ))
     }
 
     /// The MQTT 3.x CONNACK return code for this reason (3.1.1 table 3.1).

@@ -8,9 +8,9 @@ use crate::mqtt::{
 };
 use crate::stats::{self, BrokerProbe, Errors};
 use anyhow::{bail, Result};
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use shardmq::protocol::{packet_type, Packet, ProtocolVersion};
+use shardmq::protocol::{packet_type, DecodeLimits, Packet, ProtocolVersion};
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -263,172 +263,253 @@ pub async fn publisher(mut conn: Conn, plan: PubPlan, ctx: Arc<Ctx>) -> (Conn, P
     (conn, r)
 }
 
+/// A publisher's progress through its plan.
+struct PubState {
+    /// Scheduled send time per packet id; 0 = free.
+    pending: Vec<u64>,
+    inflight: usize,
+    cursor: u16,
+    next_due: u64,
+    /// Messages written into the write buffer so far.
+    k: u64,
+    /// Messages counted in the progress line so far.
+    reported_sent: u64,
+    /// Open loop: a due message is waiting for window or socket space (the broker's flow
+    /// control); messages sent until the schedule is caught up count as held back, and their
+    /// lateness is not the generator's (`send_lag`).
+    held: bool,
+}
+
+impl PubState {
+    /// Whether the plan lets another message into the write buffer now (window and buffer
+    /// space).
+    #[inline]
+    fn has_room(&self, plan: &PubPlan, conn: &Conn) -> bool {
+        (plan.qos == 0 || self.inflight < plan.window) && conn.wbuf.len() < WBUF_HIGH
+    }
+
+    /// Writes the messages due (open loop) or as many as fit (closed loop) into the write
+    /// buffer.
+    #[inline]
+    fn produce(&mut self, plan: &PubPlan, conn: &mut Conn, r: &mut PubResult, now: u64) {
+        while self.k < plan.count && self.has_room(plan, conn) {
+            let ts = match plan.interval_ns {
+                Some(iv) => {
+                    if self.next_due > now || self.next_due >= plan.deadline_ns {
+                        self.held = false;
+                        break;
+                    }
+                    let t = self.next_due;
+                    self.next_due += iv;
+                    if self.held {
+                        r.held_back += 1;
+                    } else {
+                        stats::record(&mut r.send_lag, now - t);
+                    }
+                    t
+                }
+                None => now,
+            };
+            let pid = if plan.qos > 0 { self.take_pid(ts) } else { 0 };
+            let number = plan
+                .number
+                .map_or(0, |(first, step, m)| (first + self.k * step) % m);
+            plan.template.write(&mut conn.wbuf, pid, ts, number);
+            self.k += 1;
+        }
+        if plan.interval_ns.is_some()
+            && self.k < plan.count
+            && self.next_due <= now
+            && self.next_due < plan.deadline_ns
+        {
+            self.held = true;
+        }
+    }
+
+    /// Takes the next free packet id for a message scheduled at `ts`.
+    #[inline]
+    fn take_pid(&mut self, ts: u64) -> u16 {
+        loop {
+            self.cursor = self.cursor % 65535 + 1;
+            if self.pending[self.cursor as usize] == 0 {
+                break;
+            }
+        }
+        self.pending[self.cursor as usize] = ts.max(1);
+        self.inflight += 1;
+        self.cursor
+    }
+
+    /// Once the write buffer is empty, counts what was written as sent.
+    #[inline]
+    fn count_sent(&mut self, conn: &Conn, r: &mut PubResult, ctx: &Ctx) {
+        if conn.wbuf.is_empty() && self.k > r.sent {
+            r.sent = self.k;
+            r.last_send_ns = clock::now_ns();
+            ctx.progress
+                .sent
+                .fetch_add(self.k - self.reported_sent, Ordering::Relaxed);
+            self.reported_sent = self.k;
+        }
+    }
+
+    /// Handles the frames read: acknowledgements settle their messages (a PUBREC is
+    /// answered with PUBREL), a DISCONNECT ends the publisher.
+    #[inline]
+    fn read_acks(
+        &mut self,
+        conn: &mut Conn,
+        limits: &DecodeLimits,
+        qos: u8,
+        r: &mut PubResult,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        let t = clock::now_ns();
+        let before = r.acked;
+        while let Some(f) = mqtt::next_frame(&mut conn.rbuf, limits)? {
+            match f {
+                Frame::Ack { kind, pid, reason } => {
+                    let Some(ts) = self.settle(&mut conn.wbuf, qos, kind, pid, reason)? else {
+                        continue;
+                    };
+                    if reason >= 0x80 {
+                        r.refused += 1;
+                        ctx.errors
+                            .add(format!("publish refused: reason code 0x{reason:02x}"));
+                    } else {
+                        r.acked += 1;
+                        stats::record(&mut r.ack_latency, t.saturating_sub(ts));
+                    }
+                }
+                Frame::Other(p) => {
+                    if let Packet::Disconnect(d) = *p {
+                        bail!("DISCONNECT from the broker: {:?}", d.reason_code)
+                    }
+                }
+                Frame::Publish { .. } => {}
+            }
+        }
+        if r.acked > before {
+            r.last_ack_ns = t;
+            ctx.progress
+                .acked
+                .fetch_add(r.acked - before, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// One acknowledgement: the scheduled send time of the message it ends (its packet id
+    /// freed), or `None` when a PUBREC was answered with PUBREL and the exchange goes on.
+    #[inline]
+    fn settle(
+        &mut self,
+        wbuf: &mut BytesMut,
+        qos: u8,
+        kind: u8,
+        pid: u16,
+        reason: u8,
+    ) -> Result<Option<u64>> {
+        let slot = pid as usize;
+        let ts = self.pending.get(slot).copied().unwrap_or(0);
+        if ts == 0 {
+            bail!("acknowledgement for unknown packet id {pid}");
+        }
+        let done = match kind {
+            packet_type::PUBACK if qos == 1 => true,
+            packet_type::PUBREC if qos == 2 => {
+                if reason < 0x80 {
+                    put_ack(wbuf, packet_type::PUBREL, pid);
+                    false
+                } else {
+                    true
+                }
+            }
+            packet_type::PUBCOMP if qos == 2 => true,
+            _ => bail!("unexpected acknowledgement type {kind}"),
+        };
+        if !done {
+            return Ok(None);
+        }
+        self.pending[slot] = 0;
+        self.inflight -= 1;
+        Ok(Some(ts))
+    }
+}
+
+/// Writes what the socket takes without waiting.
+#[inline]
+fn write_now(conn: &mut Conn) -> Result<()> {
+    while !conn.wbuf.is_empty() {
+        match conn.stream.try_write(&conn.wbuf) {
+            Ok(n) => conn.wbuf.advance(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what the socket has without waiting.
+#[inline]
+fn read_now(conn: &mut Conn) -> Result<()> {
+    loop {
+        if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+            conn.rbuf.reserve(16 * 1024);
+        }
+        match conn.stream.try_read_buf(&mut conn.rbuf) {
+            Ok(0) => bail!("connection closed by the broker"),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends the plan's messages and settles their acknowledgements until both are done or
+/// the acknowledgement deadline passed; an error ends the publisher.
 async fn publish_loop(conn: &mut Conn, plan: &PubPlan, ctx: &Ctx, r: &mut PubResult) -> Result<()> {
     let limits = conn.limits();
     let qos = plan.qos;
-    // Scheduled send time per packet id; 0 = free.
-    let mut pending: Vec<u64> = if qos > 0 { vec![0; 65536] } else { Vec::new() };
-    let mut inflight = 0usize;
-    let mut cursor: u16 = 0;
-    let mut next_due = plan.start_ns;
-    let mut k = 0u64;
-    let mut reported_sent = 0u64;
-    // Open loop: a due message is waiting for window or socket space (the broker's flow
-    // control); messages sent until the schedule is caught up count as held back, and their
-    // lateness is not the generator's (`send_lag`).
-    let mut held = false;
+    let mut st = PubState {
+        pending: if qos > 0 { vec![0; 65536] } else { Vec::new() },
+        inflight: 0,
+        cursor: 0,
+        next_due: plan.start_ns,
+        k: 0,
+        reported_sent: 0,
+        held: false,
+    };
     let timer = clock::PreciseTimer::new()?;
     // Closed loop starts on time too.
     timer.wait_until(plan.start_ns).await?;
     loop {
         let now = clock::now_ns();
-        if still_sending(plan, k, next_due, now) {
-            while k < plan.count
-                && (qos == 0 || inflight < plan.window)
-                && conn.wbuf.len() < WBUF_HIGH
-            {
-                let ts = match plan.interval_ns {
-                    Some(iv) => {
-                        if next_due > now || next_due >= plan.deadline_ns {
-                            held = false;
-                            break;
-                        }
-                        let t = next_due;
-                        next_due += iv;
-                        if held {
-                            r.held_back += 1;
-                        } else {
-                            stats::record(&mut r.send_lag, now - t);
-                        }
-                        t
-                    }
-                    None => now,
-                };
-                let pid = if qos > 0 {
-                    loop {
-                        cursor = cursor % 65535 + 1;
-                        if pending[cursor as usize] == 0 {
-                            break;
-                        }
-                    }
-                    pending[cursor as usize] = ts.max(1);
-                    inflight += 1;
-                    cursor
-                } else {
-                    0
-                };
-                let number = plan
-                    .number
-                    .map_or(0, |(first, step, m)| (first + k * step) % m);
-                plan.template.write(&mut conn.wbuf, pid, ts, number);
-                k += 1;
-            }
-            if plan.interval_ns.is_some()
-                && k < plan.count
-                && next_due <= now
-                && next_due < plan.deadline_ns
-            {
-                held = true;
-            }
+        if still_sending(plan, st.k, st.next_due, now) {
+            st.produce(plan, conn, r, now);
         }
-        // Write what we can without waiting.
-        while !conn.wbuf.is_empty() {
-            match conn.stream.try_write(&conn.wbuf) {
-                Ok(n) => conn.wbuf.advance(n),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if conn.wbuf.is_empty() && k > r.sent {
-            r.sent = k;
-            r.last_send_ns = clock::now_ns();
-            ctx.progress
-                .sent
-                .fetch_add(k - reported_sent, Ordering::Relaxed);
-            reported_sent = k;
-        }
-        // Read acknowledgements without waiting.
-        loop {
-            if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
-                conn.rbuf.reserve(16 * 1024);
-            }
-            match conn.stream.try_read_buf(&mut conn.rbuf) {
-                Ok(0) => bail!("connection closed by the broker"),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        write_now(conn)?;
+        st.count_sent(conn, r, ctx);
+        read_now(conn)?;
         if !conn.rbuf.is_empty() {
-            let t = clock::now_ns();
-            let before = r.acked;
-            while let Some(f) = mqtt::next_frame(&mut conn.rbuf, &limits)? {
-                match f {
-                    Frame::Ack { kind, pid, reason } => {
-                        let slot = pid as usize;
-                        let ts = pending.get(slot).copied().unwrap_or(0);
-                        if ts == 0 {
-                            bail!("acknowledgement for unknown packet id {pid}");
-                        }
-                        let done = match kind {
-                            packet_type::PUBACK if qos == 1 => true,
-                            packet_type::PUBREC if qos == 2 => {
-                                if reason < 0x80 {
-                                    put_ack(&mut conn.wbuf, packet_type::PUBREL, pid);
-                                    false
-                                } else {
-                                    true
-                                }
-                            }
-                            packet_type::PUBCOMP if qos == 2 => true,
-                            _ => bail!("unexpected acknowledgement type {kind}"),
-                        };
-                        if done {
-                            pending[slot] = 0;
-                            inflight -= 1;
-                            if reason >= 0x80 {
-                                r.refused += 1;
-                                ctx.errors
-                                    .add(format!("publish refused: reason code 0x{reason:02x}"));
-                            } else {
-                                r.acked += 1;
-                                stats::record(&mut r.ack_latency, t.saturating_sub(ts));
-                            }
-                        }
-                    }
-                    Frame::Other(p) => {
-                        if let Packet::Disconnect(d) = *p {
-                            bail!("DISCONNECT from the broker: {:?}", d.reason_code)
-                        }
-                    }
-                    Frame::Publish { .. } => {}
-                }
-            }
-            if r.acked > before {
-                r.last_ack_ns = t;
-                ctx.progress
-                    .acked
-                    .fetch_add(r.acked - before, Ordering::Relaxed);
-            }
+            st.read_acks(conn, &limits, qos, r, ctx)?;
         }
         let now = clock::now_ns();
-        let done_sending = !still_sending(plan, k, next_due, now);
-        if done_sending && conn.wbuf.is_empty() && inflight == 0 {
+        let done_sending = !still_sending(plan, st.k, st.next_due, now);
+        if done_sending && conn.wbuf.is_empty() && st.inflight == 0 {
             return Ok(());
         }
         if done_sending && now >= plan.ack_deadline_ns {
-            r.unacked = inflight as u64;
+            r.unacked = st.inflight as u64;
             return Ok(());
         }
-        let can_produce =
-            !done_sending && (qos == 0 || inflight < plan.window) && conn.wbuf.len() < WBUF_HIGH;
+        let can_produce = !done_sending && st.has_room(plan, conn);
         if can_produce && plan.interval_ns.is_none() && conn.wbuf.is_empty() {
             // Closed loop with room to send: let the other tasks run, then go on.
             tokio::task::yield_now().await;
             continue;
         }
         let wake = if can_produce && plan.interval_ns.is_some() {
-            Some(next_due)
+            Some(st.next_due)
         } else {
             None
         };

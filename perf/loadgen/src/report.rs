@@ -140,6 +140,19 @@ fn lat_line(out: &mut String, label: &str, l: &Latency) {
 impl Report {
     pub fn table(&self) -> String {
         let mut o = String::new();
+        self.header(&mut o);
+        for p in &self.phases {
+            p.table(&mut o);
+        }
+        if let Some(b) = &self.broker {
+            broker_line(&mut o, b);
+        }
+        let _ = writeln!(o, "generator cpu {:.2} s", self.generator_cpu_s);
+        o
+    }
+
+    /// The first line: scenario, target, protocol, QoS, payload, mode and connections.
+    fn header(&self, o: &mut String) {
         let _ = write!(
             o,
             "{} → {}  MQTT {}  QoS {}  payload {} B  {}",
@@ -161,89 +174,105 @@ impl Report {
             let _ = write!(o, "  inflight {i}");
         }
         o.push('\n');
-        for p in &self.phases {
-            let _ = writeln!(o, "[{}] {:.2} s", p.name, p.elapsed_s);
-            let mut counts = Vec::new();
-            let mut push = |k: &str, v: Option<u64>| {
-                if let Some(v) = v {
-                    counts.push(format!("{k} {v}"));
-                }
-            };
-            push("sent", p.sent);
-            push("unsent-due", p.unsent_due.filter(|&n| n > 0));
-            push("held-back", p.held_back.filter(|&n| n > 0));
-            push("acked", p.acked);
-            push("expected", p.expected);
-            push("received", p.received);
-            push("lost", p.lost);
-            push("extra", p.extra.filter(|&n| n > 0));
-            push("connects", p.connects);
-            push("sessions-present", p.sessions_present);
-            if !counts.is_empty() {
-                let _ = writeln!(o, "  {}", counts.join("  "));
-            }
-            let mut rates = Vec::new();
-            if let Some(r) = p.send_rate {
-                rates.push(format!("sent {}", rate(r)));
-            }
-            if let Some(r) = p.ack_rate {
-                rates.push(format!("acked {}", rate(r)));
-            }
-            if let Some(r) = p.delivered_rate {
-                rates.push(format!("delivered {}", rate(r)));
-            }
-            if let Some(r) = p.connect_rate {
-                rates.push(format!("connect rate {}", rate(r)));
-            }
-            if let Some(l) = p.loss_pct {
-                rates.push(format!("loss {l:.3}%"));
-            }
-            if !rates.is_empty() {
-                let _ = writeln!(o, "  {}", rates.join("  "));
-            }
-            if let Some(l) = &p.latency {
-                lat_line(&mut o, "latency", l);
-            }
-            if let Some(l) = &p.ack_latency {
-                lat_line(&mut o, "ack latency", l);
-            }
-            if let Some(l) = &p.send_lag {
-                lat_line(&mut o, "send lag", l);
-            }
-            if let Some(l) = &p.connect_latency {
-                lat_line(&mut o, "connect latency", l);
-            }
-            if let (Some(b), Some(a)) = (p.broker_rss_before, p.broker_rss_after) {
-                let _ = write!(o, "  broker RSS {} → {}", mib(b), mib(a));
-                if let Some(per) = p.broker_rss_per_connection {
-                    let _ = write!(o, "  = {per:.0} B per connection");
-                }
-                o.push('\n');
-            }
-            let _ = writeln!(o, "  errors {}", p.errors);
-            for e in &p.error_samples {
-                let _ = writeln!(o, "    {e}");
-            }
-            for n in &p.notes {
-                let _ = writeln!(o, "  note: {n}");
-            }
+    }
+}
+
+/// The broker's line: CPU, RSS and CPU per million messages.
+fn broker_line(o: &mut String, b: &BrokerStats) {
+    let _ = write!(
+        o,
+        "broker pid {}: cpu {:.2} s  peak RSS {}  RSS {} → {}",
+        b.pid,
+        b.cpu_s,
+        mib(b.peak_rss_bytes),
+        mib(b.before.rss_bytes),
+        mib(b.after.rss_bytes)
+    );
+    if let Some(c) = b.cpu_s_per_million_msgs {
+        let _ = write!(o, "  {c:.2} cpu-s per M msgs");
+    }
+    o.push('\n');
+}
+
+impl PhaseReport {
+    /// The phase's lines of the table: counts, rates, latencies, broker RSS, errors, notes.
+    fn table(&self, o: &mut String) {
+        let _ = writeln!(o, "[{}] {:.2} s", self.name, self.elapsed_s);
+        let counts = self.counts();
+        if !counts.is_empty() {
+            let _ = writeln!(o, "  {}", counts.join("  "));
         }
-        if let Some(b) = &self.broker {
-            let _ = write!(
-                o,
-                "broker pid {}: cpu {:.2} s  peak RSS {}  RSS {} → {}",
-                b.pid,
-                b.cpu_s,
-                mib(b.peak_rss_bytes),
-                mib(b.before.rss_bytes),
-                mib(b.after.rss_bytes)
-            );
-            if let Some(c) = b.cpu_s_per_million_msgs {
-                let _ = write!(o, "  {c:.2} cpu-s per M msgs");
+        let rates = self.rates();
+        if !rates.is_empty() {
+            let _ = writeln!(o, "  {}", rates.join("  "));
+        }
+        if let Some(l) = &self.latency {
+            lat_line(o, "latency", l);
+        }
+        if let Some(l) = &self.ack_latency {
+            lat_line(o, "ack latency", l);
+        }
+        if let Some(l) = &self.send_lag {
+            lat_line(o, "send lag", l);
+        }
+        if let Some(l) = &self.connect_latency {
+            lat_line(o, "connect latency", l);
+        }
+        if let (Some(b), Some(a)) = (self.broker_rss_before, self.broker_rss_after) {
+            let _ = write!(o, "  broker RSS {} → {}", mib(b), mib(a));
+            if let Some(per) = self.broker_rss_per_connection {
+                let _ = write!(o, "  = {per:.0} B per connection");
             }
             o.push('\n');
         }
-        let _ = writeln!(o, "generator cpu {:.2} s", self.generator_cpu_s);
-        o
+        let _ = writeln!(o, "  errors {}", self.errors);
+        for e in &self.error_samples {
+            let _ = writeln!(o, "    {e}");
+        }
+        for n in &self.notes {
+            let _ = writeln!(o, "  note: {n}");
+        }
+    }
+
+    /// The message and connection counts the phase has, as `name value`.
+    fn counts(&self) -> Vec<String> {
+        let mut counts = Vec::new();
+        let mut push = |k: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                counts.push(format!("{k} {v}"));
+            }
+        };
+        push("sent", self.sent);
+        push("unsent-due", self.unsent_due.filter(|&n| n > 0));
+        push("held-back", self.held_back.filter(|&n| n > 0));
+        push("acked", self.acked);
+        push("expected", self.expected);
+        push("received", self.received);
+        push("lost", self.lost);
+        push("extra", self.extra.filter(|&n| n > 0));
+        push("connects", self.connects);
+        push("sessions-present", self.sessions_present);
+        counts
+    }
+
+    /// The rates (and loss) the phase has.
+    fn rates(&self) -> Vec<String> {
+        let mut rates = Vec::new();
+        if let Some(r) = self.send_rate {
+            rates.push(format!("sent {}", rate(r)));
+        }
+        if let Some(r) = self.ack_rate {
+            rates.push(format!("acked {}", rate(r)));
+        }
+        if let Some(r) = self.delivered_rate {
+            rates.push(format!("delivered {}", rate(r)));
+        }
+        if let Some(r) = self.connect_rate {
+            rates.push(format!("connect rate {}", rate(r)));
+        }
+        if let Some(l) = self.loss_pct {
+            rates.push(format!("loss {l:.3}%"));
+        }
+        rates
     }
 }
