@@ -378,6 +378,9 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// fsync interval in `batched` mode.
     pub batched_interval_ms: u32,
+    /// Bytes (keys and values) a shard collects in its open write batch before applying it
+    /// to the store ahead of the next group commit.
+    pub write_batch_bytes_max: u64,
     /// Block cache of each shard's database.
     pub cache_bytes: u64,
     /// Files each shard's database keeps open (mind `ulimit -n` times the shard count).
@@ -394,6 +397,7 @@ impl Default for StorageConfig {
         StorageConfig {
             durability: Durability::Durable,
             batched_interval_ms: 100,
+            write_batch_bytes_max: 4 * 1024 * 1024,
             cache_bytes: 32 * 1024 * 1024,
             max_cached_files: 256,
             queued_bytes_max: 16 * 1024 * 1024 * 1024,

@@ -78,7 +78,7 @@ impl Config {
     }
 
     /// The settings that must be greater than 0, by key, in the order they are checked.
-    fn positive_settings(&self) -> [(&'static str, u64); 21] {
+    fn positive_settings(&self) -> [(&'static str, u64); 22] {
         let l = &self.limits;
         [
             ("limits.connections_max", l.connections_max as u64),
@@ -112,6 +112,10 @@ impl Config {
             (
                 "storage.batched_interval_ms",
                 self.storage.batched_interval_ms as u64,
+            ),
+            (
+                "storage.write_batch_bytes_max",
+                self.storage.write_batch_bytes_max,
             ),
             (
                 "storage.max_cached_files",

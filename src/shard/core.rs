@@ -65,7 +65,7 @@ use crate::session::{
 };
 use crate::storage::{
     CountersRecord, InflightRecord, MessageRecord, QueuedRecord, SessionRecord, StorageError,
-    Store, SubscriptionRecord, WallClock, WillRecord,
+    Store, StoreBatch, SubscriptionRecord, WallClock, WillRecord,
 };
 
 mod durable;
@@ -424,6 +424,9 @@ pub struct Core {
     /// The shard's database; `None` with `storage.durability = "memory"`.
     store: Option<Store>,
     durability: Durability,
+    /// Writes since the last commit to the store, applied as one atomic batch before the
+    /// next persist (or a read of the store, or when `storage.write_batch_bytes_max` full).
+    open_batch: Option<StoreBatch>,
     log: DurableLog,
     /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
     recovered_peers: usize,
@@ -518,6 +521,7 @@ impl Core {
             sink,
             store,
             durability,
+            open_batch: None,
             log: DurableLog::default(),
             recovered_peers: 0,
             dispatch: None,

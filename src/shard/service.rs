@@ -425,7 +425,7 @@ impl BrokerShard {
             if let (Some(d), false) = (interval, stopping) {
                 glommio::timer::sleep(d).await;
             }
-            let target = svc.core.borrow().commit_target();
+            let target = svc.core.borrow_mut().commit_target();
             if let Some((store, seq)) = target {
                 let started = Instant::now();
                 let persisting = store.clone();
@@ -448,7 +448,7 @@ impl BrokerShard {
                     svc.storage_failed.notify();
                 }
             }
-            if stopping && svc.core.borrow().commit_target().is_none() {
+            if stopping && svc.core.borrow_mut().commit_target().is_none() {
                 break;
             }
         }
@@ -498,7 +498,7 @@ impl BrokerShard {
         let svc = shard.service();
         svc.core.borrow_mut().flush_counters();
         loop {
-            let target = svc.core.borrow().commit_target();
+            let target = svc.core.borrow_mut().commit_target();
             let Some((store, seq)) = target else {
                 return;
             };

@@ -13,10 +13,20 @@ use super::*;
 pub struct StoreBatch {
     store: Store,
     ops: Vec<Op>,
+    /// Key and value bytes held by `ops` (what the batch costs in memory).
+    bytes: usize,
 }
+
+/// What a batch leaves a key with: whether the key is known to be absent before the batch,
+/// and its value after it (`None`: deleted).
+type LastWord = (bool, Option<Vec<u8>>);
 
 enum Op {
     Put(Space, Vec<u8>, Vec<u8>),
+    /// A put of a key the caller knows is absent from the store before this batch (a new
+    /// queue sequence number, a packet id just taken): if the same batch deletes it again,
+    /// neither the put nor the delete is written.
+    PutFresh(Space, Vec<u8>, Vec<u8>),
     Delete(Space, Vec<u8>),
     /// Every per-client key with this client prefix.
     DeleteClient(Vec<u8>),
@@ -38,11 +48,26 @@ impl StoreBatch {
         StoreBatch {
             store,
             ops: Vec::new(),
+            bytes: 0,
         }
     }
 
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Key and value bytes the batch holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Adds an operation, counting the bytes it holds.
+    fn push(&mut self, op: Op) {
+        self.bytes += match &op {
+            Op::Put(_, k, v) | Op::PutFresh(_, k, v) => k.len() + v.len(),
+            Op::Delete(_, k) | Op::DeleteClient(k) | Op::QueueTrim(k, _) => k.len(),
+        };
+        self.ops.push(op);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -55,12 +80,12 @@ impl StoreBatch {
         rec: &SessionRecord,
     ) -> Result<(), StorageError> {
         let op = Op::Put(Space::Sessions, client_prefix(client_id)?, rec.to_value()?);
-        self.ops.push(op);
+        self.push(op);
         Ok(())
     }
 
     pub fn delete_session(&mut self, client_id: &str) -> Result<(), StorageError> {
-        self.ops.push(Op::DeleteClient(client_prefix(client_id)?));
+        self.push(Op::DeleteClient(client_prefix(client_id)?));
         Ok(())
     }
 
@@ -70,7 +95,7 @@ impl StoreBatch {
         client_id: &str,
         rec: &CountersRecord,
     ) -> Result<(), StorageError> {
-        self.ops.push(Op::Put(
+        self.push(Op::Put(
             Space::Counters,
             client_prefix(client_id)?,
             rec.to_value()?,
@@ -85,8 +110,7 @@ impl StoreBatch {
         rec: &SubscriptionRecord,
     ) -> Result<(), StorageError> {
         let key = keys::subscription_key(client_id, filter)?;
-        self.ops
-            .push(Op::Put(Space::Subscriptions, key, rec.to_value()?));
+        self.push(Op::Put(Space::Subscriptions, key, rec.to_value()?));
         Ok(())
     }
 
@@ -96,7 +120,7 @@ impl StoreBatch {
         filter: &str,
     ) -> Result<(), StorageError> {
         let key = keys::subscription_key(client_id, filter)?;
-        self.ops.push(Op::Delete(Space::Subscriptions, key));
+        self.push(Op::Delete(Space::Subscriptions, key));
         Ok(())
     }
 
@@ -106,14 +130,14 @@ impl StoreBatch {
         seq: u64,
         rec: &QueuedRecord,
     ) -> Result<(), StorageError> {
-        let op = Op::Put(Space::Queue, queue_key(client_id, seq)?, rec.to_value()?);
-        self.ops.push(op);
+        // A sequence number is used once per session: the key is new.
+        let op = Op::PutFresh(Space::Queue, queue_key(client_id, seq)?, rec.to_value()?);
+        self.push(op);
         Ok(())
     }
 
     pub fn queue_delete(&mut self, client_id: &str, seq: u64) -> Result<(), StorageError> {
-        self.ops
-            .push(Op::Delete(Space::Queue, queue_key(client_id, seq)?));
+        self.push(Op::Delete(Space::Queue, queue_key(client_id, seq)?));
         Ok(())
     }
 
@@ -122,28 +146,31 @@ impl StoreBatch {
         client_id: &str,
         below_seq: u64,
     ) -> Result<(), StorageError> {
-        self.ops
-            .push(Op::QueueTrim(client_prefix(client_id)?, below_seq));
+        self.push(Op::QueueTrim(client_prefix(client_id)?, below_seq));
         Ok(())
     }
 
+    /// Stores a message in flight; `fresh`: its packet id was just taken (no record of it
+    /// is stored), rather than a state change of a stored one.
     pub fn inflight_put(
         &mut self,
         client_id: &str,
         packet_id: u16,
         rec: &InflightRecord,
+        fresh: bool,
     ) -> Result<(), StorageError> {
-        let op = Op::Put(
-            Space::Inflight,
-            packet_key(client_id, packet_id)?,
-            rec.to_value()?,
-        );
-        self.ops.push(op);
+        let (key, value) = (packet_key(client_id, packet_id)?, rec.to_value()?);
+        let op = if fresh {
+            Op::PutFresh(Space::Inflight, key, value)
+        } else {
+            Op::Put(Space::Inflight, key, value)
+        };
+        self.push(op);
         Ok(())
     }
 
     pub fn inflight_delete(&mut self, client_id: &str, packet_id: u16) -> Result<(), StorageError> {
-        self.ops.push(Op::Delete(
+        self.push(Op::Delete(
             Space::Inflight,
             packet_key(client_id, packet_id)?,
         ));
@@ -156,12 +183,12 @@ impl StoreBatch {
             packet_key(client_id, packet_id)?,
             incoming_value(),
         );
-        self.ops.push(op);
+        self.push(op);
         Ok(())
     }
 
     pub fn incoming_delete(&mut self, client_id: &str, packet_id: u16) -> Result<(), StorageError> {
-        self.ops.push(Op::Delete(
+        self.push(Op::Delete(
             Space::Incoming,
             packet_key(client_id, packet_id)?,
         ));
@@ -179,7 +206,7 @@ impl StoreBatch {
             dedup_key(client_id, origin, packet_id)?,
             dedup_value(),
         );
-        self.ops.push(op);
+        self.push(op);
         Ok(())
     }
 
@@ -189,7 +216,7 @@ impl StoreBatch {
         origin: &str,
         packet_id: u16,
     ) -> Result<(), StorageError> {
-        self.ops.push(Op::Delete(
+        self.push(Op::Delete(
             Space::Dedup,
             dedup_key(client_id, origin, packet_id)?,
         ));
@@ -198,13 +225,12 @@ impl StoreBatch {
 
     pub fn retained_put(&mut self, topic: &str, rec: &MessageRecord) -> Result<(), StorageError> {
         let op = Op::Put(Space::Retained, keys::retained_key(topic)?, rec.to_value()?);
-        self.ops.push(op);
+        self.push(op);
         Ok(())
     }
 
     pub fn retained_delete(&mut self, topic: &str) -> Result<(), StorageError> {
-        self.ops
-            .push(Op::Delete(Space::Retained, keys::retained_key(topic)?));
+        self.push(Op::Delete(Space::Retained, keys::retained_key(topic)?));
         Ok(())
     }
 
@@ -212,27 +238,32 @@ impl StoreBatch {
     pub fn commit(self) -> Result<(), StorageError> {
         // One engine for the scans and the write, even if the store is reopened meanwhile.
         let engine = self.store.engine()?;
-        // The last word on each key, in call order.
-        let mut last: BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+        // The last word on each key, in call order, and whether the key is known to be
+        // absent before the batch (its first word was a fresh put).
+        let mut last: BTreeMap<(Space, Vec<u8>), LastWord> = BTreeMap::new();
         for op in self.ops {
             match op {
                 Op::Put(space, key, value) => {
-                    last.insert((space, key), Some(value));
+                    last.entry((space, key)).or_insert((false, None)).1 = Some(value);
+                }
+                Op::PutFresh(space, key, value) => {
+                    last.entry((space, key)).or_insert((true, None)).1 = Some(value);
                 }
                 Op::Delete(space, key) => {
-                    last.insert((space, key), None);
+                    last.entry((space, key)).or_insert((false, None)).1 = None;
                 }
                 Op::DeleteClient(prefix) => {
                     for space in Space::PER_CLIENT {
-                        for item in engine.ks(space).prefix(&prefix) {
-                            let key = item.key().map_err(StorageError::engine("scan"))?;
-                            last.insert((space, key.to_vec()), None);
-                        }
                         for (_, v) in last
                             .range_mut((space, prefix.clone())..)
                             .take_while(|((s, k), _)| *s == space && k.starts_with(&prefix))
                         {
-                            *v = None;
+                            v.1 = None;
+                        }
+                        // Stored keys: not absent before the batch, whatever was claimed.
+                        for item in engine.ks(space).prefix(&prefix) {
+                            let key = item.key().map_err(StorageError::engine("scan"))?;
+                            last.insert((space, key.to_vec()), (false, None));
                         }
                     }
                 }
@@ -244,28 +275,32 @@ impl StoreBatch {
                     start.extend_from_slice(&0u64.to_be_bytes());
                     let mut end = prefix;
                     end.extend_from_slice(&below.to_be_bytes());
+                    for (_, v) in
+                        last.range_mut((Space::Queue, start.clone())..(Space::Queue, end.clone()))
+                    {
+                        v.1 = None;
+                    }
                     for item in engine
                         .ks(Space::Queue)
                         .range(start.as_slice()..end.as_slice())
                     {
                         let key = item.key().map_err(StorageError::engine("scan"))?;
-                        last.insert((Space::Queue, key.to_vec()), None);
-                    }
-                    for (_, v) in last.range_mut((Space::Queue, start)..(Space::Queue, end)) {
-                        *v = None;
+                        last.insert((Space::Queue, key.to_vec()), (false, None));
                     }
                 }
             }
         }
-        if last.is_empty() {
-            return Ok(());
-        }
         let mut batch = engine.db.batch();
-        for ((space, key), value) in last {
+        for ((space, key), (absent_before, value)) in last {
             match value {
                 Some(value) => batch.insert(engine.ks(space), key, value),
+                // Put and deleted again within the batch: nothing to write.
+                None if absent_before => {}
                 None => batch.remove(engine.ks(space), key),
             }
+        }
+        if batch.is_empty() {
+            return Ok(());
         }
         batch.commit().map_err(StorageError::engine("commit batch"))
     }

@@ -217,7 +217,7 @@ impl Store {
             b.put_subscription(cid, filter, sr)?;
         }
         for (pid, ir) in &rs.inflight {
-            b.inflight_put(cid, *pid, ir)?;
+            b.inflight_put(cid, *pid, ir, false)?;
         }
         for pid in &rs.incoming {
             b.incoming_put(cid, *pid)?;

@@ -383,6 +383,7 @@ fn copy_into_moves_everything_and_the_target_wins() {
             queued: queued(1),
             state: InflightRecord::AWAIT_PUBREC,
         },
+        false,
     )
     .unwrap();
     b.incoming_put("b", 12).unwrap();
@@ -530,4 +531,54 @@ fn persist_seals_full_memtables_and_the_engine_flushes_them() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_fresh_put_deleted_in_the_same_batch_is_not_written_and_other_deletes_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    store.queue_push("c", 1, &queued(1)).unwrap();
+    let rec = InflightRecord {
+        queued: queued(2),
+        state: InflightRecord::AWAIT_PUBACK,
+    };
+    let mut b = store.batch();
+    // Queue 1 is stored: its delete must be written even though 2 and 3 come and go here.
+    b.queue_delete("c", 1).unwrap();
+    b.queue_push("c", 2, &queued(2)).unwrap();
+    b.queue_delete("c", 2).unwrap();
+    b.queue_push("c", 3, &queued(3)).unwrap();
+    // Packet id 5 taken and completed within the batch; 6 taken and still in flight.
+    b.inflight_put("c", 5, &rec, true).unwrap();
+    b.inflight_delete("c", 5).unwrap();
+    b.inflight_put("c", 6, &rec, true).unwrap();
+    assert!(b.bytes() > 0);
+    b.commit().unwrap();
+    assert_eq!(seqs(&store, "c"), vec![3]);
+    let loaded = store.load().unwrap();
+    let s = &loaded.sessions[0];
+    assert_eq!(
+        s.inflight.iter().map(|(pid, _)| *pid).collect::<Vec<_>>(),
+        vec![6]
+    );
+    let raw: Vec<_> = store.raw_entries(Space::Queue).unwrap();
+    assert_eq!(raw.len(), 1);
+}
+
+#[test]
+fn a_session_deleted_in_the_batch_that_put_fresh_keys_leaves_nothing_and_stored_keys_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    store.queue_push("c", 1, &queued(1)).unwrap();
+    let mut b = store.batch();
+    b.queue_push("c", 2, &queued(2)).unwrap();
+    b.delete_session("c").unwrap();
+    b.commit().unwrap();
+    assert!(
+        seqs(&store, "c").is_empty(),
+        "the stored entry is deleted too"
+    );
+    assert!(store.load().unwrap().sessions.is_empty());
 }

@@ -138,11 +138,13 @@ pub enum StoreOp {
     QueuePush { seq: u64, delivery: Delivery },
     /// The queue entry `seq` left the queue (sent, dropped or handed back).
     QueueDelete { seq: u64 },
-    /// A QoS 1/2 message is in flight under `packet_id`, in `state` (also a state change).
+    /// A QoS 1/2 message is in flight under `packet_id`, in `state`. `fresh`: the packet
+    /// id was just taken (nothing is stored under it); otherwise a state change.
     InflightPut {
         packet_id: PacketId,
         delivery: Delivery,
         state: OutState,
+        fresh: bool,
     },
     /// The flow of `packet_id` completed.
     InflightDelete { packet_id: PacketId },
@@ -491,6 +493,7 @@ impl Session {
                     packet_id: i.packet_id,
                     delivery: i.delivery.clone(),
                     state: i.state,
+                    fresh: false,
                 });
                 return true;
             }

@@ -1,6 +1,7 @@
-//! The durable log: what sessions changed goes to the store in one batch per session and
-//! shard tick, and acknowledgements wait ([`Waiter`]) until the group commit that covers
-//! their writes is on disk; the broker-wide queued-bytes budget and the stored drop counters.
+//! The durable log: what sessions change collects in the shard's one open batch, applied to
+//! the store as a unit before each group commit, and acknowledgements wait ([`Waiter`])
+//! until the group commit that covers their writes is on disk; the broker-wide queued-bytes
+//! budget and the stored drop counters.
 
 use super::*;
 
@@ -21,6 +22,13 @@ impl DurableLog {
     pub(super) fn note(&mut self, ok: bool) {
         self.write_seq += 1;
         if !ok {
+            self.failed_seq = self.write_seq;
+        }
+    }
+
+    /// Every write not yet durable failed (the batch holding them could not be applied).
+    pub(super) fn fail_unsynced(&mut self) {
+        if self.unsynced() {
             self.failed_seq = self.write_seq;
         }
     }
@@ -63,15 +71,53 @@ impl Core {
     pub(super) fn note_write(&mut self, r: Result<(), StorageError>) {
         self.log.note(r.is_ok());
         if let Err(e) = r {
-            match &self.store {
-                // Logged once per failure episode by the store.
-                Some(store) if e.is_io_failure() => store.report_failure(&e),
-                _ => {
-                    tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail")
-                }
-            }
+            self.report_write_error(&e);
         }
         self.sink.wake_committer();
+    }
+
+    fn report_write_error(&self, e: &StorageError) {
+        match &self.store {
+            // Logged once per failure episode by the store.
+            Some(store) if e.is_io_failure() => store.report_failure(e),
+            _ => {
+                tracing::error!(shard = self.id, error = %e, "storage write failed; acknowledgements that depend on it will fail")
+            }
+        }
+    }
+
+    /// Adds writes to the shard's open batch: what the sessions change between two group
+    /// commits goes to the store as one atomic batch ([`Core::flush_writes`]), in the
+    /// order written, and a put that the same batch deletes again is not written at all.
+    /// Counted in the durable log at once, so that an acknowledgement waiting from now on
+    /// waits for them.
+    pub(super) fn write(&mut self, f: impl FnOnce(&mut StoreBatch) -> Result<(), StorageError>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let b = self.open_batch.get_or_insert_with(|| store.batch());
+        let r = f(b);
+        let full = b.bytes() >= self.cfg.storage.write_batch_bytes_max as usize;
+        self.note_write(r);
+        if full {
+            self.flush_writes();
+        }
+    }
+
+    /// Applies the open batch to the store (durable only after the next persist): before
+    /// each persist, before the store is read, and when the batch is full. A batch that
+    /// cannot be applied fails every acknowledgement waiting for a write not yet durable.
+    pub(super) fn flush_writes(&mut self) {
+        let Some(b) = self.open_batch.take() else {
+            return;
+        };
+        let started = Instant::now();
+        let r = b.commit();
+        self.stats.write_latency.observe(started.elapsed());
+        if let Err(e) = r {
+            self.log.fail_unsynced();
+            self.report_write_error(&e);
+        }
     }
 
     /// Applies a session's journal to the store and, while it is online and its queue is
@@ -147,22 +193,23 @@ impl Core {
         if self.counters_dirty.is_empty() {
             return;
         }
-        let Some(store) = &self.store else {
+        if self.store.is_none() {
             self.counters_dirty.clear();
             return;
-        };
-        let mut b = store.batch();
-        let mut r = Ok(());
+        }
+        let mut records = Vec::with_capacity(self.counters_dirty.len());
         for client_id in self.counters_dirty.drain() {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
             s.drops_stored = s.stats.dropped_total();
-            let rec = CountersRecord::from_stats(&s.stats);
-            r = r.and_then(|()| b.counters_put(client_id.as_str(), &rec));
+            records.push((client_id, CountersRecord::from_stats(&s.stats)));
         }
-        let r = r.and_then(|()| b.commit());
-        self.note_write(r);
+        self.write(|b| {
+            records
+                .iter()
+                .try_for_each(|(client_id, rec)| b.counters_put(client_id.as_str(), rec))
+        });
     }
 
     /// The bookkeeping that follows a change of a session: one log line when its queue
@@ -243,18 +290,13 @@ impl Core {
         ops: Vec<StoreOp>,
         counters: Option<CountersRecord>,
     ) {
-        let Some(store) = &self.store else {
-            return;
-        };
         let clock = WallClock::now();
         let cid = client_id.as_str();
-        let mut b = store.batch();
-        let mut r = match &counters {
-            Some(c) => b.counters_put(cid, c),
-            None => Ok(()),
-        };
-        for op in ops {
-            r = r.and_then(|()| match op {
+        self.write(|b| {
+            if let Some(c) = &counters {
+                b.counters_put(cid, c)?;
+            }
+            ops.into_iter().try_for_each(|op| match op {
                 StoreOp::QueuePush { seq, delivery } => {
                     b.queue_push(cid, seq, &QueuedRecord::from_delivery(&delivery, &clock))
                 }
@@ -263,6 +305,7 @@ impl Core {
                     packet_id,
                     delivery,
                     state,
+                    fresh,
                 } => {
                     let rec = InflightRecord::from_inflight(
                         &crate::session::state::Inflight {
@@ -272,7 +315,7 @@ impl Core {
                         },
                         &clock,
                     );
-                    b.inflight_put(cid, packet_id.get(), &rec)
+                    b.inflight_put(cid, packet_id.get(), &rec, fresh)
                 }
                 StoreOp::InflightDelete { packet_id } => b.inflight_delete(cid, packet_id.get()),
                 StoreOp::DedupPut { origin, packet_id } => {
@@ -281,12 +324,8 @@ impl Core {
                 StoreOp::DedupDelete { origin, packet_id } => {
                     b.dedup_delete(cid, origin.as_str(), packet_id)
                 }
-            });
-        }
-        let started = Instant::now();
-        let r = r.and_then(|()| b.commit());
-        self.stats.write_latency.observe(started.elapsed());
-        self.note_write(r);
+            })
+        });
     }
 
     /// `None` while the store is being reopened after a failure.
@@ -296,6 +335,8 @@ impl Core {
         from: u64,
         max: usize,
     ) -> Option<Vec<(u64, Delivery)>> {
+        // What the open batch holds must be in the store before it is read.
+        self.flush_writes();
         let Some(store) = &self.store else {
             return Some(Vec::new());
         };
@@ -322,7 +363,7 @@ impl Core {
 
     /// Writes a persistent session's record (expiry, will, whether and since when offline).
     pub(super) fn write_session_record(&mut self, client_id: &MqttStr, now: Instant) {
-        let (Some(store), Some(s)) = (&self.store, self.sessions.get(client_id)) else {
+        let (true, Some(s)) = (self.store.is_some(), self.sessions.get(client_id)) else {
             return;
         };
         if !s.persistent {
@@ -340,8 +381,7 @@ impl Core {
                 .as_ref()
                 .map(|user| user.as_ref().map(|u| u.as_str().to_owned())),
         };
-        let r = store.put_session(client_id.as_str(), &rec);
-        self.note_write(r);
+        self.write(|b| b.put_session(client_id.as_str(), &rec));
     }
 
     pub(super) fn write_subscription(
@@ -350,21 +390,17 @@ impl Core {
         sub: Option<&Subscription>,
         filter: &str,
     ) {
-        let Some(store) = &self.store else {
-            return;
-        };
         if !self.sessions.get(client_id).is_some_and(|s| s.persistent) {
             return;
         }
-        let r = match sub {
-            Some(sub) => store.put_subscription(
+        self.write(|b| match sub {
+            Some(sub) => b.put_subscription(
                 client_id.as_str(),
                 filter,
                 &SubscriptionRecord::from_subscription(sub),
             ),
-            None => store.delete_subscription(client_id.as_str(), filter),
-        };
-        self.note_write(r);
+            None => b.delete_subscription(client_id.as_str(), filter),
+        });
     }
 
     /// Registers `w` to be released once every write so far is durable (at once when
@@ -386,7 +422,8 @@ impl Core {
     }
 
     /// What the committer should make durable: the store and the last write so far.
-    pub fn commit_target(&self) -> Option<(Store, u64)> {
+    pub fn commit_target(&mut self) -> Option<(Store, u64)> {
+        self.flush_writes();
         let store = self.store.as_ref()?;
         self.log.target().map(|t| (store.clone(), t))
     }

@@ -109,11 +109,8 @@ impl Core {
             (Then::Qos2Received { pid, store: true }, None) => {
                 // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
                 // durable too.
-                let write = self
-                    .store
-                    .as_ref()
-                    .map(|st| st.incoming_put(client_id.as_str(), pid));
-                self.ack_after_write(token, client_id, conn_id, write, now);
+                self.write(|b| b.incoming_put(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, now);
             }
             (Then::Qos2Received { pid, .. }, Some(rc)) => {
                 // Not every copy is stored: the id is forgotten, so that a resend is routed
@@ -137,11 +134,8 @@ impl Core {
                 }
                 // Every shard forgot the key: now delete the id, and send PUBCOMP once that is
                 // durable too.
-                let write = self
-                    .store
-                    .as_ref()
-                    .map(|st| st.incoming_delete(client_id.as_str(), pid));
-                self.ack_after_write(token, client_id, conn_id, write, now);
+                self.write(|b| b.incoming_delete(client_id.as_str(), pid));
+                self.ack_after_write(token, client_id, conn_id, now);
             }
             (Then::Qos2Received { store: false, .. } | Then::Ack, refused) => {
                 self.release_pub_ack(&client_id, conn_id, token, refused)
@@ -149,19 +143,15 @@ impl Core {
         }
     }
 
-    /// The last step of a held acknowledgement: records `write` (when there is a store) and
-    /// releases the acknowledgement of `token` once it is durable.
+    /// The last step of a held acknowledgement, after its write: releases the
+    /// acknowledgement of `token` once everything written so far is durable.
     pub(super) fn ack_after_write(
         &mut self,
         token: Token,
         client_id: MqttStr,
         conn_id: u64,
-        write: Option<Result<(), StorageError>>,
         now: Instant,
     ) {
-        if let Some(r) = write {
-            self.note_write(r);
-        }
         self.begin(
             token,
             RoundTrip::new(

@@ -111,11 +111,7 @@ impl Core {
             if persistent && wait {
                 then = Then::DeleteIncoming(pid);
             } else if persistent {
-                let r = self
-                    .store
-                    .as_ref()
-                    .map_or(Ok(()), |st| st.incoming_delete(ctx.client_id.as_str(), pid));
-                self.note_write(r);
+                self.write(|b| b.incoming_delete(ctx.client_id.as_str(), pid));
             }
         }
         self.ack_when_durable(ctx, comp, AckWait::of(token, remote), then, now);
@@ -321,10 +317,7 @@ impl Core {
                     store: persistent,
                 };
             } else if persistent {
-                if let Some(store) = &self.store {
-                    let r = store.incoming_put(ctx.client_id.as_str(), pid.get());
-                    self.note_write(r);
-                }
+                self.write(|b| b.incoming_put(ctx.client_id.as_str(), pid.get()));
             }
         }
         let rc = if matched || !ctx.version.is_v5() {

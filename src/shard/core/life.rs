@@ -525,10 +525,7 @@ impl Core {
             self.release_qos2(client_id, None, None, now);
         }
         if s.persistent {
-            if let Some(store) = &self.store {
-                let r = store.delete_session(client_id.as_str());
-                self.note_write(r);
-            }
+            self.write(|b| b.delete_session(client_id.as_str()));
         }
         if let Some(w) = s.will.take() {
             self.publish_will(w, now);

@@ -63,6 +63,69 @@ fn stored<'a>(
     r.sessions.iter().find(|s| s.client_id == client).unwrap()
 }
 
+/// An acknowledgement never overtakes the fsync of its write: the shard's open batch is in
+/// the store when the committer takes its target, a write made after that is not covered by
+/// it, and each PUBACK goes out only when the persist covering its copy has ended.
+#[test]
+fn an_acknowledgement_never_overtakes_the_fsync_of_its_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = Instant::now();
+    let mut c = durable_core(&store);
+    let (mut sub, _) = connect(&mut c, "s", false, now);
+    c.on_packet(&mut sub, subscribe_packet(1, "t", QoS::AtLeastOnce), now)
+        .unwrap();
+    commit(&mut c, now);
+    c.disconnected(&sub, Ending::Normal, now);
+    commit(&mut c, now);
+    let (mut publ, publ_out) = connect(&mut c, "p", true, now);
+    let _ = drain(&publ_out); // CONNACK
+    let publish = |pid: u16| {
+        let mut p = Publish::new(
+            TopicName::new("t").unwrap(),
+            bytes::Bytes::from_static(b"m"),
+        );
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = Some(PacketId::new(pid).unwrap());
+        Packet::Publish(p)
+    };
+    let queued = |store: &Store| store.queue_read("s", 0, usize::MAX).unwrap().len();
+    c.on_packet(&mut publ, publish(1), now).unwrap();
+    assert_eq!(
+        queued(&store),
+        0,
+        "the copy waits in the shard's open batch"
+    );
+    assert!(publ_out.is_empty(), "no PUBACK before the copy is durable");
+    let (persisting, first) = c.commit_target().expect("a write waits for a persist");
+    assert_eq!(
+        queued(&store),
+        1,
+        "the batch is in the store before the persist starts"
+    );
+    // A write while that persist runs is not covered by it.
+    c.on_packet(&mut publ, publish(2), now).unwrap();
+    assert!(publ_out.is_empty());
+    persisting.persist().unwrap();
+    c.committed(first, true, now);
+    let acks: Vec<u16> = drain(&publ_out)
+        .into_iter()
+        .map(|p| match p {
+            Packet::PubAck(a) => a.packet_id.get(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(acks, vec![1], "only the message the persist covered");
+    assert_eq!(
+        queued(&store),
+        1,
+        "the second copy is still in the open batch"
+    );
+    commit(&mut c, now);
+    assert!(matches!(&drain(&publ_out)[..], [Packet::PubAck(a)] if a.packet_id.get() == 2));
+    assert_eq!(queued(&store), 2);
+}
+
 /// An fsync that fails never yields a success acknowledgement: the PUBACK that waited on
 /// it goes out with 0x80 (MQTT 5), and nothing is acknowledged before the persist ends.
 #[test]

@@ -37,7 +37,7 @@ impl Core {
             rehomed += usize::from(self.send_home(&store, rs, owner));
         }
         let retained = recovered.retained.len();
-        self.restore_retained(&store, recovered.retained, &clock);
+        self.restore_retained(recovered.retained, &clock);
         tracing::info!(
             shard = self.id,
             sessions = restored,
@@ -60,6 +60,7 @@ impl Core {
         rs: crate::storage::RecoveredSession,
         owner: usize,
     ) -> bool {
+        self.flush_writes();
         let queue = match store.queue_read(&rs.client_id, rs.queue_first_seq, usize::MAX) {
             Ok(q) => q,
             Err(e) => {
@@ -83,7 +84,7 @@ impl Core {
     /// Applies the stored retained messages here and on every peer, as writes older than
     /// any live one (version 0); one whose home moved (the shard count changed) is deleted
     /// here and stored by its new home.
-    fn restore_retained(&mut self, store: &Store, retained: Vec<MessageRecord>, clock: &WallClock) {
+    fn restore_retained(&mut self, retained: Vec<MessageRecord>, clock: &WallClock) {
         for m in retained {
             let Ok(msg) = m.to_message(clock) else {
                 continue;
@@ -95,8 +96,7 @@ impl Core {
             };
             let home = owner_shard(msg.topic.as_bytes(), self.count);
             if home != self.id {
-                let r = store.retained_delete(msg.topic.as_str());
-                self.note_write(r);
+                self.write(|b| b.retained_delete(msg.topic.as_str()));
             }
             self.apply_retained(msg.clone(), version, home != self.id);
             for p in self.peers() {
@@ -286,6 +286,8 @@ impl Core {
     pub(super) fn adopt(&mut self, from: usize, r: Rehomed, reply: Token, now: Instant) {
         let cid = r.stored.client_id.clone();
         let exists = MqttStr::new(&cid).is_ok_and(|c| self.sessions.contains_key(&c));
+        // This batch is committed now, after what the shard wrote before it.
+        self.flush_writes();
         if let (Some(store), false) = (&self.store, exists) {
             let mut b = store.batch();
             let mut res = b.put_session(&cid, &r.stored.record);
@@ -293,7 +295,7 @@ impl Core {
                 res = res.and_then(|()| b.put_subscription(&cid, f, sr));
             }
             for (pid, ir) in &r.stored.inflight {
-                res = res.and_then(|()| b.inflight_put(&cid, *pid, ir));
+                res = res.and_then(|()| b.inflight_put(&cid, *pid, ir, false));
             }
             for pid in &r.stored.incoming {
                 res = res.and_then(|()| b.incoming_put(&cid, *pid));

@@ -100,17 +100,16 @@ impl Core {
             .applied(msg.topic.clone(), version, delete.then_some(now));
         let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
         if home && store_at_home && !sys {
-            if let Some(store) = &self.store {
-                let r = if delete {
-                    store.retained_delete(msg.topic.as_str())
+            self.write(|b| {
+                if delete {
+                    b.retained_delete(msg.topic.as_str())
                 } else {
-                    store.retained_put(
+                    b.retained_put(
                         msg.topic.as_str(),
                         &MessageRecord::from_message(&msg, &WallClock::now()),
                     )
-                };
-                self.note_write(r);
-            }
+                }
+            });
         }
         if delete {
             self.retained.remove(&msg.topic);

@@ -150,9 +150,8 @@ impl Core {
             Completion::Rehome { client_id } => {
                 if failed {
                     tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");
-                } else if let Some(store) = &self.store {
-                    let r = store.delete_session(&client_id);
-                    self.note_write(r);
+                } else {
+                    self.write(|b| b.delete_session(&client_id));
                 }
             }
         }

@@ -254,3 +254,36 @@ fn a_spent_storage_budget_refuses_queueing_for_persistent_sessions_only() {
     let mut n = Session::new(MqttStr::new("n").unwrap(), ProtocolVersion::V5, 0);
     assert_eq!(n.deliver(d(1), &l, now), DeliverOutcome::Queued);
 }
+
+/// A message in flight that has expired by the time its client comes back is not resent,
+/// and its stored record goes too (else it would come back at every restart, and a put of
+/// its packet id that a later batch deletes again would be taken for a new one).
+#[test]
+fn an_inflight_message_dropped_on_reattach_is_deleted_from_disk() {
+    let mut s = persistent();
+    let l = limits(100, QueuePolicy::RejectNewest);
+    let now = Instant::now();
+    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+    s.attach(Link::new(1, out, 10, 1 << 20, 0), &l, now);
+    let mut m = d(1);
+    let mut msg = (*m.msg).clone();
+    msg.properties.message_expiry_interval = Some(1);
+    m.msg = Arc::new(msg);
+    assert_eq!(s.deliver(m, &l, now), DeliverOutcome::Sent);
+    let pid = match &s.take_ops()[..] {
+        [StoreOp::InflightPut {
+            packet_id,
+            fresh: true,
+            ..
+        }] => *packet_id,
+        other => panic!("{other:?}"),
+    };
+    s.detach(now);
+    let later = now + std::time::Duration::from_secs(2);
+    let out = Rc::new(Outbound::new(ProtocolVersion::V5));
+    s.attach(Link::new(2, out, 10, 1 << 20, 0), &l, later);
+    assert_eq!(s.inflight().count(), 0, "expired: not resent");
+    assert!(
+        matches!(&s.take_ops()[..], [StoreOp::InflightDelete { packet_id }] if *packet_id == pid)
+    );
+}

@@ -43,6 +43,7 @@ impl Session {
                     packet_id: pid,
                     delivery: d.clone(),
                     state,
+                    fresh: true,
                 });
                 if let Some(set) = &mut self.ids_in_flight {
                     set.insert(pid);
@@ -155,6 +156,12 @@ impl Session {
                         .is_ok()
                     {
                         self.inflight.push_back(i);
+                    } else {
+                        // Expired, or too big for this connection: gone from disk too, so
+                        // that its packet id is free there as it is here.
+                        self.record(StoreOp::InflightDelete {
+                            packet_id: i.packet_id,
+                        });
                     }
                 }
                 OutState::AwaitPubComp => {
@@ -224,6 +231,7 @@ impl Session {
             packet_id: pid,
             delivery: i.delivery.clone(),
             state: OutState::AwaitPubComp,
+            fresh: false,
         };
         self.record(op);
         if let Some(l) = &self.link {
