@@ -427,6 +427,10 @@ pub struct Core {
     /// Writes since the last commit to the store, applied as one atomic batch before the
     /// next persist (or a read of the store, or when `storage.write_batch_bytes_max` full).
     open_batch: Option<StoreBatch>,
+    /// Whether batches may drop a put that they delete again when the key is new (see
+    /// `StoreBatch`); off for the rest of the run once the store and the sessions may
+    /// disagree (a lost write, records skipped at start).
+    elide: bool,
     log: DurableLog,
     /// Peers whose recovery has been applied here (see [`Event::RecoveryDone`]).
     recovered_peers: usize,
@@ -522,6 +526,7 @@ impl Core {
             store,
             durability,
             open_batch: None,
+            elide: true,
             log: DurableLog::default(),
             recovered_peers: 0,
             dispatch: None,

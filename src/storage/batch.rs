@@ -7,13 +7,22 @@ use super::*;
 /// atomically (one journal entry) and in call order: a later write to a key wins, and
 /// [`StoreBatch::delete_session`] / [`StoreBatch::queue_delete_range`] also cover the
 /// keys written earlier in the same batch. Building a batch takes no lock and does no I/O;
-/// `commit` (which runs the scans of the range deletes) belongs on the blocking thread,
-/// followed by [`Store::persist`]. Batches of one store must be committed in the order they
-/// were built.
+/// `commit` applies it (the scans of the range deletes, a journal append, the memtable
+/// inserts; not durable until [`Store::persist`]). Batches of one store must be committed
+/// in the order they were built.
 pub struct StoreBatch {
     store: Store,
     ops: Vec<Op>,
-    /// Key and value bytes held by `ops` (what the batch costs in memory).
+    /// Bytes held by `ops`: keys, values and each operation's own size.
+    bytes: usize,
+    /// Whether a fresh put deleted again within the batch is dropped (see [`Op::PutFresh`]).
+    elide: bool,
+}
+
+/// A point in a batch to go back to (see [`StoreBatch::rollback`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BatchMark {
+    ops: usize,
     bytes: usize,
 }
 
@@ -49,7 +58,29 @@ impl StoreBatch {
             store,
             ops: Vec::new(),
             bytes: 0,
+            elide: true,
         }
+    }
+
+    /// With `false`, a fresh put is written as any put (for when the caller's idea of which
+    /// keys are absent may be wrong).
+    pub fn eliding(mut self, elide: bool) -> StoreBatch {
+        self.elide = elide;
+        self
+    }
+
+    /// Where the batch is now.
+    pub fn mark(&self) -> BatchMark {
+        BatchMark {
+            ops: self.ops.len(),
+            bytes: self.bytes,
+        }
+    }
+
+    /// Forgets the operations added since `mark`.
+    pub fn rollback(&mut self, mark: BatchMark) {
+        self.ops.truncate(mark.ops);
+        self.bytes = mark.bytes;
     }
 
     pub fn len(&self) -> usize {
@@ -63,10 +94,11 @@ impl StoreBatch {
 
     /// Adds an operation, counting the bytes it holds.
     fn push(&mut self, op: Op) {
-        self.bytes += match &op {
-            Op::Put(_, k, v) | Op::PutFresh(_, k, v) => k.len() + v.len(),
-            Op::Delete(_, k) | Op::DeleteClient(k) | Op::QueueTrim(k, _) => k.len(),
-        };
+        self.bytes += std::mem::size_of::<Op>()
+            + match &op {
+                Op::Put(_, k, v) | Op::PutFresh(_, k, v) => k.len() + v.len(),
+                Op::Delete(_, k) | Op::DeleteClient(k) | Op::QueueTrim(k, _) => k.len(),
+            };
         self.ops.push(op);
     }
 
@@ -247,7 +279,7 @@ impl StoreBatch {
                     last.entry((space, key)).or_insert((false, None)).1 = Some(value);
                 }
                 Op::PutFresh(space, key, value) => {
-                    last.entry((space, key)).or_insert((true, None)).1 = Some(value);
+                    last.entry((space, key)).or_insert((self.elide, None)).1 = Some(value);
                 }
                 Op::Delete(space, key) => {
                     last.entry((space, key)).or_insert((false, None)).1 = None;

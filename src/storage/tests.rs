@@ -582,3 +582,44 @@ fn a_session_deleted_in_the_batch_that_put_fresh_keys_leaves_nothing_and_stored_
     );
     assert!(store.load().unwrap().sessions.is_empty());
 }
+
+/// Elision trusts the caller that a fresh key is absent; a caller that cannot be sure (after
+/// a lost write, or records skipped at start) turns it off and the delete is written.
+#[test]
+fn without_elision_a_fresh_put_deleted_again_still_deletes_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    store.put_session("c", &session(60)).unwrap();
+    let rec = InflightRecord {
+        queued: queued(1),
+        state: InflightRecord::AWAIT_PUBACK,
+    };
+    store.inflight_put("c", 5, &rec).unwrap(); // a record the session does not know of
+    let mut b = store.batch().eliding(false);
+    b.inflight_put("c", 5, &rec, true).unwrap();
+    b.inflight_delete("c", 5).unwrap();
+    b.commit().unwrap();
+    assert!(store.load().unwrap().sessions[0].inflight.is_empty());
+}
+
+#[test]
+fn a_rolled_back_batch_forgets_what_was_added_after_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let mut b = store.batch();
+    b.put_session("a", &session(60)).unwrap();
+    let mark = b.mark();
+    let bytes = b.bytes();
+    b.put_session("b", &session(60)).unwrap();
+    b.rollback(mark);
+    assert_eq!((b.len(), b.bytes()), (1, bytes));
+    b.commit().unwrap();
+    let ids: Vec<_> = store
+        .load()
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.client_id)
+        .collect();
+    assert_eq!(ids, vec!["a".to_string()]);
+}

@@ -12,8 +12,13 @@ use super::*;
 pub(super) struct DurableLog {
     write_seq: u64,
     synced_seq: u64,
-    /// The last write that failed: a persist covering it does not make it durable.
-    failed_seq: u64,
+    /// Writes not yet covered by a persist that failed, as the range (first, last) holding
+    /// them all: a persist whose range reaches `first` fails its waiters. Never narrowed
+    /// past a failed write, so a failure is never forgotten (at worst a write between two
+    /// failed ones is counted as failed too).
+    failed: Option<(u64, u64)>,
+    /// Writes applied to the store (the open batch flushed) up to this one.
+    applied_seq: u64,
     waiters: std::collections::VecDeque<(u64, Waiter)>,
 }
 
@@ -22,15 +27,28 @@ impl DurableLog {
     pub(super) fn note(&mut self, ok: bool) {
         self.write_seq += 1;
         if !ok {
-            self.failed_seq = self.write_seq;
+            self.fail_range(self.write_seq, self.write_seq);
         }
     }
 
-    /// Every write not yet durable failed (the batch holding them could not be applied).
-    pub(super) fn fail_unsynced(&mut self) {
-        if self.unsynced() {
-            self.failed_seq = self.write_seq;
+    fn fail_range(&mut self, first: u64, last: u64) {
+        self.failed = Some(match self.failed {
+            Some((f, l)) => (f.min(first), l.max(last)),
+            None => (first, last),
+        });
+    }
+
+    /// The open batch was applied to the store: every write so far is in it.
+    pub(super) fn applied(&mut self) {
+        self.applied_seq = self.write_seq;
+    }
+
+    /// The open batch could not be applied: every write since the last one applied is lost.
+    pub(super) fn fail_unapplied(&mut self) {
+        if self.write_seq > self.applied_seq {
+            self.fail_range(self.applied_seq + 1, self.write_seq);
         }
+        self.applied_seq = self.write_seq;
     }
 
     /// Whether some write is not durable yet.
@@ -51,7 +69,12 @@ impl DurableLog {
     /// A persist covering writes up to `target` ended (`ok`: its fsync succeeded). Returns
     /// whether the waiters it releases succeed, and those waiters, oldest first.
     pub(super) fn synced(&mut self, target: u64, ok: bool) -> (bool, Vec<Waiter>) {
-        let failed_in_range = self.failed_seq > self.synced_seq && self.failed_seq <= target;
+        let failed_in_range = self.failed.is_some_and(|(first, _)| first <= target);
+        self.failed = match self.failed {
+            Some((_, last)) if last <= target => None,
+            Some((first, last)) if first <= target => Some((target + 1, last)),
+            kept => kept,
+        };
         self.synced_seq = self.synced_seq.max(target);
         debug_assert!(
             self.waiters
@@ -95,8 +118,17 @@ impl Core {
         let Some(store) = &self.store else {
             return;
         };
-        let b = self.open_batch.get_or_insert_with(|| store.batch());
+        let elide = self.elide;
+        let b = self
+            .open_batch
+            .get_or_insert_with(|| store.batch().eliding(elide));
+        // All of `f`'s writes or none (as when each call was a batch of its own).
+        let mark = b.mark();
         let r = f(b);
+        if r.is_err() {
+            b.rollback(mark);
+            self.elide = false;
+        }
         let full = b.bytes() >= self.cfg.storage.write_batch_bytes_max as usize;
         self.note_write(r);
         if full {
@@ -114,9 +146,15 @@ impl Core {
         let started = Instant::now();
         let r = b.commit();
         self.stats.write_latency.observe(started.elapsed());
-        if let Err(e) = r {
-            self.log.fail_unsynced();
-            self.report_write_error(&e);
+        match r {
+            Ok(()) => self.log.applied(),
+            Err(e) => {
+                self.log.fail_unapplied();
+                // What the store holds may now differ from what the sessions hold: a key
+                // is no longer known to be absent just because its session thinks so.
+                self.elide = false;
+                self.report_write_error(&e);
+            }
         }
     }
 
@@ -502,5 +540,49 @@ mod tests {
         log.note(true);
         log.wait(Waiter::Local(3));
         assert!(!log.synced(3, false).0);
+    }
+
+    /// A batch lost while an earlier persist runs must not be forgotten by it: the waiter
+    /// on write 5 fails (its batch was lost), and so does the one on write 8.
+    #[test]
+    fn a_second_lost_batch_does_not_hide_the_first() {
+        let mut log = DurableLog::default();
+        for _ in 0..5 {
+            log.note(true);
+        }
+        log.wait(Waiter::Local(5));
+        log.fail_unapplied(); // the batch of writes 1-5 could not be applied
+        let target = log.target().unwrap();
+        for _ in 0..3 {
+            log.note(true);
+        }
+        log.wait(Waiter::Local(8));
+        log.fail_unapplied(); // nor that of writes 6-8, while the persist of 1-5 runs
+        let (ok, done) = log.synced(target, true);
+        assert_eq!((ok, tokens(done)), (false, vec![5]));
+        let (ok, done) = log.synced(log.target().unwrap(), true);
+        assert_eq!((ok, tokens(done)), (false, vec![8]));
+        // Then a batch that is applied succeeds again.
+        log.note(true);
+        log.wait(Waiter::Local(9));
+        log.applied();
+        let (ok, done) = log.synced(log.target().unwrap(), true);
+        assert_eq!((ok, tokens(done)), (true, vec![9]));
+    }
+
+    /// Writes applied before a lost batch still succeed; only the lost ones fail.
+    #[test]
+    fn only_the_writes_of_the_lost_batch_fail() {
+        let mut log = DurableLog::default();
+        log.note(true);
+        log.wait(Waiter::Local(1));
+        log.applied();
+        log.note(true);
+        log.wait(Waiter::Local(2));
+        log.fail_unapplied();
+        let (ok, done) = log.synced(1, true);
+        assert_eq!((ok, tokens(done)), (true, vec![1]));
+        let (ok, done) = log.synced(2, true);
+        assert_eq!((ok, tokens(done)), (false, vec![2]));
     }
 }

@@ -26,6 +26,10 @@ impl Core {
         for d in &recovered.damaged {
             tracing::warn!(shard = self.id, record = %d, "damaged record skipped");
         }
+        if !recovered.damaged.is_empty() {
+            // Keys that could not be read may still be there: none is known to be absent.
+            self.elide = false;
+        }
         let clock = WallClock::now();
         let (mut restored, mut rehomed) = (0usize, 0usize);
         for rs in recovered.sessions {
@@ -208,11 +212,15 @@ impl Core {
                 Err(e) => tracing::warn!(client = %client_id, error = %e, "subscription skipped"),
             }
         }
-        let inflight = rs
+        let inflight: Vec<_> = rs
             .inflight
             .iter()
             .filter_map(|(pid, ir)| ir.to_inflight(*pid, clock).ok())
             .collect();
+        if inflight.len() != rs.inflight.len() {
+            // A stored packet id the session does not know of: not known to be absent.
+            self.elide = false;
+        }
         s.restore(
             rs.queue_first_seq,
             rs.queue_next_seq,
