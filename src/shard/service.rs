@@ -20,7 +20,7 @@ use super::incomplete::IncompletePackets;
 use crate::auth::Auth;
 use crate::auth::LoginFailure;
 use crate::config::{Config, Durability};
-use crate::storage::Store;
+use crate::storage::{StorageError, Store, SyncTarget};
 
 /// How often due wills and session expiries are checked: the worst lateness of a will.
 const TIMER_TICK: Duration = Duration::from_millis(100);
@@ -420,6 +420,7 @@ impl BrokerShard {
                 )),
             }
         };
+        let mut journal: OpenJournal = None;
         loop {
             let stopping = stopped_first(shard.stopped(), svc.sink.commit.wait()).await;
             if let (Some(d), false) = (interval, stopping) {
@@ -428,11 +429,7 @@ impl BrokerShard {
             let target = svc.core.borrow_mut().commit_target();
             if let Some((store, seq)) = target {
                 let started = Instant::now();
-                let persisting = store.clone();
-                let ok = match glommio::executor()
-                    .spawn_blocking(move || persisting.persist())
-                    .await
-                {
+                let ok = match persist(&store, &mut journal).await {
                     Ok(()) => true,
                     Err(e) => {
                         // Logged once per failure episode by the store.
@@ -451,6 +448,9 @@ impl BrokerShard {
             if stopping && svc.core.borrow_mut().commit_target().is_none() {
                 break;
             }
+        }
+        if let Some((_, f)) = journal {
+            let _ = f.close().await;
         }
     }
 
@@ -721,4 +721,42 @@ async fn stopped_first(
         },
     )
     .await
+}
+
+/// The store's active journal, opened for fsyncs through the shard's io_uring (kept while it
+/// stays the active one).
+type OpenJournal = Option<(std::path::PathBuf, glommio::io::BufferedFile)>;
+
+/// One group commit's persist: the journal buffer flushed into the file here (the page
+/// cache: cheap), then its `fdatasync` issued on the shard's own io_uring, so that no thread
+/// is woken and none waits; the executor serves on meanwhile. When the store names no
+/// journal, or the one it names cannot be opened (sealed and deleted since: it was fsynced
+/// when sealed), the engine's locked persist runs on the blocking thread instead.
+async fn persist(store: &Store, journal: &mut OpenJournal) -> Result<(), StorageError> {
+    let path = match store.persist_prepare()? {
+        SyncTarget::Journal(path) => path,
+        SyncTarget::Locked => return persist_locked(store).await,
+    };
+    if journal.as_ref().is_none_or(|(open, _)| *open != path) {
+        if let Some((_, old)) = journal.take() {
+            let _ = old.close().await;
+        }
+        match glommio::io::BufferedFile::open(&path).await {
+            Ok(f) => *journal = Some((path, f)),
+            Err(_) => return persist_locked(store).await,
+        }
+    }
+    let synced = match journal.as_ref() {
+        Some((_, f)) => f.fdatasync().await.map_err(std::io::Error::from),
+        None => return persist_locked(store).await,
+    };
+    store.persist_finish(synced)
+}
+
+/// The engine's own persist (its journal mutex held across the fsync), off the executor.
+async fn persist_locked(store: &Store) -> Result<(), StorageError> {
+    let persisting = store.clone();
+    glommio::executor()
+        .spawn_blocking(move || persisting.persist_locked())
+        .await
 }

@@ -66,6 +66,7 @@ mod load;
 mod persist;
 
 pub use batch::StoreBatch;
+pub use persist::SyncTarget;
 
 pub use error::{RecordError, StorageError};
 pub use records::{
@@ -291,6 +292,9 @@ struct Engine {
     spaces: [Keyspace; 8],
     /// The active journal file as last seen by `persist`: its number and a handle to fsync.
     journal: Mutex<Option<(u64, Arc<File>)>>,
+    /// The number of the newest journal seen by [`Store::persist_prepare`] (`u64::MAX`: none
+    /// yet), so that a persist checks one path instead of listing the directory.
+    newest_journal: std::sync::atomic::AtomicU64,
     /// Set when an fsync of ours failed: the page cache may have dropped the data, so no
     /// later fsync can vouch for it (the engine poisons itself the same way).
     poisoned: AtomicBool,
@@ -363,6 +367,7 @@ fn open_engine(dir: &Path, opts: &StoreOptions) -> Result<Engine, StorageError> 
         db,
         spaces,
         journal: Mutex::new(None),
+        newest_journal: std::sync::atomic::AtomicU64::new(u64::MAX),
         poisoned: AtomicBool::new(false),
     })
 }

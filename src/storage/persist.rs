@@ -3,7 +3,78 @@
 
 use super::*;
 
+/// What the second half of a persist must fsync (see [`Store::persist_prepare`]).
+#[derive(Debug)]
+pub enum SyncTarget {
+    /// The active journal file, at this path: an `fdatasync` of it (through any
+    /// descriptor) makes every write before [`Store::persist_prepare`] durable.
+    Journal(PathBuf),
+    /// No journal the store knows how to sync by itself: [`Store::persist_locked`] instead.
+    Locked,
+}
+
 impl Store {
+    /// The first half of [`Store::persist`], cheap enough for the executor thread: flushes
+    /// the engine's journal buffer into the active journal file (the page cache, no fsync)
+    /// and names the file whose `fdatasync` makes every write so far durable. The caller
+    /// runs that fsync as it likes (the shards use io_uring), then calls
+    /// [`Store::persist_finish`] with its outcome.
+    pub fn persist_prepare(&self) -> Result<SyncTarget, StorageError> {
+        let engine = self.engine()?;
+        if engine.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Engine {
+                op: "persist",
+                source: fjall::Error::Poisoned,
+            });
+        }
+        engine
+            .db
+            .persist(PersistMode::Buffer)
+            .map_err(StorageError::engine("persist"))?;
+        // The engine only ever rotates journal n to n + 1 (fsyncing n first): while
+        // n + 1 does not exist, n is the active one and holds every write flushed above.
+        let known = engine.newest_journal.load(Ordering::Relaxed);
+        if known != u64::MAX {
+            let next = self.inner.dir.join(format!("{}.jnl", known + 1));
+            if !next.try_exists().unwrap_or(true) {
+                return Ok(SyncTarget::Journal(
+                    self.inner.dir.join(format!("{known}.jnl")),
+                ));
+            }
+        }
+        Ok(match self.newest_journal()? {
+            Some(n) => {
+                engine.newest_journal.store(n, Ordering::Relaxed);
+                SyncTarget::Journal(self.inner.dir.join(format!("{n}.jnl")))
+            }
+            None => SyncTarget::Locked,
+        })
+    }
+
+    /// The second half of a persist: `synced` is the outcome of the fsync of the
+    /// [`SyncTarget`]. A failed fsync poisons the store (the pages it covered may be lost;
+    /// nothing is acknowledged from it again until the store is reopened), as in
+    /// [`Store::persist`]; a good one rotates full memtables.
+    pub fn persist_finish(&self, synced: std::io::Result<()>) -> Result<(), StorageError> {
+        match synced {
+            Ok(()) => {
+                self.rotate_memtables();
+                Ok(())
+            }
+            Err(source) => {
+                if let Ok(engine) = self.engine() {
+                    engine.poisoned.store(true, Ordering::Release);
+                }
+                tracing::error!(store = %self.inner.dir.display(), error = %source, "journal fsync failed");
+                Err(StorageError::Io {
+                    path: self.inner.dir.clone(),
+                    op: "fsync the journal of",
+                    source,
+                })
+            }
+        }
+    }
+
     /// Makes every write made before the call durable: flushes the engine's journal buffer
     /// and `fdatasync`s the journal file. Blocks for the fsync; run it off the executor
     /// thread.
@@ -87,6 +158,28 @@ impl Store {
             .map_err(StorageError::engine("persist"))
     }
 
+    /// The number of the highest-numbered `<n>.jnl` in the store directory.
+    fn newest_journal(&self) -> Result<Option<u64>, StorageError> {
+        let dir = &self.inner.dir;
+        let io = |source| StorageError::Io {
+            path: dir.clone(),
+            op: "list",
+            source,
+        };
+        let mut newest: Option<u64> = None;
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            let n = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if n > newest {
+                newest = n;
+            }
+        }
+        Ok(newest)
+    }
+
     /// The highest-numbered `<n>.jnl` in the store directory, opened (cached while it stays
     /// the highest).
     pub(super) fn active_journal(
@@ -101,18 +194,7 @@ impl Store {
                 source,
             }
         };
-        let mut newest: Option<u64> = None;
-        for entry in std::fs::read_dir(dir).map_err(io("list"))? {
-            let name = entry.map_err(io("list"))?.file_name();
-            let n = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".jnl"))
-                .and_then(|n| n.parse::<u64>().ok());
-            if n > newest {
-                newest = n;
-            }
-        }
-        let Some(n) = newest else {
+        let Some(n) = self.newest_journal()? else {
             return Ok(None);
         };
         let mut cached = engine.journal.lock().unwrap_or_else(|e| e.into_inner());

@@ -623,3 +623,36 @@ fn a_rolled_back_batch_forgets_what_was_added_after_the_mark() {
         .collect();
     assert_eq!(ids, vec!["a".to_string()]);
 }
+
+/// The two halves of a persist name the active journal (the newest `<n>.jnl`), the same
+/// whether it was listed or checked by its successor's absence, and a good fsync of it
+/// finishes the persist.
+#[test]
+fn persist_prepare_names_the_newest_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let newest = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".jnl")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .max()
+            .unwrap()
+    };
+    for round in 0..3 {
+        store.put_session("c", &session(round)).unwrap();
+        let SyncTarget::Journal(path) = store.persist_prepare().unwrap() else {
+            panic!("a store with a journal syncs it");
+        };
+        assert_eq!(path, dir.path().join(format!("{}.jnl", newest())));
+        let synced = std::fs::File::open(&path).and_then(|f| f.sync_data());
+        store.persist_finish(synced).unwrap();
+    }
+    // A failed fsync poisons the store: nothing is vouched for again until it is reopened.
+    let failed = Err(std::io::Error::other("injected"));
+    assert!(store.persist_finish(failed).is_err());
+    assert!(store.persist_prepare().is_err());
+}
