@@ -750,13 +750,26 @@ async fn persist(store: &Store, journal: &mut OpenJournal) -> Result<(), Storage
         Some((_, f)) => f.fdatasync().await.map_err(std::io::Error::from),
         None => return persist_locked(store).await,
     };
-    store.persist_finish(synced)
+    store.persist_finish(synced)?;
+    if store.memtables_full() {
+        // Sealing takes the engine's locks: not on the executor.
+        let rotating = store.clone();
+        glommio::executor()
+            .spawn_blocking(move || rotating.rotate_memtables())
+            .await;
+    }
+    Ok(())
 }
 
-/// The engine's own persist (its journal mutex held across the fsync), off the executor.
+/// The engine's own persist (its journal mutex held across the fsync) and the memtable
+/// rotation that follows a persist, off the executor.
 async fn persist_locked(store: &Store) -> Result<(), StorageError> {
     let persisting = store.clone();
     glommio::executor()
-        .spawn_blocking(move || persisting.persist_locked())
+        .spawn_blocking(move || {
+            persisting.persist_locked()?;
+            persisting.rotate_memtables();
+            Ok(())
+        })
         .await
 }

@@ -31,22 +31,26 @@ impl Store {
             .db
             .persist(PersistMode::Buffer)
             .map_err(StorageError::engine("persist"))?;
-        // The engine only ever rotates journal n to n + 1 (fsyncing n first): while
-        // n + 1 does not exist, n is the active one and holds every write flushed above.
+        // The engine only ever rotates journal n to n + 1 (fsyncing n first), and deletes
+        // sealed journals oldest first: while n exists and n + 1 does not, n is the active
+        // one and holds every write flushed above. (n gone too means it was sealed, flushed
+        // and deleted, with newer journals after it: list them.)
         let known = engine.newest_journal.load(Ordering::Relaxed);
         if known != u64::MAX {
-            let next = self.inner.dir.join(format!("{}.jnl", known + 1));
-            if !next.try_exists().unwrap_or(true) {
-                return Ok(SyncTarget::Journal(
-                    self.inner.dir.join(format!("{known}.jnl")),
-                ));
+            let path = |n: u64| self.inner.dir.join(format!("{n}.jnl"));
+            let next_absent = !path(known + 1).try_exists().unwrap_or(true);
+            if next_absent && path(known).try_exists().unwrap_or(false) {
+                return Ok(SyncTarget::Journal(path(known)));
             }
         }
         Ok(match self.newest_journal()? {
-            Some(n) => {
+            // A journal not seen before: the engine's own persist syncs its writer this once
+            // (should a rotation have half failed, the newest file is not the one written).
+            Some(n) if n != known => {
                 engine.newest_journal.store(n, Ordering::Relaxed);
-                SyncTarget::Journal(self.inner.dir.join(format!("{n}.jnl")))
+                SyncTarget::Locked
             }
+            Some(n) => SyncTarget::Journal(self.inner.dir.join(format!("{n}.jnl"))),
             None => SyncTarget::Locked,
         })
     }
@@ -54,13 +58,11 @@ impl Store {
     /// The second half of a persist: `synced` is the outcome of the fsync of the
     /// [`SyncTarget`]. A failed fsync poisons the store (the pages it covered may be lost;
     /// nothing is acknowledged from it again until the store is reopened), as in
-    /// [`Store::persist`]; a good one rotates full memtables.
+    /// [`Store::persist`]. After a good one, the caller rotates full memtables
+    /// ([`Store::memtables_full`], [`Store::rotate_memtables`]) off the executor.
     pub fn persist_finish(&self, synced: std::io::Result<()>) -> Result<(), StorageError> {
         match synced {
-            Ok(()) => {
-                self.rotate_memtables();
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(source) => {
                 if let Ok(engine) = self.engine() {
                     engine.poisoned.store(true, Ordering::Release);
@@ -105,14 +107,23 @@ impl Store {
     /// (fjall-rs/fjall#323; seen here as ~25 MiB more per minute of durable QoS 1 traffic).
     /// Rotating here, off the executor, after each group commit keeps every memtable under
     /// the engine's own limit, so the engine never sends those requests.
-    pub(super) fn rotate_memtables(&self) {
+    /// Whether the unflushed bytes of the whole store reached the point where
+    /// [`Store::rotate_memtables`] seals them (a cheap check, fit for the executor).
+    pub fn memtables_full(&self) -> bool {
+        let Ok(engine) = self.engine() else {
+            return false;
+        };
+        let rotate_at_bytes = self.inner.opts.memtable_bytes.max(MIN_MEMTABLE_BYTES) / 2;
+        engine.db.write_buffer_size() >= rotate_at_bytes
+    }
+
+    pub fn rotate_memtables(&self) {
+        if !self.memtables_full() {
+            return;
+        }
         let Ok(engine) = self.engine() else {
             return;
         };
-        let rotate_at_bytes = self.inner.opts.memtable_bytes.max(MIN_MEMTABLE_BYTES) / 2;
-        if engine.db.write_buffer_size() < rotate_at_bytes {
-            return;
-        }
         for ks in &engine.spaces {
             if ks.sealed_memtable_count() > 0 {
                 continue;

@@ -624,9 +624,9 @@ fn a_rolled_back_batch_forgets_what_was_added_after_the_mark() {
     assert_eq!(ids, vec!["a".to_string()]);
 }
 
-/// The two halves of a persist name the active journal (the newest `<n>.jnl`), the same
-/// whether it was listed or checked by its successor's absence, and a good fsync of it
-/// finishes the persist.
+/// The two halves of a persist name the active journal (the newest `<n>.jnl`), whether it
+/// was listed or checked by its successor's absence; a journal not seen before is synced
+/// by the engine itself once; a good fsync finishes the persist.
 #[test]
 fn persist_prepare_names_the_newest_journal() {
     let dir = tempfile::tempdir().unwrap();
@@ -642,10 +642,16 @@ fn persist_prepare_names_the_newest_journal() {
             .max()
             .unwrap()
     };
+    store.put_session("c", &session(1)).unwrap();
+    assert!(matches!(
+        store.persist_prepare().unwrap(),
+        SyncTarget::Locked
+    ));
+    store.persist_locked().unwrap();
     for round in 0..3 {
         store.put_session("c", &session(round)).unwrap();
         let SyncTarget::Journal(path) = store.persist_prepare().unwrap() else {
-            panic!("a store with a journal syncs it");
+            panic!("a journal seen before is synced by the caller");
         };
         assert_eq!(path, dir.path().join(format!("{}.jnl", newest())));
         let synced = std::fs::File::open(&path).and_then(|f| f.sync_data());
@@ -655,4 +661,61 @@ fn persist_prepare_names_the_newest_journal() {
     let failed = Err(std::io::Error::other("injected"));
     assert!(store.persist_finish(failed).is_err());
     assert!(store.persist_prepare().is_err());
+}
+
+/// Journals rotated twice and the old ones deleted between two persists: the journal named
+/// last time is gone (and its successor too), so the next persist must not name it again
+/// (an fsync of a deleted file succeeds and vouches for nothing).
+#[test]
+fn persist_prepare_does_not_name_a_deleted_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &opts()).unwrap();
+    let journals = || {
+        let mut v: Vec<u64> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".jnl")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    store.put_session("c", &session(1)).unwrap();
+    let _ = store.persist_prepare().unwrap(); // the first journal, now known
+    store.persist_locked().unwrap();
+    let first = journals()[0];
+    // Values that do not compress (the journal may compress what it writes).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for round in 0..2u8 {
+        // Past the 64 MiB journal limit, then flushed: the engine rotates and, once the
+        // sealed journal's data is in tables, deletes it.
+        for i in 0..70u32 {
+            let key = [b"big/".as_slice(), &[round], &i.to_be_bytes()].concat();
+            store.raw_put(Space::Retained, &key, &big).unwrap();
+        }
+        store.flush_to_tables().unwrap();
+    }
+    let now = journals();
+    assert!(
+        !now.contains(&first),
+        "the first journal was deleted: {now:?}"
+    );
+    let newest = *now.last().unwrap();
+    store.put_session("c", &session(2)).unwrap();
+    match store.persist_prepare().unwrap() {
+        SyncTarget::Locked => {}
+        SyncTarget::Journal(path) => {
+            assert_eq!(path, dir.path().join(format!("{newest}.jnl")), "{now:?}")
+        }
+    }
 }
