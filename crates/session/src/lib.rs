@@ -11,6 +11,7 @@ pub use message::{Message, Qos2Id, SharedMessage};
 pub use ownership::{owner_shard, stable_hash};
 pub mod outbound;
 pub mod state;
+pub mod subscriptions;
 
 pub use outbound::Outbound;
 pub use state::{Delivery, Link, Session, SessionLimits, Subscription, Will};

@@ -283,7 +283,7 @@ pub struct UnknownPacketId;
 pub struct Session {
     pub client_id: MqttStr,
     /// By the filter as written (`$share/...` included).
-    pub subscriptions: HashMap<Box<str>, Subscription>,
+    pub subscriptions: crate::subscriptions::Subscriptions,
     /// Session Expiry Interval in seconds (u32::MAX: never).
     pub expiry_s: u32,
     pub will: Option<Will>,
@@ -392,7 +392,7 @@ impl Session {
     pub fn new(client_id: MqttStr, version: ProtocolVersion, expiry_s: u32) -> Session {
         Session {
             client_id,
-            subscriptions: HashMap::new(),
+            subscriptions: Default::default(),
             expiry_s,
             will: None,
             link: None,

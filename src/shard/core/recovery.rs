@@ -207,7 +207,7 @@ impl Core {
         for (filter, sr) in &rs.subscriptions {
             match sr.to_subscription(filter) {
                 Ok(sub) => {
-                    s.subscriptions.insert(filter.as_str().into(), sub);
+                    s.subscriptions.insert(sub);
                 }
                 Err(e) => tracing::warn!(client = %client_id, error = %e, "subscription skipped"),
             }

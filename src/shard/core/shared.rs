@@ -145,7 +145,7 @@ impl Core {
                 None
             }
             Some(s) => {
-                let d = s.subscriptions.get(&**key).map(|sub| Delivery {
+                let d = s.subscriptions.get(key).map(|sub| Delivery {
                     qos: msg.qos.min(sub.options.qos),
                     retain: sub.options.retain_as_published && msg.retain,
                     sub_ids: sub.id.into_iter().collect(),

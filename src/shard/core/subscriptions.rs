@@ -77,10 +77,7 @@ impl Core {
             options,
             id: w.sub_id,
         };
-        let existed = session
-            .subscriptions
-            .insert(filter.as_str().into(), new_sub.clone())
-            .is_some();
+        let existed = session.subscriptions.insert(new_sub.clone()).is_some();
         let persistent = session.expiry_s > 0;
         self.write_subscription(&ctx.client_id, Some(&new_sub), filter.as_str());
         if filter.is_shared() {
