@@ -497,16 +497,13 @@ impl BrokerShard {
     pub async fn final_commit(shard: &Shard<BrokerShard>) {
         let svc = shard.service();
         svc.core.borrow_mut().flush_counters();
+        let mut journal: OpenJournal = None;
         loop {
             let target = svc.core.borrow_mut().commit_target();
             let Some((store, seq)) = target else {
-                return;
+                break;
             };
-            let persisting = store.clone();
-            let ok = match glommio::executor()
-                .spawn_blocking(move || persisting.persist())
-                .await
-            {
+            let ok = match persist(&store, &mut journal).await {
                 Ok(()) => true,
                 Err(e) => {
                     store.report_failure(&e);
@@ -519,8 +516,11 @@ impl BrokerShard {
                     shard = shard.id().index(),
                     "the last writes before the stop could not be made durable"
                 );
-                return;
+                break;
             }
+        }
+        if let Some((_, f)) = journal {
+            let _ = f.close().await;
         }
     }
 

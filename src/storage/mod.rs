@@ -290,8 +290,6 @@ struct Engine {
     db: Database,
     /// In the order of [`Space::ALL`].
     spaces: [Keyspace; 8],
-    /// The active journal file as last seen by `persist`: its number and a handle to fsync.
-    journal: Mutex<Option<(u64, Arc<File>)>>,
     /// The number of the newest journal seen by [`Store::persist_prepare`] (`u64::MAX`: none
     /// yet), so that a persist checks one path instead of listing the directory.
     newest_journal: std::sync::atomic::AtomicU64,
@@ -366,7 +364,6 @@ fn open_engine(dir: &Path, opts: &StoreOptions) -> Result<Engine, StorageError> 
     Ok(Engine {
         db,
         spaces,
-        journal: Mutex::new(None),
         newest_journal: std::sync::atomic::AtomicU64::new(u64::MAX),
         poisoned: AtomicBool::new(false),
     })

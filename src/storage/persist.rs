@@ -19,6 +19,15 @@ impl Store {
     /// and names the file whose `fdatasync` makes every write so far durable. The caller
     /// runs that fsync as it likes (the shards use io_uring), then calls
     /// [`Store::persist_finish`] with its outcome.
+    ///
+    /// The fsync runs *outside* the engine's journal mutex, so that writes proceed
+    /// meanwhile (fjall's own `persist(SyncData)` holds the mutex across the fsync). Why
+    /// that is as durable: the buffer flush happens under the mutex and puts every earlier
+    /// write into the page cache of the active journal file `<n>.jnl`; fsync acts on the
+    /// file, whatever descriptor it comes through; and when the engine seals a journal
+    /// (rotation) it fsyncs it before it creates `<n+1>.jnl`. Should the directory show no
+    /// journal (a layout this code does not know), or one not seen before, the engine's
+    /// locked fsync is asked for instead ([`SyncTarget::Locked`]).
     pub fn persist_prepare(&self) -> Result<SyncTarget, StorageError> {
         let engine = self.engine()?;
         if engine.poisoned.load(Ordering::Acquire) {
@@ -77,21 +86,18 @@ impl Store {
         }
     }
 
-    /// Makes every write made before the call durable: flushes the engine's journal buffer
-    /// and `fdatasync`s the journal file. Blocks for the fsync; run it off the executor
-    /// thread.
-    ///
-    /// The fsync runs *outside* the engine's journal mutex, so that writes from other
-    /// threads proceed meanwhile (fjall's own `persist(SyncData)` holds the mutex across
-    /// the fsync). Why that is as durable: the buffer flush happens under the mutex and puts
-    /// every earlier write into the page cache of the active journal file `<n>.jnl`; fsync
-    /// acts on the file, whatever descriptor it comes through; and when the engine seals a
-    /// journal (rotation) it fsyncs it before it creates `<n+1>.jnl`, so if a newer journal
-    /// is seen here, the one holding our writes is already on disk. Should the directory
-    /// show no journal (a layout this code does not know), it falls back to the engine's
-    /// locked fsync.
+    /// Makes every write made before the call durable, blocking for the fsync (run it off
+    /// the executor thread): the same two halves as the shards' group commit
+    /// ([`Store::persist_prepare`], an `fdatasync` of the journal it names, through a
+    /// descriptor of our own, [`Store::persist_finish`]), then full memtables rotated.
     pub fn persist(&self) -> Result<(), StorageError> {
-        self.persist_journal()?;
+        match self.persist_prepare()? {
+            SyncTarget::Journal(path) => match File::open(&path) {
+                Ok(f) => self.persist_finish(f.sync_data())?,
+                Err(_) => self.persist_locked()?,
+            },
+            SyncTarget::Locked => self.persist_locked()?,
+        }
         self.rotate_memtables();
         Ok(())
     }
@@ -134,33 +140,6 @@ impl Store {
         }
     }
 
-    pub(super) fn persist_journal(&self) -> Result<(), StorageError> {
-        let poisoned = || StorageError::Engine {
-            op: "persist",
-            source: fjall::Error::Poisoned,
-        };
-        let engine = self.engine()?;
-        if engine.poisoned.load(Ordering::Acquire) {
-            return Err(poisoned());
-        }
-        engine
-            .db
-            .persist(PersistMode::Buffer)
-            .map_err(StorageError::engine("persist"))?;
-        let Some(journal) = self.active_journal(&engine)? else {
-            return self.persist_locked();
-        };
-        journal.sync_data().map_err(|source| {
-            engine.poisoned.store(true, Ordering::Release);
-            tracing::error!(store = %self.inner.dir.display(), error = %source, "journal fsync failed");
-            StorageError::Io {
-                path: self.inner.dir.clone(),
-                op: "fsync the journal of",
-                source,
-            }
-        })
-    }
-
     /// The engine's own persist: `fdatasync` of the journal under its mutex.
     pub fn persist_locked(&self) -> Result<(), StorageError> {
         self.engine()?
@@ -189,42 +168,6 @@ impl Store {
             }
         }
         Ok(newest)
-    }
-
-    /// The highest-numbered `<n>.jnl` in the store directory, opened (cached while it stays
-    /// the highest).
-    pub(super) fn active_journal(
-        &self,
-        engine: &Engine,
-    ) -> Result<Option<Arc<File>>, StorageError> {
-        let dir = &self.inner.dir;
-        let io = |op| {
-            move |source| StorageError::Io {
-                path: dir.clone(),
-                op,
-                source,
-            }
-        };
-        let Some(n) = self.newest_journal()? else {
-            return Ok(None);
-        };
-        let mut cached = engine.journal.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((m, f)) = cached.as_ref() {
-            if *m == n {
-                return Ok(Some(f.clone()));
-            }
-        }
-        let file = match File::open(dir.join(format!("{n}.jnl"))) {
-            Ok(f) => Arc::new(f),
-            // Sealed and deleted since the listing: it was fsynced when sealed, and what it
-            // held is in table files now; the newer journal is fsynced next time.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return self.persist_locked().map(|()| None)
-            }
-            Err(e) => return Err(io("open journal")(e)),
-        };
-        *cached = Some((n, file.clone()));
-        Ok(Some(file))
     }
 
     /// Bytes the store's files really take on disk (allocated blocks, as `du` counts them):

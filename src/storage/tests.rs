@@ -46,6 +46,32 @@ fn queued(n: u64) -> QueuedRecord {
     }
 }
 
+/// The numbers of the journal files (`<n>.jnl`) in `dir`, in order.
+fn journal_numbers(dir: &std::path::Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".jnl").and_then(|n| n.parse().ok())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `len` bytes that do not compress (the engine compresses large journal values).
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn seqs(store: &Store, client: &str) -> Vec<u64> {
     store
         .queue_read(client, 0, usize::MAX)
@@ -283,26 +309,10 @@ fn tiny_options_are_clamped_not_panicking() {
 fn persist_follows_journal_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &opts()).unwrap();
-    let journals = || {
-        let mut v: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".jnl"))
-            .collect();
-        v.sort();
-        v
-    };
+    let journals = || journal_numbers(dir.path());
     // The engine seals its journal at the first flush after it passed 64 MB.
     let mut big = queued(0);
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    big.message.payload = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect(); // incompressible: the engine compresses large journal values
+    big.message.payload = incompressible(1 << 20);
 
     for seq in 0..65 {
         store.queue_push("c", seq, &big).unwrap();
@@ -317,16 +327,10 @@ fn persist_follows_journal_rotation() {
     let cached = store
         .engine()
         .unwrap()
-        .journal
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|j| j.0);
-    let newest = after
-        .iter()
-        .filter_map(|n| n.trim_end_matches(".jnl").parse::<u64>().ok())
-        .max();
-    assert_eq!(cached, newest);
+        .newest_journal
+        .load(Ordering::Relaxed);
+    let newest = after.iter().copied().max();
+    assert_eq!(Some(cached), newest);
     store.persist_locked().unwrap();
     drop(store);
     let store = Store::open(dir.path(), &opts()).unwrap();
@@ -631,17 +635,7 @@ fn a_rolled_back_batch_forgets_what_was_added_after_the_mark() {
 fn persist_prepare_names_the_newest_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &opts()).unwrap();
-    let newest = || {
-        std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| {
-                let name = e.unwrap().file_name().into_string().unwrap();
-                name.strip_suffix(".jnl")
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .max()
-            .unwrap()
-    };
+    let newest = || *journal_numbers(dir.path()).last().unwrap();
     store.put_session("c", &session(1)).unwrap();
     assert!(matches!(
         store.persist_prepare().unwrap(),
@@ -670,32 +664,12 @@ fn persist_prepare_names_the_newest_journal() {
 fn persist_prepare_does_not_name_a_deleted_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &opts()).unwrap();
-    let journals = || {
-        let mut v: Vec<u64> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| {
-                let name = e.unwrap().file_name().into_string().unwrap();
-                name.strip_suffix(".jnl")
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .collect();
-        v.sort();
-        v
-    };
+    let journals = || journal_numbers(dir.path());
     store.put_session("c", &session(1)).unwrap();
     let _ = store.persist_prepare().unwrap(); // the first journal, now known
     store.persist_locked().unwrap();
     let first = journals()[0];
-    // Values that do not compress (the journal may compress what it writes).
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let big: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = incompressible(1 << 20);
     for round in 0..2u8 {
         // Past the 64 MiB journal limit, then flushed: the engine rotates and, once the
         // sealed journal's data is in tables, deletes it.
