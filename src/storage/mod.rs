@@ -3,19 +3,21 @@
 //! shard. This is the only module that names fjall.
 //!
 //! The API is synchronous and thread-safe ([`Store`] is `Clone + Send + Sync`). Writes go to
-//! the engine's journal buffer and are durable only after [`Store::persist`] (group commit:
-//! many writes, one fsync). The shard runs `persist` (or [`StoreBatch::commit`] followed by
-//! `persist`) through its executor's `spawn_blocking`.
+//! the engine's journal buffer and are durable only after a persist (group commit: many
+//! writes, one fsync). The shards collect their writes in one [`StoreBatch`] per group
+//! commit, apply it with [`StoreBatch::commit`] on the executor, then persist in two
+//! halves: [`Store::persist_prepare`] (the journal buffer flushed into its file; cheap) and
+//! an `fdatasync` of the journal it names through the shard's io_uring, closed by
+//! [`Store::persist_finish`]. [`Store::persist`] does the same, blocking.
 //!
 //! **Blocking note.** Every write takes the engine's journal mutex for as long as it takes
 //! to append to an in-memory buffer (or, when the 8 KiB buffer fills, one `write(2)`).
 //! fjall's own `persist(SyncData)` holds that mutex across the fsync, which would make a
-//! write on the executor wait for a fsync running on the blocking thread; [`Store::persist`]
-//! therefore fsyncs outside the mutex (see its docs). The engine may still stall a write
-//! when memtables or level-0 tables pile up faster than its worker flushes them (it sleeps
-//! or spins on the calling thread). A [`StoreBatch`] is built without any lock and applied
-//! by one [`StoreBatch::commit`]; committing it on the blocking thread right before
-//! `persist` keeps even the journal mutex off the executor.
+//! write on the executor wait for a fsync; the persist halves therefore fsync outside the
+//! mutex (see [`Store::persist_prepare`]). The engine may still stall a write when
+//! memtables or level-0 tables pile up faster than its worker flushes them (it sleeps or
+//! spins on the calling thread), or while its worker holds the journal mutex to seal a
+//! journal.
 //!
 //! # Key layout (the one place it is written down)
 //!
