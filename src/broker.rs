@@ -20,6 +20,7 @@ use shards::{Control, Placement, Pool, Shard};
 
 use crate::admin::{AdminServer, BrokerInfo};
 use crate::auth::Auth;
+use crate::cluster::{Cluster, NodeAddrs};
 use crate::config::{parse_core_list, Config, Durability, Transport};
 use crate::net;
 use crate::session::owner_shard;
@@ -38,6 +39,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct Broker {
     pool: Pool<BrokerShard, ()>,
     admin: Option<AdminServer>,
+    /// This node's membership of a cluster, when `cluster.node` is set.
+    pub cluster: Option<Cluster>,
     /// Where the admin endpoint listens (port 0 resolved), if enabled.
     pub admin_addr: Option<SocketAddr>,
     /// The listeners actually bound (port 0 resolved): `listen` first, then `[[listeners]]`,
@@ -78,6 +81,8 @@ pub enum StartError {
         error: std::io::Error,
     },
     Runtime(String),
+    /// Could not join the cluster (etcd unreachable, the node id live elsewhere, ...).
+    Cluster(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -90,6 +95,7 @@ impl std::fmt::Display for StartError {
                 "cannot listen on {addr} for the admin endpoint (admin.listen): {error}"
             ),
             StartError::Runtime(m) => write!(f, "cannot start the shards: {m}"),
+            StartError::Cluster(m) => write!(f, "cannot join the cluster: {m}"),
         }
     }
 }
@@ -171,7 +177,9 @@ impl Broker {
         let (listeners, fds) = bind_client_listeners(&cfg, count)?;
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
+        let cluster = join_cluster(&cfg, &listeners, admin_listener.as_ref())?;
         let admin_info = BrokerInfo {
+            cluster: cluster.as_ref().map(|c| c.handle()),
             cores: cores.clone(),
             queue_policy: cfg.sessions.queue_policy,
             started: std::time::SystemTime::now(),
@@ -213,6 +221,7 @@ impl Broker {
         Ok(Broker {
             admin_addr: admin.as_ref().map(|a| a.addr),
             admin,
+            cluster,
             pool,
             listeners,
             cores,
@@ -240,12 +249,21 @@ impl Broker {
 
     /// Waits for every shard to finish. Returns the shards that failed.
     pub fn join(self) -> Result<(), String> {
-        let Broker { pool, admin, .. } = self;
+        let Broker {
+            pool,
+            admin,
+            cluster,
+            ..
+        } = self;
         let failed: Vec<String> = pool
             .join()
             .into_iter()
             .filter_map(|r| r.err().map(|e| e.to_string()))
             .collect();
+        // The others see this node gone at once (its lease revoked), not after its TTL.
+        if let Some(c) = cluster {
+            c.stop();
+        }
         // Last: until now it answered (requests made while the shards stop fail with 503).
         if let Some(a) = admin {
             a.stop();
@@ -399,6 +417,25 @@ fn bind_client_listeners(
         }
     }
     Ok((listeners, fds))
+}
+
+/// Joins the cluster when `cluster.node` is set: before any shard accepts a client, so
+/// that the node knows the cluster (and is known) before it serves.
+fn join_cluster(
+    cfg: &Config,
+    listeners: &[BoundListener],
+    admin: Option<&std::net::TcpListener>,
+) -> Result<Option<Cluster>, StartError> {
+    if !cfg.cluster.enabled() {
+        return Ok(None);
+    }
+    let addrs = NodeAddrs {
+        mqtt: listeners.iter().map(|l| l.addr).collect(),
+        admin: admin.and_then(|l| l.local_addr().ok()),
+    };
+    Cluster::start(&cfg.cluster, addrs)
+        .map(Some)
+        .map_err(StartError::Cluster)
 }
 
 /// Binds the admin endpoint's socket when `admin.enabled`.

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 mod parse;
 mod validate;
+pub use validate::{check_node_id, NODE_ID_BYTES_MAX};
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,7 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub sys: SysConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             sys: SysConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -517,6 +520,62 @@ pub struct SysConfig {
 impl Default for SysConfig {
     fn default() -> Self {
         SysConfig { interval_s: 10 }
+    }
+}
+
+/// Several shardmq nodes acting as one broker. Off unless `node` is set; then `listen` and
+/// `etcd` are required too. Membership and ownership live in etcd (see `ARCHITECTURE.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's id: unique in the cluster and the same across restarts (1-64 of
+    /// `A-Z a-z 0-9 . _ -`).
+    pub node: Option<String>,
+    /// The node-to-node address this node listens on.
+    pub listen: Option<SocketAddr>,
+    /// The node-to-node address the other nodes dial, where it differs from `listen`
+    /// (a wildcard `listen`, NAT). Default: `listen`.
+    pub advertise: Option<SocketAddr>,
+    /// etcd client URLs (`http://HOST:PORT`), every member of the etcd cluster.
+    pub etcd: Vec<String>,
+    /// The etcd key prefix under which this cluster keeps its state; several clusters may
+    /// share one etcd under different prefixes.
+    pub prefix: String,
+    /// Seconds of the node's etcd lease. A node that could not renew it for this long
+    /// stops serving what it owns; the others see it down after this long. Renewed every
+    /// third of it. 3-60.
+    pub lease_ttl_s: u32,
+    /// Seconds one etcd request may take (start-up waits at most this long per attempt).
+    pub etcd_timeout_s: u32,
+    /// Seconds a node may be down before its sessions are reassigned to the survivors;
+    /// 0 (the default) means never automatically (an operator decides).
+    pub failover_after_s: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node: None,
+            listen: None,
+            advertise: None,
+            etcd: Vec::new(),
+            prefix: "/shardmq".into(),
+            lease_ttl_s: 6,
+            etcd_timeout_s: 5,
+            failover_after_s: 0,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this broker is a cluster node.
+    pub fn enabled(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The address the other nodes dial.
+    pub fn advertised(&self) -> Option<SocketAddr> {
+        self.advertise.or(self.listen)
     }
 }
 

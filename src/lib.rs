@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod mosquitto;
 /// The codec, a crate of its own (`crates/protocol`): it cannot import the broker.

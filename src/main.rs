@@ -67,6 +67,21 @@ struct Cli {
     /// Do not serve the admin endpoint.
     #[arg(long)]
     no_admin: bool,
+    /// Run as cluster node ID (unique in the cluster, stable across restarts).
+    #[arg(long, value_name = "ID")]
+    cluster_node: Option<String>,
+    /// The node-to-node address this node listens on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_listen: Option<SocketAddr>,
+    /// The node-to-node address other nodes dial, where it differs from --cluster-listen.
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_advertise: Option<SocketAddr>,
+    /// etcd client URLs, comma-separated (http://HOST:PORT,...).
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    cluster_etcd: Vec<String>,
+    /// Seconds a node may be down before its sessions move to the survivors (0: never).
+    #[arg(long, value_name = "SECONDS")]
+    cluster_failover_after: Option<u32>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -285,6 +300,21 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) {
     if cli.no_admin {
         cfg.admin.enabled = false;
     }
+    if let Some(n) = &cli.cluster_node {
+        cfg.cluster.node = Some(n.clone());
+    }
+    if let Some(a) = cli.cluster_listen {
+        cfg.cluster.listen = Some(a);
+    }
+    if let Some(a) = cli.cluster_advertise {
+        cfg.cluster.advertise = Some(a);
+    }
+    if !cli.cluster_etcd.is_empty() {
+        cfg.cluster.etcd = cli.cluster_etcd.clone();
+    }
+    if let Some(s) = cli.cluster_failover_after {
+        cfg.cluster.failover_after_s = s;
+    }
 }
 
 /// Logs to stderr through `filter`, in colour only on a terminal without `NO_COLOR`.
@@ -322,9 +352,29 @@ fn announce_ready(broker: &Broker) {
         }
         None => String::new(),
     };
+    let cluster = match &broker.cluster {
+        Some(c) => {
+            let j = &c.joined;
+            tracing::info!(
+                "cluster node {} on {} (etcd {}; members {})",
+                j.node,
+                c.link_addr,
+                j.etcd.join(","),
+                j.members.join(",")
+            );
+            format!(
+                " node={} cluster={} etcd={} members={}",
+                j.node,
+                c.link_addr,
+                j.etcd.join(","),
+                j.members.join(",")
+            )
+        }
+        None => String::new(),
+    };
     let _ = writeln!(
         std::io::stdout(),
-        "shardmq ready listeners={} shards={}{by_transport}{admin}",
+        "shardmq ready listeners={} shards={}{by_transport}{admin}{cluster}",
         addrs.join(","),
         broker.cores.len()
     );

@@ -209,7 +209,98 @@ pub fn render(stats: &[ShardStats], info: &BrokerInfo) -> String {
     render_dropped(&mut f, stats, info.queue_policy);
     render_latencies(&mut f, stats);
     process_metrics(&mut out, info);
+    if let Some(c) = &info.cluster {
+        cluster_metrics(&mut out, &c.view());
+    }
     out
+}
+
+/// The `shardmq_cluster_*` families: this node's lease, and per member and per link.
+fn cluster_metrics(out: &mut String, v: &crate::cluster::ClusterView) {
+    use crate::cluster::{MemberState, SelfState};
+    let mut one = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name}{{node=\"{}\"}} {}", v.node, fmt_value(value));
+    };
+    one(
+        "shardmq_cluster_lease_held",
+        "gauge",
+        "1 while this node holds its etcd lease (0: joining, fenced or leaving).",
+        f64::from(u8::from(v.state == SelfState::Up)),
+    );
+    one(
+        "shardmq_cluster_lease_lost_total",
+        "counter",
+        "Times this node lost its etcd lease and stopped serving what it owns.",
+        v.counters.lease_lost_total as f64,
+    );
+    one(
+        "shardmq_cluster_joins_total",
+        "counter",
+        "Times this node registered with a fresh lease.",
+        v.counters.joins_total as f64,
+    );
+    one(
+        "shardmq_cluster_etcd_errors_total",
+        "counter",
+        "etcd requests that failed (each is retried).",
+        v.counters.etcd_errors_total as f64,
+    );
+    one(
+        "shardmq_cluster_watch_restarts_total",
+        "counter",
+        "Times the etcd watch was re-created.",
+        v.counters.watch_restarts_total as f64,
+    );
+    let families: [(&str, &str, &str); 5] = [
+        (
+            "shardmq_cluster_member_up",
+            "gauge",
+            "1 while a member holds its lease, as this node sees it.",
+        ),
+        (
+            "shardmq_cluster_member_slots",
+            "gauge",
+            "Slots (of 4096) a member owns.",
+        ),
+        (
+            "shardmq_cluster_link_up",
+            "gauge",
+            "1 while the link from this node to a member answers its heartbeats.",
+        ),
+        (
+            "shardmq_cluster_link_rtt_seconds",
+            "gauge",
+            "The last heartbeat's round trip on the link to a member.",
+        ),
+        (
+            "shardmq_cluster_link_connects_total",
+            "counter",
+            "Times the link to a member was established.",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in &v.members {
+            let link = m.link.as_ref();
+            let value = match i {
+                0 => Some(f64::from(u8::from(m.state == MemberState::Up))),
+                1 => Some(m.slots as f64),
+                2 => link.map(|l| f64::from(u8::from(l.state == "up"))),
+                3 => link.and_then(|l| l.rtt_us).map(|us| us as f64 / 1e6),
+                _ => link.map(|l| l.connects_total as f64),
+            };
+            if let Some(x) = value {
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\",member=\"{}\"}} {}",
+                    v.node,
+                    m.id,
+                    fmt_value(x)
+                );
+            }
+        }
+    }
 }
 
 /// Writes the [`SIMPLE`] families, one unlabelled sample per shard.
@@ -428,6 +519,7 @@ mod tests {
             concurrent_requests_max: 1,
             allowed_hosts: Vec::new(),
             token: None,
+            cluster: None,
         };
         let text = render(&[a, ShardStats::default()], &info);
         let mut typed = Vec::new();

@@ -76,6 +76,8 @@ pub struct BrokerInfo {
     pub allowed_hosts: Vec<String>,
     /// The bearer token of changing requests (`admin.token`); `None`: they are off.
     pub token: Option<String>,
+    /// This node's view of its cluster, when it is a cluster node.
+    pub cluster: Option<crate::cluster::ClusterHandle>,
 }
 
 /// The running admin endpoint; [`AdminServer::stop`] ends it.
@@ -272,6 +274,7 @@ fn router(state: Shared) -> Router {
         .route("/api/rates", get(rates))
         .route("/api/subscriptions", get(subscriptions))
         .route("/api/retained", get(retained))
+        .route("/api/cluster", get(cluster))
         .layer(guard)
         .with_state(state)
 }
@@ -695,6 +698,21 @@ async fn retained(
         .then(|| items.last().map(|r| r.topic.clone()))
         .flatten();
     Ok(Json(Listing { total, items, next }))
+}
+
+/// `GET /api/cluster`: every node with its addresses, state, share of the slots and link
+/// health; `{"enabled": false}` for a broker that runs alone.
+async fn cluster(State(st): State<Shared>) -> Json<serde_json::Value> {
+    match &st.info.cluster {
+        Some(c) => {
+            let mut v = serde_json::to_value(c.view()).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("enabled".into(), true.into());
+            }
+            Json(v)
+        }
+        None => Json(serde_json::json!({ "enabled": false })),
+    }
 }
 
 #[cfg(test)]

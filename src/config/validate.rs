@@ -33,6 +33,7 @@ impl Config {
         }
         self.check_addresses()?;
         self.check_admin()?;
+        self.cluster.validate()?;
         for f in &self.access.subscribe_deny {
             crate::protocol::TopicFilter::new(f)
                 .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
@@ -151,6 +152,11 @@ impl Config {
                 self.admin
                     .enabled
                     .then(|| (self.admin.listen, "admin.listen".to_string())),
+            )
+            .chain(
+                self.cluster
+                    .listen
+                    .map(|a| (a, "cluster.listen".to_string())),
             );
         for (addr, key) in named {
             if addr.port() == 0 {
@@ -193,4 +199,108 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The longest node id.
+pub const NODE_ID_BYTES_MAX: usize = 64;
+
+/// Checks a node id: 1-64 of `A-Z a-z 0-9 . _ -` (it is part of etcd keys and topic names).
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > NODE_ID_BYTES_MAX {
+        return Err(format!(
+            "{id:?} must be 1 to {NODE_ID_BYTES_MAX} characters"
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{id:?} may not contain {c:?} (only A-Z a-z 0-9 . _ -)"
+        ));
+    }
+    Ok(())
+}
+
+impl ClusterConfig {
+    /// All or nothing: a node needs an id, a node-to-node address and etcd; each in form.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(node) = &self.node else {
+            if self.listen.is_some() || self.advertise.is_some() || !self.etcd.is_empty() {
+                return Err(bad(
+                    "cluster.node",
+                    "is required when cluster.listen, cluster.advertise or cluster.etcd is set",
+                ));
+            }
+            return Ok(());
+        };
+        check_node_id(node).map_err(|r| bad("cluster.node", r))?;
+        let Some(listen) = self.listen else {
+            return Err(bad("cluster.listen", "is required for a cluster node"));
+        };
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(bad(
+                    "cluster.advertise",
+                    format!("{a} is not an address another node can dial"),
+                ));
+            }
+        } else if listen.ip().is_unspecified() {
+            return Err(bad(
+                "cluster.advertise",
+                format!("is required when cluster.listen is a wildcard ({listen})"),
+            ));
+        }
+        if self.etcd.is_empty() {
+            return Err(bad("cluster.etcd", "at least one etcd URL is required"));
+        }
+        for u in &self.etcd {
+            check_etcd_url(u).map_err(|r| bad("cluster.etcd", r))?;
+        }
+        if !self.prefix.starts_with('/')
+            || self.prefix.len() < 2
+            || self.prefix.ends_with('/')
+            || self.prefix.len() > 128
+            || self
+                .prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(
+                "cluster.prefix",
+                format!("{:?} must start with / and not end with one (at most 128 characters, no spaces)", self.prefix),
+            ));
+        }
+        if !(3..=60).contains(&self.lease_ttl_s) {
+            return Err(bad("cluster.lease_ttl_s", "must be between 3 and 60"));
+        }
+        if !(1..=60).contains(&self.etcd_timeout_s) {
+            return Err(bad("cluster.etcd_timeout_s", "must be between 1 and 60"));
+        }
+        if self.failover_after_s != 0 && self.failover_after_s < self.lease_ttl_s {
+            return Err(bad(
+                "cluster.failover_after_s",
+                "must be 0 (off) or at least cluster.lease_ttl_s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An etcd client URL: `http://HOST:PORT` (TLS to etcd is not built in yet).
+fn check_etcd_url(u: &str) -> Result<(), String> {
+    let Some(rest) = u.strip_prefix("http://") else {
+        return Err(format!("{u:?} must be http://HOST:PORT"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("{u:?} has no port"));
+    };
+    if host.is_empty() || host.contains(|c: char| c == '/' || c == '@' || c.is_whitespace()) {
+        return Err(format!("{u:?} has no usable host"));
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{u:?} has no usable port"));
+    }
+    Ok(())
 }

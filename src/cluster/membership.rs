@@ -1,0 +1,525 @@
+//! The node's life in etcd: join (lease, live record, member record, slot table), keep the
+//! lease, watch every key of the cluster from one revision on, rejoin after a lost lease,
+//! leave gracefully.
+//!
+//! Keys under `cluster.prefix` (values are JSON, readable with `etcdctl get --prefix`):
+//! - `nodes/<id>`: the live record ([`NodeRecord`]), tied to the node's lease, so it goes
+//!   when the node stops renewing. Created only if absent: two live processes can never
+//!   hold one node id.
+//! - `members/<id>`: the permanent record of every node that joined (no lease), so that a
+//!   node that is gone is listed as down, not forgotten. Written at start only if changed.
+//! - `slots`: the [`SlotTable`], created by the first node, changed by compare-and-swap.
+//!
+//! In steady state etcd sees only the lease's keep-alives: no connect, subscribe or
+//! publish touches it.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchStream,
+};
+use tokio::sync::watch;
+
+use super::{link, ClusterHandle, Joined, NodeRecord, SelfState, SlotTable, LEAVE_GRACE};
+use crate::config::ClusterConfig;
+
+/// How long to wait between two tries of a failed etcd request.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The cluster's keys.
+struct Keys {
+    root: String,
+}
+
+impl Keys {
+    fn node(&self, id: &str) -> String {
+        format!("{}/nodes/{id}", self.root)
+    }
+    fn member(&self, id: &str) -> String {
+        format!("{}/members/{id}", self.root)
+    }
+    fn slots(&self) -> String {
+        format!("{}/slots", self.root)
+    }
+    fn all(&self) -> String {
+        format!("{}/", self.root)
+    }
+}
+
+/// The thread's whole life: join, then keep the lease and the watch until `stop`.
+pub(super) async fn run(
+    cfg: ClusterConfig,
+    record: NodeRecord,
+    handle: ClusterHandle,
+    listener: std::net::TcpListener,
+    joined: mpsc::Sender<Result<Joined, String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let keys = Keys {
+        root: cfg.prefix.clone(),
+    };
+    let timeout = Duration::from_secs(cfg.etcd_timeout_s as u64);
+    let mut node = match Node::join(&cfg, &keys, record, &handle).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = joined.send(Err(e));
+            return;
+        }
+    };
+    let mut revision = match node.load(&keys, &handle).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = joined.send(Err(e));
+            return;
+        }
+    };
+    let members = {
+        let st = handle.lock();
+        let mut m: Vec<String> = st.live.keys().cloned().collect();
+        m.sort();
+        m
+    };
+    tracing::info!(node = %node.record.id, members = %members.join(","), "joined the cluster");
+    let _ = joined.send(Ok(Joined {
+        node: node.record.id.clone(),
+        etcd: cfg.etcd.clone(),
+        members,
+    }));
+
+    let links = link::start(listener, handle.clone(), cfg.clone(), stop.clone());
+    let mut watch = node.watch(&keys, revision).await;
+    let mut renew = tokio::time::interval(renew_interval(&cfg));
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
+            msg = next_event(&mut watch) => {
+                match msg {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            // Compacted past our revision: read everything again.
+                            handle.lock().counters.watch_restarts_total += 1;
+                            revision = node.load(&keys, &handle).await.unwrap_or(revision);
+                            watch = node.watch(&keys, revision).await;
+                            continue;
+                        }
+                        if let Some(h) = resp.header() {
+                            revision = revision.max(h.revision());
+                        }
+                        node.apply(&keys, &handle, resp.events());
+                    }
+                    Ok(None) | Err(_) => {
+                        handle.lock().counters.watch_restarts_total += 1;
+                        tokio::time::sleep(RETRY).await;
+                        watch = node.watch(&keys, revision).await;
+                    }
+                }
+            }
+        }
+        let _ = timeout;
+    }
+    node.leave(&keys, &handle).await;
+    links.abort();
+}
+
+/// Waits for the watch's next response; pending forever while there is no watch (the loop
+/// re-creates it on the next failure path).
+async fn next_event(
+    watch: &mut Option<WatchStream>,
+) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
+    match watch {
+        Some(w) => w.message().await,
+        None => {
+            tokio::time::sleep(RETRY).await;
+            Ok(None)
+        }
+    }
+}
+
+/// A third of the lease's time to live, at least a second.
+fn renew_interval(cfg: &ClusterConfig) -> Duration {
+    Duration::from_millis((cfg.lease_ttl_s as u64 * 1000 / 3).max(1000))
+}
+
+/// This node's etcd client, lease and record.
+struct Node {
+    client: Client,
+    lease: i64,
+    record: NodeRecord,
+    timeout: Duration,
+}
+
+impl Node {
+    /// Connects, takes a lease, claims the node id, records the member, makes sure the
+    /// slot table exists.
+    async fn join(
+        cfg: &ClusterConfig,
+        keys: &Keys,
+        record: NodeRecord,
+        handle: &ClusterHandle,
+    ) -> Result<Node, String> {
+        let timeout = Duration::from_secs(cfg.etcd_timeout_s as u64);
+        let urls = cfg.etcd.join(",");
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            // etcd drops clients that ping more often than every 5 s.
+            .with_keep_alive(Duration::from_secs(10), timeout);
+        let client = tokio::time::timeout(timeout, Client::connect(&cfg.etcd, Some(opts)))
+            .await
+            .map_err(|_| format!("cannot reach etcd at {urls} (cluster.etcd): timed out"))?
+            .map_err(|e| format!("cannot reach etcd at {urls} (cluster.etcd): {e}"))?;
+        let mut node = Node {
+            client,
+            lease: 0,
+            record,
+            timeout,
+        };
+        // Every etcd member may still be electing a leader: retry within a bound.
+        let deadline = Instant::now() + timeout * 3;
+        loop {
+            match node.claim(keys, handle).await {
+                Ok(()) => break,
+                Err(Claim::Fatal(e)) => return Err(e),
+                Err(Claim::Etcd(e)) if Instant::now() >= deadline => {
+                    return Err(format!("cannot register with etcd at {urls}: {e}"))
+                }
+                Err(Claim::Etcd(_)) => tokio::time::sleep(RETRY).await,
+            }
+        }
+        node.record_member(keys).await?;
+        node.ensure_slots(keys).await?;
+        Ok(node)
+    }
+
+    /// Takes a fresh lease and creates the live record if no other process holds the id;
+    /// waits (within the other record's time to live) for a previous incarnation's record
+    /// to expire, so that a restart right after `kill -9` succeeds and two live processes
+    /// never share an id.
+    async fn claim(&mut self, keys: &Keys, handle: &ClusterHandle) -> Result<(), Claim> {
+        let ttl = self.record.lease_ttl_s as i64;
+        let lease = self
+            .call(self.client.clone().lease_grant(ttl, None))
+            .await?;
+        self.lease = lease.id();
+        let key = keys.node(&self.record.id);
+        let mut waited_for: Option<Instant> = None;
+        loop {
+            let value = serde_json::to_string(&self.record).unwrap_or_default();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(self.lease)),
+                )])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.call(self.client.clone().txn(txn)).await?;
+            if resp.succeeded() {
+                let mut st = handle.lock();
+                st.state = SelfState::Up;
+                st.renewed = Some(Instant::now());
+                st.counters.joins_total += 1;
+                st.live.insert(self.record.id.clone(), self.record.clone());
+                return Ok(());
+            }
+            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok()),
+                _ => None,
+            });
+            let grace =
+                Duration::from_secs(holder.as_ref().map_or(60, |h| h.lease_ttl_s) as u64 + 2);
+            let since = *waited_for.get_or_insert_with(Instant::now);
+            if since.elapsed() > grace {
+                let at = holder.map_or_else(|| "?".to_string(), |h| h.cluster.to_string());
+                return Err(Claim::Fatal(format!(
+                    "node id {} is already live in the cluster (at {at}, etcd key {key}): stop that node or choose another cluster.node",
+                    self.record.id
+                )));
+            }
+            if since.elapsed() < RETRY {
+                tracing::info!(
+                    node = %self.record.id,
+                    "waiting for a previous run's etcd record to expire"
+                );
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// The permanent member record: written only when it is new or the node's addresses
+    /// changed.
+    async fn record_member(&mut self, keys: &Keys) -> Result<(), String> {
+        let key = keys.member(&self.record.id);
+        let got = self
+            .call(self.client.clone().get(key.clone(), None))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut member = self.record.clone();
+        member.state = "member".into();
+        let same = got
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok())
+            .is_some_and(|m| {
+                m.cluster == member.cluster && m.mqtt == member.mqtt && m.admin == member.admin
+            });
+        if !same {
+            let value = serde_json::to_string(&member).unwrap_or_default();
+            self.call(self.client.clone().put(key, value, None))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The first node of a cluster creates the slot table, owning every slot.
+    async fn ensure_slots(&mut self, keys: &Keys) -> Result<(), String> {
+        let key = keys.slots();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                SlotTable::initial(&self.record.id).encode(),
+                None,
+            )]);
+        let created = self
+            .call(self.client.clone().txn(txn))
+            .await
+            .map_err(|e| e.to_string())?
+            .succeeded();
+        if created {
+            tracing::info!(node = %self.record.id, "created the slot table: this node owns every slot");
+        }
+        Ok(())
+    }
+
+    /// Reads every key of the cluster; returns the revision read at.
+    async fn load(&mut self, keys: &Keys, handle: &ClusterHandle) -> Result<i64, String> {
+        let resp = self
+            .call(
+                self.client
+                    .clone()
+                    .get(keys.all(), Some(GetOptions::new().with_prefix())),
+            )
+            .await
+            .map_err(|e| format!("cannot read the cluster from etcd: {e}"))?;
+        let mut st = handle.lock();
+        st.live.clear();
+        st.members.clear();
+        drop(st);
+        for kv in resp.kvs() {
+            self.put(keys, handle, kv.key(), kv.value());
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Watches every key of the cluster from `revision + 1`; `None` when etcd cannot be
+    /// reached now (the caller retries).
+    async fn watch(&mut self, keys: &Keys, revision: i64) -> Option<WatchStream> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        match tokio::time::timeout(self.timeout, self.client.watch(keys.all(), Some(opts))).await {
+            Ok(Ok(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Applies watched changes.
+    fn apply(&mut self, keys: &Keys, handle: &ClusterHandle, events: &[etcd_client::Event]) {
+        for ev in events {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => self.put(keys, handle, kv.key(), kv.value()),
+                EventType::Delete => self.delete(keys, handle, kv.key()),
+            }
+        }
+    }
+
+    /// One key's new value.
+    fn put(&self, keys: &Keys, handle: &ClusterHandle, key: &[u8], value: &[u8]) {
+        let Some(rest) = key.strip_prefix(keys.all().as_bytes()) else {
+            return;
+        };
+        let mut st = handle.lock();
+        if rest == b"slots" {
+            match SlotTable::decode(value) {
+                Ok(t) => st.slots = t,
+                Err(e) => tracing::error!(error = %e, "ignoring a damaged slot table in etcd"),
+            }
+            return;
+        }
+        let (kind, id) = match rest.iter().position(|&b| b == b'/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => return,
+        };
+        let rec = match serde_json::from_slice::<NodeRecord>(value) {
+            Ok(r) if r.id.as_bytes() == id && crate::config::check_node_id(&r.id).is_ok() => r,
+            _ => {
+                tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a damaged cluster record in etcd");
+                return;
+            }
+        };
+        match kind {
+            b"nodes" => {
+                st.members
+                    .entry(rec.id.clone())
+                    .or_insert_with(|| rec.clone());
+                st.live.insert(rec.id.clone(), rec);
+            }
+            b"members" => {
+                st.members.insert(rec.id.clone(), rec);
+            }
+            _ => {}
+        }
+    }
+
+    /// One key gone: a node's lease expired or it left; an operator removed a member.
+    fn delete(&self, keys: &Keys, handle: &ClusterHandle, key: &[u8]) {
+        let Some(rest) = key.strip_prefix(keys.all().as_bytes()) else {
+            return;
+        };
+        let rest = String::from_utf8_lossy(rest);
+        let mut st = handle.lock();
+        if let Some(id) = rest.strip_prefix("nodes/") {
+            if st.live.remove(id).is_some() {
+                tracing::info!(node = %id, "cluster member down");
+            }
+            if id == self.record.id && st.state == SelfState::Up {
+                // Our own record went (an operator deleted it, or the lease expired while
+                // our renewals could not get through): fenced until we join again.
+                st.state = SelfState::Fenced;
+                st.counters.lease_lost_total += 1;
+                tracing::error!(
+                    "this node's cluster record is gone: serving nothing it owns until it rejoins"
+                );
+            }
+        } else if let Some(id) = rest.strip_prefix("members/") {
+            st.members.remove(id);
+        }
+    }
+
+    /// Renews the lease; after a loss, joins again with a fresh one.
+    async fn renew(&mut self, keys: &Keys, handle: &ClusterHandle, cfg: &ClusterConfig) {
+        let ttl = Duration::from_secs(cfg.lease_ttl_s as u64);
+        let fenced = handle.lock().state == SelfState::Fenced;
+        if !fenced {
+            match self.keep_alive().await {
+                Ok(left) if left > 0 => {
+                    let mut st = handle.lock();
+                    st.renewed = Some(Instant::now());
+                    return;
+                }
+                Ok(_) => self.fence(handle, "etcd says the lease has expired"),
+                Err(e) => {
+                    let mut st = handle.lock();
+                    st.counters.etcd_errors_total += 1;
+                    let overdue = st.renewed.is_none_or(|t| t.elapsed() >= ttl);
+                    drop(st);
+                    if overdue {
+                        self.fence(handle, &format!("not renewed for {}s ({e})", ttl.as_secs()));
+                    }
+                    return;
+                }
+            }
+        }
+        match self.claim(keys, handle).await {
+            Ok(()) => tracing::info!(node = %self.record.id, "rejoined the cluster"),
+            Err(Claim::Fatal(e)) => tracing::error!(error = %e, "cannot rejoin the cluster"),
+            Err(Claim::Etcd(_)) => handle.lock().counters.etcd_errors_total += 1,
+        }
+    }
+
+    /// One keep-alive; the lease's remaining time to live (0: it is gone).
+    async fn keep_alive(&mut self) -> Result<i64, etcd_client::Error> {
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        let once = async move {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            match stream.message().await {
+                Ok(m) => Ok(m.map_or(0, |r| r.ttl())),
+                // The server ends the stream with this when the lease has expired.
+                Err(e) if e.to_string().contains("lease not found") => Ok(0),
+                Err(e) => Err(e),
+            }
+        };
+        match tokio::time::timeout(self.timeout, once).await {
+            Ok(r) => r,
+            Err(_) => Err(etcd_client::Error::InvalidArgs(
+                "keep-alive timed out".into(),
+            )),
+        }
+    }
+
+    /// Marks this node fenced (once per loss).
+    fn fence(&self, handle: &ClusterHandle, why: &str) {
+        let mut st = handle.lock();
+        if st.state != SelfState::Fenced {
+            st.state = SelfState::Fenced;
+            st.counters.lease_lost_total += 1;
+            st.live.remove(&self.record.id);
+            tracing::error!(
+                reason = why,
+                "lost the cluster lease: serving nothing this node owns until it rejoins"
+            );
+        }
+    }
+
+    /// Says it is leaving, then revokes the lease so that the others see it gone at once.
+    async fn leave(&mut self, keys: &Keys, handle: &ClusterHandle) {
+        handle.lock().state = super::SelfState::Leaving;
+        let mut rec = self.record.clone();
+        rec.state = "leaving".into();
+        let value = serde_json::to_string(&rec).unwrap_or_default();
+        let key = keys.node(&self.record.id);
+        let lease = self.lease;
+        let mut client = self.client.clone();
+        let bye = async move {
+            let put = client.put(key, value, Some(PutOptions::new().with_lease(lease)));
+            let _ = put.await;
+            let _ = client.lease_revoke(lease).await;
+        };
+        if tokio::time::timeout(LEAVE_GRACE, bye).await.is_err() {
+            tracing::warn!(
+                "could not tell etcd this node is leaving; its record expires with its lease"
+            );
+        }
+    }
+
+    /// An etcd call with the request timeout.
+    async fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, Claim> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Claim::Etcd(e.to_string())),
+            Err(_) => Err(Claim::Etcd("timed out".into())),
+        }
+    }
+}
+
+/// Why a claim failed.
+#[derive(Debug)]
+enum Claim {
+    /// etcd could not be asked (retry).
+    Etcd(String),
+    /// Retrying will not help.
+    Fatal(String),
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Etcd(e) | Claim::Fatal(e) => write!(f, "{e}"),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Several shardmq nodes acting as one broker: membership and slot ownership in etcd, and
+//! the links between nodes.
+//!
+//! Everything here runs on one thread of its own (`shardmq-cluster`, a current-thread tokio
+//! runtime, as the etcd client needs tokio); no shard waits on it and nothing on the
+//! per-message path touches etcd. The parts:
+//!
+//! - `membership.rs`: the node's etcd lease (renewed every third of `cluster.lease_ttl_s`),
+//!   its live record (`<prefix>/nodes/<id>`, tied to the lease), its permanent member record
+//!   (`<prefix>/members/<id>`, so that a node that is gone is still listed as down) and the
+//!   slot table (`<prefix>/slots`), all watched from one revision on.
+//! - `slots.rs`: the slot table: which node owns each of the 4,096 slots a client id hashes
+//!   to, with an epoch per range that rises on every change of owner.
+//! - `link.rs`: one TCP link to every other live node, with a handshake and a heartbeat that
+//!   measures its round trip.
+//!
+//! [`Cluster`] is the handle the broker keeps; [`ClusterHandle::view`] is what the admin
+//! endpoint shows (`GET /api/cluster`, the `shardmq_cluster_*` metrics).
+
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::ClusterConfig;
+
+mod link;
+mod membership;
+pub mod slots;
+
+pub use slots::{slot_of, SlotTable, SLOTS};
+
+/// What this node tells the others about itself (its live record in etcd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// The node-to-node address the others dial.
+    pub cluster: SocketAddr,
+    /// The client listeners (every transport).
+    pub mqtt: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    /// `up` or `leaving` (a node that stops gracefully says so before it goes).
+    pub state: String,
+    /// The lease's time to live, seconds: how long a stale record may outlive its node.
+    pub lease_ttl_s: u32,
+    /// When this incarnation started (ms since the Unix epoch).
+    pub started_ms: u64,
+}
+
+/// Where this node can be reached, known once its sockets are bound.
+#[derive(Clone, Debug)]
+pub struct NodeAddrs {
+    pub mqtt: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// This node's own standing in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelfState {
+    /// Registering with etcd.
+    Joining,
+    /// Holding its lease.
+    Up,
+    /// Could not renew its lease for longer than its time to live: it no longer counts as
+    /// a member and must not serve what it owned until it has joined again.
+    Fenced,
+    /// Stopping gracefully.
+    Leaving,
+}
+
+/// Another node as this one sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Up,
+    Down,
+    Leaving,
+}
+
+/// One link's health, as its dialling side measures it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkView {
+    /// `up`, `connecting` or `down`.
+    pub state: &'static str,
+    /// The last heartbeat's round trip, microseconds.
+    pub rtt_us: Option<u64>,
+    /// Milliseconds since the link came up (or went down).
+    pub since_ms: u64,
+    /// Times the link was (re)established.
+    pub connects_total: u64,
+    /// The last reason it went down.
+    pub last_error: Option<String>,
+}
+
+/// One member in `GET /api/cluster`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberView {
+    pub id: String,
+    pub this_node: bool,
+    pub state: MemberState,
+    pub cluster: SocketAddr,
+    pub mqtt: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    /// Slots of the 4,096 this node owns, and that as a share of sessions.
+    pub slots: u32,
+    pub share: f64,
+    /// `None` for this node itself.
+    pub link: Option<LinkView>,
+}
+
+/// `GET /api/cluster`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterView {
+    pub node: String,
+    pub state: SelfState,
+    pub etcd: Vec<String>,
+    pub prefix: String,
+    pub lease_ttl_s: u32,
+    /// Milliseconds since the lease was last renewed.
+    pub lease_renewed_ms_ago: Option<u64>,
+    /// The slot table's version (rises with every change of owner).
+    pub slots_epoch: u64,
+    pub members: Vec<MemberView>,
+    pub counters: ClusterCounters,
+}
+
+/// Events worth counting (the `shardmq_cluster_*_total` series).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ClusterCounters {
+    /// Times the lease was lost (fenced).
+    pub lease_lost_total: u64,
+    /// Times the node joined (registered with a fresh lease).
+    pub joins_total: u64,
+    /// etcd requests that failed (each retried).
+    pub etcd_errors_total: u64,
+    /// Times the watch was re-created (an etcd member went away, a compaction).
+    pub watch_restarts_total: u64,
+}
+
+/// The state shared between the cluster thread and its readers (the admin endpoint). Not
+/// on any shard's path.
+#[derive(Debug)]
+struct State {
+    me: String,
+    cfg: ClusterConfig,
+    state: SelfState,
+    renewed: Option<Instant>,
+    /// Live records by node id.
+    live: hashbrown::HashMap<String, NodeRecord>,
+    /// Every node that ever joined, by id (permanent records).
+    members: std::collections::BTreeMap<String, NodeRecord>,
+    slots: SlotTable,
+    links: hashbrown::HashMap<String, LinkView>,
+    link_since: hashbrown::HashMap<String, Instant>,
+    counters: ClusterCounters,
+}
+
+impl State {
+    fn view(&self) -> ClusterView {
+        let owned = self.slots.counts();
+        let members = self
+            .members
+            .values()
+            .map(|m| {
+                let live = self.live.get(&m.id);
+                let state = match live {
+                    Some(r) if r.state == "leaving" => MemberState::Leaving,
+                    Some(_) => MemberState::Up,
+                    None => MemberState::Down,
+                };
+                let rec = live.unwrap_or(m);
+                let slots = owned.get(m.id.as_str()).copied().unwrap_or(0);
+                let link = (m.id != self.me).then(|| {
+                    let mut l = self.links.get(&m.id).cloned().unwrap_or(LinkView {
+                        state: "down",
+                        ..LinkView::default()
+                    });
+                    if let Some(t) = self.link_since.get(&m.id) {
+                        l.since_ms = t.elapsed().as_millis() as u64;
+                    }
+                    l
+                });
+                MemberView {
+                    id: m.id.clone(),
+                    this_node: m.id == self.me,
+                    state,
+                    cluster: rec.cluster,
+                    mqtt: rec.mqtt.clone(),
+                    admin: rec.admin,
+                    slots,
+                    share: slots as f64 / SLOTS as f64,
+                    link,
+                }
+            })
+            .collect();
+        ClusterView {
+            node: self.me.clone(),
+            state: self.state,
+            etcd: self.cfg.etcd.clone(),
+            prefix: self.cfg.prefix.clone(),
+            lease_ttl_s: self.cfg.lease_ttl_s,
+            lease_renewed_ms_ago: self.renewed.map(|t| t.elapsed().as_millis() as u64),
+            slots_epoch: self.slots.epoch,
+            members,
+            counters: self.counters,
+        }
+    }
+}
+
+/// A cheap, cloneable reader of the cluster's state.
+#[derive(Clone, Debug)]
+pub struct ClusterHandle(Arc<Mutex<State>>);
+
+impl ClusterHandle {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic on the cluster thread while it held the lock leaves a state that is
+        // still readable: every update is a field assignment.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `GET /api/cluster` shows.
+    pub fn view(&self) -> ClusterView {
+        self.lock().view()
+    }
+}
+
+/// What the ready line says about the cluster.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    pub node: String,
+    pub etcd: Vec<String>,
+    /// The live members seen at start, this node included, sorted.
+    pub members: Vec<String>,
+}
+
+/// The running cluster thread.
+#[derive(Debug)]
+pub struct Cluster {
+    handle: ClusterHandle,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<JoinHandle<()>>,
+    pub joined: Joined,
+    /// The bound node-to-node address (port 0 resolved).
+    pub link_addr: SocketAddr,
+}
+
+/// How long a graceful stop may spend telling etcd (marking itself leaving, revoking).
+const LEAVE_GRACE: Duration = Duration::from_secs(3);
+
+impl Cluster {
+    /// Binds the node-to-node listener, registers with etcd (waiting, within a bound, for
+    /// a previous incarnation's record to expire) and starts the thread that keeps the
+    /// lease, watches the cluster and keeps the links. One line naming the problem when it
+    /// cannot.
+    pub fn start(cfg: &ClusterConfig, addrs: NodeAddrs) -> Result<Cluster, String> {
+        let (Some(me), Some(listen)) = (cfg.node.clone(), cfg.listen) else {
+            return Err("cluster.node and cluster.listen are required".into());
+        };
+        let listener = std::net::TcpListener::bind(listen)
+            .map_err(|e| format!("cannot listen on {listen} (cluster.listen): {e}"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("cluster.listen: {e}"))?;
+        let link_addr = listener
+            .local_addr()
+            .map_err(|e| format!("cluster.listen: {e}"))?;
+        let advertised = match cfg.advertise {
+            Some(a) => a,
+            None => link_addr,
+        };
+        let record = NodeRecord {
+            id: me.clone(),
+            cluster: advertised,
+            mqtt: addrs.mqtt,
+            admin: addrs.admin,
+            state: "up".into(),
+            lease_ttl_s: cfg.lease_ttl_s,
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let state = Arc::new(Mutex::new(State {
+            me: me.clone(),
+            cfg: cfg.clone(),
+            state: SelfState::Joining,
+            renewed: None,
+            live: hashbrown::HashMap::new(),
+            members: std::collections::BTreeMap::new(),
+            slots: SlotTable::default(),
+            links: hashbrown::HashMap::new(),
+            link_since: hashbrown::HashMap::new(),
+            counters: ClusterCounters::default(),
+        }));
+        let handle = ClusterHandle(state);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (joined_tx, joined_rx) = mpsc::channel::<Result<Joined, String>>();
+        let thread_handle = handle.clone();
+        let thread_cfg = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("shardmq-cluster".into())
+            .spawn(move || {
+                rt.block_on(membership::run(
+                    thread_cfg,
+                    record,
+                    thread_handle,
+                    listener,
+                    joined_tx,
+                    stop_rx,
+                ))
+            })
+            .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+        let mut cluster = Cluster {
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            joined: Joined {
+                node: me,
+                etcd: cfg.etcd.clone(),
+                members: Vec::new(),
+            },
+            link_addr,
+        };
+        match joined_rx.recv() {
+            Ok(Ok(j)) => {
+                cluster.joined = j;
+                Ok(cluster)
+            }
+            Ok(Err(e)) => {
+                cluster.halt();
+                Err(e)
+            }
+            Err(_) => {
+                cluster.halt();
+                Err("the cluster thread ended before joining".into())
+            }
+        }
+    }
+
+    /// A reader of the cluster's state.
+    pub fn handle(&self) -> ClusterHandle {
+        self.handle.clone()
+    }
+
+    /// Leaves the cluster gracefully (marks this node leaving, revokes its lease, so the
+    /// others see it gone at once) and waits for the thread.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
