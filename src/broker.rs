@@ -177,7 +177,8 @@ impl Broker {
         let (listeners, fds) = bind_client_listeners(&cfg, count)?;
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
-        let cluster = join_cluster(&cfg, &listeners, admin_listener.as_ref())?;
+        let mut cluster = join_cluster(&cfg, &listeners, admin_listener.as_ref())?;
+        let shard_link = cluster.as_ref().map(Cluster::shard_link);
         let admin_info = BrokerInfo {
             cluster: cluster.as_ref().map(|c| c.handle()),
             cores: cores.clone(),
@@ -205,6 +206,7 @@ impl Broker {
                     stores[id.index()].clone(),
                     budget.clone(),
                 )
+                .with_cluster(shard_link.clone())
             },
             move |shard: Shard<BrokerShard>| {
                 let fds = fds.clone();
@@ -214,6 +216,9 @@ impl Broker {
         )
         .map_err(|e| StartError::Runtime(e.to_string()))?;
         wait_ready(&pool, &ready_rx, count)?;
+        if let Some(c) = &mut cluster {
+            c.attach(pool.control());
+        }
         let admin = match admin_listener {
             Some(l) => Some(start_admin(l, &pool, admin_info)?),
             None => None,
@@ -433,7 +438,7 @@ fn join_cluster(
         mqtt: listeners.iter().map(|l| l.addr).collect(),
         admin: admin.and_then(|l| l.local_addr().ok()),
     };
-    Cluster::start(&cfg.cluster, addrs)
+    Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max)
         .map(Some)
         .map_err(StartError::Cluster)
 }

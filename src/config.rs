@@ -550,6 +550,18 @@ pub struct ClusterConfig {
     /// Seconds a node may be down before its sessions are reassigned to the survivors;
     /// 0 (the default) means never automatically (an operator decides).
     pub failover_after_s: u32,
+    /// Milliseconds a forwarded QoS 1/2 message may wait for the other node's answer; then
+    /// its publisher is told it was not stored (MQTT 5: 0x80; 3.x: the connection closes).
+    pub forward_timeout_ms: u32,
+    /// Forwarded QoS 1/2 messages waiting for answers, all nodes together; more are
+    /// refused as not stored.
+    pub forward_inflight_max: u32,
+    /// Messages the shards may hand to the cluster thread before it takes them; past it
+    /// QoS 0 messages for other nodes are dropped (counted) and QoS 1/2 refused.
+    pub forward_queue_max: u32,
+    /// Bytes queued for one node's link and not yet written; past it the link is reset
+    /// (what it carried fails, and it starts over).
+    pub link_buffer_bytes_max: u64,
 }
 
 impl Default for ClusterConfig {
@@ -563,6 +575,10 @@ impl Default for ClusterConfig {
             lease_ttl_s: 6,
             etcd_timeout_s: 5,
             failover_after_s: 0,
+            forward_timeout_ms: 5000,
+            forward_inflight_max: 100_000,
+            forward_queue_max: 65_536,
+            link_buffer_bytes_max: 64 << 20,
         }
     }
 }

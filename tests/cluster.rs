@@ -15,75 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::cluster::*;
 use support::etcd::Etcd;
 use support::{TestBroker, TIMEOUT};
-
-/// The lease the tests give their nodes: short, so that deaths are seen quickly.
-const TTL_S: u64 = 3;
-
-fn node_toml(id: &str, etcd: &Etcd, prefix: &str) -> String {
-    node_toml_ttl(id, etcd, prefix, TTL_S)
-}
-
-fn node_toml_ttl(id: &str, etcd: &Etcd, prefix: &str, ttl_s: u64) -> String {
-    let urls: Vec<String> = etcd
-        .members
-        .iter()
-        .map(|m| format!("\"{}\"", m.url()))
-        .collect();
-    format!(
-        "[cluster]\nnode = \"{id}\"\nlisten = \"127.0.0.1:0\"\netcd = [{}]\nprefix = \"{prefix}\"\nlease_ttl_s = {ttl_s}\n",
-        urls.join(", ")
-    )
-}
-
-fn start_node(id: &str, etcd: &Etcd, prefix: &str) -> TestBroker {
-    TestBroker::start_with(1, &node_toml(id, etcd, prefix))
-}
-
-/// Polls `f` until it holds; panics with `what` after a generous bound.
-fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn member<'a>(view: &'a Value, id: &str) -> &'a Value {
-    view["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["id"] == id)
-        .unwrap_or_else(|| panic!("no member {id} in {view}"))
-}
-
-fn member_state(node: &TestBroker, id: &str) -> String {
-    let v = node.admin_json("/api/cluster");
-    v["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["id"] == id)
-        .map(|m| m["state"].as_str().unwrap_or_default().to_string())
-        .unwrap_or_default()
-}
-
-fn link_state(node: &TestBroker, id: &str) -> String {
-    let v = node.admin_json("/api/cluster");
-    v["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["id"] == id)
-        .and_then(|m| m["link"]["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-fn prefix(test: &str) -> String {
-    format!("/shardmq-test-{test}-{}", std::process::id())
-}
 
 #[test]
 fn three_nodes_see_each_other_their_links_and_the_slot_table() {
@@ -219,8 +153,9 @@ fn a_restart_right_after_kill9_waits_for_the_old_lease() {
     let dir = a.kill9();
     let killed = Instant::now();
     assert!(etcd.get(&format!("{p}/nodes/a")).is_some());
-    // The new process takes the id once the old record is gone, not before.
-    let a = TestBroker::start_in(1, &toml, dir);
+    // The new process takes the id once the old record is gone, not before; with a
+    // shorter lease (an operator changed it), which it keeps alive while it waits.
+    let a = TestBroker::start_in(1, &node_toml_ttl("a", &etcd, &p, 3), dir);
     assert!(
         killed.elapsed() >= Duration::from_secs(5),
         "{:?}",
@@ -229,6 +164,15 @@ fn a_restart_right_after_kill9_waits_for_the_old_lease() {
     let v = a.admin_json("/api/cluster");
     assert_eq!(v["state"], "up");
     assert_eq!(member(&v, "a")["state"], "up");
+    // The lease it waited with is the one it holds: no loss and no second join for longer
+    // than that lease's whole time to live.
+    let joined = Instant::now();
+    wait_until("a lease's time to live passes", TIMEOUT, || {
+        joined.elapsed() > Duration::from_secs(4)
+    });
+    let v = a.admin_json("/api/cluster");
+    assert_eq!(v["counters"]["lease_lost_total"], 0, "{v}");
+    assert_eq!(v["counters"]["joins_total"], 1, "{v}");
 }
 
 #[test]

@@ -959,7 +959,7 @@ impl CrashPublisher {
     fn send_new(&mut self, c: &mut RawClient, rng: &mut Rng) {
         let n = self.next_n;
         self.next_n += 1;
-        let qos = if rng.next() % 2 == 0 {
+        let qos = if rng.next().is_multiple_of(2) {
             QoS::AtLeastOnce
         } else {
             QoS::ExactlyOnce
@@ -1167,7 +1167,7 @@ fn crash_test_acknowledged_messages_survive_sigkill() {
             }
             if !last && acks >= target {
                 // Crash now, or after topping up the window, after 0-3 ms.
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     while publ.flights.len() < WINDOW {
                         publ.send_new(&mut c, &mut rng);
                     }

@@ -44,6 +44,8 @@ pub(crate) enum ControlMsg<Q, A> {
         query: Q,
         reply: mpsc::Sender<(ShardId, A)>,
     },
+    /// A query whose answer nobody waits for (see [`Control::post`]).
+    Post(Q),
 }
 
 /// The outside end of one shard's inbox.
@@ -253,6 +255,20 @@ impl<S: Service> Control<S> {
     /// The number of shards in the pool.
     pub fn shard_count(&self) -> usize {
         self.shared.shard_count()
+    }
+
+    /// Hands `query` to one shard's [`Service::answer`] and returns at once, without
+    /// waiting for the answer (which is dropped). Never blocks: for threads that feed the
+    /// shards a stream of work (a network link, say) and learn the outcome by other means.
+    /// Queries posted to one shard are answered in the order they were posted, provided
+    /// the service's `answer` finishes them without awaiting.
+    pub fn post(&self, shard: ShardId, query: S::Query) -> Result<(), QueryError> {
+        if shard.index() >= self.shared.shard_count() || self.shared.is_dead(shard.index()) {
+            return Err(QueryError::ShardStopped(shard));
+        }
+        self.shared
+            .send(shard.index(), ControlMsg::Post(query))
+            .map_err(|()| QueryError::ShardStopped(shard))
     }
 
     /// Asks every shard's [`Service::answer`] and folds the answers in shard order, waiting at

@@ -680,6 +680,13 @@ async fn control_loop<S: Service>(shard: Shard<S>, inbox: Inbox<S::Query, S::Ans
                 })
                 .detach();
             }
+            ControlMsg::Post(query) => {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    let _ = shard.inner.service.answer(&shard, query).await;
+                })
+                .detach();
+            }
         }
     }
 }

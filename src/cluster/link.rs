@@ -1,25 +1,30 @@
 //! Links between nodes: every node dials every other live node (its advertised
 //! `cluster.listen` address) and keeps one TCP connection to it, opened with a handshake
-//! naming both ends and the cluster, then kept honest by a heartbeat whose round trip is
-//! the link's health (`GET /api/cluster`, `shardmq_cluster_link_*`).
+//! naming both ends and the cluster. A node sends its frames (routes, messages, answers) on
+//! the link it dialled and receives on the links it accepted, so each direction is one
+//! ordered stream. A heartbeat on the dialled link measures its round trip (the link's
+//! health in `GET /api/cluster`, `shardmq_cluster_link_*`).
 //!
-//! Frames: a 4-byte big-endian length, then a kind byte and its payload; at most
-//! [`FRAME_BYTES_MAX`]. A peer that sends anything else, or nothing for
-//! [`IDLE_LIMIT`], is dropped. Accepted links are bounded by [`INBOUND_LINKS_MAX`].
+//! Frames: a 4-byte big-endian length, then a kind byte and its payload (`wire.rs`); at
+//! most `frame_max` bytes (the largest MQTT packet plus room for the frame's own fields). A
+//! peer that sends anything malformed, or nothing for [`IDLE_LIMIT`], is dropped. Accepted
+//! links are bounded by [`INBOUND_LINKS_MAX`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use super::plane::LinkEvent;
+use super::wire::{HELLO, PING, PONG};
 use super::{ClusterHandle, LinkView};
 use crate::config::ClusterConfig;
 
-/// The largest frame a link accepts.
-pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 /// A link that carried nothing this long is dead (three heartbeats).
 const IDLE_LIMIT: Duration = Duration::from_secs(3);
 /// Between two heartbeats.
@@ -30,10 +35,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const REDIAL: Duration = Duration::from_millis(500);
 /// Links accepted at once (each live peer needs one).
 pub const INBOUND_LINKS_MAX: usize = 64;
-
-const HELLO: u8 = 1;
-const PING: u8 = 2;
-const PONG: u8 = 3;
+/// The largest handshake.
+const HELLO_BYTES_MAX: usize = 4096;
 
 /// The handshake's payload.
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,16 +47,36 @@ struct Hello {
     cluster: String,
 }
 
+/// What the link tasks share.
+#[derive(Clone)]
+struct Ctx {
+    handle: ClusterHandle,
+    events: mpsc::Sender<LinkEvent>,
+    frame_max: usize,
+}
+
 /// Starts the accept loop and the dialler; the returned task supervises both.
 pub(super) fn start(
     listener: std::net::TcpListener,
     handle: ClusterHandle,
     cfg: ClusterConfig,
     stop: watch::Receiver<bool>,
+    events: mpsc::Sender<LinkEvent>,
+    frame_max: usize,
 ) -> tokio::task::JoinHandle<()> {
+    let ctx = Ctx {
+        handle,
+        events,
+        frame_max,
+    };
     tokio::spawn(async move {
-        let accept = tokio::spawn(accept_loop(listener, cfg.prefix.clone(), stop.clone()));
-        dial_loop(handle, cfg, stop).await;
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            cfg.prefix.clone(),
+            stop.clone(),
+            ctx.clone(),
+        ));
+        dial_loop(ctx, cfg, stop).await;
         accept.abort();
     })
 }
@@ -63,6 +86,7 @@ async fn accept_loop(
     listener: std::net::TcpListener,
     cluster: String,
     stop: watch::Receiver<bool>,
+    ctx: Ctx,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -90,8 +114,9 @@ async fn accept_loop(
             continue;
         };
         let cluster = cluster.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_inbound(sock, &cluster).await {
+            if let Err(e) = serve_inbound(sock, &cluster, &ctx).await {
                 tracing::debug!(%peer, error = %e, "cluster link closed");
             }
             drop(permit);
@@ -99,10 +124,11 @@ async fn accept_loop(
     }
 }
 
-/// One accepted link: the handshake, then an answer to every heartbeat.
-async fn serve_inbound(mut sock: TcpStream, cluster: &str) -> Result<(), String> {
+/// One accepted link: the handshake, then every frame to the plane and an answer to every
+/// heartbeat.
+async fn serve_inbound(mut sock: TcpStream, cluster: &str, ctx: &Ctx) -> Result<(), String> {
     let _ = sock.set_nodelay(true);
-    let (kind, body) = read_frame(&mut sock).await?;
+    let (kind, body) = read_frame(&mut sock, HELLO_BYTES_MAX).await?;
     let hello: Hello = match kind {
         HELLO => serde_json::from_slice(&body).map_err(|e| format!("bad hello: {e}"))?,
         k => return Err(format!("expected a hello, got kind {k}")),
@@ -111,53 +137,77 @@ async fn serve_inbound(mut sock: TcpStream, cluster: &str) -> Result<(), String>
         return Err(format!("hello from cluster {:?}, not ours", hello.cluster));
     }
     crate::config::check_node_id(&hello.node)?;
+    let me = ctx.handle.lock().me.clone();
+    if hello.node == me {
+        return Err("a link from a node with this node's own id".into());
+    }
     loop {
-        let (kind, body) = read_frame(&mut sock).await?;
+        let (kind, body) = read_frame(&mut sock, ctx.frame_max).await?;
         match kind {
             PING => write_frame(&mut sock, PONG, &body).await?,
-            k => return Err(format!("unexpected frame kind {k} from {}", hello.node)),
+            HELLO | PONG => {
+                return Err(format!("unexpected frame kind {kind} from {}", hello.node))
+            }
+            _ => {
+                let ev = LinkEvent::Frame {
+                    node: hello.node.clone(),
+                    kind,
+                    body,
+                };
+                // Waits when the plane is behind: the peer's writes slow down with it.
+                ctx.events
+                    .send(ev)
+                    .await
+                    .map_err(|_| "stopping".to_string())?;
+            }
         }
     }
 }
 
 /// Keeps one dialling task per live peer.
-async fn dial_loop(handle: ClusterHandle, cfg: ClusterConfig, mut stop: watch::Receiver<bool>) {
+async fn dial_loop(ctx: Ctx, cfg: ClusterConfig, mut stop: watch::Receiver<bool>) {
     let me = cfg.node.clone().unwrap_or_default();
     // By peer: the address dialled and the task. A peer that came back at another
     // address (a restart between two passes of this loop) gets a new task.
-    let mut tasks: hashbrown::HashMap<String, (std::net::SocketAddr, tokio::task::JoinHandle<()>)> =
-        hashbrown::HashMap::new();
+    type Tasks = hashbrown::HashMap<String, (std::net::SocketAddr, tokio::task::JoinHandle<()>)>;
+    let mut tasks: Tasks = hashbrown::HashMap::new();
     loop {
         let peers: Vec<(String, std::net::SocketAddr)> = {
-            let st = handle.lock();
+            let st = ctx.handle.lock();
             st.live
                 .values()
                 .filter(|r| r.id != me)
                 .map(|r| (r.id.clone(), r.cluster))
                 .collect()
         };
+        let mut ended = Vec::new();
         tasks.retain(|id, (addr, t)| {
             let keep = !t.is_finished() && peers.iter().any(|(p, a)| p == id && a == addr);
             if !keep {
                 t.abort();
+                ended.push(id.clone());
             }
             keep
         });
+        for id in ended {
+            // An aborted task cannot say so itself.
+            let _ = ctx.events.send(LinkEvent::Down { node: id }).await;
+        }
         for (id, addr) in peers {
             if !tasks.contains_key(&id) {
-                let h = handle.clone();
                 let hello = Hello {
                     node: me.clone(),
                     cluster: cfg.prefix.clone(),
                 };
                 let peer = id.clone();
-                let task = tokio::spawn(async move { dial(h, peer, addr, hello).await });
+                let c = ctx.clone();
+                let task = tokio::spawn(async move { dial(c, peer, addr, hello).await });
                 tasks.insert(id, (addr, task));
             }
         }
         {
             // Peers that are gone are shown as down.
-            let mut st = handle.lock();
+            let mut st = ctx.handle.lock();
             let gone: Vec<String> = st
                 .links
                 .keys()
@@ -180,22 +230,28 @@ async fn dial_loop(handle: ClusterHandle, cfg: ClusterConfig, mut stop: watch::R
 
 /// Dials one peer and keeps the link up, until the peer is no longer live (the caller
 /// aborts the task).
-async fn dial(handle: ClusterHandle, peer: String, addr: std::net::SocketAddr, hello: Hello) {
+async fn dial(ctx: Ctx, peer: String, addr: std::net::SocketAddr, hello: Hello) {
     let hello = serde_json::to_vec(&hello).unwrap_or_default();
     loop {
-        set_state(&mut handle.lock(), &peer, "connecting", None);
-        let err = match keep_link(&handle, &peer, addr, &hello).await {
+        set_state(&mut ctx.handle.lock(), &peer, "connecting", None);
+        let result = keep_link(&ctx, &peer, addr, &hello).await;
+        let _ = ctx
+            .events
+            .send(LinkEvent::Down { node: peer.clone() })
+            .await;
+        let err = match result {
             Ok(()) => "closed".to_string(),
             Err(e) => e,
         };
-        set_state(&mut handle.lock(), &peer, "down", Some(err));
+        set_state(&mut ctx.handle.lock(), &peer, "down", Some(err));
         tokio::time::sleep(REDIAL).await;
     }
 }
 
-/// One link's life: connect, handshake, heartbeats until one goes unanswered.
+/// One dialled link's life: connect, handshake, then the plane's frames and a heartbeat,
+/// until a write fails or a heartbeat goes unanswered.
 async fn keep_link(
-    handle: &ClusterHandle,
+    ctx: &Ctx,
     peer: &str,
     addr: std::net::SocketAddr,
     hello: &[u8],
@@ -206,30 +262,70 @@ async fn keep_link(
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     let _ = sock.set_nodelay(true);
     write_frame(&mut sock, HELLO, hello).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    ctx.events
+        .send(LinkEvent::Up {
+            node: peer.to_string(),
+            tx,
+            queued: queued.clone(),
+        })
+        .await
+        .map_err(|_| "stopping".to_string())?;
     {
-        let mut st = handle.lock();
+        let mut st = ctx.handle.lock();
         set_state(&mut st, peer, "up", None);
         if let Some(l) = st.links.get_mut(peer) {
             l.connects_total += 1;
         }
     }
+    let (mut rd, mut wr) = sock.into_split();
     let epoch = Instant::now();
+    let handle = ctx.handle.clone();
+    let owned_peer = peer.to_string();
+    // The peer writes only heartbeat answers on this link.
+    let mut pongs = tokio::spawn(async move {
+        loop {
+            let (kind, body) = read_frame(&mut rd, 64).await?;
+            if kind != PONG || body.len() != 8 {
+                return Err::<(), String>(format!("unexpected frame kind {kind}"));
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body);
+            let rtt = (epoch.elapsed().as_micros() as u64).saturating_sub(u64::from_be_bytes(b));
+            if let Some(l) = handle.lock().links.get_mut(&owned_peer) {
+                l.rtt_us = Some(rtt);
+            }
+        }
+    });
     let mut beat = tokio::time::interval(HEARTBEAT);
-    loop {
-        beat.tick().await;
-        let sent = epoch.elapsed().as_micros() as u64;
-        write_frame(&mut sock, PING, &sent.to_be_bytes()).await?;
-        let (kind, body) = read_frame(&mut sock).await?;
-        if kind != PONG || body.len() != 8 {
-            return Err(format!("unexpected frame kind {kind}"));
+    let result = loop {
+        tokio::select! {
+            r = &mut pongs => break match r {
+                Ok(Err(e)) => Err(e),
+                _ => Err("heartbeat reader ended".to_string()),
+            },
+            _ = beat.tick() => {
+                let sent = epoch.elapsed().as_micros() as u64;
+                if let Err(e) = write_frame(&mut wr, PING, &sent.to_be_bytes()).await {
+                    break Err(e);
+                }
+            }
+            buf = rx.recv() => {
+                let Some(buf) = buf else { break Ok(()) };
+                let len = buf.len();
+                let w = tokio::time::timeout(IDLE_LIMIT, wr.write_all(&buf)).await;
+                queued.fetch_sub(len, Ordering::AcqRel);
+                match w {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e.to_string()),
+                    Err(_) => break Err("write timed out".to_string()),
+                }
+            }
         }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&body);
-        let rtt = (epoch.elapsed().as_micros() as u64).saturating_sub(u64::from_be_bytes(b));
-        if let Some(l) = handle.lock().links.get_mut(peer) {
-            l.rtt_us = Some(rtt);
-        }
-    }
+    };
+    pongs.abort();
+    result
 }
 
 /// Records a link's state; `since` restarts when the state changes.
@@ -253,19 +349,22 @@ fn set_state(st: &mut super::State, peer: &str, state: &'static str, error: Opti
     }
 }
 
-/// Reads one frame within [`IDLE_LIMIT`].
-async fn read_frame(sock: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
+/// Reads one frame of at most `max` bytes within [`IDLE_LIMIT`].
+async fn read_frame<R: AsyncRead + Unpin>(sock: &mut R, max: usize) -> Result<(u8, Bytes), String> {
     let read = async {
         let mut len = [0u8; 4];
         sock.read_exact(&mut len).await.map_err(|e| e.to_string())?;
         let len = u32::from_be_bytes(len) as usize;
-        if len == 0 || len > FRAME_BYTES_MAX {
-            return Err(format!("frame of {len} bytes (limit {FRAME_BYTES_MAX})"));
+        if len == 0 || len > max {
+            return Err(format!("frame of {len} bytes (limit {max})"));
         }
-        let mut buf = vec![0u8; len];
+        let mut kind = [0u8; 1];
+        sock.read_exact(&mut kind)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::zeroed(len - 1);
         sock.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        let kind = buf.remove(0);
-        Ok((kind, buf))
+        Ok((kind[0], buf.freeze()))
     };
     tokio::time::timeout(IDLE_LIMIT, read)
         .await
@@ -273,7 +372,11 @@ async fn read_frame(sock: &mut TcpStream) -> Result<(u8, Vec<u8>), String> {
 }
 
 /// Writes one frame within [`IDLE_LIMIT`].
-async fn write_frame(sock: &mut TcpStream, kind: u8, body: &[u8]) -> Result<(), String> {
+async fn write_frame<W: AsyncWrite + Unpin>(
+    sock: &mut W,
+    kind: u8,
+    body: &[u8],
+) -> Result<(), String> {
     let mut buf = Vec::with_capacity(5 + body.len());
     buf.extend_from_slice(&(body.len() as u32 + 1).to_be_bytes());
     buf.push(kind);

@@ -22,7 +22,22 @@ use etcd_client::{
 };
 use tokio::sync::watch;
 
+use super::plane::{self, PlaneLimits};
 use super::{link, ClusterHandle, Joined, NodeRecord, SelfState, SlotTable, LEAVE_GRACE};
+use crate::shard::api::ToCluster;
+use crate::shard::service::BrokerShard;
+
+/// What the data plane starts with (see `plane.rs`).
+pub(super) struct PlaneStart {
+    pub data: tokio::sync::mpsc::Receiver<ToCluster>,
+    pub ctl: tokio::sync::mpsc::UnboundedReceiver<ToCluster>,
+    pub control: tokio::sync::oneshot::Receiver<shards::Control<BrokerShard>>,
+    pub limits: PlaneLimits,
+    pub frame_max: usize,
+}
+
+/// Link events waiting for the plane; past it, inbound links wait.
+const LINK_EVENTS_MAX: usize = 1024;
 use crate::config::ClusterConfig;
 
 /// How long to wait between two tries of a failed etcd request.
@@ -56,6 +71,7 @@ pub(super) async fn run(
     listener: std::net::TcpListener,
     joined: mpsc::Sender<Result<Joined, String>>,
     mut stop: watch::Receiver<bool>,
+    start: PlaneStart,
 ) {
     let keys = Keys {
         root: cfg.prefix.clone(),
@@ -88,7 +104,30 @@ pub(super) async fn run(
         members,
     }));
 
-    let links = link::start(listener, handle.clone(), cfg.clone(), stop.clone());
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(LINK_EVENTS_MAX);
+    let links = link::start(
+        listener,
+        handle.clone(),
+        cfg.clone(),
+        stop.clone(),
+        events_tx.clone(),
+        start.frame_max,
+    );
+    let plane_handle = handle.clone();
+    let plane_stop = stop.clone();
+    let plane = tokio::spawn(async move {
+        // The shards run once the broker has started them.
+        let Ok(control) = start.control.await else {
+            return;
+        };
+        let inputs = plane::Inputs {
+            data: start.data,
+            ctl: start.ctl,
+            links: events_rx,
+            events: events_tx,
+        };
+        plane::run(control, plane_handle, start.limits, inputs, plane_stop).await;
+    });
     let mut watch = node.watch(&keys, revision).await;
     let mut renew = tokio::time::interval(renew_interval(&cfg));
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,6 +162,7 @@ pub(super) async fn run(
     }
     node.leave(&keys, &handle).await;
     links.abort();
+    plane.abort();
 }
 
 /// Waits for the watch's next response; pending forever while there is no watch (the loop
@@ -208,6 +248,16 @@ impl Node {
         let key = keys.node(&self.record.id);
         let mut waited_for: Option<Instant> = None;
         loop {
+            if waited_for.is_some() {
+                // The lease must outlive the wait: a record created with a lease that
+                // expires a moment later would vanish under the new node.
+                if !matches!(self.keep_alive().await, Ok(left) if left > 0) {
+                    let lease = self
+                        .call(self.client.clone().lease_grant(ttl, None))
+                        .await?;
+                    self.lease = lease.id();
+                }
+            }
             let value = serde_json::to_string(&self.record).unwrap_or_default();
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -451,7 +501,12 @@ impl Node {
                 Err(e) => Err(e),
             }
         };
-        match tokio::time::timeout(self.timeout, once).await {
+        // Never longer than a renewal interval: a slow etcd must not hold up the watch.
+        let bound = self.timeout.min(
+            Duration::from_millis(self.record.lease_ttl_s as u64 * 1000 / 3)
+                .max(Duration::from_millis(500)),
+        );
+        match tokio::time::timeout(bound, once).await {
             Ok(r) => r,
             Err(_) => Err(etcd_client::Error::InvalidArgs(
                 "keep-alive timed out".into(),
@@ -467,6 +522,7 @@ impl Node {
             st.counters.lease_lost_total += 1;
             st.live.remove(&self.record.id);
             tracing::error!(
+                node = %self.record.id,
                 reason = why,
                 "lost the cluster lease: serving nothing this node owns until it rejoins"
             );

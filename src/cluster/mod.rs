@@ -28,7 +28,13 @@ use crate::config::ClusterConfig;
 
 mod link;
 mod membership;
+mod plane;
 pub mod slots;
+pub mod wire;
+
+use crate::shard::api::{ClusterLink, ToCluster};
+use crate::shard::service::BrokerShard;
+pub use plane::PlaneCounters;
 
 pub use slots::{slot_of, SlotTable, SLOTS};
 
@@ -125,6 +131,8 @@ pub struct ClusterView {
     pub slots_epoch: u64,
     pub members: Vec<MemberView>,
     pub counters: ClusterCounters,
+    /// The data plane: messages forwarded to and received from other nodes.
+    pub plane: PlaneCounters,
 }
 
 /// Events worth counting (the `shardmq_cluster_*_total` series).
@@ -156,6 +164,7 @@ struct State {
     links: hashbrown::HashMap<String, LinkView>,
     link_since: hashbrown::HashMap<String, Instant>,
     counters: ClusterCounters,
+    plane: PlaneCounters,
 }
 
 impl State {
@@ -206,6 +215,7 @@ impl State {
             slots_epoch: self.slots.epoch,
             members,
             counters: self.counters,
+            plane: self.plane,
         }
     }
 }
@@ -240,6 +250,10 @@ pub struct Joined {
 #[derive(Debug)]
 pub struct Cluster {
     handle: ClusterHandle,
+    /// What each shard gets to reach the cluster thread.
+    shard_link: ClusterLink,
+    /// Hands the shards' control handle to the thread once the shards run.
+    control: Option<tokio::sync::oneshot::Sender<shards::Control<BrokerShard>>>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
     pub joined: Joined,
@@ -255,7 +269,11 @@ impl Cluster {
     /// a previous incarnation's record to expire) and starts the thread that keeps the
     /// lease, watches the cluster and keeps the links. One line naming the problem when it
     /// cannot.
-    pub fn start(cfg: &ClusterConfig, addrs: NodeAddrs) -> Result<Cluster, String> {
+    pub fn start(
+        cfg: &ClusterConfig,
+        addrs: NodeAddrs,
+        packet_bytes_max: u32,
+    ) -> Result<Cluster, String> {
         let (Some(me), Some(listen)) = (cfg.node.clone(), cfg.listen) else {
             return Err("cluster.node and cluster.listen are required".into());
         };
@@ -293,6 +311,7 @@ impl Cluster {
             links: hashbrown::HashMap::new(),
             link_since: hashbrown::HashMap::new(),
             counters: ClusterCounters::default(),
+            plane: PlaneCounters::default(),
         }));
         let handle = ClusterHandle(state);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -302,6 +321,22 @@ impl Cluster {
             .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (joined_tx, joined_rx) = mpsc::channel::<Result<Joined, String>>();
+        let (data_tx, data_rx) =
+            tokio::sync::mpsc::channel::<ToCluster>(cfg.forward_queue_max as usize);
+        let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<ToCluster>();
+        let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let plane = membership::PlaneStart {
+            data: data_rx,
+            ctl: ctl_rx,
+            control: control_rx,
+            limits: plane::PlaneLimits {
+                forward_timeout: Duration::from_millis(cfg.forward_timeout_ms as u64),
+                inflight_max: cfg.forward_inflight_max as usize,
+                link_buffer_bytes_max: cfg.link_buffer_bytes_max as usize,
+            },
+            // The largest MQTT packet, and room for the frame's own fields.
+            frame_max: packet_bytes_max as usize + 64 * 1024,
+        };
         let thread_handle = handle.clone();
         let thread_cfg = cfg.clone();
         let thread = std::thread::Builder::new()
@@ -314,11 +349,17 @@ impl Cluster {
                     listener,
                     joined_tx,
                     stop_rx,
+                    plane,
                 ))
             })
             .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
         let mut cluster = Cluster {
             handle,
+            shard_link: ClusterLink {
+                data: data_tx,
+                control: ctl_tx,
+            },
+            control: Some(control_tx),
             stop: Some(stop_tx),
             thread: Some(thread),
             joined: Joined {
@@ -341,6 +382,19 @@ impl Cluster {
                 cluster.halt();
                 Err("the cluster thread ended before joining".into())
             }
+        }
+    }
+
+    /// What each shard gets to reach the cluster thread.
+    pub fn shard_link(&self) -> ClusterLink {
+        self.shard_link.clone()
+    }
+
+    /// Starts the data plane once the shards run (until then, links come up and routes
+    /// wait).
+    pub fn attach(&mut self, control: shards::Control<BrokerShard>) {
+        if let Some(tx) = self.control.take() {
+            let _ = tx.send(control);
         }
     }
 

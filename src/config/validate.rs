@@ -277,6 +277,24 @@ impl ClusterConfig {
         if !(1..=60).contains(&self.etcd_timeout_s) {
             return Err(bad("cluster.etcd_timeout_s", "must be between 1 and 60"));
         }
+        if !(100..=600_000).contains(&self.forward_timeout_ms) {
+            return Err(bad(
+                "cluster.forward_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        for (key, v) in [
+            (
+                "cluster.forward_inflight_max",
+                self.forward_inflight_max as u64,
+            ),
+            ("cluster.forward_queue_max", self.forward_queue_max as u64),
+            ("cluster.link_buffer_bytes_max", self.link_buffer_bytes_max),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0"));
+            }
+        }
         if self.failover_after_s != 0 && self.failover_after_s < self.lease_ttl_s {
             return Err(bad(
                 "cluster.failover_after_s",

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use super::core::cluster::{ClusterLink, FromCluster, NodeIx, Reply, ToCluster, NODES_MAX};
 pub use super::core::inspect::SEARCH_BYTES_MAX;
 pub use super::core::{
     Accepted, ConnCtx, CoreStats, Ending, Flow, Login, LoginStep, Page, RetainedInfo,
@@ -48,6 +49,8 @@ pub enum Query {
         /// Only those whose filter or client id contains this.
         search: Option<String>,
     },
+    /// Work from the cluster thread (posted, never answered: see `Control::post`).
+    Cluster(Vec<FromCluster>),
     /// By topic; each shard lists the topics it owns.
     Retained {
         after: Option<String>,
@@ -70,6 +73,8 @@ pub enum Answer {
     Rates(Vec<RatePoint>),
     Subscriptions(Page<SubscriptionInfo>),
     Retained(Page<RetainedInfo>),
+    /// A posted query was handled.
+    Done,
 }
 
 /// One shard's counters and gauges.

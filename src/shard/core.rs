@@ -68,6 +68,7 @@ use crate::storage::{
     Store, StoreBatch, SubscriptionRecord, WallClock, WillRecord,
 };
 
+pub mod cluster;
 mod durable;
 mod events;
 mod inbound;
@@ -82,6 +83,7 @@ mod routing;
 mod shared;
 mod subscriptions;
 mod timers;
+use cluster::{ClusterPort, Routed};
 use durable::DurableLog;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
@@ -197,6 +199,8 @@ struct AckWait {
     remote: usize,
     /// What this shard's own sessions did with the message.
     fate: Fate,
+    /// A node could not be handed the message: not stored everywhere.
+    failed: bool,
 }
 
 impl AckWait {
@@ -205,6 +209,7 @@ impl AckWait {
             token,
             remote,
             fate: Fate::default(),
+            failed: false,
         }
     }
 }
@@ -284,6 +289,13 @@ pub struct CoreStats {
     pub sessions_kicked: u64,
     /// CONNECTs refused because the client id's session belongs to another user.
     pub takeovers_refused: u64,
+    /// Messages handed to the cluster thread for other nodes.
+    pub cluster_forwarded: u64,
+    /// Messages for other nodes dropped (or refused) because the cluster thread's queue
+    /// was full.
+    pub cluster_forward_dropped: u64,
+    /// Messages other nodes sent here.
+    pub cluster_received: u64,
     pub ended_sessions: SessionStats,
     /// The drop counters of the sessions read back from disk at start: part of the
     /// sessions' own counts, not of this run's (see [`Core::delivery_totals`]).
@@ -420,6 +432,8 @@ pub struct Core {
     next_token: Token,
     /// Cross-shard round trips under way, by token (see `round_trip`).
     pending: HashMap<Token, RoundTrip>,
+    /// This shard's side of a cluster; `None` for a broker that runs alone.
+    cluster: Option<ClusterPort>,
     sink: Rc<dyn EventSink>,
     /// The shard's database; `None` with `storage.durability = "memory"`.
     store: Option<Store>,
@@ -522,6 +536,7 @@ impl Core {
             next_epoch: 1,
             next_token: 1,
             pending: HashMap::new(),
+            cluster: None,
             sink,
             store,
             durability,

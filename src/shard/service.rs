@@ -13,6 +13,7 @@ use shards::{Outbox, Service, Shard, ShardId};
 
 pub use super::api::{Answer, Query, ShardStats};
 use super::budget::QueuedBudget;
+use super::core::cluster::ClusterLink;
 use super::core::{Core, EventSink, Login, Verification};
 use super::event::{Event, Handoff, Mail};
 use super::history::{RateHistory, RatePoint};
@@ -203,6 +204,14 @@ impl std::fmt::Debug for BrokerShard {
 }
 
 impl BrokerShard {
+    /// Makes this shard a cluster node's shard, talking to the cluster thread over `link`.
+    pub fn with_cluster(self, link: Option<ClusterLink>) -> BrokerShard {
+        if let Some(l) = link {
+            self.core.borrow_mut().attach_cluster(l);
+        }
+        self
+    }
+
     pub fn new(
         id: ShardId,
         count: usize,
@@ -658,6 +667,14 @@ impl Service for BrokerShard {
 
     fn answer(&self, _shard: &Shard<Self>, query: Query) -> impl Future<Output = Answer> {
         let answer = match query {
+            Query::Cluster(batch) => {
+                let now = Instant::now();
+                let mut core = self.core.borrow_mut();
+                for m in batch {
+                    core.on_cluster(m, now);
+                }
+                Answer::Done
+            }
             Query::Stats => Answer::Stats(Box::new(self.stats())),
             Query::SetAuth(auth) => {
                 self.core.borrow_mut().set_auth(auth);

@@ -295,9 +295,15 @@ impl Core {
         let wait = self.durability == Durability::Durable
             || retain
             || self.store.is_some()
-            || ctx.version.is_v5();
+            || ctx.version.is_v5()
+            || self.clustered();
         let token = wait.then(|| self.token());
-        let (matched, remote, fate) = self.route(msg, now, token);
+        let Routed {
+            matched,
+            remote,
+            fate,
+            failed,
+        } = self.route(msg, now, token);
         let mut then = Then::Ack;
         if qos == QoS::ExactlyOnce {
             let persistent = match self.sessions.get_mut(&ctx.client_id) {
@@ -335,6 +341,7 @@ impl Core {
             token,
             remote,
             fate,
+            failed,
         };
         self.ack_when_durable(ctx, packet, wait, then, now);
     }
@@ -388,6 +395,7 @@ impl Core {
             token,
             remote,
             fate,
+            failed,
         } = wait;
         let Some(link) = self
             .sessions
@@ -412,7 +420,8 @@ impl Core {
                     then,
                 }),
             )
-            .with_fate(fate),
+            .with_fate(fate)
+            .with_failure(failed),
         );
         // The local part: this shard's own writes (or none, released at once).
         self.wait_durable(Waiter::Local(token), now);

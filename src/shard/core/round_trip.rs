@@ -38,6 +38,11 @@ pub(super) enum Completion {
     Rehome {
         client_id: String,
     },
+    /// Answer message `id` of another node (see `cluster.rs`).
+    Node {
+        node: cluster::NodeIx,
+        id: u64,
+    },
 }
 
 /// A SUBACK held until the index additions and group joins it depends on are applied on
@@ -95,6 +100,12 @@ impl RoundTrip {
         self
     }
 
+    /// Starts failed when `failed` (a part of the operation already failed).
+    pub(super) fn with_failure(mut self, failed: bool) -> RoundTrip {
+        self.failed |= failed;
+        self
+    }
+
     /// Counts one answer; `true` when it was the last.
     fn answer(&mut self, ok: bool, fate: Fate) -> bool {
         debug_assert!(self.remaining > 0, "more answers than asked for");
@@ -147,6 +158,7 @@ impl Core {
                 },
             ),
             Completion::PubAck(p) => self.finish_pub_ack(token, p, failed, fate, now),
+            Completion::Node { node, id } => self.answer_node(node, id, !failed, fate),
             Completion::Rehome { client_id } => {
                 if failed {
                     tracing::error!(client = %client_id, "re-homing failed; the session stays here until the next start");

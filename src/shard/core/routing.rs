@@ -4,16 +4,22 @@
 use super::*;
 
 impl Core {
-    /// Sends a message everywhere it has subscribers and updates the retained store. With
-    /// `reply`, every other shard involved answers `Ack(reply)` once what it stored is
-    /// durable. Returns whether any shard has a matching subscription, how many answers
-    /// to expect, and what this shard's sessions did with the message.
-    pub fn route(
+    /// Sends a message everywhere it has subscribers, on this node and (in a cluster) on
+    /// the others, and updates the retained store. With `reply`, every other shard and node
+    /// involved answers `Ack(reply)` once what it stored is durable.
+    pub fn route(&mut self, msg: SharedMessage, now: Instant, reply: Option<Token>) -> Routed {
+        let mut r = self.route_in_node(msg.clone(), now, reply);
+        self.forward_to_nodes(&msg, reply, &mut r);
+        r
+    }
+
+    /// [`Core::route`] inside this node only: what a message from another node gets.
+    pub(super) fn route_in_node(
         &mut self,
         msg: SharedMessage,
         now: Instant,
         reply: Option<Token>,
-    ) -> (bool, usize, Fate) {
+    ) -> Routed {
         let mut remote = 0;
         let mut fate = Fate::default();
         if msg.retain {
@@ -64,7 +70,12 @@ impl Core {
                 remote += usize::from(reply.is_some());
             }
         }
-        (!targets.is_empty(), remote, fate)
+        Routed {
+            matched: !targets.is_empty(),
+            remote,
+            fate,
+            failed: false,
+        }
     }
 
     /// A version for a retained write made here: this shard's clock, strictly increasing.

@@ -259,8 +259,9 @@ impl Core {
                 },
             );
         }
+        let nodes = self.announce_route(&filter, true, reply);
         if reply.is_some() {
-            peers.len()
+            peers.len() + nodes
         } else {
             0
         }
@@ -269,6 +270,7 @@ impl Core {
     pub(super) fn index_remove(&mut self, filter: &str) {
         self.index.set(filter, self.id, false);
         let filter: Arc<str> = Arc::from(filter);
+        self.announce_route(&filter, false, None);
         for p in self.peers() {
             self.sink.push(
                 p,

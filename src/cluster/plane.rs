@@ -1,0 +1,557 @@
+//! The data plane between nodes, on the cluster thread: routes (which topic filters each
+//! node has subscribers of), forwarded messages and their durable answers.
+//!
+//! One task owns all of it. Inputs: the shards' [`ToCluster`] channels, and [`LinkEvent`]s
+//! from the link tasks (a dialled link up or down, a frame received on an accepted link).
+//! Outputs: frames for each peer's dialled link (batched per pass of the loop) and
+//! [`FromCluster`] work posted to the shards (batched per shard per pass).
+//!
+//! Each node sends on the link it dialled and receives on the links it accepted, so the
+//! frames from one node to another travel in one ordered stream; a node's messages for one
+//! publisher are posted to one shard (by the hash of the publisher's client id), so they
+//! stay in order end to end.
+//!
+//! Every acknowledged message forwarded to another node waits for that node's answer, at
+//! most `cluster.forward_timeout_ms`; a link that goes down fails what it carried, and a
+//! message for a node with no link fails at once. A failure reaches the publisher as
+//! "not stored" (MQTT 5: 0x80; 3.x: the connection is closed), never as a success.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hashbrown::HashMap;
+use shards::{Control, ShardId};
+use tokio::sync::mpsc;
+
+use super::wire::{self, Frame};
+use super::ClusterHandle;
+use crate::session::ownership::stable_hash;
+use crate::shard::api::{FromCluster, NodeIx, Query, Reply, ToCluster, NODES_MAX};
+use crate::shard::event::Fate;
+use crate::shard::service::BrokerShard;
+use crate::shard::shardset::ShardSet;
+
+/// How often timeouts and membership are looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a SUBACK waits for the other nodes to apply a new filter before it goes
+/// anyway (a node that does not answer gets the whole set when its link is back).
+const ROUTE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the link tasks tell the plane.
+#[derive(Debug)]
+pub(super) enum LinkEvent {
+    /// This node's link to `node` is up: frames for it go to `tx`; `queued` counts the
+    /// bytes handed over and not yet written.
+    Up {
+        node: String,
+        tx: mpsc::UnboundedSender<Bytes>,
+        queued: Arc<AtomicUsize>,
+    },
+    /// That link is down.
+    Down { node: String },
+    /// A frame `node` sent on the link it dialled to this node.
+    Frame { node: String, kind: u8, body: Bytes },
+    /// A route `node` asked an answer for is applied on every shard here.
+    RouteApplied { node: String, ack: u64 },
+}
+
+/// Limits of the plane.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PlaneLimits {
+    pub forward_timeout: Duration,
+    /// Acknowledged messages waiting for another node's answer, all nodes together.
+    pub inflight_max: usize,
+    /// Bytes queued for one link and not yet written; past it the link is reset.
+    pub link_buffer_bytes_max: usize,
+}
+
+/// Counters for `GET /api/cluster` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PlaneCounters {
+    pub messages_forwarded_total: u64,
+    pub messages_received_total: u64,
+    pub forward_failed_total: u64,
+    pub forward_timeouts_total: u64,
+    pub bad_frames_total: u64,
+    pub link_resets_total: u64,
+    pub inflight: u64,
+}
+
+struct LinkOut {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+struct Plane {
+    me: String,
+    control: Control<BrokerShard>,
+    shards: usize,
+    handle: ClusterHandle,
+    limits: PlaneLimits,
+    ix: HashMap<String, NodeIx>,
+    names: Vec<String>,
+    links: HashMap<NodeIx, LinkOut>,
+    /// Filter -> how many of this node's shards have subscribers of it.
+    local_routes: HashMap<Arc<str>, u32>,
+    next_id: u64,
+    /// Forwarded messages waiting for their node's answer, by id.
+    pending: HashMap<u64, (NodeIx, Reply)>,
+    deadlines: VecDeque<(Instant, u64)>,
+    /// Route announcements waiting for answers: the shard's round trip and how many.
+    route_waits: HashMap<u64, (Reply, usize, Vec<NodeIx>)>,
+    route_deadlines: VecDeque<(Instant, u64)>,
+    members: ShardSet,
+    /// This pass's output.
+    out: HashMap<NodeIx, BytesMut>,
+    posts: Vec<Vec<FromCluster>>,
+    counters: PlaneCounters,
+    events: mpsc::Sender<LinkEvent>,
+}
+
+/// The plane's channels.
+pub(super) struct Inputs {
+    /// The shards' messages for other nodes (bounded).
+    pub data: mpsc::Receiver<ToCluster>,
+    /// The shards' routes and answers.
+    pub ctl: mpsc::UnboundedReceiver<ToCluster>,
+    /// The link tasks' events...
+    pub links: mpsc::Receiver<LinkEvent>,
+    /// ...and a sender of them, for the plane's own helpers.
+    pub events: mpsc::Sender<LinkEvent>,
+}
+
+/// Runs the plane until `stop`.
+pub(super) async fn run(
+    control: Control<BrokerShard>,
+    handle: ClusterHandle,
+    limits: PlaneLimits,
+    inputs: Inputs,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Inputs {
+        mut data,
+        mut ctl,
+        mut links,
+        events,
+    } = inputs;
+    let shards = control.shard_count();
+    let me = handle.lock().me.clone();
+    let mut p = Plane {
+        me,
+        control,
+        shards,
+        handle,
+        limits,
+        ix: HashMap::new(),
+        names: Vec::new(),
+        links: HashMap::new(),
+        local_routes: HashMap::new(),
+        next_id: 0,
+        pending: HashMap::new(),
+        deadlines: VecDeque::new(),
+        route_waits: HashMap::new(),
+        route_deadlines: VecDeque::new(),
+        members: ShardSet::default(),
+        out: HashMap::new(),
+        posts: (0..shards).map(|_| Vec::new()).collect(),
+        counters: PlaneCounters::default(),
+        events,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            Some(m) = ctl.recv() => {
+                p.on_shard(m);
+                while let Ok(m) = ctl.try_recv() {
+                    p.on_shard(m);
+                }
+            }
+            Some(e) = links.recv() => {
+                p.link_event(e);
+                while let Ok(e) = links.try_recv() {
+                    p.link_event(e);
+                }
+            }
+            Some(m) = data.recv() => {
+                p.on_shard(m);
+                // A pass takes what is there, up to a bound, then writes it out.
+                for _ in 0..1024 {
+                    match data.try_recv() {
+                        Ok(m) => p.on_shard(m),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => p.tick(),
+        }
+        p.flush();
+    }
+}
+
+impl Plane {
+    /// The index of `node`, numbered on first sight (never reused in a run); `None` past
+    /// [`NODES_MAX`].
+    fn ix_of(&mut self, node: &str) -> Option<NodeIx> {
+        if let Some(&i) = self.ix.get(node) {
+            return Some(i);
+        }
+        if self.names.len() >= NODES_MAX {
+            return None;
+        }
+        let i = self.names.len() as NodeIx;
+        self.names.push(node.to_string());
+        self.ix.insert(node.to_string(), i);
+        Some(i)
+    }
+
+    fn post(&mut self, shard: usize, m: FromCluster) {
+        if let Some(q) = self.posts.get_mut(shard) {
+            q.push(m);
+        }
+    }
+
+    fn post_all(&mut self, m: FromCluster) {
+        for s in 0..self.shards {
+            self.post(s, m.clone());
+        }
+    }
+
+    fn answer(&mut self, reply: Reply, ok: bool, fate: Fate) {
+        self.post(
+            reply.0 as usize,
+            FromCluster::Ack {
+                token: reply.1,
+                ok,
+                fate,
+            },
+        );
+    }
+
+    fn buf(&mut self, node: NodeIx) -> &mut BytesMut {
+        self.out.entry(node).or_default()
+    }
+
+    fn on_shard(&mut self, m: ToCluster) {
+        match m {
+            ToCluster::Publish { msg, nodes, ack } => {
+                let now = Instant::now();
+                for n in nodes.iter() {
+                    let n = n as NodeIx;
+                    if !self.links.contains_key(&n) {
+                        self.counters.forward_failed_total += 1;
+                        if let Some(r) = ack {
+                            self.answer(r, false, Fate::default());
+                        }
+                        continue;
+                    }
+                    let id = match ack {
+                        Some(r) if self.pending.len() >= self.limits.inflight_max => {
+                            self.counters.forward_failed_total += 1;
+                            self.answer(r, false, Fate::default());
+                            continue;
+                        }
+                        Some(r) => {
+                            self.next_id += 1;
+                            let id = self.next_id;
+                            self.pending.insert(id, (n, r));
+                            self.deadlines
+                                .push_back((now + self.limits.forward_timeout, id));
+                            id
+                        }
+                        None => 0,
+                    };
+                    self.counters.messages_forwarded_total += 1;
+                    wire::publish(self.buf(n), id, &msg, now);
+                }
+            }
+            ToCluster::Route { filter, add, ack } => self.local_route(filter, add, ack),
+            ToCluster::Done { node, id, ok, fate } => {
+                if self.links.contains_key(&node) {
+                    wire::pub_ack(self.buf(node), id, ok, fate);
+                }
+            }
+        }
+    }
+
+    /// A shard gained or lost `filter`: the other nodes hear when the node as a whole
+    /// did; a SUBACK (`ack`) waits for every linked node to have applied it.
+    fn local_route(&mut self, filter: Arc<str>, add: bool, ack: Option<Reply>) {
+        let count = self.local_routes.entry(filter.clone()).or_insert(0);
+        let announce = if add {
+            *count += 1;
+            *count == 1 || ack.is_some()
+        } else {
+            *count = count.saturating_sub(1);
+            let gone = *count == 0;
+            if gone {
+                self.local_routes.remove(&filter);
+            }
+            gone
+        };
+        if !announce {
+            return;
+        }
+        let linked: Vec<NodeIx> = self.links.keys().copied().collect();
+        let ack_id = match ack {
+            Some(r) if !linked.is_empty() => {
+                self.next_id += 1;
+                let id = self.next_id;
+                self.route_waits
+                    .insert(id, (r, linked.len(), linked.clone()));
+                self.route_deadlines
+                    .push_back((Instant::now() + ROUTE_ACK_TIMEOUT, id));
+                id
+            }
+            Some(r) => {
+                self.answer(r, true, Fate::default());
+                0
+            }
+            None => 0,
+        };
+        for n in linked {
+            wire::route(self.buf(n), add, ack_id, &filter);
+        }
+    }
+
+    fn link_event(&mut self, e: LinkEvent) {
+        match e {
+            LinkEvent::Up { node, tx, queued } => {
+                let Some(n) = self.ix_of(&node) else { return };
+                self.links.insert(n, LinkOut { tx, queued });
+                // The whole set first: the peer forgets what it had of this node.
+                let filters: Vec<Arc<str>> = self.local_routes.keys().cloned().collect();
+                let b = self.buf(n);
+                wire::routes_reset(b);
+                for f in filters {
+                    wire::route(b, true, 0, &f);
+                }
+            }
+            LinkEvent::Down { node } => {
+                if let Some(&n) = self.ix.get(&node) {
+                    self.link_down(n);
+                }
+            }
+            LinkEvent::RouteApplied { node, ack } => {
+                if let Some(&n) = self.ix.get(&node) {
+                    if self.links.contains_key(&n) {
+                        wire::route_ack(self.buf(n), ack);
+                    }
+                }
+            }
+            LinkEvent::Frame { node, kind, body } => {
+                let Some(n) = self.ix_of(&node) else { return };
+                match wire::decode(kind, body, Instant::now()) {
+                    Ok(f) => self.frame(n, &node, f),
+                    Err(e) => {
+                        self.counters.bad_frames_total += 1;
+                        tracing::warn!(node = %node, error = %e, "bad frame from a cluster node: dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, n: NodeIx, node: &str, f: Frame) {
+        match f {
+            Frame::RoutesReset => self.post_all(FromCluster::ClearRoutes { node: n }),
+            Frame::Route { add, ack, filter } => {
+                let filter: Arc<str> = filter.into();
+                self.post_all(FromCluster::Route {
+                    node: n,
+                    filter,
+                    add,
+                });
+                if ack != 0 {
+                    // Answered once every shard has applied it: a barrier query behind it
+                    // in each shard's inbox.
+                    self.flush_posts();
+                    let control = self.control.clone();
+                    let events = self.events.clone();
+                    let node = node.to_string();
+                    tokio::task::spawn_blocking(move || {
+                        let done = control.map_reduce(
+                            Query::Cluster(Vec::new()),
+                            ROUTE_ACK_TIMEOUT,
+                            (),
+                            |(), _, _| (),
+                        );
+                        if done.is_ok() {
+                            let _ = events.blocking_send(LinkEvent::RouteApplied { node, ack });
+                        }
+                    });
+                }
+            }
+            Frame::RouteAck(id) => {
+                let done = match self.route_waits.get_mut(&id) {
+                    Some((_, left, nodes)) => {
+                        nodes.retain(|x| *x != n);
+                        *left = nodes.len();
+                        *left == 0
+                    }
+                    None => false,
+                };
+                if done {
+                    if let Some((r, _, _)) = self.route_waits.remove(&id) {
+                        self.answer(r, true, Fate::default());
+                    }
+                }
+            }
+            Frame::Publish { id, msg } => {
+                self.counters.messages_received_total += 1;
+                let key = msg
+                    .origin
+                    .as_ref()
+                    .map_or(msg.topic.as_str(), |o| o.as_str());
+                let shard = (stable_hash(key.as_bytes()) % self.shards as u64) as usize;
+                self.post(
+                    shard,
+                    FromCluster::Publish {
+                        node: n,
+                        id: (id != 0).then_some(id),
+                        msg,
+                    },
+                );
+            }
+            Frame::PubAck { id, ok, fate } => {
+                if let Some((from, r)) = self.pending.remove(&id) {
+                    if from == n {
+                        self.answer(r, ok, fate);
+                    } else {
+                        // Not the node it was sent to: keep waiting for the right one.
+                        self.pending.insert(id, (from, r));
+                        self.counters.bad_frames_total += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A link went down: what it carried fails now; routes waiting on it count it as done.
+    fn link_down(&mut self, n: NodeIx) {
+        if self.links.remove(&n).is_none() {
+            return;
+        }
+        self.out.remove(&n);
+        let failed: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, (to, _))| *to == n)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            if let Some((_, r)) = self.pending.remove(&id) {
+                self.counters.forward_failed_total += 1;
+                self.answer(r, false, Fate::default());
+            }
+        }
+        let ids: Vec<u64> = self.route_waits.keys().copied().collect();
+        for id in ids {
+            self.route_ack_from(id, n);
+        }
+    }
+
+    fn route_ack_from(&mut self, id: u64, n: NodeIx) {
+        let done = match self.route_waits.get_mut(&id) {
+            Some((_, left, nodes)) => {
+                nodes.retain(|x| *x != n);
+                *left = nodes.len();
+                *left == 0
+            }
+            None => false,
+        };
+        if done {
+            if let Some((r, _, _)) = self.route_waits.remove(&id) {
+                self.answer(r, true, Fate::default());
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if let Some((_, r)) = self.pending.remove(&id) {
+                self.counters.forward_timeouts_total += 1;
+                self.answer(r, false, Fate::default());
+            }
+        }
+        while let Some(&(at, id)) = self.route_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.route_deadlines.pop_front();
+            if let Some((r, _, _)) = self.route_waits.remove(&id) {
+                self.answer(r, true, Fate::default());
+            }
+        }
+        // The member nodes (retained messages go to each of them).
+        let live: Vec<String> = {
+            let st = self.handle.lock();
+            st.live
+                .keys()
+                .filter(|id| **id != self.me)
+                .cloned()
+                .collect()
+        };
+        let mut members = ShardSet::default();
+        for id in live {
+            if let Some(n) = self.ix_of(&id) {
+                members.insert(n as usize);
+            }
+        }
+        if members != self.members {
+            self.members = members;
+            self.post_all(FromCluster::Members(members));
+        }
+        self.counters.inflight = self.pending.len() as u64;
+        self.handle.lock().plane = self.counters;
+    }
+
+    /// Writes this pass's frames and posts.
+    fn flush(&mut self) {
+        let out = std::mem::take(&mut self.out);
+        for (n, buf) in out {
+            if buf.is_empty() {
+                continue;
+            }
+            let Some(link) = self.links.get(&n) else {
+                continue;
+            };
+            let len = buf.len();
+            let queued = link.queued.fetch_add(len, Ordering::AcqRel) + len;
+            if queued > self.limits.link_buffer_bytes_max || link.tx.send(buf.freeze()).is_err() {
+                // The peer cannot keep up (or the link just went): start it again; it
+                // resends its routes when it is back, and what it carried fails now.
+                self.counters.link_resets_total += 1;
+                tracing::warn!(node = %self.names[n as usize], queued, "cluster link over its buffer: reset");
+                self.link_down(n);
+            }
+        }
+        self.flush_posts();
+    }
+
+    fn flush_posts(&mut self) {
+        for s in 0..self.shards {
+            if self.posts[s].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.posts[s]);
+            if self
+                .control
+                .post(ShardId::new(s), Query::Cluster(batch))
+                .is_err()
+            {
+                tracing::debug!(shard = s, "shard gone: cluster work dropped");
+            }
+        }
+    }
+}

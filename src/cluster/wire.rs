@@ -1,0 +1,340 @@
+//! The node-to-node frames after the handshake: pure encoding and decoding, every field
+//! checked (a peer is trusted to be a shardmq node of this cluster, not to be bug-free).
+//!
+//! A frame is `[u32 BE length][kind][payload]` (`link.rs` reads and writes the envelope).
+//! Integers are big-endian; strings are `[u16 length][UTF-8]`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::time::{Duration, Instant};
+
+use crate::protocol::wire::Reader;
+use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
+use crate::session::{Message, SharedMessage};
+use crate::shard::event::Fate;
+
+pub const HELLO: u8 = 1;
+pub const PING: u8 = 2;
+pub const PONG: u8 = 3;
+/// Forget every route of the sender (its full set follows).
+pub const ROUTES_RESET: u8 = 10;
+/// `[u8 add][u64 ack id, 0: none][filter]`.
+pub const ROUTE: u8 = 11;
+/// `[u64 ack id]`: the sender applied that route on every shard.
+pub const ROUTE_ACK: u8 = 12;
+/// `[u64 id, 0: no answer wanted][message]`.
+pub const PUBLISH: u8 = 20;
+/// `[u64 id][u8 ok][u8 fate]`.
+pub const PUB_ACK: u8 = 21;
+
+/// A data frame, decoded.
+#[derive(Debug)]
+pub enum Frame {
+    RoutesReset,
+    Route { add: bool, ack: u64, filter: String },
+    RouteAck(u64),
+    Publish { id: u64, msg: SharedMessage },
+    PubAck { id: u64, ok: bool, fate: Fate },
+}
+
+/// Appends a whole frame (envelope included) to `out`.
+fn frame(out: &mut BytesMut, kind: u8, body: impl FnOnce(&mut BytesMut)) {
+    let start = out.len();
+    out.put_u32(0);
+    out.put_u8(kind);
+    body(out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let b = s.as_bytes();
+    out.put_u16(b.len().min(u16::MAX as usize) as u16);
+    out.put_slice(&b[..b.len().min(u16::MAX as usize)]);
+}
+
+pub fn routes_reset(out: &mut BytesMut) {
+    frame(out, ROUTES_RESET, |_| {});
+}
+
+pub fn route(out: &mut BytesMut, add: bool, ack: u64, filter: &str) {
+    frame(out, ROUTE, |b| {
+        b.put_u8(u8::from(add));
+        b.put_u64(ack);
+        put_str(b, filter);
+    });
+}
+
+pub fn route_ack(out: &mut BytesMut, ack: u64) {
+    frame(out, ROUTE_ACK, |b| b.put_u64(ack));
+}
+
+pub fn pub_ack(out: &mut BytesMut, id: u64, ok: bool, fate: Fate) {
+    frame(out, PUB_ACK, |b| {
+        b.put_u64(id);
+        b.put_u8(u8::from(ok));
+        b.put_u8(
+            u8::from(fate.kept) | u8::from(fate.queue_full) << 1 | u8::from(fate.budget_spent) << 2,
+        );
+    });
+}
+
+/// A message: topic, QoS, retain, age (ms since the broker received it: expiry goes on
+/// counting), origin, the MQTT 5 property block as the codec writes it, then the payload.
+pub fn publish(out: &mut BytesMut, id: u64, msg: &Message, now: Instant) {
+    frame(out, PUBLISH, |b| {
+        b.put_u64(id);
+        put_str(b, msg.topic.as_str());
+        b.put_u8(msg.qos.as_u8());
+        b.put_u8(u8::from(msg.retain));
+        let age = now.saturating_duration_since(msg.created).as_millis();
+        b.put_u32(age.min(u32::MAX as u128) as u32);
+        match &msg.origin {
+            Some(o) => {
+                b.put_u8(1);
+                put_str(b, o.as_str());
+            }
+            None => b.put_u8(0),
+        }
+        let mut p = msg.properties.clone();
+        p.topic_alias = None;
+        p.subscription_identifiers.clear();
+        p.encode(b);
+        b.put_slice(&msg.payload);
+    });
+}
+
+/// Reads a frame's payload; `Err` names what is wrong.
+pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
+    let mut b = body;
+    let frame = match kind {
+        ROUTES_RESET => Frame::RoutesReset,
+        ROUTE => {
+            let add = match u8_of(&mut b)? {
+                0 => false,
+                1 => true,
+                x => return Err(format!("route flag {x}")),
+            };
+            let ack = u64_of(&mut b)?;
+            let filter = str_of(&mut b)?;
+            crate::protocol::TopicFilter::new(&filter)
+                .map_err(|e| format!("route filter {filter:?}: {e}"))?;
+            Frame::Route { add, ack, filter }
+        }
+        ROUTE_ACK => Frame::RouteAck(u64_of(&mut b)?),
+        PUB_ACK => {
+            let id = u64_of(&mut b)?;
+            let ok = u8_of(&mut b)? == 1;
+            let f = u8_of(&mut b)?;
+            let fate = Fate {
+                kept: f & 1 != 0,
+                queue_full: f & 2 != 0,
+                budget_spent: f & 4 != 0,
+            };
+            Frame::PubAck { id, ok, fate }
+        }
+        PUBLISH => {
+            let id = u64_of(&mut b)?;
+            Frame::Publish {
+                id,
+                msg: std::sync::Arc::new(message_of(&mut b, now)?),
+            }
+        }
+        k => return Err(format!("unknown frame kind {k}")),
+    };
+    if kind != PUBLISH && b.has_remaining() {
+        return Err(format!(
+            "{} bytes after a frame of kind {kind}",
+            b.remaining()
+        ));
+    }
+    Ok(frame)
+}
+
+fn message_of(b: &mut Bytes, now: Instant) -> Result<Message, String> {
+    let topic = str_of(b)?;
+    let topic = TopicName::new(&topic).map_err(|e| format!("topic {topic:?}: {e}"))?;
+    let qos = match u8_of(b)? {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        x => return Err(format!("QoS {x}")),
+    };
+    let retain = u8_of(b)? == 1;
+    let age = Duration::from_millis(u32_of(b)? as u64);
+    let origin = match u8_of(b)? {
+        0 => None,
+        _ => {
+            let o = str_of(b)?;
+            Some(MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?)
+        }
+    };
+    let mut r = Reader::new(std::mem::take(b));
+    let properties =
+        PublishProperties::decode(&mut r).map_err(|e| format!("publish properties: {e}"))?;
+    let payload = r.rest();
+    Ok(Message {
+        topic,
+        payload,
+        qos,
+        retain,
+        properties,
+        origin,
+        qos2_id: None,
+        created: now.checked_sub(age).unwrap_or(now),
+    })
+}
+
+fn u8_of(b: &mut Bytes) -> Result<u8, String> {
+    if b.remaining() < 1 {
+        return Err("frame too short".into());
+    }
+    Ok(b.get_u8())
+}
+
+fn u32_of(b: &mut Bytes) -> Result<u32, String> {
+    if b.remaining() < 4 {
+        return Err("frame too short".into());
+    }
+    Ok(b.get_u32())
+}
+
+fn u64_of(b: &mut Bytes) -> Result<u64, String> {
+    if b.remaining() < 8 {
+        return Err("frame too short".into());
+    }
+    Ok(b.get_u64())
+}
+
+fn str_of(b: &mut Bytes) -> Result<String, String> {
+    if b.remaining() < 2 {
+        return Err("frame too short".into());
+    }
+    let n = b.get_u16() as usize;
+    if b.remaining() < n {
+        return Err("string past the frame's end".into());
+    }
+    let s = b.split_to(n);
+    String::from_utf8(s.to_vec()).map_err(|_| "string not UTF-8".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(buf: &BytesMut) -> (u8, Bytes) {
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        assert_eq!(len + 4, buf.len());
+        (buf[4], Bytes::copy_from_slice(&buf[5..]))
+    }
+
+    #[test]
+    fn a_message_round_trips_with_its_properties_and_age() {
+        let now = Instant::now();
+        let properties = PublishProperties {
+            message_expiry_interval: Some(60),
+            content_type: Some(MqttStr::new("text/plain").unwrap()),
+            topic_alias: std::num::NonZeroU16::new(3),
+            ..PublishProperties::default()
+        };
+        let msg = Message {
+            topic: TopicName::new("a/b").unwrap(),
+            payload: Bytes::from_static(b"hello"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties,
+            origin: Some(MqttStr::new("pub-1").unwrap()),
+            qos2_id: None,
+            created: now - Duration::from_millis(1500),
+        };
+        let mut buf = BytesMut::new();
+        publish(&mut buf, 7, &msg, now);
+        let (kind, body) = split(&buf);
+        let Frame::Publish { id, msg: back } = decode(kind, body, now).unwrap() else {
+            panic!("not a publish");
+        };
+        assert_eq!(id, 7);
+        assert_eq!(back.topic, msg.topic);
+        assert_eq!(back.payload, msg.payload);
+        assert_eq!(back.qos, QoS::AtLeastOnce);
+        assert!(back.retain);
+        assert_eq!(back.origin, msg.origin);
+        assert_eq!(back.properties.message_expiry_interval, Some(60));
+        assert_eq!(back.properties.content_type, msg.properties.content_type);
+        // The alias belongs to one hop.
+        assert_eq!(back.properties.topic_alias, None);
+        assert_eq!(
+            now.duration_since(back.created),
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn control_frames_round_trip() {
+        let now = Instant::now();
+        let mut buf = BytesMut::new();
+        route(&mut buf, true, 9, "a/+/#");
+        let (k, b) = split(&buf);
+        assert!(
+            matches!(decode(k, b, now), Ok(Frame::Route { add: true, ack: 9, filter }) if filter == "a/+/#")
+        );
+        let mut buf = BytesMut::new();
+        pub_ack(
+            &mut buf,
+            5,
+            true,
+            Fate {
+                kept: true,
+                queue_full: false,
+                budget_spent: true,
+            },
+        );
+        let (k, b) = split(&buf);
+        let Ok(Frame::PubAck {
+            id: 5,
+            ok: true,
+            fate,
+        }) = decode(k, b, now)
+        else {
+            panic!("not a pub ack");
+        };
+        assert!(fate.kept && !fate.queue_full && fate.budget_spent);
+    }
+
+    #[test]
+    fn hostile_frames_are_errors_not_panics() {
+        let now = Instant::now();
+        let bad: &[(u8, &[u8])] = &[
+            (ROUTE, b""),
+            (ROUTE, &[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'a']),
+            (ROUTE, &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, b'a']),
+            (ROUTE, &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, b'a', b'#', b'b']),
+            (ROUTE_ACK, &[1, 2, 3]),
+            (ROUTE_ACK, &[0, 0, 0, 0, 0, 0, 0, 1, 99]),
+            (PUBLISH, &[0, 0, 0, 0, 0, 0, 0, 1]),
+            (PUBLISH, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'a', 3]),
+            (
+                PUBLISH,
+                &[
+                    0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0xff, 0xfe, 0, 0, 0, 0, 0, 0, 0,
+                ],
+            ),
+            (
+                PUBLISH,
+                &[0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'+', 0, 0, 0, 0, 0, 0, 0],
+            ),
+            (
+                PUBLISH,
+                &[
+                    0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 0xff,
+                ],
+            ),
+            (99, &[]),
+        ];
+        for (kind, body) in bad {
+            assert!(
+                decode(*kind, Bytes::copy_from_slice(body), now).is_err(),
+                "kind {kind} body {body:?} accepted"
+            );
+        }
+    }
+}

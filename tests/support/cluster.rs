@@ -1,0 +1,107 @@
+//! Cluster nodes for a test: the `[cluster]` config of a node, waits on what its admin
+//! endpoint shows.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::etcd::Etcd;
+use super::{TestBroker, TIMEOUT};
+
+/// The lease the tests give their nodes: short, so that deaths are seen quickly.
+pub const TTL_S: u64 = 3;
+
+pub fn node_toml(id: &str, etcd: &Etcd, prefix: &str) -> String {
+    node_toml_ttl(id, etcd, prefix, TTL_S)
+}
+
+pub fn node_toml_ttl(id: &str, etcd: &Etcd, prefix: &str, ttl_s: u64) -> String {
+    let urls: Vec<String> = etcd
+        .members
+        .iter()
+        .map(|m| format!("\"{}\"", m.url()))
+        .collect();
+    format!(
+        "[cluster]\nnode = \"{id}\"\nlisten = \"127.0.0.1:0\"\netcd = [{}]\nprefix = \"{prefix}\"\nlease_ttl_s = {ttl_s}\n",
+        urls.join(", ")
+    )
+}
+
+pub fn start_node(id: &str, etcd: &Etcd, prefix: &str) -> TestBroker {
+    TestBroker::start_with(1, &node_toml(id, etcd, prefix))
+}
+
+/// Polls `f` until it holds; panics with `what` after a generous bound.
+pub fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn member<'a>(view: &'a Value, id: &str) -> &'a Value {
+    view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("no member {id} in {view}"))
+}
+
+pub fn member_state(node: &TestBroker, id: &str) -> String {
+    let v = node.admin_json("/api/cluster");
+    v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == id)
+        .map(|m| m["state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+pub fn link_state(node: &TestBroker, id: &str) -> String {
+    let v = node.admin_json("/api/cluster");
+    v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == id)
+        .and_then(|m| m["link"]["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub fn prefix(test: &str) -> String {
+    format!("/shardmq-test-{test}-{}", std::process::id())
+}
+
+/// Three nodes `a`, `b`, `c` with one shard each, started in order, returned once every
+/// node sees every other up with a live link.
+pub fn three_nodes(etcd: &Etcd, prefix: &str) -> [TestBroker; 3] {
+    let nodes = [
+        start_node("a", etcd, prefix),
+        start_node("b", etcd, prefix),
+        start_node("c", etcd, prefix),
+    ];
+    wait_linked(&[&nodes[0], &nodes[1], &nodes[2]]);
+    nodes
+}
+
+/// Waits until every node sees every other up with a live link.
+pub fn wait_linked(nodes: &[&TestBroker]) {
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            n.admin_json("/api/cluster")["node"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for (node, me) in nodes.iter().zip(&ids) {
+        wait_until("every member up with a live link", TIMEOUT, || {
+            ids.iter()
+                .all(|m| member_state(node, m) == "up" && (m == me || link_state(node, m) == "up"))
+        });
+    }
+}
