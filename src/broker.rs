@@ -218,6 +218,7 @@ impl Broker {
         wait_ready(&pool, &ready_rx, count)?;
         if let Some(c) = &mut cluster {
             c.attach(pool.control());
+            wait_slot_map(&pool)?;
         }
         let admin = match admin_listener {
             Some(l) => Some(start_admin(l, &pool, admin_info)?),
@@ -436,11 +437,39 @@ fn join_cluster(
     }
     let addrs = NodeAddrs {
         mqtt: listeners.iter().map(|l| l.addr).collect(),
+        relay: listeners
+            .iter()
+            .find(|l| l.transport == Transport::Tcp)
+            .map(|l| l.addr),
         admin: admin.and_then(|l| l.local_addr().ok()),
     };
     Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max)
         .map(Some)
         .map_err(StartError::Cluster)
+}
+
+/// Waits until every shard has the cluster's slot table: before it, a cluster node's
+/// shards serve nobody (they cannot tell whose clients are theirs).
+fn wait_slot_map(pool: &Pool<BrokerShard, ()>) -> Result<(), StartError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = pool
+            .control()
+            .map_reduce(Query::SlotMapReady, RELOAD_TIMEOUT, true, |all, _, a| {
+                all && matches!(a, crate::shard::api::Answer::Ready(true))
+            })
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            pool.control().stop();
+            return Err(StartError::Cluster(
+                "the shards did not get the slot table within 10 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Binds the admin endpoint's socket when `admin.enabled`.

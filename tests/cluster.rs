@@ -48,10 +48,13 @@ fn three_nodes_see_each_other_their_links_and_the_slot_table() {
         assert_eq!(v["node"], name);
         assert_eq!(v["state"], "up");
         assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
-        // The first node created the slot table and owns every slot.
-        assert_eq!(member(&v, "a")["slots"], 4096, "{v}");
-        assert_eq!(member(&v, "b")["slots"], 0, "{v}");
-        assert_eq!(member(&v, "a")["share"], 1.0, "{v}");
+        // The first node created the slot table; the others took even shares of it.
+        let slots: u64 = ["a", "b", "c"]
+            .iter()
+            .map(|m| member(&v, m)["slots"].as_u64().unwrap())
+            .sum();
+        assert_eq!(slots, 4096, "{v}");
+        wait_balanced(node, &["a", "b", "c"]);
         assert_eq!(member(&v, name)["this_node"], true);
         assert!(member(&v, name)["link"].is_null());
         let me = member(&v, name);
@@ -71,10 +74,7 @@ fn three_nodes_see_each_other_their_links_and_the_slot_table() {
         a.metric("shardmq_cluster_member_up{node=\"a\",member=\"c\"}"),
         1.0
     );
-    assert_eq!(
-        a.metric("shardmq_cluster_member_slots{node=\"a\",member=\"a\"}"),
-        4096.0
-    );
+    assert!(a.metric("shardmq_cluster_member_slots{node=\"a\",member=\"a\"}") >= 1364.0);
     assert_eq!(
         a.metric("shardmq_cluster_link_up{node=\"a\",member=\"b\"}"),
         1.0
@@ -87,6 +87,7 @@ fn three_nodes_see_each_other_their_links_and_the_slot_table() {
     // etcd holds the live records and the table.
     let table: Value = serde_json::from_str(&etcd.get(&format!("{p}/slots")).unwrap()).unwrap();
     assert_eq!(table["ranges"][0]["node"], "a");
+    assert!(table["epoch"].as_u64().unwrap() >= 3, "{table}");
     assert!(etcd.get(&format!("{p}/nodes/b")).is_some());
     drop((a, b, c));
 }
@@ -238,8 +239,9 @@ fn sigstop_past_the_lease_fences_the_node_and_sigcont_rejoins() {
 fn losing_the_etcd_leader_costs_no_lease() {
     let mut etcd = Etcd::start(3);
     let p = prefix("leader");
-    let a = start_node("a", &etcd, &p);
-    let b = start_node("b", &etcd, &p);
+    // The default lease (6 s): an etcd election takes 1-2 s, more on a loaded machine.
+    let a = TestBroker::start_with(1, &node_toml_ttl("a", &etcd, &p, 6));
+    let b = TestBroker::start_with(1, &node_toml_ttl("b", &etcd, &p, 6));
     wait_until("a sees b up", TIMEOUT, || member_state(&a, "b") == "up");
     let leader = etcd.leader();
     etcd.members[leader].kill9();
@@ -285,12 +287,14 @@ fn a_damaged_slot_table_in_etcd_is_ignored() {
     let a = start_node("a", &etcd, &p);
     etcd.put(&format!("{p}/slots"), "{\"epoch\":9,\"ranges\":[]}");
     etcd.put(&format!("{p}/nodes/zz"), "not json");
-    // A later, valid change is still applied: the watch lives on.
+    // A later, valid change is still applied: the watch lives on, and the last good table
+    // (epoch 1, every slot a's) is what a shares out to b.
     let b = start_node("b", &etcd, &p);
     wait_until("a sees b", TIMEOUT, || member_state(&a, "b") == "up");
+    wait_balanced(&a, &["a", "b"]);
     let v = a.admin_json("/api/cluster");
-    assert_eq!(member(&v, "a")["slots"], 4096, "{v}");
-    assert_eq!(v["slots_epoch"], 1, "{v}");
+    assert_eq!(v["slots_epoch"], 2, "{v}");
+    assert_eq!(member(&v, "a")["slots"], 2048, "{v}");
     assert!(v["members"]
         .as_array()
         .unwrap()

@@ -13,7 +13,9 @@
 //! In steady state etcd sees only the lease's keep-alives: no connect, subscribe or
 //! publish touches it.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, OnceLock};
+
+use shards::Control;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -24,7 +26,8 @@ use tokio::sync::watch;
 
 use super::plane::{self, PlaneLimits};
 use super::{link, ClusterHandle, Joined, NodeRecord, SelfState, SlotTable, LEAVE_GRACE};
-use crate::shard::api::ToCluster;
+use crate::session::ownership::SLOTS;
+use crate::shard::api::{Answer, FromCluster, LeaseClock, Query, SlotBits, ToCluster};
 use crate::shard::service::BrokerShard;
 
 /// What the data plane starts with (see `plane.rs`).
@@ -36,9 +39,26 @@ pub(super) struct PlaneStart {
     pub frame_max: usize,
 }
 
+/// What the thread shares with the rest of the broker.
+pub(super) struct Shared {
+    pub plane: PlaneStart,
+    /// The shards' control handle, once they run (to move slots).
+    pub control: Arc<OnceLock<Control<BrokerShard>>>,
+    /// Until when the lease surely holds, for the shards.
+    pub lease: LeaseClock,
+}
+
 /// Link events waiting for the plane; past it, inbound links wait.
 const LINK_EVENTS_MAX: usize = 1024;
 use crate::config::ClusterConfig;
+
+/// How often a node looks at whether it holds more than its share of the slots.
+const BALANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// After a try that moved nothing, how long before the next.
+const BALANCE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How soon a failed keep-alive is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(200);
 
 /// How long to wait between two tries of a failed etcd request.
 const RETRY: Duration = Duration::from_millis(500);
@@ -71,13 +91,18 @@ pub(super) async fn run(
     listener: std::net::TcpListener,
     joined: mpsc::Sender<Result<Joined, String>>,
     mut stop: watch::Receiver<bool>,
-    start: PlaneStart,
+    shared: Shared,
 ) {
+    let Shared {
+        plane: start,
+        control,
+        lease,
+    } = shared;
     let keys = Keys {
         root: cfg.prefix.clone(),
     };
     let timeout = Duration::from_secs(cfg.etcd_timeout_s as u64);
-    let mut node = match Node::join(&cfg, &keys, record, &handle).await {
+    let mut node = match Node::join(&cfg, &keys, record, &handle, lease).await {
         Ok(n) => n,
         Err(e) => {
             let _ = joined.send(Err(e));
@@ -131,10 +156,22 @@ pub(super) async fn run(
     let mut watch = node.watch(&keys, revision).await;
     let mut renew = tokio::time::interval(renew_interval(&cfg));
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut balance = tokio::time::interval(BALANCE_INTERVAL);
+    balance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut balance_after = Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
+            _ = balance.tick() => {
+                if let Some(c) = control.get() {
+                    if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c).await {
+                        // Nothing could move (every slot offered holds a session): not
+                        // again for a while, as each try asks every shard.
+                        balance_after = Instant::now() + BALANCE_BACKOFF;
+                    }
+                }
+            }
             msg = next_event(&mut watch) => {
                 match msg {
                     Ok(Some(resp)) => {
@@ -188,6 +225,10 @@ fn renew_interval(cfg: &ClusterConfig) -> Duration {
 struct Node {
     client: Client,
     lease: i64,
+    /// When the lease was last granted or renewed (asked for: etcd counts from a moment
+    /// after it), and the shards' copy of its deadline.
+    lease_at: Instant,
+    clock: LeaseClock,
     record: NodeRecord,
     timeout: Duration,
 }
@@ -200,6 +241,7 @@ impl Node {
         keys: &Keys,
         record: NodeRecord,
         handle: &ClusterHandle,
+        clock: LeaseClock,
     ) -> Result<Node, String> {
         let timeout = Duration::from_secs(cfg.etcd_timeout_s as u64);
         let urls = cfg.etcd.join(",");
@@ -215,6 +257,8 @@ impl Node {
         let mut node = Node {
             client,
             lease: 0,
+            lease_at: Instant::now(),
+            clock,
             record,
             timeout,
         };
@@ -241,6 +285,7 @@ impl Node {
     /// never share an id.
     async fn claim(&mut self, keys: &Keys, handle: &ClusterHandle) -> Result<(), Claim> {
         let ttl = self.record.lease_ttl_s as i64;
+        self.lease_at = Instant::now();
         let lease = self
             .call(self.client.clone().lease_grant(ttl, None))
             .await?;
@@ -252,6 +297,7 @@ impl Node {
                 // The lease must outlive the wait: a record created with a lease that
                 // expires a moment later would vanish under the new node.
                 if !matches!(self.keep_alive().await, Ok(left) if left > 0) {
+                    self.lease_at = Instant::now();
                     let lease = self
                         .call(self.client.clone().lease_grant(ttl, None))
                         .await?;
@@ -269,6 +315,9 @@ impl Node {
                 .or_else([TxnOp::get(key.clone(), None)]);
             let resp = self.call(self.client.clone().txn(txn)).await?;
             if resp.succeeded() {
+                self.clock.hold_until(
+                    self.lease_at + Duration::from_secs(self.record.lease_ttl_s as u64),
+                );
                 let mut st = handle.lock();
                 st.state = SelfState::Up;
                 st.renewed = Some(Instant::now());
@@ -365,7 +414,7 @@ impl Node {
         st.members.clear();
         drop(st);
         for kv in resp.kvs() {
-            self.put(keys, handle, kv.key(), kv.value());
+            self.put(keys, handle, kv);
         }
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
@@ -387,19 +436,23 @@ impl Node {
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
-                EventType::Put => self.put(keys, handle, kv.key(), kv.value()),
+                EventType::Put => self.put(keys, handle, kv),
                 EventType::Delete => self.delete(keys, handle, kv.key()),
             }
         }
     }
 
     /// One key's new value.
-    fn put(&self, keys: &Keys, handle: &ClusterHandle, key: &[u8], value: &[u8]) {
+    fn put(&self, keys: &Keys, handle: &ClusterHandle, kv: &etcd_client::KeyValue) {
+        let (key, value) = (kv.key(), kv.value());
         let Some(rest) = key.strip_prefix(keys.all().as_bytes()) else {
             return;
         };
         let mut st = handle.lock();
         if rest == b"slots" {
+            // The revision even of a damaged value: the next change of owner replaces it
+            // with the last good table, changed.
+            st.slots_rev = kv.mod_revision();
             match SlotTable::decode(value) {
                 Ok(t) => st.slots = t,
                 Err(e) => tracing::error!(error = %e, "ignoring a damaged slot table in etcd"),
@@ -456,27 +509,120 @@ impl Node {
         }
     }
 
+    /// Gives slots to a member with fewer than its share, if this node holds more: only
+    /// slots in which it holds no session (so nothing has to move with them). The slots
+    /// offered are held first (no new session in them), then the shards say which hold
+    /// sessions, then the table changes by compare-and-swap; the hold ends when the shards
+    /// have the new table. Returns `false` when a plan existed but nothing could move.
+    async fn rebalance(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        control: &Control<BrokerShard>,
+    ) -> bool {
+        let (plan, table, rev) = {
+            let st = handle.lock();
+            if st.state != SelfState::Up {
+                return true;
+            }
+            let live: Vec<String> = st.live.keys().cloned().collect();
+            (
+                st.slots.plan_give(&self.record.id, &live),
+                st.slots.clone(),
+                st.slots_rev,
+            )
+        };
+        let Some((to, give)) = plan else {
+            return true;
+        };
+        let mut bits: SlotBits = [0; SLOTS as usize / 64];
+        for &s in &give {
+            bits[s as usize / 64] |= 1 << (s % 64);
+        }
+        hold(control, table.epoch, bits);
+        let asked = control.clone();
+        let used = tokio::task::spawn_blocking(move || {
+            asked.map_reduce(
+                Query::SlotsInUse,
+                Duration::from_secs(10),
+                [0u64; SLOTS as usize / 64],
+                |mut acc, _, a| {
+                    if let Answer::Slots(b) = a {
+                        for (x, y) in acc.iter_mut().zip(b.iter()) {
+                            *x |= *y;
+                        }
+                    }
+                    acc
+                },
+            )
+        })
+        .await;
+        let Ok(Ok(used)) = used else {
+            hold(control, table.epoch, [0; SLOTS as usize / 64]);
+            return false;
+        };
+        let free: Vec<u16> = give
+            .into_iter()
+            .filter(|&s| used[s as usize / 64] & (1 << (s % 64)) == 0)
+            .collect();
+        if free.is_empty() {
+            hold(control, table.epoch, [0; SLOTS as usize / 64]);
+            return false;
+        }
+        let next = table.with_owner(&free, &to);
+        let key = keys.slots();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key, next.encode(), None)]);
+        match self.call(self.client.clone().txn(txn)).await {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(to = %to, slots = free.len(), epoch = next.epoch, "gave slots to a member");
+                true
+            }
+            _ => {
+                // Someone else changed the table first (or etcd is away): try again later.
+                hold(control, table.epoch, [0; SLOTS as usize / 64]);
+                true
+            }
+        }
+    }
+
     /// Renews the lease; after a loss, joins again with a fresh one.
     async fn renew(&mut self, keys: &Keys, handle: &ClusterHandle, cfg: &ClusterConfig) {
         let ttl = Duration::from_secs(cfg.lease_ttl_s as u64);
         let fenced = handle.lock().state == SelfState::Fenced;
-        if !fenced {
+        // A failed keep-alive (an etcd member gone, an election under way) is tried again
+        // soon, not a whole interval later: the lease has only its time to live.
+        loop {
             match self.keep_alive().await {
                 Ok(left) if left > 0 => {
                     let mut st = handle.lock();
                     st.renewed = Some(Instant::now());
-                    return;
-                }
-                Ok(_) => self.fence(handle, "etcd says the lease has expired"),
-                Err(e) => {
-                    let mut st = handle.lock();
-                    st.counters.etcd_errors_total += 1;
-                    let overdue = st.renewed.is_none_or(|t| t.elapsed() >= ttl);
-                    drop(st);
-                    if overdue {
-                        self.fence(handle, &format!("not renewed for {}s ({e})", ttl.as_secs()));
+                    if fenced {
+                        // The lease outlived the trouble and the record with it: this node
+                        // was never replaced. It serves again (its clients, disconnected
+                        // when it fenced itself, come back).
+                        st.state = SelfState::Up;
+                        st.live.insert(self.record.id.clone(), self.record.clone());
+                        tracing::info!(node = %self.record.id, "the cluster lease is held again");
                     }
                     return;
+                }
+                Ok(_) => {
+                    self.fence(handle, "etcd says the lease has expired");
+                    break;
+                }
+                Err(e) => {
+                    let overdue = {
+                        let mut st = handle.lock();
+                        st.counters.etcd_errors_total += 1;
+                        st.renewed.is_none_or(|t| t.elapsed() >= ttl)
+                    };
+                    if overdue {
+                        self.fence(handle, &format!("not renewed for {}s ({e})", ttl.as_secs()));
+                        break;
+                    }
+                    tokio::time::sleep(RENEW_RETRY).await;
                 }
             }
         }
@@ -489,6 +635,7 @@ impl Node {
 
     /// One keep-alive; the lease's remaining time to live (0: it is gone).
     async fn keep_alive(&mut self) -> Result<i64, etcd_client::Error> {
+        let asked = Instant::now();
         let mut client = self.client.clone();
         let lease = self.lease;
         let once = async move {
@@ -506,16 +653,27 @@ impl Node {
             Duration::from_millis(self.record.lease_ttl_s as u64 * 1000 / 3)
                 .max(Duration::from_millis(500)),
         );
-        match tokio::time::timeout(bound, once).await {
+        let r = match tokio::time::timeout(bound, once).await {
             Ok(r) => r,
             Err(_) => Err(etcd_client::Error::InvalidArgs(
                 "keep-alive timed out".into(),
             )),
+        };
+        if let Ok(left) = r {
+            if left > 0 {
+                // etcd restarted the countdown after it was asked: from the asking, the
+                // lease surely holds for `left` seconds.
+                self.lease_at = asked;
+                self.clock
+                    .hold_until(asked + Duration::from_secs(left as u64));
+            }
         }
+        r
     }
 
     /// Marks this node fenced (once per loss).
     fn fence(&self, handle: &ClusterHandle, why: &str) {
+        self.clock.drop_now();
         let mut st = handle.lock();
         if st.state != SelfState::Fenced {
             st.state = SelfState::Fenced;
@@ -531,6 +689,7 @@ impl Node {
 
     /// Says it is leaving, then revokes the lease so that the others see it gone at once.
     async fn leave(&mut self, keys: &Keys, handle: &ClusterHandle) {
+        self.clock.drop_now();
         handle.lock().state = super::SelfState::Leaving;
         let mut rec = self.record.clone();
         rec.state = "leaving".into();
@@ -560,6 +719,18 @@ impl Node {
             Ok(Err(e)) => Err(Claim::Etcd(e.to_string())),
             Err(_) => Err(Claim::Etcd("timed out".into())),
         }
+    }
+}
+
+/// Tells every shard to serve no new session in `bits` (empty: lift it), until a slot
+/// table newer than `epoch` arrives.
+fn hold(control: &Control<BrokerShard>, epoch: u64, bits: SlotBits) {
+    let bits = Arc::new(bits);
+    for s in 0..control.shard_count() {
+        let _ = control.post(
+            shards::ShardId::new(s),
+            Query::Cluster(vec![FromCluster::Hold(epoch, bits.clone())]),
+        );
     }
 }
 

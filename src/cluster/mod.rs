@@ -32,7 +32,7 @@ mod plane;
 pub mod slots;
 pub mod wire;
 
-use crate::shard::api::{ClusterLink, ToCluster};
+use crate::shard::api::{ClusterLink, LeaseClock, ToCluster};
 use crate::shard::service::BrokerShard;
 pub use plane::PlaneCounters;
 
@@ -46,6 +46,9 @@ pub struct NodeRecord {
     pub cluster: SocketAddr,
     /// The client listeners (every transport).
     pub mqtt: Vec<SocketAddr>,
+    /// The plain TCP client listener other nodes relay this node's clients to.
+    #[serde(default)]
+    pub relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     /// `up` or `leaving` (a node that stops gracefully says so before it goes).
     pub state: String,
@@ -59,6 +62,8 @@ pub struct NodeRecord {
 #[derive(Clone, Debug)]
 pub struct NodeAddrs {
     pub mqtt: Vec<SocketAddr>,
+    /// The first plain TCP client listener.
+    pub relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -161,6 +166,8 @@ struct State {
     /// Every node that ever joined, by id (permanent records).
     members: std::collections::BTreeMap<String, NodeRecord>,
     slots: SlotTable,
+    /// The etcd revision the slot table was last written at (for compare-and-swap).
+    slots_rev: i64,
     links: hashbrown::HashMap<String, LinkView>,
     link_since: hashbrown::HashMap<String, Instant>,
     counters: ClusterCounters,
@@ -254,6 +261,8 @@ pub struct Cluster {
     shard_link: ClusterLink,
     /// Hands the shards' control handle to the thread once the shards run.
     control: Option<tokio::sync::oneshot::Sender<shards::Control<BrokerShard>>>,
+    /// The same, for the membership task (which moves slots between nodes).
+    control_cell: Arc<std::sync::OnceLock<shards::Control<BrokerShard>>>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
     pub joined: Joined,
@@ -293,6 +302,14 @@ impl Cluster {
             id: me.clone(),
             cluster: advertised,
             mqtt: addrs.mqtt,
+            // A wildcard listener is reached at the node's advertised address.
+            relay: addrs.relay.map(|a| {
+                if a.ip().is_unspecified() {
+                    SocketAddr::new(advertised.ip(), a.port())
+                } else {
+                    a
+                }
+            }),
             admin: addrs.admin,
             state: "up".into(),
             lease_ttl_s: cfg.lease_ttl_s,
@@ -308,6 +325,7 @@ impl Cluster {
             live: hashbrown::HashMap::new(),
             members: std::collections::BTreeMap::new(),
             slots: SlotTable::default(),
+            slots_rev: 0,
             links: hashbrown::HashMap::new(),
             link_since: hashbrown::HashMap::new(),
             counters: ClusterCounters::default(),
@@ -325,6 +343,9 @@ impl Cluster {
             tokio::sync::mpsc::channel::<ToCluster>(cfg.forward_queue_max as usize);
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<ToCluster>();
         let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let lease = LeaseClock::default();
+        let control_cell = Arc::new(std::sync::OnceLock::new());
+        let thread_cell = control_cell.clone();
         let plane = membership::PlaneStart {
             data: data_rx,
             ctl: ctl_rx,
@@ -339,6 +360,7 @@ impl Cluster {
         };
         let thread_handle = handle.clone();
         let thread_cfg = cfg.clone();
+        let thread_lease = lease.clone();
         let thread = std::thread::Builder::new()
             .name("shardmq-cluster".into())
             .spawn(move || {
@@ -349,7 +371,11 @@ impl Cluster {
                     listener,
                     joined_tx,
                     stop_rx,
-                    plane,
+                    membership::Shared {
+                        plane,
+                        control: thread_cell,
+                        lease: thread_lease,
+                    },
                 ))
             })
             .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
@@ -358,8 +384,10 @@ impl Cluster {
             shard_link: ClusterLink {
                 data: data_tx,
                 control: ctl_tx,
+                lease,
             },
             control: Some(control_tx),
+            control_cell,
             stop: Some(stop_tx),
             thread: Some(thread),
             joined: Joined {
@@ -393,6 +421,7 @@ impl Cluster {
     /// Starts the data plane once the shards run (until then, links come up and routes
     /// wait).
     pub fn attach(&mut self, control: shards::Control<BrokerShard>) {
+        let _ = self.control_cell.set(control.clone());
         if let Some(tx) = self.control.take() {
             let _ = tx.send(control);
         }

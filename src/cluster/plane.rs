@@ -29,7 +29,9 @@ use tokio::sync::mpsc;
 use super::wire::{self, Frame};
 use super::ClusterHandle;
 use crate::session::ownership::stable_hash;
-use crate::shard::api::{FromCluster, NodeIx, Query, Reply, ToCluster, NODES_MAX};
+use crate::shard::api::{
+    FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, SLOT_HERE, SLOT_NOWHERE,
+};
 use crate::shard::event::Fate;
 use crate::shard::service::BrokerShard;
 use crate::shard::shardset::ShardSet;
@@ -80,6 +82,15 @@ pub struct PlaneCounters {
     pub inflight: u64,
 }
 
+/// The inputs of a slot map: the table's epoch, the live nodes with their relay
+/// addresses, whether this node serves.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotsSeen {
+    epoch: u64,
+    live: Vec<(String, Option<std::net::SocketAddr>)>,
+    serving: bool,
+}
+
 struct LinkOut {
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
@@ -104,6 +115,8 @@ struct Plane {
     route_waits: HashMap<u64, (Reply, usize, Vec<NodeIx>)>,
     route_deadlines: VecDeque<(Instant, u64)>,
     members: ShardSet,
+    /// What the shards' slot map was built from (rebuilt when it changes).
+    slots_seen: Option<SlotsSeen>,
     /// This pass's output.
     out: HashMap<NodeIx, BytesMut>,
     posts: Vec<Vec<FromCluster>>,
@@ -155,6 +168,7 @@ pub(super) async fn run(
         route_waits: HashMap::new(),
         route_deadlines: VecDeque::new(),
         members: ShardSet::default(),
+        slots_seen: None,
         out: HashMap::new(),
         posts: (0..shards).map(|_| Vec::new()).collect(),
         counters: PlaneCounters::default(),
@@ -512,8 +526,70 @@ impl Plane {
             self.members = members;
             self.post_all(FromCluster::Members(members));
         }
+        self.update_slots();
         self.counters.inflight = self.pending.len() as u64;
         self.handle.lock().plane = self.counters;
+    }
+
+    /// Sends the shards a new slot map when the table, the live nodes or this node's
+    /// standing changed.
+    fn update_slots(&mut self) {
+        let (seen, table) = {
+            let st = self.handle.lock();
+            let mut live: Vec<(String, Option<std::net::SocketAddr>)> =
+                st.live.values().map(|r| (r.id.clone(), r.relay)).collect();
+            live.sort();
+            let seen = SlotsSeen {
+                epoch: st.slots.epoch,
+                live,
+                serving: st.state == super::SelfState::Up,
+            };
+            if self.slots_seen.as_ref() == Some(&seen) {
+                return;
+            }
+            (seen, st.slots.clone())
+        };
+        let mut relay: Vec<Option<std::net::SocketAddr>> = Vec::new();
+        for (id, addr) in &seen.live {
+            if *id == self.me {
+                continue;
+            }
+            if let Some(n) = self.ix_of(id) {
+                if relay.len() <= n as usize {
+                    relay.resize(n as usize + 1, None);
+                }
+                relay[n as usize] = *addr;
+            }
+        }
+        let mut owner = vec![SLOT_NOWHERE; crate::session::ownership::SLOTS as usize];
+        for r in &table.ranges {
+            let o = if r.node == self.me {
+                SLOT_HERE
+            } else if seen.live.iter().any(|(id, _)| *id == r.node) {
+                self.ix_of(&r.node).unwrap_or(SLOT_NOWHERE)
+            } else {
+                SLOT_NOWHERE
+            };
+            for slot in r.first..=r.last {
+                if let Some(x) = owner.get_mut(slot as usize) {
+                    *x = o;
+                }
+            }
+        }
+        let map = Arc::new(SlotMap {
+            epoch: table.epoch,
+            owner,
+            relay,
+            serving: seen.serving,
+        });
+        tracing::debug!(
+            epoch = map.epoch,
+            serving = map.serving,
+            live = seen.live.len(),
+            "new slot map for the shards"
+        );
+        self.slots_seen = Some(seen);
+        self.post_all(FromCluster::Slots(map));
     }
 
     /// Writes this pass's frames and posts.

@@ -5,15 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::ownership::stable_hash;
-
-/// How many slots the client ids hash to.
-pub const SLOTS: u16 = 4096;
-
-/// The slot of a client id: the same stable hash the shards use, modulo [`SLOTS`].
-pub fn slot_of(client_id: &[u8]) -> u16 {
-    (stable_hash(client_id) % SLOTS as u64) as u16
-}
+pub use crate::session::ownership::{slot_of, SLOTS};
 
 /// A run of slots `first..=last` owned by `node` since `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +91,81 @@ impl SlotTable {
     }
 }
 
+impl SlotTable {
+    /// The owner of each slot, with its epoch.
+    fn expand(&self) -> Vec<(&str, u64)> {
+        let mut v = Vec::with_capacity(SLOTS as usize);
+        for r in &self.ranges {
+            for _ in r.first..=r.last {
+                v.push((r.node.as_str(), r.epoch));
+            }
+        }
+        v
+    }
+
+    /// What `me` gives away to even the shares out: its own slots, highest first, to the
+    /// live member with the fewest, while `me` holds more than its fair share (the
+    /// ceiling of an even split among `live`) and that member less than the floor.
+    pub fn plan_give(&self, me: &str, live: &[String]) -> Option<(String, Vec<u16>)> {
+        if live.len() < 2 || !live.iter().any(|l| l == me) {
+            return None;
+        }
+        let counts = self.counts();
+        let n = live.len() as u32;
+        let (floor, ceil) = (SLOTS as u32 / n, (SLOTS as u32).div_ceil(n));
+        let mine = counts.get(me).copied().unwrap_or(0);
+        let (to, theirs) = live
+            .iter()
+            .filter(|l| *l != me)
+            .map(|l| (l, counts.get(l.as_str()).copied().unwrap_or(0)))
+            .min_by_key(|(l, c)| (*c, (*l).clone()))?;
+        if mine <= ceil || theirs >= floor {
+            return None;
+        }
+        let k = (mine - ceil).min(floor - theirs) as usize;
+        let give: Vec<u16> = self
+            .expand()
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, (o, _))| *o == me)
+            .take(k)
+            .map(|(i, _)| i as u16)
+            .collect();
+        (!give.is_empty()).then(|| (to.clone(), give))
+    }
+
+    /// This table with `slots` owned by `node` at a new epoch (one above the table's).
+    pub fn with_owner(&self, slots: &[u16], node: &str) -> SlotTable {
+        let epoch = self.epoch + 1;
+        let mut owners: Vec<(String, u64)> = self
+            .expand()
+            .into_iter()
+            .map(|(o, e)| (o.to_string(), e))
+            .collect();
+        for &s in slots {
+            if let Some(x) = owners.get_mut(s as usize) {
+                *x = (node.to_string(), epoch);
+            }
+        }
+        let mut ranges: Vec<SlotRange> = Vec::new();
+        for (i, (node, e)) in owners.into_iter().enumerate() {
+            match ranges.last_mut() {
+                Some(r) if r.node == node && r.epoch == e && r.last as usize + 1 == i => {
+                    r.last = i as u16
+                }
+                _ => ranges.push(SlotRange {
+                    first: i as u16,
+                    last: i as u16,
+                    node,
+                    epoch: e,
+                }),
+            }
+        }
+        SlotTable { epoch, ranges }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +225,44 @@ mod tests {
         let past_end = r#"{"epoch":1,"ranges":[{"first":0,"last":4096,"node":"a","epoch":1}]}"#;
         assert!(SlotTable::decode(past_end.as_bytes()).is_err());
         assert!(SlotTable::decode(b"[]").is_err());
+    }
+
+    #[test]
+    fn shares_even_out_one_step_at_a_time() {
+        let live = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = SlotTable::initial("a");
+        assert_eq!(t.plan_give("a", &live(&["a"])), None);
+        // b joins: a gives it half, its highest slots.
+        let (to, give) = t.plan_give("a", &live(&["a", "b"])).unwrap();
+        assert_eq!(to, "b");
+        assert_eq!(give.len(), 2048);
+        assert!(give.iter().all(|&s| s >= 2048));
+        let t2 = t.with_owner(&give, "b");
+        assert_eq!(SlotTable::decode(t2.encode().as_bytes()).as_ref(), Ok(&t2));
+        assert_eq!(t2.epoch, 2);
+        assert_eq!(t2.ranges.len(), 2);
+        assert_eq!(t2.owner(4095), Some(("b", 2)));
+        assert_eq!(t2.owner(0), Some(("a", 1)));
+        // Balanced: nothing more; b gives nothing to a.
+        assert_eq!(t2.plan_give("a", &live(&["a", "b"])), None);
+        assert_eq!(t2.plan_give("b", &live(&["a", "b"])), None);
+        // c joins: a and b each give it a share, and then all three are within two slots.
+        let (to, give) = t2.plan_give("a", &live(&["a", "b", "c"])).unwrap();
+        assert_eq!(to, "c");
+        let t3 = t2.with_owner(&give, "c");
+        let (to, give) = t3.plan_give("b", &live(&["a", "b", "c"])).unwrap();
+        assert_eq!(to, "c");
+        let t4 = t3.with_owner(&give, "c");
+        assert_eq!(SlotTable::decode(t4.encode().as_bytes()).as_ref(), Ok(&t4));
+        let c = t4.counts();
+        let (a, b, cc) = (c["a"], c["b"], c["c"]);
+        assert_eq!(a + b + cc, 4096);
+        assert!(a.abs_diff(cc) <= 2 && b.abs_diff(cc) <= 2, "{a} {b} {cc}");
+        for me in ["a", "b", "c"] {
+            assert_eq!(t4.plan_give(me, &live(&["a", "b", "c"])), None);
+        }
+        // A node that is not live gets nothing; a node not in the live list gives nothing.
+        assert_eq!(t.plan_give("z", &live(&["a", "b"])), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::protocol::{
     Packet, ProtocolVersion, ReasonCode,
 };
 use crate::session::owner_shard;
+use crate::shard::api::Placement;
 use crate::shard::service::BrokerShard;
 use shards::Shard;
 
@@ -124,6 +125,12 @@ pub(super) enum Placed {
     },
     /// Hand it to the owner shard, with every byte read.
     Owner { owner: usize, bytes: BytesMut },
+    /// Relay it to the node that owns the client (a cluster), with every byte read.
+    Node {
+        addr: std::net::SocketAddr,
+        bytes: BytesMut,
+        version: ProtocolVersion,
+    },
     /// Refused (answered already) or lost.
     Done,
 }
@@ -164,8 +171,40 @@ where
             refuse(writer, version, ReasonCode::ClientIdentifierNotValid).await;
             return Placed::Done;
         }
-        let seed = shard.service().next_seed();
-        assigned = Some(shard.service().assign_client_id(seed));
+        assigned = assign_owned_id(shard);
+        if assigned.is_none() {
+            // A cluster node that owns no slot (or almost none): the client gets its id
+            // where it is served.
+            return match shard.service().any_owner() {
+                Placement::Node(addr) => Placed::Node {
+                    addr,
+                    bytes: buf,
+                    version,
+                },
+                _ => {
+                    refuse(writer, version, ReasonCode::ServerUnavailable).await;
+                    Placed::Done
+                }
+            };
+        }
+    }
+    let placement = match &assigned {
+        Some(_) => Placement::Here,
+        None => shard.service().placement(connect.client_id.as_bytes()),
+    };
+    match placement {
+        Placement::Here => {}
+        Placement::Node(addr) => {
+            return Placed::Node {
+                addr,
+                bytes: buf,
+                version,
+            }
+        }
+        Placement::Unavailable => {
+            refuse(writer, version, ReasonCode::ServerUnavailable).await;
+            return Placed::Done;
+        }
     }
     let owner = match &assigned {
         Some(_) => shard.id().index(),
@@ -182,6 +221,18 @@ where
     } else {
         Placed::Owner { owner, bytes: buf }
     }
+}
+
+/// A client id for a client that sent none, in a slot this node owns (a broker alone owns
+/// them all); `None` when this node owns no slot, or so few that 256 tries missed them.
+fn assign_owned_id(shard: &Shard<BrokerShard>) -> Option<MqttStr> {
+    let svc = shard.service();
+    if !svc.owns_slots() {
+        return None;
+    }
+    (0..256)
+        .map(|_| svc.assign_client_id(svc.next_seed()))
+        .find(|id| svc.placement(id.as_bytes()) == Placement::Here)
 }
 
 /// Answers a CONNECT that did not decode: a CONNACK in the version the client claims when

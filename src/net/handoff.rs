@@ -86,6 +86,18 @@ pub(super) async fn handshake(
             return;
         }
         Placed::Owner { owner, bytes } => (owner, bytes),
+        Placed::Node {
+            addr,
+            bytes,
+            version,
+        } => {
+            Box::pin(super::relay::relay_to_node(
+                reader, writer, addr, bytes, version,
+            ))
+            .await;
+            drop(guard);
+            return;
+        }
     };
     // Hand the socket to its owner: duplicate the fd (dropping the stream closes its own),
     // then send the copy with every byte read so far.

@@ -2,7 +2,7 @@
 //! upgrade, CONNECT, and then either serving the connection here or relaying it to the
 //! owner shard through a socket pair (see the module doc of [`crate::net`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -11,10 +11,11 @@ use glommio::net::{TcpStream, UnixStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use super::conn::{serve, Client, CLOSE_DRAIN};
-use super::connect::{handshake_limits, place, Placed};
+use super::connect::{handshake_limits, place, refuse, Placed};
 use super::handoff::hand_off;
 use super::{tls, ws, Listener};
 use crate::config::Transport;
+use crate::protocol::{ProtocolVersion, ReasonCode};
 use crate::shard::event::{ConnGuard, Handoff, HandoffSocket};
 use crate::shard::service::BrokerShard;
 use shards::Shard;
@@ -121,6 +122,11 @@ pub(super) async fn handshake(
             tracing::debug!(listener = %listener.name, owner, "relaying to the owner shard");
             relay(&shard, owner, reader, writer, bytes, client).await
         }
+        Placed::Node {
+            addr,
+            bytes,
+            version,
+        } => relay_to_node(reader, writer, addr, bytes, version).await,
     }
     drop(guard);
 }
@@ -201,6 +207,53 @@ async fn relay(
     future::or(
         async {
             upstream.await;
+        },
+        glommio::timer::sleep(CLOSE_DRAIN),
+    )
+    .await;
+}
+
+/// How long dialling another node's client listener may take.
+const NODE_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Relays a client to the cluster node that owns it: a TCP connection to that node's
+/// client listener, the bytes read so far (its CONNECT) first, then both directions until
+/// they end. The owner sees the connection as coming from this node. A node that cannot
+/// be reached: "server unavailable", and the client tries again.
+pub(super) async fn relay_to_node<R, W>(
+    reader: R,
+    mut writer: W,
+    addr: std::net::SocketAddr,
+    bytes: BytesMut,
+    version: ProtocolVersion,
+) where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin,
+{
+    let dial = future::or(async { Some(TcpStream::connect(addr).await) }, async {
+        glommio::timer::sleep(NODE_DIAL_TIMEOUT).await;
+        None
+    })
+    .await;
+    let mut upstream = match dial {
+        Some(Ok(s)) => s,
+        other => {
+            tracing::debug!(%addr, error = ?other.map(|r| r.err()), "cannot reach the owner node");
+            refuse(&mut writer, version, ReasonCode::ServerUnavailable).await;
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if upstream.write_all(&bytes).await.is_err() {
+        refuse(&mut writer, version, ReasonCode::ServerUnavailable).await;
+        return;
+    }
+    let (from_owner, to_owner) = futures_lite::io::split(upstream);
+    let up = glommio::spawn_local(pump(reader, to_owner));
+    pump(from_owner, writer).await;
+    future::or(
+        async {
+            up.await;
         },
         glommio::timer::sleep(CLOSE_DRAIN),
     )

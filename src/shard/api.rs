@@ -7,7 +7,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use super::core::cluster::{ClusterLink, FromCluster, NodeIx, Reply, ToCluster, NODES_MAX};
+pub use super::core::cluster::{
+    ClusterLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
+    NODES_MAX, SLOT_HERE, SLOT_NOWHERE,
+};
 pub use super::core::inspect::SEARCH_BYTES_MAX;
 pub use super::core::{
     Accepted, ConnCtx, CoreStats, Ending, Flow, Login, LoginStep, Page, RetainedInfo,
@@ -51,6 +54,10 @@ pub enum Query {
     },
     /// Work from the cluster thread (posted, never answered: see `Control::post`).
     Cluster(Vec<FromCluster>),
+    /// The slots this shard holds sessions in (answered with `Answer::Slots`).
+    SlotsInUse,
+    /// Whether this shard has the cluster's slot table (`Answer::Ready`).
+    SlotMapReady,
     /// By topic; each shard lists the topics it owns.
     Retained {
         after: Option<String>,
@@ -75,6 +82,8 @@ pub enum Answer {
     Retained(Page<RetainedInfo>),
     /// A posted query was handled.
     Done,
+    Slots(Box<SlotBits>),
+    Ready(bool),
 }
 
 /// One shard's counters and gauges.

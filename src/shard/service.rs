@@ -13,7 +13,7 @@ use shards::{Outbox, Service, Shard, ShardId};
 
 pub use super::api::{Answer, Query, ShardStats};
 use super::budget::QueuedBudget;
-use super::core::cluster::ClusterLink;
+use super::core::cluster::{ClusterLink, Placement};
 use super::core::{Core, EventSink, Login, Verification};
 use super::event::{Event, Handoff, Mail};
 use super::history::{RateHistory, RatePoint};
@@ -204,6 +204,21 @@ impl std::fmt::Debug for BrokerShard {
 }
 
 impl BrokerShard {
+    /// Where the client `client_id` is served (this node, another node, nowhere now).
+    pub fn placement(&self, client_id: &[u8]) -> Placement {
+        self.core.borrow().placement(client_id)
+    }
+
+    /// Whether this node owns any slot (a client id assigned here must be in one).
+    pub fn owns_slots(&self) -> bool {
+        self.core.borrow().owns_slots()
+    }
+
+    /// Any node that owns slots (for a client with no id when this node owns none).
+    pub fn any_owner(&self) -> Placement {
+        self.core.borrow().any_owner()
+    }
+
     /// Makes this shard a cluster node's shard, talking to the cluster thread over `link`.
     pub fn with_cluster(self, link: Option<ClusterLink>) -> BrokerShard {
         if let Some(l) = link {
@@ -675,6 +690,8 @@ impl Service for BrokerShard {
                 }
                 Answer::Done
             }
+            Query::SlotsInUse => Answer::Slots(Box::new(self.core.borrow().slots_in_use())),
+            Query::SlotMapReady => Answer::Ready(self.core.borrow().has_slot_map()),
             Query::Stats => Answer::Stats(Box::new(self.stats())),
             Query::SetAuth(auth) => {
                 self.core.borrow_mut().set_auth(auth);

@@ -76,7 +76,7 @@ pub fn prefix(test: &str) -> String {
 }
 
 /// Three nodes `a`, `b`, `c` with one shard each, started in order, returned once every
-/// node sees every other up with a live link.
+/// node sees every other up with a live link and the slots are shared out evenly.
 pub fn three_nodes(etcd: &Etcd, prefix: &str) -> [TestBroker; 3] {
     let nodes = [
         start_node("a", etcd, prefix),
@@ -84,7 +84,54 @@ pub fn three_nodes(etcd: &Etcd, prefix: &str) -> [TestBroker; 3] {
         start_node("c", etcd, prefix),
     ];
     wait_linked(&[&nodes[0], &nodes[1], &nodes[2]]);
+    wait_balanced(&nodes[0], &["a", "b", "c"]);
     nodes
+}
+
+/// Waits until `node` sees the slots shared out evenly (within two) among `ids`.
+pub fn wait_balanced(node: &TestBroker, ids: &[&str]) {
+    let fair = 4096 / ids.len() as u64;
+    wait_until("the slots shared out", TIMEOUT, || {
+        let v = node.admin_json("/api/cluster");
+        ids.iter().all(|id| {
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == *id && m["slots"].as_u64().unwrap() + 2 >= fair)
+        })
+    });
+}
+
+/// The node the slot table in etcd gives the session of `client_id` to.
+pub fn owner_of(etcd: &Etcd, prefix: &str, client_id: &str) -> String {
+    let table: Value =
+        serde_json::from_str(&etcd.get(&format!("{prefix}/slots")).unwrap()).unwrap();
+    let slot = shardmq::cluster::slot_of(client_id.as_bytes()) as u64;
+    table["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["first"].as_u64().unwrap() <= slot && slot <= r["last"].as_u64().unwrap())
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+/// A client id starting with `stem` whose session the slot table in etcd gives to `node`.
+pub fn id_owned_by(etcd: &Etcd, prefix: &str, node: &str, stem: &str) -> String {
+    let table: Value =
+        serde_json::from_str(&etcd.get(&format!("{prefix}/slots")).unwrap()).unwrap();
+    (0..100_000)
+        .map(|i| format!("{stem}-{i}"))
+        .find(|id| {
+            let slot = shardmq::cluster::slot_of(id.as_bytes()) as u64;
+            table["ranges"].as_array().unwrap().iter().any(|r| {
+                r["node"] == node
+                    && r["first"].as_u64().unwrap() <= slot
+                    && slot <= r["last"].as_u64().unwrap()
+            })
+        })
+        .unwrap_or_else(|| panic!("no id owned by {node}"))
 }
 
 /// Waits until every node sees every other up with a live link.

@@ -153,6 +153,22 @@ impl RawClient {
         }
     }
 
+    /// Connects and returns the CONNACK's reason code, or `None` when none came within
+    /// `wait` (a bounded try, for a test that retries).
+    pub fn connack_within(
+        addr: SocketAddr,
+        opts: &ConnectOpts,
+        wait: Duration,
+    ) -> Option<ReasonCode> {
+        let mut c = RawClient::tcp(addr);
+        c.version = opts.version;
+        c.send(&opts.packet());
+        match c.read_frame_until(Instant::now() + wait) {
+            Ok((Packet::ConnAck(a), _)) => Some(a.reason_code),
+            _ => None,
+        }
+    }
+
     /// Connects and returns the CONNACK, whatever it says.
     pub fn connect_raw(addr: SocketAddr, opts: &ConnectOpts) -> (RawClient, ConnAck) {
         let mut c = RawClient::tcp(addr);

@@ -22,6 +22,14 @@ pub fn owner_shard(client_id: &[u8], shards: usize) -> usize {
     (stable_hash(client_id) % shards as u64) as usize
 }
 
+/// How many slots client ids hash to for ownership across the nodes of a cluster.
+pub const SLOTS: u16 = 4096;
+
+/// The cluster slot (`0..SLOTS`) of `client_id`: the same stable hash, modulo [`SLOTS`].
+pub fn slot_of(client_id: &[u8]) -> u16 {
+    (stable_hash(client_id) % SLOTS as u64) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,49 @@ pub enum FromCluster {
     ClearRoutes { node: NodeIx },
     /// The nodes that are members now (retained messages go to each of them).
     Members(ShardSet),
+    /// Who owns which slot now, and whether this node may serve its own.
+    Slots(Arc<SlotMap>),
+    /// Serve no new session in these slots (they are about to move to another node) until
+    /// a slot table newer than this epoch arrives; an empty set lifts the hold.
+    Hold(u64, Arc<SlotBits>),
+}
+
+/// A set of slots, one bit each.
+pub type SlotBits = [u64; crate::session::ownership::SLOTS as usize / 64];
+
+fn has_bit(bits: &SlotBits, slot: u16) -> bool {
+    bits[slot as usize / 64] & (1 << (slot % 64)) != 0
+}
+
+/// A slot owned by this node (in [`SlotMap::owner`]).
+pub const SLOT_HERE: u16 = u16::MAX;
+/// A slot whose owner cannot be reached now (no live record, no relay address).
+pub const SLOT_NOWHERE: u16 = u16::MAX - 1;
+
+/// The slot table as the shards use it: per slot, this node, another node's index, or
+/// nowhere; per node index, the address its client connections are relayed to.
+#[derive(Debug, Default)]
+pub struct SlotMap {
+    /// The slot table's epoch this map was made from.
+    pub epoch: u64,
+    /// Indexed by slot (`cluster::slot_of`), [`SLOTS`](crate::cluster::SLOTS) entries.
+    pub owner: Vec<u16>,
+    /// Indexed by node index: the plain TCP listener of that node.
+    pub relay: Vec<Option<std::net::SocketAddr>>,
+    /// This node holds its lease: it may serve the slots it owns. A fenced node refuses
+    /// every CONNECT and has closed its clients.
+    pub serving: bool,
+}
+
+/// Where a client is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On this node.
+    Here,
+    /// Relayed to another node's client listener.
+    Node(std::net::SocketAddr),
+    /// Nowhere now: answered "server unavailable" (the client retries).
+    Unavailable,
 }
 
 /// The channels to the cluster thread: `data` (bounded: publishes) and `control`
@@ -78,6 +121,47 @@ pub enum FromCluster {
 pub struct ClusterLink {
     pub data: tokio::sync::mpsc::Sender<ToCluster>,
     pub control: tokio::sync::mpsc::UnboundedSender<ToCluster>,
+    /// Until when this node's lease surely holds, by this node's clock (see [`LeaseClock`]):
+    /// past it, no CONNECT is served here, whatever the cluster thread has said so far (a
+    /// node resumed after a freeze must not serve before it has heard from etcd).
+    pub lease: LeaseClock,
+}
+
+/// A lease deadline shared by the cluster thread (which moves it on every renewal) and
+/// the shards (which read it for every CONNECT): one atomic, milliseconds since `origin`.
+#[derive(Clone, Debug)]
+pub struct LeaseClock {
+    origin: Instant,
+    until_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for LeaseClock {
+    fn default() -> Self {
+        LeaseClock {
+            origin: Instant::now(),
+            until_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LeaseClock {
+    /// The lease holds until `t`.
+    pub fn hold_until(&self, t: Instant) {
+        let ms = t.saturating_duration_since(self.origin).as_millis() as u64;
+        self.until_ms
+            .store(ms, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The lease is gone (fenced, leaving).
+    pub fn drop_now(&self) {
+        self.until_ms.store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the lease surely holds at `now`.
+    pub fn holds(&self, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        ms < self.until_ms.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// The shard's cluster state.
@@ -89,6 +173,11 @@ pub(super) struct ClusterPort {
     /// Per node, its filters (to forget them all at once).
     by_node: HashMap<NodeIx, hashbrown::HashSet<Arc<str>>>,
     members: ShardSet,
+    /// `None` until the cluster thread has sent the table.
+    slots: Option<Arc<SlotMap>>,
+    /// Slots about to move away: no new session in them, until a table newer than the
+    /// epoch arrives.
+    held: Option<(u64, Arc<SlotBits>)>,
 }
 
 impl ClusterPort {
@@ -98,6 +187,8 @@ impl ClusterPort {
             routes: RoutingIndex::default(),
             by_node: HashMap::new(),
             members: ShardSet::default(),
+            slots: None,
+            held: None,
         }
     }
 
@@ -234,7 +325,99 @@ impl Core {
                     c.members = set;
                 }
             }
+            FromCluster::Hold(epoch, bits) => {
+                if let Some(c) = &mut self.cluster {
+                    c.held = bits.iter().any(|w| *w != 0).then_some((epoch, bits));
+                }
+            }
+            FromCluster::Slots(map) => {
+                let fenced = !map.serving;
+                if let Some(c) = &mut self.cluster {
+                    if c.held.as_ref().is_some_and(|(e, _)| map.epoch > *e) {
+                        c.held = None;
+                    }
+                    c.slots = Some(map);
+                }
+                if fenced {
+                    // Nothing this node owns may be served while another might: its clients
+                    // are told to go elsewhere (they reconnect, and are placed again).
+                    self.disconnect_all(ReasonCode::UseAnotherServer);
+                }
+            }
         }
+    }
+
+    /// Where the client `client_id` is served (always here for a broker that runs alone).
+    pub fn placement(&self, client_id: &[u8]) -> Placement {
+        let Some(c) = &self.cluster else {
+            return Placement::Here;
+        };
+        let Some(map) = &c.slots else {
+            return Placement::Unavailable;
+        };
+        if !map.serving || !c.link.lease.holds(Instant::now()) {
+            return Placement::Unavailable;
+        }
+        let slot = crate::session::ownership::slot_of(client_id);
+        if c.held.as_ref().is_some_and(|(_, h)| has_bit(h, slot)) {
+            return Placement::Unavailable;
+        }
+        match map.owner.get(slot as usize).copied() {
+            Some(SLOT_HERE) => Placement::Here,
+            Some(n) => match map.relay.get(n as usize).copied().flatten() {
+                Some(addr) => Placement::Node(addr),
+                None => Placement::Unavailable,
+            },
+            None => Placement::Unavailable,
+        }
+    }
+
+    /// The slots this shard holds sessions in.
+    pub fn slots_in_use(&self) -> SlotBits {
+        let mut bits = [0u64; crate::session::ownership::SLOTS as usize / 64];
+        for id in self.sessions.keys() {
+            let s = crate::session::ownership::slot_of(id.as_bytes());
+            bits[s as usize / 64] |= 1 << (s % 64);
+        }
+        bits
+    }
+
+    /// Whether this shard has the slot table (a cluster node's shard serves nobody before).
+    pub fn has_slot_map(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.slots.is_some())
+    }
+
+    /// A CONNECT reaching the core for a client this node does not serve now (its slot
+    /// moved, or this node was fenced, since the connection was placed): refused as
+    /// "server unavailable"; the client retries and is placed again.
+    pub(super) fn check_placement(&self, client_id: &MqttStr) -> Result<(), ReasonCode> {
+        match self.placement(client_id.as_bytes()) {
+            Placement::Here => Ok(()),
+            _ => Err(ReasonCode::ServerUnavailable),
+        }
+    }
+
+    /// Whether this node owns any slot (a client id assigned here must be in one).
+    pub fn owns_slots(&self) -> bool {
+        match &self.cluster {
+            None => true,
+            Some(c) => c
+                .slots
+                .as_ref()
+                .is_some_and(|m| m.serving && m.owner.contains(&SLOT_HERE)),
+        }
+    }
+
+    /// Any node that owns slots (where a client with no id is relayed when this node owns
+    /// none).
+    pub fn any_owner(&self) -> Placement {
+        let Some(map) = self.cluster.as_ref().and_then(|c| c.slots.as_ref()) else {
+            return Placement::Unavailable;
+        };
+        map.owner
+            .iter()
+            .find_map(|&n| map.relay.get(n as usize).copied().flatten())
+            .map_or(Placement::Unavailable, Placement::Node)
     }
 
     /// A message another node sent: routed inside this node; with `id`, answered once
@@ -259,6 +442,16 @@ impl Core {
         }
     }
 
+    /// Closes every client connection of this shard with `rc` (MQTT 5 hears it in a
+    /// DISCONNECT).
+    fn disconnect_all(&mut self, rc: ReasonCode) {
+        for s in self.sessions.values() {
+            if let Some(l) = &s.link {
+                l.out.close(Some(rc));
+            }
+        }
+    }
+
     /// Whether this shard belongs to a cluster node.
     pub(super) fn clustered(&self) -> bool {
         self.cluster.is_some()
@@ -272,7 +465,27 @@ mod tests {
     fn link() -> (ClusterLink, tokio::sync::mpsc::UnboundedReceiver<ToCluster>) {
         let (data, _) = tokio::sync::mpsc::channel(4);
         let (control, rx) = tokio::sync::mpsc::unbounded_channel();
-        (ClusterLink { data, control }, rx)
+        (
+            ClusterLink {
+                data,
+                control,
+                lease: LeaseClock::default(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn the_lease_clock_holds_until_its_deadline() {
+        let c = LeaseClock::default();
+        let now = Instant::now();
+        assert!(!c.holds(now));
+        c.hold_until(now + Duration::from_secs(3));
+        assert!(c.holds(now));
+        assert!(c.holds(now + Duration::from_millis(2999)));
+        assert!(!c.holds(now + Duration::from_secs(3)));
+        c.drop_now();
+        assert!(!c.holds(now));
     }
 
     #[test]

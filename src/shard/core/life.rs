@@ -35,7 +35,8 @@ impl Core {
             .unwrap_or_else(|| c.client_id.detached());
         let username = login.username.as_ref().map(|u| u.detached());
         let admitted = self
-            .admit_connect(c, &client_id, &login)
+            .check_placement(&client_id)
+            .and_then(|()| self.admit_connect(c, &client_id, &login))
             .and_then(|()| self.check_owner(c, &client_id, &username, login.peer));
         if let Err(rc) = admitted {
             out.send(&Packet::ConnAck(Box::new(ConnAck {
