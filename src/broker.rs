@@ -451,7 +451,8 @@ fn join_cluster(
 /// Waits until every shard has the cluster's slot table: before it, a cluster node's
 /// shards serve nobody (they cannot tell whose clients are theirs).
 fn wait_slot_map(pool: &Pool<BrokerShard, ()>) -> Result<(), StartError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Beyond the plane's wait for the other nodes' routes.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = pool
             .control()
@@ -465,7 +466,7 @@ fn wait_slot_map(pool: &Pool<BrokerShard, ()>) -> Result<(), StartError> {
         if Instant::now() > deadline {
             pool.control().stop();
             return Err(StartError::Cluster(
-                "the shards did not get the slot table within 10 s".into(),
+                "the shards did not get the slot table within 30 s".into(),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));

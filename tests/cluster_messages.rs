@@ -196,7 +196,7 @@ fn a_publish_for_a_dead_nodes_persistent_session_is_never_acknowledged_as_succes
     );
 
     // b comes back with its disk: its session and route return, and publishes succeed.
-    let b = TestBroker::start_in(1, &node_toml("b", &etcd, &p), dir);
+    let b = TestBroker::start_in(1, &node_toml_ttl("b", &etcd, &p, 6), dir);
     wait_linked(&[&a, &b, &c]);
     assert_eq!(
         pubr.publish_v5(msg("d/4", b"four", QoS::AtLeastOnce)),

@@ -35,22 +35,23 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shardmq::protocol::{Ack, Packet, Publish, QoS, ReasonCode};
-use support::raw::{publish_packet, ConnectOpts, RawClient, ReadEnd};
+use shardmq::protocol::{Ack, Packet, QoS, ReasonCode};
+use support::crash::{
+    crash_drain, publish_through_crashes, verify_crash, CrashPublisher, CrashTarget, Rng,
+    CRASH_TOPIC,
+};
+use support::raw::{publish_packet, ConnectOpts, RawClient};
 use support::{id_on_shard, owner, rt, stdout_lines, topic_on_shard, TestBroker, TIMEOUT};
 
 // ------------------------------------------------------------------------------ helpers
 
-fn text(p: &Publish) -> String {
-    String::from_utf8_lossy(&p.payload).into_owned()
-}
+use support::crash::text;
 
 /// How the broker is interrupted between publishing and the subscriber's return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -881,209 +882,6 @@ fn a_will_published_before_a_restart_is_not_published_again() {
 
 // ------------------------------------------------------------------------------ 4. crash test
 
-/// splitmix64: a small seeded generator (the test must replay from its printed seed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    Sent,
-    /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
-    Released,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Flight {
-    n: u64,
-    qos: QoS,
-    stage: Stage,
-    /// Order of the first send, for resending in the original order.
-    order: u64,
-}
-
-const CRASH_TOPIC: &str = "crash/t";
-/// Messages in flight at once from the publisher.
-const WINDOW: usize = 16;
-/// Packet ids cycle through this range, so ids are reused while the test runs (a stale
-/// incoming QoS 2 id after a crash would swallow a new message).
-const PID_SPACE: u16 = 40;
-
-/// The publisher: a raw persistent 3.1.1 client that knows exactly which acknowledgements it
-/// received.
-struct CrashPublisher {
-    id: String,
-    flights: BTreeMap<u16, Flight>,
-    next_n: u64,
-    next_pid: u16,
-    order: u64,
-    sends: u64,
-    resends: u64,
-    acked_q1: BTreeSet<u64>,
-    recd_q2: BTreeSet<u64>,
-    completed_q2: BTreeSet<u64>,
-    qos_of: HashMap<u64, QoS>,
-    /// Messages whose PUBLISH was sent again (DUP) after a kill.
-    resent: BTreeSet<u64>,
-}
-
-impl CrashPublisher {
-    fn payload(n: u64, qos: QoS) -> String {
-        format!("{n}:{}", qos as u8)
-    }
-
-    fn free_pid(&mut self) -> u16 {
-        loop {
-            self.next_pid = self.next_pid % PID_SPACE + 1;
-            if !self.flights.contains_key(&self.next_pid) {
-                return self.next_pid;
-            }
-        }
-    }
-
-    /// Publishes the next numbered message (QoS chosen by `rng`).
-    fn send_new(&mut self, c: &mut RawClient, rng: &mut Rng) {
-        let n = self.next_n;
-        self.next_n += 1;
-        let qos = if rng.next().is_multiple_of(2) {
-            QoS::AtLeastOnce
-        } else {
-            QoS::ExactlyOnce
-        };
-        self.qos_of.insert(n, qos);
-        let pid = self.free_pid();
-        self.order += 1;
-        self.flights.insert(
-            pid,
-            Flight {
-                n,
-                qos,
-                stage: Stage::Sent,
-                order: self.order,
-            },
-        );
-        self.sends += 1;
-        c.send(&publish_packet(
-            CRASH_TOPIC,
-            Self::payload(n, qos).as_bytes(),
-            qos,
-            false,
-            Some(pid),
-            false,
-        ));
-    }
-
-    /// After a reconnect with the stored session: unacknowledged PUBLISHes again with DUP and
-    /// the same packet ids, and PUBREL for those whose PUBREC came (MQTT-4.4.0-1).
-    fn resend(&mut self, c: &mut RawClient) {
-        let mut v: Vec<(u16, Flight)> = self.flights.iter().map(|(p, f)| (*p, *f)).collect();
-        v.sort_by_key(|(_, f)| f.order);
-        for (pid, f) in v {
-            self.resends += 1;
-            if f.stage == Stage::Sent {
-                self.resent.insert(f.n);
-            }
-            match f.stage {
-                Stage::Sent => c.send(&publish_packet(
-                    CRASH_TOPIC,
-                    Self::payload(f.n, f.qos).as_bytes(),
-                    f.qos,
-                    false,
-                    Some(pid),
-                    true,
-                )),
-                Stage::Released => c.send(&Packet::PubRel(Ack::new(support::raw::pid(pid)))),
-            }
-        }
-    }
-
-    /// Handles one packet from the broker; returns whether it was an acknowledgement that
-    /// counts (PUBACK or PUBREC). `alive` = the broker can still be written to.
-    fn on_packet(&mut self, c: &mut RawClient, p: Packet, alive: bool) -> bool {
-        match p {
-            Packet::PubAck(a) => {
-                let pid = a.packet_id.get();
-                match self.flights.get(&pid) {
-                    Some(f) if f.qos == QoS::AtLeastOnce => {
-                        self.acked_q1.insert(f.n);
-                        self.flights.remove(&pid);
-                        true
-                    }
-                    other => panic!("PUBACK for packet id {pid}, which is {other:?}"),
-                }
-            }
-            Packet::PubRec(a) => {
-                let pid = a.packet_id.get();
-                match self.flights.get_mut(&pid) {
-                    Some(f) if f.qos == QoS::ExactlyOnce && f.stage == Stage::Sent => {
-                        f.stage = Stage::Released;
-                        self.recd_q2.insert(f.n);
-                        if alive {
-                            c.send(&Packet::PubRel(Ack::new(a.packet_id)));
-                        }
-                        true
-                    }
-                    other => panic!("PUBREC for packet id {pid}, which is {other:?}"),
-                }
-            }
-            Packet::PubComp(a) => {
-                let pid = a.packet_id.get();
-                match self.flights.get(&pid) {
-                    Some(f) if f.stage == Stage::Released => {
-                        self.completed_q2.insert(f.n);
-                        self.flights.remove(&pid);
-                        false
-                    }
-                    other => panic!("PUBCOMP for packet id {pid}, which is {other:?}"),
-                }
-            }
-            other => panic!("the publisher got {other:?}"),
-        }
-    }
-}
-
-/// A persistent subscriber of the crash test connects and drains its queue up to the final
-/// marker, acknowledging everything. Returns the message numbers delivered, with the QoS
-/// each was delivered at.
-fn crash_drain(addr: SocketAddr, opts: &ConnectOpts, end: &str) -> Vec<(u64, QoS)> {
-    let (mut c, present) = RawClient::connect(addr, opts);
-    assert!(
-        present,
-        "{}: session present after the crashes",
-        opts.client_id
-    );
-    let mut got = Vec::new();
-    loop {
-        let p = c.recv_publish_ack();
-        let s = text(&p);
-        if s == end {
-            break;
-        }
-        let n: u64 = s
-            .split(':')
-            .next()
-            .and_then(|x| x.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected payload {s:?}"));
-        got.push((n, p.qos));
-    }
-    c.disconnect();
-    got
-}
-
 /// The crash test (about 10-60 s; bounded by `support::TIMEOUT` per wait). Two shards; a QoS 1
 /// subscriber owned by shard 0 and a QoS 2 subscriber (MQTT 5) owned by shard 1, both on
 /// `crash/t`, both offline; a raw persistent publisher owned by shard 0 keeps 16 numbered
@@ -1110,9 +908,8 @@ fn crash_test_acknowledged_messages_survive_sigkill() {
     eprintln!("crash test seed: {seed} (replay with SHARDMQ_CRASH_SEED={seed})");
     let mut rng = Rng(seed);
     let started = Instant::now();
-    let toml = "";
 
-    let mut b = TestBroker::start(2);
+    let b = TestBroker::start(2);
     let sub1 = ConnectOpts::v311(&id_on_shard("crash-q1", 0, 2), false);
     let sub2 = ConnectOpts::v5(&id_on_shard("crash-q2", 1, 2), false).expiry(EXPIRY_S);
     {
@@ -1124,203 +921,45 @@ fn crash_test_acknowledged_messages_survive_sigkill() {
         c.disconnect();
     }
 
-    let mut publ = CrashPublisher {
-        id: id_on_shard("crash-pub", 0, 2),
-        flights: BTreeMap::new(),
-        next_n: 0,
-        next_pid: 0,
-        order: 0,
-        sends: 0,
-        resends: 0,
-        acked_q1: BTreeSet::new(),
-        recd_q2: BTreeSet::new(),
-        completed_q2: BTreeSet::new(),
-        qos_of: HashMap::new(),
-        resent: BTreeSet::new(),
-    };
+    let mut publ = CrashPublisher::new(id_on_shard("crash-pub", 0, 2));
     let kills = rng.range(4, 6);
-    let final_extra = 100u64;
-    let mut acks = 0u64;
-    let mut kill_log = Vec::new();
-    for segment in 0..=kills {
-        let opts = ConnectOpts::v311(&publ.id, false);
-        let (mut c, present) = RawClient::connect(b.addr, &opts);
-        assert_eq!(
-            present,
-            segment > 0,
-            "the publisher's session after {segment} kills"
-        );
-        publ.resend(&mut c);
-        let last = segment == kills;
-        let target = acks + rng.range(40, 400);
-        let stop_at = publ.next_n + final_extra;
-        loop {
-            while publ.flights.len() < WINDOW && (!last || publ.next_n < stop_at) {
-                publ.send_new(&mut c, &mut rng);
-            }
-            if last && publ.flights.is_empty() {
-                break;
-            }
-            let (p, _) = c.recv_frame();
-            if publ.on_packet(&mut c, p, true) {
-                acks += 1;
-            }
-            if !last && acks >= target {
-                // Crash now, or after topping up the window, after 0-3 ms.
-                if rng.next().is_multiple_of(2) {
-                    while publ.flights.len() < WINDOW {
-                        publ.send_new(&mut c, &mut rng);
-                    }
-                }
-                let jitter = Duration::from_micros(rng.range(0, 3000));
-                std::thread::sleep(jitter);
-                let in_flight = publ.flights.len();
-                let dir = b.kill9();
-                // Acknowledgements already on their way count as received.
-                let deadline = Instant::now() + TIMEOUT;
-                loop {
-                    match c.read_frame_until(deadline) {
-                        Ok((p, _)) => {
-                            if publ.on_packet(&mut c, p, false) {
-                                acks += 1;
-                            }
-                        }
-                        Err(ReadEnd::Closed) => break,
-                        Err(e) => panic!("after the kill: {e:?}"),
-                    }
-                }
-                kill_log.push(format!(
-                    "kill {} after {acks} acks (+{jitter:?}, {in_flight} in flight)",
-                    segment + 1
-                ));
-                b = TestBroker::start_in(2, toml, dir);
-                break;
-            }
-        }
-        if last {
-            // The end marker, after everything else from this publisher.
-            c.publish(CRASH_TOPIC, b"END", QoS::AtLeastOnce, false);
-            c.disconnect();
-        }
-    }
+    let mut node = OneNode {
+        broker: Some(b),
+        dir: None,
+    };
+    let kill_log = publish_through_crashes(&mut publ, &mut rng, kills, &mut node);
+    let b = node.broker.take().unwrap();
     let published_at = started.elapsed();
 
     let got1 = crash_drain(b.addr, &sub1, "END");
     let got2 = crash_drain(b.addr, &sub2, "END");
-
-    let mut count1: BTreeMap<u64, usize> = BTreeMap::new();
-    for (n, _) in &got1 {
-        *count1.entry(*n).or_default() += 1;
-    }
-    let mut count2: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut count2_q2: BTreeMap<u64, usize> = BTreeMap::new();
-    for (n, q) in &got2 {
-        assert!(*n < publ.next_n, "message {n} was never published");
-        *count2.entry(*n).or_default() += 1;
-        let want = publ.qos_of[n];
-        assert_eq!(
-            *q, want,
-            "message {n} delivered to the QoS 2 subscriber at {q:?}"
-        );
-        if *q == QoS::ExactlyOnce {
-            *count2_q2.entry(*n).or_default() += 1;
-        }
-    }
-    for (n, q) in &got1 {
-        assert!(*n < publ.next_n, "message {n} was never published");
-        assert_eq!(*q, QoS::AtLeastOnce, "the QoS 1 subscriber gets QoS 1");
-    }
-    let dup1 = got1.len() - count1.len();
-    let dup2 = got2.len() - count2.len();
-    let q2_dups: Vec<(u64, usize)> = count2_q2
-        .iter()
-        .filter(|(_, c)| **c > 1)
-        .map(|(n, c)| (*n, *c))
-        .collect();
-    eprintln!(
-        "crash test (seed {seed}): {kills} kills, {} messages published ({} QoS 1, {} QoS 2), \
-         {} sends + {} resends; acknowledged: {} PUBACK, {} PUBREC, {} PUBCOMP; delivered: \
-         {} to the QoS 1 subscriber ({} duplicates), {} to the QoS 2 subscriber ({} duplicates, \
-         {} QoS 2 duplicates); publishing took {:?}, all {:?}",
-        publ.next_n,
-        publ.qos_of
-            .values()
-            .filter(|q| **q == QoS::AtLeastOnce)
-            .count(),
-        publ.qos_of
-            .values()
-            .filter(|q| **q == QoS::ExactlyOnce)
-            .count(),
-        publ.sends,
-        publ.resends,
-        publ.acked_q1.len(),
-        publ.recd_q2.len(),
-        publ.completed_q2.len(),
-        got1.len(),
-        dup1,
-        got2.len(),
-        dup2,
-        q2_dups.len(),
+    verify_crash(
+        &publ,
+        seed,
+        kills,
+        &kill_log,
+        &got1,
+        &got2,
         published_at,
-        started.elapsed()
+        started,
     );
-    for k in &kill_log {
-        eprintln!("  {k}");
-    }
+}
 
-    // Every message was acknowledged in the end (the last segment finishes all flights).
-    assert_eq!(
-        publ.acked_q1.len() + publ.recd_q2.len(),
-        publ.next_n as usize,
-        "every message acknowledged by the end"
-    );
-    let describe = |ns: &[u64]| -> Vec<String> {
-        ns.iter()
-            .map(|n| {
-                format!(
-                    "{n} (QoS {}{})",
-                    publ.qos_of[n] as u8,
-                    if publ.resent.contains(n) {
-                        ", resent with DUP after a kill"
-                    } else {
-                        ""
-                    }
-                )
-            })
-            .collect()
-    };
-    let lost1: Vec<u64> = publ
-        .acked_q1
-        .iter()
-        .chain(&publ.recd_q2)
-        .filter(|n| !count1.contains_key(n))
-        .copied()
-        .collect();
-    assert!(
-        lost1.is_empty(),
-        "seed {seed}: acknowledged messages never delivered to the QoS 1 subscriber: {:?}",
-        describe(&lost1)
-    );
-    let lost2: Vec<u64> = publ
-        .acked_q1
-        .iter()
-        .chain(&publ.recd_q2)
-        .filter(|n| !count2.contains_key(n))
-        .copied()
-        .collect();
-    assert!(
-        lost2.is_empty(),
-        "seed {seed}: acknowledged messages never delivered to the QoS 2 subscriber: {:?}",
-        describe(&lost2)
-    );
-    assert!(
-        q2_dups.is_empty(),
-        "seed {seed}: QoS 2 messages delivered more than once at QoS 2 (number, times): \
-         {q2_dups:?}: {:?}",
-        describe(&q2_dups.iter().map(|(n, _)| *n).collect::<Vec<_>>())
-    );
-    for n in &publ.recd_q2 {
-        assert_eq!(count2_q2.get(n), Some(&1), "seed {seed}: QoS 2 message {n}");
+/// The crash test's broker: two shards, killed and started again on its directory.
+struct OneNode {
+    broker: Option<TestBroker>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl CrashTarget for OneNode {
+    fn addr(&self) -> SocketAddr {
+        self.broker.as_ref().unwrap().addr
+    }
+    fn kill(&mut self) {
+        self.dir = Some(self.broker.take().unwrap().kill9());
+    }
+    fn restart(&mut self) {
+        self.broker = Some(TestBroker::start_in(2, "", self.dir.take().unwrap()));
     }
 }
 

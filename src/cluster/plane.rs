@@ -38,6 +38,9 @@ use crate::shard::shardset::ShardSet;
 
 /// How often timeouts and membership are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a starting node waits for the other live nodes' routes before it serves
+/// clients anyway (a node that is live in etcd but cannot be reached).
+pub(super) const ROUTE_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a SUBACK waits for the other nodes to apply a new filter before it goes
 /// anyway (a node that does not answer gets the whole set when its link is back).
 const ROUTE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,6 +120,13 @@ struct Plane {
     members: ShardSet,
     /// What the shards' slot map was built from (rebuilt when it changes).
     slots_seen: Option<SlotsSeen>,
+    /// The nodes whose whole route set has arrived (since their link last came up).
+    synced: hashbrown::HashSet<NodeIx>,
+    /// Until every live node's routes have arrived (or `ROUTE_SYNC_TIMEOUT` passed), the
+    /// shards get no slot map, so they serve nobody: a publish taken before would miss
+    /// the other nodes' persistent sessions (a node restarted after a crash knows no
+    /// routes at all).
+    gate: Option<Instant>,
     /// This pass's output.
     out: HashMap<NodeIx, BytesMut>,
     posts: Vec<Vec<FromCluster>>,
@@ -169,6 +179,8 @@ pub(super) async fn run(
         route_deadlines: VecDeque::new(),
         members: ShardSet::default(),
         slots_seen: None,
+        synced: hashbrown::HashSet::new(),
+        gate: Some(Instant::now() + ROUTE_SYNC_TIMEOUT),
         out: HashMap::new(),
         posts: (0..shards).map(|_| Vec::new()).collect(),
         counters: PlaneCounters::default(),
@@ -285,6 +297,17 @@ impl Plane {
                 }
             }
             ToCluster::Route { filter, add, ack } => self.local_route(filter, add, ack),
+            ToCluster::Release {
+                origin,
+                packet_id,
+                ack,
+            } => {
+                let linked: Vec<NodeIx> = self.links.keys().copied().collect();
+                let id = self.wait_for(ack, &linked);
+                for n in linked {
+                    wire::release(self.buf(n), id, origin.as_str(), packet_id);
+                }
+            }
             ToCluster::Done { node, id, ok, fate } => {
                 if self.links.contains_key(&node) {
                     wire::pub_ack(self.buf(node), id, ok, fate);
@@ -312,12 +335,21 @@ impl Plane {
             return;
         }
         let linked: Vec<NodeIx> = self.links.keys().copied().collect();
-        let ack_id = match ack {
-            Some(r) if !linked.is_empty() => {
+        let ack_id = self.wait_for(ack, &linked);
+        for n in linked {
+            wire::route(self.buf(n), add, ack_id, &filter);
+        }
+    }
+
+    /// An id under which `ack` waits for an answer from each of `nodes` (0 when nothing
+    /// waits; answered at once when there is no node to wait for).
+    fn wait_for(&mut self, ack: Option<Reply>, nodes: &[NodeIx]) -> u64 {
+        match ack {
+            Some(r) if !nodes.is_empty() => {
                 self.next_id += 1;
                 let id = self.next_id;
                 self.route_waits
-                    .insert(id, (r, linked.len(), linked.clone()));
+                    .insert(id, (r, nodes.len(), nodes.to_vec()));
                 self.route_deadlines
                     .push_back((Instant::now() + ROUTE_ACK_TIMEOUT, id));
                 id
@@ -327,9 +359,6 @@ impl Plane {
                 0
             }
             None => 0,
-        };
-        for n in linked {
-            wire::route(self.buf(n), add, ack_id, &filter);
         }
     }
 
@@ -345,6 +374,7 @@ impl Plane {
                 for f in filters {
                     wire::route(b, true, 0, &f);
                 }
+                wire::routes_end(b);
             }
             LinkEvent::Down { node } => {
                 if let Some(&n) = self.ix.get(&node) {
@@ -373,7 +403,13 @@ impl Plane {
 
     fn frame(&mut self, n: NodeIx, node: &str, f: Frame) {
         match f {
-            Frame::RoutesReset => self.post_all(FromCluster::ClearRoutes { node: n }),
+            Frame::RoutesReset => {
+                self.synced.remove(&n);
+                self.post_all(FromCluster::ClearRoutes { node: n });
+            }
+            Frame::RoutesEnd => {
+                self.synced.insert(n);
+            }
             Frame::Route { add, ack, filter } => {
                 let filter: Arc<str> = filter.into();
                 self.post_all(FromCluster::Route {
@@ -401,20 +437,22 @@ impl Plane {
                     });
                 }
             }
-            Frame::RouteAck(id) => {
-                let done = match self.route_waits.get_mut(&id) {
-                    Some((_, left, nodes)) => {
-                        nodes.retain(|x| *x != n);
-                        *left = nodes.len();
-                        *left == 0
-                    }
-                    None => false,
-                };
-                if done {
-                    if let Some((r, _, _)) = self.route_waits.remove(&id) {
-                        self.answer(r, true, Fate::default());
-                    }
-                }
+            Frame::RouteAck(id) => self.route_ack_from(id, n),
+            Frame::Release {
+                id,
+                origin,
+                packet_id,
+            } => {
+                let shard = (stable_hash(origin.as_bytes()) % self.shards as u64) as usize;
+                self.post(
+                    shard,
+                    FromCluster::Release {
+                        node: n,
+                        id: (id != 0).then_some(id),
+                        origin,
+                        packet_id,
+                    },
+                );
             }
             Frame::Publish { id, msg } => {
                 self.counters.messages_received_total += 1;
@@ -431,6 +469,12 @@ impl Plane {
                         msg,
                     },
                 );
+            }
+            Frame::PubAck { id, ok, fate } if self.route_waits.contains_key(&id) => {
+                // The answer to a release (a failed one still counts: the key is stale at
+                // worst, and a new message with DUP = 0 is never taken for it).
+                let _ = (ok, fate);
+                self.route_ack_from(id, n);
             }
             Frame::PubAck { id, ok, fate } => {
                 if let Some((from, r)) = self.pending.remove(&id) {
@@ -534,6 +578,27 @@ impl Plane {
     /// Sends the shards a new slot map when the table, the live nodes or this node's
     /// standing changed.
     fn update_slots(&mut self) {
+        if let Some(deadline) = self.gate {
+            let waiting: Vec<String> = {
+                let st = self.handle.lock();
+                st.live
+                    .keys()
+                    .filter(|id| **id != self.me)
+                    .cloned()
+                    .collect()
+            };
+            let missing: Vec<String> = waiting
+                .into_iter()
+                .filter(|id| !self.ix.get(id).is_some_and(|n| self.synced.contains(n)))
+                .collect();
+            if !missing.is_empty() {
+                if Instant::now() < deadline {
+                    return;
+                }
+                tracing::warn!(missing = %missing.join(","), "serving clients without these nodes' subscriptions (no link within 10 s)");
+            }
+            self.gate = None;
+        }
         let (seen, table) = {
             let st = self.handle.lock();
             let mut live: Vec<(String, Option<std::net::SocketAddr>)> =

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::wire::Reader;
 use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
-use crate::session::{Message, SharedMessage};
+use crate::session::{Message, Qos2Id, SharedMessage};
 use crate::shard::event::Fate;
 
 pub const HELLO: u8 = 1;
@@ -19,21 +19,43 @@ pub const PONG: u8 = 3;
 pub const ROUTES_RESET: u8 = 10;
 /// `[u8 add][u64 ack id, 0: none][filter]`.
 pub const ROUTE: u8 = 11;
+/// The sender's full set (after a ROUTES_RESET) is complete.
+pub const ROUTES_END: u8 = 13;
 /// `[u64 ack id]`: the sender applied that route on every shard.
 pub const ROUTE_ACK: u8 = 12;
 /// `[u64 id, 0: no answer wanted][message]`.
 pub const PUBLISH: u8 = 20;
-/// `[u64 id][u8 ok][u8 fate]`.
+/// `[u64 id][u8 ok][u8 fate]`: the answer to a PUBLISH or a RELEASE.
 pub const PUB_ACK: u8 = 21;
+/// `[u64 id, 0: no answer wanted][u8 has packet id][u16 packet id][origin]`: forget the
+/// QoS 2 dedup key (origin, packet id), or every key of origin.
+pub const RELEASE: u8 = 22;
 
 /// A data frame, decoded.
 #[derive(Debug)]
 pub enum Frame {
     RoutesReset,
-    Route { add: bool, ack: u64, filter: String },
+    RoutesEnd,
+    Route {
+        add: bool,
+        ack: u64,
+        filter: String,
+    },
     RouteAck(u64),
-    Publish { id: u64, msg: SharedMessage },
-    PubAck { id: u64, ok: bool, fate: Fate },
+    Publish {
+        id: u64,
+        msg: SharedMessage,
+    },
+    PubAck {
+        id: u64,
+        ok: bool,
+        fate: Fate,
+    },
+    Release {
+        id: u64,
+        origin: MqttStr,
+        packet_id: Option<u16>,
+    },
 }
 
 /// Appends a whole frame (envelope included) to `out`.
@@ -54,6 +76,10 @@ fn put_str(out: &mut BytesMut, s: &str) {
 
 pub fn routes_reset(out: &mut BytesMut) {
     frame(out, ROUTES_RESET, |_| {});
+}
+
+pub fn routes_end(out: &mut BytesMut) {
+    frame(out, ROUTES_END, |_| {});
 }
 
 pub fn route(out: &mut BytesMut, add: bool, ack: u64, filter: &str) {
@@ -78,6 +104,15 @@ pub fn pub_ack(out: &mut BytesMut, id: u64, ok: bool, fate: Fate) {
     });
 }
 
+pub fn release(out: &mut BytesMut, id: u64, origin: &str, packet_id: Option<u16>) {
+    frame(out, RELEASE, |b| {
+        b.put_u64(id);
+        b.put_u8(u8::from(packet_id.is_some()));
+        b.put_u16(packet_id.unwrap_or(0));
+        put_str(b, origin);
+    });
+}
+
 /// A message: topic, QoS, retain, age (ms since the broker received it: expiry goes on
 /// counting), origin, the MQTT 5 property block as the codec writes it, then the payload.
 pub fn publish(out: &mut BytesMut, id: u64, msg: &Message, now: Instant) {
@@ -95,6 +130,17 @@ pub fn publish(out: &mut BytesMut, id: u64, msg: &Message, now: Instant) {
             }
             None => b.put_u8(0),
         }
+        // The QoS 2 dedup key (with the origin): bit 0 present, bit 1 DUP.
+        match msg.qos2_id {
+            Some(q) => {
+                b.put_u8(1 | u8::from(q.dup) << 1);
+                b.put_u16(q.packet_id);
+            }
+            None => {
+                b.put_u8(0);
+                b.put_u16(0);
+            }
+        }
         let mut p = msg.properties.clone();
         p.topic_alias = None;
         p.subscription_identifiers.clear();
@@ -108,6 +154,7 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
     let mut b = body;
     let frame = match kind {
         ROUTES_RESET => Frame::RoutesReset,
+        ROUTES_END => Frame::RoutesEnd,
         ROUTE => {
             let add = match u8_of(&mut b)? {
                 0 => false,
@@ -131,6 +178,26 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
                 budget_spent: f & 4 != 0,
             };
             Frame::PubAck { id, ok, fate }
+        }
+        RELEASE => {
+            let id = u64_of(&mut b)?;
+            let has = u8_of(&mut b)?;
+            if b.remaining() < 2 {
+                return Err("frame too short".into());
+            }
+            let pid = b.get_u16();
+            let o = str_of(&mut b)?;
+            let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
+            let packet_id = match has {
+                0 => None,
+                1 if pid != 0 => Some(pid),
+                _ => return Err("release of packet id 0".into()),
+            };
+            Frame::Release {
+                id,
+                origin,
+                packet_id,
+            }
         }
         PUBLISH => {
             let id = u64_of(&mut b)?;
@@ -168,6 +235,22 @@ fn message_of(b: &mut Bytes, now: Instant) -> Result<Message, String> {
             Some(MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?)
         }
     };
+    let q = u8_of(b)?;
+    if b.remaining() < 2 {
+        return Err("frame too short".into());
+    }
+    let packet_id = b.get_u16();
+    let qos2_id = match q {
+        0 => None,
+        _ if origin.is_none() || qos != QoS::ExactlyOnce || packet_id == 0 => {
+            return Err("a QoS 2 key without an origin, QoS 2 or a packet id".into())
+        }
+        1 | 3 => Some(Qos2Id {
+            packet_id,
+            dup: q & 2 != 0,
+        }),
+        x => return Err(format!("QoS 2 key flags {x}")),
+    };
     let mut r = Reader::new(std::mem::take(b));
     let properties =
         PublishProperties::decode(&mut r).map_err(|e| format!("publish properties: {e}"))?;
@@ -179,7 +262,7 @@ fn message_of(b: &mut Bytes, now: Instant) -> Result<Message, String> {
         retain,
         properties,
         origin,
-        qos2_id: None,
+        qos2_id,
         created: now.checked_sub(age).unwrap_or(now),
     })
 }
@@ -269,6 +352,53 @@ mod tests {
     }
 
     #[test]
+    fn a_qos2_key_and_a_release_round_trip() {
+        let now = Instant::now();
+        let msg = Message {
+            topic: TopicName::new("q").unwrap(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: PublishProperties::default(),
+            origin: Some(MqttStr::new("p").unwrap()),
+            qos2_id: Some(Qos2Id {
+                packet_id: 9,
+                dup: true,
+            }),
+            created: now,
+        };
+        let mut buf = BytesMut::new();
+        publish(&mut buf, 1, &msg, now);
+        let (k, b) = split(&buf);
+        let Ok(Frame::Publish { msg: back, .. }) = decode(k, b, now) else {
+            panic!("not a publish");
+        };
+        assert_eq!(back.qos2_id, msg.qos2_id);
+        let mut buf = BytesMut::new();
+        release(&mut buf, 4, "p", Some(9));
+        let (k, b) = split(&buf);
+        let Ok(Frame::Release {
+            id: 4,
+            origin,
+            packet_id: Some(9),
+        }) = decode(k, b, now)
+        else {
+            panic!("not a release");
+        };
+        assert_eq!(origin.as_str(), "p");
+        let mut buf = BytesMut::new();
+        release(&mut buf, 0, "p", None);
+        let (k, b) = split(&buf);
+        assert!(matches!(
+            decode(k, b, now),
+            Ok(Frame::Release {
+                packet_id: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn control_frames_round_trip() {
         let now = Instant::now();
         let mut buf = BytesMut::new();
@@ -328,6 +458,14 @@ mod tests {
                     0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 0xff,
                 ],
             ),
+            (
+                PUBLISH,
+                &[
+                    0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'a', 1, 0, 0, 0, 0, 1, 0, 1, b'o', 1, 0, 7, 0,
+                ],
+            ),
+            (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, b'o']),
+            (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]),
             (99, &[]),
         ];
         for (kind, body) in bad {

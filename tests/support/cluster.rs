@@ -78,10 +78,12 @@ pub fn prefix(test: &str) -> String {
 /// Three nodes `a`, `b`, `c` with one shard each, started in order, returned once every
 /// node sees every other up with a live link and the slots are shared out evenly.
 pub fn three_nodes(etcd: &Etcd, prefix: &str) -> [TestBroker; 3] {
+    // The default lease: a loaded machine (etcd fsyncs each renewal) must not make a
+    // node refuse clients for a late keep-alive.
     let nodes = [
-        start_node("a", etcd, prefix),
-        start_node("b", etcd, prefix),
-        start_node("c", etcd, prefix),
+        TestBroker::start_with(1, &node_toml_ttl("a", etcd, prefix, 6)),
+        TestBroker::start_with(1, &node_toml_ttl("b", etcd, prefix, 6)),
+        TestBroker::start_with(1, &node_toml_ttl("c", etcd, prefix, 6)),
     ];
     wait_linked(&[&nodes[0], &nodes[1], &nodes[2]]);
     wait_balanced(&nodes[0], &["a", "b", "c"]);

@@ -40,6 +40,13 @@ pub enum ToCluster {
         add: bool,
         ack: Option<Reply>,
     },
+    /// Forget the QoS 2 dedup key (`origin`, `packet_id`) (`None`: every key of `origin`)
+    /// on every other node; with `ack`, answer once every linked node has, durably.
+    Release {
+        origin: MqttStr,
+        packet_id: Option<u16>,
+        ack: Option<Reply>,
+    },
     /// The message `id` that `node` sent here is handled: stored (`ok`) or not.
     Done {
         node: NodeIx,
@@ -60,6 +67,14 @@ pub enum FromCluster {
     },
     /// An answer to one of this shard's round trips.
     Ack { token: Token, ok: bool, fate: Fate },
+    /// Another node's publisher released a QoS 2 key: forget it on every shard here; with
+    /// `id`, answer it once durable.
+    Release {
+        node: NodeIx,
+        id: Option<u64>,
+        origin: MqttStr,
+        packet_id: Option<u16>,
+    },
     /// `node` has (`add`) or no longer has subscribers of `filter`.
     Route {
         node: NodeIx,
@@ -257,16 +272,9 @@ impl Core {
         }
         let n = nodes.iter().count();
         let ack = reply.map(|t| (self.id as u16, t));
-        // The QoS 2 dedup key stays on this node: its release does not travel yet, and a
-        // key that is never released would be held for ever over there.
-        let msg = if msg.qos2_id.is_some() {
-            Arc::new(Message {
-                qos2_id: None,
-                ..(**msg).clone()
-            })
-        } else {
-            msg.clone()
-        };
+        // A QoS 2 message travels with its dedup key: the other node's persistent sessions
+        // keep it, and its release follows the publisher's PUBREL (`release_in_nodes`).
+        let msg = msg.clone();
         match c.link.data.try_send(ToCluster::Publish { msg, nodes, ack }) {
             Ok(()) => {
                 self.stats.cluster_forwarded += 1;
@@ -305,11 +313,51 @@ impl Core {
         usize::from(sent && ack.is_some())
     }
 
+    /// Tells the other nodes to forget a QoS 2 key; returns the answers to expect (0 or 1:
+    /// the cluster thread answers once for every linked node).
+    pub(super) fn release_in_nodes(
+        &mut self,
+        origin: &MqttStr,
+        packet_id: Option<u16>,
+        reply: Option<Token>,
+    ) -> usize {
+        let Some(c) = &self.cluster else {
+            return 0;
+        };
+        let ack = reply.map(|t| (self.id as u16, t));
+        let sent = c
+            .link
+            .control
+            .send(ToCluster::Release {
+                origin: origin.clone(),
+                packet_id,
+                ack,
+            })
+            .is_ok();
+        usize::from(sent && ack.is_some())
+    }
+
     /// What the cluster thread posted.
     pub fn on_cluster(&mut self, m: FromCluster, now: Instant) {
         match m {
             FromCluster::Publish { node, id, msg } => self.on_node_publish(node, id, msg, now),
             FromCluster::Ack { token, ok, fate } => self.on_ack(token, ok, fate, now),
+            FromCluster::Release {
+                node,
+                id,
+                origin,
+                packet_id,
+            } => {
+                let token = id.map(|_| self.token());
+                let remote = self.release_qos2_in_node(&origin, packet_id, token, now);
+                if let (Some(token), Some(id)) = (token, id) {
+                    self.begin(
+                        token,
+                        RoundTrip::new(remote + 1, Completion::Node { node, id }),
+                    );
+                    self.wait_durable(Waiter::Local(token), now);
+                }
+            }
             FromCluster::Route { node, filter, add } => {
                 if let Some(c) = &mut self.cluster {
                     c.set_route(node, filter, add);

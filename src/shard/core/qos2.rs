@@ -100,6 +100,18 @@ impl Core {
         reply: Option<Token>,
         now: Instant,
     ) -> usize {
+        let nodes = self.release_in_nodes(origin, pid, reply);
+        nodes + self.release_qos2_in_node(origin, pid, reply, now)
+    }
+
+    /// [`Core::release_qos2`] on this node's shards only (a release another node sent).
+    pub(super) fn release_qos2_in_node(
+        &mut self,
+        origin: &MqttStr,
+        pid: Option<u16>,
+        reply: Option<Token>,
+        now: Instant,
+    ) -> usize {
         let mut remote = 0;
         for p in self.peers() {
             self.sink.push(
