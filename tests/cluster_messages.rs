@@ -23,12 +23,36 @@ fn connack_within(addr: std::net::SocketAddr, id: &str, wait: Duration) -> Optio
     RawClient::connack_within(addr, &ConnectOpts::v5(id, false).expiry(600), wait)
 }
 
+/// Connects once the node serves the client: "server unavailable" (a table not yet
+/// there, a hold while slots move) is retried, anything else is the answer.
+fn connect_when_served(node: &TestBroker, opts: &ConnectOpts) -> (RawClient, bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (c, ack) = RawClient::connect_raw(node.addr, opts);
+        if ack.reason_code != ReasonCode::ServerUnavailable {
+            assert_eq!(
+                ack.reason_code,
+                ReasonCode::Success,
+                "CONNACK for {}",
+                opts.client_id
+            );
+            return (c, ack.session_present);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served: {}",
+            opts.client_id
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn prefix(test: &str) -> String {
     format!("/shardmq-msg-{test}-{}", std::process::id())
 }
 
 fn v5(node: &TestBroker, id: &str) -> RawClient {
-    RawClient::connect(node.addr, &ConnectOpts::v5(id, true)).0
+    connect_when_served(node, &ConnectOpts::v5(id, true)).0
 }
 
 /// Ids served by each node (its sessions live there), for clients that connect to it.
@@ -52,7 +76,7 @@ fn messages_cross_nodes_at_every_qos_and_through_wildcards() {
         etcd: &etcd,
         prefix: &pre,
     };
-    let mut sub_b = RawClient::connect_v311(b.addr, &ids.on("b", "sub"));
+    let mut sub_b = connect_when_served(&b, &ConnectOpts::v311(&ids.on("b", "sub"), true)).0;
     sub_b.sub(&[("t/+/x", QoS::ExactlyOnce)]);
     let mut sub_c = v5(&c, &ids.on("c", "sub"));
     sub_c.sub(&[("t/#", QoS::AtLeastOnce)]);
@@ -163,7 +187,7 @@ fn a_publish_for_a_dead_nodes_persistent_session_is_never_acknowledged_as_succes
     };
     let keeper = ids.on("b", "keeper");
     // A persistent session on b, offline, with a subscription.
-    let (mut s, _) = RawClient::connect(b.addr, &ConnectOpts::v5(&keeper, false).expiry(3600));
+    let (mut s, _) = connect_when_served(&b, &ConnectOpts::v5(&keeper, false).expiry(3600));
     s.sub(&[("d/#", QoS::AtLeastOnce)]);
     drop(s);
     let mut pubr = v5(&a, &ids.on("a", "pub"));
@@ -179,7 +203,7 @@ fn a_publish_for_a_dead_nodes_persistent_session_is_never_acknowledged_as_succes
         Some(ReasonCode::UnspecifiedError)
     );
     // ...and a 3.1.1 publisher, which cannot be told, is disconnected.
-    let mut old = RawClient::connect_v311(c.addr, &ids.on("c", "pub-311"));
+    let mut old = connect_when_served(&c, &ConnectOpts::v311(&ids.on("c", "pub-311"), true)).0;
     old.send(&support::raw::publish_packet(
         "d/3",
         b"three",
@@ -202,8 +226,7 @@ fn a_publish_for_a_dead_nodes_persistent_session_is_never_acknowledged_as_succes
         pubr.publish_v5(msg("d/4", b"four", QoS::AtLeastOnce)),
         Some(ReasonCode::Success)
     );
-    let (mut s, present) =
-        RawClient::connect(b.addr, &ConnectOpts::v5(&keeper, false).expiry(3600));
+    let (mut s, present) = connect_when_served(&b, &ConnectOpts::v5(&keeper, false).expiry(3600));
     assert!(present);
     let got: Vec<Vec<u8>> = (0..2)
         .map(|_| s.recv_publish_ack().payload.to_vec())
@@ -230,7 +253,7 @@ fn one_session_per_client_id_wherever_it_connects() {
     };
     // A client owned by a connects to b: relayed to a, where its session lives.
     let k = ids.on("a", "roamer");
-    let (mut first, present) = RawClient::connect(b.addr, &ConnectOpts::v5(&k, false).expiry(600));
+    let (mut first, present) = connect_when_served(&b, &ConnectOpts::v5(&k, false).expiry(600));
     assert!(!present);
     first.sub(&[("roam/#", QoS::AtLeastOnce)]);
     let v = a.admin_json(&format!("/api/sessions/{k}"));
@@ -239,7 +262,7 @@ fn one_session_per_client_id_wherever_it_connects() {
     assert_eq!(status, 404, "the session lives on its owner only");
     // The same id on c: the session is taken over (the old connection hears 0x8E), with
     // its subscription, and Session Present says so.
-    let (mut second, present) = RawClient::connect(c.addr, &ConnectOpts::v5(&k, false).expiry(600));
+    let (mut second, present) = connect_when_served(&c, &ConnectOpts::v5(&k, false).expiry(600));
     assert!(present);
     assert_eq!(first.expect_disconnect(), ReasonCode::SessionTakenOver);
     let mut pubr = v5(&c, &ids.on("c", "pub"));
@@ -266,7 +289,7 @@ fn a_fenced_node_serves_nothing_and_its_clients_go_elsewhere() {
         prefix: &p,
     };
     let kb = ids.on("b", "held");
-    let (mut on_b, _) = RawClient::connect(b.addr, &ConnectOpts::v5(&kb, false).expiry(600));
+    let (mut on_b, _) = connect_when_served(&b, &ConnectOpts::v5(&kb, false).expiry(600));
     on_b.sub(&[("f/#", QoS::AtLeastOnce)]);
     b.signal(libc::SIGSTOP);
     wait_until("a sees b down", TIMEOUT, || member_state(&a, "b") == "down");
@@ -286,4 +309,75 @@ fn a_fenced_node_serves_nothing_and_its_clients_go_elsewhere() {
         let (_c, ack) = RawClient::connect_raw(a.addr, &ConnectOpts::v5(&kb, false).expiry(600));
         ack.reason_code == ReasonCode::Success && ack.session_present
     });
+}
+
+#[test]
+fn a_dead_nodes_slots_fail_over_and_it_drops_their_sessions_when_back() {
+    let etcd = Etcd::start(3);
+    let p = prefix("failover");
+    let token = "a-long-enough-admin-token";
+    let toml = |id: &str| {
+        format!(
+            "{}[admin]\ntoken = \"{token}\"\n",
+            node_toml_ttl(id, &etcd, &p, 6)
+        )
+    };
+    let a = TestBroker::start_with(1, &toml("a"));
+    let b = TestBroker::start_with(1, &toml("b"));
+    let c = TestBroker::start_with(1, &toml("c"));
+    wait_linked(&[&a, &b, &c]);
+    wait_balanced(&a, &["a", "b", "c"]);
+    let k = id_owned_by(&etcd, &p, "c", "moved");
+    let (mut s, _) = connect_when_served(&c, &ConnectOpts::v5(&k, false).expiry(3600));
+    s.sub(&[("fo/#", QoS::AtLeastOnce)]);
+    drop(s);
+
+    let dir = c.kill9();
+    wait_until("a sees c down", TIMEOUT, || member_state(&a, "c") == "down");
+    let post = |node: &TestBroker, who: &str, auth: Option<&str>| {
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|v| vec![("Authorization", v)])
+            .unwrap_or_default();
+        node.http_with(
+            "POST",
+            &format!("/api/cluster/nodes/{who}/failover"),
+            &headers,
+        )
+    };
+    assert_eq!(post(&a, "c", None).0, 401);
+    assert_eq!(post(&a, "b", Some(token)).0, 409, "b is live");
+    assert_eq!(post(&a, "zz", Some(token)).0, 404);
+    let (status, body) = post(&a, "c", Some(token));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("slots of c given to a,b"), "{body}");
+    assert_ne!(owner_of(&etcd, &p, &k), "c");
+    assert_eq!(a.metric("shardmq_cluster_failovers_total{node=\"a\"}"), 1.0);
+
+    // The client's session starts over, empty, at its new owner, reached through any node
+    // (once b has the new table: until then nobody serves it).
+    let (mut s, present) = connect_when_served(&b, &ConnectOpts::v5(&k, false).expiry(3600));
+    assert!(!present);
+    s.sub(&[("fo/#", QoS::AtLeastOnce)]);
+    let mut pubr = v5(&a, &id_owned_by(&etcd, &p, "a", "pub"));
+    assert_eq!(
+        pubr.publish_v5(msg("fo/1", b"one", QoS::AtLeastOnce)),
+        Some(ReasonCode::Success)
+    );
+    assert_eq!(&s.recv_publish_ack().payload[..], b"one");
+
+    // c comes back with its disk: it drops the session another node owns now.
+    let c = TestBroker::start_in(1, &toml("c"), dir);
+    wait_linked(&[&a, &b, &c]);
+    wait_until("c dropped its old session", TIMEOUT, || {
+        c.http("GET", &format!("/api/sessions/{k}")).0 == 404
+    });
+    assert_eq!(
+        pubr.publish_v5(msg("fo/2", b"two", QoS::AtLeastOnce)),
+        Some(ReasonCode::Success)
+    );
+    assert_eq!(&s.recv_publish_ack().payload[..], b"two");
+    s.send(&shardmq::protocol::Packet::PingReq);
+    assert!(matches!(s.recv(), shardmq::protocol::Packet::PingResp));
 }

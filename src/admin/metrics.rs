@@ -247,6 +247,12 @@ fn cluster_metrics(out: &mut String, v: &crate::cluster::ClusterView) {
         v.counters.etcd_errors_total as f64,
     );
     one(
+        "shardmq_cluster_failovers_total",
+        "counter",
+        "Fail-overs this node made (a dead node's slots given to the live ones).",
+        v.counters.failovers_total as f64,
+    );
+    one(
         "shardmq_cluster_watch_restarts_total",
         "counter",
         "Times the etcd watch was re-created.",

@@ -275,6 +275,7 @@ fn router(state: Shared) -> Router {
         .route("/api/subscriptions", get(subscriptions))
         .route("/api/retained", get(retained))
         .route("/api/cluster", get(cluster))
+        .route("/api/cluster/nodes/{node}/failover", post(failover))
         .layer(guard)
         .with_state(state)
 }
@@ -698,6 +699,26 @@ async fn retained(
         .then(|| items.last().map(|r| r.topic.clone()))
         .flatten();
     Ok(Json(Listing { total, items, next }))
+}
+
+/// `POST /api/cluster/nodes/{node}/failover` (needs the admin token): gives every slot of
+/// a node that is down to the live nodes; its sessions start over, empty, there.
+async fn failover(
+    State(st): State<Shared>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&st, &headers)?;
+    let Some(c) = &st.info.cluster else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "not a cluster node".into()));
+    };
+    use crate::cluster::FailoverError as E;
+    match c.failover(&node).await {
+        Ok(done) => Ok(Json(serde_json::json!({ "node": node, "done": done }))),
+        Err(E::Unknown(m)) => Err(ApiError(StatusCode::NOT_FOUND, m)),
+        Err(E::Live(m)) => Err(ApiError(StatusCode::CONFLICT, m)),
+        Err(E::Unavailable(m)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, m)),
+    }
 }
 
 /// `GET /api/cluster`: every node with its addresses, state, share of the slots and link

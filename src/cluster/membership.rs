@@ -57,6 +57,9 @@ const BALANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// After a try that moved nothing, how long before the next.
 const BALANCE_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How long an etcd member that refused a connection is left out of the rotation.
+const ENDPOINT_REST: Duration = Duration::from_secs(10);
+
 /// How soon a failed keep-alive is tried again.
 const RENEW_RETRY: Duration = Duration::from_millis(200);
 
@@ -159,11 +162,20 @@ pub(super) async fn run(
     let mut balance = tokio::time::interval(BALANCE_INTERVAL);
     balance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut balance_after = Instant::now();
+    let (req_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    handle.lock().requests = Some(req_tx);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            Some(req) = requests.recv() => match req {
+                super::Request::Failover { node: gone, reply } => {
+                    let r = node.failover(&keys, &handle, &gone, "an operator's request").await;
+                    let _ = reply.send(r);
+                }
+            },
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
             _ = balance.tick() => {
+                node.automatic_failover(&keys, &handle, cfg.failover_after_s).await;
                 if let Some(c) = control.get() {
                     if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c).await {
                         // Nothing could move (every slot offered holds a session): not
@@ -224,6 +236,9 @@ fn renew_interval(cfg: &ClusterConfig) -> Duration {
 /// This node's etcd client, lease and record.
 struct Node {
     client: Client,
+    /// The etcd endpoints configured, and those left out for a while (unreachable).
+    urls: Vec<String>,
+    rested: Vec<(String, Instant)>,
     lease: i64,
     /// When the lease was last granted or renewed (asked for: etcd counts from a moment
     /// after it), and the shards' copy of its deadline.
@@ -256,6 +271,8 @@ impl Node {
             .map_err(|e| format!("cannot reach etcd at {urls} (cluster.etcd): {e}"))?;
         let mut node = Node {
             client,
+            urls: cfg.etcd.clone(),
+            rested: Vec::new(),
             lease: 0,
             lease_at: Instant::now(),
             clock,
@@ -535,36 +552,25 @@ impl Node {
         let Some((to, give)) = plan else {
             return true;
         };
+        // Which of them hold sessions: first without a hold (most often all are free or
+        // all are not, and clients of used slots are never held up for nothing), then
+        // again under a hold of the free ones, so that none gains a session meanwhile.
+        let Some(used) = slots_in_use(control).await else {
+            return false;
+        };
+        let free = unused(&give, &used);
+        if free.is_empty() {
+            return false;
+        }
         let mut bits: SlotBits = [0; SLOTS as usize / 64];
-        for &s in &give {
+        for &s in &free {
             bits[s as usize / 64] |= 1 << (s % 64);
         }
         hold(control, table.epoch, bits);
-        let asked = control.clone();
-        let used = tokio::task::spawn_blocking(move || {
-            asked.map_reduce(
-                Query::SlotsInUse,
-                Duration::from_secs(10),
-                [0u64; SLOTS as usize / 64],
-                |mut acc, _, a| {
-                    if let Answer::Slots(b) = a {
-                        for (x, y) in acc.iter_mut().zip(b.iter()) {
-                            *x |= *y;
-                        }
-                    }
-                    acc
-                },
-            )
-        })
-        .await;
-        let Ok(Ok(used)) = used else {
-            hold(control, table.epoch, [0; SLOTS as usize / 64]);
-            return false;
+        let free = match slots_in_use(control).await {
+            Some(used) => unused(&free, &used),
+            None => Vec::new(),
         };
-        let free: Vec<u16> = give
-            .into_iter()
-            .filter(|&s| used[s as usize / 64] & (1 << (s % 64)) == 0)
-            .collect();
         if free.is_empty() {
             hold(control, table.epoch, [0; SLOTS as usize / 64]);
             return false;
@@ -587,15 +593,107 @@ impl Node {
         }
     }
 
+    /// Gives every slot of `gone` (a member that is down) to the live nodes, evenly, by
+    /// compare-and-swap on the table. Its sessions start over, empty, at their new owners;
+    /// if it comes back with its disk, it drops them (`discard_orphans`).
+    async fn failover(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        gone: &str,
+        why: &str,
+    ) -> Result<String, super::FailoverError> {
+        use super::FailoverError as E;
+        let (table, rev, mut live) = {
+            let st = handle.lock();
+            if st.state != SelfState::Up {
+                return Err(E::Unavailable("this node does not hold its lease".into()));
+            }
+            if !st.members.contains_key(gone) {
+                return Err(E::Unknown(format!("no member {gone:?}")));
+            }
+            if st.live.contains_key(gone) {
+                return Err(E::Live(format!("{gone} holds its lease: it is serving")));
+            }
+            let live: Vec<String> = st.live.keys().cloned().collect();
+            (st.slots.clone(), st.slots_rev, live)
+        };
+        live.sort();
+        let Some(next) = table.without(gone, &live) else {
+            return Ok(format!("{gone} owns no slot"));
+        };
+        let moved = table.counts().get(gone).copied().unwrap_or(0);
+        let key = keys.slots();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key, next.encode(), None)]);
+        match self.call(self.client.clone().txn(txn)).await {
+            Ok(r) if r.succeeded() => {
+                handle.lock().counters.failovers_total += 1;
+                let msg = format!(
+                    "{moved} slots of {gone} given to {} (epoch {}): their sessions start over, empty",
+                    live.join(","),
+                    next.epoch
+                );
+                tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
+                Ok(msg)
+            }
+            Ok(_) => Err(E::Unavailable(
+                "the slot table changed meanwhile: try again".into(),
+            )),
+            Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
+        }
+    }
+
+    /// `cluster.failover_after_s` (0: off): fails over every member down for longer.
+    async fn automatic_failover(&mut self, keys: &Keys, handle: &ClusterHandle, after_s: u32) {
+        let due: Vec<String> = {
+            let mut st = handle.lock();
+            let now = Instant::now();
+            let members: Vec<String> = st.members.keys().cloned().collect();
+            let live: Vec<String> = st.live.keys().cloned().collect();
+            st.down_since.retain(|id, _| !live.contains(id));
+            for m in members {
+                if !live.contains(&m) {
+                    st.down_since.entry(m).or_insert(now);
+                }
+            }
+            if after_s == 0 || st.state != SelfState::Up {
+                return;
+            }
+            let counts = st.slots.counts();
+            st.down_since
+                .iter()
+                .filter(|(id, t)| {
+                    now.duration_since(**t) >= Duration::from_secs(after_s as u64)
+                        && counts.get(id.as_str()).copied().unwrap_or(0) > 0
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for gone in due {
+            let why = format!("down for more than cluster.failover_after_s ({after_s} s)");
+            if let Err(e) = self.failover(keys, handle, &gone, &why).await {
+                tracing::warn!(node = %gone, error = %e, "automatic fail-over not made");
+            }
+        }
+    }
+
     /// Renews the lease; after a loss, joins again with a fresh one.
     async fn renew(&mut self, keys: &Keys, handle: &ClusterHandle, cfg: &ClusterConfig) {
         let ttl = Duration::from_secs(cfg.lease_ttl_s as u64);
+        self.restore_endpoints().await;
         let fenced = handle.lock().state == SelfState::Fenced;
         // A failed keep-alive (an etcd member gone, an election under way) is tried again
         // soon, not a whole interval later: the lease has only its time to live.
         loop {
             match self.keep_alive().await {
                 Ok(left) if left > 0 => {
+                    if fenced && !self.record_is_ours(keys).await {
+                        // The lease lives but the record went (an operator deleted it):
+                        // claim the id again.
+                        break;
+                    }
                     let mut st = handle.lock();
                     st.renewed = Some(Instant::now());
                     if fenced {
@@ -613,6 +711,7 @@ impl Node {
                     break;
                 }
                 Err(e) => {
+                    self.rest_endpoint(&format!("{e:?}")).await;
                     let overdue = {
                         let mut st = handle.lock();
                         st.counters.etcd_errors_total += 1;
@@ -633,6 +732,53 @@ impl Node {
         }
     }
 
+    /// Whether this node's live record exists under its current lease.
+    async fn record_is_ours(&mut self, keys: &Keys) -> bool {
+        let key = keys.node(&self.record.id);
+        match self.call(self.client.clone().get(key, None)).await {
+            Ok(r) => r.kvs().first().is_some_and(|kv| kv.lease() == self.lease),
+            Err(_) => false,
+        }
+    }
+
+    /// An etcd member that refuses connections is taken out of the client's rotation for
+    /// [`ENDPOINT_REST`] (the client would keep sending a share of the requests to it).
+    async fn rest_endpoint(&mut self, error: &str) {
+        let Some(url) = self
+            .urls
+            .iter()
+            .find(|u| {
+                u.strip_prefix("http://")
+                    .is_some_and(|hp| error.contains(hp.trim_end_matches('/')))
+            })
+            .cloned()
+        else {
+            return;
+        };
+        if self.rested.iter().any(|(u, _)| *u == url) || self.rested.len() + 1 >= self.urls.len() {
+            return;
+        }
+        if self.client.remove_endpoint(&url).await.is_ok() {
+            tracing::warn!(endpoint = %url, "etcd member unreachable: left out for {}s", ENDPOINT_REST.as_secs());
+            self.rested.push((url, Instant::now()));
+        }
+    }
+
+    /// Endpoints left out long enough are tried again.
+    async fn restore_endpoints(&mut self) {
+        let due: Vec<String> = self
+            .rested
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= ENDPOINT_REST)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for url in due {
+            if self.client.add_endpoint(&url).await.is_ok() {
+                self.rested.retain(|(u, _)| *u != url);
+            }
+        }
+    }
+
     /// One keep-alive; the lease's remaining time to live (0: it is gone).
     async fn keep_alive(&mut self) -> Result<i64, etcd_client::Error> {
         let asked = Instant::now();
@@ -650,7 +796,7 @@ impl Node {
         };
         // Never longer than a renewal interval: a slow etcd must not hold up the watch.
         let bound = self.timeout.min(
-            Duration::from_millis(self.record.lease_ttl_s as u64 * 1000 / 3)
+            Duration::from_millis(self.record.lease_ttl_s as u64 * 1000 / 6)
                 .max(Duration::from_millis(500)),
         );
         let r = match tokio::time::timeout(bound, once).await {
@@ -720,6 +866,40 @@ impl Node {
             Err(_) => Err(Claim::Etcd("timed out".into())),
         }
     }
+}
+
+/// The slots in which some shard holds a session; `None` when a shard did not answer.
+async fn slots_in_use(control: &Control<BrokerShard>) -> Option<SlotBits> {
+    let asked = control.clone();
+    let used = tokio::task::spawn_blocking(move || {
+        asked.map_reduce(
+            Query::SlotsInUse,
+            Duration::from_secs(10),
+            [0u64; SLOTS as usize / 64],
+            |mut acc, _, a| {
+                if let Answer::Slots(b) = a {
+                    for (x, y) in acc.iter_mut().zip(b.iter()) {
+                        *x |= *y;
+                    }
+                }
+                acc
+            },
+        )
+    })
+    .await;
+    match used {
+        Ok(Ok(u)) => Some(u),
+        _ => None,
+    }
+}
+
+/// The slots of `slots` not in `used`.
+fn unused(slots: &[u16], used: &SlotBits) -> Vec<u16> {
+    slots
+        .iter()
+        .copied()
+        .filter(|&s| used[s as usize / 64] & (1 << (s % 64)) == 0)
+        .collect()
 }
 
 /// Tells every shard to serve no new session in `bits` (empty: lift it), until a slot

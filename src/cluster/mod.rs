@@ -151,6 +151,8 @@ pub struct ClusterCounters {
     pub etcd_errors_total: u64,
     /// Times the watch was re-created (an etcd member went away, a compaction).
     pub watch_restarts_total: u64,
+    /// Fail-overs this node made (a dead node's slots given to the live ones).
+    pub failovers_total: u64,
 }
 
 /// The state shared between the cluster thread and its readers (the admin endpoint). Not
@@ -172,6 +174,41 @@ struct State {
     link_since: hashbrown::HashMap<String, Instant>,
     counters: ClusterCounters,
     plane: PlaneCounters,
+    /// Since when each member that is not live has been seen down (for fail-over).
+    down_since: hashbrown::HashMap<String, Instant>,
+    /// Operator requests for the membership task.
+    requests: Option<tokio::sync::mpsc::UnboundedSender<Request>>,
+}
+
+/// What the admin endpoint asks of the membership task.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Give every slot of a node that is down to the live nodes.
+    Failover {
+        node: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, FailoverError>>,
+    },
+}
+
+/// Why a fail-over was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailoverError {
+    /// No such member.
+    Unknown(String),
+    /// The node holds its lease: it is serving.
+    Live(String),
+    /// This node cannot change the table now (not holding its lease, etcd away).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for FailoverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailoverError::Unknown(m) | FailoverError::Live(m) | FailoverError::Unavailable(m) => {
+                write!(f, "{m}")
+            }
+        }
+    }
 }
 
 impl State {
@@ -241,6 +278,30 @@ impl ClusterHandle {
     /// What `GET /api/cluster` shows.
     pub fn view(&self) -> ClusterView {
         self.lock().view()
+    }
+
+    /// Gives every slot of `node`, which must be down, to the live nodes (its sessions
+    /// start over, empty, there); returns what moved.
+    pub async fn failover(&self, node: &str) -> Result<String, FailoverError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.lock().requests.as_ref().is_some_and(|r| {
+            r.send(Request::Failover {
+                node: node.to_string(),
+                reply: tx,
+            })
+            .is_ok()
+        });
+        if !sent {
+            return Err(FailoverError::Unavailable(
+                "the cluster thread is not running".into(),
+            ));
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(FailoverError::Unavailable(
+                "no answer from the cluster thread".into(),
+            )),
+        }
     }
 }
 
@@ -330,6 +391,8 @@ impl Cluster {
             link_since: hashbrown::HashMap::new(),
             counters: ClusterCounters::default(),
             plane: PlaneCounters::default(),
+            down_since: hashbrown::HashMap::new(),
+            requests: None,
         }));
         let handle = ClusterHandle(state);
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -188,6 +188,9 @@ pub(super) async fn run(
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first slot map goes out before any link's frames are looked at.
+    p.tick();
+    p.flush();
     loop {
         tokio::select! {
             biased;
@@ -575,30 +578,37 @@ impl Plane {
         self.handle.lock().plane = self.counters;
     }
 
+    /// Whether every live node's routes have arrived (or the wait is over).
+    fn gate_open(&mut self) -> bool {
+        let Some(deadline) = self.gate else {
+            return true;
+        };
+        let waiting: Vec<String> = {
+            let st = self.handle.lock();
+            st.live
+                .keys()
+                .filter(|id| **id != self.me)
+                .cloned()
+                .collect()
+        };
+        let missing: Vec<String> = waiting
+            .into_iter()
+            .filter(|id| !self.ix.get(id).is_some_and(|n| self.synced.contains(n)))
+            .collect();
+        if !missing.is_empty() {
+            if Instant::now() < deadline {
+                return false;
+            }
+            tracing::warn!(missing = %missing.join(","), "serving clients without these nodes' subscriptions (no link within 10 s)");
+        }
+        self.gate = None;
+        true
+    }
+
     /// Sends the shards a new slot map when the table, the live nodes or this node's
     /// standing changed.
     fn update_slots(&mut self) {
-        if let Some(deadline) = self.gate {
-            let waiting: Vec<String> = {
-                let st = self.handle.lock();
-                st.live
-                    .keys()
-                    .filter(|id| **id != self.me)
-                    .cloned()
-                    .collect()
-            };
-            let missing: Vec<String> = waiting
-                .into_iter()
-                .filter(|id| !self.ix.get(id).is_some_and(|n| self.synced.contains(n)))
-                .collect();
-            if !missing.is_empty() {
-                if Instant::now() < deadline {
-                    return;
-                }
-                tracing::warn!(missing = %missing.join(","), "serving clients without these nodes' subscriptions (no link within 10 s)");
-            }
-            self.gate = None;
-        }
+        let gate_open = self.gate_open();
         let (seen, table) = {
             let st = self.handle.lock();
             let mut live: Vec<(String, Option<std::net::SocketAddr>)> =
@@ -607,7 +617,9 @@ impl Plane {
             let seen = SlotsSeen {
                 epoch: st.slots.epoch,
                 live,
-                serving: st.state == super::SelfState::Up,
+                // Before the other nodes' routes are in, the shards get the map (so that
+                // they drop sessions another node owns now) but serve nobody.
+                serving: st.state == super::SelfState::Up && gate_open,
             };
             if self.slots_seen.as_ref() == Some(&seen) {
                 return;
@@ -647,6 +659,22 @@ impl Plane {
             relay,
             serving: seen.serving,
         });
+        // A node that owns no slot and is down has no session anywhere (a fail-over gave
+        // its slots away): its subscriptions are forgotten, or every message matching them
+        // would fail for want of it. It sends its set again if it comes back.
+        let owning = table.counts();
+        let gone: Vec<NodeIx> = self
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| {
+                !owning.contains_key(id.as_str()) && !seen.live.iter().any(|(l, _)| l == *id)
+            })
+            .map(|(i, _)| i as NodeIx)
+            .collect();
+        for node in gone {
+            self.post_all(FromCluster::ClearRoutes { node });
+        }
         tracing::debug!(
             epoch = map.epoch,
             serving = map.serving,

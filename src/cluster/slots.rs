@@ -135,6 +135,60 @@ impl SlotTable {
         (!give.is_empty()).then(|| (to.clone(), give))
     }
 
+    /// This table with every slot of `gone` spread evenly over `to` (in turn, the member
+    /// with the fewest first), at a new epoch; `None` when `gone` owns nothing or `to` is
+    /// empty.
+    pub fn without(&self, gone: &str, to: &[String]) -> Option<SlotTable> {
+        if to.is_empty() || to.iter().any(|t| t == gone) {
+            return None;
+        }
+        let owners = self.expand();
+        let theirs: Vec<u16> = owners
+            .iter()
+            .enumerate()
+            .filter(|(_, (o, _))| *o == gone)
+            .map(|(i, _)| i as u16)
+            .collect();
+        if theirs.is_empty() {
+            return None;
+        }
+        let mut counts: Vec<(u32, &String)> = to
+            .iter()
+            .map(|t| (self.counts().get(t.as_str()).copied().unwrap_or(0), t))
+            .collect();
+        let mut table = self.clone();
+        for chunk in theirs.chunks(theirs.len().div_ceil(to.len())) {
+            counts.sort();
+            let (c, t) = counts[0];
+            table = table.with_owner(chunk, t);
+            counts[0] = (c + chunk.len() as u32, t);
+        }
+        // One change of owner: every moved range at the same new epoch.
+        let epoch = self.epoch + 1;
+        for r in &mut table.ranges {
+            if r.epoch > self.epoch {
+                r.epoch = epoch;
+            }
+        }
+        table.epoch = epoch;
+        Some(table.merged())
+    }
+
+    /// Adjacent ranges with one owner and epoch joined.
+    fn merged(mut self) -> SlotTable {
+        let mut out: Vec<SlotRange> = Vec::with_capacity(self.ranges.len());
+        for r in self.ranges.drain(..) {
+            match out.last_mut() {
+                Some(l) if l.node == r.node && l.epoch == r.epoch && l.last + 1 == r.first => {
+                    l.last = r.last
+                }
+                _ => out.push(r),
+            }
+        }
+        self.ranges = out;
+        self
+    }
+
     /// This table with `slots` owned by `node` at a new epoch (one above the table's).
     pub fn with_owner(&self, slots: &[u16], node: &str) -> SlotTable {
         let epoch = self.epoch + 1;
@@ -263,6 +317,45 @@ mod tests {
         }
         // A node that is not live gets nothing; a node not in the live list gives nothing.
         assert_eq!(t.plan_give("z", &live(&["a", "b"])), None);
+    }
+
+    #[test]
+    fn a_dead_nodes_slots_are_spread_over_the_survivors() {
+        let live = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = SlotTable::initial("a");
+        let (_, give) = t.plan_give("a", &live(&["a", "b"])).unwrap();
+        let t = t.with_owner(&give, "b");
+        let (_, give) = t.plan_give("a", &live(&["a", "b", "c"])).unwrap();
+        let t = t.with_owner(&give, "c");
+        let (_, give) = t.plan_give("b", &live(&["a", "b", "c"])).unwrap();
+        let t = t.with_owner(&give, "c");
+        let c_had = t.counts()["c"];
+        let after = t.without("c", &live(&["a", "b"])).unwrap();
+        assert_eq!(
+            SlotTable::decode(after.encode().as_bytes()).as_ref(),
+            Ok(&after)
+        );
+        assert_eq!(after.epoch, t.epoch + 1);
+        let n = after.counts();
+        assert!(!n.contains_key("c"));
+        assert_eq!(n["a"] + n["b"], 4096);
+        assert!(n["a"].abs_diff(n["b"]) <= 2, "{n:?}");
+        assert!(n["a"] > t.counts()["a"] && n["b"] > t.counts()["b"]);
+        assert!(c_had > 0);
+        // Every moved slot carries the new epoch; the others keep theirs.
+        for s in 0..SLOTS {
+            let (o_before, e_before) = t.owner(s).unwrap();
+            let (_, e_after) = after.owner(s).unwrap();
+            if o_before == "c" {
+                assert_eq!(e_after, after.epoch);
+            } else {
+                assert_eq!(e_after, e_before);
+            }
+        }
+        // Nothing to do, or nobody to take it.
+        assert_eq!(after.without("c", &live(&["a", "b"])), None);
+        assert_eq!(t.without("c", &live(&[])), None);
+        assert_eq!(t.without("c", &live(&["a", "c"])), None);
     }
 
     #[test]

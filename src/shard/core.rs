@@ -296,6 +296,8 @@ pub struct CoreStats {
     pub cluster_forward_dropped: u64,
     /// Messages other nodes sent here.
     pub cluster_received: u64,
+    /// Sessions discarded because another node owns their slot now (a fail-over).
+    pub sessions_orphaned: u64,
     pub ended_sessions: SessionStats,
     /// The drop counters of the sessions read back from disk at start: part of the
     /// sessions' own counts, not of this run's (see [`Core::delivery_totals`]).

@@ -391,6 +391,7 @@ impl Core {
                     // are told to go elsewhere (they reconnect, and are placed again).
                     self.disconnect_all(ReasonCode::UseAnotherServer);
                 }
+                self.discard_orphans(now);
             }
         }
     }
@@ -430,9 +431,39 @@ impl Core {
         bits
     }
 
-    /// Whether this shard has the slot table (a cluster node's shard serves nobody before).
+    /// Whether this shard has the slot table and may serve (a cluster node's shard serves
+    /// nobody before: the first map, sent before the other nodes' routes are in, says
+    /// "not serving").
     pub fn has_slot_map(&self) -> bool {
-        self.cluster.as_ref().is_none_or(|c| c.slots.is_some())
+        self.cluster
+            .as_ref()
+            .is_none_or(|c| c.slots.as_ref().is_some_and(|m| m.serving))
+    }
+
+    /// Sessions kept here whose slot another live node owns now (a fail-over gave this
+    /// node's slots away while it was gone: their sessions live on, empty, over there) are
+    /// discarded, stored state included, so that nothing is stored for them here again.
+    fn discard_orphans(&mut self, now: Instant) {
+        let Some(map) = self.cluster.as_ref().and_then(|c| c.slots.clone()) else {
+            return;
+        };
+        let orphans: Vec<MqttStr> = self
+            .sessions
+            .keys()
+            .filter(|id| {
+                let slot = crate::session::ownership::slot_of(id.as_bytes()) as usize;
+                !matches!(
+                    map.owner.get(slot),
+                    Some(&SLOT_HERE) | Some(&SLOT_NOWHERE) | None
+                )
+            })
+            .cloned()
+            .collect();
+        for id in orphans {
+            tracing::warn!(client = %id, "discarding a session whose slot another node owns now (failed over)");
+            self.stats.sessions_orphaned += 1;
+            self.delete_session(id.as_str(), now);
+        }
     }
 
     /// A CONNECT reaching the core for a client this node does not serve now (its slot
