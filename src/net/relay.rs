@@ -268,13 +268,18 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; RELAY_CHUNK_BYTES];
+    let mut open = true;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
-            break;
+        // Once `to` is gone, what still comes from `from` is read and dropped until it
+        // ends (the caller bounds that): a peer that writes after the other side closed
+        // (a client's PUBREL after the broker's DISCONNECT) must not get a reset before it
+        // has read what was sent to it.
+        if open && (to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err()) {
+            open = false;
         }
         glommio::yield_if_needed().await;
     }
