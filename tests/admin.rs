@@ -11,9 +11,10 @@
 
 mod support;
 
+use support::browser::{js, wait_js};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -676,45 +677,6 @@ fn a_kicked_client_that_keeps_sending_is_not_served_any_more() {
 
 // ---------------------------------------------------------------------------- dashboard
 
-fn chromium_path() -> std::path::PathBuf {
-    ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .unwrap_or_else(|| {
-            panic!("chromium is not installed: run `apt-get install -y chromium` (the dashboard test drives the page in it)")
-        })
-        .into()
-}
-
-/// The value of a JavaScript expression in the page.
-fn js(tab: &headless_chrome::Tab, expr: &str) -> Value {
-    tab.evaluate(&format!("JSON.stringify({expr})"), false)
-        .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"))
-        .value
-        .and_then(|v| v.as_str().and_then(|s| serde_json::from_str(s).ok()))
-        .unwrap_or(Value::Null)
-}
-
-/// Waits until a JavaScript condition holds in the page (it refreshes every 2 s).
-fn wait_js(tab: &headless_chrome::Tab, cond: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while js(tab, cond) != Value::Bool(true) {
-        assert!(
-            Instant::now() < deadline,
-            "the page never showed {cond}; it shows: {}",
-            js(tab, "document.body.innerText")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The client ids in the sessions table, in order.
 fn session_rows(tab: &headless_chrome::Tab) -> Vec<String> {
     let v = js(
@@ -784,7 +746,7 @@ fn screenshot(tab: &headless_chrome::Tab, dir: &std::path::Path, name: &str) {
 /// `$DASHBOARD_SCREENSHOTS` when set.
 #[test]
 fn dashboard_pages_searches_charts_and_kicks_in_headless_chromium() {
-    let chromium = chromium_path();
+    let chromium = support::browser::chromium_path();
     // A queue of four, offered five: one drop, and the queue shown as full.
     let b = TestBroker::start_with(
         SHARDS,
@@ -806,32 +768,17 @@ fn dashboard_pages_searches_charts_and_kicks_in_headless_chromium() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| profile.path().to_path_buf());
     std::fs::create_dir_all(&shots_dir).expect("screenshot dir");
-    let browser = headless_chrome::Browser::new(
-        headless_chrome::LaunchOptions::default_builder()
-            .path(Some(chromium))
-            .sandbox(false)
-            .window_size(Some((1600, 1000)))
-            .user_data_dir(Some(profile.path().join("profile")))
-            .idle_browser_timeout(Duration::from_secs(120))
-            .args(
-                [
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                ]
-                .iter()
-                .map(std::ffi::OsStr::new)
-                .collect(),
-            )
-            .build()
-            .expect("launch options"),
-    )
-    .expect("start chromium");
+    let browser = support::browser::launch(chromium, profile.path());
     let tab = browser.new_tab().expect("tab");
     tab.navigate_to(&format!("http://{}/", admin(&b)))
         .expect("open the dashboard");
+
+    // A broker alone has no cluster panel.
+    wait_js(
+        &tab,
+        "document.querySelectorAll('#shards tbody tr').length > 0",
+    );
+    assert_eq!(js(&tab, "document.getElementById('cluster').hidden"), true);
 
     // Page 1 of 63 sessions, by client id: 50 rows.
     wait_js(

@@ -365,3 +365,40 @@ fn bad_cluster_settings_are_refused_with_one_line() {
     assert!(err.contains(&port.to_string()), "{err}");
     assert!(t.elapsed() < TIMEOUT, "took {:?}", t.elapsed());
 }
+
+#[test]
+fn the_dashboard_shows_the_cluster_in_headless_chromium() {
+    let chromium = support::browser::chromium_path();
+    let etcd = Etcd::start(3);
+    let p = prefix("dashboard");
+    let a = start_node("a", &etcd, &p);
+    let b = start_node("b", &etcd, &p);
+    wait_until("a sees b's link up", TIMEOUT, || {
+        link_state(&a, "b") == "up"
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let browser = support::browser::launch(chromium, profile.path());
+    let tab = browser.new_tab().unwrap();
+    tab.navigate_to(&format!("http://{}/", a.admin.unwrap()))
+        .unwrap();
+    support::browser::wait_js(
+        &tab,
+        "!document.getElementById('cluster').hidden && document.querySelectorAll('#cluster-members tbody tr').length === 2",
+    );
+    let rows = support::browser::js(
+        &tab,
+        "[...document.querySelectorAll('#cluster-members tbody tr')].map(r => [...r.cells].map(c => c.textContent))",
+    );
+    assert_eq!(rows[0][0], "a (this node)", "{rows}");
+    assert_eq!(rows[0][1], "up", "{rows}");
+    assert_eq!(rows[1][0], "b", "{rows}");
+    assert_eq!(rows[1][6], "up", "{rows}");
+    let text = support::browser::js(&tab, "document.getElementById('cluster-self').textContent");
+    assert_eq!(text, "(this node: a, up)");
+    // b stops: the page shows it down.
+    assert!(b.stop().success());
+    support::browser::wait_js(
+        &tab,
+        "document.querySelectorAll('#cluster-members tbody tr')[1].cells[1].textContent === 'down'",
+    );
+}

@@ -381,3 +381,22 @@ fn a_dead_nodes_slots_fail_over_and_it_drops_their_sessions_when_back() {
     s.send(&shardmq::protocol::Packet::PingReq);
     assert!(matches!(s.recv(), shardmq::protocol::Packet::PingResp));
 }
+
+#[test]
+fn sys_topics_stay_on_their_node_and_name_it() {
+    let etcd = Etcd::start(3);
+    let p = prefix("sys");
+    let toml = |id: &str| format!("{}[sys]\ninterval_s = 1\n", node_toml_ttl(id, &etcd, &p, 6));
+    let a = TestBroker::start_with(1, &toml("a"));
+    let b = TestBroker::start_with(1, &toml("b"));
+    wait_linked(&[&a, &b]);
+    wait_balanced(&a, &["a", "b"]);
+    let mut s = v5(&b, &id_owned_by(&etcd, &p, "b", "sys"));
+    s.sub(&[("$SYS/broker/node", QoS::AtMostOnce)]);
+    // Several rounds of both nodes' $SYS publications: b's subscriber hears only b.
+    for _ in 0..3 {
+        let m = s.recv_publish();
+        assert_eq!(&m.payload[..], b"b");
+    }
+    drop(a);
+}

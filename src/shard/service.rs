@@ -598,9 +598,14 @@ impl BrokerShard {
                 .await;
             let now = Instant::now();
             if let Ok(totals) = gathered {
-                let topics = load.publish(&totals, now - last, now - started);
+                let mut topics = load.publish(&totals, now - last, now - started);
                 last = now;
                 let mut core = shard.service().core.borrow_mut();
+                // A cluster node names itself; its `$SYS` topics stay on it (see
+                // `forward_to_nodes`).
+                if let Some(node) = core.config().cluster.node.clone() {
+                    topics.push(("$SYS/broker/node".to_string(), node));
+                }
                 for (topic, payload) in topics {
                     core.publish_sys(&topic, payload, now);
                 }

@@ -262,6 +262,10 @@ impl Core {
         let Some(c) = &mut self.cluster else {
             return;
         };
+        // `$SYS` is per node: every node publishes its own under the same names.
+        if msg.topic.as_str().starts_with("$SYS/") {
+            return;
+        }
         let mut nodes = c.routes.targets(&msg.topic);
         r.matched |= !nodes.is_empty();
         if msg.retain {
