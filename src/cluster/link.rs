@@ -137,9 +137,30 @@ async fn serve_inbound(mut sock: TcpStream, cluster: &str, ctx: &Ctx) -> Result<
         return Err(format!("hello from cluster {:?}, not ours", hello.cluster));
     }
     crate::config::check_node_id(&hello.node)?;
-    let me = ctx.handle.lock().me.clone();
-    if hello.node == me {
-        return Err("a link from a node with this node's own id".into());
+    {
+        // Only a live member, from the address it advertises, is listened to.
+        let st = ctx.handle.lock();
+        if hello.node == st.me {
+            return Err("a link from a node with this node's own id".into());
+        }
+        let peer = sock.peer_addr().map_err(|e| e.to_string())?;
+        match st.live.get(&hello.node) {
+            Some(r) if r.cluster.ip() == peer.ip() => {}
+            Some(r) => {
+                return Err(format!(
+                    "hello as {} from {}, which advertises {}",
+                    hello.node,
+                    peer.ip(),
+                    r.cluster.ip()
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "hello as {}, which is not a live member",
+                    hello.node
+                ))
+            }
+        }
     }
     loop {
         let (kind, body) = read_frame(&mut sock, ctx.frame_max).await?;
@@ -264,11 +285,13 @@ async fn keep_link(
     write_frame(&mut sock, HELLO, hello).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     let queued = Arc::new(AtomicUsize::new(0));
+    let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
     ctx.events
         .send(LinkEvent::Up {
             node: peer.to_string(),
             tx,
             queued: queued.clone(),
+            dead: dead.clone(),
         })
         .await
         .map_err(|_| "stopping".to_string())?;
@@ -313,6 +336,9 @@ async fn keep_link(
             }
             buf = rx.recv() => {
                 let Some(buf) = buf else { break Ok(()) };
+                if dead.load(Ordering::Acquire) {
+                    break Err("given up by the plane".to_string());
+                }
                 let len = buf.len();
                 let w = tokio::time::timeout(IDLE_LIMIT, wr.write_all(&buf)).await;
                 queued.fetch_sub(len, Ordering::AcqRel);

@@ -624,8 +624,13 @@ impl Node {
         };
         let moved = table.counts().get(gone).copied().unwrap_or(0);
         let key = keys.slots();
+        // Only if the node is really gone, as etcd sees it now (this node's view may lag:
+        // a node that has just rejoined must not lose its slots and sessions).
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .when([
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                Compare::create_revision(keys.node(gone), CompareOp::Equal, 0),
+            ])
             .and_then([TxnOp::put(key, next.encode(), None)]);
         match self.call(self.client.clone().txn(txn)).await {
             Ok(r) if r.succeeded() => {
@@ -638,9 +643,9 @@ impl Node {
                 tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
                 Ok(msg)
             }
-            Ok(_) => Err(E::Unavailable(
-                "the slot table changed meanwhile: try again".into(),
-            )),
+            Ok(_) => Err(E::Unavailable(format!(
+                "the slot table changed meanwhile, or {gone} is back: look again"
+            ))),
             Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
         }
     }
@@ -695,7 +700,8 @@ impl Node {
                         break;
                     }
                     let mut st = handle.lock();
-                    st.renewed = Some(Instant::now());
+                    // From when it was asked for: etcd counted from a moment after.
+                    st.renewed = Some(self.lease_at);
                     if fenced {
                         // The lease outlived the trouble and the record with it: this node
                         // was never replaced. It serves again (its clients, disconnected
@@ -872,9 +878,10 @@ impl Node {
 async fn slots_in_use(control: &Control<BrokerShard>) -> Option<SlotBits> {
     let asked = control.clone();
     let used = tokio::task::spawn_blocking(move || {
+        // Short: the membership loop (and the lease's renewal) waits for it.
         asked.map_reduce(
             Query::SlotsInUse,
-            Duration::from_secs(10),
+            Duration::from_secs(2),
             [0u64; SLOTS as usize / 64],
             |mut acc, _, a| {
                 if let Answer::Slots(b) = a {

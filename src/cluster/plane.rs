@@ -38,6 +38,9 @@ use crate::shard::shardset::ShardSet;
 
 /// How often timeouts and membership are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// The most topic filters one node may announce (a peer past it is not listened to for
+/// more): every shard keeps a copy of every node's set.
+pub(super) const ROUTES_PER_NODE_MAX: usize = 1_000_000;
 /// How long a starting node waits for the other live nodes' routes before it serves
 /// clients anyway (a node that is live in etcd but cannot be reached).
 pub(super) const ROUTE_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +57,7 @@ pub(super) enum LinkEvent {
         node: String,
         tx: mpsc::UnboundedSender<Bytes>,
         queued: Arc<AtomicUsize>,
+        dead: Arc<std::sync::atomic::AtomicBool>,
     },
     /// That link is down.
     Down { node: String },
@@ -97,6 +101,9 @@ struct SlotsSeen {
 struct LinkOut {
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
+    /// Set when the plane gives the link up: its writer stops at once (what it still
+    /// holds has been failed back to the publishers and must not arrive after all).
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Plane {
@@ -122,6 +129,9 @@ struct Plane {
     slots_seen: Option<SlotsSeen>,
     /// The nodes whose whole route set has arrived (since their link last came up).
     synced: hashbrown::HashSet<NodeIx>,
+    /// Sets under way (between a node's ROUTES_RESET and ROUTES_END), with the answers
+    /// asked for meanwhile.
+    incoming_sets: HashMap<NodeIx, (hashbrown::HashSet<Arc<str>>, Vec<u64>)>,
     /// Until every live node's routes have arrived (or `ROUTE_SYNC_TIMEOUT` passed), the
     /// shards get no slot map, so they serve nobody: a publish taken before would miss
     /// the other nodes' persistent sessions (a node restarted after a crash knows no
@@ -172,7 +182,10 @@ pub(super) async fn run(
         names: Vec::new(),
         links: HashMap::new(),
         local_routes: HashMap::new(),
-        next_id: 0,
+        // Ids of this run never meet a late answer to the previous run's (a restart).
+        next_id: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
         pending: HashMap::new(),
         deadlines: VecDeque::new(),
         route_waits: HashMap::new(),
@@ -180,6 +193,7 @@ pub(super) async fn run(
         members: ShardSet::default(),
         slots_seen: None,
         synced: hashbrown::HashSet::new(),
+        incoming_sets: HashMap::new(),
         gate: Some(Instant::now() + ROUTE_SYNC_TIMEOUT),
         out: HashMap::new(),
         posts: (0..shards).map(|_| Vec::new()).collect(),
@@ -239,6 +253,11 @@ impl Plane {
         Some(i)
     }
 
+    /// Whether `node` has a live record in etcd now.
+    fn is_live(&self, node: &str) -> bool {
+        self.handle.lock().live.contains_key(node)
+    }
+
     fn post(&mut self, shard: usize, m: FromCluster) {
         if let Some(q) = self.posts.get_mut(shard) {
             q.push(m);
@@ -289,6 +308,13 @@ impl Plane {
                             self.next_id += 1;
                             let id = self.next_id;
                             self.pending.insert(id, (n, r));
+                            if self.deadlines.len() > 2 * self.limits.inflight_max {
+                                // Answered ones are dropped when they reach the front;
+                                // under a high rate drop them sooner, so the queue stays
+                                // within the in-flight bound.
+                                let pending = &self.pending;
+                                self.deadlines.retain(|(_, id)| pending.contains_key(id));
+                            }
                             self.deadlines
                                 .push_back((now + self.limits.forward_timeout, id));
                             id
@@ -367,9 +393,17 @@ impl Plane {
 
     fn link_event(&mut self, e: LinkEvent) {
         match e {
-            LinkEvent::Up { node, tx, queued } => {
+            LinkEvent::Up {
+                node,
+                tx,
+                queued,
+                dead,
+            } => {
+                if !self.is_live(&node) {
+                    return;
+                }
                 let Some(n) = self.ix_of(&node) else { return };
-                self.links.insert(n, LinkOut { tx, queued });
+                self.links.insert(n, LinkOut { tx, queued, dead });
                 // The whole set first: the peer forgets what it had of this node.
                 let filters: Vec<Arc<str>> = self.local_routes.keys().cloned().collect();
                 let b = self.buf(n);
@@ -392,6 +426,12 @@ impl Plane {
                 }
             }
             LinkEvent::Frame { node, kind, body } => {
+                // A name that is not a live member gets no number and is not listened
+                // to (numbers are few, and kept for the run).
+                if !self.is_live(&node) {
+                    self.counters.bad_frames_total += 1;
+                    return;
+                }
                 let Some(n) = self.ix_of(&node) else { return };
                 match wire::decode(kind, body, Instant::now()) {
                     Ok(f) => self.frame(n, &node, f),
@@ -406,38 +446,47 @@ impl Plane {
 
     fn frame(&mut self, n: NodeIx, node: &str, f: Frame) {
         match f {
+            // A node's whole set replaces what the shards had of it in one step, at its
+            // end: never a moment with part of it (a publish then would miss the rest).
             Frame::RoutesReset => {
                 self.synced.remove(&n);
-                self.post_all(FromCluster::ClearRoutes { node: n });
+                self.incoming_sets
+                    .insert(n, (hashbrown::HashSet::new(), Vec::new()));
             }
             Frame::RoutesEnd => {
+                if let Some((set, acks)) = self.incoming_sets.remove(&n) {
+                    let filters: Arc<Vec<Arc<str>>> = Arc::new(set.into_iter().collect());
+                    self.post_all(FromCluster::ReplaceRoutes { node: n, filters });
+                    for ack in acks {
+                        self.answer_route_after_barrier(node, ack);
+                    }
+                }
                 self.synced.insert(n);
             }
             Frame::Route { add, ack, filter } => {
                 let filter: Arc<str> = filter.into();
+                if let Some((set, acks)) = self.incoming_sets.get_mut(&n) {
+                    if set.len() >= ROUTES_PER_NODE_MAX && add {
+                        self.counters.bad_frames_total += 1;
+                        return;
+                    }
+                    if add {
+                        set.insert(filter);
+                    } else {
+                        set.remove(&filter);
+                    }
+                    if ack != 0 {
+                        acks.push(ack);
+                    }
+                    return;
+                }
                 self.post_all(FromCluster::Route {
                     node: n,
                     filter,
                     add,
                 });
                 if ack != 0 {
-                    // Answered once every shard has applied it: a barrier query behind it
-                    // in each shard's inbox.
-                    self.flush_posts();
-                    let control = self.control.clone();
-                    let events = self.events.clone();
-                    let node = node.to_string();
-                    tokio::task::spawn_blocking(move || {
-                        let done = control.map_reduce(
-                            Query::Cluster(Vec::new()),
-                            ROUTE_ACK_TIMEOUT,
-                            (),
-                            |(), _, _| (),
-                        );
-                        if done.is_ok() {
-                            let _ = events.blocking_send(LinkEvent::RouteApplied { node, ack });
-                        }
-                    });
+                    self.answer_route_after_barrier(node, ack);
                 }
             }
             Frame::RouteAck(id) => self.route_ack_from(id, n),
@@ -493,11 +542,32 @@ impl Plane {
         }
     }
 
+    /// Answers a node's route once every shard here has applied it: a barrier query behind
+    /// it in each shard's inbox.
+    fn answer_route_after_barrier(&mut self, node: &str, ack: u64) {
+        self.flush_posts();
+        let control = self.control.clone();
+        let events = self.events.clone();
+        let node = node.to_string();
+        tokio::task::spawn_blocking(move || {
+            let done = control.map_reduce(
+                Query::Cluster(Vec::new()),
+                ROUTE_ACK_TIMEOUT,
+                (),
+                |(), _, _| (),
+            );
+            if done.is_ok() {
+                let _ = events.blocking_send(LinkEvent::RouteApplied { node, ack });
+            }
+        });
+    }
+
     /// A link went down: what it carried fails now; routes waiting on it count it as done.
     fn link_down(&mut self, n: NodeIx) {
-        if self.links.remove(&n).is_none() {
+        let Some(link) = self.links.remove(&n) else {
             return;
-        }
+        };
+        link.dead.store(true, Ordering::Release);
         self.out.remove(&n);
         let failed: Vec<u64> = self
             .pending

@@ -626,6 +626,7 @@ impl BrokerShard {
             glommio::timer::sleep(TIMER_TICK).await;
             let svc = shard.service();
             svc.core.borrow_mut().fire_timers(Instant::now());
+            svc.core.borrow_mut().check_lease(Instant::now());
             svc.sample_rates();
         }
     }

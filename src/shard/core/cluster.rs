@@ -81,8 +81,13 @@ pub enum FromCluster {
         filter: Arc<str>,
         add: bool,
     },
-    /// Forget every filter of `node` (its full set follows when its link is back).
+    /// Forget every filter of `node` (it has no session anywhere now).
     ClearRoutes { node: NodeIx },
+    /// `node`'s whole set of filters now, replacing what this shard had of it.
+    ReplaceRoutes {
+        node: NodeIx,
+        filters: Arc<Vec<Arc<str>>>,
+    },
     /// The nodes that are members now (retained messages go to each of them).
     Members(ShardSet),
     /// Who owns which slot now, and whether this node may serve its own.
@@ -193,6 +198,8 @@ pub(super) struct ClusterPort {
     /// Slots about to move away: no new session in them, until a table newer than the
     /// epoch arrives.
     held: Option<(u64, Arc<SlotBits>)>,
+    /// The lease lapsed and the clients were closed (until it holds again).
+    lapsed: bool,
 }
 
 impl ClusterPort {
@@ -204,6 +211,7 @@ impl ClusterPort {
             members: ShardSet::default(),
             slots: None,
             held: None,
+            lapsed: false,
         }
     }
 
@@ -219,6 +227,21 @@ impl ClusterPort {
         };
         if changed {
             self.routes.set(&filter, node as usize, add);
+        }
+    }
+
+    fn replace_routes(&mut self, node: NodeIx, filters: &[Arc<str>]) {
+        let new: hashbrown::HashSet<&Arc<str>> = filters.iter().collect();
+        let old: Vec<Arc<str>> = self
+            .by_node
+            .get(&node)
+            .map(|s| s.iter().filter(|f| !new.contains(f)).cloned().collect())
+            .unwrap_or_default();
+        for f in old {
+            self.set_route(node, f, false);
+        }
+        for f in filters {
+            self.set_route(node, f.clone(), true);
         }
     }
 
@@ -367,6 +390,11 @@ impl Core {
                     c.set_route(node, filter, add);
                 }
             }
+            FromCluster::ReplaceRoutes { node, filters } => {
+                if let Some(c) = &mut self.cluster {
+                    c.replace_routes(node, &filters);
+                }
+            }
             FromCluster::ClearRoutes { node } => {
                 if let Some(c) = &mut self.cluster {
                     c.clear_routes(node);
@@ -422,6 +450,25 @@ impl Core {
                 None => Placement::Unavailable,
             },
             None => Placement::Unavailable,
+        }
+    }
+
+    /// A lease that lapsed by this node's clock (the cluster thread stalled, or has not
+    /// heard from etcd for a whole time to live) ends every client connection here within
+    /// a timer tick, before another node may be given this node's slots: a connection
+    /// must not outlive the lease that let it be served.
+    pub fn check_lease(&mut self, now: Instant) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        let serving = c.slots.as_ref().is_some_and(|m| m.serving);
+        let holds = c.link.lease.holds(now);
+        if serving && !holds && !c.lapsed {
+            c.lapsed = true;
+            tracing::warn!("the cluster lease lapsed by this node's clock: closing its clients");
+            self.disconnect_all(ReasonCode::UseAnotherServer);
+        } else if holds {
+            c.lapsed = false;
         }
     }
 
@@ -598,6 +645,19 @@ mod tests {
         assert!(p.routes.targets(&t("b/c")).is_empty());
         p.set_route(2, Arc::from("a/x"), false);
         assert!(p.routes.targets(&t("a/x")).is_empty());
+        // A whole set replaces the node's in one step: kept ones stay, gone ones go.
+        p.set_route(3, Arc::from("k/1"), true);
+        p.set_route(3, Arc::from("k/2"), true);
+        p.replace_routes(3, &[Arc::from("k/2"), Arc::from("k/3")]);
+        assert!(p.routes.targets(&t("k/1")).is_empty());
+        assert_eq!(
+            p.routes.targets(&t("k/2")).iter().collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(
+            p.routes.targets(&t("k/3")).iter().collect::<Vec<_>>(),
+            vec![3]
+        );
         // A node index past the bitmap is ignored, not a panic.
         p.set_route(NODES_MAX as NodeIx, Arc::from("a/x"), true);
         assert!(p.routes.targets(&t("a/x")).is_empty());
