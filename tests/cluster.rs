@@ -287,6 +287,11 @@ fn a_damaged_slot_table_in_etcd_is_ignored() {
     let a = start_node("a", &etcd, &p);
     etcd.put(&format!("{p}/slots"), "{\"epoch\":9,\"ranges\":[]}");
     etcd.put(&format!("{p}/nodes/zz"), "not json");
+    // A well-formed record without a lease is not a node's either.
+    etcd.put(
+        &format!("{p}/nodes/yy"),
+        r#"{"id":"yy","cluster":"127.0.0.1:9","mqtt":[],"admin":null,"state":"up","lease_ttl_s":3,"started_ms":0}"#,
+    );
     // A later, valid change is still applied: the watch lives on, and the last good table
     // (epoch 1, every slot a's) is what a shares out to b.
     let b = start_node("b", &etcd, &p);

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -96,6 +96,9 @@ async fn accept_loop(
         }
     };
     let permits = Arc::new(tokio::sync::Semaphore::new(INBOUND_LINKS_MAX));
+    // The accepted link of each node: a new one from the same node ends the older, so that
+    // frames of two links never interleave (an old route removal after the new full set).
+    let current: Current = Arc::new(std::sync::Mutex::new(hashbrown::HashMap::new()));
     let cluster: Arc<str> = cluster.into();
     loop {
         let (sock, peer) = match listener.accept().await {
@@ -115,8 +118,9 @@ async fn accept_loop(
         };
         let cluster = cluster.clone();
         let ctx = ctx.clone();
+        let current = current.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_inbound(sock, &cluster, &ctx).await {
+            if let Err(e) = serve_inbound(sock, &cluster, &ctx, &current).await {
                 tracing::debug!(%peer, error = %e, "cluster link closed");
             }
             drop(permit);
@@ -126,7 +130,15 @@ async fn accept_loop(
 
 /// One accepted link: the handshake, then every frame to the plane and an answer to every
 /// heartbeat.
-async fn serve_inbound(mut sock: TcpStream, cluster: &str, ctx: &Ctx) -> Result<(), String> {
+/// Per node, a number for its current accepted link and the signal that ends it.
+type Current = Arc<std::sync::Mutex<hashbrown::HashMap<String, (u64, watch::Sender<bool>)>>>;
+
+async fn serve_inbound(
+    mut sock: TcpStream,
+    cluster: &str,
+    ctx: &Ctx,
+    current: &Current,
+) -> Result<(), String> {
     let _ = sock.set_nodelay(true);
     let (kind, body) = read_frame(&mut sock, HELLO_BYTES_MAX).await?;
     let hello: Hello = match kind {
@@ -162,10 +174,39 @@ async fn serve_inbound(mut sock: TcpStream, cluster: &str, ctx: &Ctx) -> Result<
             }
         }
     }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let me_n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (end_tx, mut ended) = watch::channel(false);
+    if let Some((_, older)) = current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(hello.node.clone(), (me_n, end_tx))
+    {
+        let _ = older.send(true);
+    }
+    let result = serve_frames(&mut sock, &hello, ctx, &mut ended).await;
+    let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
+    if cur.get(&hello.node).is_some_and(|(n, _)| *n == me_n) {
+        cur.remove(&hello.node);
+    }
+    result
+}
+
+/// The frames of one accepted link, until it fails or a newer link from the same node
+/// ends it.
+async fn serve_frames(
+    sock: &mut TcpStream,
+    hello: &Hello,
+    ctx: &Ctx,
+    ended: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
     loop {
-        let (kind, body) = read_frame(&mut sock, ctx.frame_max).await?;
+        let (kind, body) = tokio::select! {
+            r = read_frame(sock, ctx.frame_max) => r?,
+            _ = ended.changed() => return Err("a newer link from the same node".into()),
+        };
         match kind {
-            PING => write_frame(&mut sock, PONG, &body).await?,
+            PING => write_frame(sock, PONG, &body).await?,
             HELLO | PONG => {
                 return Err(format!("unexpected frame kind {kind} from {}", hello.node))
             }
@@ -388,9 +429,17 @@ async fn read_frame<R: AsyncRead + Unpin>(sock: &mut R, max: usize) -> Result<(u
         sock.read_exact(&mut kind)
             .await
             .map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::zeroed(len - 1);
-        sock.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        Ok((kind[0], buf.freeze()))
+        // Memory follows what arrives, not what the length announced.
+        let mut body = Vec::with_capacity((len - 1).min(64 * 1024));
+        let got = (&mut *sock)
+            .take(len as u64 - 1)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        if got != len - 1 {
+            return Err("frame cut short".into());
+        }
+        Ok((kind[0], Bytes::from(body)))
     };
     tokio::time::timeout(IDLE_LIMIT, read)
         .await

@@ -488,6 +488,11 @@ impl Node {
             }
         };
         match kind {
+            b"nodes" if kv.lease() == 0 => {
+                // A live record is always tied to its node's lease: one without is not a
+                // node's (someone wrote it by hand).
+                tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a node record without a lease");
+            }
             b"nodes" => {
                 st.members
                     .entry(rec.id.clone())

@@ -44,6 +44,9 @@ impl SlotTable {
     pub fn decode(bytes: &[u8]) -> Result<SlotTable, String> {
         let t: SlotTable =
             serde_json::from_slice(bytes).map_err(|e| format!("not a slot table: {e}"))?;
+        if t.epoch >= u64::MAX / 2 {
+            return Err(format!("epoch {} out of range", t.epoch));
+        }
         let mut next: u32 = 0;
         for r in &t.ranges {
             if r.first as u32 != next || r.last < r.first || r.last >= SLOTS {
@@ -279,6 +282,8 @@ mod tests {
         let past_end = r#"{"epoch":1,"ranges":[{"first":0,"last":4096,"node":"a","epoch":1}]}"#;
         assert!(SlotTable::decode(past_end.as_bytes()).is_err());
         assert!(SlotTable::decode(b"[]").is_err());
+        let huge = r#"{"epoch":18446744073709551615,"ranges":[{"first":0,"last":4095,"node":"a","epoch":18446744073709551615}]}"#;
+        assert!(SlotTable::decode(huge.as_bytes()).is_err());
     }
 
     #[test]
