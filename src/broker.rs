@@ -174,10 +174,11 @@ impl Broker {
         let count = placement.shard_count();
         let cores: Vec<Option<usize>> = (0..count).map(|i| placement.core_of(i)).collect();
 
-        let (listeners, fds) = bind_client_listeners(&cfg, count)?;
+        let (listeners, mut fds) = bind_client_listeners(&cfg, count)?;
+        let relay = bind_relay_listener(&cfg, &mut fds)?;
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
-        let mut cluster = join_cluster(&cfg, &listeners, admin_listener.as_ref())?;
+        let mut cluster = join_cluster(&cfg, &listeners, relay, admin_listener.as_ref())?;
         let shard_link = cluster.as_ref().map(Cluster::shard_link);
         let admin_info = BrokerInfo {
             cluster: cluster.as_ref().map(|c| c.handle()),
@@ -425,11 +426,33 @@ fn bind_client_listeners(
     Ok((listeners, fds))
 }
 
+/// A cluster node's relay listener: plain TCP on the node-to-node address's IP, an
+/// ephemeral port (published in the node's etcd record), every shard accepting on it. Other
+/// nodes relay their clients of this node there; what arrives there is never relayed again.
+/// Not in the ready line's `listeners=`.
+fn bind_relay_listener(
+    cfg: &Config,
+    fds: &mut ShardSockets,
+) -> Result<Option<SocketAddr>, StartError> {
+    let Some(listen) = cfg.cluster.listen.filter(|_| cfg.cluster.enabled()) else {
+        return Ok(None);
+    };
+    let addr = SocketAddr::new(listen.ip(), 0);
+    let (socks, bound) =
+        net::bind_listeners(addr, fds.len()).map_err(|error| StartError::Listen { addr, error })?;
+    let spec = Arc::new(net::Listener::relay(bound));
+    for (shard, fd) in socks.into_iter().enumerate() {
+        fds[shard].push((fd, spec.clone()));
+    }
+    Ok(Some(bound))
+}
+
 /// Joins the cluster when `cluster.node` is set: before any shard accepts a client, so
 /// that the node knows the cluster (and is known) before it serves.
 fn join_cluster(
     cfg: &Config,
     listeners: &[BoundListener],
+    relay: Option<SocketAddr>,
     admin: Option<&std::net::TcpListener>,
 ) -> Result<Option<Cluster>, StartError> {
     if !cfg.cluster.enabled() {
@@ -437,10 +460,7 @@ fn join_cluster(
     }
     let addrs = NodeAddrs {
         mqtt: listeners.iter().map(|l| l.addr).collect(),
-        relay: listeners
-            .iter()
-            .find(|l| l.transport == Transport::Tcp)
-            .map(|l| l.addr),
+        relay,
         admin: admin.and_then(|l| l.local_addr().ok()),
     };
     Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max)

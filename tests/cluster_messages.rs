@@ -277,6 +277,35 @@ fn one_session_per_client_id_wherever_it_connects() {
     assert_eq!(owner_of(&etcd, &p, assigned.as_str()), "b");
     anon.send(&shardmq::protocol::Packet::PingReq);
     assert!(matches!(anon.recv(), shardmq::protocol::Packet::PingResp));
+
+    // b's relay listener (where other nodes relay b's clients) serves b's clients and never
+    // relays again: a client of a that arrives there is refused, not bounced on.
+    let v = a.admin_json("/api/cluster");
+    let relay_b: std::net::SocketAddr = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "b")
+        .and_then(|m| m["relay"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        !b.ready_line.contains(&relay_b.to_string()),
+        "{}",
+        b.ready_line
+    );
+    let wait = Duration::from_secs(5);
+    let of_a = ConnectOpts::v5(&ids.on("a", "via-relay"), true);
+    assert_eq!(
+        RawClient::connack_within(relay_b, &of_a, wait),
+        Some(ReasonCode::ServerUnavailable)
+    );
+    let of_b = ConnectOpts::v5(&ids.on("b", "via-relay"), true);
+    assert_eq!(
+        RawClient::connack_within(relay_b, &of_b, wait),
+        Some(ReasonCode::Success)
+    );
 }
 
 #[test]

@@ -46,7 +46,7 @@ pub struct NodeRecord {
     pub cluster: SocketAddr,
     /// The client listeners (every transport).
     pub mqtt: Vec<SocketAddr>,
-    /// The plain TCP client listener other nodes relay this node's clients to.
+    /// The relay listener other nodes relay this node's clients to.
     #[serde(default)]
     pub relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
@@ -62,7 +62,7 @@ pub struct NodeRecord {
 #[derive(Clone, Debug)]
 pub struct NodeAddrs {
     pub mqtt: Vec<SocketAddr>,
-    /// The first plain TCP client listener.
+    /// The relay listener (see `broker::bind_relay_listener`).
     pub relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
@@ -114,6 +114,8 @@ pub struct MemberView {
     pub state: MemberState,
     pub cluster: SocketAddr,
     pub mqtt: Vec<SocketAddr>,
+    /// Where other nodes relay this node's clients.
+    pub relay: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     /// Slots of the 4,096 this node owns, and that as a share of sessions.
     pub slots: u32,
@@ -242,6 +244,7 @@ impl State {
                     state,
                     cluster: rec.cluster,
                     mqtt: rec.mqtt.clone(),
+                    relay: rec.relay,
                     admin: rec.admin,
                     slots,
                     share: slots as f64 / SLOTS as f64,

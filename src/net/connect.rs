@@ -142,6 +142,7 @@ pub(super) async fn place<R, W>(
     reader: &mut R,
     writer: &mut W,
     timeout: Duration,
+    relayed: bool,
 ) -> Placed
 where
     R: AsyncRead + Unpin,
@@ -172,6 +173,10 @@ where
             return Placed::Done;
         }
         assigned = assign_owned_id(shard);
+        if assigned.is_none() && relayed {
+            refuse(writer, version, ReasonCode::ServerUnavailable).await;
+            return Placed::Done;
+        }
         if assigned.is_none() {
             // A cluster node that owns no slot (or almost none): the client gets its id
             // where it is served.
@@ -194,6 +199,12 @@ where
     };
     match placement {
         Placement::Here => {}
+        // Relayed here by a node that thinks this one owns the client: never a second hop
+        // (the client retries once the nodes agree).
+        Placement::Node(_) if relayed => {
+            refuse(writer, version, ReasonCode::ServerUnavailable).await;
+            return Placed::Done;
+        }
         Placement::Node(addr) => {
             return Placed::Node {
                 addr,

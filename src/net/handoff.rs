@@ -58,6 +58,7 @@ pub(super) async fn handshake(
     shard: Shard<BrokerShard>,
     stream: TcpStream,
     guard: Option<ConnGuard>,
+    relayed: bool,
 ) {
     let _ = stream.set_nodelay(true);
     let (_, timeout) = handshake_limits(&shard);
@@ -66,7 +67,7 @@ pub(super) async fn handshake(
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     // The three steps are boxed: awaited inline, their futures (`serve`'s, the connection's,
     // in practice more than once) would be stored in this task for the connection's life.
-    let placed = Box::pin(place(&shard, &mut reader, &mut writer, timeout)).await;
+    let placed = Box::pin(place(&shard, &mut reader, &mut writer, timeout, relayed)).await;
     let (owner, bytes) = match placed {
         Placed::Done => return,
         Placed::Here {

@@ -35,6 +35,10 @@ pub struct Listener {
     /// The WebSocket endpoint (`ws` and `wss`).
     pub ws_path: String,
     pub limits: Arc<ListenerLimits>,
+    /// A cluster node's relay listener: other nodes relay their clients of this node here,
+    /// and a connection that came this way is never relayed again (two nodes that
+    /// disagree for a moment about an owner must not bounce it between them).
+    pub relayed: bool,
 }
 
 impl std::fmt::Debug for Listener {
@@ -58,6 +62,16 @@ impl Listener {
             identity_as_username: false,
             ws_path: String::new(),
             limits: Arc::new(ListenerLimits::new(None, None)),
+            relayed: false,
+        }
+    }
+
+    /// A cluster node's relay listener (plain TCP): see [`Listener::relayed`].
+    pub fn relay(addr: SocketAddr) -> Listener {
+        Listener {
+            name: format!("cluster relay {addr}"),
+            relayed: true,
+            ..Listener::plain(addr)
         }
     }
 
@@ -86,6 +100,7 @@ impl Listener {
                 cfg.connections_max,
                 cfg.connect_rate_per_s,
             )),
+            relayed: false,
         })
     }
 }

@@ -180,7 +180,9 @@ pub async fn accept_loop(shard: Shard<BrokerShard>, fd: RawFd, listener: Arc<Lis
                 let listener = listener.clone();
                 glommio::spawn_local(async move {
                     match listener.transport {
-                        Transport::Tcp => handshake(shard2.clone(), stream, guard).await,
+                        Transport::Tcp => {
+                            handshake(shard2.clone(), stream, guard, listener.relayed).await
+                        }
                         // Boxed: the TLS and WebSocket state would otherwise make every
                         // plain TCP connection's task as large as theirs (tens of KiB).
                         _ => {

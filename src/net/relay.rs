@@ -106,7 +106,7 @@ pub(super) async fn handshake(
     };
     let (mut reader, mut writer) = (reader, writer);
     let left = deadline.saturating_duration_since(Instant::now());
-    match place(&shard, &mut reader, &mut writer, left).await {
+    match place(&shard, &mut reader, &mut writer, left, false).await {
         Placed::Done => {
             let _ = writer.close().await;
         }
