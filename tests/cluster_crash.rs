@@ -54,16 +54,7 @@ impl CrashTarget for NodeA<'_> {
 
 #[test]
 fn acknowledged_messages_survive_kill9_of_the_publishers_node() {
-    let seed: u64 = std::env::var("SHARDMQ_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("cluster crash test seed: {seed} (replay with SHARDMQ_CRASH_SEED={seed})");
+    let seed = support::crash::seed("cluster crash test");
     let mut rng = Rng(seed);
     let started = Instant::now();
     let etcd = Etcd::start(3);
@@ -77,10 +68,10 @@ fn acknowledged_messages_survive_kill9_of_the_publishers_node() {
     let sub1 = ConnectOpts::v311(&id_owned_by(&etcd, &p, "b", "crash-q1"), false);
     let sub2 = ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "crash-q2"), false).expiry(3600);
     {
-        let (mut s, _) = RawClient::connect(b.addr, &sub1);
+        let (mut s, _) = RawClient::connect_served(b.addr, &sub1);
         s.sub(&[(CRASH_TOPIC, QoS::AtLeastOnce)]);
         s.disconnect();
-        let (mut s, _) = RawClient::connect(c.addr, &sub2);
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub2);
         s.sub(&[(CRASH_TOPIC, QoS::ExactlyOnce)]);
         s.disconnect();
     }

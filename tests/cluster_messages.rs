@@ -23,28 +23,9 @@ fn connack_within(addr: std::net::SocketAddr, id: &str, wait: Duration) -> Optio
     RawClient::connack_within(addr, &ConnectOpts::v5(id, false).expiry(600), wait)
 }
 
-/// Connects once the node serves the client: "server unavailable" (a table not yet
-/// there, a hold while slots move) is retried, anything else is the answer.
+/// Connects once the node serves the client (see `RawClient::connect_served`).
 fn connect_when_served(node: &TestBroker, opts: &ConnectOpts) -> (RawClient, bool) {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let (c, ack) = RawClient::connect_raw(node.addr, opts);
-        if ack.reason_code != ReasonCode::ServerUnavailable {
-            assert_eq!(
-                ack.reason_code,
-                ReasonCode::Success,
-                "CONNACK for {}",
-                opts.client_id
-            );
-            return (c, ack.session_present);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never served: {}",
-            opts.client_id
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    RawClient::connect_served(node.addr, opts)
 }
 
 fn prefix(test: &str) -> String {

@@ -896,16 +896,7 @@ fn a_will_published_before_a_restart_is_not_published_again() {
 /// the QoS 1 subscriber at least once); no QoS 2 message is delivered twice at QoS 2.
 #[test]
 fn crash_test_acknowledged_messages_survive_sigkill() {
-    let seed: u64 = std::env::var("SHARDMQ_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("crash test seed: {seed} (replay with SHARDMQ_CRASH_SEED={seed})");
+    let seed = support::crash::seed("crash test");
     let mut rng = Rng(seed);
     let started = Instant::now();
 

@@ -253,6 +253,16 @@ impl Plane {
         Some(i)
     }
 
+    /// The other nodes with a live record in etcd now.
+    fn live_others(&self) -> Vec<String> {
+        let st = self.handle.lock();
+        st.live
+            .keys()
+            .filter(|id| **id != self.me)
+            .cloned()
+            .collect()
+    }
+
     /// Whether `node` has a live record in etcd now.
     fn is_live(&self, node: &str) -> bool {
         self.handle.lock().live.contains_key(node)
@@ -625,14 +635,7 @@ impl Plane {
             }
         }
         // The member nodes (retained messages go to each of them).
-        let live: Vec<String> = {
-            let st = self.handle.lock();
-            st.live
-                .keys()
-                .filter(|id| **id != self.me)
-                .cloned()
-                .collect()
-        };
+        let live = self.live_others();
         let mut members = ShardSet::default();
         for id in live {
             if let Some(n) = self.ix_of(&id) {
@@ -653,15 +656,8 @@ impl Plane {
         let Some(deadline) = self.gate else {
             return true;
         };
-        let waiting: Vec<String> = {
-            let st = self.handle.lock();
-            st.live
-                .keys()
-                .filter(|id| **id != self.me)
-                .cloned()
-                .collect()
-        };
-        let missing: Vec<String> = waiting
+        let missing: Vec<String> = self
+            .live_others()
             .into_iter()
             .filter(|id| !self.ix.get(id).is_some_and(|n| self.synced.contains(n)))
             .collect();

@@ -49,26 +49,25 @@ pub fn member<'a>(view: &'a Value, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no member {id} in {view}"))
 }
 
-pub fn member_state(node: &TestBroker, id: &str) -> String {
+/// A field of member `id` as `node` sees it (`state`, `link/state`), or "" when absent.
+fn member_field(node: &TestBroker, id: &str, path: &[&str]) -> String {
     let v = node.admin_json("/api/cluster");
     v["members"]
         .as_array()
         .expect("members")
         .iter()
         .find(|m| m["id"] == id)
-        .map(|m| m["state"].as_str().unwrap_or_default().to_string())
+        .map(|m| path.iter().fold(m, |x, k| &x[*k]))
+        .and_then(|x| x.as_str().map(str::to_string))
         .unwrap_or_default()
 }
 
+pub fn member_state(node: &TestBroker, id: &str) -> String {
+    member_field(node, id, &["state"])
+}
+
 pub fn link_state(node: &TestBroker, id: &str) -> String {
-    let v = node.admin_json("/api/cluster");
-    v["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["id"] == id)
-        .and_then(|m| m["link"]["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
+    member_field(node, id, &["link", "state"])
 }
 
 pub fn prefix(test: &str) -> String {

@@ -11,6 +11,21 @@ use shardmq::protocol::{Ack, Packet, Publish, QoS};
 use super::raw::{publish_packet, ConnectOpts, RawClient, ReadEnd};
 use super::TIMEOUT;
 
+/// The crash test's seed: `SHARDMQ_CRASH_SEED`, or the clock; printed for a replay.
+pub fn seed(test: &str) -> u64 {
+    let seed: u64 = std::env::var("SHARDMQ_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("{test} seed: {seed} (replay with SHARDMQ_CRASH_SEED={seed})");
+    seed
+}
+
 /// What the publisher crashes: the node it is connected to.
 pub trait CrashTarget {
     /// Where the publisher connects now.
@@ -36,7 +51,7 @@ pub fn publish_through_crashes(
     let mut kill_log: Vec<String> = Vec::new();
     for segment in 0..=kills {
         let opts = ConnectOpts::v311(&publ.id, false);
-        let (mut c, present) = RawClient::connect(node.addr(), &opts);
+        let (mut c, present) = RawClient::connect_served(node.addr(), &opts);
         assert_eq!(
             present,
             segment > 0,
@@ -431,7 +446,7 @@ impl CrashPublisher {
 /// marker, acknowledging everything. Returns the message numbers delivered, with the QoS
 /// each was delivered at.
 pub fn crash_drain(addr: SocketAddr, opts: &ConnectOpts, end: &str) -> Vec<(u64, QoS)> {
-    let (mut c, present) = RawClient::connect(addr, opts);
+    let (mut c, present) = RawClient::connect_served(addr, opts);
     assert!(
         present,
         "{}: session present after the crashes",

@@ -180,6 +180,26 @@ impl RawClient {
         }
     }
 
+    /// [`RawClient::connect`], trying again while the broker answers "server unavailable"
+    /// (a cluster node not serving the client yet: a table on its way, a slot held while
+    /// it moves, a lease renewal late on a loaded machine), as clients do.
+    pub fn connect_served(addr: SocketAddr, opts: &ConnectOpts) -> (RawClient, bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let (c, ack) = RawClient::connect_raw(addr, opts);
+            if ack.reason_code != ReasonCode::ServerUnavailable || Instant::now() > deadline {
+                assert_eq!(
+                    ack.reason_code,
+                    ReasonCode::Success,
+                    "CONNACK for {:?}",
+                    opts.client_id
+                );
+                return (c, ack.session_present);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Connects and asserts success; returns the client and Session Present.
     pub fn connect(addr: SocketAddr, opts: &ConnectOpts) -> (RawClient, bool) {
         let (c, ack) = RawClient::connect_raw(addr, opts);

@@ -324,20 +324,11 @@ impl Core {
         add: bool,
         reply: Option<Token>,
     ) -> usize {
-        let Some(c) = &self.cluster else {
-            return 0;
-        };
-        let ack = reply.map(|t| (self.id as u16, t));
-        let sent = c
-            .link
-            .control
-            .send(ToCluster::Route {
-                filter: filter.clone(),
-                add,
-                ack,
-            })
-            .is_ok();
-        usize::from(sent && ack.is_some())
+        self.tell_cluster(reply, |ack| ToCluster::Route {
+            filter: filter.clone(),
+            add,
+            ack,
+        })
     }
 
     /// Tells the other nodes to forget a QoS 2 key; returns the answers to expect (0 or 1:
@@ -348,19 +339,25 @@ impl Core {
         packet_id: Option<u16>,
         reply: Option<Token>,
     ) -> usize {
+        self.tell_cluster(reply, |ack| ToCluster::Release {
+            origin: origin.clone(),
+            packet_id,
+            ack,
+        })
+    }
+
+    /// Hands the cluster thread a message that must not be lost (its control channel);
+    /// with `reply`, it answers that round trip once: returns the answers to expect.
+    fn tell_cluster(
+        &mut self,
+        reply: Option<Token>,
+        msg: impl FnOnce(Option<Reply>) -> ToCluster,
+    ) -> usize {
         let Some(c) = &self.cluster else {
             return 0;
         };
         let ack = reply.map(|t| (self.id as u16, t));
-        let sent = c
-            .link
-            .control
-            .send(ToCluster::Release {
-                origin: origin.clone(),
-                packet_id,
-                ack,
-            })
-            .is_ok();
+        let sent = c.link.control.send(msg(ack)).is_ok();
         usize::from(sent && ack.is_some())
     }
 
