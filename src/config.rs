@@ -299,7 +299,8 @@ pub struct Limits {
     pub queue_messages_max: u32,
     /// Bytes (payload plus topic) waiting for one session.
     pub queue_bytes_max: u64,
-    /// Retained messages held by the broker.
+    /// Retained messages held by the broker; also, per shard, the recent deletions kept to
+    /// order late writes (the oldest forgotten first).
     pub retained_messages_max: u32,
 }
 

@@ -548,7 +548,11 @@ impl Core {
             recovered_peers: 0,
             dispatch: None,
             qos2: Qos2Keys::default(),
-            retained_versions: RetainedVersions::new(id, Instant::now()),
+            retained_versions: RetainedVersions::new(
+                id,
+                Instant::now(),
+                cfg.limits.retained_messages_max as usize,
+            ),
             stopping: false,
             logins: Logins::new(&cfg),
             fate: Fate::default(),

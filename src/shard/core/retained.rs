@@ -5,10 +5,16 @@ use super::*;
 
 /// The version of the last write applied to each retained topic on this shard, and the
 /// clock that versions this shard's own writes. Deletions stay as tombstones for
-/// [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive a deleted message.
+/// [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive a deleted message;
+/// at most `tombstones_max` of them (`limits.retained_messages_max`), the oldest forgotten
+/// first: a client deleting many topics that never held a message cannot grow the map
+/// without bound.
 #[derive(Debug)]
 pub(super) struct RetainedVersions {
     applied: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
+    /// Tombstones in the order they were made (some may have been overwritten since).
+    tombstones: std::collections::VecDeque<(TopicName, Instant)>,
+    tombstones_max: usize,
     /// The last version this shard gave out (nanoseconds since the epoch, strictly rising).
     last_ns: u64,
     last_prune: Instant,
@@ -16,9 +22,11 @@ pub(super) struct RetainedVersions {
 }
 
 impl RetainedVersions {
-    pub fn new(shard: usize, now: Instant) -> RetainedVersions {
+    pub fn new(shard: usize, now: Instant, tombstones_max: usize) -> RetainedVersions {
         RetainedVersions {
             applied: HashMap::new(),
+            tombstones: std::collections::VecDeque::new(),
+            tombstones_max: tombstones_max.max(1),
             last_ns: 0,
             last_prune: now,
             shard: shard as u16,
@@ -47,7 +55,22 @@ impl RetainedVersions {
         version: RetainVersion,
         deleted_at: Option<Instant>,
     ) {
+        if let Some(at) = deleted_at {
+            self.tombstones.push_back((topic.clone(), at));
+        }
         self.applied.insert(topic, (version, deleted_at));
+        while self.tombstones.len() > self.tombstones_max {
+            if let Some((t, at)) = self.tombstones.pop_front() {
+                self.forget_tombstone(&t, at);
+            }
+        }
+    }
+
+    /// Removes `topic`'s entry if it is still the tombstone made at `at`.
+    fn forget_tombstone(&mut self, topic: &TopicName, at: Instant) {
+        if self.applied.get(topic).is_some_and(|(_, d)| *d == Some(at)) {
+            self.applied.remove(topic);
+        }
     }
 
     /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
@@ -58,10 +81,13 @@ impl RetainedVersions {
             return;
         }
         self.last_prune = now;
-        self.applied.retain(|_, (_, deleted)| match deleted {
-            Some(at) => now.saturating_duration_since(*at) < TOMBSTONE_KEEP,
-            None => true,
-        });
+        while let Some((t, at)) = self.tombstones.front().cloned() {
+            if now.saturating_duration_since(at) < TOMBSTONE_KEEP {
+                break;
+            }
+            self.tombstones.pop_front();
+            self.forget_tombstone(&t, at);
+        }
     }
 
     /// How many topics have a version noted (live writes and tombstones).
@@ -129,7 +155,7 @@ mod tests {
 
     #[test]
     fn versions_given_out_rise_even_when_the_clock_steps_back() {
-        let mut v = RetainedVersions::new(3, Instant::now());
+        let mut v = RetainedVersions::new(3, Instant::now(), 100);
         let a = v.next(1_000);
         let b = v.next(500); // the wall clock stepped back
         let c = v.next(2_000);
@@ -139,7 +165,7 @@ mod tests {
 
     #[test]
     fn an_older_or_equal_write_is_stale_and_a_newer_one_is_not() {
-        let mut v = RetainedVersions::new(0, Instant::now());
+        let mut v = RetainedVersions::new(0, Instant::now(), 100);
         let t = topic("a/b");
         let old = RetainVersion {
             at_ns: 10,
@@ -166,7 +192,7 @@ mod tests {
     #[test]
     fn tombstones_outlive_a_late_write_then_are_forgotten_and_live_topics_stay() {
         let t0 = Instant::now();
-        let mut v = RetainedVersions::new(0, t0);
+        let mut v = RetainedVersions::new(0, t0, 100);
         let (gone, live) = (topic("gone"), topic("live"));
         let del = RetainVersion {
             at_ns: 20,
@@ -191,5 +217,32 @@ mod tests {
             v.is_stale(&live, RetainVersion { at_ns: 5, shard: 0 }),
             "a live topic stays"
         );
+    }
+
+    #[test]
+    fn tombstones_are_bounded_oldest_first_and_a_rewrite_is_not_a_tombstone() {
+        let t0 = Instant::now();
+        let mut v = RetainedVersions::new(0, t0, 3);
+        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
+        for i in 0..10u64 {
+            v.applied(topic(&format!("gone/{i}")), at(i + 1), Some(t0));
+        }
+        assert_eq!(v.len(), 3, "only the newest three tombstones stay");
+        assert!(v.is_stale(&topic("gone/9"), at(1)));
+        assert!(
+            !v.is_stale(&topic("gone/0"), at(1)),
+            "the oldest went first"
+        );
+        // A topic deleted, then written again: its entry is no longer a tombstone and is
+        // kept when the old tombstone's turn comes.
+        let mut v = RetainedVersions::new(0, t0, 2);
+        v.applied(topic("back"), at(1), Some(t0));
+        v.applied(topic("back"), at(2), None);
+        v.applied(topic("x"), at(3), Some(t0));
+        v.applied(topic("y"), at(4), Some(t0));
+        assert!(v.is_stale(&topic("back"), at(2)), "the rewrite stays");
+        v.prune(t0 + TOMBSTONE_KEEP);
+        assert_eq!(v.len(), 1, "old tombstones go, the live topic stays");
+        assert!(v.is_stale(&topic("back"), at(2)));
     }
 }
