@@ -19,6 +19,28 @@ use support::cluster::*;
 use support::etcd::Etcd;
 use support::{TestBroker, TIMEOUT};
 
+/// Runs the broker (one shard, its own data directory, no admin endpoint) with `args` until
+/// it exits: for starts that must fail.
+fn run_to_the_end(args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-admin",
+            "--no-pin",
+            "--shards",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn three_nodes_see_each_other_their_links_and_the_slot_table() {
     let etcd = Etcd::start(3);
@@ -184,23 +206,7 @@ fn a_live_node_id_cannot_be_taken_by_a_second_process() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, node_toml("a", &etcd, &p)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        .arg("--config")
-        .arg(&cfg)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--no-admin",
-            "--no-pin",
-            "--shards",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = run_to_the_end(&["--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("node id a is already live"), "{err}");
@@ -311,21 +317,7 @@ fn a_damaged_slot_table_in_etcd_is_ignored() {
 #[test]
 fn bad_cluster_settings_are_refused_with_one_line() {
     let run = |args: &[&str]| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--no-admin",
-                "--no-pin",
-                "--shards",
-                "1",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(args)
-            .output()
-            .unwrap();
+        let out = run_to_the_end(args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),

@@ -104,7 +104,6 @@ pub(super) async fn run(
     let keys = Keys {
         root: cfg.prefix.clone(),
     };
-    let timeout = Duration::from_secs(cfg.etcd_timeout_s as u64);
     let mut node = match Node::join(&cfg, &keys, record, &handle, lease).await {
         Ok(n) => n,
         Err(e) => {
@@ -207,7 +206,6 @@ pub(super) async fn run(
                 }
             }
         }
-        let _ = timeout;
     }
     node.leave(&keys, &handle).await;
     links.abort();
@@ -581,12 +579,8 @@ impl Node {
             return false;
         }
         let next = table.with_owner(&free, &to);
-        let key = keys.slots();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::put(key, next.encode(), None)]);
-        match self.call(self.client.clone().txn(txn)).await {
-            Ok(r) if r.succeeded() => {
+        match self.swap_table(keys, rev, &next, None).await {
+            Ok(true) => {
                 tracing::info!(to = %to, slots = free.len(), epoch = next.epoch, "gave slots to a member");
                 true
             }
@@ -628,17 +622,11 @@ impl Node {
             return Ok(format!("{gone} owns no slot"));
         };
         let moved = table.counts().get(gone).copied().unwrap_or(0);
-        let key = keys.slots();
         // Only if the node is really gone, as etcd sees it now (this node's view may lag:
         // a node that has just rejoined must not lose its slots and sessions).
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-                Compare::create_revision(keys.node(gone), CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(key, next.encode(), None)]);
-        match self.call(self.client.clone().txn(txn)).await {
-            Ok(r) if r.succeeded() => {
+        let gone_now = Compare::create_revision(keys.node(gone), CompareOp::Equal, 0);
+        match self.swap_table(keys, rev, &next, Some(gone_now)).await {
+            Ok(true) => {
                 handle.lock().counters.failovers_total += 1;
                 let msg = format!(
                     "{moved} slots of {gone} given to {} (epoch {}): their sessions start over, empty",
@@ -648,11 +636,29 @@ impl Node {
                 tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
                 Ok(msg)
             }
-            Ok(_) => Err(E::Unavailable(format!(
+            Ok(false) => Err(E::Unavailable(format!(
                 "the slot table changed meanwhile, or {gone} is back: look again"
             ))),
             Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
         }
+    }
+
+    /// Replaces the slot table with `next` if it is still at revision `rev` (and `also`
+    /// holds); `Ok(false)` when it changed meanwhile.
+    async fn swap_table(
+        &mut self,
+        keys: &Keys,
+        rev: i64,
+        next: &SlotTable,
+        also: Option<Compare>,
+    ) -> Result<bool, Claim> {
+        let key = keys.slots();
+        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
+        when.extend(also);
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(key, next.encode(), None)]);
+        Ok(self.call(self.client.clone().txn(txn)).await?.succeeded())
     }
 
     /// `cluster.failover_after_s` (0: off): fails over every member down for longer.

@@ -30,7 +30,8 @@ use super::wire::{self, Frame};
 use super::ClusterHandle;
 use crate::session::ownership::stable_hash;
 use crate::shard::api::{
-    FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, SLOT_HERE, SLOT_NOWHERE,
+    FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, ROUTES_PER_NODE_MAX,
+    SLOT_HERE, SLOT_NOWHERE,
 };
 use crate::shard::event::Fate;
 use crate::shard::service::BrokerShard;
@@ -38,9 +39,6 @@ use crate::shard::shardset::ShardSet;
 
 /// How often timeouts and membership are looked at.
 const TICK: Duration = Duration::from_millis(100);
-/// The most topic filters one node may announce (a peer past it is not listened to for
-/// more): every shard keeps a copy of every node's set.
-pub(super) const ROUTES_PER_NODE_MAX: usize = 1_000_000;
 /// How long a starting node waits for the other live nodes' routes before it serves
 /// clients anyway (a node that is live in etcd but cannot be reached).
 pub(super) const ROUTE_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,8 +61,13 @@ pub(super) enum LinkEvent {
     Down { node: String },
     /// A frame `node` sent on the link it dialled to this node.
     Frame { node: String, kind: u8, body: Bytes },
-    /// A route `node` asked an answer for is applied on every shard here.
-    RouteApplied { node: String, ack: u64 },
+    /// The routes nodes asked answers for (node, ack id) are applied on every shard here
+    /// (`applied`), or the barrier failed (a shard stopping: no answer; the asker goes on
+    /// after its own timeout).
+    RouteApplied {
+        acks: Vec<(String, u64)>,
+        applied: bool,
+    },
 }
 
 /// Limits of the plane.
@@ -129,6 +132,10 @@ struct Plane {
     slots_seen: Option<SlotsSeen>,
     /// The nodes whose whole route set has arrived (since their link last came up).
     synced: hashbrown::HashSet<NodeIx>,
+    /// Routes applied (posted) whose answers wait for the next barrier, and whether one is
+    /// under way.
+    route_acks: Vec<(String, u64)>,
+    barrier_busy: bool,
     /// Sets under way (between a node's ROUTES_RESET and ROUTES_END), with the answers
     /// asked for meanwhile.
     incoming_sets: HashMap<NodeIx, (hashbrown::HashSet<Arc<str>>, Vec<u64>)>,
@@ -194,6 +201,8 @@ pub(super) async fn run(
         slots_seen: None,
         synced: hashbrown::HashSet::new(),
         incoming_sets: HashMap::new(),
+        route_acks: Vec::new(),
+        barrier_busy: false,
         gate: Some(Instant::now() + ROUTE_SYNC_TIMEOUT),
         out: HashMap::new(),
         posts: (0..shards).map(|_| Vec::new()).collect(),
@@ -428,10 +437,13 @@ impl Plane {
                     self.link_down(n);
                 }
             }
-            LinkEvent::RouteApplied { node, ack } => {
-                if let Some(&n) = self.ix.get(&node) {
-                    if self.links.contains_key(&n) {
-                        wire::route_ack(self.buf(n), ack);
+            LinkEvent::RouteApplied { acks, applied } => {
+                self.barrier_busy = false;
+                for (node, ack) in acks.into_iter().filter(|_| applied) {
+                    if let Some(&n) = self.ix.get(&node) {
+                        if self.links.contains_key(&n) {
+                            wire::route_ack(self.buf(n), ack);
+                        }
                     }
                 }
             }
@@ -485,7 +497,7 @@ impl Plane {
                     } else {
                         set.remove(&filter);
                     }
-                    if ack != 0 {
+                    if ack != 0 && acks.len() < ROUTES_PER_NODE_MAX {
                         acks.push(ack);
                     }
                     return;
@@ -532,10 +544,9 @@ impl Plane {
                     },
                 );
             }
-            Frame::PubAck { id, ok, fate } if self.route_waits.contains_key(&id) => {
-                // The answer to a release (a failed one still counts: the key is stale at
-                // worst, and a new message with DUP = 0 is never taken for it).
-                let _ = (ok, fate);
+            // The answer to a release (a failed one still counts: the key is stale at worst,
+            // and a new message with DUP = 0 is never taken for it).
+            Frame::PubAck { id, .. } if self.route_waits.contains_key(&id) => {
                 self.route_ack_from(id, n);
             }
             Frame::PubAck { id, ok, fate } => {
@@ -552,23 +563,36 @@ impl Plane {
         }
     }
 
-    /// Answers a node's route once every shard here has applied it: a barrier query behind
-    /// it in each shard's inbox.
+    /// Answers a node's route once every shard here has applied it (see
+    /// [`Plane::start_barrier`]).
     fn answer_route_after_barrier(&mut self, node: &str, ack: u64) {
-        self.flush_posts();
+        // Past the bound the asker goes on after its own timeout.
+        if self.route_acks.len() < ROUTES_PER_NODE_MAX {
+            self.route_acks.push((node.to_string(), ack));
+        }
+    }
+
+    /// One barrier query behind this pass's posts in each shard's inbox answers every route
+    /// asked for so far; at most one is under way (a peer sending many routes that want an
+    /// answer costs one query per pass, never a thread each).
+    fn start_barrier(&mut self) {
+        if self.barrier_busy || self.route_acks.is_empty() {
+            return;
+        }
+        self.barrier_busy = true;
+        let acks = std::mem::take(&mut self.route_acks);
         let control = self.control.clone();
         let events = self.events.clone();
-        let node = node.to_string();
         tokio::task::spawn_blocking(move || {
-            let done = control.map_reduce(
-                Query::Cluster(Vec::new()),
-                ROUTE_ACK_TIMEOUT,
-                (),
-                |(), _, _| (),
-            );
-            if done.is_ok() {
-                let _ = events.blocking_send(LinkEvent::RouteApplied { node, ack });
-            }
+            let applied = control
+                .map_reduce(
+                    Query::Cluster(Vec::new()),
+                    ROUTE_ACK_TIMEOUT,
+                    (),
+                    |(), _, _| (),
+                )
+                .is_ok();
+            let _ = events.blocking_send(LinkEvent::RouteApplied { acks, applied });
         });
     }
 
@@ -772,6 +796,8 @@ impl Plane {
             }
         }
         self.flush_posts();
+        // After this pass's posts: the barrier queues behind them.
+        self.start_barrier();
     }
 
     fn flush_posts(&mut self) {

@@ -199,9 +199,20 @@ async fn relay(
         guard: None,
     };
     hand_off(shard, owner, handoff).await;
-    let (from_owner, to_owner) = futures_lite::io::split(local);
-    // Client to owner runs as its own task so that it can be dropped (cancelled) once the
-    // owner has closed and the client did not follow within CLOSE_DRAIN.
+    pump_both(reader, writer, local).await;
+}
+
+/// Relays between a client and its owner (a shard's socket pair end, another node's relay
+/// listener) until both directions end. Client to owner runs as its own task so that it
+/// can be dropped (cancelled) once the owner has closed and the client did not follow
+/// within CLOSE_DRAIN.
+async fn pump_both<R, W, O>(reader: R, writer: W, owner: O)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin,
+    O: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let (from_owner, to_owner) = futures_lite::io::split(owner);
     let upstream = glommio::spawn_local(pump(reader, to_owner));
     pump(from_owner, writer).await;
     future::or(
@@ -213,11 +224,11 @@ async fn relay(
     .await;
 }
 
-/// How long dialling another node's client listener may take.
+/// How long dialling another node's relay listener may take.
 const NODE_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Relays a client to the cluster node that owns it: a TCP connection to that node's
-/// client listener, the bytes read so far (its CONNECT) first, then both directions until
+/// relay listener, the bytes read so far (its CONNECT) first, then both directions until
 /// they end. The owner sees the connection as coming from this node. A node that cannot
 /// be reached: "server unavailable", and the client tries again.
 pub(super) async fn relay_to_node<R, W>(
@@ -248,16 +259,7 @@ pub(super) async fn relay_to_node<R, W>(
         refuse(&mut writer, version, ReasonCode::ServerUnavailable).await;
         return;
     }
-    let (from_owner, to_owner) = futures_lite::io::split(upstream);
-    let up = glommio::spawn_local(pump(reader, to_owner));
-    pump(from_owner, writer).await;
-    future::or(
-        async {
-            up.await;
-        },
-        glommio::timer::sleep(CLOSE_DRAIN),
-    )
-    .await;
+    pump_both(reader, writer, upstream).await;
 }
 
 /// Copies `from` to `to` through one fixed buffer, flushing after each write, until `from`

@@ -17,6 +17,10 @@ use super::*;
 /// The most nodes a cluster has (their indices share the shard bitmap).
 pub const NODES_MAX: usize = crate::config::MAX_SHARDS;
 
+/// The most topic filters one node may announce (more are not listened to): every shard
+/// keeps a copy of every node's set.
+pub const ROUTES_PER_NODE_MAX: usize = 1_000_000;
+
 /// Another node, as numbered by the cluster thread for this run.
 pub type NodeIx = u16;
 
@@ -220,6 +224,9 @@ impl ClusterPort {
             return;
         }
         let filters = self.by_node.entry(node).or_default();
+        if add && filters.len() >= ROUTES_PER_NODE_MAX {
+            return;
+        }
         let changed = if add {
             filters.insert(filter.clone())
         } else {

@@ -8,6 +8,9 @@ impl Core {
     /// the others, and updates the retained store. With `reply`, every other shard and node
     /// involved answers `Ack(reply)` once what it stored is durable.
     pub fn route(&mut self, msg: SharedMessage, now: Instant, reply: Option<Token>) -> Routed {
+        if !self.clustered() {
+            return self.route_in_node(msg, now, reply);
+        }
         let mut r = self.route_in_node(msg.clone(), now, reply);
         self.forward_to_nodes(&msg, reply, &mut r);
         r
