@@ -113,6 +113,80 @@ pub fn publish_through_crashes(
     kill_log
 }
 
+/// Like [`publish_through_crashes`], but `node` is not the publisher's (it holds
+/// subscribers' sessions): the MQTT 5 publisher stays at `at`. What that node could not
+/// store is refused: a QoS 1 message or a QoS 2 message no session kept gets PUBACK/PUBREC
+/// 0x80 and is published again as a new message; a QoS 2 message that other sessions did
+/// keep is never acknowledged, its connection closes (DISCONNECT 0x80), and the publisher
+/// reconnects to its session and resends it with DUP and the same packet id.
+pub fn publish_through_remote_crashes(
+    publ: &mut CrashPublisher,
+    rng: &mut Rng,
+    kills: u64,
+    at: SocketAddr,
+    node: &mut dyn CrashTarget,
+) -> Vec<String> {
+    let final_extra = 100u64;
+    let mut acks = 0u64;
+    let mut kill_log: Vec<String> = Vec::new();
+    let opts = ConnectOpts::v5(&publ.id, false).expiry(3600);
+    let (mut c, present) = RawClient::connect_served(at, &opts);
+    assert!(!present, "the publisher's session is new");
+    let mut done = 0;
+    let mut target = acks + rng.range(40, 400);
+    let mut stop_at = None;
+    loop {
+        let last = done == kills;
+        if last && stop_at.is_none() {
+            stop_at = Some(publ.next_n + final_extra);
+        }
+        while publ.flights.len() < WINDOW && stop_at.is_none_or(|s| publ.next_n < s) {
+            publ.send_new(&mut c, rng);
+        }
+        if last && publ.flights.is_empty() {
+            break;
+        }
+        match c.read_frame_until(Instant::now() + TIMEOUT) {
+            Ok((Packet::Disconnect(d), _)) => {
+                assert_eq!(
+                    d.reason_code,
+                    shardmq::protocol::ReasonCode::UnspecifiedError,
+                    "the publisher's connection closed"
+                );
+                c = publ.reconnect(at, &opts);
+            }
+            Ok((p, _)) => {
+                if publ.on_packet(&mut c, p, true) {
+                    acks += 1;
+                }
+            }
+            Err(ReadEnd::Closed) => c = publ.reconnect(at, &opts),
+            Err(e) => panic!("the publisher: {e:?}"),
+        }
+        if !publ.refused.is_empty() {
+            // Not at full speed while the node is away.
+            std::thread::sleep(Duration::from_millis(5));
+            publ.republish_refused(&mut c);
+        }
+        if !last && acks >= target {
+            let jitter = Duration::from_micros(rng.range(0, 3000));
+            std::thread::sleep(jitter);
+            let in_flight = publ.flights.len();
+            node.kill();
+            kill_log.push(format!(
+                "kill {} after {acks} acks (+{jitter:?}, {in_flight} in flight)",
+                done + 1
+            ));
+            node.restart();
+            done += 1;
+            target = acks + rng.range(40, 400);
+        }
+    }
+    c.publish(CRASH_TOPIC, b"END", QoS::AtLeastOnce, false);
+    c.disconnect();
+    kill_log
+}
+
 /// Checks what the two subscribers of the crash test got (`got1` at QoS 1, `got2` at QoS
 /// 2): every acknowledged message delivered (QoS 1 at least once), every QoS 2 message
 /// whose PUBREC came exactly once at QoS 2; prints the run's figures.
@@ -263,6 +337,9 @@ impl CrashPublisher {
             completed_q2: BTreeSet::new(),
             qos_of: HashMap::new(),
             resent: BTreeSet::new(),
+            refused: Vec::new(),
+            republished: 0,
+            reconnects: 0,
         }
     }
 }
@@ -325,6 +402,12 @@ pub struct CrashPublisher {
     pub qos_of: HashMap<u64, QoS>,
     /// Messages whose PUBLISH was sent again (DUP) after a kill.
     pub resent: BTreeSet<u64>,
+    /// Packet ids whose message was refused as not stored, to publish again.
+    pub refused: Vec<u16>,
+    /// How many times a message was published again after a refusal.
+    pub republished: u64,
+    /// How many times the publisher connected again after the broker closed its connection.
+    pub reconnects: u64,
 }
 
 impl CrashPublisher {
@@ -363,7 +446,7 @@ impl CrashPublisher {
             },
         );
         self.sends += 1;
-        c.send(&publish_packet(
+        c.try_send(&publish_packet(
             CRASH_TOPIC,
             Self::payload(n, qos).as_bytes(),
             qos,
@@ -371,6 +454,36 @@ impl CrashPublisher {
             Some(pid),
             false,
         ));
+    }
+
+    /// After the broker closed the connection: connects again to the session at `at`
+    /// (after 5 ms, not at full speed while a node is away) and resends what is in flight.
+    pub fn reconnect(&mut self, at: SocketAddr, opts: &ConnectOpts) -> RawClient {
+        std::thread::sleep(Duration::from_millis(5));
+        let (mut c, present) = RawClient::connect_served(at, opts);
+        assert!(present, "the publisher's session after a close");
+        self.reconnects += 1;
+        // Refused messages ended their flow; they go again with the rest, as new ones.
+        self.refused.clear();
+        self.resend(&mut c);
+        c
+    }
+
+    /// Publishes the refused messages again (same packet ids, now free; DUP = 0).
+    pub fn republish_refused(&mut self, c: &mut RawClient) {
+        for pid in std::mem::take(&mut self.refused) {
+            if let Some(f) = self.flights.get(&pid) {
+                self.republished += 1;
+                c.try_send(&publish_packet(
+                    CRASH_TOPIC,
+                    Self::payload(f.n, f.qos).as_bytes(),
+                    f.qos,
+                    false,
+                    Some(pid),
+                    false,
+                ));
+            }
+        }
     }
 
     /// After a reconnect with the stored session: unacknowledged PUBLISHes again with DUP and
@@ -384,7 +497,7 @@ impl CrashPublisher {
                 self.resent.insert(f.n);
             }
             match f.stage {
-                Stage::Sent => c.send(&publish_packet(
+                Stage::Sent => c.try_send(&publish_packet(
                     CRASH_TOPIC,
                     Self::payload(f.n, f.qos).as_bytes(),
                     f.qos,
@@ -392,8 +505,8 @@ impl CrashPublisher {
                     Some(pid),
                     true,
                 )),
-                Stage::Released => c.send(&Packet::PubRel(Ack::new(super::raw::pid(pid)))),
-            }
+                Stage::Released => c.try_send(&Packet::PubRel(Ack::new(super::raw::pid(pid)))),
+            };
         }
     }
 
@@ -401,6 +514,20 @@ impl CrashPublisher {
     /// counts (PUBACK or PUBREC). `alive` = the broker can still be written to.
     pub fn on_packet(&mut self, c: &mut RawClient, p: Packet, alive: bool) -> bool {
         match p {
+            // MQTT 5: "not stored" (a cluster node that holds a copy is gone). The packet id
+            // is free again and the message must be published anew.
+            Packet::PubAck(a) | Packet::PubRec(a) if a.reason_code.is_error() => {
+                let pid = a.packet_id.get();
+                assert!(
+                    self.flights
+                        .get(&pid)
+                        .is_some_and(|f| f.stage == Stage::Sent),
+                    "a refusal for packet id {pid}, which is {:?}",
+                    self.flights.get(&pid)
+                );
+                self.refused.push(pid);
+                false
+            }
             Packet::PubAck(a) => {
                 let pid = a.packet_id.get();
                 match self.flights.get(&pid) {
@@ -419,7 +546,7 @@ impl CrashPublisher {
                         f.stage = Stage::Released;
                         self.recd_q2.insert(f.n);
                         if alive {
-                            c.send(&Packet::PubRel(Ack::new(a.packet_id)));
+                            c.try_send(&Packet::PubRel(Ack::new(a.packet_id)));
                         }
                         true
                     }

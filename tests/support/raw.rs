@@ -227,6 +227,14 @@ impl RawClient {
         self.stream.write_all(bytes).expect("write to broker");
     }
 
+    /// Like `send`, but a broker that already closed the socket is not an error (the next
+    /// read tells).
+    pub fn try_send(&mut self, p: &Packet) -> bool {
+        let mut out = BytesMut::new();
+        p.encode(self.version, &mut out).expect("encode");
+        self.try_send_bytes(&out)
+    }
+
     /// Like `send`, but a broker that already closed the socket is not an error.
     pub fn try_send_bytes(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).is_ok()

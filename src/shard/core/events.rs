@@ -112,10 +112,9 @@ impl Core {
                 self.write(|b| b.incoming_put(client_id.as_str(), pid));
                 self.ack_after_write(token, client_id, conn_id, now);
             }
-            (Then::Qos2Received { pid, .. }, Some(rc)) => {
+            (Then::Qos2Received { pid, store }, Some(rc)) => {
                 // Not every copy is stored: the id is forgotten, so that a resend is routed
-                // again (the sessions that stored the message skip it by its key). An MQTT 5
-                // client gets PUBREC 0x80, which ends the flow: the keys go too.
+                // again (the sessions that stored the message skip it by its key).
                 let v5 = match self.sessions.get_mut(&client_id) {
                     Some(s) => {
                         s.incoming_qos2.remove(&pid);
@@ -123,6 +122,18 @@ impl Core {
                     }
                     None => false,
                 };
+                if v5 && store && fate.kept {
+                    // Some sessions kept it (a cluster node holding others is gone). PUBREC
+                    // 0x80 would end the flow, and the client's next try would be a new
+                    // message, stored twice where it was kept: instead the connection
+                    // closes unacknowledged (as for 3.x), the keys stay, and the client
+                    // resends it with DUP and the same packet id when it reconnects to its
+                    // session; the sessions that have it skip it by its key.
+                    self.close_unacknowledged(&client_id, conn_id, token, rc);
+                    return;
+                }
+                // An MQTT 5 client gets PUBREC with the reason, which ends the flow: the
+                // keys go too.
                 if v5 && self.store.is_some() {
                     self.release_qos2(&client_id, Some(pid), None, now);
                 }
@@ -164,6 +175,28 @@ impl Core {
             ),
         );
         self.wait_durable(Waiter::Local(token), now);
+    }
+
+    /// Closes the connection of `client_id` (MQTT 5: DISCONNECT `reason`) without the held
+    /// acknowledgement of `token`; those held before it are sent first.
+    fn close_unacknowledged(
+        &mut self,
+        client_id: &MqttStr,
+        conn_id: u64,
+        token: Token,
+        reason: ReasonCode,
+    ) {
+        let Some(link) = self
+            .sessions
+            .get_mut(client_id)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| l.conn_id == conn_id)
+        else {
+            return;
+        };
+        tracing::debug!(client = %client_id, ?reason, "a QoS 2 message kept by some sessions only; the connection closes for a resend");
+        link.withhold_ack(token);
+        link.out.close(Some(reason));
     }
 
     /// Sends a held PUBACK/PUBREC/PUBCOMP (and those behind it). When the message was

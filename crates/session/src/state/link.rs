@@ -64,6 +64,26 @@ impl Link {
                 };
             }
         }
+        self.send_ready_acks();
+    }
+
+    /// Withholds the acknowledgement of `token` for good and sends the ready ones before
+    /// it: the connection is closing, and the client will publish the message again (DUP,
+    /// same packet id) when it reconnects to its session.
+    pub fn withhold_ack(&mut self, token: u64) {
+        if let Some(h) = self
+            .held_acks
+            .iter_mut()
+            .find(|h| h.token == token && !h.ready)
+        {
+            h.ready = true;
+            h.packet = None;
+        }
+        self.send_ready_acks();
+    }
+
+    /// Sends every ready acknowledgement at the front of the held ones.
+    fn send_ready_acks(&mut self) {
         while let Some(h) = self.held_acks.pop_front() {
             if !h.ready {
                 self.held_acks.push_front(h);
