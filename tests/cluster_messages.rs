@@ -410,3 +410,126 @@ fn sys_topics_stay_on_their_node_and_name_it() {
     }
     drop(a);
 }
+
+#[test]
+fn a_shared_group_with_members_on_every_node_gets_each_message_once() {
+    let etcd = Etcd::start(3);
+    let pre = prefix("shared");
+    let [a, b, c] = three_nodes(&etcd, &pre);
+    let ids = Ids {
+        etcd: &etcd,
+        prefix: &pre,
+    };
+    // Group g: a member on each node. Group solo: one member, on c. A plain subscriber on b.
+    let mut members: Vec<(String, RawClient)> = Vec::new();
+    for (node, n) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        let id = ids.on(n, "member");
+        let mut m = v5(node, &id);
+        m.sub(&[
+            ("$share/g/jobs/#", QoS::AtLeastOnce),
+            (&format!("fence/{id}"), QoS::AtLeastOnce),
+        ]);
+        members.push((id, m));
+    }
+    let solo_id = ids.on("c", "solo");
+    let mut solo = v5(&c, &solo_id);
+    solo.sub(&[
+        ("$share/solo/jobs/+", QoS::AtLeastOnce),
+        (&format!("fence/{solo_id}"), QoS::AtLeastOnce),
+    ]);
+    let plain_id = ids.on("b", "plain");
+    let mut plain = v5(&b, &plain_id);
+    plain.sub(&[
+        ("jobs/#", QoS::AtLeastOnce),
+        (&format!("fence/{plain_id}"), QoS::AtLeastOnce),
+    ]);
+    // Right after the SUBACKs: the publisher's node knows every group and subscriber.
+    let mut p = v5(&a, &ids.on("a", "pub"));
+    const N: usize = 60;
+    for i in 0..N {
+        assert_eq!(
+            p.publish_v5(msg("jobs/x", format!("{i}").as_bytes(), QoS::AtLeastOnce)),
+            Some(ReasonCode::Success)
+        );
+    }
+    // A fence per subscriber, published after the jobs: with one shard per node, each
+    // arrives after every job that went to its subscriber's node.
+    let mut clients: Vec<(String, &mut RawClient)> =
+        members.iter_mut().map(|(id, m)| (id.clone(), m)).collect();
+    clients.push((solo_id.clone(), &mut solo));
+    clients.push((plain_id.clone(), &mut plain));
+    for (id, _) in &clients {
+        assert_eq!(
+            p.publish_v5(msg(&format!("fence/{id}"), b"", QoS::AtLeastOnce)),
+            Some(ReasonCode::Success)
+        );
+    }
+    let got: Vec<Vec<usize>> = clients
+        .iter_mut()
+        .map(|(_, c)| {
+            let mut jobs = Vec::new();
+            loop {
+                let m = c.recv_publish_ack();
+                if m.topic.as_str().starts_with("fence/") {
+                    break jobs;
+                }
+                jobs.push(std::str::from_utf8(&m.payload).unwrap().parse().unwrap());
+            }
+        })
+        .collect();
+    let all: Vec<usize> = (0..N).collect();
+    // Group g: every job once, spread over the members of all three nodes.
+    let mut g: Vec<usize> = got[..3].iter().flatten().copied().collect();
+    g.sort_unstable();
+    assert_eq!(g, all, "group g's members got {:?}", &got[..3]);
+    for (i, jobs) in got[..3].iter().enumerate() {
+        assert!(
+            jobs.len() >= N / 6,
+            "the member on node {} got {} of {N}: {:?}",
+            ["a", "b", "c"][i],
+            jobs.len(),
+            &got[..3]
+        );
+    }
+    // A group of one member, and a plain subscriber: everything, in order.
+    assert_eq!(got[3], all, "group solo");
+    assert_eq!(got[4], all, "the plain subscriber");
+    // The last member on c leaves group g: what follows is spread over a and b only, once
+    // c's node has withdrawn the group (its key, as a route).
+    let (_, c_member) = members.last_mut().unwrap();
+    c_member.unsubscribe(&["$share/g/jobs/#"]);
+    // A new filter's SUBACK from c waits until every node applied it, after the group's
+    // withdrawal (one ordered stream from c to a).
+    c_member.sub(&[("barrier/c", QoS::AtMostOnce)]);
+    for i in N..2 * N {
+        assert_eq!(
+            p.publish_v5(msg("jobs/x", format!("{i}").as_bytes(), QoS::AtLeastOnce)),
+            Some(ReasonCode::Success)
+        );
+    }
+    let mut rest = Vec::new();
+    for (id, m) in members.iter_mut() {
+        assert_eq!(
+            p.publish_v5(msg(&format!("fence/{id}"), b"", QoS::AtLeastOnce)),
+            Some(ReasonCode::Success)
+        );
+        let mut jobs = Vec::new();
+        loop {
+            let m = m.recv_publish_ack();
+            if m.topic.as_str().starts_with("fence/") {
+                break;
+            }
+            jobs.push(
+                std::str::from_utf8(&m.payload)
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap(),
+            );
+        }
+        rest.push(jobs);
+    }
+    assert!(rest[2].is_empty(), "c's member left, got {:?}", rest[2]);
+    let mut g: Vec<usize> = rest.iter().flatten().copied().collect();
+    g.sort_unstable();
+    assert_eq!(g, (N..2 * N).collect::<Vec<_>>(), "after c left: {rest:?}");
+}

@@ -118,8 +118,9 @@ struct Plane {
     ix: HashMap<String, NodeIx>,
     names: Vec<String>,
     links: HashMap<NodeIx, LinkOut>,
-    /// Filter -> how many of this node's shards have subscribers of it.
-    local_routes: HashMap<Arc<str>, u32>,
+    /// Filter (or shared group key) -> the shards of this node that have subscribers of
+    /// it (a set: a shard that announces a filter twice withdraws it once).
+    local_routes: HashMap<Arc<str>, ShardSet>,
     next_id: u64,
     /// Forwarded messages waiting for their node's answer, by id.
     pending: HashMap<u64, (NodeIx, Reply)>,
@@ -306,7 +307,12 @@ impl Plane {
 
     fn on_shard(&mut self, m: ToCluster) {
         match m {
-            ToCluster::Publish { msg, nodes, ack } => {
+            ToCluster::Publish {
+                msg,
+                nodes,
+                ack,
+                groups,
+            } => {
                 let now = Instant::now();
                 for n in nodes.iter() {
                     let n = n as NodeIx;
@@ -341,10 +347,21 @@ impl Plane {
                         None => 0,
                     };
                     self.counters.messages_forwarded_total += 1;
-                    wire::publish(self.buf(n), id, &msg, now);
+                    let keys: Vec<&Arc<str>> = groups
+                        .iter()
+                        .flat_map(|g| g.iter())
+                        .filter(|(to, _)| *to == n)
+                        .map(|(_, k)| k)
+                        .collect();
+                    wire::publish(self.buf(n), id, &msg, keys.iter(), now);
                 }
             }
-            ToCluster::Route { filter, add, ack } => self.local_route(filter, add, ack),
+            ToCluster::Route {
+                filter,
+                shard,
+                add,
+                ack,
+            } => self.local_route(filter, shard, add, ack),
             ToCluster::Release {
                 origin,
                 packet_id,
@@ -366,14 +383,15 @@ impl Plane {
 
     /// A shard gained or lost `filter`: the other nodes hear when the node as a whole
     /// did; a SUBACK (`ack`) waits for every linked node to have applied it.
-    fn local_route(&mut self, filter: Arc<str>, add: bool, ack: Option<Reply>) {
-        let count = self.local_routes.entry(filter.clone()).or_insert(0);
+    fn local_route(&mut self, filter: Arc<str>, shard: u16, add: bool, ack: Option<Reply>) {
+        let shards = self.local_routes.entry(filter.clone()).or_default();
         let announce = if add {
-            *count += 1;
-            *count == 1 || ack.is_some()
+            let first = shards.is_empty();
+            shards.insert(shard as usize);
+            first || ack.is_some()
         } else {
-            *count = count.saturating_sub(1);
-            let gone = *count == 0;
+            shards.remove(shard as usize);
+            let gone = shards.is_empty();
             if gone {
                 self.local_routes.remove(&filter);
             }

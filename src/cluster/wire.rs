@@ -113,9 +113,20 @@ pub fn release(out: &mut BytesMut, id: u64, origin: &str, packet_id: Option<u16>
     });
 }
 
+/// The most shared groups one forwarded message names (more are not forwarded).
+pub const GROUPS_PER_MESSAGE_MAX: usize = 4096;
+
 /// A message: topic, QoS, retain, age (ms since the broker received it: expiry goes on
-/// counting), origin, the MQTT 5 property block as the codec writes it, then the payload.
-pub fn publish(out: &mut BytesMut, id: u64, msg: &Message, now: Instant) {
+/// counting), origin, the shared groups the receiving node delivers it to (`[u16
+/// count][key...]`; no others), the MQTT 5 property block as the codec writes it, then the
+/// payload.
+pub fn publish(
+    out: &mut BytesMut,
+    id: u64,
+    msg: &Message,
+    groups: impl ExactSizeIterator<Item = impl AsRef<str>>,
+    now: Instant,
+) {
     frame(out, PUBLISH, |b| {
         b.put_u64(id);
         put_str(b, msg.topic.as_str());
@@ -140,6 +151,11 @@ pub fn publish(out: &mut BytesMut, id: u64, msg: &Message, now: Instant) {
                 b.put_u8(0);
                 b.put_u16(0);
             }
+        }
+        let n = groups.len().min(GROUPS_PER_MESSAGE_MAX);
+        b.put_u16(n as u16);
+        for key in groups.take(n) {
+            put_str(b, key.as_ref());
         }
         let mut p = msg.properties.clone();
         p.topic_alias = None;
@@ -251,6 +267,18 @@ fn message_of(b: &mut Bytes, now: Instant) -> Result<Message, String> {
         }),
         x => return Err(format!("QoS 2 key flags {x}")),
     };
+    let count = u16_of(b)? as usize;
+    if count > GROUPS_PER_MESSAGE_MAX {
+        return Err(format!("{count} shared groups"));
+    }
+    let mut groups: Vec<std::sync::Arc<str>> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = str_of(b)?;
+        match crate::protocol::TopicFilter::new(&key) {
+            Ok(f) if f.share_group().is_some() => groups.push(key.into()),
+            _ => return Err(format!("shared group {key:?}")),
+        }
+    }
     let mut r = Reader::new(std::mem::take(b));
     let properties =
         PublishProperties::decode(&mut r).map_err(|e| format!("publish properties: {e}"))?;
@@ -264,6 +292,7 @@ fn message_of(b: &mut Bytes, now: Instant) -> Result<Message, String> {
         origin,
         qos2_id,
         created: now.checked_sub(age).unwrap_or(now),
+        groups: Some(groups.into()),
     })
 }
 
@@ -272,6 +301,13 @@ fn u8_of(b: &mut Bytes) -> Result<u8, String> {
         return Err("frame too short".into());
     }
     Ok(b.get_u8())
+}
+
+fn u16_of(b: &mut Bytes) -> Result<u16, String> {
+    if b.remaining() < 2 {
+        return Err("frame too short".into());
+    }
+    Ok(b.get_u16())
 }
 
 fn u32_of(b: &mut Bytes) -> Result<u32, String> {
@@ -328,14 +364,29 @@ mod tests {
             origin: Some(MqttStr::new("pub-1").unwrap()),
             qos2_id: None,
             created: now - Duration::from_millis(1500),
+            groups: None,
         };
         let mut buf = BytesMut::new();
-        publish(&mut buf, 7, &msg, now);
+        publish(
+            &mut buf,
+            7,
+            &msg,
+            ["$share/g/a/+", "$share/h/#"].iter(),
+            now,
+        );
         let (kind, body) = split(&buf);
-        let Frame::Publish { id, msg: back } = decode(kind, body, now).unwrap() else {
+        let Frame::Publish { id, msg: back } = decode(kind, body.clone(), now).unwrap() else {
             panic!("not a publish");
         };
         assert_eq!(id, 7);
+        // The receiving node delivers it to the groups named, and to no other.
+        assert!(back.serves_group("$share/g/a/+") && back.serves_group("$share/h/#"));
+        assert!(!back.serves_group("$share/x/a/+"));
+        // A key that is not a shared subscription is refused.
+        let mut bad = BytesMut::new();
+        publish(&mut bad, 7, &msg, ["a/+"].iter(), now);
+        let (kind, body) = split(&bad);
+        assert!(decode(kind, body, now).is_err());
         assert_eq!(back.topic, msg.topic);
         assert_eq!(back.payload, msg.payload);
         assert_eq!(back.qos, QoS::AtLeastOnce);
@@ -366,14 +417,19 @@ mod tests {
                 dup: true,
             }),
             created: now,
+            groups: None,
         };
         let mut buf = BytesMut::new();
-        publish(&mut buf, 1, &msg, now);
+        publish(&mut buf, 1, &msg, std::iter::empty::<&str>(), now);
         let (k, b) = split(&buf);
         let Ok(Frame::Publish { msg: back, .. }) = decode(k, b, now) else {
             panic!("not a publish");
         };
         assert_eq!(back.qos2_id, msg.qos2_id);
+        assert!(
+            !back.serves_group("$share/g/q"),
+            "no group named, none served"
+        );
         let mut buf = BytesMut::new();
         release(&mut buf, 4, "p", Some(9));
         let (k, b) = split(&buf);

@@ -65,6 +65,10 @@ pub enum Event {
     },
     /// To a shared group's home: the member left the group.
     SharedLeave { key: Arc<str>, client_id: MqttStr },
+    /// From a shared group's home, in a cluster node: the group has (`add`) or no longer
+    /// has members on this node (the publisher's shard picks the node a group gets a
+    /// message on, this one included).
+    GroupHere { key: Arc<str>, add: bool },
     /// To a shared group's home: the member's client came online or went offline.
     SharedOnline {
         key: Arc<str>,

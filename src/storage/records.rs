@@ -318,6 +318,7 @@ impl MessageRecord {
             origin,
             qos2_id: None,
             created: clock.instant_of(self.created_unix_ms),
+            groups: None,
         })
     }
 }
@@ -554,6 +555,7 @@ mod tests {
             origin: Some(MqttStr::new("pub-1").unwrap()),
             qos2_id: None,
             created: clock.instant - Duration::from_secs(5),
+            groups: None,
         }
     }
 

@@ -7,7 +7,7 @@ pub mod ownership;
 pub mod retained;
 pub mod trie;
 
-pub use message::{Message, Qos2Id, SharedMessage};
+pub use message::{GroupPick, Message, Qos2Id, SharedMessage};
 pub use ownership::{owner_shard, stable_hash};
 pub mod outbound;
 pub mod state;

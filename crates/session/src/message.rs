@@ -28,7 +28,15 @@ pub struct Message {
     pub qos2_id: Option<Qos2Id>,
     /// When the broker received it; with the Message Expiry Interval gives the deadline.
     pub created: Instant,
+    /// In a cluster, the shared subscription groups (`$share/<group>/<filter>` keys) this
+    /// node delivers it to: each group gets a message once in the whole cluster, on the one
+    /// node the publisher's shard picked for it. `None`: every group here (a broker that
+    /// runs alone, or no group anywhere matched). Never stored, never on the MQTT wire.
+    pub groups: Option<GroupPick>,
 }
+
+/// The shared groups a node serves for one message (see [`Message::groups`]).
+pub type GroupPick = Arc<[Arc<str>]>;
 
 /// The publisher's packet id of a QoS 2 message, and whether its PUBLISH had DUP set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,6 +60,7 @@ impl std::fmt::Debug for Message {
             .field("payload_len", &self.payload.len())
             .field("origin", &self.origin)
             .field("qos2_id", &self.qos2_id)
+            .field("groups", &self.groups)
             .finish()
     }
 }
@@ -68,6 +77,13 @@ impl Message {
             return Err(Expired);
         }
         Ok(Some(interval - elapsed as u32))
+    }
+
+    /// Whether the shared group `key` gets this message here (see [`Message::groups`]).
+    pub fn serves_group(&self, key: &str) -> bool {
+        self.groups
+            .as_ref()
+            .is_none_or(|g| g.iter().any(|k| &**k == key))
     }
 
     /// Bytes this message costs a queue (payload and topic; the rest is small and shared).

@@ -156,6 +156,7 @@ mod tests {
             origin: None,
             qos2_id: None,
             created: Instant::now(),
+            groups: None,
         })
     }
 

@@ -24,6 +24,14 @@ pub const ROUTES_PER_NODE_MAX: usize = 1_000_000;
 /// Another node, as numbered by the cluster thread for this run.
 pub type NodeIx = u16;
 
+/// For one message, the node each shared group that matched gets it on (see
+/// [`Message::groups`]).
+pub type NodeGroups = Arc<[(NodeIx, Arc<str>)]>;
+
+/// For one message: the shared groups it goes to on this node, and those it goes to on
+/// another node, with the node.
+pub type GroupPicks = (Vec<Arc<str>>, Vec<(NodeIx, Arc<str>)>);
+
 /// A shard (by index) and one of its round trips.
 pub type Reply = (u16, Token);
 
@@ -36,11 +44,15 @@ pub enum ToCluster {
         msg: SharedMessage,
         nodes: ShardSet,
         ack: Option<Reply>,
+        /// The shared groups each node delivers it to (no others).
+        groups: Option<NodeGroups>,
     },
-    /// This shard has (`add`) or no longer has subscribers of `filter`; with `ack`, answer
-    /// once every live node applied it (a SUBACK waits for that).
+    /// This shard has (`add`) or no longer has subscribers of `filter` (a plain filter, or
+    /// the key of a shared group homed here); with `ack`, answer once every live node
+    /// applied it (a SUBACK waits for that).
     Route {
         filter: Arc<str>,
+        shard: u16,
         add: bool,
         ack: Option<Reply>,
     },
@@ -194,8 +206,12 @@ pub(super) struct ClusterPort {
     link: ClusterLink,
     /// Filter -> the other nodes with subscribers of it.
     routes: RoutingIndex,
-    /// Per node, its filters (to forget them all at once).
+    /// Per node, its filters and group keys (to forget them all at once).
     by_node: HashMap<NodeIx, hashbrown::HashSet<Arc<str>>>,
+    /// Shared groups by their filter: the nodes with members of each, this one included.
+    groups: TopicTrie<Vec<GroupRoute>>,
+    /// Turns the round robin over the nodes of a group.
+    group_turn: u64,
     members: ShardSet,
     /// `None` until the cluster thread has sent the table.
     slots: Option<Arc<SlotMap>>,
@@ -212,6 +228,8 @@ impl ClusterPort {
             link,
             routes: RoutingIndex::default(),
             by_node: HashMap::new(),
+            groups: TopicTrie::default(),
+            group_turn: 0,
             members: ShardSet::default(),
             slots: None,
             held: None,
@@ -233,8 +251,91 @@ impl ClusterPort {
             filters.remove(&filter)
         };
         if changed {
-            self.routes.set(&filter, node as usize, add);
+            self.set_any(&filter, node as usize, add);
         }
+    }
+
+    /// A node's plain filter, or (`$share/...`) a key of a group with members there.
+    fn set_any(&mut self, filter: &Arc<str>, node: usize, add: bool) {
+        if filter.starts_with(SHARE_PREFIX) {
+            self.set_group(filter, Some(node), add);
+        } else {
+            self.routes.set(filter, node, add);
+        }
+    }
+
+    /// The group `key` has (`add`) or no longer has members on `node` (`None`: here).
+    fn set_group(&mut self, key: &Arc<str>, node: Option<usize>, add: bool) {
+        let Ok(tf) = TopicFilter::new(key) else {
+            return;
+        };
+        if !tf.is_shared() {
+            return;
+        }
+        let mark = |g: &mut GroupRoute| match node {
+            Some(n) if add => g.nodes.insert(n),
+            Some(n) => g.nodes.remove(n),
+            None => g.here = add,
+        };
+        if add {
+            let v = self.groups.entry(tf.filter());
+            match v.iter_mut().find(|g| g.key == *key) {
+                Some(g) => mark(g),
+                None => {
+                    let mut g = GroupRoute {
+                        key: key.clone(),
+                        nodes: ShardSet::default(),
+                        here: false,
+                    };
+                    mark(&mut g);
+                    v.push(g);
+                }
+            }
+        } else if let Some(v) = self.groups.get_mut(tf.filter()) {
+            for g in v.iter_mut().filter(|g| g.key == *key) {
+                mark(g);
+            }
+            v.retain(|g| g.here || !g.nodes.is_empty());
+            if v.is_empty() {
+                self.groups.remove(tf.filter());
+            }
+        }
+    }
+
+    /// For a message on `topic`, the node each shared group that matches gets it on: a
+    /// round robin over the live nodes with members and this one (over every node with
+    /// members when none of them is live: the message is then refused, as for any node
+    /// that is down). `None`: no group matches anywhere. Returns (the groups served here,
+    /// the groups served elsewhere with their node).
+    fn pick_groups(&mut self, topic: &str) -> Option<GroupPicks> {
+        let mut here = Vec::new();
+        let mut there = Vec::new();
+        let mut any = false;
+        let mut turn = self.group_turn;
+        let members = &self.members;
+        self.groups.for_each_match(topic, |v| {
+            for g in v {
+                any = true;
+                let live: Vec<usize> = g.nodes.iter().filter(|n| members.contains(*n)).collect();
+                let nodes: Vec<usize> = if live.is_empty() && !g.here {
+                    g.nodes.iter().collect()
+                } else {
+                    live
+                };
+                let n = nodes.len() + usize::from(g.here);
+                if n == 0 {
+                    continue;
+                }
+                let k = (turn % n as u64) as usize;
+                turn = turn.wrapping_add(1);
+                match k.checked_sub(usize::from(g.here)) {
+                    None => here.push(g.key.clone()),
+                    Some(i) => there.push((nodes[i] as NodeIx, g.key.clone())),
+                }
+            }
+        });
+        self.group_turn = turn;
+        any.then_some((here, there))
     }
 
     fn replace_routes(&mut self, node: NodeIx, filters: &[Arc<str>]) {
@@ -255,10 +356,23 @@ impl ClusterPort {
     fn clear_routes(&mut self, node: NodeIx) {
         if let Some(filters) = self.by_node.remove(&node) {
             for f in filters {
-                self.routes.set(&f, node as usize, false);
+                self.set_any(&f, node as usize, false);
             }
         }
     }
+}
+
+/// How a shared subscription's key starts (`$share/<group>/<filter>`).
+const SHARE_PREFIX: &str = "$share/";
+
+/// A shared group some node has members of (see [`ClusterPort::pick_groups`]).
+#[derive(Debug)]
+struct GroupRoute {
+    key: Arc<str>,
+    /// The other nodes with members.
+    nodes: ShardSet,
+    /// This node has members.
+    here: bool,
 }
 
 /// What routing a message did (see [`Core::route`]).
@@ -286,6 +400,7 @@ impl Core {
     pub(super) fn forward_to_nodes(
         &mut self,
         msg: &SharedMessage,
+        groups: Option<NodeGroups>,
         reply: Option<Token>,
         r: &mut Routed,
     ) {
@@ -297,6 +412,9 @@ impl Core {
             return;
         }
         let mut nodes = c.routes.targets(&msg.topic);
+        for (n, _) in groups.iter().flat_map(|g| g.iter()) {
+            nodes.insert(*n as usize);
+        }
         r.matched |= !nodes.is_empty();
         if msg.retain {
             nodes.union_with(&c.members);
@@ -309,7 +427,12 @@ impl Core {
         // A QoS 2 message travels with its dedup key: the other node's persistent sessions
         // keep it, and its release follows the publisher's PUBREL (`release_in_nodes`).
         let msg = msg.clone();
-        match c.link.data.try_send(ToCluster::Publish { msg, nodes, ack }) {
+        match c.link.data.try_send(ToCluster::Publish {
+            msg,
+            nodes,
+            ack,
+            groups,
+        }) {
             Ok(()) => {
                 self.stats.cluster_forwarded += 1;
                 if ack.is_some() {
@@ -323,6 +446,45 @@ impl Core {
         }
     }
 
+    /// In a cluster, the shared groups a message goes to on this node and on the others
+    /// (see [`ClusterPort::pick_groups`]): `None` when none matches anywhere, or for
+    /// `$SYS`, which stays on its node.
+    pub(super) fn pick_groups(&mut self, msg: &SharedMessage) -> Option<GroupPicks> {
+        let c = self.cluster.as_mut()?;
+        if msg.topic.as_str().starts_with("$SYS/") {
+            return None;
+        }
+        c.pick_groups(msg.topic.as_str())
+    }
+
+    /// The shared group `key` homed on this node's shard `home`'s has (`add`) or no longer
+    /// has members: every shard of the node learns it (the home tells the others, then
+    /// the other nodes, by the group's key as a route).
+    pub(super) fn set_group_here(&mut self, key: Arc<str>, add: bool) {
+        if let Some(c) = &mut self.cluster {
+            c.set_group(&key, None, add);
+        }
+    }
+
+    /// At a group's home, in a cluster: tells this node's other shards that the group
+    /// `key` has (`add`) or no longer has members here, before anything else the home
+    /// sends them about it.
+    pub(super) fn announce_group_here(&mut self, key: &Arc<str>, add: bool) {
+        if !self.clustered() {
+            return;
+        }
+        self.set_group_here(key.clone(), add);
+        for p in self.peers() {
+            self.sink.push(
+                p,
+                Event::GroupHere {
+                    key: key.clone(),
+                    add,
+                },
+            );
+        }
+    }
+
     /// Tells the other nodes (through the cluster thread) that this shard has or no
     /// longer has subscribers of `filter`; returns the answers to expect (0 or 1).
     pub(super) fn announce_route(
@@ -331,8 +493,10 @@ impl Core {
         add: bool,
         reply: Option<Token>,
     ) -> usize {
+        let shard = self.id as u16;
         self.tell_cluster(reply, |ack| ToCluster::Route {
             filter: filter.clone(),
+            shard,
             add,
             ack,
         })
@@ -620,6 +784,54 @@ mod tests {
         assert!(!c.holds(now + Duration::from_secs(3)));
         c.drop_now();
         assert!(!c.holds(now));
+    }
+
+    #[test]
+    fn each_shared_group_goes_to_one_node_in_turn_live_ones_first() {
+        let (l, _rx) = link();
+        let mut p = ClusterPort::new(l);
+        let key: Arc<str> = Arc::from("$share/g/jobs/#");
+        // Group keys arrive as routes, and are not plain filters.
+        p.set_route(1, key.clone(), true);
+        p.set_route(2, key.clone(), true);
+        p.set_group(&key, None, true);
+        assert!(p
+            .routes
+            .targets(&TopicName::new("jobs/x").unwrap())
+            .is_empty());
+        assert!(p.pick_groups("other").is_none());
+        p.members.insert(1);
+        p.members.insert(2);
+        let mut count = [0usize; 3];
+        for _ in 0..30 {
+            let (here, there) = p.pick_groups("jobs/x").unwrap();
+            assert_eq!(here.len() + there.len(), 1, "one node per group");
+            match there.first() {
+                Some((n, k)) => {
+                    assert_eq!(k, &key);
+                    count[*n as usize] += 1;
+                }
+                None => count[0] += 1,
+            }
+        }
+        assert_eq!(count, [10, 10, 10], "here, node 1, node 2 in turn");
+        // Node 2 is down: here and node 1 only.
+        p.members.remove(2);
+        for _ in 0..10 {
+            let (_, there) = p.pick_groups("jobs/x").unwrap();
+            assert!(there.iter().all(|(n, _)| *n == 1));
+        }
+        // No longer here, node 1 gone too: node 2 (down) is all there is (the forward
+        // then fails, and the publisher hears it).
+        p.set_group(&key, None, false);
+        p.members.remove(1);
+        p.set_route(1, key.clone(), false);
+        let (here, there) = p.pick_groups("jobs/x").unwrap();
+        assert!(here.is_empty());
+        assert_eq!(there, vec![(2, key.clone())]);
+        // Its node cleared: no group anywhere.
+        p.clear_routes(2);
+        assert!(p.pick_groups("jobs/x").is_none());
     }
 
     #[test]

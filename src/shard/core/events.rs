@@ -34,6 +34,7 @@ impl Core {
             Event::Rehome { session, reply } => self.adopt(from, *session, reply, now),
             Event::SharedJoin { key, member, reply } => self.shared_join(key, member, reply),
             Event::SharedLeave { key, client_id } => self.shared_leave(key, &client_id),
+            Event::GroupHere { key, add } => self.set_group_here(key, add),
             Event::SharedOnline {
                 key,
                 client_id,

@@ -200,6 +200,7 @@ impl Core {
             origin: Some(ctx.client_id.clone()),
             qos2_id,
             created: now,
+            groups: None,
         });
         match pid {
             None => {

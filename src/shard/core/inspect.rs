@@ -469,6 +469,7 @@ impl Core {
             origin: None,
             qos2_id: None,
             created: now,
+            groups: None,
         };
         self.route(std::sync::Arc::new(msg), now, None);
     }

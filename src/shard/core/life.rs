@@ -604,6 +604,7 @@ fn will_of(c: &Connect, client_id: &MqttStr, now: Instant) -> Option<Will> {
             origin: Some(client_id.clone()),
             qos2_id: None,
             created: now,
+            groups: None,
         }),
         delay_s: p.will_delay_interval.unwrap_or(0),
     })

@@ -278,6 +278,7 @@ impl Core {
             } else {
                 let entry = self.subs.entry(sub.filter.filter());
                 let first = entry.is_empty();
+                let had_clients = subscriptions::has_clients(entry);
                 entry.push(LocalSub::Client {
                     client_id: client_id.clone(),
                     options: sub.options,
@@ -285,6 +286,9 @@ impl Core {
                 });
                 if first {
                     self.index_add(sub.filter.filter(), None, &peers);
+                }
+                if !had_clients {
+                    self.announce_route(&Arc::from(sub.filter.filter()), true, None);
                 }
             }
         }

@@ -11,8 +11,20 @@ impl Core {
         if !self.clustered() {
             return self.route_in_node(msg, now, reply);
         }
-        let mut r = self.route_in_node(msg.clone(), now, reply);
-        self.forward_to_nodes(&msg, reply, &mut r);
+        // Each shared group gets it once in the cluster: here, or on the node picked for it.
+        let picks = self.pick_groups(&msg);
+        let (local, groups) = match picks {
+            Some((here, there)) => (
+                Arc::new(Message {
+                    groups: Some(here.into()),
+                    ..(*msg).clone()
+                }),
+                Some(NodeGroups::from(there)),
+            ),
+            None => (msg.clone(), None),
+        };
+        let mut r = self.route_in_node(local, now, reply);
+        self.forward_to_nodes(&msg, groups, reply, &mut r);
         r
     }
 
@@ -109,7 +121,8 @@ impl Core {
                         }
                         hits.push((client_id.clone(), *options, *id));
                     }
-                    LocalSub::Group { key } => groups.push(key.clone()),
+                    LocalSub::Group { key } if msg.serves_group(key) => groups.push(key.clone()),
+                    LocalSub::Group { .. } => {}
                 }
             }
         });

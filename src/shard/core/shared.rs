@@ -207,19 +207,24 @@ impl Core {
         // The key is a filter the codec validated on the member's shard.
         let filter = TopicFilter::new(&key).ok().filter(|_| fresh);
         if let Some(filter) = filter {
+            // In a cluster, this node's shards learn of the group first (before the index
+            // event), the other nodes by its key: the node a group gets a message on is
+            // picked where it is published.
+            self.announce_group_here(&key, true);
+            let token = self.token();
             let entry = self.subs.entry(filter.filter());
             let first = entry.is_empty();
             entry.push(LocalSub::Group { key: key.clone() });
             if first {
-                let token = self.token();
                 let peers: Vec<usize> = self.peers().collect();
-                remaining = self.index_add(filter.filter(), Some(token), &peers);
-                if remaining > 0 {
-                    self.begin(
-                        token,
-                        RoundTrip::new(remaining, Completion::Relay { to, token: reply }),
-                    );
-                }
+                remaining += self.index_add(filter.filter(), Some(token), &peers);
+            }
+            remaining += self.announce_route(&key, true, Some(token));
+            if remaining > 0 {
+                self.begin(
+                    token,
+                    RoundTrip::new(remaining, Completion::Relay { to, token: reply }),
+                );
             }
         }
         if remaining == 0 {
@@ -234,6 +239,8 @@ impl Core {
             let Ok(filter) = TopicFilter::new(&key) else {
                 return;
             };
+            self.announce_route(&key, false, None);
+            self.announce_group_here(&key, false);
             let f = filter.filter();
             if let Some(entry) = self.subs.get_mut(f) {
                 entry.retain(|s| !matches!(s, LocalSub::Group { key: k } if *k == key));

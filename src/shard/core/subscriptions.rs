@@ -139,6 +139,7 @@ impl Core {
     ) {
         let entry = self.subs.entry(filter.filter());
         let first = entry.is_empty();
+        let had_clients = has_clients(entry);
         entry.retain(
             |s| !matches!(s, LocalSub::Client { client_id, .. } if *client_id == ctx.client_id),
         );
@@ -147,18 +148,24 @@ impl Core {
             options,
             id: w.sub_id,
         });
-        // A filter whose addition is still on its way to the peers is added again (the
-        // peers' indexes are sets, and each peer answers in order), so that this SUBACK too
-        // waits until every peer routes the filter here.
+        // A filter whose addition is still on its way to the peers (and the other nodes) is
+        // added again (their indexes are sets, and each answers in order), so that this
+        // SUBACK too waits until every peer and node routes the filter here.
         let in_flight = self.index.is_adding(filter.filter());
+        let mut acks = 0;
         if first || in_flight {
-            let acks = self.index_add(filter.filter(), Some(w.token), &w.peers);
-            if acks > 0 {
-                w.remaining += acks;
-                let key: Arc<str> = Arc::from(filter.filter());
-                self.index.begin_adding(key.clone());
-                w.adding.push(key);
-            }
+            acks += self.index_add(filter.filter(), Some(w.token), &w.peers);
+        }
+        if !had_clients || in_flight {
+            // Other nodes route the filter here for client subscribers only: a shared
+            // group is announced by its key (`shared_join`).
+            acks += self.announce_route(&Arc::from(filter.filter()), true, Some(w.token));
+        }
+        if acks > 0 {
+            w.remaining += acks;
+            let key: Arc<str> = Arc::from(filter.filter());
+            self.index.begin_adding(key.clone());
+            w.adding.push(key);
         }
         let send_retained = match options.retain_handling {
             RetainHandling::SendAtSubscribe => true,
@@ -259,9 +266,8 @@ impl Core {
                 },
             );
         }
-        let nodes = self.announce_route(&filter, true, reply);
         if reply.is_some() {
-            peers.len() + nodes
+            peers.len()
         } else {
             0
         }
@@ -270,7 +276,6 @@ impl Core {
     pub(super) fn index_remove(&mut self, filter: &str) {
         self.index.set(filter, self.id, false);
         let filter: Arc<str> = Arc::from(filter);
-        self.announce_route(&filter, false, None);
         for p in self.peers() {
             self.sink.push(
                 p,
@@ -330,13 +335,23 @@ impl Core {
             return;
         };
         entry.retain(|s| !matches!(s, LocalSub::Client { client_id: c, .. } if c == client_id));
-        if entry.is_empty() {
+        let clients = has_clients(entry);
+        let empty = entry.is_empty();
+        if !clients {
+            self.announce_route(&Arc::from(f), false, None);
+        }
+        if empty {
             self.subs.remove(f);
             self.index_remove(f);
         }
     }
 
     // ---------------------------------------------------------------- events
+}
+
+/// Whether a filter's subscribers on a shard include a client (not only shared groups).
+pub(super) fn has_clients(entry: &[LocalSub]) -> bool {
+    entry.iter().any(|s| matches!(s, LocalSub::Client { .. }))
 }
 
 /// What one SUBSCRIBE gathers while its filters are handled.

@@ -29,6 +29,7 @@ fn d(n: u8) -> Delivery {
             origin: None,
             qos2_id: None,
             created: Instant::now(),
+            groups: None,
         }),
         qos: QoS::AtLeastOnce,
         retain: false,

@@ -27,6 +27,7 @@ fn delivery(topic: &str, qos: QoS) -> Delivery {
             origin: None,
             qos2_id: None,
             created: Instant::now(),
+            groups: None,
         }),
         qos,
         retain: false,
