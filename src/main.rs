@@ -27,6 +27,9 @@ use shardmq::config::{check_log_filter, Config, Transport};
 /// connections' grace period and the last fsync; config/shardmq.service's TimeoutStopSec is
 /// above it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a cluster node stopping gracefully may take to hand its sessions to the others
+/// (before the orderly stop, and its own bound).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(70);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -419,6 +422,7 @@ fn spawn_signal_thread(
     stop_requested: &'static std::sync::OnceLock<std::time::Instant>,
 ) {
     let control = broker.control();
+    let cluster = broker.cluster.as_ref().map(|c| c.handle());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -437,6 +441,16 @@ fn spawn_signal_thread(
                     tracing::info!(signal = sig, "stopping");
                     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
                         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
+                    }
+                    if let Some(c) = &cluster {
+                        // A graceful leave: this node's sessions go to the other nodes
+                        // first (bounded), so that none of them waits for it to return.
+                        match c.hand_over(HAND_OVER_TIMEOUT) {
+                            Ok(what) => tracing::info!("left the cluster: {what}"),
+                            Err(e) => tracing::warn!(
+                                "could not hand this node's sessions over ({e}); they wait for its return or a fail-over"
+                            ),
+                        }
                     }
                     control.stop();
                     spawn_stop_timeout();

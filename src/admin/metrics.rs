@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 24] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 28] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -197,6 +197,30 @@ const SIMPLE: [(&str, &str, &str, Gauge); 24] = [
         "counter",
         "CONNECTs refused because the client id's session belongs to another user.",
         |s| s.core.takeovers_refused as f64,
+    ),
+    (
+        "shardmq_cluster_sessions_moved_in_total",
+        "counter",
+        "Sessions moved here from another cluster node (a node joined, or one left).",
+        |s| s.core.sessions_moved_in as f64,
+    ),
+    (
+        "shardmq_cluster_sessions_moved_out_total",
+        "counter",
+        "Sessions moved from here to another cluster node, deleted here once it had them.",
+        |s| s.core.sessions_moved_out as f64,
+    ),
+    (
+        "shardmq_cluster_sessions_discarded_total",
+        "counter",
+        "Sessions discarded because another node owns their slot after a fail-over.",
+        |s| s.core.sessions_orphaned as f64,
+    ),
+    (
+        "shardmq_cluster_moving_refused_total",
+        "counter",
+        "QoS 1/2 messages refused (the publisher sends them again) for sessions moving to another node.",
+        |s| s.core.moving_refused as f64,
     ),
 ];
 

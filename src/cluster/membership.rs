@@ -42,11 +42,20 @@ pub(super) struct PlaneStart {
 /// What the thread shares with the rest of the broker.
 pub(super) struct Shared {
     pub plane: PlaneStart,
+    /// To the data plane (moves of sessions).
+    pub ctl: tokio::sync::mpsc::UnboundedSender<ToCluster>,
     /// The shards' control handle, once they run (to move slots).
     pub control: Arc<OnceLock<Control<BrokerShard>>>,
     /// Until when the lease surely holds, for the shards.
     pub lease: LeaseClock,
 }
+
+/// The data plane's control channel.
+type Ctl = tokio::sync::mpsc::UnboundedSender<ToCluster>;
+
+/// Slots with sessions moved to a member in one step while the shares even out (each
+/// step's sessions are refused new messages until they are in).
+const MOVE_BATCH_SLOTS: usize = 64;
 
 /// Link events waiting for the plane; past it, inbound links wait.
 const LINK_EVENTS_MAX: usize = 1024;
@@ -98,6 +107,7 @@ pub(super) async fn run(
 ) {
     let Shared {
         plane: start,
+        ctl,
         control,
         lease,
     } = shared;
@@ -171,12 +181,19 @@ pub(super) async fn run(
                     let r = node.failover(&keys, &handle, &gone, "an operator's request").await;
                     let _ = reply.send(r);
                 }
+                super::Request::HandOver { reply } => {
+                    let r = match control.get() {
+                        Some(c) => node.hand_over(&keys, &handle, c, &ctl).await,
+                        None => Err("the shards are not running".into()),
+                    };
+                    let _ = reply.send(r);
+                }
             },
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
             _ = balance.tick() => {
                 node.automatic_failover(&keys, &handle, cfg.failover_after_s).await;
                 if let Some(c) = control.get() {
-                    if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c).await {
+                    if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c, &ctl).await {
                         // Nothing could move (every slot offered holds a session): not
                         // again for a while, as each try asks every shard.
                         balance_after = Instant::now() + BALANCE_BACKOFF;
@@ -465,6 +482,10 @@ impl Node {
         };
         let mut st = handle.lock();
         if rest == b"slots" {
+            if kv.mod_revision() < st.slots_rev {
+                // This node's own change, already applied (`swap_table`).
+                return;
+            }
             // The revision even of a damaged value: the next change of owner replaces it
             // with the last good table, changed.
             st.slots_rev = kv.mod_revision();
@@ -539,6 +560,7 @@ impl Node {
         keys: &Keys,
         handle: &ClusterHandle,
         control: &Control<BrokerShard>,
+        ctl: &Ctl,
     ) -> bool {
         let (plan, table, rev) = {
             let st = handle.lock();
@@ -563,33 +585,185 @@ impl Node {
         };
         let free = unused(&give, &used);
         if free.is_empty() {
-            return false;
+            // Every slot to give holds sessions: they move with it, a batch at a time.
+            let batch: Vec<u16> = give.iter().copied().take(MOVE_BATCH_SLOTS).collect();
+            let rc = crate::protocol::ReasonCode::UseAnotherServer;
+            return match self
+                .move_slots(keys, handle, control, ctl, &to, &batch, rc)
+                .await
+            {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(to = %to, error = %e, "moving sessions to a member failed; they stay");
+                    false
+                }
+            };
         }
-        let mut bits: SlotBits = [0; SLOTS as usize / 64];
-        for &s in &free {
-            bits[s as usize / 64] |= 1 << (s % 64);
-        }
-        hold(control, table.epoch, bits);
+        let held = bits_of(&free);
+        hold(control, held, true);
         let free = match slots_in_use(control).await {
             Some(used) => unused(&free, &used),
             None => Vec::new(),
         };
         if free.is_empty() {
-            hold(control, table.epoch, [0; SLOTS as usize / 64]);
+            hold(control, held, false);
             return false;
         }
         let next = table.with_owner(&free, &to);
-        match self.swap_table(keys, rev, &next, None).await {
+        match self.swap_table(keys, handle, rev, &next, None).await {
             Ok(true) => {
                 tracing::info!(to = %to, slots = free.len(), epoch = next.epoch, "gave slots to a member");
+                // Those that gained a session meanwhile stay, and serve again; the others
+                // are held until the shards see they are not this node's any more.
+                let given = bits_of(&free);
+                let mut kept = held;
+                for (k, g) in kept.iter_mut().zip(given.iter()) {
+                    *k &= !g;
+                }
+                hold(control, kept, false);
                 true
             }
             _ => {
                 // Someone else changed the table first (or etcd is away): try again later.
-                hold(control, table.epoch, [0; SLOTS as usize / 64]);
+                hold(control, held, false);
                 true
             }
         }
+    }
+
+    /// Moves the sessions of `slots` (this node's) to the live member `to`, then gives it
+    /// the slots: they are held here (no new session), their clients disconnected (MQTT 5:
+    /// `rc`) and nothing new is stored for them (`FromCluster::Moving`: a QoS 1/2 message
+    /// for them is refused, and sent again by its publisher); the shards read them as
+    /// stored, the plane sends them to `to`, which stores them and routes their filters
+    /// on every node before it answers; then the table changes by compare-and-swap, and
+    /// the shards here delete their copies when they see it. On any failure the hold and
+    /// the move end, and the sessions stay here. Returns how many sessions moved.
+    #[allow(clippy::too_many_arguments)]
+    async fn move_slots(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        control: &Control<BrokerShard>,
+        ctl: &Ctl,
+        to: &str,
+        slots: &[u16],
+        rc: crate::protocol::ReasonCode,
+    ) -> Result<usize, String> {
+        let (table, rev) = {
+            let st = handle.lock();
+            if st.state != SelfState::Up {
+                return Err("this node does not hold its lease".into());
+            }
+            (st.slots.clone(), st.slots_rev)
+        };
+        let me = self.record.id.as_str();
+        let slots: Vec<u16> = slots
+            .iter()
+            .copied()
+            .filter(|s| table.owner(*s).is_some_and(|(o, _)| o == me))
+            .collect();
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let bits = Arc::new(bits_of(&slots));
+        hold(control, *bits, true);
+        let moving = |on| FromCluster::Moving {
+            bits: bits.clone(),
+            on,
+            rc,
+        };
+        post_all(control, moving(true));
+        let r = self
+            .move_held(keys, handle, control, ctl, to, &slots, (&table, rev))
+            .await;
+        if r.is_err() {
+            post_all(control, moving(false));
+            hold(control, *bits, false);
+        }
+        r
+    }
+
+    /// [`Node::move_slots`] once the slots are held and moving.
+    #[allow(clippy::too_many_arguments)]
+    async fn move_held(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        control: &Control<BrokerShard>,
+        ctl: &Ctl,
+        to: &str,
+        slots: &[u16],
+        (table, rev): (&SlotTable, i64),
+    ) -> Result<usize, String> {
+        let sessions = moving_sessions(control).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ctl.send(ToCluster::Move {
+            to: to.to_string(),
+            sessions: Box::new(sessions),
+            reply: tx,
+        })
+        .map_err(|_| "the data plane is not running".to_string())?;
+        let moved =
+            match tokio::time::timeout(plane::MOVE_TIMEOUT + Duration::from_secs(5), rx).await {
+                Ok(Ok(r)) => r?,
+                _ => return Err("no answer from the data plane".into()),
+            };
+        let next = table.with_owner(slots, to);
+        match self.swap_table(keys, handle, rev, &next, None).await {
+            Ok(true) => {
+                tracing::info!(to = %to, slots = slots.len(), sessions = moved, epoch = next.epoch, "moved sessions and gave their slots to a member");
+                Ok(moved)
+            }
+            Ok(false) => Err("the slot table changed meanwhile".into()),
+            Err(e) => Err(format!("etcd: {e}")),
+        }
+    }
+
+    /// A graceful leave: every slot of this node, with its sessions, goes to the live
+    /// members (evenly, one move per member), before the node stops serving. Returns what
+    /// moved.
+    async fn hand_over(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        control: &Control<BrokerShard>,
+        ctl: &Ctl,
+    ) -> Result<String, String> {
+        let (table, others) = {
+            let st = handle.lock();
+            let me = &self.record.id;
+            let mut others: Vec<String> = st.live.keys().filter(|l| *l != me).cloned().collect();
+            others.sort();
+            (st.slots.clone(), others)
+        };
+        if others.is_empty() {
+            return Err("no other live member to hand the sessions to".into());
+        }
+        let Some(next) = table.without(&self.record.id, &others) else {
+            return Ok("this node owns no slot".into());
+        };
+        let mine: Vec<u16> = (0..SLOTS)
+            .filter(|s| table.owner(*s).is_some_and(|(o, _)| o == self.record.id))
+            .collect();
+        let rc = crate::protocol::ReasonCode::ServerShuttingDown;
+        let mut moved = 0;
+        for to in &others {
+            let theirs: Vec<u16> = mine
+                .iter()
+                .copied()
+                .filter(|s| next.owner(*s).is_some_and(|(o, _)| o == to))
+                .collect();
+            moved += self
+                .move_slots(keys, handle, control, ctl, to, &theirs, rc)
+                .await
+                .map_err(|e| format!("to {to}: {e}"))?;
+        }
+        Ok(format!(
+            "{} slots and {moved} sessions handed to {}",
+            mine.len(),
+            others.join(",")
+        ))
     }
 
     /// Gives every slot of `gone` (a member that is down) to the live nodes, evenly, by
@@ -625,7 +799,10 @@ impl Node {
         // Only if the node is really gone, as etcd sees it now (this node's view may lag:
         // a node that has just rejoined must not lose its slots and sessions).
         let gone_now = Compare::create_revision(keys.node(gone), CompareOp::Equal, 0);
-        match self.swap_table(keys, rev, &next, Some(gone_now)).await {
+        match self
+            .swap_table(keys, handle, rev, &next, Some(gone_now))
+            .await
+        {
             Ok(true) => {
                 handle.lock().counters.failovers_total += 1;
                 let msg = format!(
@@ -644,10 +821,12 @@ impl Node {
     }
 
     /// Replaces the slot table with `next` if it is still at revision `rev` (and `also`
-    /// holds); `Ok(false)` when it changed meanwhile.
+    /// holds); `Ok(false)` when it changed meanwhile. On success this node's view has the
+    /// new table at once (its next change must not wait for the watch).
     async fn swap_table(
         &mut self,
         keys: &Keys,
+        handle: &ClusterHandle,
         rev: i64,
         next: &SlotTable,
         also: Option<Compare>,
@@ -658,7 +837,18 @@ impl Node {
         let txn = Txn::new()
             .when(when)
             .and_then([TxnOp::put(key, next.encode(), None)]);
-        Ok(self.call(self.client.clone().txn(txn)).await?.succeeded())
+        let resp = self.call(self.client.clone().txn(txn)).await?;
+        if !resp.succeeded() {
+            return Ok(false);
+        }
+        if let Some(h) = resp.header() {
+            let mut st = handle.lock();
+            if h.revision() > st.slots_rev {
+                st.slots_rev = h.revision();
+                st.slots = next.clone();
+            }
+        }
+        Ok(true)
     }
 
     /// `cluster.failover_after_s` (0: off): fails over every member down for longer.
@@ -911,6 +1101,42 @@ async fn slots_in_use(control: &Control<BrokerShard>) -> Option<SlotBits> {
     }
 }
 
+/// The sessions of the slots moving away, read on every shard (as stored).
+async fn moving_sessions(
+    control: &Control<BrokerShard>,
+) -> Result<crate::shard::api::MovedSessions, String> {
+    let asked = control.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        asked.map_reduce(
+            Query::MovingSessions,
+            Duration::from_secs(10),
+            Ok(Vec::new()),
+            |acc: Result<crate::shard::api::MovedSessions, String>, _, a| match (acc, a) {
+                (Ok(mut v), Answer::Moving(Ok(more))) => {
+                    v.extend(*more);
+                    Ok(v)
+                }
+                (Ok(_), Answer::Moving(Err(e))) => Err(e),
+                (Ok(_), _) => Err("a shard gave no sessions".to_string()),
+                (Err(e), _) => Err(e),
+            },
+        )
+    })
+    .await;
+    match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(format!("the shards: {e}")),
+        Err(e) => Err(format!("the shards: {e}")),
+    }
+}
+
+/// Posts `m` to every shard (no answer).
+fn post_all(control: &Control<BrokerShard>, m: FromCluster) {
+    for s in 0..control.shard_count() {
+        let _ = control.post(shards::ShardId::new(s), Query::Cluster(vec![m.clone()]));
+    }
+}
+
 /// The slots of `slots` not in `used`.
 fn unused(slots: &[u16], used: &SlotBits) -> Vec<u16> {
     slots
@@ -920,16 +1146,25 @@ fn unused(slots: &[u16], used: &SlotBits) -> Vec<u16> {
         .collect()
 }
 
-/// Tells every shard to serve no new session in `bits` (empty: lift it), until a slot
-/// table newer than `epoch` arrives.
-fn hold(control: &Control<BrokerShard>, epoch: u64, bits: SlotBits) {
-    let bits = Arc::new(bits);
-    for s in 0..control.shard_count() {
-        let _ = control.post(
-            shards::ShardId::new(s),
-            Query::Cluster(vec![FromCluster::Hold(epoch, bits.clone())]),
-        );
+/// Tells every shard to serve no new session in `bits` (`on`), until they are not this
+/// node's any more, or to serve them again (`!on`).
+fn hold(control: &Control<BrokerShard>, bits: SlotBits, on: bool) {
+    post_all(
+        control,
+        FromCluster::Hold {
+            bits: Arc::new(bits),
+            on,
+        },
+    );
+}
+
+/// The set of `slots`.
+fn bits_of(slots: &[u16]) -> SlotBits {
+    let mut bits: SlotBits = [0; SLOTS as usize / 64];
+    for &s in slots {
+        bits[s as usize / 64] |= 1 << (s % 64);
     }
+    bits
 }
 
 /// Why a claim failed.

@@ -190,6 +190,10 @@ pub(crate) enum Request {
         node: String,
         reply: tokio::sync::oneshot::Sender<Result<String, FailoverError>>,
     },
+    /// A graceful leave: hand every slot of this node, with its sessions, to the others.
+    HandOver {
+        reply: std::sync::mpsc::Sender<Result<String, String>>,
+    },
 }
 
 /// Why a fail-over was refused.
@@ -281,6 +285,22 @@ impl ClusterHandle {
     /// What `GET /api/cluster` shows.
     pub fn view(&self) -> ClusterView {
         self.lock().view()
+    }
+
+    /// Before a graceful stop: hands every slot of this node, with its sessions, to the
+    /// other live nodes; waits at most `bound`.
+    pub fn hand_over(&self, bound: Duration) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self
+            .lock()
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.send(Request::HandOver { reply: tx }).is_ok());
+        if !sent {
+            return Err("the cluster thread is not running".into());
+        }
+        rx.recv_timeout(bound)
+            .unwrap_or_else(|_| Err(format!("not done within {bound:?}")))
     }
 
     /// Gives every slot of `node`, which must be down, to the live nodes (its sessions
@@ -427,6 +447,7 @@ impl Cluster {
         let thread_handle = handle.clone();
         let thread_cfg = cfg.clone();
         let thread_lease = lease.clone();
+        let thread_ctl = ctl_tx.clone();
         let thread = std::thread::Builder::new()
             .name("shardmq-cluster".into())
             .spawn(move || {
@@ -439,6 +460,7 @@ impl Cluster {
                     stop_rx,
                     membership::Shared {
                         plane,
+                        ctl: thread_ctl,
                         control: thread_cell,
                         lease: thread_lease,
                     },

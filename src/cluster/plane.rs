@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use super::wire::{self, Frame};
 use super::ClusterHandle;
+use crate::protocol::MqttStr;
 use crate::session::ownership::stable_hash;
 use crate::shard::api::{
     FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, ROUTES_PER_NODE_MAX,
@@ -90,6 +91,9 @@ pub struct PlaneCounters {
     pub bad_frames_total: u64,
     pub link_resets_total: u64,
     pub inflight: u64,
+    /// QoS 2 key releases kept for a node that was away and forgotten past
+    /// `MISSED_RELEASES_MAX` (that node may keep stale keys).
+    pub releases_forgotten_total: u64,
 }
 
 /// The inputs of a slot map: the table's epoch, the live nodes with their relay
@@ -150,7 +154,59 @@ struct Plane {
     posts: Vec<Vec<FromCluster>>,
     counters: PlaneCounters,
     events: mpsc::Sender<LinkEvent>,
+    /// Sessions this node is sending to another (one move at a time).
+    move_out: Option<MoveOut>,
+    /// The QoS 2 key releases waiting for answers, by wait id (see `missed_releases`).
+    releases: HashMap<u64, (MqttStr, Option<u16>)>,
+    /// Per node, the QoS 2 key releases it missed (it was down, or did not answer): sent
+    /// first when its link is back, before any message, so that a stale key there never
+    /// takes a new message resent with DUP (after a close) for the old one.
+    missed_releases: HashMap<NodeIx, VecDeque<(MqttStr, Option<u16>)>>,
+    /// Sessions other nodes are sending here, by (node, id), until their last part.
+    moves_in: HashMap<(NodeIx, u64), MoveIn>,
 }
+
+/// Sessions on their way to another node (see [`Plane::start_move`]).
+struct MoveOut {
+    node: NodeIx,
+    todo: VecDeque<(String, Vec<crate::storage::ClientEntry>)>,
+    /// Sent and not answered yet: id -> bytes.
+    sent: HashMap<u64, usize>,
+    sent_bytes: usize,
+    moved: usize,
+    deadline: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+}
+
+/// A session arriving from another node, part by part.
+struct MoveIn {
+    client_id: String,
+    entries: Vec<crate::storage::ClientEntry>,
+    bytes: usize,
+}
+
+/// The answer to a message sent to a node that went away or did not answer in time: it
+/// may have been stored there (the answer was lost), so it counts as kept. A QoS 2
+/// publisher is then not told "refused" (which would end the flow and make its next try a
+/// new message, stored twice), but closed, to resend it with DUP, which the sessions that
+/// stored it skip.
+const MAYBE_KEPT: Fate = Fate {
+    kept: true,
+    queue_full: false,
+    budget_spent: false,
+    moving: false,
+};
+
+/// QoS 2 key releases kept for one node that is away; past it the oldest are forgotten
+/// (counted in `releases_forgotten_total`).
+const MISSED_RELEASES_MAX: usize = 65_536;
+
+/// Bytes of moved sessions sent and not yet answered: the next goes when an answer comes.
+const MOVE_WINDOW_BYTES: usize = 4 << 20;
+/// How long a move may take, all its sessions together, before it is given up.
+pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sessions arriving at once, all nodes together.
+const MOVES_IN_MAX: usize = 1024;
 
 /// The plane's channels.
 pub(super) struct Inputs {
@@ -209,6 +265,10 @@ pub(super) async fn run(
         posts: (0..shards).map(|_| Vec::new()).collect(),
         counters: PlaneCounters::default(),
         events,
+        move_out: None,
+        moves_in: HashMap::new(),
+        releases: HashMap::new(),
+        missed_releases: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -362,13 +422,35 @@ impl Plane {
                 add,
                 ack,
             } => self.local_route(filter, shard, add, ack),
+            ToCluster::Move {
+                to,
+                sessions,
+                reply,
+            } => self.start_move(&to, *sessions, reply),
             ToCluster::Release {
                 origin,
                 packet_id,
                 ack,
             } => {
                 let linked: Vec<NodeIx> = self.links.keys().copied().collect();
+                // Every other member (up or down) not linked now gets it when it is.
+                let members: Vec<String> = {
+                    let st = self.handle.lock();
+                    st.members
+                        .keys()
+                        .filter(|m| **m != self.me)
+                        .cloned()
+                        .collect()
+                };
+                for m in &members {
+                    if let Some(n) = self.ix_of(m).filter(|n| !self.links.contains_key(n)) {
+                        self.miss_release(n, &origin, packet_id);
+                    }
+                }
                 let id = self.wait_for(ack, &linked);
+                if id != 0 {
+                    self.releases.insert(id, (origin.clone(), packet_id));
+                }
                 for n in linked {
                     wire::release(self.buf(n), id, origin.as_str(), packet_id);
                 }
@@ -449,6 +531,13 @@ impl Plane {
                     wire::route(b, true, 0, &f);
                 }
                 wire::routes_end(b);
+                // The releases it missed, before any message.
+                if let Some(missed) = self.missed_releases.remove(&n) {
+                    let b = self.buf(n);
+                    for (origin, pid) in missed {
+                        wire::release(b, 0, origin.as_str(), pid);
+                    }
+                }
             }
             LinkEvent::Down { node } => {
                 if let Some(&n) = self.ix.get(&node) {
@@ -567,6 +656,20 @@ impl Plane {
             Frame::PubAck { id, .. } if self.route_waits.contains_key(&id) => {
                 self.route_ack_from(id, n);
             }
+            Frame::PubAck { id, ok, .. }
+                if self
+                    .move_out
+                    .as_ref()
+                    .is_some_and(|m| m.node == n && m.sent.contains_key(&id)) =>
+            {
+                self.moved(id, ok);
+            }
+            Frame::Session {
+                id,
+                client_id,
+                last,
+                entries,
+            } => self.session_part(n, id, client_id, last, entries),
             Frame::PubAck { id, ok, fate } => {
                 if let Some((from, r)) = self.pending.remove(&id) {
                     if from == n {
@@ -614,8 +717,141 @@ impl Plane {
         });
     }
 
+    /// Starts sending `sessions` (read on the shards, whose slots are held and moving) to
+    /// `to`: a window of them at a time, each answered once `to` has stored it and routes
+    /// its filters; `reply` gets how many moved, or why the move failed.
+    fn start_move(
+        &mut self,
+        to: &str,
+        sessions: crate::shard::api::MovedSessions,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ) {
+        if self.move_out.is_some() {
+            let _ = reply.send(Err("another move is under way".into()));
+            return;
+        }
+        let Some(n) = self
+            .ix
+            .get(to)
+            .copied()
+            .filter(|n| self.links.contains_key(n))
+        else {
+            let _ = reply.send(Err(format!("no link to {to}")));
+            return;
+        };
+        self.move_out = Some(MoveOut {
+            node: n,
+            todo: sessions.into(),
+            sent: HashMap::new(),
+            sent_bytes: 0,
+            moved: 0,
+            deadline: Instant::now() + MOVE_TIMEOUT,
+            reply,
+        });
+        self.pump_move();
+    }
+
+    /// Sends moved sessions while the window has room; answers the move when all are in.
+    fn pump_move(&mut self) {
+        let Some(mut m) = self.move_out.take() else {
+            return;
+        };
+        while m.sent_bytes < MOVE_WINDOW_BYTES {
+            let Some((client_id, entries)) = m.todo.pop_front() else {
+                break;
+            };
+            self.next_id += 1;
+            let id = self.next_id;
+            let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
+            wire::session(self.buf(m.node), id, &client_id, &entries);
+            m.sent.insert(id, bytes);
+            m.sent_bytes += bytes;
+        }
+        if m.todo.is_empty() && m.sent.is_empty() {
+            let _ = m.reply.send(Ok(m.moved));
+        } else {
+            self.move_out = Some(m);
+        }
+    }
+
+    /// The answer to one moved session.
+    fn moved(&mut self, id: u64, ok: bool) {
+        let Some(m) = &mut self.move_out else {
+            return;
+        };
+        let Some(bytes) = m.sent.remove(&id) else {
+            return;
+        };
+        m.sent_bytes -= bytes;
+        if ok {
+            m.moved += 1;
+            self.pump_move();
+        } else {
+            self.fail_move("the other node could not store a session");
+        }
+    }
+
+    fn fail_move(&mut self, why: &str) {
+        if let Some(m) = self.move_out.take() {
+            let _ = m.reply.send(Err(why.to_string()));
+        }
+    }
+
+    /// A part of a session `n` moves here: kept until its last part, then handed to the
+    /// shard of its client id (answered from there). Over the bounds (sessions arriving at
+    /// once, `link_buffer_bytes_max` for one session), it is refused.
+    fn session_part(
+        &mut self,
+        n: NodeIx,
+        id: u64,
+        client_id: String,
+        last: bool,
+        entries: Vec<crate::storage::ClientEntry>,
+    ) {
+        let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
+        let full = self.moves_in.len() >= MOVES_IN_MAX && !self.moves_in.contains_key(&(n, id));
+        let m = self.moves_in.entry((n, id)).or_insert_with(|| MoveIn {
+            client_id: client_id.clone(),
+            entries: Vec::new(),
+            bytes: 0,
+        });
+        m.bytes += bytes;
+        let refused =
+            full || m.client_id != client_id || m.bytes > self.limits.link_buffer_bytes_max;
+        if refused {
+            self.moves_in.remove(&(n, id));
+            self.counters.bad_frames_total += 1;
+            tracing::warn!(client = %client_id, "a moved session refused: over the bounds of sessions arriving");
+            if self.links.contains_key(&n) {
+                wire::pub_ack(self.buf(n), id, false, Fate::default());
+            }
+            return;
+        }
+        m.entries.extend(entries);
+        if !last {
+            return;
+        }
+        let Some(m) = self.moves_in.remove(&(n, id)) else {
+            return;
+        };
+        let shard = crate::session::owner_shard(m.client_id.as_bytes(), self.shards);
+        self.post(
+            shard,
+            FromCluster::Adopt {
+                node: n,
+                id,
+                client_id: m.client_id,
+                entries: Arc::new(m.entries),
+            },
+        );
+    }
+
     /// A link went down: what it carried fails now; routes waiting on it count it as done.
     fn link_down(&mut self, n: NodeIx) {
+        self.moves_in.retain(|(from, _), _| *from != n);
+        if self.move_out.as_ref().is_some_and(|m| m.node == n) {
+            self.fail_move("the link went down");
+        }
         let Some(link) = self.links.remove(&n) else {
             return;
         };
@@ -630,16 +866,53 @@ impl Plane {
         for id in failed {
             if let Some((_, r)) = self.pending.remove(&id) {
                 self.counters.forward_failed_total += 1;
-                self.answer(r, false, Fate::default());
+                self.answer(r, false, MAYBE_KEPT);
             }
         }
         let ids: Vec<u64> = self.route_waits.keys().copied().collect();
         for id in ids {
-            self.route_ack_from(id, n);
+            self.wait_answered(id, n, false);
         }
     }
 
+    /// `n` missed the release of (`origin`, `packet_id`): it gets it when its link is up.
+    fn miss_release(&mut self, n: NodeIx, origin: &MqttStr, packet_id: Option<u16>) {
+        let q = self.missed_releases.entry(n).or_default();
+        if q.len() >= MISSED_RELEASES_MAX {
+            q.pop_front();
+            self.counters.releases_forgotten_total += 1;
+        }
+        q.push_back((origin.clone(), packet_id));
+    }
+
+    /// A wait for answers ends; the nodes that did not answer a release missed it.
+    fn end_wait(&mut self, id: u64) -> Option<Reply> {
+        let (r, _, nodes) = self.route_waits.remove(&id)?;
+        if let Some((origin, pid)) = self.releases.remove(&id) {
+            for n in nodes {
+                self.miss_release(n, &origin, pid);
+            }
+        }
+        Some(r)
+    }
+
+    /// `n` answered the wait `id` (or its link went down: `answered` false).
     fn route_ack_from(&mut self, id: u64, n: NodeIx) {
+        self.wait_answered(id, n, true);
+    }
+
+    fn wait_answered(&mut self, id: u64, n: NodeIx, answered: bool) {
+        if !answered {
+            if let Some((origin, pid)) = self.releases.get(&id).cloned() {
+                if self
+                    .route_waits
+                    .get(&id)
+                    .is_some_and(|(_, _, ns)| ns.contains(&n))
+                {
+                    self.miss_release(n, &origin, pid);
+                }
+            }
+        }
         let done = match self.route_waits.get_mut(&id) {
             Some((_, left, nodes)) => {
                 nodes.retain(|x| *x != n);
@@ -649,7 +922,7 @@ impl Plane {
             None => false,
         };
         if done {
-            if let Some((r, _, _)) = self.route_waits.remove(&id) {
+            if let Some(r) = self.end_wait(id) {
                 self.answer(r, true, Fate::default());
             }
         }
@@ -657,6 +930,9 @@ impl Plane {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.move_out.as_ref().is_some_and(|m| now >= m.deadline) {
+            self.fail_move("timed out");
+        }
         while let Some(&(at, id)) = self.deadlines.front() {
             if at > now {
                 break;
@@ -664,7 +940,7 @@ impl Plane {
             self.deadlines.pop_front();
             if let Some((_, r)) = self.pending.remove(&id) {
                 self.counters.forward_timeouts_total += 1;
-                self.answer(r, false, Fate::default());
+                self.answer(r, false, MAYBE_KEPT);
             }
         }
         while let Some(&(at, id)) = self.route_deadlines.front() {
@@ -672,7 +948,7 @@ impl Plane {
                 break;
             }
             self.route_deadlines.pop_front();
-            if let Some((r, _, _)) = self.route_waits.remove(&id) {
+            if let Some(r) = self.end_wait(id) {
                 self.answer(r, true, Fate::default());
             }
         }

@@ -11,6 +11,7 @@ use crate::protocol::wire::Reader;
 use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
 use crate::session::{Message, Qos2Id, SharedMessage};
 use crate::shard::event::Fate;
+use crate::storage::{ClientEntry, Space};
 
 pub const HELLO: u8 = 1;
 pub const PING: u8 = 2;
@@ -30,6 +31,12 @@ pub const PUB_ACK: u8 = 21;
 /// `[u64 id, 0: no answer wanted][u8 has packet id][u16 packet id][origin]`: forget the
 /// QoS 2 dedup key (origin, packet id), or every key of origin.
 pub const RELEASE: u8 = 22;
+
+/// `[u64 id][client id][u8 last][u32 count]` then per record `[u8 keyspace][u16 length][key
+/// after the client's prefix][u32 length][value]`: part of a session moving to the
+/// receiver (its records as stored, the session record first); the last part is answered
+/// with a `PUB_ACK` of the id once the receiver has stored it and routes its filters.
+pub const SESSION: u8 = 30;
 
 /// A data frame, decoded.
 #[derive(Debug)]
@@ -56,6 +63,50 @@ pub enum Frame {
         origin: MqttStr,
         packet_id: Option<u16>,
     },
+    Session {
+        id: u64,
+        client_id: String,
+        last: bool,
+        entries: Vec<ClientEntry>,
+    },
+}
+
+/// Bytes of a moved session's records in one `SESSION` frame (a bigger record goes alone).
+pub const SESSION_PART_BYTES: usize = 256 << 10;
+
+/// Appends a session's records as `SESSION` frames of about [`SESSION_PART_BYTES`] each.
+pub fn session(out: &mut BytesMut, id: u64, client_id: &str, entries: &[ClientEntry]) {
+    let mut rest = entries;
+    loop {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len() && (n == 0 || bytes + entry_len(&rest[n]) <= SESSION_PART_BYTES) {
+            bytes += entry_len(&rest[n]);
+            n += 1;
+        }
+        let (part, after) = rest.split_at(n);
+        frame(out, SESSION, |b| {
+            b.put_u64(id);
+            put_str(b, client_id);
+            b.put_u8(u8::from(after.is_empty()));
+            b.put_u32(part.len() as u32);
+            for e in part {
+                b.put_u8(e.space.code());
+                b.put_u16(e.rest.len() as u16);
+                b.put_slice(&e.rest);
+                b.put_u32(e.value.len() as u32);
+                b.put_slice(&e.value);
+            }
+        });
+        if after.is_empty() {
+            return;
+        }
+        rest = after;
+    }
+}
+
+fn entry_len(e: &ClientEntry) -> usize {
+    7 + e.rest.len() + e.value.len()
 }
 
 /// Appends a whole frame (envelope included) to `out`.
@@ -99,7 +150,10 @@ pub fn pub_ack(out: &mut BytesMut, id: u64, ok: bool, fate: Fate) {
         b.put_u64(id);
         b.put_u8(u8::from(ok));
         b.put_u8(
-            u8::from(fate.kept) | u8::from(fate.queue_full) << 1 | u8::from(fate.budget_spent) << 2,
+            u8::from(fate.kept)
+                | u8::from(fate.queue_full) << 1
+                | u8::from(fate.budget_spent) << 2
+                | u8::from(fate.moving) << 3,
         );
     });
 }
@@ -192,6 +246,7 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
                 kept: f & 1 != 0,
                 queue_full: f & 2 != 0,
                 budget_spent: f & 4 != 0,
+                moving: f & 8 != 0,
             };
             Frame::PubAck { id, ok, fate }
         }
@@ -213,6 +268,39 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
                 id,
                 origin,
                 packet_id,
+            }
+        }
+        SESSION => {
+            let id = u64_of(&mut b)?;
+            let client_id = str_of(&mut b)?;
+            let last = u8_of(&mut b)? == 1;
+            let n = u32_of(&mut b)? as usize;
+            // Each record takes at least 7 bytes: a count past the frame is a lie.
+            if n > b.remaining() / 7 {
+                return Err(format!("{n} records in {} bytes", b.remaining()));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let code = u8_of(&mut b)?;
+                let space = Space::of_client_code(code)
+                    .ok_or_else(|| format!("keyspace {code} in a session"))?;
+                let len = u16_of(&mut b)? as usize;
+                if b.remaining() < len {
+                    return Err("frame too short".into());
+                }
+                let rest = b.split_to(len).to_vec();
+                let len = u32_of(&mut b)? as usize;
+                if b.remaining() < len {
+                    return Err("frame too short".into());
+                }
+                let value = b.split_to(len).to_vec();
+                entries.push(ClientEntry { space, rest, value });
+            }
+            Frame::Session {
+                id,
+                client_id,
+                last,
+                entries,
             }
         }
         PUBLISH => {
@@ -472,6 +560,7 @@ mod tests {
                 kept: true,
                 queue_full: false,
                 budget_spent: true,
+                moving: true,
             },
         );
         let (k, b) = split(&buf);
@@ -483,7 +572,67 @@ mod tests {
         else {
             panic!("not a pub ack");
         };
-        assert!(fate.kept && !fate.queue_full && fate.budget_spent);
+        assert!(fate.kept && !fate.queue_full && fate.budget_spent && fate.moving);
+    }
+
+    #[test]
+    fn a_moved_session_goes_in_parts_and_comes_back_whole() {
+        let now = Instant::now();
+        let entry = |space, n: usize| ClientEntry {
+            space,
+            rest: vec![n as u8; 8],
+            value: vec![7; 100 << 10],
+        };
+        let entries: Vec<ClientEntry> = std::iter::once(entry(Space::Sessions, 0))
+            .chain((1..8).map(|n| entry(Space::Queue, n)))
+            .collect();
+        let mut buf = BytesMut::new();
+        session(&mut buf, 3, "c-1", &entries);
+        let mut back = Vec::new();
+        let mut parts = 0;
+        let mut rest = buf.freeze();
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let f = rest.split_to(4 + len);
+            let Ok(Frame::Session {
+                id: 3,
+                client_id,
+                last,
+                entries,
+            }) = decode(f[4], f.slice(5..), now)
+            else {
+                panic!("not a session part");
+            };
+            assert!(len <= SESSION_PART_BYTES + 1024, "a part of {len} bytes");
+            assert_eq!(client_id, "c-1");
+            back.extend(entries);
+            parts += 1;
+            assert_eq!(last, rest.is_empty());
+        }
+        assert!(parts > 1);
+        assert_eq!(back, entries);
+        // A keyspace that is not a client's, and a count past the frame, are errors.
+        let mut one = BytesMut::new();
+        session(
+            &mut one,
+            4,
+            "c",
+            &[ClientEntry {
+                space: Space::Retained,
+                rest: vec![],
+                value: vec![],
+            }],
+        );
+        let (k, b) = split(&one);
+        assert!(decode(k, b, now).is_err());
+        let mut lie = BytesMut::new();
+        session(&mut lie, 4, "c", &[entry(Space::Sessions, 0)]);
+        let n = lie.len();
+        lie.truncate(n - 10);
+        let len = (lie.len() - 4) as u32;
+        lie[..4].copy_from_slice(&len.to_be_bytes());
+        let (k, b) = split(&lie);
+        assert!(decode(k, b, now).is_err());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub enum Query {
     SlotsInUse,
     /// Whether this shard has the cluster's slot table (`Answer::Ready`).
     SlotMapReady,
+    /// The stored sessions of the slots moving to another node, as records
+    /// (`Answer::Moving`).
+    MovingSessions,
     /// By topic; each shard lists the topics it owns.
     Retained {
         after: Option<String>,
@@ -84,7 +87,11 @@ pub enum Answer {
     Done,
     Slots(Box<SlotBits>),
     Ready(bool),
+    Moving(Result<Box<MovedSessions>, String>),
 }
+
+/// Sessions on their way to another node: (client id, its stored records).
+pub type MovedSessions = Vec<(String, Vec<crate::storage::ClientEntry>)>;
 
 /// One shard's counters and gauges.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

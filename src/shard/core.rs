@@ -298,6 +298,14 @@ pub struct CoreStats {
     pub cluster_received: u64,
     /// Sessions discarded because another node owns their slot now (a fail-over).
     pub sessions_orphaned: u64,
+    /// Sessions moved here from another node (it joined, or it left).
+    pub sessions_moved_in: u64,
+    /// Sessions moved from here to another node (deleted here once it had them).
+    pub sessions_moved_out: u64,
+    /// Moved sessions refused (damaged records).
+    pub sessions_move_refused: u64,
+    /// QoS 1/2 messages refused (not stored) for a session that was moving to another node.
+    pub moving_refused: u64,
     pub ended_sessions: SessionStats,
     /// The drop counters of the sessions read back from disk at start: part of the
     /// sessions' own counts, not of this run's (see [`Core::delivery_totals`]).
@@ -325,7 +333,7 @@ impl CoreStats {
 /// 3.x client cannot be told and is acknowledged (the drop is counted and logged). A
 /// message that some session took is a success, whatever the others did.
 fn refusal(failed: bool, fate: Fate, v5: bool) -> Option<ReasonCode> {
-    if failed {
+    if failed || fate.moving {
         Some(ReasonCode::UnspecifiedError)
     } else if fate.budget_spent || (v5 && fate.queue_full && !fate.kept) {
         Some(ReasonCode::QuotaExceeded)

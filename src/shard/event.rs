@@ -134,6 +134,10 @@ pub struct Fate {
     /// Some persistent session refused it because the broker-wide budget for queued data
     /// (`storage.queued_bytes_max`) was spent.
     pub budget_spent: bool,
+    /// Some session that would store it is moving to another cluster node: not stored
+    /// here, and its new node may not have had it routed yet (a failure: the publisher
+    /// sends it again).
+    pub moving: bool,
 }
 
 impl Event {
@@ -152,6 +156,7 @@ impl Fate {
         self.kept |= o.kept;
         self.queue_full |= o.queue_full;
         self.budget_spent |= o.budget_spent;
+        self.moving |= o.moving;
     }
 }
 

@@ -365,7 +365,7 @@ impl Store {
 }
 
 /// Adds one per-client record (of `space`, key suffix `rest`) to its session.
-fn load_client_value(
+pub(super) fn load_client_value(
     s: &mut RecoveredSession,
     space: Space,
     rest: &[u8],

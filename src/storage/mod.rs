@@ -66,9 +66,11 @@ mod batch;
 mod failure;
 mod load;
 mod persist;
+mod transfer;
 
 pub use batch::StoreBatch;
 pub use persist::SyncTarget;
+pub use transfer::{decode_client, ClientEntry};
 
 pub use error::{RecordError, StorageError};
 pub use records::{
@@ -246,7 +248,7 @@ pub struct RecoveredSession {
 }
 
 impl RecoveredSession {
-    fn new(client_id: String, record: SessionRecord) -> RecoveredSession {
+    pub(super) fn new(client_id: String, record: SessionRecord) -> RecoveredSession {
         RecoveredSession {
             client_id,
             record,

@@ -693,3 +693,55 @@ fn persist_prepare_does_not_name_a_deleted_journal() {
         }
     }
 }
+
+#[test]
+fn a_clients_records_are_read_by_prefix_and_checked_before_a_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s"), &opts()).unwrap();
+    for id in ["a", "ab"] {
+        store.put_session(id, &session(60)).unwrap();
+    }
+    let mut b = store.batch();
+    b.queue_push("a", 5, &queued(5)).unwrap();
+    b.queue_push("a", 6, &queued(6)).unwrap();
+    b.dedup_put("a", "pub", 7).unwrap();
+    b.incoming_put("a", 9).unwrap();
+    b.queue_push("ab", 0, &queued(0)).unwrap();
+    b.commit().unwrap();
+    assert_eq!(store.client_entries("nobody").unwrap(), None);
+    let entries = store.client_entries("a").unwrap().unwrap();
+    // Only a's: the session record first, then its queue, incoming id and dedup key.
+    assert_eq!(entries[0].space, Space::Sessions);
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    let (s, queue) = decode_client("a", &entries).unwrap();
+    assert_eq!(
+        (s.queue_first_seq, s.queue_next_seq, s.queue_len),
+        (5, 7, 2)
+    );
+    assert_eq!(
+        queue.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(s.incoming, vec![9]);
+    assert_eq!(s.dedup, vec![("pub".to_owned(), 7)]);
+    // Damaged or misplaced entries are refused as a whole.
+    let mut bad = entries.clone();
+    bad[1].value[0] ^= 0xff;
+    assert!(decode_client("a", &bad).is_err());
+    assert!(
+        decode_client("a", &entries[1..]).is_err(),
+        "no session record first"
+    );
+    let mut twice = entries.clone();
+    twice.push(entries[0].clone());
+    assert!(decode_client("a", &twice).is_err());
+    let mut retained = entries.clone();
+    retained[1].space = Space::Retained;
+    assert!(decode_client("a", &retained).is_err());
+    assert!(decode_client("a", &[]).is_err());
+    // Wire codes name a client's keyspaces only.
+    for e in &entries {
+        assert_eq!(Space::of_client_code(e.space.code()), Some(e.space));
+    }
+    assert_eq!(Space::of_client_code(Space::Retained.code()), None);
+}

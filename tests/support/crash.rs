@@ -114,11 +114,8 @@ pub fn publish_through_crashes(
 }
 
 /// Like [`publish_through_crashes`], but `node` is not the publisher's (it holds
-/// subscribers' sessions): the MQTT 5 publisher stays at `at`. What that node could not
-/// store is refused: a QoS 1 message or a QoS 2 message no session kept gets PUBACK/PUBREC
-/// 0x80 and is published again as a new message; a QoS 2 message that other sessions did
-/// keep is never acknowledged, its connection closes (DISCONNECT 0x80), and the publisher
-/// reconnects to its session and resends it with DUP and the same packet id.
+/// subscribers' sessions): the MQTT 5 publisher stays at `at` (see [`publish_v5_while`]),
+/// and `node` is killed and restarted after seeded numbers of acknowledgements.
 pub fn publish_through_remote_crashes(
     publ: &mut CrashPublisher,
     rng: &mut Rng,
@@ -126,24 +123,63 @@ pub fn publish_through_remote_crashes(
     at: SocketAddr,
     node: &mut dyn CrashTarget,
 ) -> Vec<String> {
+    let mut kill_log: Vec<String> = Vec::new();
+    let mut done = 0;
+    let mut target = rng.range(40, 400);
+    let mut jitters = Rng(rng.next());
+    publish_v5_while(publ, rng, at, |acks, in_flight| {
+        if done < kills && acks >= target {
+            let jitter = Duration::from_micros(jitters.range(0, 3000));
+            std::thread::sleep(jitter);
+            node.kill();
+            kill_log.push(format!(
+                "kill {} after {acks} acks (+{jitter:?}, {in_flight} in flight)",
+                done + 1
+            ));
+            node.restart();
+            done += 1;
+            target = acks + jitters.range(40, 400);
+        }
+        done < kills
+    });
+    kill_log
+}
+
+/// An MQTT 5 publisher with a persistent session at `at` publishes numbered QoS 1/2
+/// messages while `go_on(acknowledgements so far, messages in flight)` says so, then 100
+/// more, finishes every flight and publishes `END`. What the broker could not store is
+/// refused: a QoS 1 message, or a QoS 2 message no session kept, gets PUBACK/PUBREC 0x80 and
+/// is published again as a new message; a QoS 2 message that some sessions did keep is
+/// never acknowledged, its connection closes (DISCONNECT 0x80), and the publisher
+/// reconnects to its session and resends it with DUP and the same packet id.
+pub fn publish_v5_while(
+    publ: &mut CrashPublisher,
+    rng: &mut Rng,
+    at: SocketAddr,
+    mut go_on: impl FnMut(u64, usize) -> bool,
+) {
     let final_extra = 100u64;
     let mut acks = 0u64;
-    let mut kill_log: Vec<String> = Vec::new();
     let opts = ConnectOpts::v5(&publ.id, false).expiry(3600);
     let (mut c, present) = RawClient::connect_served(at, &opts);
     assert!(!present, "the publisher's session is new");
-    let mut done = 0;
-    let mut target = acks + rng.range(40, 400);
     let mut stop_at = None;
+    let mut finish_by = None;
     loop {
-        let last = done == kills;
-        if last && stop_at.is_none() {
+        if stop_at.is_none() && !go_on(acks, publ.flights.len()) {
             stop_at = Some(publ.next_n + final_extra);
+            finish_by = Some(Instant::now() + 3 * TIMEOUT);
         }
+        assert!(
+            finish_by.is_none_or(|t| Instant::now() < t),
+            "the publisher could not finish: {} in flight, {} refused",
+            publ.flights.len(),
+            publ.republished
+        );
         while publ.flights.len() < WINDOW && stop_at.is_none_or(|s| publ.next_n < s) {
             publ.send_new(&mut c, rng);
         }
-        if last && publ.flights.is_empty() {
+        if stop_at.is_some() && publ.flights.is_empty() {
             break;
         }
         match c.read_frame_until(Instant::now() + TIMEOUT) {
@@ -164,27 +200,13 @@ pub fn publish_through_remote_crashes(
             Err(e) => panic!("the publisher: {e:?}"),
         }
         if !publ.refused.is_empty() {
-            // Not at full speed while the node is away.
+            // Not at full speed while a node is away.
             std::thread::sleep(Duration::from_millis(5));
             publ.republish_refused(&mut c);
-        }
-        if !last && acks >= target {
-            let jitter = Duration::from_micros(rng.range(0, 3000));
-            std::thread::sleep(jitter);
-            let in_flight = publ.flights.len();
-            node.kill();
-            kill_log.push(format!(
-                "kill {} after {acks} acks (+{jitter:?}, {in_flight} in flight)",
-                done + 1
-            ));
-            node.restart();
-            done += 1;
-            target = acks + rng.range(40, 400);
         }
     }
     c.publish(CRASH_TOPIC, b"END", QoS::AtLeastOnce, false);
     c.disconnect();
-    kill_log
 }
 
 /// Checks what the two subscribers of the crash test got (`got1` at QoS 1, `got2` at QoS

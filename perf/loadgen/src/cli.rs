@@ -57,6 +57,24 @@ pub struct Args {
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Publishers connect to this port of --host instead of --port (fan-in, fan-out, p2p,
+    /// durable, backlog): e.g. one node of a cluster for the publishers, another for the
+    /// subscribers.
+    #[arg(long, value_name = "PORT")]
+    pub pub_port: Option<u16>,
+    /// Subscribers connect to this port of --host instead of --port (fan-in, fan-out, p2p,
+    /// durable).
+    #[arg(long, value_name = "PORT")]
+    pub sub_port: Option<u16>,
+    /// The publishers' client IDs, in order, instead of `<prefix><tag>p<i>` (fan-in,
+    /// fan-out, p2p, durable, backlog): to place sessions on chosen shards or cluster nodes.
+    /// Sets --publishers when that is absent, and must match it when given.
+    #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+    pub pub_ids: Option<Vec<String>>,
+    /// The subscribers' client IDs, in order, instead of `<prefix><tag>s<j>` (fan-in,
+    /// fan-out, p2p, durable). Sets --subscribers when that is absent, and must match it.
+    #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+    pub sub_ids: Option<Vec<String>>,
 
     /// MQTT version: 311 or 5.
     #[arg(long, default_value = "5", value_parser = parse_protocol)]

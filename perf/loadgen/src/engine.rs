@@ -34,6 +34,10 @@ pub struct Progress {
 pub struct Ctx {
     pub args: Args,
     pub addr: SocketAddr,
+    /// Where publishers connect (`--pub-port`, else `addr`).
+    pub pub_addr: SocketAddr,
+    /// Where subscribers connect (`--sub-port`, else `addr`).
+    pub sub_addr: SocketAddr,
     /// A short tag unique to this run, so that runs do not see each other's topics.
     pub tag: String,
     pub errors: Errors,
@@ -84,24 +88,28 @@ impl Ctx {
         persistent: bool,
         buf_size: usize,
     ) -> Result<(Conn, Accepted)> {
+        self.open_session_at(self.addr, i, client_id, persistent, buf_size)
+            .await
+    }
+
+    /// [`Ctx::open_session`] to `addr` (the publishers' or subscribers' port).
+    pub async fn open_session_at(
+        &self,
+        addr: SocketAddr,
+        i: usize,
+        client_id: String,
+        persistent: bool,
+        buf_size: usize,
+    ) -> Result<(Conn, Accepted)> {
         let local = self.local_ip(i);
         if persistent && !self.version().is_v5() {
-            let (c, _) = mqtt::connect(
-                self.addr,
-                local,
-                &self.opts(client_id.clone(), true, false, 512),
-            )
-            .await?;
+            let (c, _) =
+                mqtt::connect(addr, local, &self.opts(client_id.clone(), true, false, 512)).await?;
             c.disconnect(false).await?;
-            return mqtt::connect(
-                self.addr,
-                local,
-                &self.opts(client_id, false, true, buf_size),
-            )
-            .await;
+            return mqtt::connect(addr, local, &self.opts(client_id, false, true, buf_size)).await;
         }
         mqtt::connect(
-            self.addr,
+            addr,
             local,
             &self.opts(client_id, true, persistent, buf_size),
         )
@@ -124,9 +132,10 @@ impl Ctx {
     }
 
     /// Disconnects, ending the session on the broker when it is persistent (MQTT 5: Session
-    /// Expiry 0 on DISCONNECT; 3.1.1: a clean connection after it).
+    /// Expiry 0 on DISCONNECT; 3.1.1: a clean connection after it, to `addr`).
     pub async fn end_session(
         &self,
+        addr: SocketAddr,
         i: usize,
         conn: Conn,
         client_id: String,
@@ -137,7 +146,7 @@ impl Ctx {
         }
         conn.disconnect(false).await?;
         let (c, _) = mqtt::connect(
-            self.addr,
+            addr,
             self.local_ip(i),
             &self.opts(client_id, true, false, 512),
         )

@@ -23,9 +23,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Resolves the target and refuses anything but loopback unless allowed.
-fn target(args: &Args) -> Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = (args.host.as_str(), args.port)
+/// Resolves the target at `port` and refuses anything but loopback unless allowed.
+fn target(args: &Args, port: u16) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = (args.host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| anyhow!("cannot resolve {}: {e}", args.host))?
         .collect();
@@ -61,8 +61,41 @@ fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// Checks a `--pub-ids`/`--sub-ids` list against the count given with it.
+fn check_ids(flag: &str, ids: Option<&Vec<String>>, count: Option<usize>) -> Result<()> {
+    let Some(ids) = ids else {
+        return Ok(());
+    };
+    if ids.is_empty() || ids.iter().any(String::is_empty) {
+        bail!("--{flag}: give at least one client ID, none empty");
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = ids.iter().find(|id| !seen.insert(id.as_str())) {
+        bail!("--{flag}: client ID {dup:?} appears twice");
+    }
+    if let Some(n) = count {
+        if n != ids.len() {
+            bail!(
+                "--{flag} names {} client IDs but the count given is {n}",
+                ids.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> Result<report::Report> {
-    let addr = target(&args)?;
+    let addr = target(&args, args.port)?;
+    let pub_addr = match args.pub_port {
+        Some(p) => target(&args, p)?,
+        None => addr,
+    };
+    let sub_addr = match args.sub_port {
+        Some(p) => target(&args, p)?,
+        None => addr,
+    };
+    check_ids("pub-ids", args.pub_ids.as_ref(), args.publishers)?;
+    check_ids("sub-ids", args.sub_ids.as_ref(), args.subscribers)?;
     let d = args.duration_s();
     if !(d > 0.0 && d <= 3600.0) {
         bail!("--duration must be in (0, 3600] seconds");
@@ -103,6 +136,8 @@ fn run(args: Args) -> Result<report::Report> {
         probe: stats::BrokerProbe(args.broker_pid),
         args,
         addr,
+        pub_addr,
+        sub_addr,
         tag,
         errors: Default::default(),
         progress: Default::default(),

@@ -10,6 +10,7 @@ use crate::stats::{self, BrokerStats, Latency, ProcSample};
 use anyhow::{bail, Result};
 use hdrhistogram::Histogram;
 use shardmq::protocol::{ProtocolVersion, QoS};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,11 +33,24 @@ fn share(total: u64, n: usize, i: usize) -> u64 {
     total / n as u64 + u64::from((i as u64) < total % n as u64)
 }
 
+/// The target as reported: the address, and the publishers' and subscribers' where
+/// `--pub-port`/`--sub-port` move them.
+fn target(ctx: &Ctx) -> String {
+    let mut t = ctx.addr.to_string();
+    if ctx.pub_addr != ctx.addr {
+        t.push_str(&format!(" publishers={}", ctx.pub_addr));
+    }
+    if ctx.sub_addr != ctx.addr {
+        t.push_str(&format!(" subscribers={}", ctx.sub_addr));
+    }
+    t
+}
+
 fn report(ctx: &Ctx) -> Report {
     let a = &ctx.args;
     Report {
         scenario: format!("{:?}", a.scenario).to_lowercase(),
-        target: ctx.addr.to_string(),
+        target: target(ctx),
         protocol: if a.protocol.is_v5() { "5" } else { "3.1.1" }.to_string(),
         qos: a.qos(),
         payload_bytes: a.payload,
@@ -87,8 +101,9 @@ fn take_errors(ctx: &Ctx, p: &mut PhaseReport, since: u64) {
 /// A connection with its index and client ID.
 type Owned = (usize, Conn, String);
 
-/// Ends (or just closes) connections, `--connect-concurrency` at once.
-async fn close_all(ctx: &Arc<Ctx>, conns: Vec<Owned>, persistent: bool) {
+/// Ends (or just closes) connections, `--connect-concurrency` at once; a 3.1.1 persistent
+/// session is ended by a clean connection to `addr`.
+async fn close_all(ctx: &Arc<Ctx>, addr: SocketAddr, conns: Vec<Owned>, persistent: bool) {
     let end = persistent && !ctx.args.keep_sessions;
     let slots: Arc<Mutex<Vec<Option<Owned>>>> =
         Arc::new(Mutex::new(conns.into_iter().map(Some).collect()));
@@ -100,7 +115,7 @@ async fn close_all(ctx: &Arc<Ctx>, conns: Vec<Owned>, persistent: bool) {
                 return Ok(());
             };
             if end {
-                ctx.end_session(i, conn, id, true).await
+                ctx.end_session(addr, i, conn, id, true).await
             } else {
                 conn.disconnect(false).await
             }
@@ -220,11 +235,15 @@ async fn publishers(
     let a = &ctx.args;
     let tag = ctx.tag.clone();
     let prefix = a.prefix.clone();
+    let ids = a.pub_ids.clone();
     let conns = ctx
         .many(n, move |ctx, i| {
-            let id = format!("{prefix}{tag}p{i}");
+            let id = match &ids {
+                Some(ids) => ids[i].clone(),
+                None => format!("{prefix}{tag}p{i}"),
+            };
             async move {
-                ctx.open_session(first_index + i, id, false, 64 * 1024)
+                ctx.open_session_at(ctx.pub_addr, first_index + i, id, false, 64 * 1024)
                     .await
             }
         })
@@ -338,24 +357,26 @@ pub async fn pubsub(ctx: Arc<Ctx>) -> Result<Report> {
         .enumerate()
         .map(|(i, c)| (ns + i, c, String::new()))
         .collect();
-    close_all(&ctx, pubs, false).await;
-    close_all(&ctx, sub_conns, persistent).await;
+    close_all(&ctx, ctx.pub_addr, pubs, false).await;
+    close_all(&ctx, ctx.sub_addr, sub_conns, persistent).await;
     Ok(rep)
 }
 
 /// How many publishers and subscribers a fan-in, fan-out, p2p or durable run has.
 fn pubsub_counts(a: &Args) -> Result<(usize, usize)> {
+    let publishers = a.publishers.or(a.pub_ids.as_ref().map(Vec::len));
+    let subscribers = a.subscribers.or(a.sub_ids.as_ref().map(Vec::len));
     let (np, ns) = match a.scenario {
-        Scenario::FanIn => (a.publishers.unwrap_or(10), a.subscribers.unwrap_or(1)),
-        Scenario::FanOut => (a.publishers.unwrap_or(1), a.subscribers.unwrap_or(10)),
+        Scenario::FanIn => (publishers.unwrap_or(10), subscribers.unwrap_or(1)),
+        Scenario::FanOut => (publishers.unwrap_or(1), subscribers.unwrap_or(10)),
         Scenario::P2p => {
-            let n = a.publishers.or(a.subscribers).unwrap_or(10);
-            if a.subscribers.unwrap_or(n) != n {
+            let n = publishers.or(subscribers).unwrap_or(10);
+            if subscribers.unwrap_or(n) != n {
                 bail!("p2p: --publishers and --subscribers must be equal (pairs)");
             }
             (n, n)
         }
-        _ => (a.publishers.unwrap_or(4), a.subscribers.unwrap_or(4)),
+        _ => (publishers.unwrap_or(4), subscribers.unwrap_or(4)),
     };
     if np == 0 || ns == 0 {
         bail!("need at least one publisher and one subscriber");
@@ -449,13 +470,19 @@ async fn connect_subscribers(
     let prefix = ctx.args.prefix.clone();
     let tag = ctx.tag.clone();
     let topics = topics.clone();
+    let ids = ctx.args.sub_ids.clone();
     let subs = ctx
         .many(ns, move |ctx, j| {
-            let id = format!("{prefix}{tag}s{j}");
+            let id = match &ids {
+                Some(ids) => ids[j].clone(),
+                None => format!("{prefix}{tag}s{j}"),
+            };
             let f = topics.filter(j);
             let q = mqtt::qos(qos);
             async move {
-                let (mut c, _) = ctx.open_session(j, id.clone(), persistent, bs).await?;
+                let (mut c, _) = ctx
+                    .open_session_at(ctx.sub_addr, j, id.clone(), persistent, bs)
+                    .await?;
                 c.subscribe(&[f], q).await?;
                 Ok((c, id))
             }
@@ -556,7 +583,11 @@ pub async fn backlog(ctx: Arc<Ctx>) -> Result<Report> {
         bail!("backlog: --subscribers (sessions) must be at least 1");
     }
     let m = a.messages.unwrap_or(100 * n as u64);
-    let np = a.publishers.unwrap_or(4).max(1);
+    let np = a
+        .publishers
+        .or(a.pub_ids.as_ref().map(Vec::len))
+        .unwrap_or(4)
+        .max(1);
     let qos = a.qos();
     let width = digits(n - 1);
     let prefix = a.prefix.clone();
@@ -581,7 +612,7 @@ pub async fn backlog(ctx: Arc<Ctx>) -> Result<Report> {
         let msgs = phase.received.unwrap_or(0);
         rep.phases.push(phase);
         finish(&ctx, &mut rep, broker_before, self_before, msgs)?;
-        close_all(&ctx, conns, true).await;
+        close_all(&ctx, ctx.addr, conns, true).await;
     } else {
         finish(&ctx, &mut rep, broker_before, self_before, 0)?;
     }
@@ -681,7 +712,7 @@ async fn backlog_fill(
         .enumerate()
         .map(|(i, c)| (n + i, c, String::new()))
         .collect();
-    close_all(ctx, pubs, false).await;
+    close_all(ctx, ctx.pub_addr, pubs, false).await;
     Ok(())
 }
 
@@ -873,7 +904,7 @@ pub async fn idle(ctx: Arc<Ctx>) -> Result<Report> {
     take_errors(&ctx, &mut phase, errors_before);
     rep.phases.push(phase);
     finish(&ctx, &mut rep, broker_before, self_before, 0)?;
-    close_all(&ctx, conns, persistent).await;
+    close_all(&ctx, ctx.addr, conns, persistent).await;
     if persistent && !a.keep_sessions && !ids.is_empty() {
         // Offline sessions: a clean connection ends each.
         let ids = Arc::new(ids);

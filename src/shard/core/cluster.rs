@@ -13,6 +13,7 @@
 //! forwarded again.
 
 use super::*;
+use crate::storage::ClientEntry;
 
 /// The most nodes a cluster has (their indices share the shard bitmap).
 pub const NODES_MAX: usize = crate::config::MAX_SHARDS;
@@ -63,6 +64,13 @@ pub enum ToCluster {
         packet_id: Option<u16>,
         ack: Option<Reply>,
     },
+    /// From the membership thread: send these sessions (read on the shards) to the node
+    /// `to`; `reply` gets how many it stored, or why the move failed.
+    Move {
+        to: String,
+        sessions: Box<crate::shard::api::MovedSessions>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    },
     /// The message `id` that `node` sent here is handled: stored (`ok`) or not.
     Done {
         node: NodeIx,
@@ -108,9 +116,25 @@ pub enum FromCluster {
     Members(ShardSet),
     /// Who owns which slot now, and whether this node may serve its own.
     Slots(Arc<SlotMap>),
-    /// Serve no new session in these slots (they are about to move to another node) until
-    /// a slot table newer than this epoch arrives; an empty set lifts the hold.
-    Hold(u64, Arc<SlotBits>),
+    /// Serve no new session in these slots (`on`: they are about to move to another node)
+    /// until they are not this node's any more; or serve them again (`!on`).
+    Hold { bits: Arc<SlotBits>, on: bool },
+    /// The sessions of these slots move to another node (`on`): disconnect their clients
+    /// (MQTT 5: with `rc`) and store nothing new for them until the slots are not this
+    /// node's any more; or the move was given up (`!on`).
+    Moving {
+        bits: Arc<SlotBits>,
+        on: bool,
+        rc: ReasonCode,
+    },
+    /// A session moved here from `node` (its records, as stored there): store it, route
+    /// its subscriptions here on every node, then answer `id`.
+    Adopt {
+        node: NodeIx,
+        id: u64,
+        client_id: String,
+        entries: Arc<Vec<crate::storage::ClientEntry>>,
+    },
 }
 
 /// A set of slots, one bit each.
@@ -118,6 +142,23 @@ pub type SlotBits = [u64; crate::session::ownership::SLOTS as usize / 64];
 
 fn has_bit(bits: &SlotBits, slot: u16) -> bool {
     bits[slot as usize / 64] & (1 << (slot % 64)) != 0
+}
+
+/// Adds `bits` to `set` (`on`) or takes them out; an empty set is `None` (the common case
+/// costs one check).
+fn update_bits(set: &mut Option<Box<SlotBits>>, bits: &SlotBits, on: bool) {
+    let s =
+        set.get_or_insert_with(|| Box::new([0; crate::session::ownership::SLOTS as usize / 64]));
+    for (x, y) in s.iter_mut().zip(bits.iter()) {
+        if on {
+            *x |= *y;
+        } else {
+            *x &= !*y;
+        }
+    }
+    if s.iter().all(|w| *w == 0) {
+        *set = None;
+    }
 }
 
 /// A slot owned by this node (in [`SlotMap::owner`]).
@@ -215,12 +256,21 @@ pub(super) struct ClusterPort {
     members: ShardSet,
     /// `None` until the cluster thread has sent the table.
     slots: Option<Arc<SlotMap>>,
-    /// Slots about to move away: no new session in them, until a table newer than the
-    /// epoch arrives.
-    held: Option<(u64, Arc<SlotBits>)>,
+    /// Slots about to move away: no new session in them, until they are not this node's.
+    held: Option<Box<SlotBits>>,
     /// The lease lapsed and the clients were closed (until it holds again).
     lapsed: bool,
+    /// Slots whose sessions are moving to another node: their clients are disconnected
+    /// and nothing new is stored for them here (see [`Core::set_moving`]).
+    moving: Option<Box<SlotBits>>,
+    /// Slots whose sessions are moving here (adopted before the slot is ours), with when
+    /// the last came: not discarded as orphans meanwhile (see [`INCOMING_TTL`]).
+    incoming: HashMap<u16, Instant>,
 }
+
+/// How long sessions moved here wait for their slot to become this node's before they are
+/// taken for leftovers of a move that was given up, and discarded.
+const INCOMING_TTL: Duration = Duration::from_secs(120);
 
 impl ClusterPort {
     pub(super) fn new(link: ClusterLink) -> ClusterPort {
@@ -234,6 +284,8 @@ impl ClusterPort {
             slots: None,
             held: None,
             lapsed: false,
+            moving: None,
+            incoming: HashMap::new(),
         }
     }
 
@@ -573,17 +625,31 @@ impl Core {
                     c.members = set;
                 }
             }
-            FromCluster::Hold(epoch, bits) => {
+            FromCluster::Moving { bits, on, rc } => self.set_moving(&bits, on, rc, now),
+            FromCluster::Adopt {
+                node,
+                id,
+                client_id,
+                entries,
+            } => self.adopt_from_node(node, id, &client_id, &entries, now),
+            FromCluster::Hold { bits, on } => {
                 if let Some(c) = &mut self.cluster {
-                    c.held = bits.iter().any(|w| *w != 0).then_some((epoch, bits));
+                    update_bits(&mut c.held, &bits, on);
                 }
             }
             FromCluster::Slots(map) => {
                 let fenced = !map.serving;
                 if let Some(c) = &mut self.cluster {
-                    if c.held.as_ref().is_some_and(|(e, _)| map.epoch > *e) {
-                        c.held = None;
+                    // Slots that are not this node's any more are not held here.
+                    let mut gone: SlotBits = [0; crate::session::ownership::SLOTS as usize / 64];
+                    for (slot, owner) in map.owner.iter().enumerate() {
+                        if *owner != SLOT_HERE {
+                            gone[slot / 64] |= 1 << (slot % 64);
+                        }
                     }
+                    update_bits(&mut c.held, &gone, false);
+                    c.incoming
+                        .retain(|slot, _| map.owner.get(*slot as usize) != Some(&SLOT_HERE));
                     c.slots = Some(map);
                 }
                 if fenced {
@@ -592,8 +658,150 @@ impl Core {
                     self.disconnect_all(ReasonCode::UseAnotherServer);
                 }
                 self.discard_orphans(now);
+                // A move is over once its slots are not this node's any more (its sessions
+                // were just discarded here: the other node has them).
+                if let Some(c) = &mut self.cluster {
+                    if let Some(m) = &c.slots {
+                        let mut gone: SlotBits =
+                            [0; crate::session::ownership::SLOTS as usize / 64];
+                        for (slot, owner) in m.owner.iter().enumerate() {
+                            if *owner != SLOT_HERE {
+                                gone[slot / 64] |= 1 << (slot % 64);
+                            }
+                        }
+                        update_bits(&mut c.moving, &gone, false);
+                    }
+                }
             }
         }
+    }
+
+    /// Whether `client_id`'s session is moving to another node (nothing new is stored for
+    /// it here).
+    pub(super) fn is_moving(&self, client_id: &MqttStr) -> bool {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.moving.as_ref())
+            .is_some_and(|bits| {
+                has_bit(
+                    bits,
+                    crate::session::ownership::slot_of(client_id.as_bytes()),
+                )
+            })
+    }
+
+    /// Starts moving the sessions of `bits` to another node (`!on`: gives it up): their
+    /// clients are disconnected (MQTT 5: `rc`; they come back, and are placed again once
+    /// the move is over), and from now on a QoS 1/2 message for them is refused rather
+    /// than stored (`Fate::moving`: the publisher sends it again, and it reaches them at
+    /// their new node), so that what is read for the move is all they hold.
+    fn set_moving(&mut self, bits: &SlotBits, on: bool, rc: ReasonCode, now: Instant) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        update_bits(&mut c.moving, bits, on);
+        if !on {
+            return;
+        }
+        let moving: Vec<MqttStr> = self
+            .sessions
+            .keys()
+            .filter(|id| self.is_moving(id))
+            .cloned()
+            .collect();
+        for id in moving {
+            if let Some(l) = self.sessions.get_mut(&id).and_then(|s| s.detach(now)) {
+                l.out.close(Some(rc));
+                self.stats.connection_ended();
+            }
+            self.sync_session(&id, now);
+        }
+    }
+
+    /// The stored sessions of the moving slots, each as its records, once what this shard
+    /// wrote so far is applied. `Err` when a session cannot be read (the move must not
+    /// go on: its slot would be given away without it).
+    pub fn moving_sessions(&mut self) -> Result<Vec<(String, Vec<ClientEntry>)>, String> {
+        let ids: Vec<MqttStr> = self
+            .sessions
+            .iter()
+            .filter(|(id, s)| s.persistent && self.is_moving(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let Some(store) = self.store.clone() else {
+            return Ok(Vec::new());
+        };
+        self.flush_writes();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match store.client_entries(id.as_str()) {
+                Ok(Some(entries)) => out.push((id.as_str().to_owned(), entries)),
+                Ok(None) => {}
+                Err(e) => return Err(format!("reading the session of {id}: {e}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A session moved here from `node`: checked, stored (replacing a stale copy), brought
+    /// into memory offline, and its subscriptions routed here; `id` is answered once it is
+    /// durable and every linked node routes its filters here, so that the other node may
+    /// then give its slot away and delete it.
+    fn adopt_from_node(
+        &mut self,
+        node: NodeIx,
+        id: u64,
+        client_id: &str,
+        entries: &[ClientEntry],
+        now: Instant,
+    ) {
+        let decoded = MqttStr::new(client_id)
+            .map_err(|e| e.to_string())
+            .and_then(|cid| crate::storage::decode_client(client_id, entries).map(|d| (cid, d)));
+        let (cid, (stored, queue)) = match decoded {
+            Ok(d) if self.store.is_some() => d,
+            Ok(_) => {
+                tracing::warn!(client = %client_id, "a moved session refused: this node has no store");
+                self.answer_node(node, id, false, Fate::default());
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(client = %client_id, error = %e, "a moved session refused: damaged");
+                self.stats.sessions_move_refused += 1;
+                self.answer_node(node, id, false, Fate::default());
+                return;
+            }
+        };
+        if let Some(c) = &mut self.cluster {
+            let slot = crate::session::ownership::slot_of(cid.as_bytes());
+            if c.incoming.len() < crate::session::ownership::SLOTS as usize {
+                c.incoming.insert(slot, now);
+            }
+        }
+        if self.sessions.contains_key(&cid) {
+            // A stale copy (a move that did not finish, say): the moved one replaces it.
+            self.end_moved_session(&cid, now);
+        }
+        let filters: Vec<Arc<str>> = stored
+            .subscriptions
+            .iter()
+            .filter(|(f, _)| !f.starts_with(SHARE_PREFIX))
+            .map(|(f, _)| Arc::from(f.as_str()))
+            .collect();
+        let ok = self.store_adopted(&crate::shard::event::Rehomed { stored, queue }, now);
+        let token = self.token();
+        let mut remote = 0;
+        if ok {
+            self.stats.sessions_moved_in += 1;
+            for f in &filters {
+                remote += self.announce_route(f, true, Some(token));
+            }
+        }
+        self.begin(
+            token,
+            RoundTrip::new(remote + 1, Completion::Node { node, id }).with_failure(!ok),
+        );
+        self.wait_durable(Waiter::Local(token), now);
     }
 
     /// Where the client `client_id` is served (always here for a broker that runs alone).
@@ -608,7 +816,7 @@ impl Core {
             return Placement::Unavailable;
         }
         let slot = crate::session::ownership::slot_of(client_id);
-        if c.held.as_ref().is_some_and(|(_, h)| has_bit(h, slot)) {
+        if c.held.as_ref().is_some_and(|h| has_bit(h, slot)) {
             return Placement::Unavailable;
         }
         match map.owner.get(slot as usize).copied() {
@@ -626,6 +834,16 @@ impl Core {
     /// a timer tick, before another node may be given this node's slots: a connection
     /// must not outlive the lease that let it be served.
     pub fn check_lease(&mut self, now: Instant) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        // Sessions of a move that was given up (their slot never became ours) go.
+        let before = c.incoming.len();
+        c.incoming
+            .retain(|_, t| now.saturating_duration_since(*t) < INCOMING_TTL);
+        if c.incoming.len() < before {
+            self.discard_orphans(now);
+        }
         let Some(c) = &mut self.cluster else {
             return;
         };
@@ -666,22 +884,37 @@ impl Core {
         let Some(map) = self.cluster.as_ref().and_then(|c| c.slots.clone()) else {
             return;
         };
+        let incoming = self
+            .cluster
+            .as_ref()
+            .map(|c| &c.incoming)
+            .filter(|i| !i.is_empty());
         let orphans: Vec<MqttStr> = self
             .sessions
             .keys()
             .filter(|id| {
-                let slot = crate::session::ownership::slot_of(id.as_bytes()) as usize;
-                !matches!(
-                    map.owner.get(slot),
-                    Some(&SLOT_HERE) | Some(&SLOT_NOWHERE) | None
-                )
+                let slot = crate::session::ownership::slot_of(id.as_bytes());
+                let arriving = incoming.is_some_and(|i| {
+                    i.get(&slot)
+                        .is_some_and(|t| now.saturating_duration_since(*t) < INCOMING_TTL)
+                });
+                !arriving
+                    && !matches!(
+                        map.owner.get(slot as usize),
+                        Some(&SLOT_HERE) | Some(&SLOT_NOWHERE) | None
+                    )
             })
             .cloned()
             .collect();
         for id in orphans {
-            tracing::warn!(client = %id, "discarding a session whose slot another node owns now (failed over)");
-            self.stats.sessions_orphaned += 1;
-            self.delete_session(id.as_str(), now);
+            if self.is_moving(&id) {
+                // Moved: the other node stored it before its slot was given away.
+                self.stats.sessions_moved_out += 1;
+            } else {
+                tracing::warn!(client = %id, "discarding a session whose slot another node owns now (failed over)");
+                self.stats.sessions_orphaned += 1;
+            }
+            self.end_moved_session(&id, now);
         }
     }
 

@@ -493,6 +493,24 @@ impl Core {
         self.route(Arc::new(msg), now, None);
     }
 
+    /// Ends the session `client_id` here because it lives on another node now (moved there,
+    /// or failed over): its routes go and its stored state is deleted, but nothing of it is
+    /// published or released here (its will, the QoS 2 keys of what its client published,
+    /// its shared messages are the other node's now). Its client, if connected, is told to
+    /// go elsewhere.
+    pub(super) fn end_moved_session(&mut self, client_id: &MqttStr, now: Instant) {
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.will = None;
+            s.qos2_published = false;
+            drop(s.take_undelivered_shared());
+            if let Some(l) = s.detach(now) {
+                l.out.close(Some(ReasonCode::UseAnotherServer));
+                self.stats.connection_ended();
+            }
+        }
+        self.end_session(client_id, now);
+    }
+
     /// Ends a session: its subscriptions leave the routing tables, shared messages it had not
     /// taken go back to their groups, and a will still pending is published.
     pub(super) fn end_session(&mut self, client_id: &MqttStr, now: Instant) {

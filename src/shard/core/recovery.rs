@@ -296,10 +296,20 @@ impl Core {
 
     /// Takes a session re-homed from shard `from`: stores it here, then answers once durable.
     pub(super) fn adopt(&mut self, from: usize, r: Rehomed, reply: Token, now: Instant) {
+        self.store_adopted(&r, now);
+        self.wait_durable(Waiter::answer(from, reply), now);
+    }
+
+    /// Stores a session that another shard or node sends here with its queue, in one
+    /// batch, and brings it into memory (offline, routed); nothing when this shard holds
+    /// that client's session already. Returns whether it is here now (durable once this
+    /// shard's writes so far are).
+    pub(super) fn store_adopted(&mut self, r: &Rehomed, now: Instant) -> bool {
         let cid = r.stored.client_id.clone();
         let exists = MqttStr::new(&cid).is_ok_and(|c| self.sessions.contains_key(&c));
         // This batch is committed now, after what the shard wrote before it.
         self.flush_writes();
+        let mut here = exists;
         if let (Some(store), false) = (&self.store, exists) {
             let mut b = store.batch();
             let mut res = b.put_session(&cid, &r.stored.record);
@@ -326,10 +336,10 @@ impl Core {
             self.note_write(res);
             if ok {
                 let clock = WallClock::now();
-                self.restore_session(r.stored, &clock, now);
+                here = self.restore_session(r.stored.clone(), &clock, now);
             }
         }
-        self.wait_durable(Waiter::answer(from, reply), now);
+        here
     }
 
     // ---------------------------------------------------------------- connect / disconnect

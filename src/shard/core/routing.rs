@@ -147,6 +147,15 @@ impl Core {
                 sub_ids,
                 via_share: None,
             };
+            if self.is_moving(&client_id) {
+                // Moving to another node: nothing new is stored for it here (see
+                // `set_moving`); a QoS 1/2 publisher hears a failure and sends it again.
+                if d.qos != QoS::AtMostOnce {
+                    self.fate.moving = true;
+                    self.stats.moving_refused += 1;
+                }
+                continue;
+            }
             if let Some(s) = self.sessions.get_mut(&client_id) {
                 if !may_read(&self.logins.auth, s, &msg.topic) {
                     self.stats.acl_denied_delivery += 1;

@@ -139,6 +139,10 @@ impl Core {
         msg: &SharedMessage,
         now: Instant,
     ) -> bool {
+        if self.is_moving(client_id) {
+            // Moving to another node: another member takes it.
+            return false;
+        }
         let outcome = match self.sessions.get_mut(client_id) {
             Some(s) if !may_read(&self.logins.auth, s, &msg.topic) => {
                 self.stats.acl_denied_delivery += 1;
