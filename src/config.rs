@@ -563,6 +563,21 @@ pub struct ClusterConfig {
     /// Bytes queued for one node's link and not yet written; past it the link is reset
     /// (what it carried fails, and it starts over).
     pub link_buffer_bytes_max: u64,
+    /// Seconds one move of sessions to another node may take (all its sessions together);
+    /// then it is given up and the sessions stay.
+    pub move_timeout_s: u32,
+    /// Seconds a node stopping gracefully may spend handing its sessions to the others
+    /// before it stops anyway (they then wait for its return or a fail-over).
+    pub hand_over_timeout_s: u32,
+    /// Bytes of sessions sent to another node and not yet answered; the next goes when an
+    /// answer comes.
+    pub move_window_bytes: u64,
+    /// Sessions arriving from other nodes at once (their parts kept until the last);
+    /// more are refused (the move fails and is tried again).
+    pub moves_in_max: u32,
+    /// QoS 2 key releases kept for one node that is away, sent when its link is back; past
+    /// it the oldest are forgotten (counted).
+    pub missed_releases_max: u32,
 }
 
 impl Default for ClusterConfig {
@@ -580,6 +595,11 @@ impl Default for ClusterConfig {
             forward_inflight_max: 100_000,
             forward_queue_max: 65_536,
             link_buffer_bytes_max: 64 << 20,
+            move_timeout_s: 60,
+            hand_over_timeout_s: 70,
+            move_window_bytes: 4 << 20,
+            moves_in_max: 1024,
+            missed_releases_max: 65_536,
         }
     }
 }

@@ -27,9 +27,6 @@ use shardmq::config::{check_log_filter, Config, Transport};
 /// connections' grace period and the last fsync; config/shardmq.service's TimeoutStopSec is
 /// above it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a cluster node stopping gracefully may take to hand its sessions to the others
-/// (before the orderly stop, and its own bound).
-const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(70);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -423,6 +420,7 @@ fn spawn_signal_thread(
 ) {
     let control = broker.control();
     let cluster = broker.cluster.as_ref().map(|c| c.handle());
+    let hand_over_s = reload_cfg.cluster.hand_over_timeout_s;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -442,10 +440,11 @@ fn spawn_signal_thread(
                     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
                         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
                     }
-                    if let Some(c) = &cluster {
+                    if let Some(c) = cluster.as_ref().filter(|_| hand_over_s > 0) {
                         // A graceful leave: this node's sessions go to the other nodes
                         // first (bounded), so that none of them waits for it to return.
-                        match c.hand_over(HAND_OVER_TIMEOUT) {
+                        let bound = Duration::from_secs(hand_over_s as u64);
+                        match c.hand_over(bound) {
                             Ok(what) => tracing::info!("left the cluster: {what}"),
                             Err(e) => tracing::warn!(
                                 "could not hand this node's sessions over ({e}); they wait for its return or a fail-over"

@@ -344,6 +344,27 @@ fn bad_cluster_settings_are_refused_with_one_line() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cluster.node"), "{err}");
 
+    // The limits of moving sessions between nodes.
+    let dir = tempfile::tempdir().unwrap();
+    for (line, key) in [
+        ("move_timeout_s = 0", "cluster.move_timeout_s"),
+        ("hand_over_timeout_s = 99999", "cluster.hand_over_timeout_s"),
+        ("move_window_bytes = 0", "cluster.move_window_bytes"),
+        ("moves_in_max = 0", "cluster.moves_in_max"),
+        ("missed_releases_max = 0", "cluster.missed_releases_max"),
+    ] {
+        let cfg = dir.path().join("m.toml");
+        std::fs::write(
+            &cfg,
+            format!("[cluster]\nnode = \"a\"\nlisten = \"127.0.0.1:0\"\netcd = [\"http://127.0.0.1:1\"]\n{line}\n"),
+        )
+        .unwrap();
+        let (code, err) = run(&["--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{line}: {err}");
+        assert!(err.contains(key), "{line}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
     // Nothing listens on the etcd port: a bounded wait, then one line.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();

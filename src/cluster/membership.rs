@@ -261,6 +261,8 @@ struct Node {
     clock: LeaseClock,
     record: NodeRecord,
     timeout: Duration,
+    /// `cluster.move_timeout_s`.
+    move_timeout_s: u32,
 }
 
 impl Node {
@@ -293,6 +295,7 @@ impl Node {
             clock,
             record,
             timeout,
+            move_timeout_s: cfg.move_timeout_s,
         };
         // Every etcd member may still be electing a leader: retry within a bound.
         let deadline = Instant::now() + timeout * 3;
@@ -704,11 +707,11 @@ impl Node {
             reply: tx,
         })
         .map_err(|_| "the data plane is not running".to_string())?;
-        let moved =
-            match tokio::time::timeout(plane::MOVE_TIMEOUT + Duration::from_secs(5), rx).await {
-                Ok(Ok(r)) => r?,
-                _ => return Err("no answer from the data plane".into()),
-            };
+        let bound = Duration::from_secs(self.move_timeout_s as u64 + 5);
+        let moved = match tokio::time::timeout(bound, rx).await {
+            Ok(Ok(r)) => r?,
+            _ => return Err("no answer from the data plane".into()),
+        };
         let next = table.with_owner(slots, to);
         match self.swap_table(keys, handle, rev, &next, None).await {
             Ok(true) => {

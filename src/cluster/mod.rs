@@ -440,6 +440,10 @@ impl Cluster {
                 forward_timeout: Duration::from_millis(cfg.forward_timeout_ms as u64),
                 inflight_max: cfg.forward_inflight_max as usize,
                 link_buffer_bytes_max: cfg.link_buffer_bytes_max as usize,
+                move_timeout: Duration::from_secs(cfg.move_timeout_s as u64),
+                move_window_bytes: cfg.move_window_bytes as usize,
+                moves_in_max: cfg.moves_in_max as usize,
+                missed_releases_max: cfg.missed_releases_max as usize,
             },
             // The largest MQTT packet, and room for the frame's own fields.
             frame_max: packet_bytes_max as usize + 64 * 1024,

@@ -79,6 +79,14 @@ pub(super) struct PlaneLimits {
     pub inflight_max: usize,
     /// Bytes queued for one link and not yet written; past it the link is reset.
     pub link_buffer_bytes_max: usize,
+    /// One move of sessions, all of them together.
+    pub move_timeout: Duration,
+    /// Bytes of moved sessions sent and not yet answered.
+    pub move_window_bytes: usize,
+    /// Sessions arriving at once, all nodes together.
+    pub moves_in_max: usize,
+    /// QoS 2 key releases kept for one node that is away.
+    pub missed_releases_max: usize,
 }
 
 /// Counters for `GET /api/cluster` and `/metrics`.
@@ -92,7 +100,7 @@ pub struct PlaneCounters {
     pub link_resets_total: u64,
     pub inflight: u64,
     /// QoS 2 key releases kept for a node that was away and forgotten past
-    /// `MISSED_RELEASES_MAX` (that node may keep stale keys).
+    /// `cluster.missed_releases_max` (that node may keep stale keys).
     pub releases_forgotten_total: u64,
 }
 
@@ -196,17 +204,6 @@ const MAYBE_KEPT: Fate = Fate {
     budget_spent: false,
     moving: false,
 };
-
-/// QoS 2 key releases kept for one node that is away; past it the oldest are forgotten
-/// (counted in `releases_forgotten_total`).
-const MISSED_RELEASES_MAX: usize = 65_536;
-
-/// Bytes of moved sessions sent and not yet answered: the next goes when an answer comes.
-const MOVE_WINDOW_BYTES: usize = 4 << 20;
-/// How long a move may take, all its sessions together, before it is given up.
-pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Sessions arriving at once, all nodes together.
-const MOVES_IN_MAX: usize = 1024;
 
 /// The plane's channels.
 pub(super) struct Inputs {
@@ -745,7 +742,7 @@ impl Plane {
             sent: HashMap::new(),
             sent_bytes: 0,
             moved: 0,
-            deadline: Instant::now() + MOVE_TIMEOUT,
+            deadline: Instant::now() + self.limits.move_timeout,
             reply,
         });
         self.pump_move();
@@ -756,7 +753,7 @@ impl Plane {
         let Some(mut m) = self.move_out.take() else {
             return;
         };
-        while m.sent_bytes < MOVE_WINDOW_BYTES {
+        while m.sent_bytes < self.limits.move_window_bytes {
             let Some((client_id, entries)) = m.todo.pop_front() else {
                 break;
             };
@@ -809,7 +806,8 @@ impl Plane {
         entries: Vec<crate::storage::ClientEntry>,
     ) {
         let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
-        let full = self.moves_in.len() >= MOVES_IN_MAX && !self.moves_in.contains_key(&(n, id));
+        let full = self.moves_in.len() >= self.limits.moves_in_max
+            && !self.moves_in.contains_key(&(n, id));
         let m = self.moves_in.entry((n, id)).or_insert_with(|| MoveIn {
             client_id: client_id.clone(),
             entries: Vec::new(),
@@ -878,7 +876,7 @@ impl Plane {
     /// `n` missed the release of (`origin`, `packet_id`): it gets it when its link is up.
     fn miss_release(&mut self, n: NodeIx, origin: &MqttStr, packet_id: Option<u16>) {
         let q = self.missed_releases.entry(n).or_default();
-        if q.len() >= MISSED_RELEASES_MAX {
+        if q.len() >= self.limits.missed_releases_max {
             q.pop_front();
             self.counters.releases_forgotten_total += 1;
         }

@@ -290,10 +290,25 @@ impl ClusterConfig {
             ),
             ("cluster.forward_queue_max", self.forward_queue_max as u64),
             ("cluster.link_buffer_bytes_max", self.link_buffer_bytes_max),
+            ("cluster.move_window_bytes", self.move_window_bytes),
+            ("cluster.moves_in_max", self.moves_in_max as u64),
+            (
+                "cluster.missed_releases_max",
+                self.missed_releases_max as u64,
+            ),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be greater than 0"));
             }
+        }
+        if !(1..=3600).contains(&self.move_timeout_s) {
+            return Err(bad("cluster.move_timeout_s", "must be between 1 and 3600"));
+        }
+        if self.hand_over_timeout_s > 3600 {
+            return Err(bad(
+                "cluster.hand_over_timeout_s",
+                "must be at most 3600 (0: stop without handing over)",
+            ));
         }
         if self.failover_after_s != 0 && self.failover_after_s < self.lease_ttl_s {
             return Err(bad(
