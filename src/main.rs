@@ -440,19 +440,31 @@ fn spawn_signal_thread(
                     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
                         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
                     }
-                    if let Some(c) = cluster.as_ref().filter(|_| hand_over_s > 0) {
-                        // A graceful leave: this node's sessions go to the other nodes
-                        // first (bounded), so that none of them waits for it to return.
-                        let bound = Duration::from_secs(hand_over_s as u64);
-                        match c.hand_over(bound) {
-                            Ok(what) => tracing::info!("left the cluster: {what}"),
-                            Err(e) => tracing::warn!(
-                                "could not hand this node's sessions over ({e}); they wait for its return or a fail-over"
-                            ),
+                    // A cluster node first hands its sessions to the other nodes (bounded),
+                    // so that none of them waits for it to return; on its own thread, so
+                    // that a second signal still exits at once meanwhile.
+                    let (cluster, control) = (cluster.clone(), control.clone());
+                    let stop = move || {
+                        if let Some(c) = cluster.as_ref().filter(|_| hand_over_s > 0) {
+                            let bound = Duration::from_secs(hand_over_s as u64);
+                            match c.hand_over(bound) {
+                                Ok(what) => tracing::info!("left the cluster: {what}"),
+                                Err(e) => tracing::warn!(
+                                    "could not hand this node's sessions over ({e}); they wait for its return or a fail-over"
+                                ),
+                            }
                         }
+                        control.stop();
+                        spawn_stop_timeout();
+                    };
+                    if std::thread::Builder::new()
+                        .name("stopping".into())
+                        .spawn(stop)
+                        .is_err()
+                    {
+                        tracing::error!("cannot start the stop; exiting");
+                        std::process::exit(1);
                     }
-                    control.stop();
-                    spawn_stop_timeout();
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting at once");
                     std::process::exit(130);

@@ -263,6 +263,8 @@ struct Node {
     timeout: Duration,
     /// `cluster.move_timeout_s`.
     move_timeout_s: u32,
+    /// The settings (the lease is renewed while a move waits).
+    cfg: ClusterConfig,
 }
 
 impl Node {
@@ -296,6 +298,7 @@ impl Node {
             record,
             timeout,
             move_timeout_s: cfg.move_timeout_s,
+            cfg: cfg.clone(),
         };
         // Every etcd member may still be electing a leader: retry within a bound.
         let deadline = Instant::now() + timeout * 3;
@@ -570,7 +573,13 @@ impl Node {
             if st.state != SelfState::Up {
                 return true;
             }
-            let live: Vec<String> = st.live.keys().cloned().collect();
+            // A node that is leaving takes no slots (it is handing its own over).
+            let live: Vec<String> = st
+                .live
+                .iter()
+                .filter(|(_, r)| r.state != "leaving")
+                .map(|(id, _)| id.clone())
+                .collect();
             (
                 st.slots.plan_give(&self.record.id, &live),
                 st.slots.clone(),
@@ -699,7 +708,9 @@ impl Node {
         slots: &[u16],
         (table, rev): (&SlotTable, i64),
     ) -> Result<usize, String> {
-        let sessions = moving_sessions(control).await?;
+        let sessions = self
+            .renewing(keys, handle, moving_sessions(control, bits_of(slots)))
+            .await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         ctl.send(ToCluster::Move {
             to: to.to_string(),
@@ -708,7 +719,10 @@ impl Node {
         })
         .map_err(|_| "the data plane is not running".to_string())?;
         let bound = Duration::from_secs(self.move_timeout_s as u64 + 5);
-        let moved = match tokio::time::timeout(bound, rx).await {
+        let moved = match self
+            .renewing(keys, handle, tokio::time::timeout(bound, rx))
+            .await
+        {
             Ok(Ok(r)) => r?,
             _ => return Err("no answer from the data plane".into()),
         };
@@ -716,10 +730,67 @@ impl Node {
         match self.swap_table(keys, handle, rev, &next, None).await {
             Ok(true) => {
                 tracing::info!(to = %to, slots = slots.len(), sessions = moved, epoch = next.epoch, "moved sessions and gave their slots to a member");
+                // The next move starts once the shards here have the new table and have
+                // let the moved sessions go (bounded: they go anyway when it arrives).
+                let bits = bits_of(slots);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    match slots_in_use(control).await {
+                        Some(used) if used.iter().zip(bits.iter()).all(|(u, b)| u & b == 0) => {
+                            break
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
                 Ok(moved)
             }
             Ok(false) => Err("the slot table changed meanwhile".into()),
-            Err(e) => Err(format!("etcd: {e}")),
+            Err(e) => {
+                // The change may have been made and only its answer lost: then the move
+                // is done (lifting the hold would serve sessions that are gone).
+                if self.table_in_etcd(keys).await.is_some_and(|t| t == next) {
+                    tracing::info!(to = %to, "moved sessions; the table change was made although etcd's answer was lost");
+                    Ok(moved)
+                } else {
+                    Err(format!("etcd: {e}"))
+                }
+            }
+        }
+    }
+
+    /// The slot table as etcd holds it now (`None`: it cannot be read).
+    async fn table_in_etcd(&mut self, keys: &Keys) -> Option<SlotTable> {
+        for _ in 0..3 {
+            let mut client = self.client.clone();
+            if let Ok(r) = self.call(client.get(keys.slots(), None)).await {
+                return r
+                    .kvs()
+                    .first()
+                    .and_then(|kv| SlotTable::decode(kv.value()).ok());
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        None
+    }
+
+    /// Waits for `f` while renewing the lease on its schedule (a move may take longer
+    /// than the lease's time to live).
+    async fn renewing<T>(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        f: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut f = std::pin::pin!(f);
+        let every = renew_interval(&self.cfg);
+        loop {
+            tokio::select! {
+                r = &mut f => return r,
+                _ = tokio::time::sleep(every) => {
+                    let cfg = self.cfg.clone();
+                    self.renew(keys, handle, &cfg).await;
+                }
+            }
         }
     }
 
@@ -733,40 +804,85 @@ impl Node {
         control: &Control<BrokerShard>,
         ctl: &Ctl,
     ) -> Result<String, String> {
-        let (table, others) = {
-            let st = handle.lock();
-            let me = &self.record.id;
-            let mut others: Vec<String> = st.live.keys().filter(|l| *l != me).cloned().collect();
-            others.sort();
-            (st.slots.clone(), others)
-        };
-        if others.is_empty() {
-            return Err("no other live member to hand the sessions to".into());
-        }
-        let Some(next) = table.without(&self.record.id, &others) else {
-            return Ok("this node owns no slot".into());
-        };
-        let mine: Vec<u16> = (0..SLOTS)
-            .filter(|s| table.owner(*s).is_some_and(|(o, _)| o == self.record.id))
-            .collect();
+        // The others see this node leaving first: none gives it slots any more.
+        self.say_leaving(keys).await;
         let rc = crate::protocol::ReasonCode::ServerShuttingDown;
         let mut moved = 0;
-        for to in &others {
-            let theirs: Vec<u16> = mine
-                .iter()
-                .copied()
-                .filter(|s| next.owner(*s).is_some_and(|(o, _)| o == to))
+        let mut failures = Vec::new();
+        // A few passes over a fresh table: a move that failed (the table changed meanwhile,
+        // a member went away) is tried again, with whoever is live then.
+        for pass in 0..3 {
+            if pass > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let (table, others) = {
+                let st = handle.lock();
+                let me = &self.record.id;
+                let mut others: Vec<String> = st
+                    .live
+                    .iter()
+                    .filter(|(id, r)| *id != me && r.state != "leaving")
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                others.sort();
+                (st.slots.clone(), others)
+            };
+            if others.is_empty() {
+                return Err("no other live member to hand the sessions to".into());
+            }
+            let Some(next) = table.without(&self.record.id, &others) else {
+                return Ok(format!(
+                    "{moved} sessions handed over; this node owns no slot"
+                ));
+            };
+            let mine: Vec<u16> = (0..SLOTS)
+                .filter(|s| table.owner(*s).is_some_and(|(o, _)| o == self.record.id))
                 .collect();
-            moved += self
-                .move_slots(keys, handle, control, ctl, to, &theirs, rc)
-                .await
-                .map_err(|e| format!("to {to}: {e}"))?;
+            for to in &others {
+                let theirs: Vec<u16> = mine
+                    .iter()
+                    .copied()
+                    .filter(|s| next.owner(*s).is_some_and(|(o, _)| o == to))
+                    .collect();
+                match self
+                    .move_slots(keys, handle, control, ctl, to, &theirs, rc)
+                    .await
+                {
+                    Ok(n) => moved += n,
+                    Err(e) => failures.push(format!("to {to}: {e}")),
+                }
+            }
         }
-        Ok(format!(
-            "{} slots and {moved} sessions handed to {}",
-            mine.len(),
-            others.join(",")
-        ))
+        let left = {
+            let st = handle.lock();
+            (0..SLOTS)
+                .filter(|s| st.slots.owner(*s).is_some_and(|(o, _)| o == self.record.id))
+                .count()
+        };
+        if left == 0 {
+            Ok(format!("{moved} sessions handed over"))
+        } else {
+            Err(format!(
+                "{left} slots not handed over ({})",
+                failures.join("; ")
+            ))
+        }
+    }
+
+    /// Puts this node's record with the state `leaving` (the others give it no slot).
+    async fn say_leaving(&mut self, keys: &Keys) {
+        let mut rec = self.record.clone();
+        rec.state = "leaving".into();
+        let value = serde_json::to_string(&rec).unwrap_or_default();
+        let mut client = self.client.clone();
+        let put = client.put(
+            keys.node(&self.record.id),
+            value,
+            Some(PutOptions::new().with_lease(self.lease)),
+        );
+        if let Err(e) = self.call(put).await {
+            tracing::warn!(error = %e, "could not tell etcd this node is leaving");
+        }
     }
 
     /// Gives every slot of `gone` (a member that is down) to the live nodes, evenly, by
@@ -1107,11 +1223,13 @@ async fn slots_in_use(control: &Control<BrokerShard>) -> Option<SlotBits> {
 /// The sessions of the slots moving away, read on every shard (as stored).
 async fn moving_sessions(
     control: &Control<BrokerShard>,
+    bits: SlotBits,
 ) -> Result<crate::shard::api::MovedSessions, String> {
     let asked = control.clone();
+    let bits = Arc::new(bits);
     let read = tokio::task::spawn_blocking(move || {
         asked.map_reduce(
-            Query::MovingSessions,
+            Query::MovingSessions(bits),
             Duration::from_secs(10),
             Ok(Vec::new()),
             |acc: Result<crate::shard::api::MovedSessions, String>, _, a| match (acc, a) {

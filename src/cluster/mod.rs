@@ -444,6 +444,8 @@ impl Cluster {
                 move_window_bytes: cfg.move_window_bytes as usize,
                 moves_in_max: cfg.moves_in_max as usize,
                 missed_releases_max: cfg.missed_releases_max as usize,
+                // Records of up to the largest packet, parts within the frame bound.
+                session_part_bytes: wire::SESSION_PART_BYTES.min(packet_bytes_max as usize),
             },
             // The largest MQTT packet, and room for the frame's own fields.
             frame_max: packet_bytes_max as usize + 64 * 1024,

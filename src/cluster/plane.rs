@@ -87,6 +87,8 @@ pub(super) struct PlaneLimits {
     pub moves_in_max: usize,
     /// QoS 2 key releases kept for one node that is away.
     pub missed_releases_max: usize,
+    /// Bytes of a moved session's records in one frame (within the frame bound).
+    pub session_part_bytes: usize,
 }
 
 /// Counters for `GET /api/cluster` and `/metrics`.
@@ -174,6 +176,10 @@ struct Plane {
     moves_in: HashMap<(NodeIx, u64), MoveIn>,
 }
 
+/// Bytes of shared-group keys one forwarded message may name for a node (a frame has
+/// 64 KiB of room beside the largest MQTT packet).
+const GROUP_KEY_BYTES_MAX: usize = 32 << 10;
+
 /// Sessions on their way to another node (see [`Plane::start_move`]).
 struct MoveOut {
     node: NodeIx,
@@ -191,6 +197,8 @@ struct MoveIn {
     client_id: String,
     entries: Vec<crate::storage::ClientEntry>,
     bytes: usize,
+    /// Given up (dropped) past this: its sender went away.
+    deadline: Instant,
 }
 
 /// The answer to a message sent to a node that went away or did not answer in time: it
@@ -410,6 +418,17 @@ impl Plane {
                         .filter(|(to, _)| *to == n)
                         .map(|(_, k)| k)
                         .collect();
+                    let key_bytes: usize = keys.iter().map(|k| k.len() + 2).sum();
+                    if key_bytes > GROUP_KEY_BYTES_MAX || keys.len() > wire::GROUPS_PER_MESSAGE_MAX
+                    {
+                        // Past the frame's room for them: this message fails for that node
+                        // (never a frame the other side would close the link for).
+                        self.counters.forward_failed_total += 1;
+                        if let Some((_, r)) = self.pending.remove(&id) {
+                            self.answer(r, false, Fate::default());
+                        }
+                        continue;
+                    }
                     wire::publish(self.buf(n), id, &msg, keys.iter(), now);
                 }
             }
@@ -430,12 +449,16 @@ impl Plane {
                 ack,
             } => {
                 let linked: Vec<NodeIx> = self.links.keys().copied().collect();
-                // Every other member (up or down) not linked now gets it when it is.
+                // Every other member live or owning slots (up or down) and not linked now
+                // gets it when it is (a member gone for good and failed over has nothing to
+                // release, and gets no node number).
                 let members: Vec<String> = {
                     let st = self.handle.lock();
+                    let owners = st.slots.counts();
                     st.members
                         .keys()
                         .filter(|m| **m != self.me)
+                        .filter(|m| st.live.contains_key(*m) || owners.contains_key(m.as_str()))
                         .cloned()
                         .collect()
                 };
@@ -760,7 +783,8 @@ impl Plane {
             self.next_id += 1;
             let id = self.next_id;
             let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
-            wire::session(self.buf(m.node), id, &client_id, &entries);
+            let part = self.limits.session_part_bytes;
+            wire::session(self.buf(m.node), id, &client_id, &entries, part);
             m.sent.insert(id, bytes);
             m.sent_bytes += bytes;
         }
@@ -808,10 +832,12 @@ impl Plane {
         let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
         let full = self.moves_in.len() >= self.limits.moves_in_max
             && !self.moves_in.contains_key(&(n, id));
+        let deadline = Instant::now() + self.limits.move_timeout;
         let m = self.moves_in.entry((n, id)).or_insert_with(|| MoveIn {
             client_id: client_id.clone(),
             entries: Vec::new(),
             bytes: 0,
+            deadline,
         });
         m.bytes += bytes;
         let refused =
@@ -931,6 +957,7 @@ impl Plane {
         if self.move_out.as_ref().is_some_and(|m| now >= m.deadline) {
             self.fail_move("timed out");
         }
+        self.moves_in.retain(|_, m| now < m.deadline);
         while let Some(&(at, id)) = self.deadlines.front() {
             if at > now {
                 break;
@@ -946,7 +973,10 @@ impl Plane {
                 break;
             }
             self.route_deadlines.pop_front();
-            if let Some(r) = self.end_wait(id) {
+            // A node that is linked and late may still apply it: it is not replayed later
+            // (that could delete a newer message's key with the same packet id).
+            self.releases.remove(&id);
+            if let Some((r, _, _)) = self.route_waits.remove(&id) {
                 self.answer(r, true, Fate::default());
             }
         }

@@ -74,13 +74,20 @@ pub enum Frame {
 /// Bytes of a moved session's records in one `SESSION` frame (a bigger record goes alone).
 pub const SESSION_PART_BYTES: usize = 256 << 10;
 
-/// Appends a session's records as `SESSION` frames of about [`SESSION_PART_BYTES`] each.
-pub fn session(out: &mut BytesMut, id: u64, client_id: &str, entries: &[ClientEntry]) {
+/// Appends a session's records as `SESSION` frames of about `part_bytes` each (a bigger
+/// record goes alone).
+pub fn session(
+    out: &mut BytesMut,
+    id: u64,
+    client_id: &str,
+    entries: &[ClientEntry],
+    part_bytes: usize,
+) {
     let mut rest = entries;
     loop {
         let mut n = 0;
         let mut bytes = 0;
-        while n < rest.len() && (n == 0 || bytes + entry_len(&rest[n]) <= SESSION_PART_BYTES) {
+        while n < rest.len() && (n == 0 || bytes + entry_len(&rest[n]) <= part_bytes) {
             bytes += entry_len(&rest[n]);
             n += 1;
         }
@@ -587,7 +594,7 @@ mod tests {
             .chain((1..8).map(|n| entry(Space::Queue, n)))
             .collect();
         let mut buf = BytesMut::new();
-        session(&mut buf, 3, "c-1", &entries);
+        session(&mut buf, 3, "c-1", &entries, SESSION_PART_BYTES);
         let mut back = Vec::new();
         let mut parts = 0;
         let mut rest = buf.freeze();
@@ -622,11 +629,18 @@ mod tests {
                 rest: vec![],
                 value: vec![],
             }],
+            SESSION_PART_BYTES,
         );
         let (k, b) = split(&one);
         assert!(decode(k, b, now).is_err());
         let mut lie = BytesMut::new();
-        session(&mut lie, 4, "c", &[entry(Space::Sessions, 0)]);
+        session(
+            &mut lie,
+            4,
+            "c",
+            &[entry(Space::Sessions, 0)],
+            SESSION_PART_BYTES,
+        );
         let n = lie.len();
         lie.truncate(n - 10);
         let len = (lie.len() - 4) as u32;

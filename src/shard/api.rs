@@ -58,9 +58,9 @@ pub enum Query {
     SlotsInUse,
     /// Whether this shard has the cluster's slot table (`Answer::Ready`).
     SlotMapReady,
-    /// The stored sessions of the slots moving to another node, as records
+    /// The stored sessions of these slots (moving to another node), as records
     /// (`Answer::Moving`).
-    MovingSessions,
+    MovingSessions(Arc<SlotBits>),
     /// By topic; each shard lists the topics it owns.
     Retained {
         after: Option<String>,

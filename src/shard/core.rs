@@ -83,7 +83,7 @@ mod routing;
 mod shared;
 mod subscriptions;
 mod timers;
-use cluster::{ClusterPort, NodeGroups, Routed};
+use cluster::{in_bits, ClusterPort, NodeGroups, Routed};
 use durable::DurableLog;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,

@@ -698,8 +698,8 @@ impl Service for BrokerShard {
             }
             Query::SlotsInUse => Answer::Slots(Box::new(self.core.borrow().slots_in_use())),
             Query::SlotMapReady => Answer::Ready(self.core.borrow().has_slot_map()),
-            Query::MovingSessions => {
-                Answer::Moving(self.core.borrow_mut().moving_sessions().map(Box::new))
+            Query::MovingSessions(bits) => {
+                Answer::Moving(self.core.borrow_mut().moving_sessions(&bits).map(Box::new))
             }
             Query::Stats => Answer::Stats(Box::new(self.stats())),
             Query::SetAuth(auth) => {

@@ -144,6 +144,14 @@ fn has_bit(bits: &SlotBits, slot: u16) -> bool {
     bits[slot as usize / 64] & (1 << (slot % 64)) != 0
 }
 
+/// Whether the slot of `client_id` is in `bits`.
+pub(super) fn in_bits(bits: &SlotBits, client_id: &MqttStr) -> bool {
+    has_bit(
+        bits,
+        crate::session::ownership::slot_of(client_id.as_bytes()),
+    )
+}
+
 /// Adds `bits` to `set` (`on`) or takes them out; an empty set is `None` (the common case
 /// costs one check).
 fn update_bits(set: &mut Option<Box<SlotBits>>, bits: &SlotBits, on: bool) {
@@ -676,6 +684,11 @@ impl Core {
         }
     }
 
+    /// The slots moving to another node now, if any.
+    pub(super) fn moving_bits(&self) -> Option<Box<SlotBits>> {
+        self.cluster.as_ref().and_then(|c| c.moving.clone())
+    }
+
     /// Whether `client_id`'s session is moving to another node (nothing new is stored for
     /// it here).
     pub(super) fn is_moving(&self, client_id: &MqttStr) -> bool {
@@ -710,22 +723,21 @@ impl Core {
             .cloned()
             .collect();
         for id in moving {
-            if let Some(l) = self.sessions.get_mut(&id).and_then(|s| s.detach(now)) {
-                l.out.close(Some(rc));
-                self.stats.connection_ended();
-            }
-            self.sync_session(&id, now);
+            self.offline_for_move(&id, rc, now);
         }
     }
 
     /// The stored sessions of the moving slots, each as its records, once what this shard
     /// wrote so far is applied. `Err` when a session cannot be read (the move must not
     /// go on: its slot would be given away without it).
-    pub fn moving_sessions(&mut self) -> Result<Vec<(String, Vec<ClientEntry>)>, String> {
+    pub fn moving_sessions(
+        &mut self,
+        bits: &SlotBits,
+    ) -> Result<Vec<(String, Vec<ClientEntry>)>, String> {
         let ids: Vec<MqttStr> = self
             .sessions
             .iter()
-            .filter(|(id, s)| s.persistent && self.is_moving(id))
+            .filter(|(id, s)| s.persistent && in_bits(bits, id) && self.is_moving(id))
             .map(|(id, _)| id.clone())
             .collect();
         let Some(store) = self.store.clone() else {
@@ -772,8 +784,20 @@ impl Core {
                 return;
             }
         };
+        let slot = crate::session::ownership::slot_of(cid.as_bytes());
+        let owned = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.slots.as_ref())
+            .is_some_and(|m| m.owner.get(slot as usize) == Some(&SLOT_HERE));
+        if owned {
+            // This node owns the slot already: a copy sent again (the sender had not yet
+            // seen its own move finish). The session here is the live one.
+            tracing::warn!(client = %client_id, "a moved session for a slot this node owns already: kept ours");
+            self.answer_node(node, id, true, Fate::default());
+            return;
+        }
         if let Some(c) = &mut self.cluster {
-            let slot = crate::session::ownership::slot_of(cid.as_bytes());
             if c.incoming.len() < crate::session::ownership::SLOTS as usize {
                 c.incoming.insert(slot, now);
             }

@@ -123,8 +123,12 @@ impl Core {
                     }
                     None => false,
                 };
-                if v5 && store && fate.kept {
-                    // Some sessions kept it (a cluster node holding others is gone). PUBREC
+                // Only for a store or link failure, or a session moving: where a refusal is
+                // for a spent budget, a resend would be refused again.
+                let unsure = rc == ReasonCode::UnspecifiedError;
+                if v5 && store && unsure && (fate.kept || fate.moving) {
+                    // Some sessions kept it (a cluster node holding others is gone), or a
+                    // session moving to another node may hold it already. PUBREC
                     // 0x80 would end the flow, and the client's next try would be a new
                     // message, stored twice where it was kept: instead the connection
                     // closes unacknowledged (as for 3.x), the keys stay, and the client

@@ -365,7 +365,7 @@ impl Core {
                 "client disconnected"
             );
         }
-        let Some((epoch, expiry_s)) = self.go_offline(ctx, ending, now) else {
+        let Some((epoch, expiry_s)) = self.go_offline(&ctx.client_id, ending, now) else {
             return;
         };
         if expiry_s == 0 {
@@ -381,8 +381,13 @@ impl Core {
     /// void), the will kept or dropped as the ending says, its shared groups told it is
     /// offline and, for a session that stays, what they had queued for it handed back.
     /// Returns its epoch and expiry.
-    fn go_offline(&mut self, ctx: &ConnCtx, ending: Ending, now: Instant) -> Option<(u64, u32)> {
-        let s = self.sessions.get_mut(&ctx.client_id)?;
+    fn go_offline(
+        &mut self,
+        client_id: &MqttStr,
+        ending: Ending,
+        now: Instant,
+    ) -> Option<(u64, u32)> {
+        let s = self.sessions.get_mut(client_id)?;
         s.detach(now);
         s.epoch = Core::bump(&mut self.next_epoch);
         self.stats.connection_ended();
@@ -398,9 +403,37 @@ impl Core {
         } else {
             Vec::new()
         };
-        self.tell_groups(&ctx.client_id, false);
-        self.hand_back(&ctx.client_id, handback);
+        self.tell_groups(client_id, false);
+        self.hand_back(client_id, handback);
         Some((epoch, expiry_s))
+    }
+
+    /// A session moving to another node goes offline here as for a lost connection (its
+    /// client is told `rc`), except that its will is neither published nor timed here: it
+    /// stays in the stored record, which the move carries. A session that ends with its
+    /// connection (expiry 0) ends.
+    pub(super) fn offline_for_move(&mut self, client_id: &MqttStr, rc: ReasonCode, now: Instant) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(l) = s.link.as_ref() else {
+            return;
+        };
+        l.out.close(Some(rc));
+        let will = s.will.take();
+        let Some((epoch, expiry_s)) = self.go_offline(client_id, Ending::Lost, now) else {
+            return;
+        };
+        if expiry_s == 0 {
+            self.end_session(client_id, now);
+            return;
+        }
+        self.schedule_offline(client_id, epoch, expiry_s, now);
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            s.will = will;
+        }
+        self.write_session_record(client_id, now);
+        self.sync_session(client_id, now);
     }
 
     /// The will (now, or after its delay if that comes before the expiry) and the expiry

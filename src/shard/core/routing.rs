@@ -149,8 +149,15 @@ impl Core {
             };
             if self.is_moving(&client_id) {
                 // Moving to another node: nothing new is stored for it here (see
-                // `set_moving`); a QoS 1/2 publisher hears a failure and sends it again.
-                if d.qos != QoS::AtMostOnce {
+                // `set_moving`); a QoS 1/2 publisher hears a failure and sends it again. A
+                // resend it holds already is kept (it moves with the session).
+                let held = match (msg.qos2_id, &msg.origin, self.sessions.get(&client_id)) {
+                    (Some(q), Some(origin), Some(s)) => q.dup && s.holds_qos2(origin, q.packet_id),
+                    _ => false,
+                };
+                if held {
+                    self.fate.kept = true;
+                } else if d.qos != QoS::AtMostOnce {
                     self.fate.moving = true;
                     self.stats.moving_refused += 1;
                 }

@@ -100,7 +100,16 @@ impl Core {
                 auth.allows(user, &m.client_id, msg.topic.as_str(), Access::Read)
             })
         };
-        let Some(member) = self.groups.pick(&key, not, may_read) else {
+        // Members moving to another node take nothing here; if only such members are left,
+        // the publisher hears a failure (it sends the message again), not a success.
+        let moving = self.moving_bits();
+        let may_take = |m: &SharedMember| {
+            may_read(m) && moving.as_ref().is_none_or(|b| !in_bits(b, &m.client_id))
+        };
+        let Some(member) = self.groups.pick(&key, not, may_take) else {
+            if moving.is_some() && msg.qos != QoS::AtMostOnce {
+                self.fate.moving = true;
+            }
             self.stats.shared_dropped_no_member += 1;
             return Dispatched::Dropped;
         };
@@ -140,7 +149,7 @@ impl Core {
         now: Instant,
     ) -> bool {
         if self.is_moving(client_id) {
-            // Moving to another node: another member takes it.
+            // Moving to another node: another member takes it (see `shared_dispatch`).
             return false;
         }
         let outcome = match self.sessions.get_mut(client_id) {
