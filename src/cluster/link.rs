@@ -200,13 +200,17 @@ async fn serve_frames(
     ctx: &Ctx,
     ended: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // Buffered: a frame's length, kind and body (and the frames behind it) come in one
+    // read, not a system call each.
+    let (rd, mut wr) = sock.split();
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     loop {
         let (kind, body) = tokio::select! {
-            r = read_frame(sock, ctx.frame_max) => r?,
+            r = read_frame(&mut rd, ctx.frame_max) => r?,
             _ = ended.changed() => return Err("a newer link from the same node".into()),
         };
         match kind {
-            PING => write_frame(sock, PONG, &body).await?,
+            PING => write_frame(&mut wr, PONG, &body).await?,
             HELLO | PONG => {
                 return Err(format!("unexpected frame kind {kind} from {}", hello.node))
             }
@@ -415,6 +419,9 @@ fn set_state(st: &mut super::State, peer: &str, state: &'static str, error: Opti
         l.last_error = error;
     }
 }
+
+/// The read buffer of an accepted link.
+const READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// Reads one frame of at most `max` bytes within [`IDLE_LIMIT`].
 async fn read_frame<R: AsyncRead + Unpin>(sock: &mut R, max: usize) -> Result<(u8, Bytes), String> {
