@@ -65,14 +65,7 @@ impl Store {
         let mut known: Vec<Vec<u8>> = index.keys().chain(damaged_clients).cloned().collect();
         known.sort_unstable();
         let mut orphans: Vec<(Space, Vec<u8>)> = Vec::new();
-        for space in [
-            Space::Subscriptions,
-            Space::Queue,
-            Space::Inflight,
-            Space::Incoming,
-            Space::Dedup,
-            Space::Counters,
-        ] {
+        for &space in &CLIENT_SPACES[1..] {
             let sessions = &mut rec.sessions;
             let damaged = &mut rec.damaged;
             let read_errors = self.scan_per_client(space, &known, |k, v| {

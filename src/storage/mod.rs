@@ -107,6 +107,18 @@ const MIN_MEMTABLE_BYTES: u64 = 1 << 20;
 /// A raw key and value (test hooks).
 pub type RawEntry = (Vec<u8>, Vec<u8>);
 
+/// The keyspaces a client's records live in, the session record's first (the others are
+/// read per client at start, and moved with a session).
+pub(crate) const CLIENT_SPACES: [Space; 7] = [
+    Space::Sessions,
+    Space::Subscriptions,
+    Space::Queue,
+    Space::Inflight,
+    Space::Incoming,
+    Space::Dedup,
+    Space::Counters,
+];
+
 /// The keyspaces of a store.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Space {

@@ -15,17 +15,6 @@ pub struct ClientEntry {
     pub value: Vec<u8>,
 }
 
-/// The keyspaces a client's records live in, the session record's first.
-const CLIENT_SPACES: [Space; 7] = [
-    Space::Sessions,
-    Space::Subscriptions,
-    Space::Queue,
-    Space::Inflight,
-    Space::Incoming,
-    Space::Dedup,
-    Space::Counters,
-];
-
 impl Space {
     /// A keyspace's number on the node-to-node wire.
     pub fn code(self) -> u8 {

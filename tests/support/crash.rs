@@ -304,25 +304,22 @@ pub fn verify_crash(
             })
             .collect()
     };
-    let lost1: Vec<u64> = publ
-        .acked_q1
-        .iter()
-        .chain(&publ.recd_q2)
-        .filter(|n| !count1.contains_key(n))
-        .copied()
-        .collect();
+    // Acknowledged (PUBACK or PUBREC) and not in `got`.
+    let lost = |got: &BTreeMap<u64, usize>| -> Vec<u64> {
+        publ.acked_q1
+            .iter()
+            .chain(&publ.recd_q2)
+            .filter(|n| !got.contains_key(n))
+            .copied()
+            .collect()
+    };
+    let lost1 = lost(&count1);
     assert!(
         lost1.is_empty(),
         "seed {seed}: acknowledged messages never delivered to the QoS 1 subscriber: {:?}",
         describe(&lost1)
     );
-    let lost2: Vec<u64> = publ
-        .acked_q1
-        .iter()
-        .chain(&publ.recd_q2)
-        .filter(|n| !count2.contains_key(n))
-        .copied()
-        .collect();
+    let lost2 = lost(&count2);
     assert!(
         lost2.is_empty(),
         "seed {seed}: acknowledged messages never delivered to the QoS 2 subscriber: {:?}",

@@ -274,7 +274,14 @@ pub(super) struct ClusterPort {
     /// Slots whose sessions are moving here (adopted before the slot is ours), with when
     /// the last came: not discarded as orphans meanwhile (see [`INCOMING_TTL`]).
     incoming: HashMap<u16, Instant>,
+    /// QoS 2 keys released lately (origin, packet id or every one of origin, when): a
+    /// session moved here was read before them, so its copies of them are stale and are
+    /// dropped when it is adopted (see [`Core::adopt_from_node`]).
+    released: std::collections::VecDeque<(MqttStr, Option<u16>, Instant)>,
 }
+
+/// QoS 2 releases remembered for sessions arriving from other nodes.
+const RELEASED_MAX: usize = 65_536;
 
 /// How long sessions moved here wait for their slot to become this node's before they are
 /// taken for leftovers of a move that was given up, and discarded.
@@ -294,6 +301,7 @@ impl ClusterPort {
             lapsed: false,
             moving: None,
             incoming: HashMap::new(),
+            released: std::collections::VecDeque::new(),
         }
     }
 
@@ -684,6 +692,22 @@ impl Core {
         }
     }
 
+    /// Remembers a QoS 2 release (for sessions that arrive from other nodes meanwhile).
+    pub(super) fn note_release(&mut self, origin: &MqttStr, pid: Option<u16>, now: Instant) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        while c
+            .released
+            .front()
+            .is_some_and(|(_, _, t)| now.saturating_duration_since(*t) > INCOMING_TTL)
+            || c.released.len() >= RELEASED_MAX
+        {
+            c.released.pop_front();
+        }
+        c.released.push_back((origin.clone(), pid, now));
+    }
+
     /// The slots moving to another node now, if any.
     pub(super) fn moving_bits(&self) -> Option<Box<SlotBits>> {
         self.cluster.as_ref().and_then(|c| c.moving.clone())
@@ -805,6 +829,16 @@ impl Core {
         if self.sessions.contains_key(&cid) {
             // A stale copy (a move that did not finish, say): the moved one replaces it.
             self.end_moved_session(&cid, now);
+        }
+        // Keys released since the sender read the session are stale here: a new message
+        // with the same packet id, resent with DUP, must not be taken for the old one.
+        let mut stored = stored;
+        if let Some(c) = &self.cluster {
+            stored.dedup.retain(|(o, p)| {
+                !c.released
+                    .iter()
+                    .any(|(ro, rp, _)| ro.as_str() == o && rp.is_none_or(|rp| rp == *p))
+            });
         }
         let filters: Vec<Arc<str>> = stored
             .subscriptions

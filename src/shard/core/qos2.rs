@@ -131,6 +131,7 @@ impl Core {
     /// Removes the key (`origin`, `pid`) (`None`: every key of `origin`) from the sessions of
     /// this shard that hold it, and writes the deletions.
     pub(super) fn forget_qos2(&mut self, origin: &MqttStr, pid: Option<u16>, now: Instant) {
+        self.note_release(origin, pid, now);
         let held = self.qos2.take(origin, pid);
         let mut touched: Vec<MqttStr> = Vec::new();
         for (pid, clients) in held {
