@@ -190,6 +190,9 @@ impl Broker {
             token: cfg.admin.token.clone(),
         };
         let stores = Arc::new(open_stores(&cfg, count)?);
+        if let Some(c) = &cluster {
+            c.set_stores(stores.iter().flatten().cloned().collect());
+        }
 
         let rt = runtime_config(&cfg, placement);
         let cfg = Arc::new(cfg);
@@ -463,7 +466,12 @@ fn join_cluster(
         relay,
         admin: admin.and_then(|l| l.local_addr().ok()),
     };
-    Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max)
+    let fresh_disk = !cfg
+        .data_dir
+        .join("shard-0")
+        .join(crate::storage::MARKER_FILE)
+        .exists();
+    Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max, fresh_disk)
         .map(Some)
         .map_err(StartError::Cluster)
 }

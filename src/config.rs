@@ -578,6 +578,22 @@ pub struct ClusterConfig {
     /// QoS 2 key releases kept for one node that is away, sent when its link is back; past
     /// it the oldest are forgotten (counted).
     pub missed_releases_max: u32,
+    /// NATS URLs (`nats://HOST:PORT`) of a JetStream cluster: with them, sessions are
+    /// replicated (every change an acknowledgement depends on is in a replicated stream
+    /// before it is sent) and a fail-over rebuilds a dead node's sessions from it.
+    /// Requires `storage.durability = "durable"`.
+    pub jetstream: Vec<String>,
+    /// Replicas of each node's stream (1-5; 3 survives the loss of one NATS server).
+    pub jetstream_replicas: u32,
+    /// Milliseconds one append to the stream may take (retried within it); then the
+    /// acknowledgements waiting on it fail (MQTT 5: 0x80; 3.x: the connection closes).
+    pub replication_timeout_ms: u32,
+    /// Bytes appended to the stream since the last snapshot after which the next
+    /// snapshot is written (then the log before it is trimmed).
+    pub snapshot_log_bytes: u64,
+    /// Bytes of session data a fail-over may hold while it rebuilds a dead node's
+    /// sessions; past it the fail-over is refused (the sessions stay with their node).
+    pub rebuild_bytes_max: u64,
 }
 
 impl Default for ClusterConfig {
@@ -600,6 +616,11 @@ impl Default for ClusterConfig {
             move_window_bytes: 4 << 20,
             moves_in_max: 1024,
             missed_releases_max: 65_536,
+            jetstream: Vec::new(),
+            jetstream_replicas: 3,
+            replication_timeout_ms: 10_000,
+            snapshot_log_bytes: 64 << 20,
+            rebuild_bytes_max: 2 << 30,
         }
     }
 }
@@ -608,6 +629,11 @@ impl ClusterConfig {
     /// Whether this broker is a cluster node.
     pub fn enabled(&self) -> bool {
         self.node.is_some()
+    }
+
+    /// Whether sessions are replicated (JetStream configured).
+    pub fn replicated(&self) -> bool {
+        self.enabled() && !self.jetstream.is_empty()
     }
 
     /// The address the other nodes dial.

@@ -82,6 +82,9 @@ struct Cli {
     /// Seconds a node may be down before its sessions move to the survivors (0: never).
     #[arg(long, value_name = "SECONDS")]
     cluster_failover_after: Option<u32>,
+    /// NATS JetStream URLs, comma-separated (nats://HOST:PORT,...): replicate sessions.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    cluster_jetstream: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -314,6 +317,9 @@ fn apply_flags(cli: &Cli, cfg: &mut Config) {
     }
     if let Some(s) = cli.cluster_failover_after {
         cfg.cluster.failover_after_s = s;
+    }
+    if !cli.cluster_jetstream.is_empty() {
+        cfg.cluster.jetstream = cli.cluster_jetstream.clone();
     }
 }
 

@@ -48,6 +48,12 @@ pub(super) struct Shared {
     pub control: Arc<OnceLock<Control<BrokerShard>>>,
     /// Until when the lease surely holds, for the shards.
     pub lease: LeaseClock,
+    /// The shards' appends to the replicated stream (used only with `cluster.jetstream`).
+    pub replica: tokio::sync::mpsc::UnboundedReceiver<crate::shard::api::Append>,
+    /// The data directory held no store at start.
+    pub fresh_disk: bool,
+    /// The shards' stores, once open (snapshots read them).
+    pub stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
 }
 
 /// The data plane's control channel.
@@ -110,6 +116,9 @@ pub(super) async fn run(
         ctl,
         control,
         lease,
+        replica: appends,
+        fresh_disk,
+        stores,
     } = shared;
     let keys = Keys {
         root: cfg.prefix.clone(),
@@ -128,6 +137,20 @@ pub(super) async fn run(
             return;
         }
     };
+    if cfg.replicated() {
+        match start_replica(&cfg, &node.record.id, &handle, fresh_disk, stores).await {
+            Ok((r, appender)) => {
+                handle.lock().replica = Some(r.state.clone());
+                node.replica = Some(r);
+                tokio::spawn(appender.run(appends));
+            }
+            Err(e) => {
+                node.leave(&keys, &handle).await;
+                let _ = joined.send(Err(e));
+                return;
+            }
+        }
+    }
     let members = {
         let st = handle.lock();
         let mut m: Vec<String> = st.live.keys().cloned().collect();
@@ -178,7 +201,7 @@ pub(super) async fn run(
             _ = stop.changed() => break,
             Some(req) = requests.recv() => match req {
                 super::Request::Failover { node: gone, reply } => {
-                    let r = node.failover(&keys, &handle, &gone, "an operator's request").await;
+                    let r = node.failover(&keys, &handle, &ctl, &gone, "an operator's request").await;
                     let _ = reply.send(r);
                 }
                 super::Request::HandOver { reply } => {
@@ -191,7 +214,7 @@ pub(super) async fn run(
             },
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
             _ = balance.tick() => {
-                node.automatic_failover(&keys, &handle, cfg.failover_after_s).await;
+                node.automatic_failover(&keys, &handle, &ctl, cfg.failover_after_s).await;
                 if let Some(c) = control.get() {
                     if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c, &ctl).await {
                         // Nothing could move (every slot offered holds a session): not
@@ -227,6 +250,30 @@ pub(super) async fn run(
     node.leave(&keys, &handle).await;
     links.abort();
     plane.abort();
+}
+
+/// Connects to JetStream and starts this node's appender. A node whose data directory is
+/// new while it still owns slots and its stream holds sessions would serve them empty:
+/// refused with one line saying what to do.
+async fn start_replica(
+    cfg: &ClusterConfig,
+    me: &str,
+    handle: &ClusterHandle,
+    fresh_disk: bool,
+    stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
+) -> Result<(super::replica::Replica, super::replica::Appender), String> {
+    let r = super::replica::Replica::connect(cfg, me).await?;
+    let owned = handle.lock().slots.counts().get(me).copied().unwrap_or(0);
+    if fresh_disk && owned > 0 && r.holds_sessions(me).await? {
+        return Err(format!(
+            "the data directory is new, but node {me} still owns {owned} slots and its replicated stream holds their sessions: \
+             fail it over from another node first (POST /api/cluster/nodes/{me}/failover) or restore the directory"
+        ));
+    }
+    let appender =
+        super::replica::Appender::start(r.clone(), me, owned > 0, cfg.snapshot_log_bytes, stores)
+            .await?;
+    Ok((r, appender))
 }
 
 /// Waits for the watch's next response; pending forever while there is no watch (the loop
@@ -265,6 +312,8 @@ struct Node {
     move_timeout_s: u32,
     /// The settings (the lease is renewed while a move waits).
     cfg: ClusterConfig,
+    /// JetStream, when sessions are replicated (fail-overs rebuild from it).
+    replica: Option<super::replica::Replica>,
 }
 
 impl Node {
@@ -299,6 +348,7 @@ impl Node {
             timeout,
             move_timeout_s: cfg.move_timeout_s,
             cfg: cfg.clone(),
+            replica: None,
         };
         // Every etcd member may still be electing a leader: retry within a bound.
         let deadline = Instant::now() + timeout * 3;
@@ -892,6 +942,7 @@ impl Node {
         &mut self,
         keys: &Keys,
         handle: &ClusterHandle,
+        ctl: &Ctl,
         gone: &str,
         why: &str,
     ) -> Result<String, super::FailoverError> {
@@ -911,6 +962,11 @@ impl Node {
             (st.slots.clone(), st.slots_rev, live)
         };
         live.sort();
+        if let Some(r) = self.replica.clone() {
+            return self
+                .failover_replicated(keys, handle, ctl, &r, gone, why, (&table, rev))
+                .await;
+        }
         let Some(next) = table.without(gone, &live) else {
             return Ok(format!("{gone} owns no slot"));
         };
@@ -932,6 +988,95 @@ impl Node {
                 tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
                 Ok(msg)
             }
+            Ok(false) => Err(E::Unavailable(format!(
+                "the slot table changed meanwhile, or {gone} is back: look again"
+            ))),
+            Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
+        }
+    }
+
+    /// A fail-over with replicated sessions: fences `gone`'s stream (none of its appends
+    /// succeeds from now on), rebuilds its sessions here from the stream (snapshot, then
+    /// log), stores them (durably, and in this node's own stream), and only then takes
+    /// its slots by compare-and-swap. Clients reconnecting anywhere find their sessions
+    /// (Session Present) with every acknowledged message. The slots all come here; the
+    /// periodic rebalance then moves a share to the other nodes with their sessions.
+    #[allow(clippy::too_many_arguments)]
+    async fn failover_replicated(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        ctl: &Ctl,
+        r: &super::replica::Replica,
+        gone: &str,
+        why: &str,
+        (table, rev): (&SlotTable, i64),
+    ) -> Result<String, super::FailoverError> {
+        use super::FailoverError as E;
+        let me = self.record.id.clone();
+        let theirs: Vec<u16> = (0..SLOTS)
+            .filter(|s| table.owner(*s).is_some_and(|(o, _)| o == gone))
+            .collect();
+        if theirs.is_empty() {
+            return Ok(format!("{gone} owns no slot"));
+        }
+        let started = Instant::now();
+        let bits = bits_of(&theirs);
+        self.renewing(keys, handle, r.fence(gone, &me))
+            .await
+            .map_err(|e| E::Unavailable(format!("cannot fence {gone}'s stream: {e}")))?;
+        let keep = move |cid: &str| {
+            let slot = super::slot_of(cid.as_bytes()) as usize;
+            bits[slot / 64] & (1 << (slot % 64)) != 0
+        };
+        let sessions = self
+            .renewing(keys, handle, r.read(gone, &keep))
+            .await
+            .map_err(|e| E::Unavailable(format!("cannot read {gone}'s stream: {e}")))?;
+        let count = sessions.len();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ctl.send(ToCluster::Rebuild {
+            sessions,
+            reply: tx,
+        })
+        .map_err(|_| E::Unavailable("the data plane is not running".into()))?;
+        let bound = Duration::from_secs(self.move_timeout_s as u64);
+        let stored = match self
+            .renewing(keys, handle, tokio::time::timeout(bound, rx))
+            .await
+        {
+            Ok(Ok(Ok(n))) => n,
+            Ok(Ok(Err(e))) => {
+                return Err(E::Unavailable(format!("rebuilding {gone}'s sessions: {e}")))
+            }
+            _ => {
+                return Err(E::Unavailable(format!(
+                    "rebuilding {gone}'s sessions: not done within {bound:?}"
+                )))
+            }
+        };
+        if let Ok(mut v) = r.state.lock() {
+            v.sessions_rebuilt_total += stored as u64;
+        }
+        let next = table.with_owner(&theirs, &me);
+        let gone_now = Compare::create_revision(keys.node(gone), CompareOp::Equal, 0);
+        match self
+            .swap_table(keys, handle, rev, &next, Some(gone_now))
+            .await
+        {
+            Ok(true) => {
+                handle.lock().counters.failovers_total += 1;
+                let msg = format!(
+                    "{} slots of {gone} taken by {me} (epoch {}) with {count} sessions rebuilt from its replicated stream in {} ms",
+                    theirs.len(),
+                    next.epoch,
+                    started.elapsed().as_millis()
+                );
+                tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
+                Ok(msg)
+            }
+            // The sessions stored here for slots that stay another's are dropped when
+            // the shards see they are not this node's (see `discard_orphans`).
             Ok(false) => Err(E::Unavailable(format!(
                 "the slot table changed meanwhile, or {gone} is back: look again"
             ))),
@@ -971,7 +1116,13 @@ impl Node {
     }
 
     /// `cluster.failover_after_s` (0: off): fails over every member down for longer.
-    async fn automatic_failover(&mut self, keys: &Keys, handle: &ClusterHandle, after_s: u32) {
+    async fn automatic_failover(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        ctl: &Ctl,
+        after_s: u32,
+    ) {
         let due: Vec<String> = {
             let mut st = handle.lock();
             let now = Instant::now();
@@ -998,7 +1149,7 @@ impl Node {
         };
         for gone in due {
             let why = format!("down for more than cluster.failover_after_s ({after_s} s)");
-            if let Err(e) = self.failover(keys, handle, &gone, &why).await {
+            if let Err(e) = self.failover(keys, handle, ctl, &gone, &why).await {
                 tracing::warn!(node = %gone, error = %e, "automatic fail-over not made");
             }
         }

@@ -29,12 +29,14 @@ use crate::config::ClusterConfig;
 mod link;
 mod membership;
 mod plane;
+mod replica;
 pub mod slots;
 pub mod wire;
 
-use crate::shard::api::{ClusterLink, LeaseClock, ToCluster};
+use crate::shard::api::{Append, ClusterLink, LeaseClock, ReplicaLink, ToCluster};
 use crate::shard::service::BrokerShard;
 pub use plane::PlaneCounters;
+pub use replica::{ReplicaView, SnapshotDone};
 
 pub use slots::{slot_of, SlotTable, SLOTS};
 
@@ -140,6 +142,9 @@ pub struct ClusterView {
     pub counters: ClusterCounters,
     /// The data plane: messages forwarded to and received from other nodes.
     pub plane: PlaneCounters,
+    /// This node's replication (`null`: sessions are not replicated): its stream, what
+    /// waits for it (lag), the last snapshot.
+    pub replication: Option<ReplicaView>,
 }
 
 /// Events worth counting (the `shardmq_cluster_*_total` series).
@@ -180,6 +185,8 @@ struct State {
     down_since: hashbrown::HashMap<String, Instant>,
     /// Operator requests for the membership task.
     requests: Option<tokio::sync::mpsc::UnboundedSender<Request>>,
+    /// This node's replication, when sessions are replicated.
+    replica: Option<replica::ReplicaState>,
 }
 
 /// What the admin endpoint asks of the membership task.
@@ -267,6 +274,10 @@ impl State {
             members,
             counters: self.counters,
             plane: self.plane,
+            replication: self
+                .replica
+                .as_ref()
+                .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 }
@@ -352,6 +363,8 @@ pub struct Cluster {
     pub joined: Joined,
     /// The bound node-to-node address (port 0 resolved).
     pub link_addr: SocketAddr,
+    /// The shards' stores, once open (snapshots of the replicated sessions read them).
+    stores: Arc<std::sync::OnceLock<Vec<crate::storage::Store>>>,
 }
 
 /// How long a graceful stop may spend telling etcd (marking itself leaving, revoking).
@@ -362,10 +375,14 @@ impl Cluster {
     /// a previous incarnation's record to expire) and starts the thread that keeps the
     /// lease, watches the cluster and keeps the links. One line naming the problem when it
     /// cannot.
+    /// `fresh_disk`: this node's data directory holds no store yet (a new node, or one
+    /// whose disk was lost): with replicated sessions, a node that still owns slots and
+    /// whose stream holds sessions refuses to start that way.
     pub fn start(
         cfg: &ClusterConfig,
         addrs: NodeAddrs,
         packet_bytes_max: u32,
+        fresh_disk: bool,
     ) -> Result<Cluster, String> {
         let (Some(me), Some(listen)) = (cfg.node.clone(), cfg.listen) else {
             return Err("cluster.node and cluster.listen are required".into());
@@ -416,6 +433,7 @@ impl Cluster {
             plane: PlaneCounters::default(),
             down_since: hashbrown::HashMap::new(),
             requests: None,
+            replica: None,
         }));
         let handle = ClusterHandle(state);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -428,6 +446,8 @@ impl Cluster {
         let (data_tx, data_rx) =
             tokio::sync::mpsc::channel::<ToCluster>(cfg.forward_queue_max as usize);
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<ToCluster>();
+        let (replica_tx, replica_rx) = tokio::sync::mpsc::unbounded_channel::<Append>();
+        let stores = Arc::new(std::sync::OnceLock::new());
         let (control_tx, control_rx) = tokio::sync::oneshot::channel();
         let lease = LeaseClock::default();
         let control_cell = Arc::new(std::sync::OnceLock::new());
@@ -454,6 +474,7 @@ impl Cluster {
         let thread_cfg = cfg.clone();
         let thread_lease = lease.clone();
         let thread_ctl = ctl_tx.clone();
+        let thread_stores = stores.clone();
         let thread = std::thread::Builder::new()
             .name("shardmq-cluster".into())
             .spawn(move || {
@@ -469,6 +490,9 @@ impl Cluster {
                         ctl: thread_ctl,
                         control: thread_cell,
                         lease: thread_lease,
+                        replica: replica_rx,
+                        fresh_disk,
+                        stores: thread_stores,
                     },
                 ))
             })
@@ -479,7 +503,9 @@ impl Cluster {
                 data: data_tx,
                 control: ctl_tx,
                 lease,
+                replica: cfg.replicated().then(|| ReplicaLink(replica_tx)),
             },
+            stores,
             control: Some(control_tx),
             control_cell,
             stop: Some(stop_tx),
@@ -505,6 +531,11 @@ impl Cluster {
                 Err("the cluster thread ended before joining".into())
             }
         }
+    }
+
+    /// The shards' stores (for snapshots of the replicated sessions).
+    pub fn set_stores(&self, stores: Vec<crate::storage::Store>) {
+        let _ = self.stores.set(stores);
     }
 
     /// What each shard gets to reach the cluster thread.

@@ -31,8 +31,8 @@ use super::ClusterHandle;
 use crate::protocol::MqttStr;
 use crate::session::ownership::stable_hash;
 use crate::shard::api::{
-    FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, ROUTES_PER_NODE_MAX,
-    SLOT_HERE, SLOT_NOWHERE,
+    FromCluster, NodeIx, Query, Reply, SlotMap, ToCluster, NODES_MAX, REBUILD_NODE,
+    ROUTES_PER_NODE_MAX, SLOT_HERE, SLOT_NOWHERE,
 };
 use crate::shard::event::Fate;
 use crate::shard::service::BrokerShard;
@@ -174,6 +174,18 @@ struct Plane {
     missed_releases: HashMap<NodeIx, VecDeque<(MqttStr, Option<u16>)>>,
     /// Sessions other nodes are sending here, by (node, id), until their last part.
     moves_in: HashMap<(NodeIx, u64), MoveIn>,
+    /// Rebuilds from a replicated stream under way: per session id, its rebuild; per
+    /// rebuild, the answers still missing, the sessions stored and who waits.
+    rebuild_ids: HashMap<u64, u64>,
+    rebuilds: HashMap<u64, Rebuild>,
+}
+
+/// Sessions rebuilt here from a failed node's stream, waiting for the shards' answers.
+struct Rebuild {
+    left: usize,
+    stored: usize,
+    failed: usize,
+    reply: Option<tokio::sync::oneshot::Sender<Result<usize, String>>>,
 }
 
 /// Bytes of shared-group keys one forwarded message may name for a node (a frame has
@@ -274,6 +286,8 @@ pub(super) async fn run(
         moves_in: HashMap::new(),
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
+        rebuild_ids: HashMap::new(),
+        rebuilds: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -474,6 +488,10 @@ impl Plane {
                 for n in linked {
                     wire::release(self.buf(n), id, origin.as_str(), packet_id);
                 }
+            }
+            ToCluster::Rebuild { sessions, reply } => self.start_rebuild(sessions, reply),
+            ToCluster::Done { node, id, ok, .. } if node == REBUILD_NODE => {
+                self.rebuild_answer(id, ok);
             }
             ToCluster::Done { node, id, ok, fate } => {
                 if self.links.contains_key(&node) {
@@ -868,6 +886,77 @@ impl Plane {
                 entries: Arc::new(m.entries),
             },
         );
+    }
+
+    /// Stores sessions rebuilt from a failed node's stream on their shards here; `reply`
+    /// hears once every shard has them durably (and replicated) and their routes are
+    /// known on every live node.
+    fn start_rebuild(
+        &mut self,
+        sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ) {
+        if sessions.is_empty() {
+            let _ = reply.send(Ok(0));
+            return;
+        }
+        self.next_id += 1;
+        let rebuild = self.next_id;
+        self.rebuilds.insert(
+            rebuild,
+            Rebuild {
+                left: sessions.len(),
+                stored: 0,
+                failed: 0,
+                reply: Some(reply),
+            },
+        );
+        for (client_id, entries) in sessions {
+            self.next_id += 1;
+            let id = self.next_id;
+            self.rebuild_ids.insert(id, rebuild);
+            let shard = crate::session::owner_shard(client_id.as_bytes(), self.shards);
+            self.post(
+                shard,
+                FromCluster::Adopt {
+                    node: REBUILD_NODE,
+                    id,
+                    client_id,
+                    entries: Arc::new(entries),
+                },
+            );
+        }
+    }
+
+    fn rebuild_answer(&mut self, id: u64, ok: bool) {
+        let Some(rebuild) = self.rebuild_ids.remove(&id) else {
+            return;
+        };
+        let Some(r) = self.rebuilds.get_mut(&rebuild) else {
+            return;
+        };
+        r.left -= 1;
+        if ok {
+            r.stored += 1;
+        } else {
+            r.failed += 1;
+        }
+        if r.left == 0 {
+            if let Some(mut r) = self.rebuilds.remove(&rebuild) {
+                let result = if r.failed == 0 {
+                    Ok(r.stored)
+                } else {
+                    Err(format!(
+                        "{} of {} sessions not stored",
+                        r.failed,
+                        r.failed + r.stored
+                    ))
+                };
+                if let Some(reply) = r.reply.take() {
+                    let _ = reply.send(result);
+                }
+            }
+        }
     }
 
     /// A link went down: what it carried fails now; routes waiting on it count it as done.

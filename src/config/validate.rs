@@ -34,6 +34,12 @@ impl Config {
         self.check_addresses()?;
         self.check_admin()?;
         self.cluster.validate()?;
+        if !self.cluster.jetstream.is_empty() && self.storage.durability != Durability::Durable {
+            return Err(bad(
+                "cluster.jetstream",
+                "replicated sessions need storage.durability = \"durable\"",
+            ));
+        }
         for f in &self.access.subscribe_deny {
             crate::protocol::TopicFilter::new(f)
                 .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;
@@ -226,10 +232,14 @@ impl ClusterConfig {
     /// All or nothing: a node needs an id, a node-to-node address and etcd; each in form.
     fn validate(&self) -> Result<(), ConfigError> {
         let Some(node) = &self.node else {
-            if self.listen.is_some() || self.advertise.is_some() || !self.etcd.is_empty() {
+            if self.listen.is_some()
+                || self.advertise.is_some()
+                || !self.etcd.is_empty()
+                || !self.jetstream.is_empty()
+            {
                 return Err(bad(
                     "cluster.node",
-                    "is required when cluster.listen, cluster.advertise or cluster.etcd is set",
+                    "is required when cluster.listen, cluster.advertise, cluster.etcd or cluster.jetstream is set",
                 ));
             }
             return Ok(());
@@ -310,6 +320,27 @@ impl ClusterConfig {
                 "must be at most 3600 (0: stop without handing over)",
             ));
         }
+        for u in &self.jetstream {
+            check_nats_url(u).map_err(|e| bad("cluster.jetstream", e))?;
+        }
+        if !(1..=5).contains(&self.jetstream_replicas) {
+            return Err(bad("cluster.jetstream_replicas", "must be between 1 and 5"));
+        }
+        if !(100..=600_000).contains(&self.replication_timeout_ms) {
+            return Err(bad(
+                "cluster.replication_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        if self.snapshot_log_bytes < 1 << 20 {
+            return Err(bad(
+                "cluster.snapshot_log_bytes",
+                "must be at least 1048576",
+            ));
+        }
+        if self.rebuild_bytes_max < 1 << 20 {
+            return Err(bad("cluster.rebuild_bytes_max", "must be at least 1048576"));
+        }
         if self.failover_after_s != 0 && self.failover_after_s < self.lease_ttl_s {
             return Err(bad(
                 "cluster.failover_after_s",
@@ -318,6 +349,23 @@ impl ClusterConfig {
         }
         Ok(())
     }
+}
+
+/// A NATS URL: `nats://HOST:PORT` (TLS to NATS is not built in yet).
+fn check_nats_url(u: &str) -> Result<(), String> {
+    let Some(rest) = u.strip_prefix("nats://") else {
+        return Err(format!("{u:?} must be nats://HOST:PORT"));
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("{u:?} has no port"));
+    };
+    if host.is_empty() || host.contains(|c: char| c == '/' || c == '@' || c.is_whitespace()) {
+        return Err(format!("{u:?} has no usable host"));
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{u:?} has no usable port"));
+    }
+    Ok(())
 }
 
 /// An etcd client URL: `http://HOST:PORT` (TLS to etcd is not built in yet).

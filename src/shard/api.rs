@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use super::core::cluster::{
-    ClusterLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
-    NODES_MAX, ROUTES_PER_NODE_MAX, SLOT_HERE, SLOT_NOWHERE,
+    Append, ClusterLink, ReplicaLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
+    NODES_MAX, REBUILD_NODE, ROUTES_PER_NODE_MAX, SLOT_HERE, SLOT_NOWHERE,
 };
 pub use super::core::inspect::SEARCH_BYTES_MAX;
 pub use super::core::{

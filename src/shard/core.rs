@@ -83,7 +83,7 @@ mod routing;
 mod shared;
 mod subscriptions;
 mod timers;
-use cluster::{in_bits, ClusterPort, NodeGroups, Routed};
+use cluster::{in_bits, ClusterPort, NodeGroups, ReplicaLink, Routed};
 use durable::DurableLog;
 pub use inspect::{
     Page, RetainedInfo, SessionFilter, SessionInfo, SubscriptionInfo, PAGE_ITEMS_MAX,
@@ -451,6 +451,9 @@ pub struct Core {
     /// Writes since the last commit to the store, applied as one atomic batch before the
     /// next persist (or a read of the store, or when `storage.write_batch_bytes_max` full).
     open_batch: Option<StoreBatch>,
+    /// With replicated sessions: what the batches applied since the last group commit
+    /// changed (one unit each, see `storage::replica`), for the replication log.
+    replica_units: Vec<Vec<u8>>,
     /// Whether batches may drop a put that they delete again when the key is new (see
     /// `StoreBatch`); off for the rest of the run once the store and the sessions may
     /// disagree (a lost write, records skipped at start).
@@ -551,6 +554,7 @@ impl Core {
             store,
             durability,
             open_batch: None,
+            replica_units: Vec::new(),
             elide: true,
             log: DurableLog::default(),
             recovered_peers: 0,

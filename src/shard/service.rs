@@ -453,6 +453,9 @@ impl BrokerShard {
             let target = svc.core.borrow_mut().commit_target();
             if let Some((store, seq)) = target {
                 let started = Instant::now();
+                // With replicated sessions, the batches' changes go to the replicated
+                // stream while the fsync runs; acknowledgements wait for both.
+                let replica = replicate(&shard);
                 let ok = match persist(&store, &mut journal).await {
                     Ok(()) => true,
                     Err(e) => {
@@ -461,6 +464,7 @@ impl BrokerShard {
                         false
                     }
                 };
+                let ok = replicated(&shard, replica).await && ok;
                 let mut core = svc.core.borrow_mut();
                 core.stats.fsync_latency.observe(started.elapsed());
                 core.committed(seq, ok, Instant::now());
@@ -527,6 +531,7 @@ impl BrokerShard {
             let Some((store, seq)) = target else {
                 break;
             };
+            let replica = replicate(shard);
             let ok = match persist(&store, &mut journal).await {
                 Ok(()) => true,
                 Err(e) => {
@@ -534,6 +539,7 @@ impl BrokerShard {
                     false
                 }
             };
+            let ok = replicated(shard, replica).await && ok;
             svc.core.borrow_mut().committed(seq, ok, Instant::now());
             if !ok {
                 tracing::error!(
@@ -769,6 +775,36 @@ async fn stopped_first(
 /// The store's active journal, opened for fsyncs through the shard's io_uring (kept while it
 /// stays the active one).
 type OpenJournal = Option<(std::path::PathBuf, glommio::io::BufferedFile)>;
+
+/// Hands what the batches since the last group commit changed to the replication log
+/// (`None`: sessions are not replicated, or nothing changed).
+fn replicate(
+    shard: &Shard<BrokerShard>,
+) -> Option<futures_channel::oneshot::Receiver<Result<(), String>>> {
+    let (link, units) = shard.service().core.borrow_mut().take_replica_units()?;
+    if units.is_empty() {
+        return None;
+    }
+    Some(link.append(shard.id().index(), units))
+}
+
+/// Whether the append [`replicate`] started is in the replicated stream.
+async fn replicated(
+    shard: &Shard<BrokerShard>,
+    append: Option<futures_channel::oneshot::Receiver<Result<(), String>>>,
+) -> bool {
+    let Some(rx) = append else {
+        return true;
+    };
+    match rx.await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(shard = shard.id().index(), error = %e, "replication failed: the acknowledgements that waited on it fail");
+            false
+        }
+        Err(_) => false,
+    }
+}
 
 /// One group commit's persist: the journal buffer flushed into the file here (the page
 /// cache: cheap), then its `fdatasync` issued on the shard's own io_uring, so that no thread

@@ -268,6 +268,19 @@ impl StoreBatch {
 
     /// Applies the batch atomically (not yet durable: call [`Store::persist`]).
     pub fn commit(self) -> Result<(), StorageError> {
+        self.apply(None)
+    }
+
+    /// [`StoreBatch::commit`], also returning what the batch changed as the replication
+    /// log carries it (every key's last word: a put of its value or a delete; see
+    /// `replica.rs`). Empty when the batch changed nothing.
+    pub fn commit_logged(self) -> Result<Vec<u8>, StorageError> {
+        let mut out = Vec::new();
+        self.apply(Some(&mut out))?;
+        Ok(out)
+    }
+
+    fn apply(self, mut log: Option<&mut Vec<u8>>) -> Result<(), StorageError> {
         // One engine for the scans and the write, even if the store is reopened meanwhile.
         let engine = self.store.engine()?;
         // The last word on each key, in call order, and whether the key is known to be
@@ -325,10 +338,20 @@ impl StoreBatch {
         let mut batch = engine.db.batch();
         for ((space, key), (absent_before, value)) in last {
             match value {
-                Some(value) => batch.insert(engine.ks(space), key, value),
+                Some(value) => {
+                    if let Some(out) = log.as_deref_mut() {
+                        super::replica::encode_op(out, space, &key, Some(&value));
+                    }
+                    batch.insert(engine.ks(space), key, value)
+                }
                 // Put and deleted again within the batch: nothing to write.
                 None if absent_before => {}
-                None => batch.remove(engine.ks(space), key),
+                None => {
+                    if let Some(out) = log.as_deref_mut() {
+                        super::replica::encode_op(out, space, &key, None);
+                    }
+                    batch.remove(engine.ks(space), key)
+                }
             }
         }
         if batch.is_empty() {

@@ -66,6 +66,7 @@ mod batch;
 mod failure;
 mod load;
 mod persist;
+pub mod replica;
 mod transfer;
 
 pub use batch::StoreBatch;

@@ -13,6 +13,7 @@ pub mod browser;
 pub mod cluster;
 pub mod crash;
 pub mod etcd;
+pub mod nats;
 pub mod raw;
 
 use std::io::{BufRead, BufReader, Read};

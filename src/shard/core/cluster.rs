@@ -17,6 +17,9 @@ use crate::storage::ClientEntry;
 
 /// The most nodes a cluster has (their indices share the shard bitmap).
 pub const NODES_MAX: usize = crate::config::MAX_SHARDS;
+/// The node number of sessions rebuilt here from a replicated stream (their answers go to
+/// the rebuild, not to a node).
+pub const REBUILD_NODE: NodeIx = NodeIx::MAX;
 
 /// The most topic filters one node may announce (more are not listened to): every shard
 /// keeps a copy of every node's set.
@@ -69,6 +72,12 @@ pub enum ToCluster {
     Move {
         to: String,
         sessions: Box<crate::shard::api::MovedSessions>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    },
+    /// From the membership thread: store these sessions here (rebuilt from a failed
+    /// node's replicated stream); `reply` gets how many were stored, or why not all.
+    Rebuild {
+        sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     },
     /// The message `id` that `node` sent here is handled: stored (`ok`) or not.
@@ -210,6 +219,41 @@ pub struct ClusterLink {
     /// past it, no CONNECT is served here, whatever the cluster thread has said so far (a
     /// node resumed after a freeze must not serve before it has heard from etcd).
     pub lease: LeaseClock,
+    /// With replicated sessions: where each group commit's changes go before its
+    /// acknowledgements (see `cluster/replica.rs`).
+    pub replica: Option<ReplicaLink>,
+}
+
+/// One group commit's changes for the replication log, answered once they are in the
+/// replicated stream (`Err`: not there, or not known to be: the acknowledgements fail).
+#[derive(Debug)]
+pub struct Append {
+    pub shard: usize,
+    pub units: Vec<Vec<u8>>,
+    pub reply: futures_channel::oneshot::Sender<Result<(), String>>,
+}
+
+/// The shards' way into the replication log (one append in flight per shard: its group
+/// commit waits for the answer).
+#[derive(Clone, Debug)]
+pub struct ReplicaLink(pub tokio::sync::mpsc::UnboundedSender<Append>);
+
+impl ReplicaLink {
+    /// Hands `units` to the replication log; the answer says whether they are in it.
+    pub fn append(
+        &self,
+        shard: usize,
+        units: Vec<Vec<u8>>,
+    ) -> futures_channel::oneshot::Receiver<Result<(), String>> {
+        let (reply, rx) = futures_channel::oneshot::channel();
+        // A closed channel drops `reply`: the receiver sees the append fail.
+        let _ = self.0.send(Append {
+            shard,
+            units,
+            reply,
+        });
+        rx
+    }
 }
 
 /// A lease deadline shared by the cluster thread (which moves it on every renewal) and
@@ -455,6 +499,13 @@ pub struct Routed {
     /// A node it had to reach could not be handed the message (the cluster thread's queue
     /// is full): the acknowledgement must say it was not stored.
     pub failed: bool,
+}
+
+impl ClusterPort {
+    /// The replication log's way in, when sessions are replicated.
+    pub(super) fn replica(&self) -> Option<&ReplicaLink> {
+        self.link.replica.as_ref()
+    }
 }
 
 impl Core {
@@ -1059,6 +1110,7 @@ mod tests {
                 data,
                 control,
                 lease: LeaseClock::default(),
+                replica: None,
             },
             rx,
         )

@@ -144,7 +144,15 @@ impl Core {
             return;
         };
         let started = Instant::now();
-        let r = b.commit();
+        let r = if self.replicating() {
+            b.commit_logged().map(|unit| {
+                if !unit.is_empty() {
+                    self.replica_units.push(unit);
+                }
+            })
+        } else {
+            b.commit()
+        };
         self.stats.write_latency.observe(started.elapsed());
         match r {
             Ok(()) => self.log.applied(),
@@ -464,6 +472,18 @@ impl Core {
         self.flush_writes();
         let store = self.store.as_ref()?;
         self.log.target().map(|t| (store.clone(), t))
+    }
+
+    /// Whether this shard's changes go to the replication log before acknowledgements.
+    pub fn replicating(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.replica().is_some())
+    }
+
+    /// The replication log's way in, and what the batches applied so far changed (taken
+    /// with [`Core::commit_target`]: the group commit replicates them with its fsync).
+    pub fn take_replica_units(&mut self) -> Option<(ReplicaLink, Vec<Vec<u8>>)> {
+        let link = self.cluster.as_ref()?.replica()?.clone();
+        Some((link, std::mem::take(&mut self.replica_units)))
     }
 
     /// Whether the committer waits for the disk before acknowledging (`durable`) or persists

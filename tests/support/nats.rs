@@ -1,0 +1,186 @@
+//! A real NATS JetStream cluster for a test: `n` servers (the Debian `nats-server` binary)
+//! on ephemeral 127.0.0.1 ports with a temporary directory each, stopped by PID on drop.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TIMEOUT;
+
+pub struct NatsServer {
+    pub name: String,
+    pub client_port: u16,
+    pub route_port: u16,
+    pub http_port: u16,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL, and wait for the process to go.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A monitoring endpoint's body (`/jsz?streams=1`, say).
+    pub fn monitor(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        std::io::Write::write_all(
+            &mut s,
+            format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    }
+}
+
+pub struct Nats {
+    pub servers: Vec<NatsServer>,
+    pub dir: tempfile::TempDir,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+impl Nats {
+    /// Starts `n` JetStream servers in one cluster and waits until every one says it is
+    /// healthy (JetStream up, a meta leader elected).
+    pub fn start(n: usize) -> Nats {
+        for attempt in 0..3 {
+            if let Some(s) = Nats::try_start(n) {
+                return s;
+            }
+            eprintln!("NATS did not come up (attempt {attempt}); retrying on other ports");
+        }
+        panic!("NATS did not start");
+    }
+
+    fn try_start(n: usize) -> Option<Nats> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(3 * n);
+        let mut servers: Vec<NatsServer> = (0..n)
+            .map(|i| NatsServer {
+                name: format!("n{i}"),
+                client_port: ports[3 * i],
+                route_port: ports[3 * i + 1],
+                http_port: ports[3 * i + 2],
+                child: None,
+            })
+            .collect();
+        let routes: Vec<String> = servers
+            .iter()
+            .map(|s| format!("\"nats-route://127.0.0.1:{}\"", s.route_port))
+            .collect();
+        for s in &mut servers {
+            let store = dir.path().join(&s.name);
+            let conf = dir.path().join(format!("{}.conf", s.name));
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{\n  name: shardmq-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    s.route_port,
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\n{cluster}",
+                    s.name,
+                    s.client_port,
+                    s.http_port,
+                    store.display()
+                ),
+            )
+            .expect("write nats config");
+            let log = std::fs::File::create(dir.path().join(format!("{}.log", s.name)))
+                .expect("log file");
+            let child = Command::new("nats-server")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn nats-server (apt install nats-server)");
+            s.child = Some(child);
+        }
+        let nats = Nats { servers, dir };
+        nats.wait_healthy().then_some(nats)
+    }
+
+    fn wait_healthy(&self) -> bool {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            let all = self
+                .servers
+                .iter()
+                .all(|s| s.monitor("/healthz").is_some_and(|b| b.contains("\"ok\"")));
+            if all {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Every server's URL, as a TOML array's items.
+    pub fn toml_urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("\"{}\"", s.url()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The server leading the stream `name` (by the monitoring endpoint of a live one).
+    pub fn stream_leader(&self, name: &str) -> Option<usize> {
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            let Some(body) = s.monitor("/jsz?streams=1") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            let accounts = v["account_details"].as_array().cloned().unwrap_or_default();
+            for a in accounts {
+                for st in a["stream_detail"].as_array().cloned().unwrap_or_default() {
+                    if st["name"] == name {
+                        if let Some(leader) = st["cluster"]["leader"].as_str() {
+                            return self.servers.iter().position(|x| x.name == leader);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            s.kill9();
+        }
+    }
+}
