@@ -150,3 +150,181 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
         cl.disconnect();
     }
 }
+
+/// Drains `opts`'s session at `addr` (Session Present), acknowledging everything, until
+/// nothing more comes within a second; the payloads in order.
+fn drain_all(addr: std::net::SocketAddr, opts: &ConnectOpts) -> Vec<String> {
+    let (mut c, present) = RawClient::connect_served(addr, opts);
+    assert!(present, "{}: session present", opts.client_id);
+    let mut got = Vec::new();
+    loop {
+        match c.read_frame_until(Instant::now() + Duration::from_secs(1)) {
+            Ok((shardmq::protocol::Packet::Publish(p), _)) => {
+                c.ack(&p);
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    c.disconnect();
+    got
+}
+
+/// Snapshots are written and the log trimmed while traffic runs; a node lost with its disk
+/// right after is rebuilt from the snapshot plus the log after it, every message in order.
+#[test]
+fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-snap-{}", std::process::id());
+    let extra = "snapshot_log_bytes = 1048576\n";
+    let a = TestBroker::start_with(1, &(replicated_toml("a", &etcd, &nats, &p, 3) + extra));
+    let c = TestBroker::start_with(1, &(replicated_toml("c", &etcd, &nats, &p, 3) + extra));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "snap-q"), false);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+        s.sub(&[("snap/t", QoS::AtLeastOnce)]);
+        s.disconnect();
+    }
+    let snapshots = |n: &TestBroker| {
+        n.admin_json("/api/cluster")["replication"]["snapshots_total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = snapshots(&c);
+    let total = 1500;
+    let body = vec![b'x'; 2000];
+    {
+        let (mut publ, _) = RawClient::connect_served(c.addr, &ConnectOpts::v311("snap-pub", true));
+        for i in 0..total {
+            let mut payload = format!("{i:05}:").into_bytes();
+            payload.extend_from_slice(&body);
+            publ.publish("snap/t", &payload, QoS::AtLeastOnce, false);
+        }
+        publ.disconnect();
+    }
+    wait_until("snapshots written under traffic", TIMEOUT, || {
+        snapshots(&c) >= before + 2
+    });
+    let view = c.admin_json("/api/cluster");
+    let last = &view["replication"]["last_snapshot"];
+    assert!(
+        last["start"].as_u64().unwrap() > 1,
+        "the last snapshot started after the first appends: {view}"
+    );
+    assert!(last["records"].as_u64().unwrap() > 0, "{view}");
+    let stream = view["replication"]["stream"].as_str().unwrap();
+    let held = nats.stream(stream).expect("the stream")["state"]["messages"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        held < total / 2,
+        "the log was trimmed: {held} messages held of {total} appended"
+    );
+    drop(c.kill9());
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub.client_id) == "a"
+    });
+    let got = drain_all(a.addr, &sub);
+    let want: Vec<String> = (0..total).map(|i| format!("{i:05}:")).collect();
+    let got_heads: Vec<String> = got.iter().map(|g| g[..6].to_string()).collect();
+    assert_eq!(got_heads.len(), want.len(), "every message once, in order");
+    assert_eq!(got_heads, want);
+}
+
+/// A node frozen past its lease (SIGSTOP) is failed over; when it resumes (SIGCONT) its
+/// stream is fenced: whatever it still takes for the sessions it lost is never
+/// acknowledged as stored there. Every acknowledged message reaches the session at its new
+/// owner.
+#[test]
+fn the_old_owner_resumed_after_a_fail_over_is_fenced() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-fence-{}", std::process::id());
+    let a = TestBroker::start_with(1, &replicated_toml("a", &etcd, &nats, &p, 3));
+    let c = TestBroker::start_with(1, &replicated_toml("c", &etcd, &nats, &p, 3));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "fence-q"), false);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+        s.sub(&[("fence/t", QoS::AtLeastOnce)]);
+        s.disconnect();
+    }
+    // A publisher served by c, connected before the freeze.
+    let (mut publ, _) = RawClient::connect_served(
+        c.addr,
+        &ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "fence-pub"), true),
+    );
+    publ.publish("fence/t", b"before", QoS::AtLeastOnce, false);
+    c.signal(libc::SIGSTOP);
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub.client_id) == "a"
+    });
+    c.signal(libc::SIGCONT);
+    // Straight after the resume: QoS 1 messages through c, answered one way or another.
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..20u16 {
+        let id = i + 100;
+        let pkt = support::raw::publish_packet(
+            "fence/t",
+            format!("after-{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Some(id),
+            false,
+        );
+        if !publ.try_send(&pkt) {
+            break;
+        }
+        match publ.read_frame_until(Instant::now() + TIMEOUT) {
+            Ok((shardmq::protocol::Packet::PubAck(ack), _)) if (ack.reason_code as u8) < 0x80 => {
+                acked.push(format!("after-{i}"));
+            }
+            Ok((shardmq::protocol::Packet::PubAck(_), _)) => refused += 1,
+            _ => break,
+        }
+    }
+    eprintln!(
+        "after the resume: {} acknowledged, {refused} refused",
+        acked.len()
+    );
+    drop(publ);
+    // c comes back as a member, takes slots again and replicates again: a persistent
+    // session it serves now gets its SUBACK (which waits for the stream).
+    let mut later_id = None;
+    wait_until("c owns slots again", 3 * TIMEOUT, || {
+        later_id = (0..64)
+            .map(|i| format!("fence-later-{i}"))
+            .find(|id| owner_of(&etcd, &p, id) == "c");
+        later_id.is_some()
+    });
+    let later = ConnectOpts::v311(&later_id.unwrap(), false);
+    wait_until("c serves and replicates again", 3 * TIMEOUT, || {
+        let (mut s, _) = RawClient::connect_served(c.addr, &later);
+        let ok = s
+            .subscribe(&[("fence/later", QoS::AtLeastOnce)])
+            .reason_codes
+            .iter()
+            .all(|r| (*r as u8) < 0x80);
+        s.disconnect();
+        ok
+    });
+    assert_eq!(
+        c.admin_json("/api/cluster")["replication"]["fenced"],
+        false,
+        "c replicates again"
+    );
+    let got = drain_all(a.addr, &sub);
+    assert!(got.contains(&"before".to_string()), "{got:?}");
+    for m in &acked {
+        assert!(
+            got.contains(m),
+            "{m} was acknowledged and never delivered: {got:?}"
+        );
+    }
+}

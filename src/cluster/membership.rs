@@ -270,9 +270,15 @@ async fn start_replica(
              fail it over from another node first (POST /api/cluster/nodes/{me}/failover) or restore the directory"
         ));
     }
-    let appender =
-        super::replica::Appender::start(r.clone(), me, owned > 0, cfg.snapshot_log_bytes, stores)
-            .await?;
+    let appender = super::replica::Appender::start(
+        r.clone(),
+        me,
+        owned > 0,
+        cfg.snapshot_log_bytes,
+        stores,
+        handle.clone(),
+    )
+    .await?;
     Ok((r, appender))
 }
 
@@ -1029,6 +1035,7 @@ impl Node {
             let slot = super::slot_of(cid.as_bytes()) as usize;
             bits[slot / 64] & (1 << (slot % 64)) != 0
         };
+        let read_at = Instant::now();
         let sessions = self
             .renewing(keys, handle, r.read(gone, &keep))
             .await
@@ -1036,6 +1043,8 @@ impl Node {
         let count = sessions.len();
         let (tx, rx) = tokio::sync::oneshot::channel();
         ctl.send(ToCluster::Rebuild {
+            from: gone.to_string(),
+            read_at,
             sessions,
             reply: tx,
         })

@@ -489,7 +489,12 @@ impl Plane {
                     wire::release(self.buf(n), id, origin.as_str(), packet_id);
                 }
             }
-            ToCluster::Rebuild { sessions, reply } => self.start_rebuild(sessions, reply),
+            ToCluster::Rebuild {
+                from,
+                read_at,
+                sessions,
+                reply,
+            } => self.start_rebuild(&from, read_at, sessions, reply),
             ToCluster::Done { node, id, ok, .. } if node == REBUILD_NODE => {
                 self.rebuild_answer(id, ok);
             }
@@ -884,6 +889,7 @@ impl Plane {
                 id,
                 client_id: m.client_id,
                 entries: Arc::new(m.entries),
+                read_at: None,
             },
         );
     }
@@ -893,9 +899,25 @@ impl Plane {
     /// known on every live node.
     fn start_rebuild(
         &mut self,
-        sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
+        from: &str,
+        read_at: Instant,
+        mut sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     ) {
+        // The QoS 2 releases of this node's publishers that `from` missed: its stream
+        // still holds those keys, stale.
+        if let Some(missed) = self.ix_of(from).and_then(|n| self.missed_releases.get(&n)) {
+            for (_, entries) in &mut sessions {
+                entries.retain(|e| {
+                    e.space != crate::storage::Space::Dedup
+                        || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| {
+                            missed
+                                .iter()
+                                .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
+                        })
+                });
+            }
+        }
         if sessions.is_empty() {
             let _ = reply.send(Ok(0));
             return;
@@ -923,6 +945,7 @@ impl Plane {
                     id,
                     client_id,
                     entries: Arc::new(entries),
+                    read_at: Some(read_at),
                 },
             );
         }

@@ -465,6 +465,11 @@ pub(super) struct Appender {
     /// A snapshot is due (a failed append, or the log grew past its bound).
     snapshot_due: bool,
     stores: Arc<OnceLock<Vec<Store>>>,
+    handle: super::ClusterHandle,
+    /// When it found itself fenced: it appends again only once its lease has been renewed
+    /// since (a fence means its lease had expired: that renewal is a new lease's, and
+    /// the slot table it holds then is etcd's, not the one it had before a freeze).
+    fenced_since: Instant,
 }
 
 impl Appender {
@@ -476,6 +481,7 @@ impl Appender {
         owns_slots: bool,
         snapshot_log_bytes: u64,
         stores: Arc<OnceLock<Vec<Store>>>,
+        handle: super::ClusterHandle,
     ) -> Result<Appender, String> {
         let last_seq = if owns_slots {
             r.last_seq(me).await?
@@ -497,6 +503,8 @@ impl Appender {
             // of them before the last stop: a snapshot makes the stream whole again.
             snapshot_due: owns_slots,
             stores,
+            handle,
+            fenced_since: Instant::now(),
         };
         if last_seq == 0 {
             // An empty stream takes any append whatever its expected sequence says (0
@@ -641,6 +649,7 @@ impl Appender {
                     Err(AppendError::Fenced) => {
                         if !self.fenced {
                             tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until it rejoins");
+                            self.fenced_since = Instant::now();
                         }
                         self.fenced = true;
                     }
@@ -674,12 +683,57 @@ impl Appender {
                     v.fenced = fenced;
                 });
             }
+            if self.fenced {
+                self.unfence().await;
+            }
             if !self.fenced && (self.snapshot_due || self.since_snapshot >= self.snapshot_log_bytes)
             {
                 if let Err(e) = self.snapshot(&mut rx, &mut waiting).await {
                     tracing::warn!(error = %e, "snapshot of the replicated sessions failed; tried again later");
                 }
             }
+        }
+    }
+
+    /// A fenced node whose lease was renewed since: if it owns no slot, whatever its
+    /// stream holds was rebuilt elsewhere and is emptied; if it still owns slots (the
+    /// fail-over that fenced it did not take them), it goes on after the fence, with a
+    /// snapshot first (appends failed meanwhile: the stream lacks changes its store has).
+    async fn unfence(&mut self) {
+        let (renewed, owned) = {
+            let st = self.handle.lock();
+            let owned = st
+                .slots
+                .counts()
+                .get(self.me.as_str())
+                .copied()
+                .unwrap_or(0);
+            let renewed = st.state == super::SelfState::Up
+                && st.renewed.is_some_and(|t| t > self.fenced_since);
+            (renewed, owned)
+        };
+        if !renewed {
+            return;
+        }
+        let me = self.me.clone();
+        let r = if owned == 0 {
+            self.r.purge(&me).await
+        } else {
+            self.r.last_seq(&me).await
+        };
+        match r {
+            Ok(seq) => {
+                self.last_seq = seq;
+                self.fenced = false;
+                self.snapshot_due = owned > 0;
+                self.since_snapshot = 0;
+                tracing::warn!(
+                    owned,
+                    "replicating again after this node rejoined (its stream was fenced)"
+                );
+                self.show(|v| v.fenced = false);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot resume replicating yet"),
         }
     }
 

@@ -71,7 +71,7 @@ mod transfer;
 
 pub use batch::StoreBatch;
 pub use persist::SyncTarget;
-pub use transfer::{decode_client, ClientEntry};
+pub use transfer::{decode_client, dedup_entry_of, ClientEntry};
 
 pub use error::{RecordError, StorageError};
 pub use records::{

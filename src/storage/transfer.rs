@@ -27,6 +27,12 @@ impl Space {
     }
 }
 
+/// The publisher and packet id of a client's `dedup` record, from the key after the
+/// client's prefix ([`ClientEntry::rest`]).
+pub fn dedup_entry_of(rest: &[u8]) -> Option<(&str, u16)> {
+    dedup_of(rest)
+}
+
 impl Store {
     /// Every committed record of `client_id`, its session record first; `None` when it has
     /// no session record.

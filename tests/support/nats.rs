@@ -153,6 +153,27 @@ impl Nats {
             .join(", ")
     }
 
+    /// The stream `name`'s details (`state`, `cluster`, ...) as a live server's monitoring
+    /// endpoint shows them.
+    pub fn stream(&self, name: &str) -> Option<serde_json::Value> {
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            let Some(body) = s.monitor("/jsz?streams=1") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            for a in v["account_details"].as_array().cloned().unwrap_or_default() {
+                for st in a["stream_detail"].as_array().cloned().unwrap_or_default() {
+                    if st["name"] == name {
+                        return Some(st);
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// The server leading the stream `name` (by the monitoring endpoint of a live one).
     pub fn stream_leader(&self, name: &str) -> Option<usize> {
         for s in self.servers.iter().filter(|s| s.is_running()) {

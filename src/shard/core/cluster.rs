@@ -77,6 +77,9 @@ pub enum ToCluster {
     /// From the membership thread: store these sessions here (rebuilt from a failed
     /// node's replicated stream); `reply` gets how many were stored, or why not all.
     Rebuild {
+        /// The failed node they come from, and when its stream was read.
+        from: String,
+        read_at: Instant,
         sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     },
@@ -143,6 +146,10 @@ pub enum FromCluster {
         id: u64,
         client_id: String,
         entries: Arc<Vec<crate::storage::ClientEntry>>,
+        /// For a session rebuilt from a failed node's stream: when the stream was read
+        /// (the node was fenced before). A QoS 2 release since then is newer than every
+        /// key the stream holds; one before it is in the stream already, if the node had it.
+        read_at: Option<Instant>,
     },
 }
 
@@ -698,7 +705,8 @@ impl Core {
                 id,
                 client_id,
                 entries,
-            } => self.adopt_from_node(node, id, &client_id, &entries, now),
+                read_at,
+            } => self.adopt_from_node(node, id, &client_id, &entries, read_at, now),
             FromCluster::Hold { bits, on } => {
                 if let Some(c) = &mut self.cluster {
                     update_bits(&mut c.held, &bits, on);
@@ -840,6 +848,7 @@ impl Core {
         id: u64,
         client_id: &str,
         entries: &[ClientEntry],
+        read_at: Option<Instant>,
         now: Instant,
     ) {
         let decoded = MqttStr::new(client_id)
@@ -883,12 +892,18 @@ impl Core {
         }
         // Keys released since the sender read the session are stale here: a new message
         // with the same packet id, resent with DUP, must not be taken for the old one.
+        // A session rebuilt from a failed node's stream holds what that node had applied
+        // up to its fence: only the releases since the stream was read are newer than its
+        // keys (the releases this node's publishers sent it and it missed are taken out
+        // before, by the cluster thread).
         let mut stored = stored;
         if let Some(c) = &self.cluster {
             stored.dedup.retain(|(o, p)| {
-                !c.released
-                    .iter()
-                    .any(|(ro, rp, _)| ro.as_str() == o && rp.is_none_or(|rp| rp == *p))
+                !c.released.iter().any(|(ro, rp, t)| {
+                    ro.as_str() == o
+                        && rp.is_none_or(|rp| rp == *p)
+                        && read_at.is_none_or(|r| *t >= r)
+                })
             });
         }
         let filters: Vec<Arc<str>> = stored

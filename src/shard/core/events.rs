@@ -107,13 +107,18 @@ impl Core {
             .is_some_and(|s| s.version.is_v5());
         let refused = refusal(failed, fate, v5);
         match (then, refused) {
-            (Then::Qos2Received { pid, store: true }, None) => {
+            (
+                Then::Qos2Received {
+                    pid, store: true, ..
+                },
+                None,
+            ) => {
                 // Every copy is durable: now store the QoS 2 id, and send PUBREC once that is
                 // durable too.
                 self.write(|b| b.incoming_put(client_id.as_str(), pid));
                 self.ack_after_write(token, client_id, conn_id, now);
             }
-            (Then::Qos2Received { pid, store }, Some(rc)) => {
+            (Then::Qos2Received { pid, store, dup }, Some(rc)) => {
                 // Not every copy is stored: the id is forgotten, so that a resend is routed
                 // again (the sessions that stored the message skip it by its key).
                 let v5 = match self.sessions.get_mut(&client_id) {
@@ -126,9 +131,11 @@ impl Core {
                 // Only for a store or link failure, or a session moving: where a refusal is
                 // for a spent budget, a resend would be refused again.
                 let unsure = rc == ReasonCode::UnspecifiedError;
-                if v5 && store && unsure && (fate.kept || fate.moving) {
+                if v5 && store && unsure && (fate.kept || fate.moving || dup) {
                     // Some sessions kept it (a cluster node holding others is gone), or a
-                    // session moving to another node may hold it already. PUBREC
+                    // session moving to another node may hold it already, or this is a
+                    // resend and an earlier try may be held on a node that failed this
+                    // one (down now: its disk, or its replicated stream, has it). PUBREC
                     // 0x80 would end the flow, and the client's next try would be a new
                     // message, stored twice where it was kept: instead the connection
                     // closes unacknowledged (as for 3.x), the keys stay, and the client

@@ -322,6 +322,7 @@ impl Core {
                 then = Then::Qos2Received {
                     pid: pid.get(),
                     store: persistent,
+                    dup: qos2_id.is_some_and(|q| q.dup),
                 };
             } else if persistent {
                 self.write(|b| b.incoming_put(ctx.client_id.as_str(), pid.get()));

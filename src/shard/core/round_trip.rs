@@ -75,8 +75,9 @@ pub(super) enum Then {
     Ack,
     /// PUBREC: every copy of the QoS 2 message `pid` is durable. With `store`, store the
     /// packet id (the publisher's session is persistent) and send PUBREC once that is
-    /// durable too. On failure, forget the id, so that a resend is routed again.
-    Qos2Received { pid: u16, store: bool },
+    /// durable too. On failure, forget the id, so that a resend is routed again. `dup`:
+    /// the PUBLISH was a resend (an earlier try may be held where this one failed).
+    Qos2Received { pid: u16, store: bool, dup: bool },
     /// PUBCOMP: every shard forgot the message's dedup key; delete the stored packet id and
     /// send PUBCOMP once that is durable.
     DeleteIncoming(u16),
