@@ -328,3 +328,78 @@ fn the_old_owner_resumed_after_a_fail_over_is_fenced() {
         );
     }
 }
+
+/// The JetStream server leading a node's stream is killed under QoS 1/2 load: appends wait
+/// for the new leader (acknowledgements delayed, or refused and sent again, never lost),
+/// and the node then loses its disk: everything acknowledged is rebuilt on another node.
+#[test]
+fn the_stream_leader_killed_under_load_loses_nothing_acknowledged() {
+    let seed = support::crash::seed("replicated sessions (stream leader killed)");
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let mut nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-leader-{}", std::process::id());
+    let a = TestBroker::start_with(1, &replicated_toml("a", &etcd, &nats, &p, 3));
+    let c = TestBroker::start_with(1, &replicated_toml("c", &etcd, &nats, &p, 3));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let stream = c.admin_json("/api/cluster")["replication"]["stream"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The subscribers' sessions and the publisher's all live on c.
+    let sub1 = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "lead-q1"), false);
+    let sub2 = ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "lead-q2"), false).expiry(3600);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub1);
+        s.sub(&[(CRASH_TOPIC, QoS::AtLeastOnce)]);
+        s.disconnect();
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub2);
+        s.sub(&[(CRASH_TOPIC, QoS::ExactlyOnce)]);
+        s.disconnect();
+    }
+    let mut publ = CrashPublisher::new(id_owned_by(&etcd, &p, "c", "lead-pub"));
+    let stop = AtomicBool::new(false);
+    let acked = std::sync::atomic::AtomicU64::new(0);
+    let mut log = Vec::new();
+    let kill_after = rng.range(100, 300);
+    std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        let publisher = scope.spawn(|| {
+            publish_v5_while(&mut publ, &mut rng, c.addr, |acks, _| {
+                acked.store(acks, Ordering::Release);
+                !stop.load(Ordering::Acquire)
+            });
+        });
+        wait_until("the publisher got acknowledgements", TIMEOUT, || {
+            acked.load(Ordering::Acquire) >= kill_after
+        });
+        let leader = nats.stream_leader(&stream).expect("the stream's leader");
+        nats.servers[leader].kill9();
+        log.push(format!(
+            "stream leader {} killed after {:?}",
+            nats.servers[leader].name,
+            started.elapsed()
+        ));
+        let at = acked.load(Ordering::Acquire);
+        wait_until("acknowledgements after the new leader", 3 * TIMEOUT, || {
+            acked.load(Ordering::Acquire) >= at + 200
+        });
+        drop(_stop);
+        publisher.join().unwrap();
+    });
+    eprintln!(
+        "{} messages published again after a refusal, {} reconnects after a close; {log:?}",
+        publ.republished, publ.reconnects
+    );
+    // Every acknowledged message must be in the stream: c goes with its disk.
+    drop(c.kill9());
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub1.client_id) == "a" && owner_of(&etcd, &p, &sub2.client_id) == "a"
+    });
+    let published_at = started.elapsed();
+    let got1 = crash_drain(a.addr, &sub1, "END");
+    let got2 = crash_drain(a.addr, &sub2, "END");
+    verify_crash(&publ, seed, 1, &log, &got1, &got2, published_at, started);
+}

@@ -39,7 +39,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
-use crate::shard::api::Append;
+use crate::shard::api::{Append, AppendFailed};
 use crate::storage::replica::Replay;
 use crate::storage::{ClientEntry, Store};
 
@@ -582,7 +582,7 @@ impl Appender {
     /// Appends one round: the units of the group commits that arrived together, in as
     /// few messages as the servers take (each part names the round; all but the last say
     /// there is more).
-    async fn round(&mut self, units: &[Vec<u8>]) -> Result<(), AppendError> {
+    async fn round(&mut self, units: &[&[u8]]) -> Result<(), AppendError> {
         let part_max = self.r.payload_max.saturating_sub(HEADER_ROOM).max(1024);
         let mut buf = Vec::with_capacity(units.iter().map(|u| u.len() + 4).sum());
         for u in units {
@@ -602,6 +602,53 @@ impl Appender {
             self.publish(&log, "log", part.to_vec(), &extra).await?;
         }
         Ok(())
+    }
+
+    /// Appends one round of `waiting` and answers each append (a failed one gets its
+    /// units back, to be sent again).
+    async fn serve(&mut self, waiting: &mut Vec<Append>) -> Result<(), AppendError> {
+        let units: Vec<&[u8]> = waiting
+            .iter()
+            .flat_map(|a| a.units.iter().map(Vec::as_slice))
+            .collect();
+        let r = if self.fenced {
+            Err(AppendError::Fenced)
+        } else {
+            self.round(&units).await
+        };
+        match &r {
+            Ok(()) => {}
+            Err(AppendError::Fenced) => {
+                if !self.fenced {
+                    tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until it rejoins");
+                    self.fenced_since = Instant::now();
+                }
+                self.fenced = true;
+            }
+            Err(AppendError::Failed(e)) => {
+                tracing::warn!(error = %e, "append to the replicated stream failed: its acknowledgements fail, and its changes go again with the next");
+                // The next append must know where the stream ends now (the failed one may
+                // have been stored after all: its changes then go twice, harmlessly).
+                if let Ok(seq) = self.r.last_seq(&self.me.clone()).await {
+                    self.last_seq = seq;
+                }
+            }
+        }
+        for a in waiting.drain(..) {
+            let answer = match &r {
+                Ok(()) => Ok(()),
+                Err(e) => Err(AppendFailed {
+                    why: match e {
+                        AppendError::Fenced => "this node was failed over (fenced)".into(),
+                        AppendError::Failed(e) => e.clone(),
+                    },
+                    fenced: matches!(e, AppendError::Fenced),
+                    units: a.units,
+                }),
+            };
+            let _ = a.reply.send(answer);
+        }
+        r
     }
 
     /// Serves the shards' appends until they stop: whatever arrived while the last round
@@ -625,50 +672,9 @@ impl Appender {
             }
             if !waiting.is_empty() {
                 let started = Instant::now();
-                self.show(|v| {
-                    v.lag_appends = waiting.len() as u64;
-                });
-                let units: Vec<Vec<u8>> = waiting
-                    .iter_mut()
-                    .flat_map(|a| std::mem::take(&mut a.units))
-                    .collect();
-                let r = if self.fenced {
-                    Err(AppendError::Fenced)
-                } else {
-                    self.round(&units).await
-                };
-                let result = match &r {
-                    Ok(()) => Ok(()),
-                    Err(AppendError::Fenced) => {
-                        Err("this node was failed over (fenced)".to_string())
-                    }
-                    Err(AppendError::Failed(e)) => Err(e.clone()),
-                };
-                match &r {
-                    Ok(()) => {}
-                    Err(AppendError::Fenced) => {
-                        if !self.fenced {
-                            tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until it rejoins");
-                            self.fenced_since = Instant::now();
-                        }
-                        self.fenced = true;
-                    }
-                    Err(AppendError::Failed(e)) => {
-                        tracing::warn!(error = %e, "append to the replicated stream failed: its acknowledgements fail; a snapshot follows");
-                        // The store has the changes and the stream may not: a snapshot
-                        // makes it whole again.
-                        self.snapshot_due = true;
-                        // The next append must know where the stream ends now.
-                        if let Ok(seq) = self.r.last_seq(&self.me.clone()).await {
-                            self.last_seq = seq;
-                        }
-                    }
-                }
                 let n = waiting.len() as u64;
-                let failed = r.is_err();
-                for a in waiting.drain(..) {
-                    let _ = a.reply.send(result.clone());
-                }
+                self.show(|v| v.lag_appends = n);
+                let failed = self.serve(&mut waiting).await.is_err();
                 let (since, last) = (self.since_snapshot, self.last_seq);
                 let fenced = self.fenced;
                 self.show(|v| {
@@ -790,22 +796,7 @@ impl Appender {
                 waiting.push(a);
             }
             if !waiting.is_empty() {
-                let units: Vec<Vec<u8>> = waiting
-                    .iter_mut()
-                    .flat_map(|a| std::mem::take(&mut a.units))
-                    .collect();
-                let r = self.round(&units).await;
-                let result = r.as_ref().map(|_| ()).map_err(|e| format!("{e:?}"));
-                for a in waiting.drain(..) {
-                    let _ = a.reply.send(result.clone());
-                }
-                if let Err(e) = r {
-                    if matches!(e, AppendError::Fenced) {
-                        self.fenced = true;
-                    }
-                    self.snapshot_due = true;
-                    return Err(format!("{e:?}"));
-                }
+                self.serve(waiting).await.map_err(|e| format!("{e:?}"))?;
             }
         }
         let records = reader

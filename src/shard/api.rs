@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use super::core::cluster::{
-    Append, ClusterLink, ReplicaLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
+    Append, AppendFailed, ClusterLink, ReplicaLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
     NODES_MAX, REBUILD_NODE, ROUTES_PER_NODE_MAX, SLOT_HERE, SLOT_NOWHERE,
 };
 pub use super::core::inspect::SEARCH_BYTES_MAX;

@@ -13,7 +13,7 @@ use shards::{Outbox, Service, Shard, ShardId};
 
 pub use super::api::{Answer, Query, ShardStats};
 use super::budget::QueuedBudget;
-use super::core::cluster::{ClusterLink, Placement};
+use super::core::cluster::{AppendFailed, ClusterLink, Placement};
 use super::core::{Core, EventSink, Login, Verification};
 use super::event::{Event, Handoff, Mail};
 use super::history::{RateHistory, RatePoint};
@@ -780,7 +780,7 @@ type OpenJournal = Option<(std::path::PathBuf, glommio::io::BufferedFile)>;
 /// (`None`: sessions are not replicated, or nothing changed).
 fn replicate(
     shard: &Shard<BrokerShard>,
-) -> Option<futures_channel::oneshot::Receiver<Result<(), String>>> {
+) -> Option<futures_channel::oneshot::Receiver<Result<(), AppendFailed>>> {
     let (link, units) = shard.service().core.borrow_mut().take_replica_units()?;
     if units.is_empty() {
         return None;
@@ -791,7 +791,7 @@ fn replicate(
 /// Whether the append [`replicate`] started is in the replicated stream.
 async fn replicated(
     shard: &Shard<BrokerShard>,
-    append: Option<futures_channel::oneshot::Receiver<Result<(), String>>>,
+    append: Option<futures_channel::oneshot::Receiver<Result<(), AppendFailed>>>,
 ) -> bool {
     let Some(rx) = append else {
         return true;
@@ -799,7 +799,8 @@ async fn replicated(
     match rx.await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            tracing::debug!(shard = shard.id().index(), error = %e, "replication failed: the acknowledgements that waited on it fail");
+            tracing::debug!(shard = shard.id().index(), error = %e.why, "replication failed: the acknowledgements that waited on it fail");
+            shard.service().core.borrow_mut().replica_failed(e);
             false
         }
         Err(_) => false,

@@ -237,7 +237,17 @@ pub struct ClusterLink {
 pub struct Append {
     pub shard: usize,
     pub units: Vec<Vec<u8>>,
-    pub reply: futures_channel::oneshot::Sender<Result<(), String>>,
+    pub reply: futures_channel::oneshot::Sender<Result<(), AppendFailed>>,
+}
+
+/// Why an append failed, with its units back: they are in the store and not (surely) in
+/// the stream, so they go again with the next group commit (unless the node was fenced:
+/// its stream is not its own any more).
+#[derive(Debug)]
+pub struct AppendFailed {
+    pub why: String,
+    pub fenced: bool,
+    pub units: Vec<Vec<u8>>,
 }
 
 /// The shards' way into the replication log (one append in flight per shard: its group
@@ -251,7 +261,7 @@ impl ReplicaLink {
         &self,
         shard: usize,
         units: Vec<Vec<u8>>,
-    ) -> futures_channel::oneshot::Receiver<Result<(), String>> {
+    ) -> futures_channel::oneshot::Receiver<Result<(), AppendFailed>> {
         let (reply, rx) = futures_channel::oneshot::channel();
         // A closed channel drops `reply`: the receiver sees the append fail.
         let _ = self.0.send(Append {

@@ -452,6 +452,12 @@ impl Core {
     /// Registers `w` to be released once every write so far is durable (at once when
     /// nothing is pending or acknowledgements do not wait for the disk).
     pub(super) fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
+        if !self.log.unsynced() && !self.replica_units.is_empty() {
+            // Changes that the replicated stream did not take yet (a failed append): an
+            // acknowledgement that depends on them (a resend found held) waits for the
+            // group commit that sends them again.
+            self.note_write(Ok(()));
+        }
         if self.durability != Durability::Durable || !self.log.unsynced() {
             self.release(w, true, now);
             return false;
@@ -484,6 +490,18 @@ impl Core {
     pub fn take_replica_units(&mut self) -> Option<(ReplicaLink, Vec<Vec<u8>>)> {
         let link = self.cluster.as_ref()?.replica()?.clone();
         Some((link, std::mem::take(&mut self.replica_units)))
+    }
+
+    /// An append failed: its units go first in the next one (they are in the store, and
+    /// the stream must have them, in order, before anything that depends on them is
+    /// acknowledged). A fenced node drops them: its stream is not its own any more.
+    pub fn replica_failed(&mut self, failed: crate::shard::api::AppendFailed) {
+        if failed.fenced {
+            return;
+        }
+        let mut units = failed.units;
+        units.append(&mut self.replica_units);
+        self.replica_units = units;
     }
 
     /// Whether the committer waits for the disk before acknowledging (`durable`) or persists
