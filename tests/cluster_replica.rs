@@ -61,6 +61,13 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
         view["replication"]["stream"].as_str().is_some(),
         "GET /api/cluster shows the replication: {view}"
     );
+    wait_until("every member's stream in GET /api/cluster", TIMEOUT, || {
+        let v = a.admin_json("/api/cluster");
+        ["a", "b", "c"]
+            .iter()
+            .all(|id| member(&v, id)["stream"]["last_seq"].as_u64().is_some())
+    });
+    assert!(a.metric("shardmq_cluster_replica_appends_total{node=\"a\"}") >= 0.0);
 
     // Both subscribers' sessions live on c, the node that dies; the publisher's on a.
     let sub1 = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "rep-q1"), false);

@@ -282,6 +282,56 @@ fn cluster_metrics(out: &mut String, v: &crate::cluster::ClusterView) {
         "Times the etcd watch was re-created.",
         v.counters.watch_restarts_total as f64,
     );
+    if let Some(r) = &v.replication {
+        one(
+            "shardmq_cluster_replica_appends_total",
+            "counter",
+            "Group commits appended to this node's replicated stream (JetStream).",
+            r.appends_total as f64,
+        );
+        one(
+            "shardmq_cluster_replica_append_failures_total",
+            "counter",
+            "Group commits whose append failed (their acknowledgements failed).",
+            r.append_failures_total as f64,
+        );
+        one(
+            "shardmq_cluster_replica_lag_appends",
+            "gauge",
+            "Group commits waiting for the replicated stream now.",
+            r.lag_appends as f64,
+        );
+        one(
+            "shardmq_cluster_replica_last_append_seconds",
+            "gauge",
+            "How long the last round of appends took.",
+            r.lag_ms as f64 / 1e3,
+        );
+        one(
+            "shardmq_cluster_replica_log_bytes",
+            "gauge",
+            "Bytes appended since the last snapshot.",
+            r.log_bytes_since_snapshot as f64,
+        );
+        one(
+            "shardmq_cluster_replica_snapshots_total",
+            "counter",
+            "Snapshots of this node's sessions written to its stream.",
+            r.snapshots_total as f64,
+        );
+        one(
+            "shardmq_cluster_replica_fenced",
+            "gauge",
+            "1 while this node's stream is fenced (another node failed it over).",
+            f64::from(u8::from(r.fenced)),
+        );
+        one(
+            "shardmq_cluster_replica_sessions_rebuilt_total",
+            "counter",
+            "Sessions this node rebuilt from failed nodes' streams.",
+            r.sessions_rebuilt_total as f64,
+        );
+    }
     let families: [(&str, &str, &str); 5] = [
         (
             "shardmq_cluster_member_up",

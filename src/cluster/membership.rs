@@ -69,6 +69,8 @@ use crate::config::ClusterConfig;
 
 /// How often a node looks at whether it holds more than its share of the slots.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the members' replicated streams are looked at (for `GET /api/cluster`).
+const STREAMS_EVERY: Duration = Duration::from_secs(5);
 /// After a try that moved nothing, how long before the next.
 const BALANCE_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -194,6 +196,7 @@ pub(super) async fn run(
     let mut balance = tokio::time::interval(BALANCE_INTERVAL);
     balance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut balance_after = Instant::now();
+    let mut streams_after = Instant::now();
     let (req_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
     handle.lock().requests = Some(req_tx);
     loop {
@@ -214,6 +217,10 @@ pub(super) async fn run(
             },
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
             _ = balance.tick() => {
+                if Instant::now() >= streams_after {
+                    node.read_streams(&handle).await;
+                    streams_after = Instant::now() + STREAMS_EVERY;
+                }
                 node.automatic_failover(&keys, &handle, &ctl, cfg.failover_after_s).await;
                 if let Some(c) = control.get() {
                     if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c, &ctl).await {
@@ -1091,6 +1098,22 @@ impl Node {
             ))),
             Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
         }
+    }
+
+    /// Reads every member's stream state (with replicated sessions) for the admin view.
+    async fn read_streams(&mut self, handle: &ClusterHandle) {
+        let Some(r) = self.replica.clone() else {
+            return;
+        };
+        let members: Vec<String> = handle.lock().members.keys().cloned().collect();
+        let mut views = hashbrown::HashMap::new();
+        for m in members {
+            let read = tokio::time::timeout(self.timeout, r.stream_view(&m)).await;
+            if let Ok(Ok(Some(v))) = read {
+                views.insert(m, v);
+            }
+        }
+        handle.lock().streams = views;
     }
 
     /// Replaces the slot table with `next` if it is still at revision `rev` (and `also`

@@ -36,7 +36,7 @@ pub mod wire;
 use crate::shard::api::{Append, ClusterLink, LeaseClock, ReplicaLink, ToCluster};
 use crate::shard::service::BrokerShard;
 pub use plane::PlaneCounters;
-pub use replica::{ReplicaView, SnapshotDone};
+pub use replica::{ReplicaView, SnapshotDone, StreamView};
 
 pub use slots::{slot_of, SlotTable, SLOTS};
 
@@ -124,6 +124,8 @@ pub struct MemberView {
     pub share: f64,
     /// `None` for this node itself.
     pub link: Option<LinkView>,
+    /// Its replicated stream (with `cluster.jetstream`), as last read (every few seconds).
+    pub stream: Option<StreamView>,
 }
 
 /// `GET /api/cluster`.
@@ -187,6 +189,8 @@ struct State {
     requests: Option<tokio::sync::mpsc::UnboundedSender<Request>>,
     /// This node's replication, when sessions are replicated.
     replica: Option<replica::ReplicaState>,
+    /// Every member's stream, as last read.
+    streams: hashbrown::HashMap<String, StreamView>,
 }
 
 /// What the admin endpoint asks of the membership task.
@@ -260,6 +264,7 @@ impl State {
                     slots,
                     share: slots as f64 / SLOTS as f64,
                     link,
+                    stream: self.streams.get(&m.id).cloned(),
                 }
             })
             .collect();
@@ -434,6 +439,7 @@ impl Cluster {
             down_since: hashbrown::HashMap::new(),
             requests: None,
             replica: None,
+            streams: hashbrown::HashMap::new(),
         }));
         let handle = ClusterHandle(state);
         let rt = tokio::runtime::Builder::new_current_thread()

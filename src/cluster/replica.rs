@@ -122,6 +122,19 @@ pub struct ReplicaView {
     pub sessions_rebuilt_total: u64,
 }
 
+/// A member's stream as JetStream holds it (`GET /api/cluster`, per member).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct StreamView {
+    pub stream: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The last snapshot's start, if one is recorded (the log after it is what a
+    /// fail-over replays).
+    pub snapshot_start: Option<u64>,
+}
+
 /// The shared view, updated by the appender and read by the admin endpoint.
 pub type ReplicaState = Arc<Mutex<ReplicaView>>;
 
@@ -245,6 +258,29 @@ impl Replica {
         }
     }
 
+    /// `node`'s stream as JetStream holds it now (`None`: it has none).
+    pub async fn stream_view(&self, node: &str) -> Result<Option<StreamView>, String> {
+        let names = self.names(node);
+        let Some(stream) = self.stream(&names).await? else {
+            return Ok(None);
+        };
+        let state = &stream.cached_info().state;
+        let snapshot_start = stream
+            .get_last_raw_message_by_subject(&names.done)
+            .await
+            .ok()
+            .and_then(|m| serde_json::from_slice::<SnapshotDone>(&m.payload).ok())
+            .map(|d| d.start);
+        Ok(Some(StreamView {
+            stream: names.stream.clone(),
+            messages: state.messages,
+            bytes: state.bytes,
+            first_seq: state.first_sequence,
+            last_seq: state.last_sequence,
+            snapshot_start,
+        }))
+    }
+
     /// Fences `node`: from now on none of its appends succeeds.
     pub async fn fence(&self, node: &str, by: &str) -> Result<(), String> {
         let names = self.names(node);
@@ -275,6 +311,7 @@ impl Replica {
             return Ok(Vec::new());
         };
         let mut replay = Replay::default();
+        let bound = self.rebuild_bytes_max;
         let mut from = 1;
         if let Ok(m) = stream.get_last_raw_message_by_subject(&names.done).await {
             let done: SnapshotDone =
@@ -286,6 +323,11 @@ impl Replica {
                 }
                 for unit in frames(&msg.payload)? {
                     replay.apply(unit, keep);
+                }
+                if replay.bytes() > bound {
+                    return Err(format!(
+                        "the sessions to rebuild hold more than cluster.rebuild_bytes_max ({bound} bytes)"
+                    ));
                 }
                 seen += 1;
                 Ok(seen < done.messages)
@@ -302,7 +344,6 @@ impl Replica {
         // The log: rounds, each whole (a round cut short by a failure is left out: none
         // of its acknowledgements was sent).
         let mut round: Option<(String, Vec<u8>)> = None;
-        let bound = self.rebuild_bytes_max;
         self.each(&stream, &names.log, from, &mut |msg| {
             let id = header(msg, ROUND).unwrap_or_default().to_string();
             let more = header(msg, MORE).is_some();
