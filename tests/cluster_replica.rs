@@ -133,6 +133,9 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
         "the sessions were rebuilt from the stream: {view}"
     );
     let published_at = started.elapsed();
+    // The fail-over gave all of c's slots to one node; the rebalance then moves a share
+    // to the other with its sessions (their clients are sent away meanwhile).
+    wait_balanced(&a, &["a", "b"]);
     // Drained through b: Session Present = 1 there too (relayed to the new owner).
     let got1 = crash_drain(b.addr, &sub1, "END");
     let got2 = crash_drain(b.addr, &sub2, "END");
@@ -156,6 +159,24 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
         }
         cl.disconnect();
     }
+
+    // The rebuilt sessions are in their new owner's stream too: that node lost with its
+    // disk in turn, they are rebuilt once more.
+    let owner = owner_of(&etcd, &p, &sub1.client_id);
+    let mut nodes = vec![("a", a), ("b", b), ("c", c)];
+    let i = nodes.iter().position(|(id, _)| *id == owner).unwrap();
+    let (_, gone) = nodes.remove(i);
+    drop(gone.kill9());
+    wait_until("the sessions rebuilt a second time", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub1.client_id) != owner
+    });
+    let (cl, present) = RawClient::connect_served(nodes[0].1.addr, &sub1);
+    assert!(
+        present,
+        "{}: rebuilt from the stream of the node that rebuilt it",
+        sub1.client_id
+    );
+    cl.disconnect();
 }
 
 /// Drains `opts`'s session at `addr` (Session Present), acknowledging everything, until

@@ -685,25 +685,34 @@ impl Node {
             return false;
         }
         let next = table.with_owner(&free, &to);
-        match self.swap_table(keys, handle, rev, &next, None).await {
-            Ok(true) => {
-                tracing::info!(to = %to, slots = free.len(), epoch = next.epoch, "gave slots to a member");
-                // Those that gained a session meanwhile stay, and serve again; the others
-                // are held until the shards see they are not this node's any more.
-                let given = bits_of(&free);
-                let mut kept = held;
-                for (k, g) in kept.iter_mut().zip(given.iter()) {
-                    *k &= !g;
+        let made = match self.swap_table(keys, handle, rev, &next, None).await {
+            Ok(made) => made,
+            // The change may have been made and only its answer lost: if it was, the slots
+            // given stay held until the shards see they are not this node's (a session
+            // made here in one of them would be in another node's slot).
+            Err(e) => {
+                let made = self.settle_lost_change(keys, handle, &free).await == Some(true);
+                if !made {
+                    tracing::warn!(to = %to, error = %e, "giving slots to a member failed");
                 }
-                hold(control, kept, false);
-                true
+                made
             }
-            _ => {
-                // Someone else changed the table first (or etcd is away): try again later.
-                hold(control, held, false);
-                true
-            }
+        };
+        if !made {
+            // Someone else changed the table first (or etcd is away): try again later.
+            hold(control, held, false);
+            return true;
         }
+        tracing::info!(to = %to, slots = free.len(), epoch = next.epoch, "gave slots to a member");
+        // Those that gained a session meanwhile stay, and serve again; the others are held
+        // until the shards see they are not this node's any more.
+        let given = bits_of(&free);
+        let mut kept = held;
+        for (k, g) in kept.iter_mut().zip(given.iter()) {
+            *k &= !g;
+        }
+        hold(control, kept, false);
+        true
     }
 
     /// Moves the sessions of `slots` (this node's) to the live member `to`, then gives it
@@ -793,43 +802,75 @@ impl Node {
         match self.swap_table(keys, handle, rev, &next, None).await {
             Ok(true) => {
                 tracing::info!(to = %to, slots = slots.len(), sessions = moved, epoch = next.epoch, "moved sessions and gave their slots to a member");
-                // The next move starts once the shards here have the new table and have
-                // let the moved sessions go (bounded: they go anyway when it arrives).
-                let bits = bits_of(slots);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    match slots_in_use(control).await {
-                        Some(used) if used.iter().zip(bits.iter()).all(|(u, b)| u & b == 0) => {
-                            break
-                        }
-                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                    }
-                }
-                Ok(moved)
             }
-            Ok(false) => Err("the slot table changed meanwhile".into()),
-            Err(e) => {
-                // The change may have been made and only its answer lost: then the move
-                // is done (lifting the hold would serve sessions that are gone).
-                if self.table_in_etcd(keys).await.is_some_and(|t| t == next) {
+            Ok(false) => return Err("the slot table changed meanwhile".into()),
+            Err(e) => match self.settle_lost_change(keys, handle, slots).await {
+                // Made, and only its answer lost: the move is done (lifting the hold would
+                // serve sessions that are gone).
+                Some(true) => {
                     tracing::info!(to = %to, "moved sessions; the table change was made although etcd's answer was lost");
-                    Ok(moved)
-                } else {
-                    Err(format!("etcd: {e}"))
                 }
+                _ => return Err(format!("etcd: {e}")),
+            },
+        }
+        // The next move starts once the shards here have the new table and have let the
+        // moved sessions go (bounded: they go anyway when it arrives).
+        let bits = bits_of(slots);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match slots_in_use(control).await {
+                Some(used) if used.iter().zip(bits.iter()).all(|(u, b)| u & b == 0) => break,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+        Ok(moved)
     }
 
-    /// The slot table as etcd holds it now (`None`: it cannot be read).
-    async fn table_in_etcd(&mut self, keys: &Keys) -> Option<SlotTable> {
+    /// After a change of owner of `slots` whose answer from etcd was lost: whether it was
+    /// made, i.e. whether etcd's table now gives none of them to this node (`Some(false)`:
+    /// all are still its own). The table read is this node's view at once: a node that gave
+    /// slots away must not go on taking them for its own until its watch catches up (it
+    /// would serve them, and take a session moved back to it for one it holds already).
+    /// Asked a few times, the lease renewed in between; `None`: not known (etcd cannot be
+    /// read, or this node was fenced and serves nothing).
+    async fn settle_lost_change(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        slots: &[u16],
+    ) -> Option<bool> {
+        for _ in 0..3 {
+            if let Some(t) = self.table_in_etcd(keys, handle).await {
+                let me = self.record.id.as_str();
+                return Some(
+                    slots
+                        .iter()
+                        .all(|s| t.owner(*s).is_none_or(|(o, _)| o != me)),
+                );
+            }
+            if handle.lock().state != SelfState::Up {
+                return None;
+            }
+            let cfg = self.cfg.clone();
+            self.renew(keys, handle, &cfg).await;
+        }
+        None
+    }
+
+    /// The slot table as etcd holds it now, taken into this node's view when newer than
+    /// what it has (`None`: it cannot be read).
+    async fn table_in_etcd(&mut self, keys: &Keys, handle: &ClusterHandle) -> Option<SlotTable> {
         for _ in 0..3 {
             let mut client = self.client.clone();
             if let Ok(r) = self.call(client.get(keys.slots(), None)).await {
-                return r
-                    .kvs()
-                    .first()
-                    .and_then(|kv| SlotTable::decode(kv.value()).ok());
+                let kv = r.kvs().first()?;
+                let t = SlotTable::decode(kv.value()).ok()?;
+                let mut st = handle.lock();
+                if kv.mod_revision() > st.slots_rev {
+                    st.slots_rev = kv.mod_revision();
+                    st.slots = t.clone();
+                }
+                return Some(t);
             }
             tokio::time::sleep(RETRY).await;
         }

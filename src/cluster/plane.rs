@@ -881,6 +881,10 @@ impl Plane {
         let Some(m) = self.moves_in.remove(&(n, id)) else {
             return;
         };
+        // The shards judge a moved session against the slot table as this node knows it
+        // now (the map goes out on the tick otherwise): a node that has just given the
+        // slot away must not take the session moved back to it for its own.
+        self.update_slots();
         let shard = crate::session::owner_shard(m.client_id.as_bytes(), self.shards);
         self.post(
             shard,

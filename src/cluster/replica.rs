@@ -313,7 +313,7 @@ impl Replica {
         let mut replay = Replay::default();
         let bound = self.rebuild_bytes_max;
         let mut from = 1;
-        if let Ok(m) = stream.get_last_raw_message_by_subject(&names.done).await {
+        if let Some(m) = last_of(&stream, &names.done).await? {
             let done: SnapshotDone =
                 serde_json::from_slice(&m.payload).map_err(|e| err("snapshot record", e))?;
             let mut seen = 0;
@@ -438,17 +438,12 @@ impl Replica {
         let Some(stream) = self.stream(&names).await? else {
             return Ok(false);
         };
-        if stream
-            .get_last_raw_message_by_subject(&names.snap)
-            .await
-            .is_ok()
-        {
+        if last_of(&stream, &names.snap).await?.is_some() {
             return Ok(true);
         }
-        Ok(stream
-            .get_last_raw_message_by_subject(&names.log)
-            .await
-            .is_ok_and(|m| m.headers.get(KIND).is_some_and(|k| k.as_str() != "init")))
+        Ok(last_of(&stream, &names.log)
+            .await?
+            .is_some_and(|m| m.headers.get(KIND).is_some_and(|k| k.as_str() != "init")))
     }
 
     async fn last_seq(&self, me: &str) -> Result<u64, String> {
@@ -460,6 +455,19 @@ impl Replica {
             .map_err(|e| err("info", e))?
             .state
             .last_sequence)
+    }
+}
+
+/// The last message of `subject`: `Ok(None)` only when there is none (any other failure,
+/// a leader election say, is an error: absence must never be guessed).
+async fn last_of(
+    stream: &stream::Stream,
+    subject: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, String> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+        Err(e) => Err(format!("read the last {subject}: {e}")),
     }
 }
 
@@ -655,7 +663,19 @@ impl Appender {
         let r = if self.fenced {
             Err(AppendError::Fenced)
         } else {
-            self.round(&units).await
+            match self.round(&units).await {
+                // Another writer, or this node's own earlier append that was stored after
+                // all: only a fence after its last append makes it fenced.
+                Err(AppendError::Fenced) => match self.fenced_since_last().await {
+                    Ok(false) => Err(AppendError::Failed(
+                        "the stream moved on without this append (an earlier try stored late)"
+                            .into(),
+                    )),
+                    Ok(true) => Err(AppendError::Fenced),
+                    Err(e) => Err(AppendError::Failed(e)),
+                },
+                r => r,
+            }
         };
         match &r {
             Ok(()) => {}
@@ -669,9 +689,21 @@ impl Appender {
             Err(AppendError::Failed(e)) => {
                 tracing::warn!(error = %e, "append to the replicated stream failed: its acknowledgements fail, and its changes go again with the next");
                 // The next append must know where the stream ends now (the failed one may
-                // have been stored after all: its changes then go twice, harmlessly).
-                if let Ok(seq) = self.r.last_seq(&self.me.clone()).await {
-                    self.last_seq = seq;
+                // have been stored after all: its changes then go twice, harmlessly), but
+                // a fence written meanwhile must not be taken for a new starting point.
+                match self.fenced_since_last().await {
+                    Ok(false) => {
+                        if let Ok(seq) = self.r.last_seq(&self.me.clone()).await {
+                            self.last_seq = seq;
+                        }
+                    }
+                    Ok(true) => {
+                        tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
+                        self.fenced = true;
+                        self.fenced_since = Instant::now();
+                    }
+                    // Not known now: the next append says (its expected sequence).
+                    Err(_) => {}
                 }
             }
         }
@@ -742,6 +774,19 @@ impl Appender {
         }
     }
 
+    /// Whether a fence was written into this node's stream after its last append.
+    async fn fenced_since_last(&self) -> Result<bool, String> {
+        let stream = self
+            .r
+            .js
+            .get_stream(&self.names.stream)
+            .await
+            .map_err(|e| err("stream", e))?;
+        Ok(last_of(&stream, &self.names.fence)
+            .await?
+            .is_some_and(|m| m.sequence > self.last_seq))
+    }
+
     /// A fenced node whose lease was renewed since: if it owns no slot, whatever its
     /// stream holds was rebuilt elsewhere and is emptied; if it still owns slots (the
     /// fail-over that fenced it did not take them), it goes on after the fence, with a
@@ -794,7 +839,6 @@ impl Appender {
         let Some(stores) = self.stores.get().cloned() else {
             return Ok(());
         };
-        self.snapshot_due = false;
         let start = self.last_seq;
         let id = now_ms();
         // The stores are read on a blocking thread, a message's worth at a time.
@@ -880,6 +924,7 @@ impl Appender {
             .await
             .map_err(|e| err("trim old snapshot records", e))?;
         self.since_snapshot = 0;
+        self.snapshot_due = false;
         tracing::info!(
             records,
             messages,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use super::core::cluster::{
-    Append, AppendFailed, ClusterLink, ReplicaLink, FromCluster, LeaseClock, NodeIx, Placement, Reply, SlotBits, SlotMap, ToCluster,
-    NODES_MAX, REBUILD_NODE, ROUTES_PER_NODE_MAX, SLOT_HERE, SLOT_NOWHERE,
+    Append, AppendFailed, ClusterLink, FromCluster, LeaseClock, NodeIx, Placement, ReplicaLink,
+    Reply, SlotBits, SlotMap, ToCluster, NODES_MAX, REBUILD_NODE, ROUTES_PER_NODE_MAX, SLOT_HERE,
+    SLOT_NOWHERE,
 };
 pub use super::core::inspect::SEARCH_BYTES_MAX;
 pub use super::core::{

@@ -885,10 +885,16 @@ impl Core {
             .and_then(|c| c.slots.as_ref())
             .is_some_and(|m| m.owner.get(slot as usize) == Some(&SLOT_HERE));
         if owned {
-            // This node owns the slot already: a copy sent again (the sender had not yet
-            // seen its own move finish). The session here is the live one.
-            tracing::warn!(client = %client_id, "a moved session for a slot this node owns already: kept ours");
-            self.answer_node(node, id, true, Fate::default());
+            // By this node's view the slot is its own already, and one of the two views is
+            // stale: the sender's (its change of owner went through without its hearing so:
+            // its compare-and-swap fails anyway), or this one's (it gave the slot away and
+            // has not applied that yet: what it holds is the copy it gave away, and the
+            // sender's is the live one). "Stored" without storing would let the sender
+            // delete what may be the only live copy: the move is refused, the sender keeps
+            // its sessions and tries again once the views agree.
+            tracing::warn!(client = %client_id, "a moved session for a slot this node owns by its view: refused");
+            self.stats.sessions_move_refused += 1;
+            self.answer_node(node, id, false, Fate::default());
             return;
         }
         if let Some(c) = &mut self.cluster {

@@ -263,6 +263,25 @@ impl Core {
             .get(&ctx.client_id)
             .ok_or(ReasonCode::UnspecifiedError)?;
         if qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
+            if let Some((token, first)) = self.qos2_routing(&ctx.client_id, pid.get()) {
+                // Its first routing is still under way: whether every copy is stored is
+                // not known yet (a node may still refuse it, and then the id is forgotten
+                // and the message must be routed again). The resend's PUBREC is that
+                // routing's, on this connection (the client reconnected: the old one, which
+                // held it, is gone); on the same connection the held one answers both.
+                if first.conn_id != ctx.conn_id {
+                    first.conn_id = ctx.conn_id;
+                    if let Some(link) = self
+                        .sessions
+                        .get_mut(&ctx.client_id)
+                        .and_then(|s| s.link.as_mut())
+                        .filter(|l| l.conn_id == ctx.conn_id)
+                    {
+                        link.hold_ack(token, Packet::PubRec(Ack::new(pid)));
+                    }
+                }
+                return Ok(true);
+            }
             let token = (self.durability == Durability::Durable).then(|| self.token());
             let rec = Packet::PubRec(Ack::new(pid));
             self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);

@@ -244,3 +244,153 @@ fn a_qos2_resend_after_a_restart_is_skipped_and_pubrel_releases_its_key() {
     let r = store.load().unwrap();
     assert!(stored(&r, "s").dedup.is_empty());
 }
+
+/// The routings of a QoS 2 message that the shard of a publisher `p` (one of two) sent to
+/// the other shard, and the round trips that wait for their answers.
+fn routed_to_shard_1(sink: &Sink) -> Vec<(Qos2Id, Token)> {
+    sink.0
+        .borrow_mut()
+        .drain(..)
+        .filter_map(|(to, ev)| match ev {
+            Event::Publish {
+                msg,
+                reply: Some(token),
+            } if to == 1 => Some((msg.qos2_id.unwrap(), token)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A QoS 2 message resent with DUP on a new connection while its first routing still waits
+/// for an answer (another shard, or another node) is not acknowledged for itself: its
+/// PUBREC is the first routing's, moved to the new connection. A PUBREC of its own (once
+/// this shard's writes were durable) acknowledged a message that the first routing then
+/// failed to store, and the id was forgotten with it: the message was lost.
+#[test]
+fn a_resend_while_the_first_routing_is_under_way_waits_for_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = Instant::now();
+    let sink = Rc::new(Sink::default());
+    let mut c = Core::new(
+        0,
+        2,
+        Rc::new(Config::default()),
+        sink.clone(),
+        Some(store.clone()),
+        Arc::new(QueuedBudget::new(2, u64::MAX)),
+    );
+    // A subscriber of `t` on shard 1.
+    c.on_event(
+        1,
+        Event::Index {
+            filter: Arc::from("t"),
+            shard: 1,
+            add: true,
+            reply: None,
+        },
+        now,
+    );
+    // A publisher whose session lives on shard 0.
+    let p = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|id| owner_shard(id.as_bytes(), 2) == 0)
+        .unwrap();
+    let (mut publ, _) = connect(&mut c, &p, false, now);
+    let ack_of = |pid: u16| PacketId::new(pid).unwrap();
+    let pubrecs = |out: &Outbound| -> Vec<(u16, ReasonCode)> {
+        drain(out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::PubRec(a) => Some((a.packet_id.get(), a.reason_code)),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Refused where it was routed (a store failure there, or a session moving away), kept
+    // elsewhere: the resend waited, and its connection is closed unacknowledged.
+    c.on_packet(&mut publ, publish(1, false, b"one"), now)
+        .unwrap();
+    commit(&mut c, now);
+    let first = routed_to_shard_1(&sink);
+    assert_eq!(first.len(), 1);
+    let (mut publ, out) = connect(&mut c, &p, false, now);
+    let _ = drain(&out); // CONNACK
+    c.on_packet(&mut publ, publish(1, true, b"one"), now)
+        .unwrap();
+    commit(&mut c, now);
+    assert!(routed_to_shard_1(&sink).is_empty(), "not routed twice");
+    assert!(
+        out.is_empty(),
+        "no PUBREC before the first routing's outcome"
+    );
+    let fate = Fate {
+        kept: true,
+        ..Fate::default()
+    };
+    c.on_event(
+        1,
+        Event::Ack {
+            token: first[0].1,
+            ok: false,
+            fate,
+        },
+        now,
+    );
+    commit(&mut c, now);
+    let got = drain(&out);
+    assert!(
+        matches!(&got[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::UnspecifiedError),
+        "closed without PUBREC: {got:?}"
+    );
+    // Its next resend is routed again (the sessions that kept it skip it by its key).
+    let (mut publ, out) = connect(&mut c, &p, false, now);
+    let _ = drain(&out);
+    c.on_packet(&mut publ, publish(1, true, b"one"), now)
+        .unwrap();
+    let again = routed_to_shard_1(&sink);
+    assert!(
+        matches!(&again[..], [(q, _)] if q.packet_id == 1 && q.dup),
+        "{again:?}"
+    );
+    c.on_event(
+        1,
+        Event::Ack {
+            token: again[0].1,
+            ok: true,
+            fate,
+        },
+        now,
+    );
+    commit(&mut c, now);
+    assert_eq!(pubrecs(&out), vec![(1, ReasonCode::Success)]);
+
+    // Stored where it was routed: one PUBREC, on the new connection.
+    c.on_packet(&mut publ, publish(2, false, b"two"), now)
+        .unwrap();
+    commit(&mut c, now);
+    let first = routed_to_shard_1(&sink);
+    let (mut publ, out) = connect(&mut c, &p, false, now);
+    let _ = drain(&out);
+    c.on_packet(&mut publ, publish(2, true, b"two"), now)
+        .unwrap();
+    // A second resend on the same connection: the held PUBREC answers both.
+    c.on_packet(&mut publ, publish(2, true, b"two"), now)
+        .unwrap();
+    commit(&mut c, now);
+    assert!(out.is_empty());
+    c.on_event(
+        1,
+        Event::Ack {
+            token: first[0].1,
+            ok: true,
+            fate,
+        },
+        now,
+    );
+    commit(&mut c, now);
+    assert_eq!(pubrecs(&out), vec![(2, ReasonCode::Success)]);
+    let pubrel = Packet::PubRel(Ack::new(ack_of(2)));
+    c.on_packet(&mut publ, pubrel, now).unwrap();
+}

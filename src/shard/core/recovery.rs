@@ -331,7 +331,17 @@ impl Core {
             if let Some(c) = &r.stored.counters {
                 res = res.and_then(|()| b.counters_put(&cid, c));
             }
-            let res = res.and_then(|()| b.commit());
+            // With replicated sessions the adopted session goes to this node's stream too
+            // (with the next group commit, before anything waiting on it is answered).
+            let res = if self.replicating() {
+                res.and_then(|()| b.commit_logged()).map(|unit| {
+                    if !unit.is_empty() {
+                        self.replica_units.push(unit);
+                    }
+                })
+            } else {
+                res.and_then(|()| b.commit())
+            };
             let ok = res.is_ok();
             self.note_write(res);
             if ok {

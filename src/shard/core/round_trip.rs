@@ -138,6 +138,27 @@ impl Core {
         }
     }
 
+    /// The round trip of the first routing of `client_id`'s QoS 2 message `pid` while it is
+    /// still under way (whether every copy is stored is not known yet, and the PUBREC
+    /// waits for it), with the acknowledgement it holds.
+    pub(super) fn qos2_routing(
+        &mut self,
+        client_id: &MqttStr,
+        pid: u16,
+    ) -> Option<(Token, &mut PubAckDone)> {
+        self.pending
+            .iter_mut()
+            .find_map(|(token, trip)| match &mut trip.done {
+                Completion::PubAck(p)
+                    if p.client_id == *client_id
+                        && matches!(p.then, Then::Qos2Received { pid: x, .. } if x == pid) =>
+                {
+                    Some((*token, p))
+                }
+                _ => None,
+            })
+    }
+
     /// Hands a finished round trip to its operation's last step.
     fn complete(&mut self, token: Token, trip: RoundTrip, now: Instant) {
         let RoundTrip {
