@@ -263,22 +263,28 @@ impl Core {
             .get(&ctx.client_id)
             .ok_or(ReasonCode::UnspecifiedError)?;
         if qos == QoS::ExactlyOnce && s.incoming_qos2.contains(&pid.get()) {
-            if let Some((token, first)) = self.qos2_routing(&ctx.client_id, pid.get()) {
-                // Its first routing is still under way: whether every copy is stored is
-                // not known yet (a node may still refuse it, and then the id is forgotten
-                // and the message must be routed again). The resend's PUBREC is that
-                // routing's, on this connection (the client reconnected: the old one, which
-                // held it, is gone); on the same connection the held one answers both.
-                if first.conn_id != ctx.conn_id {
+            let taken_over = match self.qos2_routing(&ctx.client_id, pid.get()) {
+                // Its first routing is still under way on a connection that is gone (the
+                // client reconnected): whether every copy is stored is not known yet (a
+                // node may still refuse it, and then the id is forgotten and the message
+                // must be routed again). The resend's PUBREC is that routing's, on this
+                // connection. On the same connection the resend is answered as before, in
+                // order after the first (MQTT-4.6.0-3: a PUBREC per PUBLISH; a refused
+                // first try closes the connection or says so first).
+                Some((token, first)) if first.conn_id != ctx.conn_id => {
                     first.conn_id = ctx.conn_id;
-                    if let Some(link) = self
-                        .sessions
-                        .get_mut(&ctx.client_id)
-                        .and_then(|s| s.link.as_mut())
-                        .filter(|l| l.conn_id == ctx.conn_id)
-                    {
-                        link.hold_ack(token, Packet::PubRec(Ack::new(pid)));
-                    }
+                    Some(token)
+                }
+                _ => None,
+            };
+            if let Some(token) = taken_over {
+                if let Some(link) = self
+                    .sessions
+                    .get_mut(&ctx.client_id)
+                    .and_then(|s| s.link.as_mut())
+                    .filter(|l| l.conn_id == ctx.conn_id)
+                {
+                    link.hold_ack(token, Packet::PubRec(Ack::new(pid)));
                 }
                 return Ok(true);
             }
