@@ -72,7 +72,8 @@ pub struct Args {
     #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
     pub pub_ids: Option<Vec<String>>,
     /// The subscribers' client IDs, in order, instead of `<prefix><tag>s<j>` (fan-in,
-    /// fan-out, p2p, durable). Sets --subscribers when that is absent, and must match it.
+    /// fan-out, p2p, durable), or the backlog's session IDs instead of `<prefix>-bl<i>`.
+    /// Sets --subscribers when that is absent, and must match it.
     #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
     pub sub_ids: Option<Vec<String>>,
 

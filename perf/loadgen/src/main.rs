@@ -114,7 +114,10 @@ fn run(args: Args) -> Result<report::Report> {
     let nofile = raise_nofile();
     let conns = match args.scenario {
         Scenario::Idle => args.connections.unwrap_or(1000),
-        Scenario::Backlog => args.subscribers.unwrap_or(1000) as u64,
+        Scenario::Backlog => args
+            .subscribers
+            .or(args.sub_ids.as_ref().map(Vec::len))
+            .unwrap_or(1000) as u64,
         _ => 0,
     };
     if conns + 64 > nofile {

@@ -578,7 +578,10 @@ fn pubsub_phase(
 /// Queue messages for offline persistent sessions, then reconnect them and time the drain.
 pub async fn backlog(ctx: Arc<Ctx>) -> Result<Report> {
     let a = &ctx.args;
-    let n = a.subscribers.unwrap_or(1000);
+    let n = a
+        .subscribers
+        .or(a.sub_ids.as_ref().map(Vec::len))
+        .unwrap_or(1000);
     if n == 0 {
         bail!("backlog: --subscribers (sessions) must be at least 1");
     }
@@ -591,7 +594,13 @@ pub async fn backlog(ctx: Arc<Ctx>) -> Result<Report> {
     let qos = a.qos();
     let width = digits(n - 1);
     let prefix = a.prefix.clone();
-    let id = move |i: usize| format!("{prefix}-bl{i}");
+    // `--sub-ids` names the sessions (to place them on a chosen cluster node); the topics
+    // stay `<prefix>/bl/<i>`.
+    let ids = a.sub_ids.clone().map(Arc::new);
+    let id = move |i: usize| match &ids {
+        Some(ids) => ids[i].clone(),
+        None => format!("{prefix}-bl{i}"),
+    };
     let p2 = a.prefix.clone();
     let topic = move |i: usize| format!("{p2}/bl/{i:0width$}");
     let mut rep = report(&ctx);
