@@ -548,8 +548,9 @@ pub struct ClusterConfig {
     pub lease_ttl_s: u32,
     /// Seconds one etcd request may take (start-up waits at most this long per attempt).
     pub etcd_timeout_s: u32,
-    /// Seconds a node may be down before its sessions are reassigned to the survivors;
-    /// 0 (the default) means never automatically (an operator decides).
+    /// Seconds a node may be silent (counted from its last lease renewal) before its
+    /// sessions are reassigned to the survivors; 0 (the default) means never automatically
+    /// (an operator decides).
     pub failover_after_s: u32,
     /// Milliseconds a forwarded QoS 1/2 message may wait for the other node's answer; then
     /// its publisher is told it was not stored (MQTT 5: 0x80; 3.x: the connection closes).

@@ -79,7 +79,8 @@ struct Cli {
     /// etcd client URLs, comma-separated (http://HOST:PORT,...).
     #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
     cluster_etcd: Vec<String>,
-    /// Seconds a node may be down before its sessions move to the survivors (0: never).
+    /// Seconds a node may be silent (since its last lease renewal) before its sessions move
+    /// to the survivors (0: never).
     #[arg(long, value_name = "SECONDS")]
     cluster_failover_after: Option<u32>,
     /// NATS JetStream URLs, comma-separated (nats://HOST:PORT,...): replicate sessions.

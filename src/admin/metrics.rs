@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 28] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 29] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -203,6 +203,12 @@ const SIMPLE: [(&str, &str, &str, Gauge); 28] = [
         "counter",
         "Sessions moved here from another cluster node (a node joined, or one left).",
         |s| s.core.sessions_moved_in as f64,
+    ),
+    (
+        "shardmq_cluster_sessions_rebuild_damaged_total",
+        "counter",
+        "Sessions of a failed node's replicated stream skipped in a fail-over because their records are damaged.",
+        |s| s.core.sessions_rebuild_damaged as f64,
     ),
     (
         "shardmq_cluster_sessions_moved_out_total",

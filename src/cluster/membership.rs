@@ -143,6 +143,14 @@ pub(super) async fn run(
         match start_replica(&cfg, &node.record.id, &handle, fresh_disk, stores).await {
             Ok((r, appender)) => {
                 handle.lock().replica = Some(r.state.clone());
+                // Off the membership loop: a NATS server that does not answer must not
+                // hold up the lease's renewals.
+                tokio::spawn(read_streams(
+                    r.clone(),
+                    handle.clone(),
+                    node.timeout,
+                    stop.clone(),
+                ));
                 node.replica = Some(r);
                 tokio::spawn(appender.run(appends));
             }
@@ -196,7 +204,6 @@ pub(super) async fn run(
     let mut balance = tokio::time::interval(BALANCE_INTERVAL);
     balance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut balance_after = Instant::now();
-    let mut streams_after = Instant::now();
     let (req_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
     handle.lock().requests = Some(req_tx);
     loop {
@@ -217,10 +224,6 @@ pub(super) async fn run(
             },
             _ = renew.tick() => node.renew(&keys, &handle, &cfg).await,
             _ = balance.tick() => {
-                if Instant::now() >= streams_after {
-                    node.read_streams(&handle).await;
-                    streams_after = Instant::now() + STREAMS_EVERY;
-                }
                 node.automatic_failover(&keys, &handle, &ctl, cfg.failover_after_s).await;
                 if let Some(c) = control.get() {
                     if Instant::now() >= balance_after && !node.rebalance(&keys, &handle, c, &ctl).await {
@@ -289,6 +292,33 @@ async fn start_replica(
     Ok((r, appender))
 }
 
+/// Reads every member's stream state (with replicated sessions) for the admin view, every
+/// `STREAMS_EVERY`, until the node stops.
+async fn read_streams(
+    r: super::replica::Replica,
+    handle: ClusterHandle,
+    timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(STREAMS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = every.tick() => {}
+        }
+        let members: Vec<String> = handle.lock().members.keys().cloned().collect();
+        let mut views = hashbrown::HashMap::new();
+        for m in members {
+            let read = tokio::time::timeout(timeout, r.stream_view(&m)).await;
+            if let Ok(Ok(Some(v))) = read {
+                views.insert(m, v);
+            }
+        }
+        handle.lock().streams = views;
+    }
+}
+
 /// Waits for the watch's next response; pending forever while there is no watch (the loop
 /// re-creates it on the next failure path).
 async fn next_event(
@@ -301,6 +331,21 @@ async fn next_event(
             Ok(None)
         }
     }
+}
+
+/// The first pause after an automatic fail-over that failed; it doubles with each try.
+const FAILOVER_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between tries of an automatic fail-over.
+const FAILOVER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The live node that runs the fail-over of `gone`: every node picks the same one from
+/// the same records (a hash of the name, not the first: fail-overs of several nodes
+/// spread over the survivors). `None` when no node is up.
+fn failover_runner<'a>(gone: &str, live: &[&'a str]) -> Option<&'a str> {
+    let mut live = live.to_vec();
+    live.sort_unstable();
+    let i = super::slot_of(gone.as_bytes()) as usize % live.len().max(1);
+    live.get(i).copied()
 }
 
 /// A third of the lease's time to live, at least a second.
@@ -327,6 +372,9 @@ struct Node {
     cfg: ClusterConfig,
     /// JetStream, when sessions are replicated (fail-overs rebuild from it).
     replica: Option<super::replica::Replica>,
+    /// Automatic fail-overs that failed, by member: tries so far, and when the next may
+    /// be made.
+    failover_tries: hashbrown::HashMap<String, (u32, Instant)>,
 }
 
 impl Node {
@@ -362,6 +410,7 @@ impl Node {
             move_timeout_s: cfg.move_timeout_s,
             cfg: cfg.clone(),
             replica: None,
+            failover_tries: hashbrown::HashMap::new(),
         };
         // Every etcd member may still be electing a leader: retry within a bound.
         let deadline = Instant::now() + timeout * 3;
@@ -602,8 +651,19 @@ impl Node {
         let rest = String::from_utf8_lossy(rest);
         let mut st = handle.lock();
         if let Some(id) = rest.strip_prefix("nodes/") {
-            if st.live.remove(id).is_some() {
+            if let Some(rec) = st.live.remove(id) {
                 tracing::info!(node = %id, "cluster member down");
+                // A lease that expired was last renewed a time to live ago at the latest
+                // (etcd only ever extends a lease, on a change of leader): the node has
+                // been silent since. One that said it was leaving went now.
+                let now = Instant::now();
+                let since = if rec.state == "leaving" {
+                    now
+                } else {
+                    now.checked_sub(Duration::from_secs(rec.lease_ttl_s as u64))
+                        .unwrap_or(now)
+                };
+                st.down_since.insert(id.to_string(), since);
             }
             if id == self.record.id && st.state == SelfState::Up {
                 // Our own record went (an operator deleted it, or the lease expired while
@@ -1141,22 +1201,6 @@ impl Node {
         }
     }
 
-    /// Reads every member's stream state (with replicated sessions) for the admin view.
-    async fn read_streams(&mut self, handle: &ClusterHandle) {
-        let Some(r) = self.replica.clone() else {
-            return;
-        };
-        let members: Vec<String> = handle.lock().members.keys().cloned().collect();
-        let mut views = hashbrown::HashMap::new();
-        for m in members {
-            let read = tokio::time::timeout(self.timeout, r.stream_view(&m)).await;
-            if let Ok(Ok(Some(v))) = read {
-                views.insert(m, v);
-            }
-        }
-        handle.lock().streams = views;
-    }
-
     /// Replaces the slot table with `next` if it is still at revision `rev` (and `also`
     /// holds); `Ok(false)` when it changed meanwhile. On success this node's view has the
     /// new table at once (its next change must not wait for the watch).
@@ -1188,7 +1232,11 @@ impl Node {
         Ok(true)
     }
 
-    /// `cluster.failover_after_s` (0: off): fails over every member down for longer.
+    /// `cluster.failover_after_s` (0: off): fails over every member silent for longer
+    /// (counted from its last possible lease renewal). One live node runs each fail-over,
+    /// the same by every node's view (`failover_runner`); the others step in only if the
+    /// member is still not failed over a move's time later (the runner is stuck). A try
+    /// that fails is tried again after a back-off that doubles, up to 30 s.
     async fn automatic_failover(
         &mut self,
         keys: &Keys,
@@ -1202,6 +1250,8 @@ impl Node {
             let members: Vec<String> = st.members.keys().cloned().collect();
             let live: Vec<String> = st.live.keys().cloned().collect();
             st.down_since.retain(|id, _| !live.contains(id));
+            self.failover_tries
+                .retain(|id, _| !live.contains(id) && st.members.contains_key(id));
             for m in members {
                 if !live.contains(&m) {
                     st.down_since.entry(m).or_insert(now);
@@ -1211,19 +1261,47 @@ impl Node {
                 return;
             }
             let counts = st.slots.counts();
+            let me = self.record.id.as_str();
+            let runners: Vec<&str> = st
+                .live
+                .values()
+                .filter(|r| r.state == "up")
+                .map(|r| r.id.as_str())
+                .collect();
+            let backup =
+                Duration::from_secs(self.move_timeout_s as u64 + self.cfg.lease_ttl_s as u64);
             st.down_since
                 .iter()
                 .filter(|(id, t)| {
-                    now.duration_since(**t) >= Duration::from_secs(after_s as u64)
+                    let mut wait = Duration::from_secs(after_s as u64);
+                    if failover_runner(id, &runners) != Some(me) {
+                        wait += backup;
+                    }
+                    now.duration_since(**t) >= wait
                         && counts.get(id.as_str()).copied().unwrap_or(0) > 0
+                        && self
+                            .failover_tries
+                            .get(id.as_str())
+                            .is_none_or(|(_, next)| now >= *next)
                 })
                 .map(|(id, _)| id.clone())
                 .collect()
         };
         for gone in due {
-            let why = format!("down for more than cluster.failover_after_s ({after_s} s)");
-            if let Err(e) = self.failover(keys, handle, ctl, &gone, &why).await {
-                tracing::warn!(node = %gone, error = %e, "automatic fail-over not made");
+            let why = format!("silent for more than cluster.failover_after_s ({after_s} s)");
+            match self.failover(keys, handle, ctl, &gone, &why).await {
+                Ok(_) => {
+                    self.failover_tries.remove(&gone);
+                }
+                Err(e) => {
+                    let tries = self.failover_tries.get(&gone).map_or(0, |(n, _)| *n) + 1;
+                    let pause = FAILOVER_RETRY_FIRST
+                        .saturating_mul(1 << (tries - 1).min(16))
+                        .min(FAILOVER_RETRY_MAX);
+                    self.failover_tries
+                        .insert(gone.clone(), (tries, Instant::now() + pause));
+                    tracing::warn!(node = %gone, error = %e, tries, retry_in = ?pause, "automatic fail-over not made");
+                }
             }
         }
     }
@@ -1526,5 +1604,26 @@ impl std::fmt::Display for Claim {
         match self {
             Claim::Etcd(e) | Claim::Fatal(e) => write!(f, "{e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failover_runner;
+
+    #[test]
+    fn every_node_picks_the_same_failover_runner() {
+        let a = failover_runner("c", &["a", "b", "d"]);
+        assert!(a.is_some());
+        assert_eq!(failover_runner("c", &["d", "b", "a"]), a);
+        assert_eq!(failover_runner("c", &["b", "a", "d"]), a);
+        assert_eq!(failover_runner("c", &[]), None);
+        // Different dead nodes spread over the survivors.
+        let names: Vec<String> = (0..64).map(|i| format!("node-{i}")).collect();
+        let picked: std::collections::BTreeSet<&str> = names
+            .iter()
+            .filter_map(|g| failover_runner(g, &["a", "b", "c"]))
+            .collect();
+        assert_eq!(picked.len(), 3, "{picked:?}");
     }
 }

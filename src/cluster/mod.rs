@@ -183,7 +183,9 @@ struct State {
     link_since: hashbrown::HashMap<String, Instant>,
     counters: ClusterCounters,
     plane: PlaneCounters,
-    /// Since when each member that is not live has been seen down (for fail-over).
+    /// Since when each member that is not live has been silent (for fail-over): for a
+    /// lease that expired, its last possible renewal (the expiry less its time to live);
+    /// for one that left or was never seen live, when this node saw it down.
     down_since: hashbrown::HashMap<String, Instant>,
     /// Operator requests for the membership task.
     requests: Option<tokio::sync::mpsc::UnboundedSender<Request>>,

@@ -304,6 +304,9 @@ pub struct CoreStats {
     pub sessions_moved_out: u64,
     /// Moved sessions refused (damaged records).
     pub sessions_move_refused: u64,
+    /// Sessions of a failed node's stream skipped in a fail-over's rebuild: their records
+    /// are damaged (nothing of them can be served; the rest of the node's sessions are).
+    pub sessions_rebuild_damaged: u64,
     /// QoS 1/2 messages refused (not stored) for a session that was moving to another node.
     pub moving_refused: u64,
     pub ended_sessions: SessionStats,

@@ -92,15 +92,23 @@ pub fn three_nodes(etcd: &Etcd, prefix: &str) -> [TestBroker; 3] {
 /// Waits until `node` sees the slots shared out evenly (within two) among `ids`.
 pub fn wait_balanced(node: &TestBroker, ids: &[&str]) {
     let fair = 4096 / ids.len() as u64;
+    let (floor, ceil) = (fair, 4096u64.div_ceil(ids.len() as u64));
     wait_until("the slots shared out", TIMEOUT, || {
         let v = node.admin_json("/api/cluster");
-        ids.iter().all(|id| {
+        let slots = |id: &str| {
             v["members"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["id"] == *id && m["slots"].as_u64().unwrap() + 2 >= fair)
-        })
+                .find(|m| m["id"] == id)
+                .and_then(|m| m["slots"].as_u64())
+        };
+        let counts: Vec<u64> = ids.iter().filter_map(|id| slots(id)).collect();
+        // Shared out, and settled: no member has more than its share while another has
+        // less (the rebalance would move more: a client of those slots would be sent away).
+        counts.len() == ids.len()
+            && counts.iter().all(|c| c + 2 >= fair)
+            && !(counts.iter().any(|c| *c > ceil) && counts.iter().any(|c| *c < floor))
     });
 }
 

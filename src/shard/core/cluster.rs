@@ -871,6 +871,14 @@ impl Core {
                 self.answer_node(node, id, false, Fate::default());
                 return;
             }
+            Err(e) if node == REBUILD_NODE => {
+                // Retrying cannot mend it, and refusing it would hold back the fail-over of
+                // every other session of the dead node: skipped, loudly.
+                tracing::error!(client = %client_id, error = %e, "a session rebuilt from a failed node's stream is damaged: skipped");
+                self.stats.sessions_rebuild_damaged += 1;
+                self.answer_node(node, id, true, Fate::default());
+                return;
+            }
             Err(e) => {
                 tracing::warn!(client = %client_id, error = %e, "a moved session refused: damaged");
                 self.stats.sessions_move_refused += 1;
