@@ -595,6 +595,10 @@ pub struct ClusterConfig {
     /// Bytes of session data a fail-over may hold while it rebuilds a dead node's
     /// sessions; past it the fail-over is refused (the sessions stay with their node).
     pub rebuild_bytes_max: u64,
+    /// Bytes of changes a shard keeps after failed appends, to send again; past it they
+    /// are dropped and the stream is made whole by a snapshot before anything more is
+    /// acknowledged.
+    pub replication_pending_bytes_max: u64,
 }
 
 impl Default for ClusterConfig {
@@ -622,6 +626,7 @@ impl Default for ClusterConfig {
             replication_timeout_ms: 10_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_bytes_max: 2 << 30,
+            replication_pending_bytes_max: 64 << 20,
         }
     }
 }

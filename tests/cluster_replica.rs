@@ -206,9 +206,11 @@ fn drain_all(addr: std::net::SocketAddr, opts: &ConnectOpts) -> Vec<String> {
 
 /// Snapshots are written and the log trimmed while traffic runs; a node lost with its disk
 /// right after is rebuilt from the snapshot plus the log after it, every message in order.
+/// The servers take at most 64 KiB per message: the snapshot's bodies, and a record of
+/// 100 KB, go in parts.
 #[test]
 fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
-    let nats = Nats::start(3);
+    let nats = Nats::start_with(3, "max_payload: 65536\n");
     let etcd = Etcd::start(3);
     let p = format!("/shardmq-replica-snap-{}", std::process::id());
     let extra = "snapshot_log_bytes = 1048576\n";
@@ -230,11 +232,12 @@ fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
     let before = snapshots(&c);
     let total = 1500;
     let body = vec![b'x'; 2000];
+    let big = vec![b'y'; 100_000];
     {
         let (mut publ, _) = RawClient::connect_served(c.addr, &ConnectOpts::v311("snap-pub", true));
         for i in 0..total {
             let mut payload = format!("{i:05}:").into_bytes();
-            payload.extend_from_slice(&body);
+            payload.extend_from_slice(if i % 300 == 7 { &big } else { &body });
             publ.publish("snap/t", &payload, QoS::AtLeastOnce, false);
         }
         publ.disconnect();
@@ -266,6 +269,10 @@ fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
     let got_heads: Vec<String> = got.iter().map(|g| g[..6].to_string()).collect();
     assert_eq!(got_heads.len(), want.len(), "every message once, in order");
     assert_eq!(got_heads, want);
+    for (i, g) in got.iter().enumerate() {
+        let len = if i % 300 == 7 { 100_006 } else { 2006 };
+        assert_eq!(g.len(), len, "message {i} whole");
+    }
 }
 
 /// A node frozen past its lease (SIGSTOP) is failed over; when it resumes (SIGCONT) its
@@ -435,4 +442,101 @@ fn the_stream_leader_killed_under_load_loses_nothing_acknowledged() {
     let got1 = crash_drain(a.addr, &sub1, "END");
     let got2 = crash_drain(a.addr, &sub2, "END");
     verify_crash(&publ, seed, 1, &log, &got1, &got2, published_at, started);
+}
+
+/// NATS frozen (every server SIGSTOPped) while a node takes QoS 1 messages for a persistent
+/// session: none is acknowledged, and past `cluster.replication_pending_bytes_max` the
+/// changes waiting to go again are dropped. Once NATS is back, the node writes a snapshot
+/// before it acknowledges anything more; lost with its disk, the node's session is rebuilt
+/// with every message its store took, the dropped ones included.
+#[test]
+fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-gap-{}", std::process::id());
+    let extra = "replication_timeout_ms = 300\nreplication_pending_bytes_max = 1048576\n";
+    let a = TestBroker::start_with(1, &(replicated_toml("a", &etcd, &nats, &p, 3) + extra));
+    let c = TestBroker::start_with(1, &(replicated_toml("c", &etcd, &nats, &p, 3) + extra));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "gap-q"), false);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+        s.sub(&[("gap/t", QoS::AtLeastOnce)]);
+        s.disconnect();
+    }
+    let (mut publ, _) = RawClient::connect_served(
+        c.addr,
+        &ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "gap-pub"), true),
+    );
+    let send = |publ: &mut RawClient, id: u16, payload: &[u8]| -> Option<u8> {
+        let pkt = support::raw::publish_packet(
+            "gap/t",
+            payload,
+            QoS::AtLeastOnce,
+            false,
+            Some(id),
+            false,
+        );
+        assert!(publ.try_send(&pkt), "the publisher's connection stays open");
+        match publ.read_frame_until(Instant::now() + TIMEOUT) {
+            Ok((shardmq::protocol::Packet::PubAck(ack), _)) => Some(ack.reason_code as u8),
+            _ => None,
+        }
+    };
+    assert_eq!(
+        send(&mut publ, 1, b"m-00"),
+        Some(0),
+        "replicated before the freeze"
+    );
+    for s in &nats.servers {
+        s.signal(libc::SIGSTOP);
+    }
+    let big = vec![b'z'; 64 << 10];
+    for i in 1..24u16 {
+        let mut payload = format!("m-{i:02}").into_bytes();
+        payload.extend_from_slice(&big);
+        let rc = send(&mut publ, i + 1, &payload);
+        assert!(
+            rc.is_some_and(|rc| rc >= 0x80),
+            "message {i} not acknowledged as stored while NATS is away: {rc:?}"
+        );
+    }
+    let dropped = c.metric("shardmq_cluster_replica_changes_dropped_total{shard=\"0\"}");
+    for s in &nats.servers {
+        s.signal(libc::SIGCONT);
+    }
+    assert!(dropped > 0.0, "changes were dropped past the bound");
+    // Acknowledged again once the stream is whole (a snapshot written first).
+    let snapshots = || {
+        c.admin_json("/api/cluster")["replication"]["snapshots_total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = snapshots();
+    let mut id = 100;
+    wait_until(
+        "acknowledged again after NATS came back",
+        4 * TIMEOUT,
+        || {
+            id += 1;
+            send(&mut publ, id, b"after") == Some(0)
+        },
+    );
+    assert!(snapshots() > before, "a snapshot filled the gap first");
+    publ.disconnect();
+    drop(c.kill9());
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub.client_id) == "a"
+    });
+    let got = drain_all(a.addr, &sub);
+    let heads: Vec<&str> = got.iter().map(|g| &g[..g.len().min(5)]).collect();
+    for i in 0..24 {
+        let want = format!("m-{i:02}");
+        assert!(
+            got.iter().any(|g| g.starts_with(&want)),
+            "{want} (in c's store) rebuilt from the stream: {heads:?}"
+        );
+    }
+    assert!(got.iter().any(|g| g == "after"), "{heads:?}");
 }

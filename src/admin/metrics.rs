@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 29] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 30] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -209,6 +209,12 @@ const SIMPLE: [(&str, &str, &str, Gauge); 29] = [
         "counter",
         "Sessions of a failed node's replicated stream skipped in a fail-over because their records are damaged.",
         |s| s.core.sessions_rebuild_damaged as f64,
+    ),
+    (
+        "shardmq_cluster_replica_changes_dropped_total",
+        "counter",
+        "Changes dropped after failed appends to the replicated stream past cluster.replication_pending_bytes_max (a snapshot puts them in the stream).",
+        |s| s.core.replica_changes_dropped as f64,
     ),
     (
         "shardmq_cluster_sessions_moved_out_total",

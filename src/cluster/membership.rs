@@ -274,22 +274,38 @@ async fn start_replica(
 ) -> Result<(super::replica::Replica, super::replica::Appender), String> {
     let r = super::replica::Replica::connect(cfg, me).await?;
     let owned = handle.lock().slots.counts().get(me).copied().unwrap_or(0);
-    if fresh_disk && owned > 0 && r.holds_sessions(me).await? {
-        return Err(format!(
-            "the data directory is new, but node {me} still owns {owned} slots and its replicated stream holds their sessions: \
-             fail it over from another node first (POST /api/cluster/nodes/{me}/failover) or restore the directory"
-        ));
+    // A stream that has just been made (or a JetStream cluster electing its leaders)
+    // answers with timeouts for a while: tried again within a bound.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            if fresh_disk && owned > 0 && r.holds_sessions(me).await? {
+                return Ok(Err(format!(
+                    "the data directory is new, but node {me} still owns {owned} slots and its replicated stream holds their sessions: \
+                     fail it over from another node first (POST /api/cluster/nodes/{me}/failover) or restore the directory"
+                )));
+            }
+            super::replica::Appender::start(
+                r.clone(),
+                me,
+                owned > 0,
+                cfg.snapshot_log_bytes,
+                stores.clone(),
+                handle.clone(),
+            )
+            .await
+            .map(Ok)
+        };
+        match attempt.await {
+            Ok(Ok(appender)) => return Ok((r, appender)),
+            Ok(Err(refused)) => return Err(refused),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "JetStream not ready yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let appender = super::replica::Appender::start(
-        r.clone(),
-        me,
-        owned > 0,
-        cfg.snapshot_log_bytes,
-        stores,
-        handle.clone(),
-    )
-    .await?;
-    Ok((r, appender))
 }
 
 /// Reads every member's stream state (with replicated sessions) for the admin view, every
@@ -375,6 +391,8 @@ struct Node {
     /// Automatic fail-overs that failed, by member: tries so far, and when the next may
     /// be made.
     failover_tries: hashbrown::HashMap<String, (u32, Instant)>,
+    /// The node's state (a keep-alive made while an etcd call waits is recorded in it).
+    handle: ClusterHandle,
 }
 
 impl Node {
@@ -411,6 +429,7 @@ impl Node {
             cfg: cfg.clone(),
             replica: None,
             failover_tries: hashbrown::HashMap::new(),
+            handle: handle.clone(),
         };
         // Every etcd member may still be electing a leader: retry within a bound.
         let deadline = Instant::now() + timeout * 3;
@@ -575,10 +594,8 @@ impl Node {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        match tokio::time::timeout(self.timeout, self.client.watch(keys.all(), Some(opts))).await {
-            Ok(Ok(w)) => Some(w),
-            _ => None,
-        }
+        let mut client = self.client.clone();
+        self.call(client.watch(keys.all(), Some(opts))).await.ok()
     }
 
     /// Applies watched changes.
@@ -1340,10 +1357,17 @@ impl Node {
                 }
                 Err(e) => {
                     self.rest_endpoint(&format!("{e:?}")).await;
+                    // Past its time to live by this node's clock the shards already serve
+                    // nothing (`LeaseClock`), but etcd may still hold the lease: it restarts
+                    // every countdown when a new etcd leader takes over. An unanswered
+                    // keep-alive (a dead member, an election) is no proof of loss; only
+                    // etcd's "expired" is, or no answer for a second time to live (a node
+                    // already fenced rejoins after one).
                     let overdue = {
                         let mut st = handle.lock();
                         st.counters.etcd_errors_total += 1;
-                        st.renewed.is_none_or(|t| t.elapsed() >= ttl)
+                        let bound = if fenced { ttl } else { ttl * 2 };
+                        st.renewed.is_none_or(|t| t.elapsed() >= bound)
                     };
                     if overdue {
                         self.fence(handle, &format!("not renewed for {}s ({e})", ttl.as_secs()));
@@ -1415,11 +1439,19 @@ impl Node {
         let once = async move {
             let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
-            match stream.message().await {
-                Ok(m) => Ok(m.map_or(0, |r| r.ttl())),
-                // The server ends the stream with this when the lease has expired.
+            match stream.message().await? {
+                Some(r) => Ok(r.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "the keep-alive stream ended without an answer".into(),
+                )),
+            }
+        };
+        // etcd answers TTL 0 when the lease has expired; the client reports that on the
+        // stream's first answer as the error "lease not found".
+        let once = async move {
+            match once.await {
                 Err(e) if e.to_string().contains("lease not found") => Ok(0),
-                Err(e) => Err(e),
+                r => r,
             }
         };
         // Never longer than a renewal interval: a slow etcd must not hold up the watch.
@@ -1483,15 +1515,40 @@ impl Node {
         }
     }
 
-    /// An etcd call with the request timeout.
+    /// An etcd call with the request timeout. While it waits (a write waits out an etcd
+    /// election, up to the timeout, and callers retry), the lease is kept alive on its
+    /// schedule: the membership loop, which renews it otherwise, is held up meanwhile.
     async fn call<T>(
-        &self,
+        &mut self,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, Claim> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Claim::Etcd(e.to_string())),
-            Err(_) => Err(Claim::Etcd("timed out".into())),
+        let mut f = std::pin::pin!(tokio::time::timeout(self.timeout, f));
+        let every = renew_interval(&self.cfg);
+        let mut next = self.lease_at + every;
+        loop {
+            tokio::select! {
+                r = &mut f => {
+                    return match r {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(e)) => Err(Claim::Etcd(e.to_string())),
+                        Err(_) => Err(Claim::Etcd("timed out".into())),
+                    };
+                }
+                _ = tokio::time::sleep_until(next.into()) => {
+                    // Only a held lease; the loss and the rejoin are `renew`'s.
+                    if self.handle.lock().state != SelfState::Up {
+                        next = Instant::now() + every;
+                        continue;
+                    }
+                    match self.keep_alive().await {
+                        Ok(left) if left > 0 => {
+                            self.handle.lock().renewed = Some(self.lease_at);
+                            next = self.lease_at + every;
+                        }
+                        _ => next = Instant::now() + RENEW_RETRY,
+                    }
+                }
+            }
         }
     }
 }

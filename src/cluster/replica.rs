@@ -186,7 +186,10 @@ impl Replica {
         let payload_max = client.server_info().max_payload.max(64 << 10);
         let timeout = Duration::from_millis(cfg.replication_timeout_ms as u64);
         let mut js = jetstream::new(client);
-        js.set_timeout(timeout.min(Duration::from_secs(5)));
+        // JetStream's own requests (stream info, reads, purges) get the etcd bound: a
+        // stream that has just been made elects its leader meanwhile. Appends are bounded
+        // by `replication_timeout_ms` on top (`Appender::publish`).
+        js.set_timeout(bound);
         let r = Replica {
             js,
             prefix: cfg.prefix.clone(),
@@ -317,11 +320,24 @@ impl Replica {
             let done: SnapshotDone =
                 serde_json::from_slice(&m.payload).map_err(|e| err("snapshot record", e))?;
             let mut seen = 0;
+            let mut part: Vec<u8> = Vec::new();
             self.each(&stream, &names.snap, done.first, &mut |msg| {
                 if header(msg, SNAP) != Some(done.id.to_string().as_str()) {
                     return Ok(true);
                 }
-                for unit in frames(&msg.payload)? {
+                seen += 1;
+                // A body in parts (one record near the packet limit) is joined first.
+                part.extend_from_slice(&msg.payload);
+                if header(msg, MORE).is_some() {
+                    if part.len() > bound {
+                        return Err(format!(
+                            "the sessions to rebuild hold more than cluster.rebuild_bytes_max ({bound} bytes)"
+                        ));
+                    }
+                    return Ok(seen < done.messages);
+                }
+                let whole = std::mem::take(&mut part);
+                for unit in frames(&whole)? {
                     replay.apply(unit, keep);
                 }
                 if replay.bytes() > bound {
@@ -329,7 +345,6 @@ impl Replica {
                         "the sessions to rebuild hold more than cluster.rebuild_bytes_max ({bound} bytes)"
                     ));
                 }
-                seen += 1;
                 Ok(seen < done.messages)
             })
             .await?;
@@ -513,6 +528,14 @@ pub(super) struct Appender {
     snapshot_log_bytes: u64,
     /// A snapshot is due (a failed append, or the log grew past its bound).
     snapshot_due: bool,
+    /// A shard dropped changes the stream lacks (`Append::gap`): every append fails
+    /// until a snapshot has put them in (their own changes are in the store: the
+    /// snapshot takes them too).
+    gap: bool,
+    /// Whether the stream holds everything the stores do: not before the first snapshot
+    /// after a start or an unfence (a group commit may have reached only the store), nor
+    /// with a gap. An append without units (a barrier) succeeds only when it does.
+    whole: bool,
     stores: Arc<OnceLock<Vec<Store>>>,
     handle: super::ClusterHandle,
     /// When it found itself fenced: it appends again only once its lease has been renewed
@@ -551,6 +574,8 @@ impl Appender {
             // The store and the stream may differ by a group commit that reached only one
             // of them before the last stop: a snapshot makes the stream whole again.
             snapshot_due: owns_slots,
+            gap: false,
+            whole: !owns_slots,
             stores,
             handle,
             fenced_since: Instant::now(),
@@ -632,7 +657,6 @@ impl Appender {
     /// few messages as the servers take (each part names the round; all but the last say
     /// there is more).
     async fn round(&mut self, units: &[&[u8]]) -> Result<(), AppendError> {
-        let part_max = self.r.payload_max.saturating_sub(HEADER_ROOM).max(1024);
         let mut buf = Vec::with_capacity(units.iter().map(|u| u.len() + 4).sum());
         for u in units {
             buf.extend_from_slice(&(u.len() as u32).to_le_bytes());
@@ -640,28 +664,66 @@ impl Appender {
         }
         self.since_snapshot += buf.len() as u64;
         let round = format!("{}-{}", self.incarnation, self.counter + 1);
+        let log = self.names.log.clone();
+        self.publish_parts(&log, "log", &buf, (ROUND, round))
+            .await
+            .map(|_| ())
+    }
+
+    /// Appends `buf` in as few messages as the servers take, each naming `tag` (all but
+    /// the last say there is more: a reader joins them). Returns the first message's
+    /// sequence and the number of messages.
+    async fn publish_parts(
+        &mut self,
+        subject: &str,
+        kind: &str,
+        buf: &[u8],
+        tag: (&'static str, String),
+    ) -> Result<(u64, u64), AppendError> {
+        let part_max = self.r.payload_max.saturating_sub(HEADER_ROOM).max(1024);
         let parts: Vec<&[u8]> = buf.chunks(part_max).collect();
         let n = parts.len();
-        let log = self.names.log.clone();
+        let mut first = 0;
         for (i, part) in parts.into_iter().enumerate() {
-            let mut extra = vec![(ROUND, round.clone())];
+            let mut extra = vec![tag.clone()];
             if i + 1 < n {
                 extra.push((MORE, "1".to_string()));
             }
-            self.publish(&log, "log", part.to_vec(), &extra).await?;
+            let seq = self.publish(subject, kind, part.to_vec(), &extra).await?;
+            if first == 0 {
+                first = seq;
+            }
         }
-        Ok(())
+        Ok((first, n as u64))
     }
 
     /// Appends one round of `waiting` and answers each append (a failed one gets its
     /// units back, to be sent again).
     async fn serve(&mut self, waiting: &mut Vec<Append>) -> Result<(), AppendError> {
+        if waiting.iter().any(|a| a.gap) {
+            self.gap = true;
+            self.snapshot_due = true;
+        }
+        if self.gap && !self.fenced {
+            for a in waiting.drain(..) {
+                let _ = a.reply.send(Err(AppendFailed {
+                    why: "the replicated stream lacks changes dropped after failed appends; a snapshot is being written".into(),
+                    fenced: false,
+                    // In the store: the snapshot takes them.
+                    units: Vec::new(),
+                }));
+            }
+            return Err(AppendError::Failed("waiting for a snapshot".into()));
+        }
         let units: Vec<&[u8]> = waiting
             .iter()
             .flat_map(|a| a.units.iter().map(Vec::as_slice))
             .collect();
         let r = if self.fenced {
             Err(AppendError::Fenced)
+        } else if units.is_empty() {
+            // Barriers only: nothing to write.
+            Ok(())
         } else {
             match self.round(&units).await {
                 // Another writer, or this node's own earlier append that was stored after
@@ -677,6 +739,26 @@ impl Appender {
                 r => r,
             }
         };
+        // The answers first: the checks after a failure below may wait for NATS.
+        for a in waiting.drain(..) {
+            let answer = match &r {
+                Ok(()) if a.units.is_empty() && !self.whole => Err(AppendFailed {
+                    why: "the replicated stream is being made whole (a snapshot)".into(),
+                    fenced: false,
+                    units: Vec::new(),
+                }),
+                Ok(()) => Ok(()),
+                Err(e) => Err(AppendFailed {
+                    why: match e {
+                        AppendError::Fenced => "this node was failed over (fenced)".into(),
+                        AppendError::Failed(e) => e.clone(),
+                    },
+                    fenced: matches!(e, AppendError::Fenced),
+                    units: a.units,
+                }),
+            };
+            let _ = a.reply.send(answer);
+        }
         match &r {
             Ok(()) => {}
             Err(AppendError::Fenced) => {
@@ -691,13 +773,21 @@ impl Appender {
                 // The next append must know where the stream ends now (the failed one may
                 // have been stored after all: its changes then go twice, harmlessly), but
                 // a fence written meanwhile must not be taken for a new starting point.
-                match self.fenced_since_last().await {
-                    Ok(false) => {
-                        if let Ok(seq) = self.r.last_seq(&self.me.clone()).await {
-                            self.last_seq = seq;
-                        }
+                // Bounded as an append is: NATS may be the reason it failed.
+                let me = self.me.clone();
+                let check = async {
+                    match self.fenced_since_last().await {
+                        Ok(false) => self.r.last_seq(&me).await.map(Some),
+                        Ok(true) => Ok(None),
+                        Err(e) => Err(e),
                     }
-                    Ok(true) => {
+                };
+                match tokio::time::timeout(self.r.timeout, check)
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()))
+                {
+                    Ok(Some(seq)) => self.last_seq = seq,
+                    Ok(None) => {
                         tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
                         self.fenced = true;
                         self.fenced_since = Instant::now();
@@ -706,20 +796,6 @@ impl Appender {
                     Err(_) => {}
                 }
             }
-        }
-        for a in waiting.drain(..) {
-            let answer = match &r {
-                Ok(()) => Ok(()),
-                Err(e) => Err(AppendFailed {
-                    why: match e {
-                        AppendError::Fenced => "this node was failed over (fenced)".into(),
-                        AppendError::Failed(e) => e.clone(),
-                    },
-                    fenced: matches!(e, AppendError::Fenced),
-                    units: a.units,
-                }),
-            };
-            let _ = a.reply.send(answer);
         }
         r
     }
@@ -818,6 +894,9 @@ impl Appender {
                 self.last_seq = seq;
                 self.fenced = false;
                 self.snapshot_due = owned > 0;
+                // An emptied stream lacks nothing this node will serve.
+                self.gap &= owned > 0;
+                self.whole = owned == 0;
                 self.since_snapshot = 0;
                 tracing::warn!(
                     owned,
@@ -868,19 +947,23 @@ impl Appender {
         let mut messages = 0;
         let snap = self.names.snap.clone();
         while let Some(body) = chunks.recv().await {
-            let seq = self
-                .publish(&snap, "snap", body, &[(SNAP, id.to_string())])
+            // A body past the servers' max_payload (a record near the packet limit) goes
+            // in parts.
+            let (seq, n) = self
+                .publish_parts(&snap, "snap", &body, (SNAP, id.to_string()))
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             if first == 0 {
                 first = seq;
             }
-            messages += 1;
-            // Group commits that arrived meanwhile go out between the snapshot's messages.
+            messages += n;
+            // Group commits that arrived meanwhile go out between the snapshot's messages
+            // (after its start: a rebuild replays them after it), unless the snapshot
+            // fills a gap: then nothing is acknowledged before its end.
             while let Ok(a) = rx.try_recv() {
                 waiting.push(a);
             }
-            if !waiting.is_empty() {
+            if !waiting.is_empty() && !self.gap {
                 self.serve(waiting).await.map_err(|e| format!("{e:?}"))?;
             }
         }
@@ -925,6 +1008,13 @@ impl Appender {
             .map_err(|e| err("trim old snapshot records", e))?;
         self.since_snapshot = 0;
         self.snapshot_due = false;
+        self.whole = true;
+        if self.gap {
+            self.gap = false;
+            tracing::warn!(
+                "the replicated stream is whole again (a snapshot took the dropped changes)"
+            );
+        }
         tracing::info!(
             records,
             messages,

@@ -341,6 +341,12 @@ impl ClusterConfig {
         if self.rebuild_bytes_max < 1 << 20 {
             return Err(bad("cluster.rebuild_bytes_max", "must be at least 1048576"));
         }
+        if !(1 << 20..=1 << 40).contains(&self.replication_pending_bytes_max) {
+            return Err(bad(
+                "cluster.replication_pending_bytes_max",
+                "must be between 1048576 and 1099511627776",
+            ));
+        }
         if self.failover_after_s != 0 && self.failover_after_s < self.lease_ttl_s {
             return Err(bad(
                 "cluster.failover_after_s",

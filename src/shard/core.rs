@@ -307,6 +307,9 @@ pub struct CoreStats {
     /// Sessions of a failed node's stream skipped in a fail-over's rebuild: their records
     /// are damaged (nothing of them can be served; the rest of the node's sessions are).
     pub sessions_rebuild_damaged: u64,
+    /// Changes (units) dropped after failed appends past
+    /// `cluster.replication_pending_bytes_max` (a snapshot puts them in the stream).
+    pub replica_changes_dropped: u64,
     /// QoS 1/2 messages refused (not stored) for a session that was moving to another node.
     pub moving_refused: u64,
     pub ended_sessions: SessionStats,
@@ -457,6 +460,10 @@ pub struct Core {
     /// With replicated sessions: what the batches applied since the last group commit
     /// changed (one unit each, see `storage::replica`), for the replication log.
     replica_units: Vec<Vec<u8>>,
+    /// Changes were dropped after failed appends: the next append asks for a snapshot.
+    replica_gap: bool,
+    /// An acknowledgement waits for an append even if nothing changed (`replica_barrier`).
+    replica_barrier: bool,
     /// Whether batches may drop a put that they delete again when the key is new (see
     /// `StoreBatch`); off for the rest of the run once the store and the sessions may
     /// disagree (a lost write, records skipped at start).
@@ -558,6 +565,8 @@ impl Core {
             durability,
             open_batch: None,
             replica_units: Vec::new(),
+            replica_gap: false,
+            replica_barrier: false,
             elide: true,
             log: DurableLog::default(),
             recovered_peers: 0,

@@ -781,11 +781,11 @@ type OpenJournal = Option<(std::path::PathBuf, glommio::io::BufferedFile)>;
 fn replicate(
     shard: &Shard<BrokerShard>,
 ) -> Option<futures_channel::oneshot::Receiver<Result<(), AppendFailed>>> {
-    let (link, units) = shard.service().core.borrow_mut().take_replica_units()?;
-    if units.is_empty() {
+    let (link, units, gap, barrier) = shard.service().core.borrow_mut().take_replica_units()?;
+    if units.is_empty() && !gap && !barrier {
         return None;
     }
-    Some(link.append(shard.id().index(), units))
+    Some(link.append(shard.id().index(), units, gap))
 }
 
 /// Whether the append [`replicate`] started is in the replicated stream.

@@ -25,6 +25,14 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the server.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: a plain kill(2) of a child this test started.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     /// SIGKILL, and wait for the process to go.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -66,8 +74,13 @@ impl Nats {
     /// Starts `n` JetStream servers in one cluster and waits until every one says it is
     /// healthy (JetStream up, a meta leader elected).
     pub fn start(n: usize) -> Nats {
+        Nats::start_with(n, "")
+    }
+
+    /// As [`Nats::start`], with `extra` added to every server's configuration.
+    pub fn start_with(n: usize, extra: &str) -> Nats {
         for attempt in 0..3 {
-            if let Some(s) = Nats::try_start(n) {
+            if let Some(s) = Nats::try_start(n, extra) {
                 return s;
             }
             eprintln!("NATS did not come up (attempt {attempt}); retrying on other ports");
@@ -75,7 +88,7 @@ impl Nats {
         panic!("NATS did not start");
     }
 
-    fn try_start(n: usize) -> Option<Nats> {
+    fn try_start(n: usize, extra: &str) -> Option<Nats> {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(3 * n);
         let mut servers: Vec<NatsServer> = (0..n)
@@ -106,7 +119,7 @@ impl Nats {
             std::fs::write(
                 &conf,
                 format!(
-                    "server_name: {}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\n{cluster}",
+                    "server_name: {}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\n{cluster}{extra}",
                     s.name,
                     s.client_port,
                     s.http_port,

@@ -237,6 +237,9 @@ pub struct ClusterLink {
 pub struct Append {
     pub shard: usize,
     pub units: Vec<Vec<u8>>,
+    /// The shard dropped changes that failed to go (past
+    /// `cluster.replication_pending_bytes_max`): the stream lacks them until a snapshot.
+    pub gap: bool,
     pub reply: futures_channel::oneshot::Sender<Result<(), AppendFailed>>,
 }
 
@@ -261,12 +264,14 @@ impl ReplicaLink {
         &self,
         shard: usize,
         units: Vec<Vec<u8>>,
+        gap: bool,
     ) -> futures_channel::oneshot::Receiver<Result<(), AppendFailed>> {
         let (reply, rx) = futures_channel::oneshot::channel();
         // A closed channel drops `reply`: the receiver sees the append fail.
         let _ = self.0.send(Append {
             shard,
             units,
+            gap,
             reply,
         });
         rx

@@ -452,7 +452,9 @@ impl Core {
     /// Registers `w` to be released once every write so far is durable (at once when
     /// nothing is pending or acknowledgements do not wait for the disk).
     pub(super) fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
-        if !self.log.unsynced() && !self.replica_units.is_empty() {
+        if !self.log.unsynced()
+            && (!self.replica_units.is_empty() || self.replica_gap || self.replica_barrier)
+        {
             // Changes that the replicated stream did not take yet (a failed append): an
             // acknowledgement that depends on them (a resend found held) waits for the
             // group commit that sends them again.
@@ -487,9 +489,23 @@ impl Core {
 
     /// The replication log's way in, and what the batches applied so far changed (taken
     /// with [`Core::commit_target`]: the group commit replicates them with its fsync).
-    pub fn take_replica_units(&mut self) -> Option<(ReplicaLink, Vec<Vec<u8>>)> {
+    /// Returns the link, the units, and whether to append even without units (a gap to
+    /// report, or a barrier: an acknowledgement that needs the stream whole).
+    pub fn take_replica_units(&mut self) -> Option<(ReplicaLink, Vec<Vec<u8>>, bool, bool)> {
         let link = self.cluster.as_ref()?.replica()?.clone();
-        Some((link, std::mem::take(&mut self.replica_units)))
+        let gap = std::mem::take(&mut self.replica_gap);
+        let barrier = std::mem::take(&mut self.replica_barrier);
+        Some((link, std::mem::take(&mut self.replica_units), gap, barrier))
+    }
+
+    /// The next acknowledgement made durable (`wait_durable`) writes nothing but depends on
+    /// what the store holds already: with replicated sessions it waits for a group commit
+    /// whose append (empty if nothing else changed) succeeds only while the stream holds
+    /// everything the store does.
+    pub(super) fn replica_barrier(&mut self) {
+        if self.replicating() {
+            self.replica_barrier = true;
+        }
     }
 
     /// An append failed: its units go first in the next one (they are in the store, and
@@ -501,6 +517,19 @@ impl Core {
         }
         let mut units = failed.units;
         units.append(&mut self.replica_units);
+        let bytes: usize = units.iter().map(Vec::len).sum();
+        let max = self.config().cluster.replication_pending_bytes_max;
+        if bytes as u64 > max {
+            // Their changes are in the store: a snapshot of it puts them in the stream.
+            tracing::error!(
+                shard = self.id,
+                bytes,
+                "changes waiting for the replicated stream passed cluster.replication_pending_bytes_max: dropped; a snapshot makes the stream whole before anything more is acknowledged"
+            );
+            self.stats.replica_changes_dropped += units.len() as u64;
+            self.replica_gap = true;
+            return;
+        }
         self.replica_units = units;
     }
 

@@ -289,6 +289,10 @@ impl Core {
                 return Ok(true);
             }
             let token = (self.durability == Durability::Durable).then(|| self.token());
+            // The first try is in the store, but maybe not in the replicated stream (a
+            // stream being made whole after a restart, a fence or dropped changes): the
+            // resend's PUBREC waits until the stream is known whole.
+            self.replica_barrier();
             let rec = Packet::PubRec(Ack::new(pid));
             self.ack_when_durable(ctx, rec, AckWait::of(token, 0), Then::Ack, now);
             return Ok(true);
