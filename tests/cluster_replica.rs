@@ -34,6 +34,31 @@ fn replicated_toml(id: &str, etcd: &Etcd, nats: &Nats, prefix: &str, ttl_s: u64)
     )
 }
 
+/// The crash tests' two offline persistent subscribers of `CRASH_TOPIC`, whose sessions
+/// live on node `c`: MQTT 3.1.1 at QoS 1, MQTT 5 at QoS 2.
+fn crash_subscribers_on_c(
+    etcd: &Etcd,
+    prefix: &str,
+    c: &TestBroker,
+    stem: &str,
+) -> (ConnectOpts, ConnectOpts) {
+    let sub1 = ConnectOpts::v311(
+        &id_owned_by(etcd, prefix, "c", &format!("{stem}-q1")),
+        false,
+    );
+    let sub2 = ConnectOpts::v5(
+        &id_owned_by(etcd, prefix, "c", &format!("{stem}-q2")),
+        false,
+    )
+    .expiry(3600);
+    for (s, qos) in [(&sub1, QoS::AtLeastOnce), (&sub2, QoS::ExactlyOnce)] {
+        let (mut cl, _) = RawClient::connect_served(c.addr, s);
+        cl.sub(&[(CRASH_TOPIC, qos)]);
+        cl.disconnect();
+    }
+    (sub1, sub2)
+}
+
 /// Sets its flag when dropped.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -70,16 +95,7 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
     assert!(a.metric("shardmq_cluster_replica_appends_total{node=\"a\"}") >= 0.0);
 
     // Both subscribers' sessions live on c, the node that dies; the publisher's on a.
-    let sub1 = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "rep-q1"), false);
-    let sub2 = ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "rep-q2"), false).expiry(3600);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub1);
-        s.sub(&[(CRASH_TOPIC, QoS::AtLeastOnce)]);
-        s.disconnect();
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub2);
-        s.sub(&[(CRASH_TOPIC, QoS::ExactlyOnce)]);
-        s.disconnect();
-    }
+    let (sub1, sub2) = crash_subscribers_on_c(&etcd, &p, &c, "rep");
     let mut publ = CrashPublisher::new(id_owned_by(&etcd, &p, "a", "rep-pub"));
     let stop = AtomicBool::new(false);
     let mut log = Vec::new();
@@ -389,16 +405,7 @@ fn the_stream_leader_killed_under_load_loses_nothing_acknowledged() {
         .unwrap()
         .to_string();
     // The subscribers' sessions and the publisher's all live on c.
-    let sub1 = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "lead-q1"), false);
-    let sub2 = ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "lead-q2"), false).expiry(3600);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub1);
-        s.sub(&[(CRASH_TOPIC, QoS::AtLeastOnce)]);
-        s.disconnect();
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub2);
-        s.sub(&[(CRASH_TOPIC, QoS::ExactlyOnce)]);
-        s.disconnect();
-    }
+    let (sub1, sub2) = crash_subscribers_on_c(&etcd, &p, &c, "lead");
     let mut publ = CrashPublisher::new(id_owned_by(&etcd, &p, "c", "lead-pub"));
     let stop = AtomicBool::new(false);
     let acked = std::sync::atomic::AtomicU64::new(0);

@@ -436,15 +436,7 @@ impl Replica {
     /// Empties this node's stream (it owns nothing: whatever it holds was rebuilt
     /// elsewhere) and returns the last sequence.
     pub async fn purge(&self, me: &str) -> Result<u64, String> {
-        let names = self.names(me);
-        let stream = self.ensure_stream(me, &names).await?;
-        stream.purge().await.map_err(|e| err("purge", e))?;
-        Ok(stream
-            .get_info()
-            .await
-            .map_err(|e| err("info", e))?
-            .state
-            .last_sequence)
+        self.last_seq_after(me, true).await
     }
 
     /// Whether this node's stream holds sessions (a log or a snapshot).
@@ -462,8 +454,16 @@ impl Replica {
     }
 
     async fn last_seq(&self, me: &str) -> Result<u64, String> {
+        self.last_seq_after(me, false).await
+    }
+
+    /// This node's stream's last sequence, after emptying it when `purge`.
+    async fn last_seq_after(&self, me: &str, purge: bool) -> Result<u64, String> {
         let names = self.names(me);
         let stream = self.ensure_stream(me, &names).await?;
+        if purge {
+            stream.purge().await.map_err(|e| err("purge", e))?;
+        }
         Ok(stream
             .get_info()
             .await

@@ -81,3 +81,45 @@ fn defaults_are_valid_and_unknown_keys_refused() {
     let e = Config::from_toml("log = 3\n").unwrap_err();
     assert_eq!(e.key, "log", "{e}");
 }
+
+#[test]
+fn replication_settings_are_checked_with_one_line_naming_the_key() {
+    let node = |extra: &str| -> Result<(), String> {
+        let toml = format!(
+            "[cluster]\nnode = \"a\"\nlisten = \"127.0.0.1:7000\"\netcd = [\"http://127.0.0.1:2379\"]\n{extra}"
+        );
+        let cfg: Config = toml::from_str(&toml).map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())
+    };
+    assert!(node("jetstream = [\"nats://127.0.0.1:4222\"]\n").is_ok());
+    for (extra, key) in [
+        (
+            "jetstream = [\"http://127.0.0.1:4222\"]\n",
+            "cluster.jetstream",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:0\"]\n",
+            "cluster.jetstream",
+        ),
+        ("jetstream_replicas = 0\n", "cluster.jetstream_replicas"),
+        (
+            "replication_timeout_ms = 10\n",
+            "cluster.replication_timeout_ms",
+        ),
+        ("snapshot_log_bytes = 1000\n", "cluster.snapshot_log_bytes"),
+        ("rebuild_bytes_max = 1000\n", "cluster.rebuild_bytes_max"),
+        (
+            "replication_pending_bytes_max = 1000\n",
+            "cluster.replication_pending_bytes_max",
+        ),
+    ] {
+        let e = node(extra).expect_err(extra);
+        assert!(e.contains(key) && !e.contains('\n'), "{extra}: {e}");
+    }
+    let e = node("jetstream = [\"nats://127.0.0.1:4222\"]\n[storage]\ndurability = \"batched\"\n")
+        .expect_err("batched");
+    assert!(
+        e.contains("cluster.jetstream") && e.contains("durable"),
+        "{e}"
+    );
+}

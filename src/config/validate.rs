@@ -359,27 +359,23 @@ impl ClusterConfig {
 
 /// A NATS URL: `nats://HOST:PORT` (TLS to NATS is not built in yet).
 fn check_nats_url(u: &str) -> Result<(), String> {
-    let Some(rest) = u.strip_prefix("nats://") else {
-        return Err(format!("{u:?} must be nats://HOST:PORT"));
-    };
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err(format!("{u:?} has no port"));
-    };
-    if host.is_empty() || host.contains(|c: char| c == '/' || c == '@' || c.is_whitespace()) {
-        return Err(format!("{u:?} has no usable host"));
-    }
-    if port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("{u:?} has no usable port"));
-    }
-    Ok(())
+    check_url(u, "nats://")
 }
 
 /// An etcd client URL: `http://HOST:PORT` (TLS to etcd is not built in yet).
 fn check_etcd_url(u: &str) -> Result<(), String> {
-    let Some(rest) = u.strip_prefix("http://") else {
-        return Err(format!("{u:?} must be http://HOST:PORT"));
+    check_url(u, "http://")
+}
+
+/// `SCHEME://HOST:PORT` (for `http://`, a trailing `/` is taken too).
+fn check_url(u: &str, scheme: &str) -> Result<(), String> {
+    let Some(rest) = u.strip_prefix(scheme) else {
+        return Err(format!("{u:?} must be {scheme}HOST:PORT"));
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let rest = match scheme {
+        "http://" => rest.strip_suffix('/').unwrap_or(rest),
+        _ => rest,
+    };
     let Some((host, port)) = rest.rsplit_once(':') else {
         return Err(format!("{u:?} has no port"));
     };

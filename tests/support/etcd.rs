@@ -38,7 +38,7 @@ pub struct Etcd {
 }
 
 /// Ports nobody listens on right now (bound and released; etcd takes them right after).
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();

@@ -2,10 +2,11 @@
 //! on ephemeral 127.0.0.1 ports with a temporary directory each, stopped by PID on drop.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::etcd::free_ports;
 use super::TIMEOUT;
 
 pub struct NatsServer {
@@ -59,15 +60,6 @@ impl NatsServer {
 pub struct Nats {
     pub servers: Vec<NatsServer>,
     pub dir: tempfile::TempDir,
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
 }
 
 impl Nats {
