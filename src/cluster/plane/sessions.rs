@@ -1,0 +1,232 @@
+//! Sessions crossing nodes on the plane: moves to another node (sent part by part within a
+//! window, each answered once stored there) and rebuilds of a failed node's sessions here.
+
+use super::*;
+
+impl Plane {
+    /// Starts sending `sessions` (read on the shards, whose slots are held and moving) to
+    /// `to`: a window of them at a time, each answered once `to` has stored it and routes
+    /// its filters; `reply` gets how many moved, or why the move failed.
+    pub(super) fn start_move(
+        &mut self,
+        to: &str,
+        sessions: crate::shard::api::MovedSessions,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ) {
+        if self.move_out.is_some() {
+            let _ = reply.send(Err("another move is under way".into()));
+            return;
+        }
+        let Some(n) = self
+            .ix
+            .get(to)
+            .copied()
+            .filter(|n| self.links.contains_key(n))
+        else {
+            let _ = reply.send(Err(format!("no link to {to}")));
+            return;
+        };
+        self.move_out = Some(MoveOut {
+            node: n,
+            todo: sessions.into(),
+            sent: HashMap::new(),
+            sent_bytes: 0,
+            moved: 0,
+            deadline: Instant::now() + self.limits.move_timeout,
+            reply,
+        });
+        self.pump_move();
+    }
+
+    /// Sends moved sessions while the window has room; answers the move when all are in.
+    pub(super) fn pump_move(&mut self) {
+        let Some(mut m) = self.move_out.take() else {
+            return;
+        };
+        while m.sent_bytes < self.limits.move_window_bytes {
+            let Some((client_id, entries)) = m.todo.pop_front() else {
+                break;
+            };
+            self.next_id += 1;
+            let id = self.next_id;
+            let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
+            let part = self.limits.session_part_bytes;
+            wire::session(self.buf(m.node), id, &client_id, &entries, part);
+            m.sent.insert(id, bytes);
+            m.sent_bytes += bytes;
+        }
+        if m.todo.is_empty() && m.sent.is_empty() {
+            let _ = m.reply.send(Ok(m.moved));
+        } else {
+            self.move_out = Some(m);
+        }
+    }
+
+    /// The answer to one moved session.
+    pub(super) fn moved(&mut self, id: u64, ok: bool) {
+        let Some(m) = &mut self.move_out else {
+            return;
+        };
+        let Some(bytes) = m.sent.remove(&id) else {
+            return;
+        };
+        m.sent_bytes -= bytes;
+        if ok {
+            m.moved += 1;
+            self.pump_move();
+        } else {
+            self.fail_move("the other node could not store a session");
+        }
+    }
+
+    pub(super) fn fail_move(&mut self, why: &str) {
+        if let Some(m) = self.move_out.take() {
+            let _ = m.reply.send(Err(why.to_string()));
+        }
+    }
+
+    /// A part of a session `n` moves here: kept until its last part, then handed to the
+    /// shard of its client id (answered from there). Over the bounds (sessions arriving at
+    /// once, `link_buffer_bytes_max` for one session), it is refused.
+    pub(super) fn session_part(
+        &mut self,
+        n: NodeIx,
+        id: u64,
+        client_id: String,
+        last: bool,
+        entries: Vec<crate::storage::ClientEntry>,
+    ) {
+        let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
+        let full = self.moves_in.len() >= self.limits.moves_in_max
+            && !self.moves_in.contains_key(&(n, id));
+        let deadline = Instant::now() + self.limits.move_timeout;
+        let m = self.moves_in.entry((n, id)).or_insert_with(|| MoveIn {
+            client_id: client_id.clone(),
+            entries: Vec::new(),
+            bytes: 0,
+            deadline,
+        });
+        m.bytes += bytes;
+        let refused =
+            full || m.client_id != client_id || m.bytes > self.limits.link_buffer_bytes_max;
+        if refused {
+            self.moves_in.remove(&(n, id));
+            self.counters.bad_frames_total += 1;
+            tracing::warn!(client = %client_id, "a moved session refused: over the bounds of sessions arriving");
+            if self.links.contains_key(&n) {
+                wire::pub_ack(self.buf(n), id, false, Fate::default());
+            }
+            return;
+        }
+        m.entries.extend(entries);
+        if !last {
+            return;
+        }
+        let Some(m) = self.moves_in.remove(&(n, id)) else {
+            return;
+        };
+        // The shards judge a moved session against the slot table as this node knows it
+        // now (the map goes out on the tick otherwise): a node that has just given the
+        // slot away must not take the session moved back to it for its own.
+        self.update_slots();
+        let shard = crate::session::owner_shard(m.client_id.as_bytes(), self.shards);
+        self.post(
+            shard,
+            FromCluster::Adopt {
+                node: n,
+                id,
+                client_id: m.client_id,
+                entries: Arc::new(m.entries),
+                read_at: None,
+            },
+        );
+    }
+
+    /// Stores sessions rebuilt from a failed node's stream on their shards here; `reply`
+    /// hears once every shard has them durably (and replicated) and their routes are
+    /// known on every live node.
+    pub(super) fn start_rebuild(
+        &mut self,
+        from: &str,
+        read_at: Instant,
+        mut sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ) {
+        // The QoS 2 releases of this node's publishers that `from` missed: its stream
+        // still holds those keys, stale.
+        if let Some(missed) = self.ix_of(from).and_then(|n| self.missed_releases.get(&n)) {
+            for (_, entries) in &mut sessions {
+                entries.retain(|e| {
+                    e.space != crate::storage::Space::Dedup
+                        || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| {
+                            missed
+                                .iter()
+                                .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
+                        })
+                });
+            }
+        }
+        if sessions.is_empty() {
+            let _ = reply.send(Ok(0));
+            return;
+        }
+        self.next_id += 1;
+        let rebuild = self.next_id;
+        self.rebuilds.insert(
+            rebuild,
+            Rebuild {
+                left: sessions.len(),
+                stored: 0,
+                failed: 0,
+                reply: Some(reply),
+            },
+        );
+        for (client_id, entries) in sessions {
+            self.next_id += 1;
+            let id = self.next_id;
+            self.rebuild_ids.insert(id, rebuild);
+            let shard = crate::session::owner_shard(client_id.as_bytes(), self.shards);
+            self.post(
+                shard,
+                FromCluster::Adopt {
+                    node: REBUILD_NODE,
+                    id,
+                    client_id,
+                    entries: Arc::new(entries),
+                    read_at: Some(read_at),
+                },
+            );
+        }
+    }
+
+    pub(super) fn rebuild_answer(&mut self, id: u64, ok: bool) {
+        let Some(rebuild) = self.rebuild_ids.remove(&id) else {
+            return;
+        };
+        let Some(r) = self.rebuilds.get_mut(&rebuild) else {
+            return;
+        };
+        r.left -= 1;
+        if ok {
+            r.stored += 1;
+        } else {
+            r.failed += 1;
+        }
+        if r.left == 0 {
+            if let Some(mut r) = self.rebuilds.remove(&rebuild) {
+                let result = if r.failed == 0 {
+                    Ok(r.stored)
+                } else {
+                    Err(format!(
+                        "{} of {} sessions not stored",
+                        r.failed,
+                        r.failed + r.stored
+                    ))
+                };
+                if let Some(reply) = r.reply.take() {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}

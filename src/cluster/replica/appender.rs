@@ -1,0 +1,527 @@
+//! The appender: the only writer of this node's stream. Rounds of the shards' units, the
+//! fence check on every append, snapshots and the trim after them.
+
+use super::*;
+
+/// Why an append failed.
+#[derive(Debug)]
+enum AppendError {
+    /// Another node fenced this one (or wrote to its stream).
+    Fenced,
+    Failed(String),
+}
+
+/// The appender: the only writer of this node's stream.
+pub(in crate::cluster) struct Appender {
+    r: Replica,
+    me: String,
+    names: Names,
+    last_seq: u64,
+    fenced: bool,
+    incarnation: u64,
+    counter: u64,
+    since_snapshot: u64,
+    snapshot_log_bytes: u64,
+    /// A snapshot is due (a failed append, or the log grew past its bound).
+    snapshot_due: bool,
+    /// A shard dropped changes the stream lacks (`Append::gap`): every append fails
+    /// until a snapshot has put them in (their own changes are in the store: the
+    /// snapshot takes them too).
+    gap: bool,
+    /// Whether the stream holds everything the stores do: not before the first snapshot
+    /// after a start or an unfence (a group commit may have reached only the store), nor
+    /// with a gap. An append without units (a barrier) succeeds only when it does.
+    whole: bool,
+    stores: Arc<OnceLock<Vec<Store>>>,
+    handle: crate::cluster::ClusterHandle,
+    /// When it found itself fenced: it appends again only once its lease has been renewed
+    /// since (a fence means its lease had expired: that renewal is a new lease's, and
+    /// the slot table it holds then is etcd's, not the one it had before a freeze).
+    fenced_since: Instant,
+}
+
+impl Appender {
+    /// `owns_slots`: whether this node owns slots now; without, its stream holds nothing
+    /// it will serve (a fail-over rebuilt its sessions elsewhere) and is emptied.
+    pub async fn start(
+        r: Replica,
+        me: &str,
+        owns_slots: bool,
+        snapshot_log_bytes: u64,
+        stores: Arc<OnceLock<Vec<Store>>>,
+        handle: crate::cluster::ClusterHandle,
+    ) -> Result<Appender, String> {
+        let last_seq = if owns_slots {
+            r.last_seq(me).await?
+        } else {
+            r.purge(me).await?
+        };
+        let names = r.names(me);
+        let mut a = Appender {
+            r,
+            me: me.to_string(),
+            names,
+            last_seq,
+            fenced: false,
+            incarnation: now_ms(),
+            counter: 0,
+            since_snapshot: 0,
+            snapshot_log_bytes,
+            // The store and the stream may differ by a group commit that reached only one
+            // of them before the last stop: a snapshot makes the stream whole again.
+            snapshot_due: owns_slots,
+            gap: false,
+            whole: !owns_slots,
+            stores,
+            handle,
+            fenced_since: Instant::now(),
+        };
+        if last_seq == 0 {
+            // An empty stream takes any append whatever its expected sequence says (0
+            // means "no check"): one marker first, so that a fence is always seen.
+            let log = a.names.log.clone();
+            a.publish(&log, "init", Vec::new(), &[])
+                .await
+                .map_err(|e| format!("JetStream stream {}: {e:?}", a.names.stream))?;
+        }
+        a.show(|v| v.last_seq = a.last_seq);
+        Ok(a)
+    }
+
+    fn show(&self, f: impl FnOnce(&mut ReplicaView)) {
+        f(&mut self.r.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Appends one message after the last one this node knows of; retried within
+    /// `cluster.replication_timeout_ms` (the same message id: stored once).
+    async fn publish(
+        &mut self,
+        subject: &str,
+        kind: &str,
+        body: Vec<u8>,
+        extra: &[(&'static str, String)],
+    ) -> Result<u64, AppendError> {
+        self.counter += 1;
+        let mut h = HeaderMap::new();
+        h.insert(KIND, kind);
+        h.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{}-{}-{}", self.me, self.incarnation, self.counter).as_str(),
+        );
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+            self.last_seq.to_string().as_str(),
+        );
+        for (k, v) in extra {
+            h.insert(*k, v.as_str());
+        }
+        let body = Bytes::from(body);
+        let deadline = Instant::now() + self.r.timeout;
+        loop {
+            let attempt = async {
+                self.r
+                    .js
+                    .publish_with_headers(subject.to_string(), h.clone(), body.clone())
+                    .await?
+                    .await
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(ack)) => {
+                    self.last_seq = ack.sequence;
+                    return Ok(ack.sequence);
+                }
+                Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(AppendError::Fenced)
+                }
+                Ok(Err(e)) if Instant::now() + RETRY < deadline => {
+                    tracing::debug!(error = %e, "append to the replicated stream failed; trying again");
+                    tokio::time::sleep(RETRY).await;
+                }
+                Ok(Err(e)) => return Err(AppendError::Failed(e.to_string())),
+                Err(_) => {
+                    return Err(AppendError::Failed(format!(
+                        "no answer within {:?}",
+                        self.r.timeout
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Appends one round: the units of the group commits that arrived together, in as
+    /// few messages as the servers take (each part names the round; all but the last say
+    /// there is more).
+    async fn round(&mut self, units: &[&[u8]]) -> Result<(), AppendError> {
+        let mut buf = Vec::with_capacity(units.iter().map(|u| u.len() + 4).sum());
+        for u in units {
+            buf.extend_from_slice(&(u.len() as u32).to_le_bytes());
+            buf.extend_from_slice(u);
+        }
+        self.since_snapshot += buf.len() as u64;
+        let round = format!("{}-{}", self.incarnation, self.counter + 1);
+        let log = self.names.log.clone();
+        self.publish_parts(&log, "log", &buf, (ROUND, round))
+            .await
+            .map(|_| ())
+    }
+
+    /// Appends `buf` in as few messages as the servers take, each naming `tag` (all but
+    /// the last say there is more: a reader joins them). Returns the first message's
+    /// sequence and the number of messages.
+    async fn publish_parts(
+        &mut self,
+        subject: &str,
+        kind: &str,
+        buf: &[u8],
+        tag: (&'static str, String),
+    ) -> Result<(u64, u64), AppendError> {
+        let part_max = self.r.payload_max.saturating_sub(HEADER_ROOM).max(1024);
+        let parts: Vec<&[u8]> = buf.chunks(part_max).collect();
+        let n = parts.len();
+        let mut first = 0;
+        for (i, part) in parts.into_iter().enumerate() {
+            let mut extra = vec![tag.clone()];
+            if i + 1 < n {
+                extra.push((MORE, "1".to_string()));
+            }
+            let seq = self.publish(subject, kind, part.to_vec(), &extra).await?;
+            if first == 0 {
+                first = seq;
+            }
+        }
+        Ok((first, n as u64))
+    }
+
+    /// Appends one round of `waiting` and answers each append (a failed one gets its
+    /// units back, to be sent again).
+    async fn serve(&mut self, waiting: &mut Vec<Append>) -> Result<(), AppendError> {
+        if waiting.iter().any(|a| a.gap) {
+            self.gap = true;
+            self.snapshot_due = true;
+        }
+        if self.gap && !self.fenced {
+            for a in waiting.drain(..) {
+                let _ = a.reply.send(Err(AppendFailed {
+                    why: "the replicated stream lacks changes dropped after failed appends; a snapshot is being written".into(),
+                    fenced: false,
+                    // In the store: the snapshot takes them.
+                    units: Vec::new(),
+                }));
+            }
+            return Err(AppendError::Failed("waiting for a snapshot".into()));
+        }
+        let units: Vec<&[u8]> = waiting
+            .iter()
+            .flat_map(|a| a.units.iter().map(Vec::as_slice))
+            .collect();
+        let r = if self.fenced {
+            Err(AppendError::Fenced)
+        } else if units.is_empty() {
+            // Barriers only: nothing to write.
+            Ok(())
+        } else {
+            match self.round(&units).await {
+                // Another writer, or this node's own earlier append that was stored after
+                // all: only a fence after its last append makes it fenced.
+                Err(AppendError::Fenced) => match self.fenced_since_last().await {
+                    Ok(false) => Err(AppendError::Failed(
+                        "the stream moved on without this append (an earlier try stored late)"
+                            .into(),
+                    )),
+                    Ok(true) => Err(AppendError::Fenced),
+                    Err(e) => Err(AppendError::Failed(e)),
+                },
+                r => r,
+            }
+        };
+        // The answers first: the checks after a failure below may wait for NATS.
+        for a in waiting.drain(..) {
+            let answer = match &r {
+                Ok(()) if a.units.is_empty() && !self.whole => Err(AppendFailed {
+                    why: "the replicated stream is being made whole (a snapshot)".into(),
+                    fenced: false,
+                    units: Vec::new(),
+                }),
+                Ok(()) => Ok(()),
+                Err(e) => Err(AppendFailed {
+                    why: match e {
+                        AppendError::Fenced => "this node was failed over (fenced)".into(),
+                        AppendError::Failed(e) => e.clone(),
+                    },
+                    fenced: matches!(e, AppendError::Fenced),
+                    units: a.units,
+                }),
+            };
+            let _ = a.reply.send(answer);
+        }
+        match &r {
+            Ok(()) => {}
+            Err(AppendError::Fenced) => {
+                if !self.fenced {
+                    tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until it rejoins");
+                    self.fenced_since = Instant::now();
+                }
+                self.fenced = true;
+            }
+            Err(AppendError::Failed(e)) => {
+                tracing::warn!(error = %e, "append to the replicated stream failed: its acknowledgements fail, and its changes go again with the next");
+                // The next append must know where the stream ends now (the failed one may
+                // have been stored after all: its changes then go twice, harmlessly), but
+                // a fence written meanwhile must not be taken for a new starting point.
+                // Bounded as an append is: NATS may be the reason it failed.
+                let me = self.me.clone();
+                let check = async {
+                    match self.fenced_since_last().await {
+                        Ok(false) => self.r.last_seq(&me).await.map(Some),
+                        Ok(true) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
+                match tokio::time::timeout(self.r.timeout, check)
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()))
+                {
+                    Ok(Some(seq)) => self.last_seq = seq,
+                    Ok(None) => {
+                        tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
+                        self.fenced = true;
+                        self.fenced_since = Instant::now();
+                    }
+                    // Not known now: the next append says (its expected sequence).
+                    Err(_) => {}
+                }
+            }
+        }
+        r
+    }
+
+    /// Serves the shards' appends until they stop: whatever arrived while the last round
+    /// was out goes in the next, and a snapshot is written when one is due.
+    pub async fn run(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Append>) {
+        let mut waiting: Vec<Append> = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if waiting.is_empty() {
+                tokio::select! {
+                    a = rx.recv() => match a {
+                        Some(a) => waiting.push(a),
+                        None => return,
+                    },
+                    _ = tick.tick() => {}
+                }
+            }
+            while let Ok(a) = rx.try_recv() {
+                waiting.push(a);
+            }
+            if !waiting.is_empty() {
+                let started = Instant::now();
+                let n = waiting.len() as u64;
+                self.show(|v| v.lag_appends = n);
+                let failed = self.serve(&mut waiting).await.is_err();
+                let (since, last) = (self.since_snapshot, self.last_seq);
+                let fenced = self.fenced;
+                self.show(|v| {
+                    v.appends_total += n;
+                    if failed {
+                        v.append_failures_total += n;
+                    }
+                    v.lag_appends = 0;
+                    v.lag_ms = started.elapsed().as_millis() as u64;
+                    v.last_seq = last;
+                    v.log_bytes_since_snapshot = since;
+                    v.fenced = fenced;
+                });
+            }
+            if self.fenced {
+                self.unfence().await;
+            }
+            if !self.fenced && (self.snapshot_due || self.since_snapshot >= self.snapshot_log_bytes)
+            {
+                if let Err(e) = self.snapshot(&mut rx, &mut waiting).await {
+                    tracing::warn!(error = %e, "snapshot of the replicated sessions failed; tried again later");
+                }
+            }
+        }
+    }
+
+    /// Whether a fence was written into this node's stream after its last append.
+    async fn fenced_since_last(&self) -> Result<bool, String> {
+        let stream = self
+            .r
+            .js
+            .get_stream(&self.names.stream)
+            .await
+            .map_err(|e| err("stream", e))?;
+        Ok(last_of(&stream, &self.names.fence)
+            .await?
+            .is_some_and(|m| m.sequence > self.last_seq))
+    }
+
+    /// A fenced node whose lease was renewed since: if it owns no slot, whatever its
+    /// stream holds was rebuilt elsewhere and is emptied; if it still owns slots (the
+    /// fail-over that fenced it did not take them), it goes on after the fence, with a
+    /// snapshot first (appends failed meanwhile: the stream lacks changes its store has).
+    async fn unfence(&mut self) {
+        let (renewed, owned) = {
+            let st = self.handle.lock();
+            let owned = st
+                .slots
+                .counts()
+                .get(self.me.as_str())
+                .copied()
+                .unwrap_or(0);
+            let renewed = st.state == crate::cluster::SelfState::Up
+                && st.renewed.is_some_and(|t| t > self.fenced_since);
+            (renewed, owned)
+        };
+        if !renewed {
+            return;
+        }
+        let me = self.me.clone();
+        let r = if owned == 0 {
+            self.r.purge(&me).await
+        } else {
+            self.r.last_seq(&me).await
+        };
+        match r {
+            Ok(seq) => {
+                self.last_seq = seq;
+                self.fenced = false;
+                self.snapshot_due = owned > 0;
+                // An emptied stream lacks nothing this node will serve.
+                self.gap &= owned > 0;
+                self.whole = owned == 0;
+                self.since_snapshot = 0;
+                tracing::warn!(
+                    owned,
+                    "replicating again after this node rejoined (its stream was fenced)"
+                );
+                self.show(|v| v.fenced = false);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot resume replicating yet"),
+        }
+    }
+
+    /// Writes a snapshot of every shard's store, then trims what it makes unneeded.
+    /// Appends that arrive meanwhile wait in `waiting` (they go in the next round).
+    async fn snapshot(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Append>,
+        waiting: &mut Vec<Append>,
+    ) -> Result<(), String> {
+        let Some(stores) = self.stores.get().cloned() else {
+            return Ok(());
+        };
+        let start = self.last_seq;
+        let id = now_ms();
+        // The stores are read on a blocking thread, a message's worth at a time.
+        let (tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut records = 0;
+            let mut msg = Vec::new();
+            for store in &stores {
+                let mut emit = |unit: Vec<u8>| {
+                    msg.extend_from_slice(&(unit.len() as u32).to_le_bytes());
+                    msg.extend_from_slice(&unit);
+                    if msg.len() >= SNAP_UNIT_BYTES {
+                        tx.blocking_send(std::mem::take(&mut msg))
+                            .map_err(|_| "snapshot abandoned".to_string())?;
+                    }
+                    Ok(())
+                };
+                records += store.snapshot_units(SNAP_UNIT_BYTES / 2, &mut emit)?;
+            }
+            if !msg.is_empty() {
+                tx.blocking_send(msg)
+                    .map_err(|_| "snapshot abandoned".to_string())?;
+            }
+            Ok::<u64, String>(records)
+        });
+        let mut first = 0;
+        let mut messages = 0;
+        let snap = self.names.snap.clone();
+        while let Some(body) = chunks.recv().await {
+            // A body past the servers' max_payload (a record near the packet limit) goes
+            // in parts.
+            let (seq, n) = self
+                .publish_parts(&snap, "snap", &body, (SNAP, id.to_string()))
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            if first == 0 {
+                first = seq;
+            }
+            messages += n;
+            // Group commits that arrived meanwhile go out between the snapshot's messages
+            // (after its start: a rebuild replays them after it), unless the snapshot
+            // fills a gap: then nothing is acknowledged before its end.
+            while let Ok(a) = rx.try_recv() {
+                waiting.push(a);
+            }
+            if !waiting.is_empty() && !self.gap {
+                self.serve(waiting).await.map_err(|e| format!("{e:?}"))?;
+            }
+        }
+        let records = reader
+            .await
+            .map_err(|e| format!("snapshot reader: {e}"))??;
+        let done = SnapshotDone {
+            id,
+            start,
+            first,
+            messages,
+            records,
+            at_ms: now_ms(),
+        };
+        let body = serde_json::to_vec(&done).map_err(|e| e.to_string())?;
+        let done_subject = self.names.done.clone();
+        self.publish(&done_subject, "done", body, &[])
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        // Trim: the log up to the snapshot's start, the older snapshots and records.
+        let stream = self
+            .r
+            .js
+            .get_stream(&self.names.stream)
+            .await
+            .map_err(|e| err("stream", e))?;
+        let purge =
+            |subject: &str, below: u64| stream.purge().filter(subject.to_string()).sequence(below);
+        purge(&self.names.log, start + 1)
+            .await
+            .map_err(|e| err("trim the log", e))?;
+        if first > 0 {
+            purge(&self.names.snap, first)
+                .await
+                .map_err(|e| err("trim old snapshots", e))?;
+        }
+        stream
+            .purge()
+            .filter(self.names.done.clone())
+            .keep(1)
+            .await
+            .map_err(|e| err("trim old snapshot records", e))?;
+        self.since_snapshot = 0;
+        self.snapshot_due = false;
+        self.whole = true;
+        if self.gap {
+            self.gap = false;
+            tracing::warn!(
+                "the replicated stream is whole again (a snapshot took the dropped changes)"
+            );
+        }
+        tracing::info!(
+            records,
+            messages,
+            start,
+            "wrote a snapshot of the replicated sessions and trimmed the log before it"
+        );
+        self.show(|v| {
+            v.snapshots_total += 1;
+            v.last_snapshot = Some(done);
+            v.log_bytes_since_snapshot = 0;
+        });
+        Ok(())
+    }
+}
