@@ -145,7 +145,10 @@ pub(super) async fn run(
         }
     };
     if cfg.replicated() {
-        match start_replica(&cfg, &node.record.id, &handle, fresh_disk, stores).await {
+        // Renewing meanwhile: JetStream may take a while (a new stream elects its leader).
+        let me = node.record.id.clone();
+        let started = start_replica(&cfg, &me, &handle, fresh_disk, stores);
+        match node.renewing(&keys, &handle, started).await {
             Ok((r, appender)) => {
                 handle.lock().replica = Some(r.state.clone());
                 // Off the membership loop: a NATS server that does not answer must not
@@ -719,7 +722,12 @@ impl Node {
         also: Option<Compare>,
     ) -> Result<bool, Claim> {
         let key = keys.slots();
-        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
+        // Only while this node's live record is still tied to its lease: a node that has
+        // lost its lease (and may not know yet) changes nothing.
+        let mut when = vec![
+            Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            Compare::lease(keys.node(&self.record.id), CompareOp::Equal, self.lease),
+        ];
         when.extend(also);
         let txn = Txn::new()
             .when(when)

@@ -154,8 +154,8 @@ pub(super) struct Replica {
     prefix: String,
     replicas: u32,
     timeout: Duration,
-    /// The largest message the servers take.
-    payload_max: usize,
+    /// The connection (its server's `max_payload`, known once the server has said it).
+    client: async_nats::Client,
     rebuild_bytes_max: usize,
     pub state: ReplicaState,
 }
@@ -186,9 +186,8 @@ impl Replica {
         .await
         .map_err(|_| format!("cannot reach NATS at {urls} (cluster.jetstream) within {bound:?}"))?
         .map_err(|e| format!("cannot reach NATS at {urls} (cluster.jetstream): {e}"))?;
-        let payload_max = client.server_info().max_payload.max(64 << 10);
         let timeout = Duration::from_millis(cfg.replication_timeout_ms as u64);
-        let mut js = jetstream::new(client);
+        let mut js = jetstream::new(client.clone());
         // JetStream's own requests (stream info, reads, purges) get the etcd bound: a
         // stream that has just been made elects its leader meanwhile. Appends are bounded
         // by `replication_timeout_ms` on top (`Appender::publish`).
@@ -198,7 +197,7 @@ impl Replica {
             prefix: cfg.prefix.clone(),
             replicas: cfg.jetstream_replicas,
             timeout,
-            payload_max,
+            client,
             rebuild_bytes_max: cfg.rebuild_bytes_max as usize,
             state: Arc::default(),
         };
@@ -221,6 +220,16 @@ impl Replica {
                 Err(e) => return Err(format!("JetStream stream {}: {e}", names.stream)),
             }
         }
+    }
+
+    /// The most bytes of body one message may carry: the server's `max_payload` less room
+    /// for the headers (64 KiB until the server has said: a connection still being made).
+    fn part_max(&self) -> usize {
+        let max = match self.client.server_info().max_payload {
+            0 => 64 << 10,
+            n => n,
+        };
+        max.saturating_sub(HEADER_ROOM).max(1024)
     }
 
     pub fn names(&self, node: &str) -> Names {

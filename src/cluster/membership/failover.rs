@@ -33,7 +33,7 @@ impl Node {
         use crate::cluster::FailoverError as E;
         let (table, rev, mut live) = {
             let st = handle.lock();
-            if st.state != SelfState::Up {
+            if st.state != SelfState::Up || !self.clock.holds(Instant::now()) {
                 return Err(E::Unavailable("this node does not hold its lease".into()));
             }
             if !st.members.contains_key(gone) {
@@ -196,7 +196,7 @@ impl Node {
                     st.down_since.entry(m).or_insert(now);
                 }
             }
-            if after_s == 0 || st.state != SelfState::Up {
+            if after_s == 0 || st.state != SelfState::Up || !self.clock.holds(now) {
                 return;
             }
             let counts = st.slots.counts();

@@ -18,7 +18,7 @@ impl Node {
     ) -> bool {
         let (plan, table, rev) = {
             let st = handle.lock();
-            if st.state != SelfState::Up {
+            if st.state != SelfState::Up || !self.clock.holds(Instant::now()) {
                 return true;
             }
             // A node that is leaving takes no slots (it is handing its own over).
@@ -121,7 +121,7 @@ impl Node {
     ) -> Result<usize, String> {
         let (table, rev) = {
             let st = handle.lock();
-            if st.state != SelfState::Up {
+            if st.state != SelfState::Up || !self.clock.holds(Instant::now()) {
                 return Err("this node does not hold its lease".into());
             }
             (st.slots.clone(), st.slots_rev)

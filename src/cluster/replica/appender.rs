@@ -176,7 +176,7 @@ impl Appender {
         buf: &[u8],
         tag: (&'static str, String),
     ) -> Result<(u64, u64), AppendError> {
-        let part_max = self.r.payload_max.saturating_sub(HEADER_ROOM).max(1024);
+        let part_max = self.r.part_max();
         let parts: Vec<&[u8]> = buf.chunks(part_max).collect();
         let n = parts.len();
         let mut first = 0;
@@ -315,6 +315,26 @@ impl Appender {
             while let Ok(a) = rx.try_recv() {
                 waiting.push(a);
             }
+            if self.fenced {
+                self.unfence().await;
+            }
+            if waiting.iter().any(|a| a.gap) {
+                self.gap = true;
+                self.whole = false;
+            }
+            if !self.fenced && !self.whole && self.stores.get().is_none() {
+                // No append comes before the stores are open; none is served before.
+                let why = "the stores are not open yet".to_string();
+                self.fail_all(&mut waiting, &why);
+            } else if !self.fenced && !self.whole {
+                // The stream lacks what the stores hold (a start, an unfence, dropped
+                // changes): the appends wait for the snapshot that makes it whole (an
+                // acknowledgement may depend on what it lacks), and fail if it fails.
+                if let Err(e) = self.snapshot(&mut rx, &mut waiting, false).await {
+                    tracing::warn!(error = %e, "snapshot of the replicated sessions failed; the appends waiting for it fail, and it is tried again");
+                    self.fail_all(&mut waiting, &e);
+                }
+            }
             if !waiting.is_empty() {
                 let started = Instant::now();
                 let n = waiting.len() as u64;
@@ -334,16 +354,49 @@ impl Appender {
                     v.fenced = fenced;
                 });
             }
-            if self.fenced {
-                self.unfence().await;
-            }
-            if !self.fenced && (self.snapshot_due || self.since_snapshot >= self.snapshot_log_bytes)
+            if !self.fenced
+                && self.whole
+                && (self.snapshot_due || self.since_snapshot >= self.snapshot_log_bytes)
             {
-                if let Err(e) = self.snapshot(&mut rx, &mut waiting).await {
+                if let Err(e) = self.snapshot(&mut rx, &mut waiting, true).await {
                     tracing::warn!(error = %e, "snapshot of the replicated sessions failed; tried again later");
                 }
             }
         }
+    }
+
+    /// Fails every waiting append: their units go back to their shards (in the store, not
+    /// surely in the stream), or are dropped with a gap (the next snapshot takes them).
+    fn fail_all(&mut self, waiting: &mut Vec<Append>, why: &str) {
+        let n = waiting.len() as u64;
+        for a in waiting.drain(..) {
+            let _ = a.reply.send(Err(AppendFailed {
+                why: format!("the replicated stream is not whole yet: {why}"),
+                fenced: false,
+                units: if self.gap { Vec::new() } else { a.units },
+            }));
+        }
+        self.show(|v| {
+            v.appends_total += n;
+            v.append_failures_total += n;
+        });
+    }
+
+    /// Where the stream ends now, or that another node fenced it: read before a snapshot
+    /// (the last append may have failed without this node knowing where the stream ended).
+    async fn resync(&mut self) -> Result<(), String> {
+        if self.fenced_since_last().await? {
+            if !self.fenced {
+                tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
+                self.fenced = true;
+                self.fenced_since = Instant::now();
+                self.show(|v| v.fenced = true);
+            }
+            return Err("fenced".into());
+        }
+        let me = self.me.clone();
+        self.last_seq = self.r.last_seq(&me).await?;
+        Ok(())
     }
 
     /// Whether a fence was written into this node's stream after its last append.
@@ -410,10 +463,16 @@ impl Appender {
         &mut self,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<Append>,
         waiting: &mut Vec<Append>,
+        interleave: bool,
     ) -> Result<(), String> {
         let Some(stores) = self.stores.get().cloned() else {
-            return Ok(());
+            return if self.whole {
+                Ok(())
+            } else {
+                Err("the stores are not open yet".into())
+            };
         };
+        self.resync().await?;
         let start = self.last_seq;
         let id = now_ms();
         // The stores are read on a blocking thread, a message's worth at a time.
@@ -455,12 +514,20 @@ impl Appender {
             messages += n;
             // Group commits that arrived meanwhile go out between the snapshot's messages
             // (after its start: a rebuild replays them after it), unless the snapshot
-            // fills a gap: then nothing is acknowledged before its end.
-            while let Ok(a) = rx.try_recv() {
-                waiting.push(a);
-            }
-            if !waiting.is_empty() && !self.gap {
-                self.serve(waiting).await.map_err(|e| format!("{e:?}"))?;
+            // makes the stream whole: then nothing is acknowledged before its end.
+            if interleave {
+                while let Ok(a) = rx.try_recv() {
+                    waiting.push(a);
+                }
+                if waiting.iter().any(|a| a.gap) {
+                    return Err(
+                        "changes were dropped: a snapshot that makes the stream whole comes next"
+                            .into(),
+                    );
+                }
+                if !waiting.is_empty() {
+                    self.serve(waiting).await.map_err(|e| format!("{e:?}"))?;
+                }
             }
         }
         let records = reader

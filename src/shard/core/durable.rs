@@ -452,12 +452,11 @@ impl Core {
     /// Registers `w` to be released once every write so far is durable (at once when
     /// nothing is pending or acknowledgements do not wait for the disk).
     pub(super) fn wait_durable(&mut self, w: Waiter, now: Instant) -> bool {
-        if !self.log.unsynced()
-            && (!self.replica_units.is_empty() || self.replica_gap || self.replica_barrier)
-        {
-            // Changes that the replicated stream did not take yet (a failed append): an
-            // acknowledgement that depends on them (a resend found held) waits for the
-            // group commit that sends them again.
+        if !self.replica_units.is_empty() || self.replica_gap || self.replica_barrier {
+            // Changes that the replicated stream did not take yet (a failed append), or an
+            // acknowledgement that depends on what the store holds (a barrier): it waits
+            // for a group commit whose append is taken from now on (one already under way
+            // may lack them), and that append waits until the stream is whole.
             self.note_write(Ok(()));
         }
         if self.durability != Durability::Durable || !self.log.unsynced() {

@@ -104,6 +104,13 @@ impl Core {
         };
         let comp = Packet::PubComp(Ack::with_reason(packet_id, rc));
         let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
+        if !known && self.replicating() && self.durability == Durability::Durable {
+            // Released before (its delete is in the store), but maybe not in the replicated
+            // stream yet (a failed append): a fail-over would bring the id back, and the
+            // next message with it would be taken for a resend.
+            token = Some(self.token());
+            self.replica_barrier();
+        }
         if known && self.store.is_some() {
             let wait = self.durability == Durability::Durable;
             token = wait.then(|| self.token());
