@@ -547,3 +547,81 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
     }
     assert!(got.iter().any(|g| g == "after"), "{heads:?}");
 }
+
+/// A node killed and restarted with its disk intact serves on: its first acknowledgements
+/// wait for the snapshot that makes its stream whole again (a group commit may have reached
+/// only the disk before the kill), and lost with its disk afterwards, its session is
+/// rebuilt with every message, from before and after the restart.
+#[test]
+fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-restart-{}", std::process::id());
+    let token = "restart-admin-token-1234";
+    // No automatic fail-over: the restart must find its slots still its own.
+    let toml = |id: &str| {
+        format!(
+            "{}jetstream = [{}]\n[admin]\ntoken = \"{token}\"\n",
+            node_toml_ttl(id, &etcd, &p, 3),
+            nats.toml_urls()
+        )
+    };
+    let a = TestBroker::start_with(1, &toml("a"));
+    let c = TestBroker::start_with(1, &toml("c"));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "restart-q"), false);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+        s.sub(&[("restart/t", QoS::AtLeastOnce)]);
+        s.disconnect();
+    }
+    let publ = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "restart-pub"), true);
+    let publish = |at: std::net::SocketAddr, stem: &str| {
+        let (mut cl, _) = RawClient::connect_served(at, &publ);
+        for i in 0..50 {
+            // `publish` waits for the PUBACK (3.x: a refusal would close the connection).
+            cl.publish(
+                "restart/t",
+                format!("{stem}-{i:02}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            );
+        }
+        cl.disconnect();
+    };
+    publish(c.addr, "pre");
+    let dir = c.kill9();
+    let c = TestBroker::start_in(1, &toml("c"), dir);
+    wait_linked(&[&a, &c]);
+    let snapshots = |n: &TestBroker| {
+        n.admin_json("/api/cluster")["replication"]["snapshots_total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    publish(c.addr, "post");
+    assert!(
+        snapshots(&c) >= 1,
+        "the restarted node acknowledged after a snapshot: {}",
+        c.admin_json("/api/cluster")
+    );
+    assert_eq!(owner_of(&etcd, &p, &sub.client_id), "c");
+    // Now lost with its disk: the session comes back whole from the stream.
+    drop(c.kill9());
+    wait_until("a sees c down", TIMEOUT, || member_state(&a, "c") == "down");
+    let bearer = format!("Bearer {token}");
+    wait_until("c failed over by the operator", TIMEOUT, || {
+        a.http_with(
+            "POST",
+            "/api/cluster/nodes/c/failover",
+            &[("Authorization", bearer.as_str())],
+        )
+        .0 == 200
+    });
+    let got = drain_all(a.addr, &sub);
+    let want: Vec<String> = ["pre", "post"]
+        .iter()
+        .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
+        .collect();
+    assert_eq!(got, want, "every acknowledged message once, in order");
+}
