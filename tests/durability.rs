@@ -1097,3 +1097,43 @@ fn shared_subscription_messages_acknowledged_survive_kill9() {
     }
     assert_eq!(got, sent, "every acknowledged message, in order");
 }
+
+/// A QoS 2 subscriber's PUBREL comes only once the session's step past PUBREC is durable:
+/// the broker killed right after the subscriber got its PUBREL resends the PUBREL after the
+/// restart, never the PUBLISH (the subscriber released the id: it would take a PUBLISH for a
+/// new message, delivered twice).
+#[test]
+fn a_pubrel_to_a_subscriber_is_sent_only_once_its_state_is_durable() {
+    let b = TestBroker::start(1);
+    let opts = ConnectOpts::v311("rel-sub", false);
+    {
+        let (mut s, _) = RawClient::connect(b.addr, &opts);
+        s.sub(&[("rel/t", QoS::ExactlyOnce)]);
+        s.disconnect();
+    }
+    let (mut p, _) = RawClient::connect(b.addr, &ConnectOpts::v311("rel-pub", true));
+    p.publish("rel/t", b"once", QoS::ExactlyOnce, false);
+    p.disconnect();
+    let (mut s, present) = RawClient::connect(b.addr, &opts);
+    assert!(present);
+    let pid = match s.recv() {
+        Packet::Publish(m) => m.packet_id.expect("QoS 2"),
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    };
+    s.send(&Packet::PubRec(Ack::new(pid)));
+    s.recv_matching(
+        "PUBREL",
+        |x| matches!(x, Packet::PubRel(a) if a.packet_id == pid),
+    );
+    // Straight after the PUBREL: no time for a later fsync to catch up.
+    let dir = b.kill9();
+    let b = TestBroker::start_in(1, "", dir);
+    let (mut s, present) = RawClient::connect(b.addr, &opts);
+    assert!(present);
+    match s.recv() {
+        Packet::PubRel(a) => assert_eq!(a.packet_id, pid),
+        other => panic!("after the restart: expected the PUBREL again, got {other:?}"),
+    }
+    s.send(&Packet::PubComp(Ack::new(pid)));
+    s.disconnect();
+}

@@ -69,20 +69,34 @@ impl Core {
     }
 
     /// PUBREC from the client: PUBREL (0x92 for an id not in flight).
+    /// PUBREC from a subscriber. For a persistent session with durable storage the PUBREL
+    /// waits until the session's new state (awaiting PUBCOMP) is durable, and replicated:
+    /// after a crash or a fail-over the message is then never sent again as a PUBLISH to a
+    /// subscriber that has its PUBREL (it would take it for a new message).
     fn on_pubrec(&mut self, ctx: &ConnCtx, a: Ack, now: Instant) {
+        let error = a.reason_code.is_error();
+        let hold = self.durability == Durability::Durable
+            && self.store.is_some()
+            && self
+                .sessions
+                .get(&ctx.client_id)
+                .is_some_and(|s| s.persistent);
         let mut unknown = false;
         self.with_session(ctx, |s, l| {
-            unknown = s
-                .on_pubrec(a.packet_id, a.reason_code.is_error(), l, now)
-                .is_err();
+            unknown = s.on_pubrec(a.packet_id, error, !hold, l, now).is_err();
         });
-        if unknown && !a.reason_code.is_error() {
+        if unknown && !error {
             ctx.out.send(&Packet::PubRel(Ack::with_reason(
                 a.packet_id,
                 ReasonCode::PacketIdentifierNotFound,
             )));
         }
         self.sync_session(&ctx.client_id, now);
+        if hold && !unknown && !error {
+            let token = Some(self.token());
+            let rel = Packet::PubRel(Ack::new(a.packet_id));
+            self.ack_when_durable(ctx, rel, AckWait::of(token, 0), Then::Ack, now);
+        }
     }
 
     /// PUBREL from the client: every shard forgets the message's dedup key first, durably;

@@ -205,11 +205,14 @@ impl Session {
         Ok(())
     }
 
-    /// PUBREC from the client: answer PUBREL. A PUBREC with an error code ends the flow.
+    /// PUBREC from the client: answer PUBREL (`send_pubrel`; otherwise the caller sends it,
+    /// once the state change it follows is durable: a PUBLISH resent after a PUBREL would be
+    /// taken for a new message). A PUBREC with an error code ends the flow.
     pub fn on_pubrec(
         &mut self,
         pid: PacketId,
         error: bool,
+        send_pubrel: bool,
         limits: &SessionLimits,
         now: Instant,
     ) -> Result<(), UnknownPacketId> {
@@ -234,7 +237,7 @@ impl Session {
             fresh: false,
         };
         self.record(op);
-        if let Some(l) = &self.link {
+        if let Some(l) = self.link.as_ref().filter(|_| send_pubrel) {
             l.out.send(&Packet::PubRel(Ack::new(pid)));
         }
         Ok(())

@@ -149,7 +149,7 @@ fn reattach_resends_with_dup_and_pubrel() {
     let now = Instant::now();
     s.deliver(delivery("a", QoS::AtLeastOnce), &LIMITS, now);
     s.deliver(delivery("b", QoS::ExactlyOnce), &LIMITS, now);
-    s.on_pubrec(PacketId::new(2).unwrap(), false, &LIMITS, now)
+    s.on_pubrec(PacketId::new(2).unwrap(), false, true, &LIMITS, now)
         .unwrap();
     let _ = sent(&out, ProtocolVersion::V5);
     s.detach(now);
