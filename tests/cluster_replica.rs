@@ -59,6 +59,27 @@ fn crash_subscribers_on_c(
     (sub1, sub2)
 }
 
+/// Nodes a and c (replicated, 3 s lease, `extra` in their [cluster] section), the slots
+/// shared out, and an offline persistent 3.1.1 session on c subscribed to `topic` (QoS 1).
+fn a_and_c_with_a_session_on_c(
+    nats: &Nats,
+    etcd: &Etcd,
+    p: &str,
+    extra: &str,
+    stem: &str,
+    topic: &str,
+) -> (TestBroker, TestBroker, ConnectOpts) {
+    let a = TestBroker::start_with(1, &(replicated_toml("a", etcd, nats, p, 3) + extra));
+    let c = TestBroker::start_with(1, &(replicated_toml("c", etcd, nats, p, 3) + extra));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(etcd, p, "c", stem), false);
+    let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+    s.sub(&[(topic, QoS::AtLeastOnce)]);
+    s.disconnect();
+    (a, c, sub)
+}
+
 /// Sets its flag when dropped.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -230,16 +251,7 @@ fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
     let etcd = Etcd::start(3);
     let p = format!("/shardmq-replica-snap-{}", std::process::id());
     let extra = "snapshot_log_bytes = 1048576\n";
-    let a = TestBroker::start_with(1, &(replicated_toml("a", &etcd, &nats, &p, 3) + extra));
-    let c = TestBroker::start_with(1, &(replicated_toml("c", &etcd, &nats, &p, 3) + extra));
-    wait_linked(&[&a, &c]);
-    wait_balanced(&a, &["a", "c"]);
-    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "snap-q"), false);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
-        s.sub(&[("snap/t", QoS::AtLeastOnce)]);
-        s.disconnect();
-    }
+    let (a, c, sub) = a_and_c_with_a_session_on_c(&nats, &etcd, &p, extra, "snap-q", "snap/t");
     let snapshots = |n: &TestBroker| {
         n.admin_json("/api/cluster")["replication"]["snapshots_total"]
             .as_u64()
@@ -300,16 +312,7 @@ fn the_old_owner_resumed_after_a_fail_over_is_fenced() {
     let nats = Nats::start(3);
     let etcd = Etcd::start(3);
     let p = format!("/shardmq-replica-fence-{}", std::process::id());
-    let a = TestBroker::start_with(1, &replicated_toml("a", &etcd, &nats, &p, 3));
-    let c = TestBroker::start_with(1, &replicated_toml("c", &etcd, &nats, &p, 3));
-    wait_linked(&[&a, &c]);
-    wait_balanced(&a, &["a", "c"]);
-    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "fence-q"), false);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
-        s.sub(&[("fence/t", QoS::AtLeastOnce)]);
-        s.disconnect();
-    }
+    let (a, c, sub) = a_and_c_with_a_session_on_c(&nats, &etcd, &p, "", "fence-q", "fence/t");
     // A publisher served by c, connected before the freeze.
     let (mut publ, _) = RawClient::connect_served(
         c.addr,
@@ -462,16 +465,7 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
     let etcd = Etcd::start(3);
     let p = format!("/shardmq-replica-gap-{}", std::process::id());
     let extra = "replication_timeout_ms = 300\nreplication_pending_bytes_max = 1048576\n";
-    let a = TestBroker::start_with(1, &(replicated_toml("a", &etcd, &nats, &p, 3) + extra));
-    let c = TestBroker::start_with(1, &(replicated_toml("c", &etcd, &nats, &p, 3) + extra));
-    wait_linked(&[&a, &c]);
-    wait_balanced(&a, &["a", "c"]);
-    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "gap-q"), false);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
-        s.sub(&[("gap/t", QoS::AtLeastOnce)]);
-        s.disconnect();
-    }
+    let (a, c, sub) = a_and_c_with_a_session_on_c(&nats, &etcd, &p, extra, "gap-q", "gap/t");
     let (mut publ, _) = RawClient::connect_served(
         c.addr,
         &ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "gap-pub"), true),

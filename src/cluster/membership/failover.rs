@@ -55,20 +55,41 @@ impl Node {
             return Ok(format!("{gone} owns no slot"));
         };
         let moved = table.counts().get(gone).copied().unwrap_or(0);
-        // Only if the node is really gone, as etcd sees it now (this node's view may lag:
-        // a node that has just rejoined must not lose its slots and sessions).
+        self.take_slots_of(keys, handle, gone, why, rev, &next, || {
+            format!(
+                "{moved} slots of {gone} given to {} (epoch {}): their sessions start over, empty",
+                live.join(","),
+                next.epoch
+            )
+        })
+        .await
+    }
+
+    /// The fail-over's last step: the table changes to `next` by compare-and-swap, only if
+    /// it is still at `rev` and `gone` is really gone, as etcd sees it now (this node's view
+    /// may lag: a node that has just rejoined must not lose its slots and sessions).
+    /// Counted and logged with `msg`. Sessions a replicated fail-over stored here for slots
+    /// that stay another's are dropped when the shards see so (`discard_orphans`).
+    #[allow(clippy::too_many_arguments)]
+    async fn take_slots_of(
+        &mut self,
+        keys: &Keys,
+        handle: &ClusterHandle,
+        gone: &str,
+        why: &str,
+        rev: i64,
+        next: &SlotTable,
+        msg: impl FnOnce() -> String,
+    ) -> Result<String, crate::cluster::FailoverError> {
+        use crate::cluster::FailoverError as E;
         let gone_now = Compare::create_revision(keys.node(gone), CompareOp::Equal, 0);
         match self
-            .swap_table(keys, handle, rev, &next, Some(gone_now))
+            .swap_table(keys, handle, rev, next, Some(gone_now))
             .await
         {
             Ok(true) => {
                 handle.lock().counters.failovers_total += 1;
-                let msg = format!(
-                    "{moved} slots of {gone} given to {} (epoch {}): their sessions start over, empty",
-                    live.join(","),
-                    next.epoch
-                );
+                let msg = msg();
                 tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
                 Ok(msg)
             }
@@ -146,29 +167,15 @@ impl Node {
             v.sessions_rebuilt_total += stored as u64;
         }
         let next = table.with_owner(&theirs, &me);
-        let gone_now = Compare::create_revision(keys.node(gone), CompareOp::Equal, 0);
-        match self
-            .swap_table(keys, handle, rev, &next, Some(gone_now))
-            .await
-        {
-            Ok(true) => {
-                handle.lock().counters.failovers_total += 1;
-                let msg = format!(
-                    "{} slots of {gone} taken by {me} (epoch {}) with {count} sessions rebuilt from its replicated stream in {} ms",
-                    theirs.len(),
-                    next.epoch,
-                    started.elapsed().as_millis()
-                );
-                tracing::warn!(node = %gone, reason = why, "fail-over: {msg}");
-                Ok(msg)
-            }
-            // The sessions stored here for slots that stay another's are dropped when
-            // the shards see they are not this node's (see `discard_orphans`).
-            Ok(false) => Err(E::Unavailable(format!(
-                "the slot table changed meanwhile, or {gone} is back: look again"
-            ))),
-            Err(e) => Err(E::Unavailable(format!("etcd: {e}"))),
-        }
+        self.take_slots_of(keys, handle, gone, why, rev, &next, || {
+            format!(
+                "{} slots of {gone} taken by {me} (epoch {}) with {count} sessions rebuilt from its replicated stream in {} ms",
+                theirs.len(),
+                next.epoch,
+                started.elapsed().as_millis()
+            )
+        })
+        .await
     }
 
     /// `cluster.failover_after_s` (0: off): fails over every member silent for longer
