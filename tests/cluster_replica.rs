@@ -80,6 +80,13 @@ fn a_and_c_with_a_session_on_c(
     (a, c, sub)
 }
 
+/// Snapshots node `n` has written of its replicated sessions (`GET /api/cluster`).
+fn snapshots(n: &TestBroker) -> u64 {
+    n.admin_json("/api/cluster")["replication"]["snapshots_total"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 /// Sets its flag when dropped.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -252,11 +259,6 @@ fn snapshots_trim_the_log_under_traffic_and_a_rebuild_uses_them() {
     let p = format!("/shardmq-replica-snap-{}", std::process::id());
     let extra = "snapshot_log_bytes = 1048576\n";
     let (a, c, sub) = a_and_c_with_a_session_on_c(&nats, &etcd, &p, extra, "snap-q", "snap/t");
-    let snapshots = |n: &TestBroker| {
-        n.admin_json("/api/cluster")["replication"]["snapshots_total"]
-            .as_u64()
-            .unwrap_or(0)
-    };
     let before = snapshots(&c);
     let total = 1500;
     let body = vec![b'x'; 2000];
@@ -509,12 +511,7 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
     }
     assert!(dropped > 0.0, "changes were dropped past the bound");
     // Acknowledged again once the stream is whole (a snapshot written first).
-    let snapshots = || {
-        c.admin_json("/api/cluster")["replication"]["snapshots_total"]
-            .as_u64()
-            .unwrap_or(0)
-    };
-    let before = snapshots();
+    let before = snapshots(&c);
     let mut id = 100;
     wait_until(
         "acknowledged again after NATS came back",
@@ -524,7 +521,7 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
             send(&mut publ, id, b"after") == Some(0)
         },
     );
-    assert!(snapshots() > before, "a snapshot filled the gap first");
+    assert!(snapshots(&c) > before, "a snapshot filled the gap first");
     publ.disconnect();
     drop(c.kill9());
     wait_until("c's sessions taken over", 6 * TIMEOUT, || {
@@ -588,11 +585,6 @@ fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
     let dir = c.kill9();
     let c = TestBroker::start_in(1, &toml("c"), dir);
     wait_linked(&[&a, &c]);
-    let snapshots = |n: &TestBroker| {
-        n.admin_json("/api/cluster")["replication"]["snapshots_total"]
-            .as_u64()
-            .unwrap_or(0)
-    };
     publish(c.addr, "post");
     assert!(
         snapshots(&c) >= 1,

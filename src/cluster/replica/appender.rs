@@ -257,13 +257,7 @@ impl Appender {
         }
         match &r {
             Ok(()) => {}
-            Err(AppendError::Fenced) => {
-                if !self.fenced {
-                    tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until it rejoins");
-                    self.fenced_since = Instant::now();
-                }
-                self.fenced = true;
-            }
+            Err(AppendError::Fenced) => self.mark_fenced(),
             Err(AppendError::Failed(e)) => {
                 tracing::warn!(error = %e, "append to the replicated stream failed: its acknowledgements fail, and its changes go again with the next");
                 // The next append must know where the stream ends now (the failed one may
@@ -283,11 +277,7 @@ impl Appender {
                     .unwrap_or_else(|_| Err("timed out".into()))
                 {
                     Ok(Some(seq)) => self.last_seq = seq,
-                    Ok(None) => {
-                        tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
-                        self.fenced = true;
-                        self.fenced_since = Instant::now();
-                    }
+                    Ok(None) => self.mark_fenced(),
                     // Not known now: the next append says (its expected sequence).
                     Err(_) => {}
                 }
@@ -382,16 +372,22 @@ impl Appender {
         });
     }
 
+    /// Another node fenced this one's stream: every append fails until the lease has been
+    /// renewed since the first time this was seen (`unfence`).
+    fn mark_fenced(&mut self) {
+        if !self.fenced {
+            tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
+            self.fenced = true;
+            self.fenced_since = Instant::now();
+            self.show(|v| v.fenced = true);
+        }
+    }
+
     /// Where the stream ends now, or that another node fenced it: read before a snapshot
     /// (the last append may have failed without this node knowing where the stream ended).
     async fn resync(&mut self) -> Result<(), String> {
         if self.fenced_since_last().await? {
-            if !self.fenced {
-                tracing::error!(stream = %self.names.stream, "this node's replicated stream was fenced by another node: acknowledgements that need it fail until its lease is renewed");
-                self.fenced = true;
-                self.fenced_since = Instant::now();
-                self.show(|v| v.fenced = true);
-            }
+            self.mark_fenced();
             return Err("fenced".into());
         }
         let me = self.me.clone();
