@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 30] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 31] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -209,6 +209,12 @@ const SIMPLE: [(&str, &str, &str, Gauge); 30] = [
         "counter",
         "Sessions of a failed node's replicated stream skipped in a fail-over because their records are damaged.",
         |s| s.core.sessions_rebuild_damaged as f64,
+    ),
+    (
+        "shardmq_cluster_moved_keys_forwarded_total",
+        "counter",
+        "QoS 2 dedup keys a session moving to another node forgot (its publisher released them) after it may have been read for the move, forwarded to that node.",
+        |s| s.core.moved_keys_forwarded as f64,
     ),
     (
         "shardmq_cluster_replica_changes_dropped_total",

@@ -169,6 +169,12 @@ struct Plane {
     events: mpsc::Sender<LinkEvent>,
     /// Sessions this node is sending to another (one move at a time).
     move_out: Option<MoveOut>,
+    /// Where the sessions of the last move went (sent, or answered; until the next move),
+    /// for the keys they forget before their slots are given away (`ToCluster::Forget`).
+    moved_to: HashMap<String, NodeIx>,
+    /// Keys forgotten by moving sessions before their move reached the plane (when
+    /// forgotten, at most `cluster.missed_releases_max`): applied to the move's records.
+    early_forgets: VecDeque<(Instant, MqttStr, MqttStr, u16)>,
     /// The QoS 2 key releases waiting for answers, by wait id (see `missed_releases`).
     releases: HashMap<u64, (MqttStr, Option<u16>)>,
     /// Per node, the QoS 2 key releases it missed (it was down, or did not answer): sent
@@ -286,6 +292,8 @@ pub(super) async fn run(
         counters: PlaneCounters::default(),
         events,
         move_out: None,
+        moved_to: HashMap::new(),
+        early_forgets: VecDeque::new(),
         moves_in: HashMap::new(),
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
@@ -458,8 +466,14 @@ impl Plane {
             ToCluster::Move {
                 to,
                 sessions,
+                read_at,
                 reply,
-            } => self.start_move(&to, *sessions, reply),
+            } => self.start_move(&to, *sessions, read_at, reply),
+            ToCluster::Forget {
+                client_id,
+                origin,
+                packet_id,
+            } => self.forget_moved(client_id, origin, packet_id),
             ToCluster::Release {
                 origin,
                 packet_id,
@@ -669,6 +683,22 @@ impl Plane {
                 last,
                 entries,
             } => self.session_part(n, id, client_id, last, entries),
+            // After the session's last part on this link: its shard has it (or refused it).
+            Frame::Forget {
+                client_id,
+                origin,
+                packet_id,
+            } => {
+                let shard = crate::session::owner_shard(client_id.as_bytes(), self.shards);
+                self.post(
+                    shard,
+                    FromCluster::Forget {
+                        client_id,
+                        origin,
+                        packet_id,
+                    },
+                );
+            }
             Frame::PubAck { id, ok, fate } => {
                 if let Some((from, r)) = self.pending.remove(&id) {
                     if from == n {

@@ -31,6 +31,10 @@ pub const PUB_ACK: u8 = 21;
 /// `[u64 id, 0: no answer wanted][u8 has packet id][u16 packet id][origin]`: forget the
 /// QoS 2 dedup key (origin, packet id), or every key of origin.
 pub const RELEASE: u8 = 22;
+/// `[client id][u16 packet id][origin]`: the session of client id, moved to the receiver
+/// by the sender, forgot the QoS 2 dedup key (origin, packet id) after the sender read it
+/// for the move (no answer).
+pub const FORGET: u8 = 23;
 
 /// `[u64 id][client id][u8 last][u32 count]` then per record `[u8 keyspace][u16 length][key
 /// after the client's prefix][u32 length][value]`: part of a session moving to the
@@ -68,6 +72,11 @@ pub enum Frame {
         client_id: String,
         last: bool,
         entries: Vec<ClientEntry>,
+    },
+    Forget {
+        client_id: MqttStr,
+        origin: MqttStr,
+        packet_id: u16,
     },
 }
 
@@ -174,6 +183,14 @@ pub fn release(out: &mut BytesMut, id: u64, origin: &str, packet_id: Option<u16>
     });
 }
 
+pub fn forget(out: &mut BytesMut, client_id: &str, origin: &str, packet_id: u16) {
+    frame(out, FORGET, |b| {
+        put_str(b, client_id);
+        b.put_u16(packet_id);
+        put_str(b, origin);
+    });
+}
+
 /// The most shared groups one forwarded message names (more are not forwarded).
 pub const GROUPS_PER_MESSAGE_MAX: usize = 4096;
 
@@ -273,6 +290,21 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
             };
             Frame::Release {
                 id,
+                origin,
+                packet_id,
+            }
+        }
+        FORGET => {
+            let c = str_of(&mut b)?;
+            let client_id = MqttStr::new(&c).map_err(|e| format!("client id {c:?}: {e}"))?;
+            let packet_id = u16_of(&mut b)?;
+            if packet_id == 0 {
+                return Err("forget of packet id 0".into());
+            }
+            let o = str_of(&mut b)?;
+            let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
+            Frame::Forget {
+                client_id,
                 origin,
                 packet_id,
             }
@@ -547,6 +579,18 @@ mod tests {
                 ..
             })
         ));
+        let mut buf = BytesMut::new();
+        forget(&mut buf, "sub", "p", 9);
+        let (k, b) = split(&buf);
+        let Ok(Frame::Forget {
+            client_id,
+            origin,
+            packet_id: 9,
+        }) = decode(k, b, now)
+        else {
+            panic!("not a forget");
+        };
+        assert_eq!((client_id.as_str(), origin.as_str()), ("sub", "p"));
     }
 
     #[test]
@@ -685,6 +729,10 @@ mod tests {
             ),
             (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, b'o']),
             (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]),
+            // Packet id 0; a client id that is no MQTT string; cut short.
+            (FORGET, &[0, 1, b's', 0, 0, 0, 1, b'o']),
+            (FORGET, &[0, 1, 0, 0, 9, 0, 1, b'o']),
+            (FORGET, &[0, 1, b's', 0, 9]),
             (99, &[]),
         ];
         for (kind, body) in bad {

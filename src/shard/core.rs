@@ -307,6 +307,9 @@ pub struct CoreStats {
     /// Sessions of a failed node's stream skipped in a fail-over's rebuild: their records
     /// are damaged (nothing of them can be served; the rest of the node's sessions are).
     pub sessions_rebuild_damaged: u64,
+    /// QoS 2 keys a session moving away forgot after it may have been read for the move,
+    /// forwarded to the node it moves to.
+    pub moved_keys_forwarded: u64,
     /// Changes (units) dropped after failed appends past
     /// `cluster.replication_pending_bytes_max` (a snapshot puts them in the stream).
     pub replica_changes_dropped: u64,

@@ -165,6 +165,7 @@ impl Node {
         slots: &[u16],
         (table, rev): (&SlotTable, i64),
     ) -> Result<usize, String> {
+        let read_at = Instant::now();
         let sessions = self
             .renewing(keys, handle, moving_sessions(control, bits_of(slots)))
             .await?;
@@ -172,6 +173,7 @@ impl Node {
         ctl.send(ToCluster::Move {
             to: to.to_string(),
             sessions: Box::new(sessions),
+            read_at,
             reply: tx,
         })
         .map_err(|_| "the data plane is not running".to_string())?;

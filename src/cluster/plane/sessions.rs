@@ -11,6 +11,7 @@ impl Plane {
         &mut self,
         to: &str,
         sessions: crate::shard::api::MovedSessions,
+        read_at: Instant,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     ) {
         if self.move_out.is_some() {
@@ -26,6 +27,21 @@ impl Plane {
             let _ = reply.send(Err(format!("no link to {to}")));
             return;
         };
+        // Keys the moving sessions forgot since they were read, before this move reached
+        // the plane, are not moved.
+        let mut sessions = sessions;
+        for (_, client_id, origin, packet_id) in std::mem::take(&mut self.early_forgets)
+            .into_iter()
+            .filter(|(t, ..)| *t >= read_at)
+        {
+            if let Some((_, entries)) = sessions
+                .iter_mut()
+                .find(|(c, _)| c.as_str() == client_id.as_str())
+            {
+                drop_key(entries, &origin, packet_id);
+            }
+        }
+        self.moved_to.clear();
         self.move_out = Some(MoveOut {
             node: n,
             todo: sessions.into(),
@@ -52,6 +68,7 @@ impl Plane {
             let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
             let part = self.limits.session_part_bytes;
             wire::session(self.buf(m.node), id, &client_id, &entries, part);
+            self.moved_to.insert(client_id, m.node);
             m.sent.insert(id, bytes);
             m.sent_bytes += bytes;
         }
@@ -60,6 +77,35 @@ impl Plane {
         } else {
             self.move_out = Some(m);
         }
+    }
+
+    /// A session moving away forgot a QoS 2 key after it may have been read for the move:
+    /// not sent yet, the key comes out of its records; sent, the node it went to forgets it
+    /// too (a `FORGET` after the session on the same link, so it finds it there); its move
+    /// not here yet, the move takes the key out when it comes.
+    pub(super) fn forget_moved(&mut self, client_id: MqttStr, origin: MqttStr, packet_id: u16) {
+        if let Some(m) = &mut self.move_out {
+            if let Some((_, entries)) = m
+                .todo
+                .iter_mut()
+                .find(|(c, _)| c.as_str() == client_id.as_str())
+            {
+                drop_key(entries, &origin, packet_id);
+                return;
+            }
+        }
+        if let Some(n) = self.moved_to.get(client_id.as_str()).copied() {
+            if self.links.contains_key(&n) {
+                wire::forget(self.buf(n), &client_id, &origin, packet_id);
+            }
+            return;
+        }
+        if self.early_forgets.len() >= self.limits.missed_releases_max {
+            self.early_forgets.pop_front();
+            self.counters.releases_forgotten_total += 1;
+        }
+        self.early_forgets
+            .push_back((Instant::now(), client_id, origin, packet_id));
     }
 
     /// The answer to one moved session.
@@ -229,4 +275,12 @@ impl Plane {
             }
         }
     }
+}
+
+/// Takes the dedup key (`origin`, `packet_id`) out of a session's records.
+fn drop_key(entries: &mut Vec<crate::storage::ClientEntry>, origin: &str, packet_id: u16) {
+    entries.retain(|e| {
+        e.space != crate::storage::Space::Dedup
+            || crate::storage::dedup_entry_of(&e.rest) != Some((origin, packet_id))
+    });
 }

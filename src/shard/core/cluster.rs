@@ -74,7 +74,18 @@ pub enum ToCluster {
     Move {
         to: String,
         sessions: Box<crate::shard::api::MovedSessions>,
+        /// When the shards were asked to read them: a [`ToCluster::Forget`] since then
+        /// may be about a key the read still holds.
+        read_at: Instant,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    },
+    /// A session moving away forgot the QoS 2 key (`origin`, `packet_id`) (its publisher
+    /// released it) after it may have been read for the move: the node it moves to must
+    /// forget it too (that node may have had the release before the session came).
+    Forget {
+        client_id: MqttStr,
+        origin: MqttStr,
+        packet_id: u16,
     },
     /// From the membership thread: store these sessions here (rebuilt from a failed
     /// node's replicated stream); `reply` gets how many were stored, or why not all.
@@ -140,6 +151,13 @@ pub enum FromCluster {
         bits: Arc<SlotBits>,
         on: bool,
         rc: ReasonCode,
+    },
+    /// The node `client_id`'s session moved here from forgot the QoS 2 key (`origin`,
+    /// `packet_id`) after reading it for the move ([`ToCluster::Forget`]).
+    Forget {
+        client_id: MqttStr,
+        origin: MqttStr,
+        packet_id: u16,
     },
     /// A session moved here from `node` (its records, as stored there): store it, route
     /// its subscriptions here on every node, then answer `id`.
@@ -724,6 +742,11 @@ impl Core {
                 entries,
                 read_at,
             } => self.adopt_from_node(node, id, &client_id, &entries, read_at, now),
+            FromCluster::Forget {
+                client_id,
+                origin,
+                packet_id,
+            } => self.forget_moved_key(&client_id, &origin, packet_id, now),
             FromCluster::Hold { bits, on } => {
                 if let Some(c) = &mut self.cluster {
                     update_bits(&mut c.held, &bits, on);

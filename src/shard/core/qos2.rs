@@ -138,9 +138,10 @@ impl Core {
             for c in clients {
                 if let Some(s) = self.sessions.get_mut(&c) {
                     if s.forget_qos2(origin, pid) && !touched.contains(&c) {
-                        touched.push(c);
+                        touched.push(c.clone());
                     }
                 }
+                self.forget_on_move(&c, origin, pid);
             }
         }
         for c in touched {

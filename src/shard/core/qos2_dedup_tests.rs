@@ -1,6 +1,7 @@
 //! QoS 2 dedup keys and failed persists, on a real store.
 
-use super::tests_support::{connect_to, connect_v5, drain, subscribe_packet, Sink};
+use super::cluster::{FromCluster, SlotBits, SlotMap, ToCluster, SLOT_HERE};
+use super::tests_support::{cluster_link, connect_to, connect_v5, drain, subscribe_packet, Sink};
 use super::*;
 use crate::protocol::PacketId;
 use crate::storage::StoreOptions;
@@ -397,4 +398,178 @@ fn a_resend_while_the_first_routing_is_under_way_waits_for_its_outcome() {
     );
     let pubrel = Packet::PubRel(Ack::new(ack_of(2)));
     c.on_packet(&mut publ, pubrel, now).unwrap();
+}
+
+/// A clustered core that owns every slot (`here`) or none (node 0 owns them), its lease
+/// held for an hour; and what it hands to the cluster thread.
+fn node_core(
+    store: &Store,
+    here: bool,
+    now: Instant,
+) -> (Core, tokio::sync::mpsc::UnboundedReceiver<ToCluster>) {
+    let mut c = durable_core(store);
+    let (link, rx) = cluster_link();
+    link.lease.hold_until(now + Duration::from_secs(3600));
+    c.attach_cluster(link);
+    let slots = crate::session::ownership::SLOTS as usize;
+    let map = SlotMap {
+        epoch: 1,
+        owner: vec![if here { SLOT_HERE } else { 0 }; slots],
+        relay: vec![Some("127.0.0.1:1".parse().unwrap())],
+        serving: true,
+    };
+    c.on_cluster(FromCluster::Slots(Arc::new(map)), now);
+    (c, rx)
+}
+
+/// The forwarded keys (`ToCluster::Forget`) among what a shard handed to the cluster thread.
+fn forgets(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ToCluster>) -> Vec<(String, String, u16)> {
+    let mut v = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        if let ToCluster::Forget {
+            client_id,
+            origin,
+            packet_id,
+        } = m
+        {
+            v.push((
+                client_id.as_str().to_owned(),
+                origin.as_str().to_owned(),
+                packet_id,
+            ));
+        }
+    }
+    v
+}
+
+/// A session moving to another node takes its QoS 2 keys along. One its publisher releases
+/// after the read is forwarded by the old node and forgotten by the new one; one released
+/// on the new node before the session came is kept: the publisher may have reused the
+/// packet id since, for the very message the key stands for, and a resend of that message
+/// with DUP must be skipped there (dropping the key stored it twice).
+#[test]
+fn a_moved_session_keeps_its_qos2_keys_and_forgets_those_released_after_its_read() {
+    let now = Instant::now();
+    let (s, p) = (id("s"), id("p"));
+    let dir_o = tempfile::tempdir().unwrap();
+    let store_o = open(dir_o.path());
+    let (mut o, mut o_rx) = node_core(&store_o, true, now);
+    let (mut sub, _) = connect(&mut o, "s", false, now);
+    o.on_packet(&mut sub, subscribe_packet(1, "t", QoS::ExactlyOnce), now)
+        .unwrap();
+    commit(&mut o, now);
+    o.disconnected(&sub, Ending::Normal, now);
+    let (mut publ, _) = connect(&mut o, "p", false, now);
+    for pid in [1, 2] {
+        o.on_packet(&mut publ, publish(pid, false, b"m"), now)
+            .unwrap();
+    }
+    commit(&mut o, now);
+    assert_eq!(o.qos2.holders(&p, 2), std::slice::from_ref(&s));
+
+    // The move: s's slot moving, its records read.
+    let mut bits: SlotBits = [0; crate::session::ownership::SLOTS as usize / 64];
+    let slot = crate::session::ownership::slot_of(b"s");
+    bits[slot as usize / 64] |= 1 << (slot % 64);
+    o.on_cluster(
+        FromCluster::Moving {
+            bits: Arc::new(bits),
+            on: true,
+            rc: ReasonCode::UseAnotherServer,
+        },
+        now,
+    );
+    let read = o.moving_sessions(&bits).unwrap();
+    let (_, entries) = read.iter().find(|(c, _)| c == "s").unwrap();
+    let keys: Vec<_> = entries
+        .iter()
+        .filter(|e| e.space == crate::storage::Space::Dedup)
+        .filter_map(|e| crate::storage::dedup_entry_of(&e.rest).map(|(o, p)| (o.to_owned(), p)))
+        .collect();
+    assert_eq!(keys, vec![("p".to_owned(), 1), ("p".to_owned(), 2)]);
+    assert!(forgets(&mut o_rx).is_empty());
+    // Message 1 released after the read: forwarded.
+    let pubrel = Packet::PubRel(Ack::new(PacketId::new(1).unwrap()));
+    o.on_packet(&mut publ, pubrel, now).unwrap();
+    assert_eq!(
+        forgets(&mut o_rx),
+        vec![("s".to_owned(), "p".to_owned(), 1)]
+    );
+
+    // The new node had a release of (p, 2) before, for an older message with that id.
+    let dir_n = tempfile::tempdir().unwrap();
+    let store_n = open(dir_n.path());
+    let (mut n, _n_rx) = node_core(&store_n, false, now);
+    n.on_cluster(
+        FromCluster::Release {
+            node: 0,
+            id: None,
+            origin: p.clone(),
+            packet_id: Some(2),
+        },
+        now,
+    );
+    n.on_cluster(
+        FromCluster::Adopt {
+            node: 0,
+            id: 1,
+            client_id: "s".into(),
+            entries: Arc::new(entries.clone()),
+            read_at: None,
+        },
+        now,
+    );
+    commit(&mut n, now);
+    let at_n = n.session(&s).unwrap();
+    assert!(
+        at_n.holds_qos2(&p, 2),
+        "a key released here before the move is kept"
+    );
+    assert!(at_n.holds_qos2(&p, 1), "as read");
+    assert_eq!(at_n.queued_messages(), 2);
+
+    // The forwarded release comes after the session, on the same link.
+    n.on_cluster(
+        FromCluster::Forget {
+            client_id: s.clone(),
+            origin: p.clone(),
+            packet_id: 1,
+        },
+        now,
+    );
+    assert!(!n.session(&s).unwrap().holds_qos2(&p, 1));
+    assert!(n.qos2.holders(&p, 1).is_empty());
+    assert_eq!(n.qos2.holders(&p, 2), std::slice::from_ref(&s));
+    commit(&mut n, now);
+    let r = store_n.load().unwrap();
+    assert_eq!(stored(&r, "s").dedup, vec![("p".to_owned(), 2)]);
+
+    // Message 2 resent with DUP (its first try's PUBREC was withheld): skipped at n.
+    let resend = Message {
+        topic: TopicName::new("t").unwrap(),
+        payload: bytes::Bytes::from_static(b"m"),
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        properties: PublishProperties::default(),
+        origin: Some(p.clone()),
+        qos2_id: Some(Qos2Id {
+            packet_id: 2,
+            dup: true,
+        }),
+        created: now,
+        groups: None,
+    };
+    n.on_cluster(
+        FromCluster::Publish {
+            node: 0,
+            id: None,
+            msg: Arc::new(resend),
+        },
+        now,
+    );
+    assert_eq!(
+        n.session(&s).unwrap().queued_messages(),
+        2,
+        "the resend is skipped"
+    );
 }

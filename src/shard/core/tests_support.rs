@@ -1,5 +1,6 @@
 //! Helpers for the core's unit tests: a core with a recording sink, a connected client, packets.
 
+use super::cluster::{ClusterLink, LeaseClock, ToCluster};
 use super::*;
 use crate::protocol::{decode, DecodeLimits};
 use std::cell::RefCell;
@@ -11,6 +12,22 @@ impl EventSink for Sink {
         self.0.borrow_mut().push((to, event));
     }
     fn wake_committer(&self) {}
+}
+
+/// A cluster link for a test core: what the shard hands to the cluster thread arrives at
+/// the receiver (the data channel's is dropped).
+pub fn cluster_link() -> (ClusterLink, tokio::sync::mpsc::UnboundedReceiver<ToCluster>) {
+    let (data, _) = tokio::sync::mpsc::channel(4);
+    let (control, rx) = tokio::sync::mpsc::unbounded_channel();
+    (
+        ClusterLink {
+            data,
+            control,
+            lease: LeaseClock::default(),
+            replica: None,
+        },
+        rx,
+    )
 }
 
 pub fn core() -> Core {

@@ -149,19 +149,21 @@ impl Core {
             // A stale copy (a move that did not finish, say): the moved one replaces it.
             self.end_moved_session(&cid, now);
         }
-        // Keys released since the sender read the session are stale here: a new message
+        // A key released after the sender read the session is stale here: a new message
         // with the same packet id, resent with DUP, must not be taken for the old one.
-        // A session rebuilt from a failed node's stream holds what that node had applied
-        // up to its fence: only the releases since the stream was read are newer than its
-        // keys (the releases this node's publishers sent it and it missed are taken out
-        // before, by the cluster thread).
+        // A session moved from a live node: that node forwards every release its copy
+        // takes after the read (`ToCluster::Forget`, on the same link, after the session),
+        // and a key released here before is not stale in itself (the publisher may have
+        // reused the packet id since, for the message this key stands for). A session
+        // rebuilt from a failed node's stream holds what that node had applied up to its
+        // fence: the releases since the stream was read are newer than its keys (the
+        // releases this node's publishers sent it and it missed are taken out before, by
+        // the cluster thread).
         let mut stored = stored;
-        if let Some(c) = &self.cluster {
+        if let (Some(c), Some(read_at)) = (&self.cluster, read_at) {
             stored.dedup.retain(|(o, p)| {
                 !c.released.iter().any(|(ro, rp, t)| {
-                    ro.as_str() == o
-                        && rp.is_none_or(|rp| rp == *p)
-                        && read_at.is_none_or(|r| *t >= r)
+                    ro.as_str() == o && rp.is_none_or(|rp| rp == *p) && *t >= read_at
                 })
             });
         }
@@ -185,6 +187,47 @@ impl Core {
             RoundTrip::new(remote + 1, Completion::Node { node, id }).with_failure(!ok),
         );
         self.wait_durable(Waiter::Local(token), now);
+    }
+
+    /// A key forgotten by a session of this shard (its publisher released it): while the
+    /// session is moving away, it may have been read for the move with the key, and the
+    /// node it moves to may have had the release already: the cluster thread forwards it
+    /// there ([`ToCluster::Forget`]).
+    pub(in crate::shard::core) fn forget_on_move(
+        &mut self,
+        client_id: &MqttStr,
+        origin: &MqttStr,
+        packet_id: u16,
+    ) {
+        if !self.is_moving(client_id) {
+            return;
+        }
+        if let Some(c) = &self.cluster {
+            self.stats.moved_keys_forwarded += 1;
+            let _ = c.link.control.send(ToCluster::Forget {
+                client_id: client_id.clone(),
+                origin: origin.clone(),
+                packet_id,
+            });
+        }
+    }
+
+    /// The node `client_id`'s session moved here from forgot the key (`origin`,
+    /// `packet_id`) after reading the session for the move: forgotten here too.
+    pub(in crate::shard::core) fn forget_moved_key(
+        &mut self,
+        client_id: &MqttStr,
+        origin: &MqttStr,
+        packet_id: u16,
+        now: Instant,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.forget_qos2(origin, packet_id) {
+            self.drop_qos2_holder(origin, packet_id, client_id);
+            self.sync_session(client_id, now);
+        }
     }
 
     /// Sessions kept here whose slot another live node owns now (a fail-over gave this

@@ -1,20 +1,7 @@
 //! The shard's cluster port: lease clock, shared groups over nodes, routes per node.
 
 use super::*;
-
-fn link() -> (ClusterLink, tokio::sync::mpsc::UnboundedReceiver<ToCluster>) {
-    let (data, _) = tokio::sync::mpsc::channel(4);
-    let (control, rx) = tokio::sync::mpsc::unbounded_channel();
-    (
-        ClusterLink {
-            data,
-            control,
-            lease: LeaseClock::default(),
-            replica: None,
-        },
-        rx,
-    )
-}
+use crate::shard::core::tests_support::cluster_link as link;
 
 #[test]
 fn the_lease_clock_holds_until_its_deadline() {
