@@ -165,6 +165,12 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
         "{} messages published again after a refusal, {} reconnects after a close; {log:?}",
         publ.republished, publ.reconnects
     );
+    // The publisher's node waited for its stream in its group commits (the wait counted).
+    let waits = a.metric("shardmq_cluster_replication_wait_seconds_count{shard=\"0\"}");
+    assert!(
+        waits >= 1.0,
+        "a's group commits waited for the stream {waits} times"
+    );
     let view = a.admin_json("/api/cluster");
     let rebuilt = |n: &TestBroker| {
         n.admin_json("/api/cluster")["replication"]["sessions_rebuilt_total"]

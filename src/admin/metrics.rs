@@ -483,6 +483,11 @@ fn render_latencies(f: &mut Family<'_>, stats: &[ShardStats]) {
             "Duration of a persist (fsync) of the shard's store.",
             |s: &ShardStats| s.core.fsync_latency,
         ),
+        (
+            "shardmq_cluster_replication_wait_seconds",
+            "With replicated sessions: how much longer a group commit waited for the replicated stream after its fsync.",
+            |s: &ShardStats| s.core.replica_wait,
+        ),
     ] {
         f.head(name, "histogram", help);
         for (i, s) in stats.iter().enumerate() {

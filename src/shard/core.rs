@@ -323,6 +323,9 @@ pub struct CoreStats {
     pub write_latency: LatencyHistogram,
     /// Duration of each persist (fsync) of the shard's store.
     pub fsync_latency: LatencyHistogram,
+    /// With replicated sessions: how much longer each group commit waited for the
+    /// replicated stream after its fsync (zero when the stream answered first).
+    pub replica_wait: LatencyHistogram,
 }
 
 impl CoreStats {

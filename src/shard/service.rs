@@ -464,9 +464,14 @@ impl BrokerShard {
                         false
                     }
                 };
+                let persisted = Instant::now();
+                let replicating = replica.is_some();
                 let ok = replicated(&shard, replica).await && ok;
                 let mut core = svc.core.borrow_mut();
-                core.stats.fsync_latency.observe(started.elapsed());
+                core.stats.fsync_latency.observe(persisted - started);
+                if replicating {
+                    core.stats.replica_wait.observe(persisted.elapsed());
+                }
                 core.committed(seq, ok, Instant::now());
                 drop(core);
                 if store.is_failing() {
