@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 31] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 32] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -215,6 +215,12 @@ const SIMPLE: [(&str, &str, &str, Gauge); 31] = [
         "counter",
         "QoS 2 dedup keys a session moving to another node forgot (its publisher released them) after it may have been read for the move, forwarded to that node.",
         |s| s.core.moved_keys_forwarded as f64,
+    ),
+    (
+        "shardmq_cluster_adopted_keys_untracked_total",
+        "counter",
+        "QoS 2 keys of sessions moved here past the bound on those kept for a late forget from the old owner (such a key may stay stale).",
+        |s| s.core.adopted_keys_untracked as f64,
     ),
     (
         "shardmq_cluster_replica_changes_dropped_total",

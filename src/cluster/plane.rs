@@ -107,6 +107,10 @@ pub struct PlaneCounters {
     /// QoS 2 key releases kept for a node that was away and forgotten past
     /// `cluster.missed_releases_max` (that node may keep stale keys).
     pub releases_forgotten_total: u64,
+    /// QoS 2 keys forgotten by sessions moving away that could not follow them (the link
+    /// to where they went was down, or past `cluster.missed_releases_max`): a moved copy
+    /// may keep such a key, stale.
+    pub moved_forgets_lost_total: u64,
 }
 
 /// The inputs of a slot map: the table's epoch, the live nodes with their relay
@@ -172,9 +176,11 @@ struct Plane {
     /// Where the sessions of the last move went (sent, or answered; until the next move),
     /// for the keys they forget before their slots are given away (`ToCluster::Forget`).
     moved_to: HashMap<String, NodeIx>,
-    /// Keys forgotten by moving sessions before their move reached the plane (when
-    /// forgotten, at most `cluster.missed_releases_max`): applied to the move's records.
-    early_forgets: VecDeque<(Instant, MqttStr, MqttStr, u16)>,
+    /// Keys forgotten by moving sessions before their move reached the plane, with when
+    /// (at most `cluster.missed_releases_max`): taken out of every session of the move read
+    /// before (a release takes a key from all its holders, and a moving session takes no
+    /// new key, so no moving session holds a newer one).
+    early_forgets: HashMap<(MqttStr, u16), Instant>,
     /// The QoS 2 key releases waiting for answers, by wait id (see `missed_releases`).
     releases: HashMap<u64, (MqttStr, Option<u16>)>,
     /// Per node, the QoS 2 key releases it missed (it was down, or did not answer): sent
@@ -205,6 +211,10 @@ const GROUP_KEY_BYTES_MAX: usize = 32 << 10;
 struct MoveOut {
     node: NodeIx,
     todo: VecDeque<(String, Vec<crate::storage::ClientEntry>)>,
+    /// Keys forgotten by sessions of `todo` (or of no session of this move) since the
+    /// move began: taken out of their records when they are sent.
+    forgotten: HashMap<String, Vec<(MqttStr, u16)>>,
+    forgotten_count: usize,
     /// Sent and not answered yet: id -> bytes.
     sent: HashMap<u64, usize>,
     sent_bytes: usize,
@@ -293,7 +303,7 @@ pub(super) async fn run(
         events,
         move_out: None,
         moved_to: HashMap::new(),
-        early_forgets: VecDeque::new(),
+        early_forgets: HashMap::new(),
         moves_in: HashMap::new(),
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
@@ -473,7 +483,8 @@ impl Plane {
                 client_id,
                 origin,
                 packet_id,
-            } => self.forget_moved(client_id, origin, packet_id),
+                at,
+            } => self.forget_moved(client_id, origin, packet_id, at),
             ToCluster::Release {
                 origin,
                 packet_id,

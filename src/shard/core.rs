@@ -310,6 +310,9 @@ pub struct CoreStats {
     /// QoS 2 keys a session moving away forgot after it may have been read for the move,
     /// forwarded to the node it moves to.
     pub moved_keys_forwarded: u64,
+    /// QoS 2 keys of sessions moved here past the bound on those tracked for a late
+    /// `FORGET` (which then does not apply to them).
+    pub adopted_keys_untracked: u64,
     /// Changes (units) dropped after failed appends past
     /// `cluster.replication_pending_bytes_max` (a snapshot puts them in the stream).
     pub replica_changes_dropped: u64,

@@ -30,20 +30,26 @@ impl Plane {
         // Keys the moving sessions forgot since they were read, before this move reached
         // the plane, are not moved.
         let mut sessions = sessions;
-        for (_, client_id, origin, packet_id) in std::mem::take(&mut self.early_forgets)
+        let early: hashbrown::HashSet<(MqttStr, u16)> = std::mem::take(&mut self.early_forgets)
             .into_iter()
-            .filter(|(t, ..)| *t >= read_at)
-        {
-            if let Some((_, entries)) = sessions
-                .iter_mut()
-                .find(|(c, _)| c.as_str() == client_id.as_str())
-            {
-                drop_key(entries, &origin, packet_id);
+            .filter(|(_, t)| *t >= read_at)
+            .map(|(k, _)| k)
+            .collect();
+        if !early.is_empty() {
+            for (_, entries) in &mut sessions {
+                entries.retain(|e| {
+                    e.space != crate::storage::Space::Dedup
+                        || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| {
+                            MqttStr::new(o).is_ok_and(|o| early.contains(&(o, p)))
+                        })
+                });
             }
         }
         self.moved_to.clear();
         self.move_out = Some(MoveOut {
             node: n,
+            forgotten: HashMap::new(),
+            forgotten_count: 0,
             todo: sessions.into(),
             sent: HashMap::new(),
             sent_bytes: 0,
@@ -60,9 +66,12 @@ impl Plane {
             return;
         };
         while m.sent_bytes < self.limits.move_window_bytes {
-            let Some((client_id, entries)) = m.todo.pop_front() else {
+            let Some((client_id, mut entries)) = m.todo.pop_front() else {
                 break;
             };
+            for (origin, packet_id) in m.forgotten.remove(&client_id).unwrap_or_default() {
+                drop_key(&mut entries, &origin, packet_id);
+            }
             self.next_id += 1;
             let id = self.next_id;
             let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
@@ -83,29 +92,53 @@ impl Plane {
     /// not sent yet, the key comes out of its records; sent, the node it went to forgets it
     /// too (a `FORGET` after the session on the same link, so it finds it there); its move
     /// not here yet, the move takes the key out when it comes.
-    pub(super) fn forget_moved(&mut self, client_id: MqttStr, origin: MqttStr, packet_id: u16) {
-        if let Some(m) = &mut self.move_out {
-            if let Some((_, entries)) = m
-                .todo
-                .iter_mut()
-                .find(|(c, _)| c.as_str() == client_id.as_str())
-            {
-                drop_key(entries, &origin, packet_id);
-                return;
-            }
-        }
+    pub(super) fn forget_moved(
+        &mut self,
+        client_id: MqttStr,
+        origin: MqttStr,
+        packet_id: u16,
+        at: Instant,
+    ) {
         if let Some(n) = self.moved_to.get(client_id.as_str()).copied() {
             if self.links.contains_key(&n) {
                 wire::forget(self.buf(n), &client_id, &origin, packet_id);
+            } else {
+                // Its move is over (the link went down with it) or failed: a moved copy
+                // may keep the stale key (README "Status (issue 16)").
+                self.counters.moved_forgets_lost_total += 1;
             }
             return;
         }
-        if self.early_forgets.len() >= self.limits.missed_releases_max {
-            self.early_forgets.pop_front();
-            self.counters.releases_forgotten_total += 1;
+        let max = self.limits.missed_releases_max;
+        if let Some(m) = &mut self.move_out {
+            // Not sent yet (or not in this move): out of its records when it is sent.
+            if m.forgotten_count < max {
+                m.forgotten_count += 1;
+                m.forgotten
+                    .entry(client_id.as_str().to_owned())
+                    .or_default()
+                    .push((origin, packet_id));
+            } else {
+                self.counters.moved_forgets_lost_total += 1;
+            }
+            return;
         }
-        self.early_forgets
-            .push_back((Instant::now(), client_id, origin, packet_id));
+        if self.early_forgets.len() >= max {
+            // A move reaches the plane within its read's bound (10 s) of reading: older
+            // ones have no move left to apply to.
+            self.early_forgets
+                .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        }
+        if self.early_forgets.len() >= max
+            && !self
+                .early_forgets
+                .contains_key(&(origin.clone(), packet_id))
+        {
+            self.counters.moved_forgets_lost_total += 1;
+            return;
+        }
+        let t = self.early_forgets.entry((origin, packet_id)).or_insert(at);
+        *t = (*t).max(at);
     }
 
     /// The answer to one moved session.

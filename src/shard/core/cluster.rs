@@ -80,12 +80,13 @@ pub enum ToCluster {
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     },
     /// A session moving away forgot the QoS 2 key (`origin`, `packet_id`) (its publisher
-    /// released it) after it may have been read for the move: the node it moves to must
-    /// forget it too (that node may have had the release before the session came).
+    /// released it) at `at`, after it may have been read for the move: the node it moves to
+    /// must forget it too (that node may have had the release before the session came).
     Forget {
         client_id: MqttStr,
         origin: MqttStr,
         packet_id: u16,
+        at: Instant,
     },
     /// From the membership thread: store these sessions here (rebuilt from a failed
     /// node's replicated stream); `reply` gets how many were stored, or why not all.
@@ -361,9 +362,15 @@ pub(super) struct ClusterPort {
     /// the last came: not discarded as orphans meanwhile (see [`INCOMING_TTL`]).
     incoming: HashMap<u16, Instant>,
     /// QoS 2 keys released lately (origin, packet id or every one of origin, when): a
-    /// session moved here was read before them, so its copies of them are stale and are
-    /// dropped when it is adopted (see [`Core::adopt_from_node`]).
+    /// session rebuilt here from a failed node's stream read before them holds stale
+    /// copies of them, dropped when it is adopted (see [`Core::adopt_from_node`]).
     released: std::collections::VecDeque<(MqttStr, Option<u16>, Instant)>,
+    /// The QoS 2 keys of sessions moved here from a live node, as they came (client,
+    /// origin, packet id -> when): a `FORGET` from that node applies only to a key still as
+    /// it came, not to one this node released itself or that a new message (DUP = 0) with
+    /// the same packet id holds now (see [`Core::forget_moved_key`]). At most
+    /// [`RELEASED_MAX`], each for [`INCOMING_TTL`].
+    pub(super) adopted_keys: HashMap<(MqttStr, MqttStr, u16), Instant>,
 }
 
 /// QoS 2 releases remembered for sessions arriving from other nodes.
@@ -388,6 +395,7 @@ impl ClusterPort {
             moving: None,
             incoming: HashMap::new(),
             released: std::collections::VecDeque::new(),
+            adopted_keys: HashMap::new(),
         }
     }
 

@@ -141,6 +141,7 @@ impl Core {
                         touched.push(c.clone());
                     }
                 }
+                self.drop_adopted_key(&c, origin, pid);
                 self.forget_on_move(&c, origin, pid);
             }
         }

@@ -430,6 +430,7 @@ fn forgets(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ToCluster>) -> Vec<(Str
             client_id,
             origin,
             packet_id,
+            ..
         } = m
         {
             v.push((
@@ -442,11 +443,35 @@ fn forgets(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ToCluster>) -> Vec<(Str
     v
 }
 
+/// A QoS 2 message from publisher `p` as another node forwards it.
+fn forwarded(pid: u16, dup: bool, now: Instant) -> FromCluster {
+    let msg = Message {
+        topic: TopicName::new("t").unwrap(),
+        payload: bytes::Bytes::from_static(b"m"),
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        properties: PublishProperties::default(),
+        origin: Some(id("p")),
+        qos2_id: Some(Qos2Id {
+            packet_id: pid,
+            dup,
+        }),
+        created: now,
+        groups: None,
+    };
+    FromCluster::Publish {
+        node: 0,
+        id: None,
+        msg: Arc::new(msg),
+    }
+}
+
 /// A session moving to another node takes its QoS 2 keys along. One its publisher releases
 /// after the read is forwarded by the old node and forgotten by the new one; one released
 /// on the new node before the session came is kept: the publisher may have reused the
 /// packet id since, for the very message the key stands for, and a resend of that message
-/// with DUP must be skipped there (dropping the key stored it twice).
+/// with DUP must be skipped there (dropping the key stored it twice). A forward that comes
+/// after a new message (DUP = 0) took the key again leaves it alone.
 #[test]
 fn a_moved_session_keeps_its_qos2_keys_and_forgets_those_released_after_its_read() {
     let now = Instant::now();
@@ -460,7 +485,7 @@ fn a_moved_session_keeps_its_qos2_keys_and_forgets_those_released_after_its_read
     commit(&mut o, now);
     o.disconnected(&sub, Ending::Normal, now);
     let (mut publ, _) = connect(&mut o, "p", false, now);
-    for pid in [1, 2] {
+    for pid in [1, 2, 3] {
         o.on_packet(&mut publ, publish(pid, false, b"m"), now)
             .unwrap();
     }
@@ -486,15 +511,16 @@ fn a_moved_session_keeps_its_qos2_keys_and_forgets_those_released_after_its_read
         .filter(|e| e.space == crate::storage::Space::Dedup)
         .filter_map(|e| crate::storage::dedup_entry_of(&e.rest).map(|(o, p)| (o.to_owned(), p)))
         .collect();
-    assert_eq!(keys, vec![("p".to_owned(), 1), ("p".to_owned(), 2)]);
+    let p_ = |pid| ("p".to_owned(), pid);
+    assert_eq!(keys, vec![p_(1), p_(2), p_(3)]);
     assert!(forgets(&mut o_rx).is_empty());
-    // Message 1 released after the read: forwarded.
-    let pubrel = Packet::PubRel(Ack::new(PacketId::new(1).unwrap()));
-    o.on_packet(&mut publ, pubrel, now).unwrap();
-    assert_eq!(
-        forgets(&mut o_rx),
-        vec![("s".to_owned(), "p".to_owned(), 1)]
-    );
+    // Messages 1 and 3 released after the read: forwarded.
+    for pid in [1, 3] {
+        let pubrel = Packet::PubRel(Ack::new(PacketId::new(pid).unwrap()));
+        o.on_packet(&mut publ, pubrel, now).unwrap();
+    }
+    let s_ = |pid| ("s".to_owned(), "p".to_owned(), pid);
+    assert_eq!(forgets(&mut o_rx), vec![s_(1), s_(3)]);
 
     // The new node had a release of (p, 2) before, for an older message with that id.
     let dir_n = tempfile::tempdir().unwrap();
@@ -520,56 +546,46 @@ fn a_moved_session_keeps_its_qos2_keys_and_forgets_those_released_after_its_read
         now,
     );
     commit(&mut n, now);
+    let queued = |n: &Core| n.session(&s).unwrap().queued_messages();
     let at_n = n.session(&s).unwrap();
     assert!(
         at_n.holds_qos2(&p, 2),
         "a key released here before the move is kept"
     );
-    assert!(at_n.holds_qos2(&p, 1), "as read");
-    assert_eq!(at_n.queued_messages(), 2);
+    assert!(at_n.holds_qos2(&p, 1) && at_n.holds_qos2(&p, 3), "as read");
+    assert_eq!(queued(&n), 3);
+    // Before the forward of 3 comes, the publisher reuses packet id 3 for a new message,
+    // which reaches the adopted copy (DUP = 0: stored, the key is its own now).
+    n.on_cluster(forwarded(3, false, now), now);
+    assert_eq!(queued(&n), 4);
 
-    // The forwarded release comes after the session, on the same link.
-    n.on_cluster(
-        FromCluster::Forget {
-            client_id: s.clone(),
-            origin: p.clone(),
-            packet_id: 1,
-        },
-        now,
-    );
+    // The forwarded releases come after the session, on the same link.
+    for pid in [1, 3] {
+        n.on_cluster(
+            FromCluster::Forget {
+                client_id: s.clone(),
+                origin: p.clone(),
+                packet_id: pid,
+            },
+            now,
+        );
+    }
     assert!(!n.session(&s).unwrap().holds_qos2(&p, 1));
     assert!(n.qos2.holders(&p, 1).is_empty());
+    assert!(
+        n.session(&s).unwrap().holds_qos2(&p, 3),
+        "the new message's key is not the one forgotten over there"
+    );
     assert_eq!(n.qos2.holders(&p, 2), std::slice::from_ref(&s));
     commit(&mut n, now);
     let r = store_n.load().unwrap();
-    assert_eq!(stored(&r, "s").dedup, vec![("p".to_owned(), 2)]);
+    assert_eq!(stored(&r, "s").dedup, vec![p_(2), p_(3)]);
 
-    // Message 2 resent with DUP (its first try's PUBREC was withheld): skipped at n.
-    let resend = Message {
-        topic: TopicName::new("t").unwrap(),
-        payload: bytes::Bytes::from_static(b"m"),
-        qos: QoS::ExactlyOnce,
-        retain: false,
-        properties: PublishProperties::default(),
-        origin: Some(p.clone()),
-        qos2_id: Some(Qos2Id {
-            packet_id: 2,
-            dup: true,
-        }),
-        created: now,
-        groups: None,
-    };
-    n.on_cluster(
-        FromCluster::Publish {
-            node: 0,
-            id: None,
-            msg: Arc::new(resend),
-        },
-        now,
-    );
-    assert_eq!(
-        n.session(&s).unwrap().queued_messages(),
-        2,
-        "the resend is skipped"
-    );
+    // Resends with DUP (their first tries' PUBRECs withheld): 2 and the new 3 are skipped
+    // here; 1, whose key went, is stored as a new message.
+    n.on_cluster(forwarded(2, true, now), now);
+    n.on_cluster(forwarded(3, true, now), now);
+    assert_eq!(queued(&n), 4, "the resends of kept messages are skipped");
+    n.on_cluster(forwarded(1, true, now), now);
+    assert_eq!(queued(&n), 5, "a resend whose key went is stored");
 }

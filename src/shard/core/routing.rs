@@ -176,6 +176,10 @@ impl Core {
                 if let (Some(id), Some(origin)) = (msg.qos2_id, &msg.origin) {
                     if s.holds_qos2(origin, id.packet_id) {
                         self.note_qos2_holder(origin, id.packet_id, &client_id);
+                        if !id.dup {
+                            // A new message's key now, not one a moved session came with.
+                            self.drop_adopted_key(&client_id, origin, id.packet_id);
+                        }
                     }
                 }
                 self.sync_session(&client_id, now);

@@ -167,6 +167,11 @@ impl Core {
                 })
             });
         }
+        let keys: Vec<(String, u16)> = if read_at.is_none() {
+            stored.dedup.clone()
+        } else {
+            Vec::new()
+        };
         let filters: Vec<Arc<str>> = stored
             .subscriptions
             .iter()
@@ -177,6 +182,7 @@ impl Core {
         let token = self.token();
         let mut remote = 0;
         if ok {
+            self.note_adopted_keys(&cid, &keys, now);
             self.stats.sessions_moved_in += 1;
             for f in &filters {
                 remote += self.announce_route(f, true, Some(token));
@@ -208,12 +214,56 @@ impl Core {
                 client_id: client_id.clone(),
                 origin: origin.clone(),
                 packet_id,
+                at: Instant::now(),
             });
         }
     }
 
+    /// The keys of a session just moved here, as they came (see `adopted_keys`).
+    fn note_adopted_keys(&mut self, client_id: &MqttStr, keys: &[(String, u16)], now: Instant) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        if keys.is_empty() {
+            return;
+        }
+        if c.adopted_keys.len() + keys.len() > RELEASED_MAX {
+            c.adopted_keys
+                .retain(|_, t| now.saturating_duration_since(*t) < INCOMING_TTL);
+        }
+        for (o, p) in keys {
+            if c.adopted_keys.len() >= RELEASED_MAX {
+                // A late FORGET for the rest is not applied (their keys may stay stale).
+                self.stats.adopted_keys_untracked += 1;
+                continue;
+            }
+            if let Ok(o) = MqttStr::new(o) {
+                c.adopted_keys.insert((client_id.clone(), o, *p), now);
+            }
+        }
+    }
+
+    /// `client_id`'s key (`origin`, `packet_id`) is not as it came with a move any more:
+    /// this node released it, or a new message (DUP = 0) holds it.
+    pub(in crate::shard::core) fn drop_adopted_key(
+        &mut self,
+        client_id: &MqttStr,
+        origin: &MqttStr,
+        packet_id: u16,
+    ) {
+        if let Some(c) = &mut self.cluster {
+            if !c.adopted_keys.is_empty() {
+                c.adopted_keys
+                    .remove(&(client_id.clone(), origin.clone(), packet_id));
+            }
+        }
+    }
+
     /// The node `client_id`'s session moved here from forgot the key (`origin`,
-    /// `packet_id`) after reading the session for the move: forgotten here too.
+    /// `packet_id`) after reading the session for the move: forgotten here too, if the key
+    /// is still the one that came with the session (the FORGET may come late, after this
+    /// node released that key itself and a new message with the same packet id took it);
+    /// passed on if the session is moving on already.
     pub(in crate::shard::core) fn forget_moved_key(
         &mut self,
         client_id: &MqttStr,
@@ -221,11 +271,20 @@ impl Core {
         packet_id: u16,
         now: Instant,
     ) {
+        let as_it_came = self.cluster.as_mut().is_some_and(|c| {
+            c.adopted_keys
+                .remove(&(client_id.clone(), origin.clone(), packet_id))
+                .is_some_and(|t| now.saturating_duration_since(t) < INCOMING_TTL)
+        });
+        if !as_it_came {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
         if s.forget_qos2(origin, packet_id) {
             self.drop_qos2_holder(origin, packet_id, client_id);
+            self.forget_on_move(client_id, origin, packet_id);
             self.sync_session(client_id, now);
         }
     }
