@@ -173,9 +173,9 @@ struct Plane {
     events: mpsc::Sender<LinkEvent>,
     /// Sessions this node is sending to another (one move at a time).
     move_out: Option<MoveOut>,
-    /// Where the sessions of the last move went (sent, or answered; until the next move),
-    /// for the keys they forget before their slots are given away (`ToCluster::Forget`).
-    moved_to: HashMap<String, NodeIx>,
+    /// Where the sessions of recent moves went (sent, or answered; for [`MOVED_TO_TTL`]),
+    /// for the keys they forget before their old owner lets them go (`ToCluster::Forget`).
+    moved_to: HashMap<String, (NodeIx, Instant)>,
     /// Keys forgotten by moving sessions before their move reached the plane, with when
     /// (at most `cluster.missed_releases_max`): taken out of every session of the move read
     /// before (a release takes a key from all its holders, and a moving session takes no
@@ -206,6 +206,10 @@ struct Rebuild {
 /// Bytes of shared-group keys one forwarded message may name for a node (a frame has
 /// 64 KiB of room beside the largest MQTT packet).
 const GROUP_KEY_BYTES_MAX: usize = 32 << 10;
+
+/// How long the plane remembers where a moved session went: its old owner lets it go once
+/// the slot table says so, within seconds of the move.
+const MOVED_TO_TTL: Duration = Duration::from_secs(120);
 
 /// Sessions on their way to another node (see [`Plane::start_move`]).
 struct MoveOut {
@@ -769,6 +773,10 @@ impl Plane {
             self.fail_move("timed out");
         }
         self.moves_in.retain(|_, m| now < m.deadline);
+        if !self.moved_to.is_empty() {
+            self.moved_to
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) < MOVED_TO_TTL);
+        }
         while let Some(&(at, id)) = self.deadlines.front() {
             if at > now {
                 break;

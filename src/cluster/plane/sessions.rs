@@ -45,7 +45,6 @@ impl Plane {
                 });
             }
         }
-        self.moved_to.clear();
         self.move_out = Some(MoveOut {
             node: n,
             forgotten: HashMap::new(),
@@ -77,7 +76,7 @@ impl Plane {
             let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
             let part = self.limits.session_part_bytes;
             wire::session(self.buf(m.node), id, &client_id, &entries, part);
-            self.moved_to.insert(client_id, m.node);
+            self.moved_to.insert(client_id, (m.node, Instant::now()));
             m.sent.insert(id, bytes);
             m.sent_bytes += bytes;
         }
@@ -99,7 +98,7 @@ impl Plane {
         packet_id: u16,
         at: Instant,
     ) {
-        if let Some(n) = self.moved_to.get(client_id.as_str()).copied() {
+        if let Some((n, _)) = self.moved_to.get(client_id.as_str()).copied() {
             if self.links.contains_key(&n) {
                 wire::forget(self.buf(n), &client_id, &origin, packet_id);
             } else {
@@ -204,6 +203,8 @@ impl Plane {
         let Some(m) = self.moves_in.remove(&(n, id)) else {
             return;
         };
+        // Back here: where it went before is no place for its forgets any more.
+        self.moved_to.remove(&m.client_id);
         // The shards judge a moved session against the slot table as this node knows it
         // now (the map goes out on the tick otherwise): a node that has just given the
         // slot away must not take the session moved back to it for its own.
@@ -261,6 +262,7 @@ impl Plane {
             },
         );
         for (client_id, entries) in sessions {
+            self.moved_to.remove(&client_id);
             self.next_id += 1;
             let id = self.next_id;
             self.rebuild_ids.insert(id, rebuild);
