@@ -38,6 +38,7 @@ use crate::shard::event::Fate;
 use crate::shard::service::BrokerShard;
 use crate::shard::shardset::ShardSet;
 
+mod forgets;
 mod routes;
 mod sessions;
 
@@ -173,14 +174,8 @@ struct Plane {
     events: mpsc::Sender<LinkEvent>,
     /// Sessions this node is sending to another (one move at a time).
     move_out: Option<MoveOut>,
-    /// Where the sessions of recent moves went (sent, or answered; for [`MOVED_TO_TTL`]),
-    /// for the keys they forget before their old owner lets them go (`ToCluster::Forget`).
-    moved_to: HashMap<String, (NodeIx, Instant)>,
-    /// Keys forgotten by moving sessions before their move reached the plane, with when
-    /// (at most `cluster.missed_releases_max`): taken out of every session of the move read
-    /// before (a release takes a key from all its holders, and a moving session takes no
-    /// new key, so no moving session holds a newer one).
-    early_forgets: HashMap<(MqttStr, u16), Instant>,
+    /// QoS 2 keys forgotten by sessions moving away, and where they go.
+    forgets: forgets::MovedForgets,
     /// The QoS 2 key releases waiting for answers, by wait id (see `missed_releases`).
     releases: HashMap<u64, (MqttStr, Option<u16>)>,
     /// Per node, the QoS 2 key releases it missed (it was down, or did not answer): sent
@@ -207,18 +202,10 @@ struct Rebuild {
 /// 64 KiB of room beside the largest MQTT packet).
 const GROUP_KEY_BYTES_MAX: usize = 32 << 10;
 
-/// How long the plane remembers where a moved session went: its old owner lets it go once
-/// the slot table says so, within seconds of the move.
-const MOVED_TO_TTL: Duration = Duration::from_secs(120);
-
 /// Sessions on their way to another node (see [`Plane::start_move`]).
 struct MoveOut {
     node: NodeIx,
     todo: VecDeque<(String, Vec<crate::storage::ClientEntry>)>,
-    /// Keys forgotten by sessions of `todo` (or of no session of this move) since the
-    /// move began: taken out of their records when they are sent.
-    forgotten: HashMap<String, Vec<(MqttStr, u16)>>,
-    forgotten_count: usize,
     /// Sent and not answered yet: id -> bytes.
     sent: HashMap<u64, usize>,
     sent_bytes: usize,
@@ -306,8 +293,7 @@ pub(super) async fn run(
         counters: PlaneCounters::default(),
         events,
         move_out: None,
-        moved_to: HashMap::new(),
-        early_forgets: HashMap::new(),
+        forgets: forgets::MovedForgets::new(limits.missed_releases_max),
         moves_in: HashMap::new(),
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
@@ -773,10 +759,7 @@ impl Plane {
             self.fail_move("timed out");
         }
         self.moves_in.retain(|_, m| now < m.deadline);
-        if !self.moved_to.is_empty() {
-            self.moved_to
-                .retain(|_, (_, t)| now.saturating_duration_since(*t) < MOVED_TO_TTL);
-        }
+        self.forgets.prune(now);
         while let Some(&(at, id)) = self.deadlines.front() {
             if at > now {
                 break;

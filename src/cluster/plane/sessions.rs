@@ -1,6 +1,7 @@
 //! Sessions crossing nodes on the plane: moves to another node (sent part by part within a
 //! window, each answered once stored there) and rebuilds of a failed node's sessions here.
 
+use super::forgets::Route;
 use super::*;
 
 impl Plane {
@@ -30,11 +31,7 @@ impl Plane {
         // Keys the moving sessions forgot since they were read, before this move reached
         // the plane, are not moved.
         let mut sessions = sessions;
-        let early: hashbrown::HashSet<(MqttStr, u16)> = std::mem::take(&mut self.early_forgets)
-            .into_iter()
-            .filter(|(_, t)| *t >= read_at)
-            .map(|(k, _)| k)
-            .collect();
+        let early = self.forgets.begin(read_at);
         if !early.is_empty() {
             for (_, entries) in &mut sessions {
                 entries.retain(|e| {
@@ -47,8 +44,6 @@ impl Plane {
         }
         self.move_out = Some(MoveOut {
             node: n,
-            forgotten: HashMap::new(),
-            forgotten_count: 0,
             todo: sessions.into(),
             sent: HashMap::new(),
             sent_bytes: 0,
@@ -68,7 +63,7 @@ impl Plane {
             let Some((client_id, mut entries)) = m.todo.pop_front() else {
                 break;
             };
-            for (origin, packet_id) in m.forgotten.remove(&client_id).unwrap_or_default() {
+            for (origin, packet_id) in self.forgets.sent(&client_id, m.node, Instant::now()) {
                 drop_key(&mut entries, &origin, packet_id);
             }
             self.next_id += 1;
@@ -76,11 +71,11 @@ impl Plane {
             let bytes: usize = entries.iter().map(|e| e.rest.len() + e.value.len()).sum();
             let part = self.limits.session_part_bytes;
             wire::session(self.buf(m.node), id, &client_id, &entries, part);
-            self.moved_to.insert(client_id, (m.node, Instant::now()));
             m.sent.insert(id, bytes);
             m.sent_bytes += bytes;
         }
         if m.todo.is_empty() && m.sent.is_empty() {
+            self.forgets.end();
             let _ = m.reply.send(Ok(m.moved));
         } else {
             self.move_out = Some(m);
@@ -98,46 +93,19 @@ impl Plane {
         packet_id: u16,
         at: Instant,
     ) {
-        if let Some((n, _)) = self.moved_to.get(client_id.as_str()).copied() {
-            if self.links.contains_key(&n) {
-                wire::forget(self.buf(n), &client_id, &origin, packet_id);
-            } else {
-                // Its move is over (the link went down with it) or failed: a moved copy
-                // may keep the stale key (README "Status (issue 16)").
-                self.counters.moved_forgets_lost_total += 1;
-            }
-            return;
-        }
-        let max = self.limits.missed_releases_max;
-        if let Some(m) = &mut self.move_out {
-            // Not sent yet (or not in this move): out of its records when it is sent.
-            if m.forgotten_count < max {
-                m.forgotten_count += 1;
-                m.forgotten
-                    .entry(client_id.as_str().to_owned())
-                    .or_default()
-                    .push((origin, packet_id));
-            } else {
-                self.counters.moved_forgets_lost_total += 1;
-            }
-            return;
-        }
-        if self.early_forgets.len() >= max {
-            // A move reaches the plane within its read's bound (10 s) of reading: older
-            // ones have no move left to apply to.
-            self.early_forgets
-                .retain(|_, t| t.elapsed() < Duration::from_secs(60));
-        }
-        if self.early_forgets.len() >= max
-            && !self
-                .early_forgets
-                .contains_key(&(origin.clone(), packet_id))
+        let moving = self.move_out.is_some();
+        match self
+            .forgets
+            .forget(client_id.as_str(), origin.clone(), packet_id, at, moving)
         {
-            self.counters.moved_forgets_lost_total += 1;
-            return;
+            Route::Send(n) if self.links.contains_key(&n) => {
+                wire::forget(self.buf(n), &client_id, &origin, packet_id);
+            }
+            // The link to where it went is down (its move is over, or failed), or past the
+            // bound: a moved copy may keep the stale key (README "Status (issue 16)").
+            Route::Send(_) | Route::Lost => self.counters.moved_forgets_lost_total += 1,
+            Route::Held => {}
         }
-        let t = self.early_forgets.entry((origin, packet_id)).or_insert(at);
-        *t = (*t).max(at);
     }
 
     /// The answer to one moved session.
@@ -158,6 +126,7 @@ impl Plane {
     }
 
     pub(super) fn fail_move(&mut self, why: &str) {
+        self.forgets.end();
         if let Some(m) = self.move_out.take() {
             let _ = m.reply.send(Err(why.to_string()));
         }
@@ -204,7 +173,7 @@ impl Plane {
             return;
         };
         // Back here: where it went before is no place for its forgets any more.
-        self.moved_to.remove(&m.client_id);
+        self.forgets.back(&m.client_id);
         // The shards judge a moved session against the slot table as this node knows it
         // now (the map goes out on the tick otherwise): a node that has just given the
         // slot away must not take the session moved back to it for its own.
@@ -262,7 +231,7 @@ impl Plane {
             },
         );
         for (client_id, entries) in sessions {
-            self.moved_to.remove(&client_id);
+            self.forgets.back(&client_id);
             self.next_id += 1;
             let id = self.next_id;
             self.rebuild_ids.insert(id, rebuild);
