@@ -699,12 +699,23 @@ impl Node {
     ) -> T {
         let mut f = std::pin::pin!(f);
         let every = renew_interval(&self.cfg);
+        // On the lease's own schedule (from its last renewal), not from now: a run of
+        // waits each shorter than the interval must not add up past the time to live.
+        let mut next = self.lease_at + every;
         loop {
             tokio::select! {
                 r = &mut f => return r,
-                _ = tokio::time::sleep(every) => {
+                _ = tokio::time::sleep_until(next.into()) => {
                     let cfg = self.cfg.clone();
+                    let before = self.lease_at;
                     self.renew(keys, handle, &cfg).await;
+                    // Not renewed (it retried inside, then gave up or fenced): as before,
+                    // again an interval from now.
+                    next = if self.lease_at > before {
+                        self.lease_at + every
+                    } else {
+                        Instant::now() + every
+                    };
                 }
             }
         }

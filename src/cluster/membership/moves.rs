@@ -40,7 +40,8 @@ impl Node {
         // Which of them hold sessions: first without a hold (most often all are free or
         // all are not, and clients of used slots are never held up for nothing), then
         // again under a hold of the free ones, so that none gains a session meanwhile.
-        let Some(used) = slots_in_use(control).await else {
+        // (Each read waits up to 2 s for the shards: the lease is renewed meanwhile.)
+        let Some(used) = self.renewing(keys, handle, slots_in_use(control)).await else {
             return false;
         };
         let free = unused(&give, &used);
@@ -61,7 +62,7 @@ impl Node {
         }
         let held = bits_of(&free);
         hold(control, held, true);
-        let free = match slots_in_use(control).await {
+        let free = match self.renewing(keys, handle, slots_in_use(control)).await {
             Some(used) => unused(&free, &used),
             None => Vec::new(),
         };
@@ -201,15 +202,20 @@ impl Node {
             },
         }
         // The next move starts once the shards here have the new table and have let the
-        // moved sessions go (bounded: they go anyway when it arrives).
+        // moved sessions go (bounded: they go anyway when it arrives). The lease is renewed
+        // meanwhile: up to 5 s here, and 2 s more for a slow answer, is most of its time to
+        // live.
         let bits = bits_of(slots);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            match slots_in_use(control).await {
-                Some(used) if used.iter().zip(bits.iter()).all(|(u, b)| u & b == 0) => break,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        let let_go = async {
+            while Instant::now() < deadline {
+                match slots_in_use(control).await {
+                    Some(used) if used.iter().zip(bits.iter()).all(|(u, b)| u & b == 0) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
             }
-        }
+        };
+        self.renewing(keys, handle, let_go).await;
         Ok(moved)
     }
 
