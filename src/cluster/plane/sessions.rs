@@ -33,12 +33,14 @@ impl Plane {
         let mut sessions = sessions;
         let early = self.forgets.begin(read_at);
         if !early.is_empty() {
+            // By origin, looked up by the records' own strings.
+            let mut by_origin: HashMap<&str, hashbrown::HashSet<u16>> = HashMap::new();
+            for (o, p) in &early {
+                by_origin.entry(o.as_str()).or_default().insert(*p);
+            }
             for (_, entries) in &mut sessions {
-                entries.retain(|e| {
-                    e.space != crate::storage::Space::Dedup
-                        || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| {
-                            MqttStr::new(o).is_ok_and(|o| early.contains(&(o, p)))
-                        })
+                drop_keys(entries, |o, p| {
+                    by_origin.get(o).is_some_and(|ps| ps.contains(&p))
                 });
             }
         }
@@ -63,8 +65,11 @@ impl Plane {
             let Some((client_id, mut entries)) = m.todo.pop_front() else {
                 break;
             };
-            for (origin, packet_id) in self.forgets.sent(&client_id, m.node, Instant::now()) {
-                drop_key(&mut entries, &origin, packet_id);
+            let gone = self.forgets.sent(&client_id, m.node, Instant::now());
+            if !gone.is_empty() {
+                drop_keys(&mut entries, |o, p| {
+                    gone.iter().any(|(go, gp)| *gp == p && go.as_str() == o)
+                });
             }
             self.next_id += 1;
             let id = self.next_id;
@@ -205,13 +210,10 @@ impl Plane {
         // still holds those keys, stale.
         if let Some(missed) = self.ix_of(from).and_then(|n| self.missed_releases.get(&n)) {
             for (_, entries) in &mut sessions {
-                entries.retain(|e| {
-                    e.space != crate::storage::Space::Dedup
-                        || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| {
-                            missed
-                                .iter()
-                                .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
-                        })
+                drop_keys(entries, |o, p| {
+                    missed
+                        .iter()
+                        .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
                 });
             }
         }
@@ -281,10 +283,13 @@ impl Plane {
     }
 }
 
-/// Takes the dedup key (`origin`, `packet_id`) out of a session's records.
-fn drop_key(entries: &mut Vec<crate::storage::ClientEntry>, origin: &str, packet_id: u16) {
+/// Takes the dedup keys (origin, packet id) that `gone` names out of a session's records.
+fn drop_keys(
+    entries: &mut Vec<crate::storage::ClientEntry>,
+    mut gone: impl FnMut(&str, u16) -> bool,
+) {
     entries.retain(|e| {
         e.space != crate::storage::Space::Dedup
-            || crate::storage::dedup_entry_of(&e.rest) != Some((origin, packet_id))
+            || !crate::storage::dedup_entry_of(&e.rest).is_some_and(|(o, p)| gone(o, p))
     });
 }
