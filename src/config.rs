@@ -586,6 +586,19 @@ pub struct ClusterConfig {
     pub jetstream: Vec<String>,
     /// Replicas of each node's stream (1-5; 3 survives the loss of one NATS server).
     pub jetstream_replicas: u32,
+    /// TLS to the JetStream servers, their certificates verified against the system's CA
+    /// certificates (or `jetstream_ca_file`). Also on with `jetstream_ca_file`,
+    /// `jetstream_cert_file` or a `tls://` URL. Off (the default): in the clear.
+    pub jetstream_tls: bool,
+    /// PEM CA certificates that the JetStream servers' certificates must chain to (TLS on).
+    pub jetstream_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and its private key, for servers that verify clients
+    /// (both or neither; TLS on).
+    pub jetstream_cert_file: Option<PathBuf>,
+    pub jetstream_key_file: Option<PathBuf>,
+    /// User name and password for the JetStream servers (both or neither).
+    pub jetstream_user: Option<String>,
+    pub jetstream_password: Option<String>,
     /// Milliseconds one append to the stream may take (retried within it); then the
     /// acknowledgements waiting on it fail (MQTT 5: 0x80; 3.x: the connection closes).
     pub replication_timeout_ms: u32,
@@ -623,6 +636,12 @@ impl Default for ClusterConfig {
             missed_releases_max: 65_536,
             jetstream: Vec::new(),
             jetstream_replicas: 3,
+            jetstream_tls: false,
+            jetstream_ca_file: None,
+            jetstream_cert_file: None,
+            jetstream_key_file: None,
+            jetstream_user: None,
+            jetstream_password: None,
             replication_timeout_ms: 10_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_bytes_max: 2 << 30,
@@ -640,6 +659,14 @@ impl ClusterConfig {
     /// Whether sessions are replicated (JetStream configured).
     pub fn replicated(&self) -> bool {
         self.enabled() && !self.jetstream.is_empty()
+    }
+
+    /// Whether the JetStream servers are reached over TLS only.
+    pub fn jetstream_tls_on(&self) -> bool {
+        self.jetstream_tls
+            || self.jetstream_ca_file.is_some()
+            || self.jetstream_cert_file.is_some()
+            || self.jetstream.iter().any(|u| u.starts_with("tls://"))
     }
 
     /// The address the other nodes dial.

@@ -509,10 +509,15 @@ fn log_filter(flag: Option<&str>, config: &str) -> Result<tracing_subscriber::En
         .parse(text)
         .map_err(|e| format!("{source}: invalid log filter {text:?}: {e}"))?;
     // The storage engine's own lines (every table flush, journal rotation, recovery step)
-    // only at warn, unless the filter asks for them by name.
-    for engine in ["fjall", "lsm_tree"] {
-        if !text.contains(engine) {
-            if let Ok(d) = format!("{engine}=warn").parse() {
+    // only at warn, and none of the NATS client's (an error line per reconnect try; the
+    // broker logs each new NATS error once), unless the filter asks for them by name.
+    for (lib, level) in [
+        ("fjall", "warn"),
+        ("lsm_tree", "warn"),
+        ("async_nats", "off"),
+    ] {
+        if !text.contains(lib) {
+            if let Ok(d) = format!("{lib}={level}").parse() {
                 filter = filter.add_directive(d);
             }
         }

@@ -122,6 +122,10 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
     });
     assert!(a.metric("shardmq_cluster_replica_appends_total{node=\"a\"}") >= 0.0);
 
+    let c_stream = c.admin_json("/api/cluster")["replication"]["stream"]
+        .as_str()
+        .expect("c's stream")
+        .to_string();
     // Both subscribers' sessions live on c, the node that dies; the publisher's on a.
     let (sub1, sub2) = crash_subscribers_on_c(&etcd, &p, &c, "rep");
     let mut publ = CrashPublisher::new(id_owned_by(&etcd, &p, "a", "rep-pub"));
@@ -195,6 +199,15 @@ fn a_node_lost_with_its_disk_is_rebuilt_elsewhere_from_its_stream_under_load() {
     let got1 = crash_drain(b.addr, &sub1, "END");
     let got2 = crash_drain(b.addr, &sub2, "END");
     verify_crash(&publ, seed, 1, &log, &got1, &got2, published_at, started);
+    // c's sessions live in their new owners' streams now: c's own keeps only the fence
+    // (its sequence goes on, so a c still running would stay fenced).
+    let held = nats.stream(&c_stream).expect("c's stream")["state"].clone();
+    assert_eq!(
+        held["messages"].as_u64(),
+        Some(1),
+        "c's stream after the fail-over holds only its fence: {held}"
+    );
+    assert!(held["last_seq"].as_u64().unwrap_or(0) > 1, "{held}");
 
     // c rejoins with an empty disk: it owns nothing it could serve stale, and what it
     // takes later comes with its sessions.

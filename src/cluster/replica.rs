@@ -123,6 +123,12 @@ pub struct ReplicaView {
     pub snapshots_total: u64,
     /// Sessions rebuilt here from other nodes' streams (fail-overs).
     pub sessions_rebuilt_total: u64,
+    /// Whether the connection to NATS is up, and the last error it reported (a refused
+    /// login, a certificate that did not verify, a server gone).
+    pub nats_connected: bool,
+    pub nats_error: Option<String>,
+    /// Connections made to NATS (the first, then every reconnection).
+    pub nats_connects_total: u64,
 }
 
 /// A member's stream as JetStream holds it (`GET /api/cluster`, per member).
@@ -136,6 +142,15 @@ pub struct StreamView {
     /// The last snapshot's start, if one is recorded (the log after it is what a
     /// fail-over replays).
     pub snapshot_start: Option<u64>,
+}
+
+/// What a fail-over read from a node's stream.
+#[derive(Debug, Default)]
+pub(super) struct Rebuilt {
+    /// The sessions, with their records.
+    pub sessions: Vec<(String, Vec<ClientEntry>)>,
+    /// Units skipped as damaged (the stream is then kept, not trimmed, for an operator).
+    pub damaged: u64,
 }
 
 /// The shared view, updated by the appender and read by the admin endpoint.
@@ -176,16 +191,49 @@ impl Replica {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cluster.jetstream: {e}"))?;
         let bound = Duration::from_secs(cfg.etcd_timeout_s as u64);
-        let client = tokio::time::timeout(
-            bound,
-            async_nats::ConnectOptions::new()
-                .name(format!("shardmq {me}"))
-                .retry_on_initial_connect()
-                .connect(addrs),
-        )
-        .await
-        .map_err(|_| format!("cannot reach NATS at {urls} (cluster.jetstream) within {bound:?}"))?
-        .map_err(|e| format!("cannot reach NATS at {urls} (cluster.jetstream): {e}"))?;
+        let state: ReplicaState = Arc::default();
+        // Servers that are still starting are waited for (within the bound); a refused
+        // login or a certificate that does not verify is not: one line, at once.
+        let deadline = Instant::now() + bound.max(Duration::from_secs(30));
+        let client = loop {
+            let tried = tokio::time::timeout(
+                bound,
+                connect_options(cfg, me, &state).connect(addrs.clone()),
+            )
+            .await;
+            let e = match tried {
+                Ok(Ok(client)) => break client,
+                Ok(Err(e)) => {
+                    use async_nats::ConnectErrorKind as K;
+                    let tls = matches!(e.kind(), K::Tls) || tls_failure(&e);
+                    let fatal = tls
+                        || matches!(
+                            e.kind(),
+                            K::AuthorizationViolation | K::Authentication | K::ServerParse
+                        );
+                    let e = if tls {
+                        format!(
+                            "cannot reach NATS at {urls} (cluster.jetstream): TLS: {e} \
+                             (see cluster.jetstream_ca_file, jetstream_cert_file, jetstream_key_file)"
+                        )
+                    } else {
+                        format!("cannot reach NATS at {urls} (cluster.jetstream): {e}")
+                    };
+                    if fatal {
+                        return Err(e);
+                    }
+                    e
+                }
+                Err(_) => {
+                    format!("cannot reach NATS at {urls} (cluster.jetstream) within {bound:?}")
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, "NATS not reachable yet");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
         let timeout = Duration::from_millis(cfg.replication_timeout_ms as u64);
         let mut js = jetstream::new(client.clone());
         // JetStream's own requests (stream info, reads, purges) get the etcd bound: a
@@ -199,7 +247,7 @@ impl Replica {
             timeout,
             client,
             rebuild_bytes_max: cfg.rebuild_bytes_max as usize,
-            state: Arc::default(),
+            state,
         };
         let names = r.names(me);
         {
@@ -207,7 +255,6 @@ impl Replica {
             st.stream = names.stream.clone();
             st.replicas = r.replicas;
         }
-        let deadline = Instant::now() + bound.max(Duration::from_secs(30));
         loop {
             match r.ensure_stream(me, &names).await {
                 Ok(_) => return Ok(r),
@@ -217,7 +264,16 @@ impl Replica {
                     tracing::debug!(error = %e, "JetStream not ready yet");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Err(e) => return Err(format!("JetStream stream {}: {e}", names.stream)),
+                Err(e) => {
+                    let last = r.state.lock().ok().and_then(|v| v.nats_error.clone());
+                    return Err(match last {
+                        Some(why) => format!(
+                            "JetStream stream {}: {e} (the last NATS error: {why})",
+                            names.stream
+                        ),
+                        None => format!("JetStream stream {}: {e}", names.stream),
+                    });
+                }
             }
         }
     }
@@ -320,10 +376,10 @@ impl Replica {
         &self,
         node: &str,
         keep: &(dyn Fn(&str) -> bool + Sync),
-    ) -> Result<Vec<(String, Vec<ClientEntry>)>, String> {
+    ) -> Result<Rebuilt, String> {
         let names = self.names(node);
         let Some(stream) = self.stream(&names).await? else {
-            return Ok(Vec::new());
+            return Ok(Rebuilt::default());
         };
         let mut replay = Replay::default();
         let bound = self.rebuild_bytes_max;
@@ -403,7 +459,11 @@ impl Replica {
             bytes = replay.bytes(),
             "read a node's replicated sessions"
         );
-        Ok(replay.into_clients())
+        let damaged = replay.damaged;
+        Ok(Rebuilt {
+            sessions: replay.into_clients(),
+            damaged,
+        })
     }
 
     /// Calls `f` with every message of `subject` from sequence `from` on, as the stream
@@ -451,6 +511,31 @@ impl Replica {
         self.last_seq_after(me, true).await
     }
 
+    /// Trims the stream of `node`, failed over: its sessions are stored (and replicated) by
+    /// the node that rebuilt them, so its `log`, `snap` and `done` go; its `fence` stays,
+    /// and with it the stream's last sequence, so that `node`, should it still be running,
+    /// stays fenced. Returns the messages left (the fences).
+    pub async fn trim_failed_over(&self, node: &str) -> Result<u64, String> {
+        let names = self.names(node);
+        let Some(stream) = self.stream(&names).await? else {
+            return Ok(0);
+        };
+        for subject in [&names.log, &names.snap, &names.done] {
+            stream
+                .purge()
+                .filter(subject.clone())
+                .await
+                .map_err(|e| err("purge", e))?;
+        }
+        let mut stream = stream;
+        Ok(stream
+            .info()
+            .await
+            .map_err(|e| err("info", e))?
+            .state
+            .messages)
+    }
+
     /// Whether this node's stream holds sessions (a log or a snapshot).
     pub async fn holds_sessions(&self, me: &str) -> Result<bool, String> {
         let names = self.names(me);
@@ -483,6 +568,98 @@ impl Replica {
             .state
             .last_sequence)
     }
+}
+
+/// Whether a failed connect failed in the TLS handshake (a certificate that does not
+/// verify, on either side): waiting does not mend that. The client reports it as an I/O
+/// error wrapping the TLS library's.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The connection's options: its name, TLS and credentials as configured, and the last error the client reported kept in `state` (`GET
+/// /api/cluster`, and the start's one line when the stream cannot be reached).
+fn connect_options(
+    cfg: &ClusterConfig,
+    me: &str,
+    state: &ReplicaState,
+) -> async_nats::ConnectOptions {
+    let mut opts = async_nats::ConnectOptions::new().name(format!("shardmq {me}"));
+    if cfg.jetstream_tls_on() {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.jetstream_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.jetstream_cert_file, &cfg.jetstream_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if let (Some(user), Some(password)) = (&cfg.jetstream_user, &cfg.jetstream_password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    let state = state.clone();
+    opts.event_callback(move |event| {
+        let state = state.clone();
+        async move {
+            let Ok(mut v) = state.lock() else {
+                return;
+            };
+            // Before the first connection the start reports what failed (one line);
+            // afterwards each change is logged once (the client retries every few
+            // hundred milliseconds while a server is away).
+            let up_once = v.nats_connects_total > 0;
+            match event {
+                async_nats::Event::Connected => {
+                    v.nats_connected = true;
+                    v.nats_connects_total += 1;
+                    if up_once {
+                        tracing::info!("connected to NATS again");
+                    }
+                }
+                async_nats::Event::Disconnected => {
+                    if v.nats_connected && up_once {
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    v.nats_connected = false;
+                }
+                async_nats::Event::ServerError(e) => {
+                    note_nats_error(&mut v, e.to_string(), up_once)
+                }
+                async_nats::Event::ClientError(e) => {
+                    note_nats_error(&mut v, e.to_string(), up_once)
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Keeps the client's last error for the view; logs it when it is new.
+fn note_nats_error(v: &mut ReplicaView, why: String, log: bool) {
+    if v.nats_error.as_deref() == Some(why.as_str()) {
+        return;
+    }
+    if log {
+        tracing::warn!(error = %why, "NATS");
+    } else {
+        tracing::debug!(error = %why, "NATS");
+    }
+    v.nats_error = Some(why);
 }
 
 /// The last message of `subject`: `Ok(None)` only when there is none (any other failure,

@@ -92,6 +92,7 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
         cfg.validate().map_err(|e| e.to_string())
     };
     assert!(node("jetstream = [\"nats://127.0.0.1:4222\"]\n").is_ok());
+    assert!(node("jetstream = [\"tls://127.0.0.1:4222\"]\njetstream_tls = true\n").is_ok());
     for (extra, key) in [
         (
             "jetstream = [\"http://127.0.0.1:4222\"]\n",
@@ -111,6 +112,35 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
         (
             "replication_pending_bytes_max = 1000\n",
             "cluster.replication_pending_bytes_max",
+        ),
+        (
+            "jetstream = [\"tls://127.0.0.1\"]\n",
+            "cluster.jetstream",
+        ),
+        ("jetstream_tls = true\n", "cluster.jetstream_tls"),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_cert_file = \"/nonexistent/c.pem\"\n",
+            "cluster.jetstream_key_file",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_key_file = \"/nonexistent/c.key\"\n",
+            "cluster.jetstream_cert_file",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_user = \"u\"\n",
+            "cluster.jetstream_password",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_user = \"u\\n\"\njetstream_password = \"p\"\n",
+            "cluster.jetstream_user",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_ca_file = \"/nonexistent/ca.pem\"\n",
+            "cluster.jetstream_ca_file",
+        ),
+        (
+            "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_ca_file = \"Cargo.toml\"\n",
+            "cluster.jetstream_ca_file",
         ),
     ] {
         let e = node(extra).expect_err(extra);

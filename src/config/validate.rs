@@ -323,6 +323,7 @@ impl ClusterConfig {
         for u in &self.jetstream {
             check_nats_url(u).map_err(|e| bad("cluster.jetstream", e))?;
         }
+        self.validate_jetstream_access()?;
         if !(1..=5).contains(&self.jetstream_replicas) {
             return Err(bad("cluster.jetstream_replicas", "must be between 1 and 5"));
         }
@@ -358,8 +359,126 @@ impl ClusterConfig {
 }
 
 /// A NATS URL: `nats://HOST:PORT` (TLS to NATS is not built in yet).
+/// `nats://HOST:PORT`, or `tls://HOST:PORT` (TLS required).
 fn check_nats_url(u: &str) -> Result<(), String> {
-    check_url(u, "nats://")
+    if u.starts_with("tls://") {
+        return check_url(u, "tls://");
+    }
+    check_url(u, "nats://").map_err(|e| format!("{e} (or tls://HOST:PORT)"))
+}
+
+impl ClusterConfig {
+    /// TLS and credentials for the JetStream servers: each only with `jetstream`, in pairs
+    /// where they come in pairs, every file a readable PEM of the right kind.
+    fn validate_jetstream_access(&self) -> Result<(), ConfigError> {
+        let set = [
+            ("cluster.jetstream_tls", self.jetstream_tls),
+            (
+                "cluster.jetstream_ca_file",
+                self.jetstream_ca_file.is_some(),
+            ),
+            (
+                "cluster.jetstream_cert_file",
+                self.jetstream_cert_file.is_some(),
+            ),
+            (
+                "cluster.jetstream_key_file",
+                self.jetstream_key_file.is_some(),
+            ),
+            ("cluster.jetstream_user", self.jetstream_user.is_some()),
+            (
+                "cluster.jetstream_password",
+                self.jetstream_password.is_some(),
+            ),
+        ];
+        if self.jetstream.is_empty() {
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(bad(key, "is set but cluster.jetstream is empty"));
+            }
+            return Ok(());
+        }
+        match (&self.jetstream_cert_file, &self.jetstream_key_file) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "cluster.jetstream_key_file",
+                    "is required with cluster.jetstream_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "cluster.jetstream_cert_file",
+                    "is required with cluster.jetstream_key_file",
+                ))
+            }
+            _ => {}
+        }
+        match (&self.jetstream_user, &self.jetstream_password) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "cluster.jetstream_password",
+                    "is required with cluster.jetstream_user",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "cluster.jetstream_user",
+                    "is required with cluster.jetstream_password",
+                ))
+            }
+            (Some(u), Some(p)) => {
+                if u.is_empty() || u.len() > 1024 || u.chars().any(char::is_control) {
+                    return Err(bad(
+                        "cluster.jetstream_user",
+                        "must be 1-1024 characters, none a control character",
+                    ));
+                }
+                if p.is_empty() || p.len() > 1024 || p.chars().any(char::is_control) {
+                    return Err(bad(
+                        "cluster.jetstream_password",
+                        "must be 1-1024 characters, none a control character",
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |key: &str, path: &std::path::Path| -> Result<(), ConfigError> {
+            let found = CertificateDer::pem_file_iter(path)
+                .map_err(|e| pem_problem(key, path, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_problem(key, path, e))?;
+            if found.is_empty() {
+                return Err(bad(
+                    key,
+                    format!("{}: no PEM certificate in it", path.display()),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(p) = &self.jetstream_ca_file {
+            certs("cluster.jetstream_ca_file", p)?;
+        }
+        if let Some(p) = &self.jetstream_cert_file {
+            certs("cluster.jetstream_cert_file", p)?;
+        }
+        if let Some(p) = &self.jetstream_key_file {
+            PrivateKeyDer::from_pem_file(p)
+                .map_err(|e| pem_problem("cluster.jetstream_key_file", p, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn pem_problem(key: &str, path: &std::path::Path, e: rustls_pki_types::pem::Error) -> ConfigError {
+    let why = match e {
+        rustls_pki_types::pem::Error::Io(e) => e.to_string(),
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            "no PEM item of the expected kind in it".into()
+        }
+        other => format!("not valid PEM: {other:?}"),
+    };
+    bad(key, format!("{}: {why}", path.display()))
 }
 
 /// An etcd client URL: `http://HOST:PORT` (TLS to etcd is not built in yet).

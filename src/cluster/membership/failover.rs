@@ -135,10 +135,11 @@ impl Node {
             bits[slot / 64] & (1 << (slot % 64)) != 0
         };
         let read_at = Instant::now();
-        let sessions = self
+        let rebuilt = self
             .renewing(keys, handle, r.read(gone, &keep))
             .await
             .map_err(|e| E::Unavailable(format!("cannot read {gone}'s stream: {e}")))?;
+        let (sessions, damaged) = (rebuilt.sessions, rebuilt.damaged);
         let count = sessions.len();
         let (tx, rx) = tokio::sync::oneshot::channel();
         ctl.send(ToCluster::Rebuild {
@@ -167,15 +168,32 @@ impl Node {
             v.sessions_rebuilt_total += stored as u64;
         }
         let next = table.with_owner(&theirs, &me);
-        self.take_slots_of(keys, handle, gone, why, rev, &next, || {
-            format!(
-                "{} slots of {gone} taken by {me} (epoch {}) with {count} sessions rebuilt from its replicated stream in {} ms",
-                theirs.len(),
-                next.epoch,
-                started.elapsed().as_millis()
-            )
-        })
-        .await
+        let done = self
+            .take_slots_of(keys, handle, gone, why, rev, &next, || {
+                format!(
+                    "{} slots of {gone} taken by {me} (epoch {}) with {count} sessions rebuilt from its replicated stream in {} ms",
+                    theirs.len(),
+                    next.epoch,
+                    started.elapsed().as_millis()
+                )
+            })
+            .await?;
+        // Its sessions live here now, in this node's stream too: its own stream keeps only
+        // its fence (a member that never comes back holds no disk in NATS). A failed trim
+        // is harmless: the node trims it when it rejoins (it owns nothing then).
+        if damaged > 0 {
+            tracing::warn!(node = %gone, damaged, "fail-over: {gone}'s stream is kept untrimmed: it holds damaged units");
+        } else {
+            match self.renewing(keys, handle, r.trim_failed_over(gone)).await {
+                Ok(left) => {
+                    tracing::info!(node = %gone, left, "fail-over: {gone}'s stream trimmed to its fence")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %gone, error = %e, "fail-over: could not trim {gone}'s stream")
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// `cluster.failover_after_s` (0: off): fails over every member silent for longer

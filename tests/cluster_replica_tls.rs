@@ -1,0 +1,227 @@
+//! Replicated sessions reach NATS over TLS with a client certificate and a password (real
+//! JetStream servers that require all three): the node replicates, and a node with the
+//! wrong password, or one that does not trust the servers' CA, or one without TLS, is
+//! refused at start with one line naming the problem, rather than replicating in the clear
+//! or not at all.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure is a test failure"
+)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use shardmq::protocol::QoS;
+use support::cluster::*;
+use support::etcd::Etcd;
+use support::nats::Nats;
+use support::raw::{ConnectOpts, RawClient};
+use support::{wait_output, TestBroker};
+
+const USER: &str = "shardmq-node";
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A CA (and a second, untrusted one), the servers' certificate for 127.0.0.1 and a
+/// client certificate, as PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (ca, ca_pem) = make_ca("shardmq test NATS CA");
+        let (_, other_pem) = make_ca("some other CA");
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text);
+        write("ca.pem", ca_pem).expect("write");
+        write("other-ca.pem", other_pem).expect("write");
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .expect("params");
+        let server = params.signed_by(&key, &ca).expect("sign");
+        write("server.pem", server.pem()).expect("write");
+        write("server.key", key.serialize_pem()).expect("write");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, USER);
+        let client = params.signed_by(&key, &ca).expect("sign");
+        write("client.pem", client.pem()).expect("write");
+        write("client.key", key.serialize_pem()).expect("write");
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The servers' configuration: TLS required, client certificates verified, one user.
+    fn nats_conf(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 5\n}}\n\
+             authorization {{\n  user: {USER:?}\n  password: {PASSWORD:?}\n}}\n",
+            self.path("server.pem"),
+            self.path("server.key"),
+            self.path("ca.pem"),
+        )
+    }
+}
+
+fn make_ca(cn: &str) -> (Issuer<'static, KeyPair>, String) {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.self_signed(&key).expect("self-sign");
+    let pem = cert.pem();
+    (Issuer::new(params, key), pem)
+}
+
+/// `tls://` URLs of the servers, as a TOML array's items.
+fn tls_urls(nats: &Nats) -> String {
+    nats.servers
+        .iter()
+        .map(|s| format!("\"tls://127.0.0.1:{}\"", s.client_port))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Node `id`'s replication settings: `urls`, then `access` (TLS and credentials).
+fn node_conf(id: &str, etcd: &Etcd, prefix: &str, urls: &str, access: &str) -> String {
+    format!(
+        "{}jetstream = [{urls}]\n{access}",
+        node_toml_ttl(id, etcd, prefix, 6)
+    )
+}
+
+fn access(pki: &Pki, ca: &str, password: &str) -> String {
+    format!(
+        "jetstream_ca_file = {:?}\njetstream_cert_file = {:?}\njetstream_key_file = {:?}\n\
+         jetstream_user = {USER:?}\njetstream_password = {password:?}\n",
+        pki.path(ca),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    )
+}
+
+#[test]
+fn a_node_replicates_to_jetstream_over_tls_with_a_client_certificate_and_a_password() {
+    let pki = Pki::new();
+    let nats = Nats::start_with(3, &pki.nats_conf());
+    let etcd = Etcd::start(1);
+    let p = format!("/shardmq-replica-tls-{}", std::process::id());
+    let a = TestBroker::start_with(
+        1,
+        &node_conf(
+            "a",
+            &etcd,
+            &p,
+            &tls_urls(&nats),
+            &access(&pki, "ca.pem", PASSWORD),
+        ),
+    );
+    let view = a.admin_json("/api/cluster");
+    let rep = &view["replication"];
+    assert_eq!(rep["nats_connected"], true, "{rep}");
+    let stream = rep["stream"].as_str().expect("the stream").to_string();
+
+    // A persistent session's SUBACK and a QoS 1 message's PUBACK wait for the stream.
+    let sub = ConnectOpts::v5("tls-sub", false);
+    let (mut s, _) = RawClient::connect_served(a.addr, &sub);
+    let codes = s.subscribe(&[("tls/t", QoS::AtLeastOnce)]).reason_codes;
+    assert!(codes.iter().all(|r| (*r as u8) < 0x80), "{codes:?}");
+    s.disconnect();
+    let (mut publ, _) = RawClient::connect_served(a.addr, &ConnectOpts::v5("tls-pub", true));
+    for i in 0..10 {
+        publ.publish("tls/t", format!("m{i}").as_bytes(), QoS::AtLeastOnce, false);
+    }
+    publ.disconnect();
+    let appends = a.admin_json("/api/cluster")["replication"]["appends_total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(appends >= 2, "appends over TLS: {appends}");
+    let held = nats.stream(&stream).expect("the node's stream")["state"].clone();
+    assert!(held["messages"].as_u64().unwrap_or(0) >= 2, "{held}");
+    let (mut s, present) = RawClient::connect_served(a.addr, &sub);
+    assert!(present, "the persistent session is there");
+    // Every PUBACK was a success: all ten were stored (a refused one never is).
+    let got: Vec<String> = (0..10)
+        .map(|_| String::from_utf8_lossy(&s.recv_publish_ack().payload).into_owned())
+        .collect();
+    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+    s.disconnect();
+}
+
+#[test]
+fn a_wrong_password_an_untrusted_server_or_no_tls_stops_the_start_with_one_line() {
+    let pki = Pki::new();
+    let nats = Nats::start_with(3, &pki.nats_conf());
+    let etcd = Etcd::start(1);
+    let p = format!("/shardmq-replica-tls-bad-{}", std::process::id());
+    let urls = tls_urls(&nats);
+    let cases = [
+        (
+            "wrong password",
+            node_conf("a", &etcd, &p, &urls, &access(&pki, "ca.pem", "wrong")),
+            "authorization",
+        ),
+        (
+            "a CA that did not sign the servers' certificate",
+            node_conf(
+                "b",
+                &etcd,
+                &p,
+                &urls,
+                &access(&pki, "other-ca.pem", PASSWORD),
+            ),
+            "TLS",
+        ),
+        (
+            "no TLS, no credentials",
+            node_conf("c", &etcd, &p, &nats.toml_urls(), ""),
+            "TLS",
+        ),
+    ];
+    for (what, conf, says) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = run_to_exit(dir.path(), &conf);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started; stderr: {stderr}");
+        // Info lines of the start may come first; the problem is one line, the last.
+        let lines: Vec<&str> = stderr.lines().collect();
+        let loud = lines
+            .iter()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .count();
+        assert_eq!(loud, 0, "{what}: no other warning or error: {lines:?}");
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.contains(says) && last.contains("cluster.jetstream"),
+            "{what}: the last line names the problem ({says}): {stderr}"
+        );
+    }
+}
+
+/// Runs `shardmq` with `conf` in `dir` until it exits (bounded).
+fn run_to_exit(dir: &Path, conf: &str) -> std::process::Output {
+    let cfg = dir.join("node.toml");
+    std::fs::write(&cfg, conf).expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--no-pin", "--shards", "1", "--data-dir"])
+        .arg(dir.join("data"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardmq");
+    wait_output(child)
+}
