@@ -608,9 +608,9 @@ pub struct ClusterConfig {
     /// Bytes of session data a fail-over may hold while it rebuilds a dead node's
     /// sessions; past it the fail-over is refused (the sessions stay with their node).
     pub rebuild_bytes_max: u64,
-    /// Bytes of changes a shard keeps after failed appends, to send again; past it they
-    /// are dropped and the stream is made whole by a snapshot before anything more is
-    /// acknowledged.
+    /// Bytes of changes a shard keeps for its stream (after failed appends, to send again;
+    /// while an append is slow to come back); past it they are dropped and the stream is
+    /// made whole by a snapshot before anything more is acknowledged.
     pub replication_pending_bytes_max: u64,
 }
 

@@ -630,3 +630,64 @@ fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
         .collect();
     assert_eq!(got, want, "every acknowledged message once, in order");
 }
+
+/// NATS frozen while an append is out (its timeout long): the changes batches make pile up
+/// in the shard until `cluster.replication_pending_bytes_max`, then are dropped (memory
+/// stays bounded) and a snapshot puts them in the stream once NATS is back; lost with its
+/// disk, the node's session is rebuilt with every message its store took.
+#[test]
+fn changes_piling_up_behind_a_slow_append_are_bounded_and_reach_the_stream_by_a_snapshot() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-pile-{}", std::process::id());
+    let extra = "replication_timeout_ms = 120000\nreplication_pending_bytes_max = 1048576\n\
+                 [storage]\nwrite_batch_bytes_max = 65536\n";
+    let (a, c, sub) = a_and_c_with_a_session_on_c(&nats, &etcd, &p, extra, "pile-q", "pile/t");
+    let (mut publ, _) = RawClient::connect_served(
+        c.addr,
+        &ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "pile-pub"), true),
+    );
+    publ.publish("pile/t", b"m-00", QoS::AtLeastOnce, false);
+    for s in &nats.servers {
+        s.signal(libc::SIGSTOP);
+    }
+    // QoS 0 into the offline persistent session: queued (written) with no acknowledgement
+    // to wait for, so the writes go on while the group commit waits for its append.
+    let big = vec![b'z'; 64 << 10];
+    for i in 1..32u16 {
+        let mut payload = format!("m-{i:02}").into_bytes();
+        payload.extend_from_slice(&big);
+        publ.publish("pile/t", &payload, QoS::AtMostOnce, false);
+    }
+    publ.ping();
+    let dropped = "shardmq_cluster_replica_changes_dropped_total{shard=\"0\"}";
+    wait_until(
+        "the changes piling up dropped past the bound",
+        TIMEOUT,
+        || c.metric(dropped) > 0.0,
+    );
+    // Read while NATS is frozen: no snapshot can end meanwhile.
+    let before = snapshots(&c);
+    for s in &nats.servers {
+        s.signal(libc::SIGCONT);
+    }
+    wait_until("a snapshot after NATS came back", 4 * TIMEOUT, || {
+        snapshots(&c) > before
+    });
+    publ.publish("pile/t", b"after", QoS::AtLeastOnce, false);
+    publ.disconnect();
+    drop(c.kill9());
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub.client_id) == "a"
+    });
+    let got = drain_all(a.addr, &sub);
+    let heads: Vec<&str> = got.iter().map(|g| &g[..g.len().min(5)]).collect();
+    for i in 0..32 {
+        let want = format!("m-{i:02}");
+        assert!(
+            got.iter().any(|g| g.starts_with(&want)),
+            "{want} (in c's store) rebuilt from the stream: {heads:?}"
+        );
+    }
+    assert!(got.iter().any(|g| g == "after"), "{heads:?}");
+}

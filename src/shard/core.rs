@@ -313,8 +313,9 @@ pub struct CoreStats {
     /// QoS 2 keys of sessions moved here past the bound on those tracked for a late
     /// `FORGET` (which then does not apply to them).
     pub adopted_keys_untracked: u64,
-    /// Changes (units) dropped after failed appends past
-    /// `cluster.replication_pending_bytes_max` (a snapshot puts them in the stream).
+    /// Changes (units) dropped past `cluster.replication_pending_bytes_max` waiting for
+    /// the replicated stream (after failed appends, or while one is slow to come back): a
+    /// snapshot puts them in the stream.
     pub replica_changes_dropped: u64,
     /// QoS 1/2 messages refused (not stored) for a session that was moving to another node.
     pub moving_refused: u64,
@@ -469,6 +470,8 @@ pub struct Core {
     /// With replicated sessions: what the batches applied since the last group commit
     /// changed (one unit each, see `storage::replica`), for the replication log.
     replica_units: Vec<Vec<u8>>,
+    /// Bytes of `replica_units`.
+    replica_units_bytes: usize,
     /// Changes were dropped after failed appends: the next append asks for a snapshot.
     replica_gap: bool,
     /// An acknowledgement waits for an append even if nothing changed (`replica_barrier`).
@@ -574,6 +577,7 @@ impl Core {
             durability,
             open_batch: None,
             replica_units: Vec::new(),
+            replica_units_bytes: 0,
             replica_gap: false,
             replica_barrier: false,
             elide: true,

@@ -320,9 +320,16 @@ impl Appender {
                 // The stream lacks what the stores hold (a start, an unfence, dropped
                 // changes): the appends wait for the snapshot that makes it whole (an
                 // acknowledgement may depend on what it lacks), and fail if it fails.
-                if let Err(e) = self.snapshot(&mut rx, &mut waiting, false).await {
-                    tracing::warn!(error = %e, "snapshot of the replicated sessions failed; the appends waiting for it fail, and it is tried again");
-                    self.fail_all(&mut waiting, &e);
+                match self.snapshot(&mut rx, &mut waiting, false).await {
+                    // Every append waiting here was sent after its shard applied its changes
+                    // to the store, dropped ones included: the snapshot, read after, holds
+                    // them, so they are answered (their units, if any, apply again
+                    // harmlessly) rather than failed.
+                    Ok(()) => waiting.iter_mut().for_each(|a| a.gap = false),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "snapshot of the replicated sessions failed; the appends waiting for it fail, and it is tried again");
+                        self.fail_all(&mut waiting, &e);
+                    }
                 }
             }
             if !waiting.is_empty() {

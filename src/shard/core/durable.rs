@@ -145,11 +145,7 @@ impl Core {
         };
         let started = Instant::now();
         let r = if self.replicating() {
-            b.commit_logged().map(|unit| {
-                if !unit.is_empty() {
-                    self.replica_units.push(unit);
-                }
-            })
+            b.commit_logged().map(|unit| self.keep_replica_unit(unit))
         } else {
             b.commit()
         };
@@ -494,7 +490,40 @@ impl Core {
         let link = self.cluster.as_ref()?.replica()?.clone();
         let gap = std::mem::take(&mut self.replica_gap);
         let barrier = std::mem::take(&mut self.replica_barrier);
+        self.replica_units_bytes = 0;
         Some((link, std::mem::take(&mut self.replica_units), gap, barrier))
+    }
+
+    /// Keeps what a batch applied to the store changed for the next group commit's append.
+    /// Units pile up here while an append is slow to come back (NATS stalled, a snapshot
+    /// making the stream whole); past `cluster.replication_pending_bytes_max` they are
+    /// dropped, and the next append asks for a snapshot (their changes are in the store).
+    pub(super) fn keep_replica_unit(&mut self, unit: Vec<u8>) {
+        if unit.is_empty() {
+            return;
+        }
+        self.replica_units_bytes += unit.len();
+        self.replica_units.push(unit);
+        if self.replica_units_bytes as u64 > self.config().cluster.replication_pending_bytes_max {
+            self.drop_replica_units("while an append was slow to come back");
+        }
+    }
+
+    /// Drops the units waiting for the stream (their changes are in the store) and marks
+    /// the next append `gap`: a snapshot makes the stream whole before anything more is
+    /// acknowledged.
+    fn drop_replica_units(&mut self, when: &str) {
+        if !self.replica_gap {
+            tracing::error!(
+                shard = self.id,
+                bytes = self.replica_units_bytes,
+                "changes waiting for the replicated stream passed cluster.replication_pending_bytes_max {when}: dropped; a snapshot makes the stream whole before anything more is acknowledged"
+            );
+        }
+        self.stats.replica_changes_dropped += self.replica_units.len() as u64;
+        self.replica_units.clear();
+        self.replica_units_bytes = 0;
+        self.replica_gap = true;
     }
 
     /// The next acknowledgement made durable (`wait_durable`) writes nothing but depends on
@@ -515,21 +544,12 @@ impl Core {
             return;
         }
         let mut units = failed.units;
+        self.replica_units_bytes += units.iter().map(Vec::len).sum::<usize>();
         units.append(&mut self.replica_units);
-        let bytes: usize = units.iter().map(Vec::len).sum();
-        let max = self.config().cluster.replication_pending_bytes_max;
-        if bytes as u64 > max {
-            // Their changes are in the store: a snapshot of it puts them in the stream.
-            tracing::error!(
-                shard = self.id,
-                bytes,
-                "changes waiting for the replicated stream passed cluster.replication_pending_bytes_max: dropped; a snapshot makes the stream whole before anything more is acknowledged"
-            );
-            self.stats.replica_changes_dropped += units.len() as u64;
-            self.replica_gap = true;
-            return;
-        }
         self.replica_units = units;
+        if self.replica_units_bytes as u64 > self.config().cluster.replication_pending_bytes_max {
+            self.drop_replica_units("after failed appends");
+        }
     }
 
     /// Whether the committer waits for the disk before acknowledging (`durable`) or persists

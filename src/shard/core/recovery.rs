@@ -334,11 +334,8 @@ impl Core {
             // With replicated sessions the adopted session goes to this node's stream too
             // (with the next group commit, before anything waiting on it is answered).
             let res = if self.replicating() {
-                res.and_then(|()| b.commit_logged()).map(|unit| {
-                    if !unit.is_empty() {
-                        self.replica_units.push(unit);
-                    }
-                })
+                res.and_then(|()| b.commit_logged())
+                    .map(|unit| self.keep_replica_unit(unit))
             } else {
                 res.and_then(|()| b.commit())
             };
