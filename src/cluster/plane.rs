@@ -39,6 +39,7 @@ use crate::shard::service::BrokerShard;
 use crate::shard::shardset::ShardSet;
 
 mod forgets;
+mod retained;
 mod routes;
 mod sessions;
 
@@ -112,6 +113,11 @@ pub struct PlaneCounters {
     /// to where they went was down, or past `cluster.missed_releases_max`): a moved copy
     /// may keep such a key, stale.
     pub moved_forgets_lost_total: u64,
+    /// Retained messages received from another node at this node's start.
+    pub retained_synced_total: u64,
+    /// Sets of retained messages sent to a starting node that were cut short (past half
+    /// of `cluster.link_buffer_bytes_max`).
+    pub retained_sync_cut_short_total: u64,
 }
 
 /// The inputs of a slot map: the table's epoch, the live nodes with their relay
@@ -188,6 +194,8 @@ struct Plane {
     /// rebuild, the answers still missing, the sessions stored and who waits.
     rebuild_ids: HashMap<u64, u64>,
     rebuilds: HashMap<u64, Rebuild>,
+    /// Retained messages asked for at start (see `plane/retained.rs`).
+    retained: retained::RetainedSync,
 }
 
 /// Sessions rebuilt here from a failed node's stream, waiting for the shards' answers.
@@ -298,6 +306,7 @@ pub(super) async fn run(
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
         rebuild_ids: HashMap::new(),
+        retained: retained::RetainedSync::default(),
         rebuilds: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
@@ -513,6 +522,7 @@ impl Plane {
                 sessions,
                 reply,
             } => self.start_rebuild(&from, read_at, sessions, reply),
+            ToCluster::RetainedSet { node, items } => self.send_retained(node, items),
             ToCluster::Done { node, id, ok, .. } if node == REBUILD_NODE => {
                 self.rebuild_answer(id, ok);
             }
@@ -684,6 +694,9 @@ impl Plane {
                 last,
                 entries,
             } => self.session_part(n, id, client_id, last, entries),
+            Frame::RetainedWanted => self.retained_wanted(n),
+            Frame::Retained { version, msg } => self.retained_from(n, version, msg),
+            Frame::RetainedEnd { cut_short } => self.retained_end(n, cut_short),
             // After the session's last part on this link: its shard has it (or refused it).
             Frame::Forget {
                 client_id,
@@ -716,6 +729,7 @@ impl Plane {
 
     /// A link went down: what it carried fails now; routes waiting on it count it as done.
     fn link_down(&mut self, n: NodeIx) {
+        self.retained_link_down(n);
         self.moves_in.retain(|(from, _), _| *from != n);
         if self.move_out.as_ref().is_some_and(|m| m.node == n) {
             self.fail_move("the link went down");
@@ -795,6 +809,7 @@ impl Plane {
             self.post_all(FromCluster::Members(members));
         }
         self.update_slots();
+        self.retained_sync_tick();
         self.counters.inflight = self.pending.len() as u64;
         self.handle.lock().plane = self.counters;
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::protocol::wire::Reader;
 use crate::protocol::{MqttStr, PublishProperties, QoS, TopicName};
 use crate::session::{Message, Qos2Id, SharedMessage};
-use crate::shard::event::Fate;
+use crate::shard::event::{Fate, RetainVersion};
 use crate::storage::{ClientEntry, Space};
 
 pub const HELLO: u8 = 1;
@@ -35,6 +35,14 @@ pub const RELEASE: u8 = 22;
 /// by the sender, forgot the QoS 2 dedup key (origin, packet id) after the sender read it
 /// for the move (no answer).
 pub const FORGET: u8 = 23;
+/// (empty): send me every retained message you hold (a node that has just started).
+pub const RETAINED_WANTED: u8 = 24;
+/// `[u64 version ns][u16 version shard][message]`: one retained message, with the version
+/// of the write the sender holds (the receiver keeps it only if that is newer than its own).
+pub const RETAINED: u8 = 25;
+/// (empty): the retained messages asked for are all sent (`[u8 1]`: some were left out,
+/// past the link's buffer bound).
+pub const RETAINED_END: u8 = 26;
 
 /// `[u64 id][client id][u8 last][u32 count]` then per record `[u8 keyspace][u16 length][key
 /// after the client's prefix][u32 length][value]`: part of a session moving to the
@@ -77,6 +85,14 @@ pub enum Frame {
         client_id: MqttStr,
         origin: MqttStr,
         packet_id: u16,
+    },
+    RetainedWanted,
+    Retained {
+        version: RetainVersion,
+        msg: SharedMessage,
+    },
+    RetainedEnd {
+        cut_short: bool,
     },
 }
 
@@ -207,6 +223,36 @@ pub fn publish(
 ) {
     frame(out, PUBLISH, |b| {
         b.put_u64(id);
+        put_message(b, msg, groups, now);
+    });
+}
+
+/// Asks the receiver for every retained message it holds.
+pub fn retained_wanted(out: &mut BytesMut) {
+    frame(out, RETAINED_WANTED, |_| {});
+}
+
+/// One retained message with its version (no shared groups).
+pub fn retained(out: &mut BytesMut, version: RetainVersion, msg: &Message, now: Instant) {
+    frame(out, RETAINED, |b| {
+        b.put_u64(version.at_ns);
+        b.put_u16(version.shard);
+        put_message(b, msg, std::iter::empty::<&str>(), now);
+    });
+}
+
+/// The end of the retained messages asked for (`cut_short`: not all of them).
+pub fn retained_end(out: &mut BytesMut, cut_short: bool) {
+    frame(out, RETAINED_END, |b| b.put_u8(u8::from(cut_short)));
+}
+
+fn put_message(
+    b: &mut BytesMut,
+    msg: &Message,
+    groups: impl ExactSizeIterator<Item = impl AsRef<str>>,
+    now: Instant,
+) {
+    {
         put_str(b, msg.topic.as_str());
         b.put_u8(msg.qos.as_u8());
         b.put_u8(u8::from(msg.retain));
@@ -240,7 +286,7 @@ pub fn publish(
         p.subscription_identifiers.clear();
         p.encode(b);
         b.put_slice(&msg.payload);
-    });
+    }
 }
 
 /// Reads a frame's payload; `Err` names what is wrong.
@@ -349,9 +395,29 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
                 msg: std::sync::Arc::new(message_of(&mut b, now)?),
             }
         }
+        RETAINED_WANTED => Frame::RetainedWanted,
+        RETAINED => {
+            let at_ns = u64_of(&mut b)?;
+            let shard = u16_of(&mut b)?;
+            let msg = message_of(&mut b, now)?;
+            if !msg.retain || msg.payload.is_empty() || msg.qos2_id.is_some() {
+                return Err("a retained message that is not one".into());
+            }
+            Frame::Retained {
+                version: RetainVersion { at_ns, shard },
+                msg: std::sync::Arc::new(msg),
+            }
+        }
+        RETAINED_END => Frame::RetainedEnd {
+            cut_short: match u8_of(&mut b)? {
+                0 => false,
+                1 => true,
+                x => return Err(format!("retained end flag {x}")),
+            },
+        },
         k => return Err(format!("unknown frame kind {k}")),
     };
-    if kind != PUBLISH && b.has_remaining() {
+    if kind != PUBLISH && kind != RETAINED && b.has_remaining() {
         return Err(format!(
             "{} bytes after a frame of kind {kind}",
             b.remaining()
@@ -694,6 +760,75 @@ mod tests {
     }
 
     #[test]
+    fn a_retained_message_round_trips_with_its_version_and_a_deletion_or_live_one_is_refused() {
+        let now = Instant::now();
+        let msg = Message {
+            topic: TopicName::new("r/t").unwrap(),
+            payload: Bytes::from_static(b"state"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: PublishProperties {
+                message_expiry_interval: Some(600),
+                ..PublishProperties::default()
+            },
+            origin: Some(MqttStr::new("p").unwrap()),
+            qos2_id: None,
+            created: now - Duration::from_millis(250),
+            groups: None,
+        };
+        let version = RetainVersion {
+            at_ns: 1_700_000_000_000_000_123,
+            shard: 3,
+        };
+        let mut buf = BytesMut::new();
+        retained_wanted(&mut buf);
+        let (k, b) = split(&buf);
+        assert!(matches!(decode(k, b, now), Ok(Frame::RetainedWanted)));
+        let mut buf = BytesMut::new();
+        retained(&mut buf, version, &msg, now);
+        let (k, b) = split(&buf);
+        let Ok(Frame::Retained {
+            version: v,
+            msg: back,
+        }) = decode(k, b, now)
+        else {
+            panic!("not a retained message");
+        };
+        assert_eq!(v, version);
+        assert_eq!(
+            (back.topic.as_str(), &back.payload[..]),
+            ("r/t", &b"state"[..])
+        );
+        assert!(back.retain);
+        assert_eq!(back.properties.message_expiry_interval, Some(600));
+        assert_eq!(now.duration_since(back.created), Duration::from_millis(250));
+        for cut_short in [false, true] {
+            let mut buf = BytesMut::new();
+            retained_end(&mut buf, cut_short);
+            let (k, b) = split(&buf);
+            assert!(
+                matches!(decode(k, b, now), Ok(Frame::RetainedEnd { cut_short: c }) if c == cut_short)
+            );
+        }
+        // A deletion (empty payload) or a message that is not retained is not one.
+        for m in [
+            Message {
+                payload: Bytes::new(),
+                ..msg.clone()
+            },
+            Message {
+                retain: false,
+                ..msg.clone()
+            },
+        ] {
+            let mut buf = BytesMut::new();
+            retained(&mut buf, version, &m, now);
+            let (k, b) = split(&buf);
+            assert!(decode(k, b, now).is_err());
+        }
+    }
+
+    #[test]
     fn hostile_frames_are_errors_not_panics() {
         let now = Instant::now();
         let bad: &[(u8, &[u8])] = &[
@@ -733,6 +868,18 @@ mod tests {
             (FORGET, &[0, 1, b's', 0, 0, 0, 1, b'o']),
             (FORGET, &[0, 1, 0, 0, 9, 0, 1, b'o']),
             (FORGET, &[0, 1, b's', 0, 9]),
+            // Cut short; no retain flag; an end flag that is neither 0 nor 1; bytes after.
+            (RETAINED, &[0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            (
+                RETAINED,
+                &[
+                    0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    b'x',
+                ],
+            ),
+            (RETAINED_END, &[2]),
+            (RETAINED_END, &[]),
+            (RETAINED_WANTED, &[0]),
             (99, &[]),
         ];
         for (kind, body) in bad {

@@ -97,6 +97,12 @@ pub enum ToCluster {
         sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     },
+    /// Every retained message this node holds (but `$SYS`), with the version of its
+    /// write, for `node` (which asked: it has just started).
+    RetainedSet {
+        node: NodeIx,
+        items: Vec<(SharedMessage, RetainVersion)>,
+    },
     /// The message `id` that `node` sent here is handled: stored (`ok`) or not.
     Done {
         node: NodeIx,
@@ -159,6 +165,14 @@ pub enum FromCluster {
         client_id: MqttStr,
         origin: MqttStr,
         packet_id: u16,
+    },
+    /// `node` asks for every retained message this node holds ([`ToCluster::RetainedSet`]).
+    RetainedWanted { node: NodeIx },
+    /// A retained message another node holds, with its write's version: kept on every
+    /// shard (and stored at its home) if newer than the one here; delivered to nobody.
+    Retained {
+        msg: SharedMessage,
+        version: RetainVersion,
     },
     /// A session moved here from `node` (its records, as stored there): store it, route
     /// its subscriptions here on every node, then answer `id`.
@@ -755,6 +769,34 @@ impl Core {
                 origin,
                 packet_id,
             } => self.forget_moved_key(&client_id, &origin, packet_id, now),
+            FromCluster::RetainedWanted { node } => {
+                let mut items = Vec::with_capacity(self.retained.len());
+                self.retained.for_each_any(|m| {
+                    if !is_sys_topic(&m.topic) {
+                        if let Some(v) = self.retained_versions.version_of(&m.topic) {
+                            items.push((m.clone(), v));
+                        }
+                    }
+                });
+                if let Some(c) = &self.cluster {
+                    let _ = c.link.control.send(ToCluster::RetainedSet { node, items });
+                }
+            }
+            FromCluster::Retained { msg, version } => {
+                if !self.retained_versions.is_stale(&msg.topic, version) {
+                    self.apply_retained(msg.clone(), version, true);
+                    for p in self.peers() {
+                        self.sink.push(
+                            p,
+                            Event::RetainReplica {
+                                msg: msg.clone(),
+                                version,
+                                reply: None,
+                            },
+                        );
+                    }
+                }
+            }
             FromCluster::Hold { bits, on } => {
                 if let Some(c) = &mut self.cluster {
                     update_bits(&mut c.held, &bits, on);

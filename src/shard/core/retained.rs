@@ -43,6 +43,11 @@ impl RetainedVersions {
         }
     }
 
+    /// The version of the write applied to `topic` here, if any.
+    pub fn version_of(&self, topic: &TopicName) -> Option<RetainVersion> {
+        self.applied.get(topic).map(|(v, _)| *v)
+    }
+
     /// Whether a write of `topic` at `version` is no newer than the one applied.
     pub fn is_stale(&self, topic: &TopicName, version: RetainVersion) -> bool {
         self.applied.get(topic).is_some_and(|(v, _)| *v >= version)
