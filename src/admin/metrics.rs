@@ -225,7 +225,7 @@ const SIMPLE: [(&str, &str, &str, Gauge); 32] = [
     (
         "shardmq_cluster_replica_changes_dropped_total",
         "counter",
-        "Changes dropped after failed appends to the replicated stream past cluster.replication_pending_bytes_max (a snapshot puts them in the stream).",
+        "Changes waiting for the replicated stream (after failed appends, or behind an append slow to come back) dropped past cluster.replication_pending_bytes_max (a snapshot puts them in the stream).",
         |s| s.core.replica_changes_dropped as f64,
     ),
     (

@@ -195,9 +195,17 @@ impl Replica {
         // Servers that are still starting are waited for (within the bound); a refused
         // login or a certificate that does not verify is not: one line, at once.
         let deadline = Instant::now() + bound.max(Duration::from_secs(30));
+        if cfg.jetstream_user.is_some() && !cfg.jetstream_tls_on() {
+            tracing::warn!("cluster.jetstream_password goes to NATS in the clear: set cluster.jetstream_tls or jetstream_ca_file");
+        }
         let client = loop {
+            // Each try may take what is left: the client gives each server its own
+            // connect timeout, and one that drops packets must not use up the whole try.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
             let tried = tokio::time::timeout(
-                bound,
+                left,
                 connect_options(cfg, me, &state).connect(addrs.clone()),
             )
             .await;
@@ -225,7 +233,7 @@ impl Replica {
                     e
                 }
                 Err(_) => {
-                    format!("cannot reach NATS at {urls} (cluster.jetstream) within {bound:?}")
+                    format!("cannot reach NATS at {urls} (cluster.jetstream) within {left:?}")
                 }
             };
             if Instant::now() >= deadline {
@@ -352,8 +360,9 @@ impl Replica {
         }))
     }
 
-    /// Fences `node`: from now on none of its appends succeeds.
-    pub async fn fence(&self, node: &str, by: &str) -> Result<(), String> {
+    /// Fences `node`: from now on none of its appends succeeds. Returns the fence's
+    /// sequence in the stream.
+    pub async fn fence(&self, node: &str, by: &str) -> Result<u64, String> {
         let names = self.names(node);
         let mut h = HeaderMap::new();
         h.insert(KIND, "fence");
@@ -363,11 +372,11 @@ impl Replica {
             .publish_with_headers(names.fence.clone(), h, body)
             .await
             .map_err(|e| err("fence", e))?;
-        tokio::time::timeout(self.timeout, ack)
+        let ack = tokio::time::timeout(self.timeout, ack)
             .await
             .map_err(|_| "fence: no answer".to_string())?
             .map_err(|e| err("fence", e))?;
-        Ok(())
+        Ok(ack.sequence)
     }
 
     /// Rebuilds the sessions of `node`'s stream that `keep` wants: its last snapshot,
@@ -512,10 +521,12 @@ impl Replica {
     }
 
     /// Trims the stream of `node`, failed over: its sessions are stored (and replicated) by
-    /// the node that rebuilt them, so its `log`, `snap` and `done` go; its `fence` stays,
-    /// and with it the stream's last sequence, so that `node`, should it still be running,
-    /// stays fenced. Returns the messages left (the fences).
-    pub async fn trim_failed_over(&self, node: &str) -> Result<u64, String> {
+    /// the node that rebuilt them, so its `log`, `snap` and `done` below `fence_seq` (the
+    /// fence this fail-over wrote: everything before it was read) go; the fence stays, and
+    /// with it the stream's last sequence, so that `node`, should it still be running,
+    /// stays fenced. Whatever came after the fence (the node back, its stream emptied,
+    /// sessions moved to it since) is left alone. Returns the messages left.
+    pub async fn trim_failed_over(&self, node: &str, fence_seq: u64) -> Result<u64, String> {
         let names = self.names(node);
         let Some(stream) = self.stream(&names).await? else {
             return Ok(0);
@@ -524,6 +535,7 @@ impl Replica {
             stream
                 .purge()
                 .filter(subject.clone())
+                .sequence(fence_seq)
                 .await
                 .map_err(|e| err("purge", e))?;
         }
@@ -627,6 +639,8 @@ fn connect_options(
                 async_nats::Event::Connected => {
                     v.nats_connected = true;
                     v.nats_connects_total += 1;
+                    // What the view shows is the trouble now, not a mended one.
+                    v.nats_error = None;
                     if up_once {
                         tracing::info!("connected to NATS again");
                     }
@@ -642,6 +656,12 @@ fn connect_options(
                 }
                 async_nats::Event::ClientError(e) => {
                     note_nats_error(&mut v, e.to_string(), up_once)
+                }
+                async_nats::Event::LameDuckMode => {
+                    tracing::warn!("a NATS server is going away (lame duck mode)")
+                }
+                async_nats::Event::SlowConsumer(_) => {
+                    tracing::warn!("NATS: this client is a slow consumer (messages dropped)")
                 }
                 _ => {}
             }

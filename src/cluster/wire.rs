@@ -40,7 +40,7 @@ pub const RETAINED_WANTED: u8 = 24;
 /// `[u64 version ns][u16 version shard][message]`: one retained message, with the version
 /// of the write the sender holds (the receiver keeps it only if that is newer than its own).
 pub const RETAINED: u8 = 25;
-/// (empty): the retained messages asked for are all sent (`[u8 1]`: some were left out,
+/// `[u8 cut short]`: the retained messages asked for are all sent (1: some were left out,
 /// past the link's buffer bound).
 pub const RETAINED_END: u8 = 26;
 

@@ -472,7 +472,8 @@ pub struct Core {
     replica_units: Vec<Vec<u8>>,
     /// Bytes of `replica_units`.
     replica_units_bytes: usize,
-    /// Changes were dropped after failed appends: the next append asks for a snapshot.
+    /// Changes waiting for the stream were dropped (past the bound): the next append asks
+    /// for a snapshot.
     replica_gap: bool,
     /// An acknowledgement waits for an append even if nothing changed (`replica_barrier`).
     replica_barrier: bool,

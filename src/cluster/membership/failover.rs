@@ -127,7 +127,8 @@ impl Node {
         }
         let started = Instant::now();
         let bits = bits_of(&theirs);
-        self.renewing(keys, handle, r.fence(gone, &me))
+        let fence_seq = self
+            .renewing(keys, handle, r.fence(gone, &me))
             .await
             .map_err(|e| E::Unavailable(format!("cannot fence {gone}'s stream: {e}")))?;
         let keep = move |cid: &str| {
@@ -184,7 +185,10 @@ impl Node {
         if damaged > 0 {
             tracing::warn!(node = %gone, damaged, "fail-over: {gone}'s stream is kept untrimmed: it holds damaged units");
         } else {
-            match self.renewing(keys, handle, r.trim_failed_over(gone)).await {
+            match self
+                .renewing(keys, handle, r.trim_failed_over(gone, fence_seq))
+                .await
+            {
                 Ok(left) => {
                     tracing::info!(node = %gone, left, "fail-over: {gone}'s stream trimmed to its fence")
                 }

@@ -772,7 +772,7 @@ impl Core {
             FromCluster::RetainedWanted { node } => {
                 let mut items = Vec::with_capacity(self.retained.len());
                 self.retained.for_each_any(|m| {
-                    if !is_sys_topic(&m.topic) {
+                    if !is_sys_topic(&m.topic) && m.remaining_expiry(now).is_ok() {
                         if let Some(v) = self.retained_versions.version_of(&m.topic) {
                             items.push((m.clone(), v));
                         }
@@ -783,6 +783,9 @@ impl Core {
                 }
             }
             FromCluster::Retained { msg, version } => {
+                // Versioned by the sending node's clock: this node's later writes to the
+                // topic must still win, even if its clock is behind.
+                self.retained_versions.observe(version);
                 if !self.retained_versions.is_stale(&msg.topic, version) {
                     self.apply_retained(msg.clone(), version, true);
                     for p in self.peers() {

@@ -25,6 +25,9 @@ impl Core {
                 version,
                 reply,
             } => {
+                // A version from another shard's (or, for a synced one, node's) clock: this
+                // shard's later writes come after it.
+                self.retained_versions.observe(version);
                 self.apply_retained(msg, version, true);
                 if let Some(token) = reply {
                     self.wait_durable(Waiter::answer(from, token), now);

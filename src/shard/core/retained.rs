@@ -43,6 +43,12 @@ impl RetainedVersions {
         }
     }
 
+    /// A write versioned by another node's clock was applied here: this shard's later
+    /// writes are versioned after it (its clock may be behind that node's).
+    pub fn observe(&mut self, version: RetainVersion) {
+        self.last_ns = self.last_ns.max(version.at_ns);
+    }
+
     /// The version of the write applied to `topic` here, if any.
     pub fn version_of(&self, topic: &TopicName) -> Option<RetainVersion> {
         self.applied.get(topic).map(|(v, _)| *v)
