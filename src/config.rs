@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 mod parse;
 mod validate;
+pub(crate) use validate::pem_reason;
 pub use validate::{check_node_id, NODE_ID_BYTES_MAX};
 
 /// The whole configuration.

@@ -80,6 +80,32 @@ fn a_and_c_with_a_session_on_c(
     (a, c, sub)
 }
 
+/// `c` SIGKILLed with its disk: once its sessions are failed over to `a`, `sub`'s session
+/// drained there holds `m-00` .. `m-{count - 1}` (in c's store when it died) and `after`.
+fn lost_with_its_disk_then_rebuilt_on_a(
+    c: TestBroker,
+    a: &TestBroker,
+    etcd: &Etcd,
+    p: &str,
+    sub: &ConnectOpts,
+    count: usize,
+) {
+    drop(c.kill9());
+    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
+        owner_of(etcd, p, &sub.client_id) == "a"
+    });
+    let got = drain_all(a.addr, sub);
+    let heads: Vec<&str> = got.iter().map(|g| &g[..g.len().min(5)]).collect();
+    for i in 0..count {
+        let want = format!("m-{i:02}");
+        assert!(
+            got.iter().any(|g| g.starts_with(&want)),
+            "{want} (in c's store) rebuilt from the stream: {heads:?}"
+        );
+    }
+    assert!(got.iter().any(|g| g == "after"), "{heads:?}");
+}
+
 /// Snapshots node `n` has written of its replicated sessions (`GET /api/cluster`).
 fn snapshots(n: &TestBroker) -> u64 {
     n.admin_json("/api/cluster")["replication"]["snapshots_total"]
@@ -542,20 +568,7 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
     );
     assert!(snapshots(&c) > before, "a snapshot filled the gap first");
     publ.disconnect();
-    drop(c.kill9());
-    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
-        owner_of(&etcd, &p, &sub.client_id) == "a"
-    });
-    let got = drain_all(a.addr, &sub);
-    let heads: Vec<&str> = got.iter().map(|g| &g[..g.len().min(5)]).collect();
-    for i in 0..24 {
-        let want = format!("m-{i:02}");
-        assert!(
-            got.iter().any(|g| g.starts_with(&want)),
-            "{want} (in c's store) rebuilt from the stream: {heads:?}"
-        );
-    }
-    assert!(got.iter().any(|g| g == "after"), "{heads:?}");
+    lost_with_its_disk_then_rebuilt_on_a(c, &a, &etcd, &p, &sub, 24);
 }
 
 /// A node killed and restarted with its disk intact serves on: its first acknowledgements
@@ -676,18 +689,5 @@ fn changes_piling_up_behind_a_slow_append_are_bounded_and_reach_the_stream_by_a_
     });
     publ.publish("pile/t", b"after", QoS::AtLeastOnce, false);
     publ.disconnect();
-    drop(c.kill9());
-    wait_until("c's sessions taken over", 6 * TIMEOUT, || {
-        owner_of(&etcd, &p, &sub.client_id) == "a"
-    });
-    let got = drain_all(a.addr, &sub);
-    let heads: Vec<&str> = got.iter().map(|g| &g[..g.len().min(5)]).collect();
-    for i in 0..32 {
-        let want = format!("m-{i:02}");
-        assert!(
-            got.iter().any(|g| g.starts_with(&want)),
-            "{want} (in c's store) rebuilt from the stream: {heads:?}"
-        );
-    }
-    assert!(got.iter().any(|g| g == "after"), "{heads:?}");
+    lost_with_its_disk_then_rebuilt_on_a(c, &a, &etcd, &p, &sub, 32);
 }

@@ -471,14 +471,18 @@ impl ClusterConfig {
 }
 
 fn pem_problem(key: &str, path: &std::path::Path, e: rustls_pki_types::pem::Error) -> ConfigError {
-    let why = match e {
+    bad(key, format!("{}: {}", path.display(), pem_reason(e)))
+}
+
+/// What is wrong with a PEM file, in words (the TLS listeners say it the same way).
+pub(crate) fn pem_reason(e: rustls_pki_types::pem::Error) -> String {
+    match e {
         rustls_pki_types::pem::Error::Io(e) => e.to_string(),
         rustls_pki_types::pem::Error::NoItemsFound => {
             "no PEM item of the expected kind in it".into()
         }
         other => format!("not valid PEM: {other:?}"),
-    };
-    bad(key, format!("{}: {why}", path.display()))
+    }
 }
 
 /// An etcd client URL: `http://HOST:PORT` (TLS to etcd is not built in yet).

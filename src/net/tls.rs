@@ -72,13 +72,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn pem_error(e: rustls_pki_types::pem::Error) -> String {
-    match e {
-        rustls_pki_types::pem::Error::Io(e) => e.to_string(),
-        rustls_pki_types::pem::Error::NoItemsFound => {
-            "no PEM item of the expected kind in it".into()
-        }
-        other => format!("not valid PEM: {other:?}"),
-    }
+    crate::config::pem_reason(e)
 }
 
 /// The identity of a verified client certificate: its subject's Common Name, else its

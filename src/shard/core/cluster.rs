@@ -787,17 +787,7 @@ impl Core {
                 // topic must still win, even if its clock is behind.
                 self.retained_versions.observe(version);
                 if !self.retained_versions.is_stale(&msg.topic, version) {
-                    self.apply_retained(msg.clone(), version, true);
-                    for p in self.peers() {
-                        self.sink.push(
-                            p,
-                            Event::RetainReplica {
-                                msg: msg.clone(),
-                                version,
-                                reply: None,
-                            },
-                        );
-                    }
+                    self.apply_retained_everywhere(msg, version, true);
                 }
             }
             FromCluster::Hold { bits, on } => {

@@ -102,17 +102,7 @@ impl Core {
             if home != self.id {
                 self.write(|b| b.retained_delete(msg.topic.as_str()));
             }
-            self.apply_retained(msg.clone(), version, home != self.id);
-            for p in self.peers() {
-                self.sink.push(
-                    p,
-                    Event::RetainReplica {
-                        msg: msg.clone(),
-                        version,
-                        reply: None,
-                    },
-                );
-            }
+            self.apply_retained_everywhere(msg, version, home != self.id);
         }
     }
 

@@ -109,6 +109,28 @@ impl RetainedVersions {
 }
 
 impl Core {
+    /// Applies a retained write here (`store_at_home`: stored if this is its home) and
+    /// hands it to every other shard (each applies it if newer; its home stores it), with
+    /// no answer asked for.
+    pub(super) fn apply_retained_everywhere(
+        &mut self,
+        msg: SharedMessage,
+        version: RetainVersion,
+        store_at_home: bool,
+    ) {
+        self.apply_retained(msg.clone(), version, store_at_home);
+        for p in self.peers() {
+            self.sink.push(
+                p,
+                Event::RetainReplica {
+                    msg: msg.clone(),
+                    version,
+                    reply: None,
+                },
+            );
+        }
+    }
+
     /// Applies a retained write if it is newer than what this shard has for the topic; the
     /// topic's home shard also stores it (when `store_at_home`).
     pub(super) fn apply_retained(
