@@ -178,7 +178,15 @@ impl Broker {
         let relay = bind_relay_listener(&cfg, &mut fds)?;
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
-        let mut cluster = join_cluster(&cfg, &listeners, relay, admin_listener.as_ref())?;
+        // Before any store opens, clustered or not (it speaks only for the last stop).
+        let clean_at_start = crate::cluster::take_clean_marker(&cfg.data_dir);
+        let mut cluster = join_cluster(
+            &cfg,
+            &listeners,
+            relay,
+            admin_listener.as_ref(),
+            clean_at_start,
+        )?;
         let shard_link = cluster.as_ref().map(Cluster::shard_link);
         let admin_info = BrokerInfo {
             cluster: cluster.as_ref().map(|c| c.handle()),
@@ -272,7 +280,7 @@ impl Broker {
             .collect();
         // The others see this node gone at once (its lease revoked), not after its TTL.
         if let Some(c) = cluster {
-            c.stop();
+            c.stop(failed.is_empty());
         }
         // Last: until now it answered (requests made while the shards stop fail with 503).
         if let Some(a) = admin {
@@ -457,6 +465,7 @@ fn join_cluster(
     listeners: &[BoundListener],
     relay: Option<SocketAddr>,
     admin: Option<&std::net::TcpListener>,
+    clean_at_start: Option<u64>,
 ) -> Result<Option<Cluster>, StartError> {
     if !cfg.cluster.enabled() {
         return Ok(None);
@@ -471,7 +480,12 @@ fn join_cluster(
         .join("shard-0")
         .join(crate::storage::MARKER_FILE)
         .exists();
-    Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max, fresh_disk)
+    let disk = crate::cluster::Disk {
+        fresh: fresh_disk,
+        data_dir: cfg.data_dir.clone(),
+        clean_at_start,
+    };
+    Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max, disk)
         .map(Some)
         .map_err(StartError::Cluster)
 }

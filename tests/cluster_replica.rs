@@ -644,6 +644,82 @@ fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
     assert_eq!(got, want, "every acknowledged message once, in order");
 }
 
+/// A node stopped in order (SIGTERM, no hand-over: it keeps its slots) notes that its
+/// stream holds what its stores do; started again with its disk it writes no start
+/// snapshot and acknowledges at once. Lost with its disk afterwards, its session is rebuilt
+/// from the stream alone with every message, from before and after the restart: the
+/// stream really was whole.
+#[test]
+fn a_node_stopped_in_order_restarts_without_a_snapshot_and_its_stream_is_whole() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-clean-{}", std::process::id());
+    let token = "clean-admin-token-1234";
+    let toml = |id: &str| {
+        format!(
+            "{}jetstream = [{}]\nhand_over_timeout_s = 0\n[admin]\ntoken = \"{token}\"\n",
+            node_toml_ttl(id, &etcd, &p, 3),
+            nats.toml_urls()
+        )
+    };
+    let a = TestBroker::start_with(1, &toml("a"));
+    let c = TestBroker::start_with(1, &toml("c"));
+    wait_linked(&[&a, &c]);
+    wait_balanced(&a, &["a", "c"]);
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "clean-q"), false);
+    {
+        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+        s.sub(&[("clean/t", QoS::AtLeastOnce)]);
+        s.disconnect();
+    }
+    let publ = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "clean-pub"), true);
+    let publish = |at: std::net::SocketAddr, stem: &str| {
+        let (mut cl, _) = RawClient::connect_served(at, &publ);
+        for i in 0..50 {
+            cl.publish(
+                "clean/t",
+                format!("{stem}-{i:02}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            );
+        }
+        cl.disconnect();
+    };
+    publish(c.addr, "pre");
+    let dir = c.stop_keep_dir();
+    let marker = dir.path().join("data").join("replica-clean");
+    assert!(marker.exists(), "the orderly stop wrote its marker");
+    let c = TestBroker::start_in(1, &toml("c"), dir);
+    assert!(!marker.exists(), "read once, at start");
+    wait_linked(&[&a, &c]);
+    assert_eq!(owner_of(&etcd, &p, &sub.client_id), "c");
+    publish(c.addr, "post");
+    assert_eq!(
+        snapshots(&c),
+        0,
+        "no start snapshot after a clean stop: {}",
+        c.admin_json("/api/cluster")
+    );
+    // Lost with its disk now: everything comes back from the stream alone.
+    drop(c.kill9());
+    wait_until("a sees c down", TIMEOUT, || member_state(&a, "c") == "down");
+    let bearer = format!("Bearer {token}");
+    wait_until("c failed over by the operator", TIMEOUT, || {
+        a.http_with(
+            "POST",
+            "/api/cluster/nodes/c/failover",
+            &[("Authorization", bearer.as_str())],
+        )
+        .0 == 200
+    });
+    let got = drain_all(a.addr, &sub);
+    let want: Vec<String> = ["pre", "post"]
+        .iter()
+        .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
+        .collect();
+    assert_eq!(got, want, "every acknowledged message once, in order");
+}
+
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up
 /// in the shard until `cluster.replication_pending_bytes_max`, then are dropped (memory
 /// stays bounded) and a snapshot puts them in the stream once NATS is back; lost with its

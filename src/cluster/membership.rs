@@ -60,6 +60,12 @@ pub(super) struct Shared {
     pub fresh_disk: bool,
     /// The shards' stores, once open (snapshots read them).
     pub stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
+    /// The clean-stop marker's path (see `replica/clean.rs`), and what it said at start
+    /// (read and deleted before any store opened).
+    pub clean_marker: std::path::PathBuf,
+    pub clean_at_start: Option<u64>,
+    /// Set by an orderly stop once every shard has ended (their last appends answered).
+    pub clean_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The data plane's control channel.
@@ -127,6 +133,9 @@ pub(super) async fn run(
         replica: appends,
         fresh_disk,
         stores,
+        clean_marker,
+        clean_at_start,
+        clean_stop,
     } = shared;
     let keys = Keys {
         root: cfg.prefix.clone(),
@@ -148,7 +157,7 @@ pub(super) async fn run(
     if cfg.replicated() {
         // Renewing meanwhile: JetStream may take a while (a new stream elects its leader).
         let me = node.record.id.clone();
-        let started = start_replica(&cfg, &me, &handle, fresh_disk, stores);
+        let started = start_replica(&cfg, &me, &handle, fresh_disk, stores, clean_at_start);
         match node.renewing(&keys, &handle, started).await {
             Ok((r, appender)) => {
                 handle.lock().replica = Some(r.state.clone());
@@ -266,6 +275,25 @@ pub(super) async fn run(
             }
         }
     }
+    // An orderly stop, every shard ended: if the stream holds what the stores do, say so
+    // for the next start (no start snapshot then).
+    if clean_stop.load(std::sync::atomic::Ordering::Acquire) {
+        let seq = node
+            .replica
+            .as_ref()
+            .and_then(|r| r.state.lock().ok().and_then(|v| v.clean_seq));
+        if let Some(seq) = seq {
+            match super::replica::clean::write(&clean_marker, seq) {
+                Ok(()) => tracing::info!(
+                    last_seq = seq,
+                    "stopped with the replicated stream holding what the stores do"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the clean-stop marker: the next start writes a snapshot first")
+                }
+            }
+        }
+    }
     node.leave(&keys, &handle).await;
     links.abort();
     plane.abort();
@@ -280,6 +308,7 @@ async fn start_replica(
     handle: &ClusterHandle,
     fresh_disk: bool,
     stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
+    clean: Option<u64>,
 ) -> Result<(super::replica::Replica, super::replica::Appender), String> {
     let r = super::replica::Replica::connect(cfg, me).await?;
     let owned = handle.lock().slots.counts().get(me).copied().unwrap_or(0);
@@ -298,6 +327,7 @@ async fn start_replica(
                 r.clone(),
                 me,
                 owned > 0,
+                clean,
                 cfg.snapshot_log_bytes,
                 stores.clone(),
                 handle.clone(),

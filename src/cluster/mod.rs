@@ -366,12 +366,34 @@ pub struct Cluster {
     /// The same, for the membership task (which moves slots between nodes).
     control_cell: Arc<std::sync::OnceLock<shards::Control<BrokerShard>>>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
+    /// Set by [`Cluster::stop`] when every shard ended in order (see `replica/clean.rs`).
+    clean_stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub joined: Joined,
     /// The bound node-to-node address (port 0 resolved).
     pub link_addr: SocketAddr,
     /// The shards' stores, once open (snapshots of the replicated sessions read them).
     stores: Arc<std::sync::OnceLock<Vec<crate::storage::Store>>>,
+}
+
+/// The data directory as a starting node found it.
+#[derive(Debug)]
+pub struct Disk {
+    /// It held no store yet (a new node, or one whose disk was lost).
+    pub fresh: bool,
+    pub data_dir: std::path::PathBuf,
+    /// The clean-stop marker it held (read and deleted before any store opened).
+    pub clean_at_start: Option<u64>,
+}
+
+/// Reads and deletes the clean-stop marker of `data_dir` (see `replica/clean.rs`): every
+/// start does, clustered or not, before a store opens, so that a marker never outlives
+/// the stop it speaks for.
+pub fn take_clean_marker(data_dir: &std::path::Path) -> Option<u64> {
+    replica::clean::take(&replica::clean::path(data_dir)).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the clean-stop marker: a start snapshot first");
+        None
+    })
 }
 
 /// How long a graceful stop may spend telling etcd (marking itself leaving, revoking).
@@ -384,13 +406,20 @@ impl Cluster {
     /// cannot.
     /// `fresh_disk`: this node's data directory holds no store yet (a new node, or one
     /// whose disk was lost): with replicated sessions, a node that still owns slots and
-    /// whose stream holds sessions refuses to start that way.
+    /// whose stream holds sessions refuses to start that way. `disk`: the data directory
+    /// as it was found (see [`Disk`]).
     pub fn start(
         cfg: &ClusterConfig,
         addrs: NodeAddrs,
         packet_bytes_max: u32,
-        fresh_disk: bool,
+        disk: Disk,
     ) -> Result<Cluster, String> {
+        let Disk {
+            fresh: fresh_disk,
+            data_dir,
+            clean_at_start,
+        } = disk;
+        let clean_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (Some(me), Some(listen)) = (cfg.node.clone(), cfg.listen) else {
             return Err("cluster.node and cluster.listen are required".into());
         };
@@ -483,6 +512,7 @@ impl Cluster {
         let thread_lease = lease.clone();
         let thread_ctl = ctl_tx.clone();
         let thread_stores = stores.clone();
+        let thread_clean_stop = clean_stop.clone();
         let thread = std::thread::Builder::new()
             .name("shardmq-cluster".into())
             .spawn(move || {
@@ -501,6 +531,9 @@ impl Cluster {
                         replica: replica_rx,
                         fresh_disk,
                         stores: thread_stores,
+                        clean_marker: replica::clean::path(&data_dir),
+                        clean_at_start,
+                        clean_stop: thread_clean_stop,
                     },
                 ))
             })
@@ -517,6 +550,7 @@ impl Cluster {
             control: Some(control_tx),
             control_cell,
             stop: Some(stop_tx),
+            clean_stop,
             thread: Some(thread),
             joined: Joined {
                 node: me,
@@ -566,8 +600,13 @@ impl Cluster {
     }
 
     /// Leaves the cluster gracefully (marks this node leaving, revokes its lease, so the
-    /// others see it gone at once) and waits for the thread.
-    pub fn stop(mut self) {
+    /// others see it gone at once) and waits for the thread. Called once every shard has
+    /// ended; `shards_ended_in_order`: none of them failed. Then, with replicated
+    /// sessions, a stream that holds what the stores do is noted for the next start (the
+    /// clean-stop marker).
+    pub fn stop(mut self, shards_ended_in_order: bool) {
+        self.clean_stop
+            .store(shards_ended_in_order, std::sync::atomic::Ordering::Release);
         self.halt();
     }
 

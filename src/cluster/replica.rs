@@ -44,6 +44,7 @@ use crate::storage::replica::Replay;
 use crate::storage::{ClientEntry, Store};
 
 mod appender;
+pub(super) mod clean;
 pub(super) use appender::Appender;
 
 const KIND: &str = "Shardmq-Kind";
@@ -129,6 +130,11 @@ pub struct ReplicaView {
     pub nats_error: Option<String>,
     /// Connections made to NATS (the first, then every reconnection).
     pub nats_connects_total: u64,
+    /// The stream's last sequence when the last round left it holding everything the
+    /// stores hold (whole, no gap, not fenced, the round a success); `None` otherwise.
+    /// Written as the clean-stop marker when the node stops in order.
+    #[serde(skip)]
+    pub clean_seq: Option<u64>,
 }
 
 /// A member's stream as JetStream holds it (`GET /api/cluster`, per member).

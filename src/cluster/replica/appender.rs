@@ -43,10 +43,13 @@ pub(in crate::cluster) struct Appender {
 impl Appender {
     /// `owns_slots`: whether this node owns slots now; without, its stream holds nothing
     /// it will serve (a fail-over rebuilt its sessions elsewhere) and is emptied.
+    /// `clean`: the clean-stop marker's sequence (see `clean.rs`): if the stream still ends
+    /// there, it holds what the stores do and no start snapshot is needed.
     pub async fn start(
         r: Replica,
         me: &str,
         owns_slots: bool,
+        clean: Option<u64>,
         snapshot_log_bytes: u64,
         stores: Arc<OnceLock<Vec<Store>>>,
         handle: crate::cluster::ClusterHandle,
@@ -56,6 +59,21 @@ impl Appender {
         } else {
             r.purge(me).await?
         };
+        // Stopped in order with the stream holding everything, and nobody wrote to it since
+        // (a fence would have moved its end): the stores and the stream agree.
+        let agree = owns_slots && clean.is_some_and(|s| s > 0 && s == last_seq);
+        if agree {
+            tracing::info!(
+                last_seq,
+                "the replicated stream holds what the stores do (a clean stop): no start snapshot"
+            );
+        } else if owns_slots && clean.is_some() {
+            tracing::info!(
+                last_seq,
+                marker = clean,
+                "the replicated stream moved since the clean stop: a start snapshot first"
+            );
+        }
         let names = r.names(me);
         let mut a = Appender {
             r,
@@ -69,9 +87,9 @@ impl Appender {
             snapshot_log_bytes,
             // The store and the stream may differ by a group commit that reached only one
             // of them before the last stop: a snapshot makes the stream whole again.
-            snapshot_due: owns_slots,
+            snapshot_due: owns_slots && !agree,
             gap: false,
-            whole: !owns_slots,
+            whole: !owns_slots || agree,
             stores,
             handle,
             fenced_since: Instant::now(),
@@ -201,6 +219,7 @@ impl Appender {
             self.snapshot_due = true;
         }
         if self.gap && !self.fenced {
+            self.note_clean(false);
             for a in waiting.drain(..) {
                 let _ = a.reply.send(Err(AppendFailed {
                     why: "the replicated stream lacks changes dropped after failed appends; a snapshot is being written".into(),
@@ -235,6 +254,8 @@ impl Appender {
                 r => r,
             }
         };
+        // Noted before the answers: once the shards have them, a stop may read it.
+        self.note_clean(r.is_ok());
         // The answers first: the checks after a failure below may wait for NATS.
         for a in waiting.drain(..) {
             let answer = match &r {
@@ -311,6 +332,7 @@ impl Appender {
             if waiting.iter().any(|a| a.gap) {
                 self.gap = true;
                 self.whole = false;
+                self.note_clean(false);
             }
             if !self.fenced && !self.whole && self.stores.get().is_none() {
                 // No append comes before the stores are open; none is served before.
@@ -365,6 +387,7 @@ impl Appender {
     /// Fails every waiting append: their units go back to their shards (in the store, not
     /// surely in the stream), or are dropped with a gap (the next snapshot takes them).
     fn fail_all(&mut self, waiting: &mut Vec<Append>, why: &str) {
+        self.note_clean(false);
         let n = waiting.len() as u64;
         for a in waiting.drain(..) {
             let _ = a.reply.send(Err(AppendFailed {
@@ -388,6 +411,14 @@ impl Appender {
             self.fenced_since = Instant::now();
             self.show(|v| v.fenced = true);
         }
+        self.note_clean(false);
+    }
+
+    /// Notes whether the stream holds everything the stores do after the last round (`ok`:
+    /// it succeeded), for the clean-stop marker.
+    fn note_clean(&self, ok: bool) {
+        let clean = (ok && self.whole && !self.gap && !self.fenced).then_some(self.last_seq);
+        self.show(|v| v.clean_seq = clean);
     }
 
     /// Where the stream ends now, or that another node fenced it: read before a snapshot
@@ -581,6 +612,7 @@ impl Appender {
                 "the replicated stream is whole again (a snapshot took the dropped changes)"
             );
         }
+        self.note_clean(true);
         tracing::info!(
             records,
             messages,
