@@ -179,7 +179,8 @@ impl Broker {
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
         // Before any store opens, clustered or not (it speaks only for the last stop).
-        let clean_at_start = crate::cluster::take_clean_marker(&cfg.data_dir);
+        let clean_at_start =
+            crate::cluster::take_clean_marker(&cfg.data_dir, count).map_err(StartError::Config)?;
         let mut cluster = join_cluster(
             &cfg,
             &listeners,
@@ -465,7 +466,7 @@ fn join_cluster(
     listeners: &[BoundListener],
     relay: Option<SocketAddr>,
     admin: Option<&std::net::TcpListener>,
-    clean_at_start: Option<u64>,
+    clean_at_start: Option<crate::cluster::CleanMarker>,
 ) -> Result<Option<Cluster>, StartError> {
     if !cfg.cluster.enabled() {
         return Ok(None);

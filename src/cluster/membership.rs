@@ -63,7 +63,7 @@ pub(super) struct Shared {
     /// The clean-stop marker's path (see `replica/clean.rs`), and what it said at start
     /// (read and deleted before any store opened).
     pub clean_marker: std::path::PathBuf,
-    pub clean_at_start: Option<u64>,
+    pub clean_at_start: Option<super::replica::clean::Marker>,
     /// Set by an orderly stop once every shard has ended (their last appends answered).
     pub clean_stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -157,7 +157,14 @@ pub(super) async fn run(
     if cfg.replicated() {
         // Renewing meanwhile: JetStream may take a while (a new stream elects its leader).
         let me = node.record.id.clone();
-        let started = start_replica(&cfg, &me, &handle, fresh_disk, stores, clean_at_start);
+        let started = start_replica(
+            &cfg,
+            &me,
+            &handle,
+            fresh_disk,
+            stores.clone(),
+            clean_at_start.clone(),
+        );
         match node.renewing(&keys, &handle, started).await {
             Ok((r, appender)) => {
                 handle.lock().replica = Some(r.state.clone());
@@ -278,14 +285,19 @@ pub(super) async fn run(
     // An orderly stop, every shard ended: if the stream holds what the stores do, say so
     // for the next start (no start snapshot then).
     if clean_stop.load(std::sync::atomic::Ordering::Acquire) {
-        let seq = node
-            .replica
-            .as_ref()
-            .and_then(|r| r.state.lock().ok().and_then(|v| v.clean_seq));
-        if let Some(seq) = seq {
-            match super::replica::clean::write(&clean_marker, seq) {
+        let shards = stores.get().map_or(0, Vec::len);
+        let marker = node.replica.as_ref().and_then(|r| {
+            let v = r.state.lock().ok()?;
+            Some(super::replica::clean::Marker {
+                stream: v.stream.clone(),
+                last_seq: v.clean_seq?,
+                shards,
+            })
+        });
+        if let Some(m) = marker.filter(|m| m.shards > 0) {
+            match super::replica::clean::write(&clean_marker, &m) {
                 Ok(()) => tracing::info!(
-                    last_seq = seq,
+                    last_seq = m.last_seq,
                     "stopped with the replicated stream holding what the stores do"
                 ),
                 Err(e) => {
@@ -308,7 +320,7 @@ async fn start_replica(
     handle: &ClusterHandle,
     fresh_disk: bool,
     stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
-    clean: Option<u64>,
+    clean: Option<super::replica::clean::Marker>,
 ) -> Result<(super::replica::Replica, super::replica::Appender), String> {
     let r = super::replica::Replica::connect(cfg, me).await?;
     let owned = handle.lock().slots.counts().get(me).copied().unwrap_or(0);
@@ -327,7 +339,7 @@ async fn start_replica(
                 r.clone(),
                 me,
                 owned > 0,
-                clean,
+                clean.clone(),
                 cfg.snapshot_log_bytes,
                 stores.clone(),
                 handle.clone(),

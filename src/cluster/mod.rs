@@ -383,17 +383,24 @@ pub struct Disk {
     pub fresh: bool,
     pub data_dir: std::path::PathBuf,
     /// The clean-stop marker it held (read and deleted before any store opened).
-    pub clean_at_start: Option<u64>,
+    pub clean_at_start: Option<replica::clean::Marker>,
 }
+
+pub use replica::clean::Marker as CleanMarker;
 
 /// Reads and deletes the clean-stop marker of `data_dir` (see `replica/clean.rs`): every
 /// start does, clustered or not, before a store opens, so that a marker never outlives
-/// the stop it speaks for.
-pub fn take_clean_marker(data_dir: &std::path::Path) -> Option<u64> {
-    replica::clean::take(&replica::clean::path(data_dir)).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot read the clean-stop marker: a start snapshot first");
-        None
-    })
+/// the stop it speaks for. `shards`: this run's shard count (a marker of another count is
+/// not trusted). `Err`: it could not be deleted (the start must not go on).
+pub fn take_clean_marker(
+    data_dir: &std::path::Path,
+    shards: usize,
+) -> Result<Option<CleanMarker>, String> {
+    let path = replica::clean::path(data_dir);
+    match replica::clean::take(&path) {
+        Ok(m) => Ok(m.filter(|m| m.shards == shards)),
+        Err(e) => Err(format!("cannot read and delete {}: {e}", path.display())),
+    }
 }
 
 /// How long a graceful stop may spend telling etcd (marking itself leaving, revoking).
@@ -544,7 +551,9 @@ impl Cluster {
                 data: data_tx,
                 control: ctl_tx,
                 lease,
-                replica: cfg.replicated().then(|| ReplicaLink(replica_tx)),
+                replica: cfg
+                    .replicated()
+                    .then(|| ReplicaLink(replica_tx, Arc::default())),
             },
             stores,
             control: Some(control_tx),
@@ -605,8 +614,16 @@ impl Cluster {
     /// sessions, a stream that holds what the stores do is noted for the next start (the
     /// clean-stop marker).
     pub fn stop(mut self, shards_ended_in_order: bool) {
-        self.clean_stop
-            .store(shards_ended_in_order, std::sync::atomic::Ordering::Release);
+        // A shard that ended with changes not surely in the stream says so on the link.
+        let left_behind = self
+            .shard_link
+            .replica
+            .as_ref()
+            .is_some_and(|r| r.1.load(std::sync::atomic::Ordering::Acquire));
+        self.clean_stop.store(
+            shards_ended_in_order && !left_behind,
+            std::sync::atomic::Ordering::Release,
+        );
         self.halt();
     }
 

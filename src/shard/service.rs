@@ -531,6 +531,7 @@ impl BrokerShard {
         let svc = shard.service();
         svc.core.borrow_mut().flush_counters();
         let mut journal: OpenJournal = None;
+        let mut commits_ok = svc.store.as_ref().is_none_or(|s| !s.is_failing());
         loop {
             let target = svc.core.borrow_mut().commit_target();
             let Some((store, seq)) = target else {
@@ -547,6 +548,7 @@ impl BrokerShard {
             let ok = replicated(shard, replica).await && ok;
             svc.core.borrow_mut().committed(seq, ok, Instant::now());
             if !ok {
+                commits_ok = false;
                 tracing::error!(
                     shard = shard.id().index(),
                     "the last writes before the stop could not be made durable"
@@ -554,6 +556,7 @@ impl BrokerShard {
                 break;
             }
         }
+        svc.core.borrow().end_replication(commits_ok);
         if let Some((_, f)) = journal {
             let _ = f.close().await;
         }

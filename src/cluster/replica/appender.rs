@@ -38,6 +38,10 @@ pub(in crate::cluster) struct Appender {
     /// since (a fence means its lease had expired: that renewal is a new lease's, and
     /// the slot table it holds then is etcd's, not the one it had before a freeze).
     fenced_since: Instant,
+    /// An append failed (or changes were dropped) since the last snapshot: a shard may
+    /// hold, in its store, changes the stream lacks, until a snapshot reads them (no
+    /// clean-stop marker meanwhile, whatever later rounds do).
+    tainted: bool,
 }
 
 impl Appender {
@@ -49,7 +53,7 @@ impl Appender {
         r: Replica,
         me: &str,
         owns_slots: bool,
-        clean: Option<u64>,
+        clean: Option<super::clean::Marker>,
         snapshot_log_bytes: u64,
         stores: Arc<OnceLock<Vec<Store>>>,
         handle: crate::cluster::ClusterHandle,
@@ -61,7 +65,11 @@ impl Appender {
         };
         // Stopped in order with the stream holding everything, and nobody wrote to it since
         // (a fence would have moved its end): the stores and the stream agree.
-        let agree = owns_slots && clean.is_some_and(|s| s > 0 && s == last_seq);
+        let names = r.names(me);
+        let agree = owns_slots
+            && clean
+                .as_ref()
+                .is_some_and(|m| m.last_seq == last_seq && m.stream == names.stream);
         if agree {
             tracing::info!(
                 last_seq,
@@ -70,11 +78,10 @@ impl Appender {
         } else if owns_slots && clean.is_some() {
             tracing::info!(
                 last_seq,
-                marker = clean,
+                marker = clean.as_ref().map(|m| m.last_seq),
                 "the replicated stream moved since the clean stop: a start snapshot first"
             );
         }
-        let names = r.names(me);
         let mut a = Appender {
             r,
             me: me.to_string(),
@@ -93,6 +100,7 @@ impl Appender {
             stores,
             handle,
             fenced_since: Instant::now(),
+            tainted: false,
         };
         if last_seq == 0 {
             // An empty stream takes any append whatever its expected sequence says (0
@@ -416,8 +424,10 @@ impl Appender {
 
     /// Notes whether the stream holds everything the stores do after the last round (`ok`:
     /// it succeeded), for the clean-stop marker.
-    fn note_clean(&self, ok: bool) {
-        let clean = (ok && self.whole && !self.gap && !self.fenced).then_some(self.last_seq);
+    fn note_clean(&mut self, ok: bool) {
+        self.tainted |= !ok;
+        let clean =
+            (!self.tainted && self.whole && !self.gap && !self.fenced).then_some(self.last_seq);
         self.show(|v| v.clean_seq = clean);
     }
 
@@ -612,6 +622,8 @@ impl Appender {
                 "the replicated stream is whole again (a snapshot took the dropped changes)"
             );
         }
+        // Read after every append that failed before it: their changes are in it.
+        self.tainted = false;
         self.note_clean(true);
         tracing::info!(
             records,

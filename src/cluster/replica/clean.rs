@@ -11,26 +11,36 @@ use std::path::{Path, PathBuf};
 /// The marker's name in the data directory.
 pub const FILE: &str = "replica-clean";
 
+/// What a clean stop noted: the stream, where it ended, and the shard count (a start with
+/// another count re-homes sessions between stores, which the stream does not see).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    pub stream: String,
+    pub last_seq: u64,
+    pub shards: usize,
+}
+
 /// Where the marker lives for a data directory.
 pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE)
 }
 
-/// Writes the marker (the stream's last sequence), atomically and durably.
-pub fn write(path: &Path, last_seq: u64) -> std::io::Result<()> {
+/// Writes the marker, atomically and durably.
+pub fn write(path: &Path, m: &Marker) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(format!("{last_seq}\n").as_bytes())?;
+        f.write_all(format!("{} {} {}\n", m.stream, m.last_seq, m.shards).as_bytes())?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     sync_dir(path)
 }
 
-/// Reads and deletes the marker: the sequence it holds, or `None` (no marker, or one that
-/// cannot be read: then a start snapshot is written, as after any other stop).
-pub fn take(path: &Path) -> std::io::Result<Option<u64>> {
+/// Reads and deletes the marker: what it holds, or `None` (no marker, or one that cannot
+/// be parsed: then a start snapshot is written, as after any other stop). An error (the
+/// marker could not be deleted) must stop the start: it would outlive this run.
+pub fn take(path: &Path) -> std::io::Result<Option<Marker>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -38,7 +48,20 @@ pub fn take(path: &Path) -> std::io::Result<Option<u64>> {
     };
     std::fs::remove_file(path)?;
     sync_dir(path)?;
-    Ok(text.trim().parse::<u64>().ok())
+    let mut parts = text.split_whitespace();
+    let (Some(stream), Some(seq), Some(shards), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(None);
+    };
+    match (seq.parse::<u64>(), shards.parse::<usize>()) {
+        (Ok(last_seq), Ok(shards)) if last_seq > 0 => Ok(Some(Marker {
+            stream: stream.to_string(),
+            last_seq,
+            shards,
+        })),
+        _ => Ok(None),
+    }
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -57,12 +80,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = path(dir.path());
         assert_eq!(take(&p).unwrap(), None);
-        write(&p, 4242).unwrap();
-        assert_eq!(take(&p).unwrap(), Some(4242));
+        let m = Marker {
+            stream: "SHARDMQ_00ff".into(),
+            last_seq: 4242,
+            shards: 2,
+        };
+        write(&p, &m).unwrap();
+        assert_eq!(take(&p).unwrap(), Some(m));
         assert!(!p.exists(), "deleted once read");
         assert_eq!(take(&p).unwrap(), None);
-        std::fs::write(&p, "not a number").unwrap();
-        assert_eq!(take(&p).unwrap(), None);
-        assert!(!p.exists());
+        for bad in ["not a number", "S 12", "S x 2", "S 0 2", "S 1 2 extra"] {
+            std::fs::write(&p, bad).unwrap();
+            assert_eq!(take(&p).unwrap(), None, "{bad}");
+            assert!(!p.exists());
+        }
     }
 }

@@ -289,9 +289,13 @@ pub struct AppendFailed {
 }
 
 /// The shards' way into the replication log (one append in flight per shard: its group
-/// commit waits for the answer).
+/// commit waits for the answer), and the flag a shard sets when it ends with changes its
+/// store holds and the stream may not (then no clean-stop marker is written).
 #[derive(Clone, Debug)]
-pub struct ReplicaLink(pub tokio::sync::mpsc::UnboundedSender<Append>);
+pub struct ReplicaLink(
+    pub tokio::sync::mpsc::UnboundedSender<Append>,
+    pub Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl ReplicaLink {
     /// Hands `units` to the replication log; the answer says whether they are in it.

@@ -494,6 +494,18 @@ impl Core {
         Some((link, std::mem::take(&mut self.replica_units), gap, barrier))
     }
 
+    /// At the stop, after the last group commit: if this shard's store may hold a change its
+    /// stream lacks (changes kept or dropped after failed appends; `commits_ok` false: the
+    /// last commits failed), it says so, so that no clean-stop marker is written.
+    pub fn end_replication(&self, commits_ok: bool) {
+        let Some(link) = self.cluster.as_ref().and_then(|c| c.replica()) else {
+            return;
+        };
+        if !commits_ok || !self.replica_units.is_empty() || self.replica_gap {
+            link.1.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Keeps what a batch applied to the store changed for the next group commit's append.
     /// Units pile up here while an append is slow to come back (NATS stalled, a snapshot
     /// making the stream whole); past `cluster.replication_pending_bytes_max` they are
