@@ -472,6 +472,10 @@ pub struct Core {
     replica_units: Vec<Vec<u8>>,
     /// Bytes of `replica_units`.
     replica_units_bytes: usize,
+    /// The stop's last group commit is done (`end_replication`): a change applied to the
+    /// store after it (this shard serves its peers until they end too) never reaches the
+    /// stream, and says so on the replica link.
+    replication_ended: bool,
     /// Changes waiting for the stream were dropped (past the bound): the next append asks
     /// for a snapshot.
     replica_gap: bool,
@@ -579,6 +583,7 @@ impl Core {
             open_batch: None,
             replica_units: Vec::new(),
             replica_units_bytes: 0,
+            replication_ended: false,
             replica_gap: false,
             replica_barrier: false,
             elide: true,

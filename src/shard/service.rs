@@ -556,7 +556,7 @@ impl BrokerShard {
                 break;
             }
         }
-        svc.core.borrow().end_replication(commits_ok);
+        svc.core.borrow_mut().end_replication(commits_ok);
         if let Some((_, f)) = journal {
             let _ = f.close().await;
         }

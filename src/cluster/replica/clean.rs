@@ -41,8 +41,8 @@ pub fn write(path: &Path, m: &Marker) -> std::io::Result<()> {
 /// be parsed: then a start snapshot is written, as after any other stop). An error (the
 /// marker could not be deleted) must stop the start: it would outlive this run.
 pub fn take(path: &Path) -> std::io::Result<Option<Marker>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
@@ -89,9 +89,16 @@ mod tests {
         assert_eq!(take(&p).unwrap(), Some(m));
         assert!(!p.exists(), "deleted once read");
         assert_eq!(take(&p).unwrap(), None);
-        for bad in ["not a number", "S 12", "S x 2", "S 0 2", "S 1 2 extra"] {
+        for bad in [
+            &b"not a number"[..],
+            b"S 12",
+            b"S x 2",
+            b"S 0 2",
+            b"S 1 2 extra",
+            b"\xff\xfe",
+        ] {
             std::fs::write(&p, bad).unwrap();
-            assert_eq!(take(&p).unwrap(), None, "{bad}");
+            assert_eq!(take(&p).unwrap(), None, "{bad:?}");
             assert!(!p.exists());
         }
     }

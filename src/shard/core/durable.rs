@@ -497,11 +497,16 @@ impl Core {
     /// At the stop, after the last group commit: if this shard's store may hold a change its
     /// stream lacks (changes kept or dropped after failed appends; `commits_ok` false: the
     /// last commits failed), it says so, so that no clean-stop marker is written.
-    pub fn end_replication(&self, commits_ok: bool) {
-        let Some(link) = self.cluster.as_ref().and_then(|c| c.replica()) else {
-            return;
-        };
+    pub fn end_replication(&mut self, commits_ok: bool) {
+        self.replication_ended = true;
         if !commits_ok || !self.replica_units.is_empty() || self.replica_gap {
+            self.left_behind();
+        }
+    }
+
+    /// This shard's store holds, or may hold, a change its stream lacks at the stop.
+    fn left_behind(&self) {
+        if let Some(link) = self.cluster.as_ref().and_then(|c| c.replica()) {
             link.1.store(true, std::sync::atomic::Ordering::Release);
         }
     }
@@ -513,6 +518,10 @@ impl Core {
     pub(super) fn keep_replica_unit(&mut self, unit: Vec<u8>) {
         if unit.is_empty() {
             return;
+        }
+        if self.replication_ended {
+            // Applied after the stop's last group commit: no append takes it any more.
+            self.left_behind();
         }
         self.replica_units_bytes += unit.len();
         self.replica_units.push(unit);
