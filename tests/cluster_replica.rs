@@ -571,6 +571,103 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
     lost_with_its_disk_then_rebuilt_on_a(c, &a, &etcd, &p, &sub, 24);
 }
 
+/// Two replicated nodes a and c with no automatic fail-over (a restart must find its
+/// slots still its own), `extra` in their [cluster] section and an admin token, and the
+/// clients of the restart tests: an offline persistent 3.1.1 session on c subscribed to
+/// `<stem>/t` at QoS 1, and a publisher served by c.
+struct Restarts<'a> {
+    nats: &'a Nats,
+    etcd: &'a Etcd,
+    p: String,
+    token: String,
+    extra: &'a str,
+    topic: String,
+    sub: ConnectOpts,
+    publ: ConnectOpts,
+}
+
+impl<'a> Restarts<'a> {
+    fn start(
+        nats: &'a Nats,
+        etcd: &'a Etcd,
+        stem: &str,
+        extra: &'a str,
+    ) -> (Restarts<'a>, TestBroker, TestBroker) {
+        let p = format!("/shardmq-replica-{stem}-{}", std::process::id());
+        let mut r = Restarts {
+            nats,
+            etcd,
+            p,
+            token: format!("{stem}-admin-token-1234"),
+            extra,
+            topic: format!("{stem}/t"),
+            sub: ConnectOpts::v311("unset", false),
+            publ: ConnectOpts::v311("unset", true),
+        };
+        let a = TestBroker::start_with(1, &r.toml("a"));
+        let c = TestBroker::start_with(1, &r.toml("c"));
+        wait_linked(&[&a, &c]);
+        wait_balanced(&a, &["a", "c"]);
+        r.sub = ConnectOpts::v311(&id_owned_by(etcd, &r.p, "c", &format!("{stem}-q")), false);
+        r.publ = ConnectOpts::v311(&id_owned_by(etcd, &r.p, "c", &format!("{stem}-pub")), true);
+        let (mut s, _) = RawClient::connect_served(c.addr, &r.sub);
+        s.sub(&[(r.topic.as_str(), QoS::AtLeastOnce)]);
+        s.disconnect();
+        (r, a, c)
+    }
+
+    fn toml(&self, id: &str) -> String {
+        format!(
+            "{}jetstream = [{}]\n{}[admin]\ntoken = \"{}\"\n",
+            node_toml_ttl(id, self.etcd, &self.p, 3),
+            self.nats.toml_urls(),
+            self.extra,
+            self.token
+        )
+    }
+
+    /// `<tag>-00` .. `<tag>-49` at QoS 1 through `at`, each acknowledged (3.x: a refusal
+    /// would close the connection).
+    fn publish(&self, at: std::net::SocketAddr, tag: &str) {
+        let (mut cl, _) = RawClient::connect_served(at, &self.publ);
+        for i in 0..50 {
+            cl.publish(
+                &self.topic,
+                format!("{tag}-{i:02}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            );
+        }
+        cl.disconnect();
+    }
+
+    /// c lost with its disk, failed over by the operator through a: what the session holds
+    /// there, drained, must be `tags`' 50 messages each, once and in order (`skip`: a
+    /// payload refused along the way that may have been stored all the same).
+    fn lose_c_and_check(&self, a: &TestBroker, c: TestBroker, tags: &[&str], skip: &str) {
+        drop(c.kill9());
+        wait_until("a sees c down", TIMEOUT, || member_state(a, "c") == "down");
+        let bearer = format!("Bearer {}", self.token);
+        wait_until("c failed over by the operator", TIMEOUT, || {
+            a.http_with(
+                "POST",
+                "/api/cluster/nodes/c/failover",
+                &[("Authorization", bearer.as_str())],
+            )
+            .0 == 200
+        });
+        let got: Vec<String> = drain_all(a.addr, &self.sub)
+            .into_iter()
+            .filter(|m| m != skip)
+            .collect();
+        let want: Vec<String> = tags
+            .iter()
+            .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
+            .collect();
+        assert_eq!(got, want, "every acknowledged message once, in order");
+    }
+}
+
 /// A node killed and restarted with its disk intact serves on: its first acknowledgements
 /// wait for the snapshot that makes its stream whole again (a group commit may have reached
 /// only the disk before the kill), and lost with its disk afterwards, its session is
@@ -579,69 +676,20 @@ fn changes_dropped_while_nats_was_away_reach_the_stream_by_a_snapshot() {
 fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
     let nats = Nats::start(3);
     let etcd = Etcd::start(3);
-    let p = format!("/shardmq-replica-restart-{}", std::process::id());
-    let token = "restart-admin-token-1234";
-    // No automatic fail-over: the restart must find its slots still its own.
-    let toml = |id: &str| {
-        format!(
-            "{}jetstream = [{}]\n[admin]\ntoken = \"{token}\"\n",
-            node_toml_ttl(id, &etcd, &p, 3),
-            nats.toml_urls()
-        )
-    };
-    let a = TestBroker::start_with(1, &toml("a"));
-    let c = TestBroker::start_with(1, &toml("c"));
-    wait_linked(&[&a, &c]);
-    wait_balanced(&a, &["a", "c"]);
-    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "restart-q"), false);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
-        s.sub(&[("restart/t", QoS::AtLeastOnce)]);
-        s.disconnect();
-    }
-    let publ = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "restart-pub"), true);
-    let publish = |at: std::net::SocketAddr, stem: &str| {
-        let (mut cl, _) = RawClient::connect_served(at, &publ);
-        for i in 0..50 {
-            // `publish` waits for the PUBACK (3.x: a refusal would close the connection).
-            cl.publish(
-                "restart/t",
-                format!("{stem}-{i:02}").as_bytes(),
-                QoS::AtLeastOnce,
-                false,
-            );
-        }
-        cl.disconnect();
-    };
-    publish(c.addr, "pre");
+    let (r, a, c) = Restarts::start(&nats, &etcd, "restart", "");
+    r.publish(c.addr, "pre");
     let dir = c.kill9();
-    let c = TestBroker::start_in(1, &toml("c"), dir);
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
     wait_linked(&[&a, &c]);
-    publish(c.addr, "post");
+    r.publish(c.addr, "post");
     assert!(
         snapshots(&c) >= 1,
         "the restarted node acknowledged after a snapshot: {}",
         c.admin_json("/api/cluster")
     );
-    assert_eq!(owner_of(&etcd, &p, &sub.client_id), "c");
+    assert_eq!(owner_of(&etcd, &r.p, &r.sub.client_id), "c");
     // Now lost with its disk: the session comes back whole from the stream.
-    drop(c.kill9());
-    wait_until("a sees c down", TIMEOUT, || member_state(&a, "c") == "down");
-    let bearer = format!("Bearer {token}");
-    wait_until("c failed over by the operator", TIMEOUT, || {
-        a.http_with(
-            "POST",
-            "/api/cluster/nodes/c/failover",
-            &[("Authorization", bearer.as_str())],
-        )
-        .0 == 200
-    });
-    let got = drain_all(a.addr, &sub);
-    let want: Vec<String> = ["pre", "post"]
-        .iter()
-        .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
-        .collect();
-    assert_eq!(got, want, "every acknowledged message once, in order");
+    r.lose_c_and_check(&a, c, &["pre", "post"], "");
 }
 
 /// A node stopped in order (SIGTERM, no hand-over: it keeps its slots) notes that its
@@ -653,47 +701,17 @@ fn a_node_restarted_with_its_disk_acknowledges_after_its_start_snapshot() {
 fn a_node_stopped_in_order_restarts_without_a_snapshot_and_its_stream_is_whole() {
     let nats = Nats::start(3);
     let etcd = Etcd::start(3);
-    let p = format!("/shardmq-replica-clean-{}", std::process::id());
-    let token = "clean-admin-token-1234";
-    let toml = |id: &str| {
-        format!(
-            "{}jetstream = [{}]\nhand_over_timeout_s = 0\nreplication_timeout_ms = 500\n[admin]\ntoken = \"{token}\"\n",
-            node_toml_ttl(id, &etcd, &p, 3),
-            nats.toml_urls()
-        )
-    };
-    let a = TestBroker::start_with(1, &toml("a"));
-    let c = TestBroker::start_with(1, &toml("c"));
-    wait_linked(&[&a, &c]);
-    wait_balanced(&a, &["a", "c"]);
-    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "clean-q"), false);
-    {
-        let (mut s, _) = RawClient::connect_served(c.addr, &sub);
-        s.sub(&[("clean/t", QoS::AtLeastOnce)]);
-        s.disconnect();
-    }
-    let publ = ConnectOpts::v311(&id_owned_by(&etcd, &p, "c", "clean-pub"), true);
-    let publish = |at: std::net::SocketAddr, stem: &str| {
-        let (mut cl, _) = RawClient::connect_served(at, &publ);
-        for i in 0..50 {
-            cl.publish(
-                "clean/t",
-                format!("{stem}-{i:02}").as_bytes(),
-                QoS::AtLeastOnce,
-                false,
-            );
-        }
-        cl.disconnect();
-    };
-    publish(c.addr, "pre");
+    let extra = "hand_over_timeout_s = 0\nreplication_timeout_ms = 500\n";
+    let (r, a, c) = Restarts::start(&nats, &etcd, "clean", extra);
+    r.publish(c.addr, "pre");
     let dir = c.stop_keep_dir();
     let marker = dir.path().join("data").join("replica-clean");
     assert!(marker.exists(), "the orderly stop wrote its marker");
-    let c = TestBroker::start_in(1, &toml("c"), dir);
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
     assert!(!marker.exists(), "read once, at start");
     wait_linked(&[&a, &c]);
-    assert_eq!(owner_of(&etcd, &p, &sub.client_id), "c");
-    publish(c.addr, "post");
+    assert_eq!(owner_of(&etcd, &r.p, &r.sub.client_id), "c");
+    r.publish(c.addr, "post");
     assert_eq!(
         snapshots(&c),
         0,
@@ -707,16 +725,10 @@ fn a_node_stopped_in_order_restarts_without_a_snapshot_and_its_stream_is_whole()
     }
     let (mut frozen, _) = RawClient::connect_served(
         c.addr,
-        &ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "clean-pub5"), true),
+        &ConnectOpts::v5(&id_owned_by(&etcd, &r.p, "c", "clean-pub5"), true),
     );
-    let pkt = support::raw::publish_packet(
-        "clean/t",
-        b"frozen",
-        QoS::AtLeastOnce,
-        false,
-        Some(1),
-        false,
-    );
+    let pkt =
+        support::raw::publish_packet(&r.topic, b"frozen", QoS::AtLeastOnce, false, Some(1), false);
     assert!(frozen.try_send(&pkt));
     match frozen.read_frame_until(Instant::now() + 2 * TIMEOUT) {
         Ok((shardmq::protocol::Packet::PubAck(ack), _)) => {
@@ -736,32 +748,13 @@ fn a_node_stopped_in_order_restarts_without_a_snapshot_and_its_stream_is_whole()
         !marker.exists(),
         "an append failed since the last snapshot: no marker"
     );
-    let c = TestBroker::start_in(1, &toml("c"), dir);
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
     wait_linked(&[&a, &c]);
-    publish(c.addr, "again");
+    r.publish(c.addr, "again");
     assert!(snapshots(&c) >= 1, "a start snapshot first");
-    // Lost with its disk now: everything comes back from the stream alone.
-    drop(c.kill9());
-    wait_until("a sees c down", TIMEOUT, || member_state(&a, "c") == "down");
-    let bearer = format!("Bearer {token}");
-    wait_until("c failed over by the operator", TIMEOUT, || {
-        a.http_with(
-            "POST",
-            "/api/cluster/nodes/c/failover",
-            &[("Authorization", bearer.as_str())],
-        )
-        .0 == 200
-    });
-    // (The refused one may have been stored all the same: it is not counted.)
-    let got: Vec<String> = drain_all(a.addr, &sub)
-        .into_iter()
-        .filter(|m| m != "frozen")
-        .collect();
-    let want: Vec<String> = ["pre", "post", "again"]
-        .iter()
-        .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
-        .collect();
-    assert_eq!(got, want, "every acknowledged message once, in order");
+    // Lost with its disk now: everything comes back from the stream alone (the refused
+    // one may have been stored all the same: it is not counted).
+    r.lose_c_and_check(&a, c, &["pre", "post", "again"], "frozen");
 }
 
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up
