@@ -11,10 +11,10 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use support::raw::RawClient;
-use support::{wait_output, TestBroker};
+use support::TestBroker;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardmq");
 
@@ -22,21 +22,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_shardmq");
 /// admin endpoint gets an ephemeral port unless `args` name one, so that no run takes the
 /// default 8080.
 fn run(args: &[&str]) -> Output {
-    let admin: &[&str] = if args.contains(&"--admin-listen") {
-        &[]
-    } else {
-        &["--admin-listen", "127.0.0.1:0"]
-    };
-    let child = Command::new(BIN)
-        .args(admin)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardmq");
-    wait_output(child)
+    support::run_to_exit(args)
 }
 
 /// Asserts the run failed with `code` and exactly one line on stderr, containing each of

@@ -13,7 +13,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use shardmq::protocol::QoS;
@@ -21,7 +20,7 @@ use support::cluster::*;
 use support::etcd::Etcd;
 use support::nats::Nats;
 use support::raw::{ConnectOpts, RawClient};
-use support::{wait_output, TestBroker};
+use support::TestBroker;
 
 const USER: &str = "shardmq-node";
 const PASSWORD: &str = "correct horse battery staple";
@@ -189,7 +188,7 @@ fn a_wrong_password_an_untrusted_server_or_no_tls_stops_the_start_with_one_line(
     ];
     for (what, conf, says) in cases {
         let dir = tempfile::tempdir().expect("temp dir");
-        let out = run_to_exit(dir.path(), &conf);
+        let out = run_with(dir.path(), &conf);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: started; stderr: {stderr}");
         // Info lines of the start may come first; the problem is one line, the last.
@@ -208,20 +207,19 @@ fn a_wrong_password_an_untrusted_server_or_no_tls_stops_the_start_with_one_line(
 }
 
 /// Runs `shardmq` with `conf` in `dir` until it exits (bounded).
-fn run_to_exit(dir: &Path, conf: &str) -> std::process::Output {
+fn run_with(dir: &Path, conf: &str) -> std::process::Output {
     let cfg = dir.join("node.toml");
     std::fs::write(&cfg, conf).expect("write config");
-    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--no-pin", "--shards", "1", "--data-dir"])
-        .arg(dir.join("data"))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardmq");
-    wait_output(child)
+    let data = dir.join("data");
+    support::run_to_exit(&[
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--shards",
+        "1",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ])
 }

@@ -20,7 +20,6 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,7 @@ use shardmq::protocol::{
     decode, DecodeLimits, Packet, ProtocolVersion, QoS, Subscribe, SubscriptionOptions,
 };
 use support::raw::{publish_packet, ConnectOpts, RawClient, ReadEnd};
-use support::{drive_event_loop, id_on_shard, wait_output, TestBroker, TIMEOUT};
+use support::{drive_event_loop, id_on_shard, run_to_exit, TestBroker, TIMEOUT};
 
 // ------------------------------------------------------------------------ certificates
 
@@ -583,20 +582,6 @@ fn an_unusable_certificate_or_key_file_stops_the_start_with_one_line() {
         assert!(lines[0].contains("listeners[0]"), "{}", lines[0]);
         assert!(lines[0].contains(file), "{}", lines[0]);
     }
-}
-
-fn run_to_exit(args: &[&str]) -> std::process::Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        // Never the default admin port 8080: tests run in parallel.
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardmq");
-    wait_output(child)
 }
 
 // ------------------------------------------------------------------------- WebSocket

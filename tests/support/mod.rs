@@ -394,6 +394,27 @@ pub fn drive_event_loop(mut el: rumqttc::EventLoop) -> (Incoming, tokio::task::J
     (rx, task)
 }
 
+/// Runs the `shardmq` binary with `args` to completion (bounded by [`TIMEOUT`]), with the
+/// default log filter (`RUST_LOG` removed). The admin endpoint gets an ephemeral port
+/// unless `args` name one, so that no run takes the default 8080 (tests run in parallel).
+pub fn run_to_exit(args: &[&str]) -> Output {
+    let admin: &[&str] = if args.contains(&"--admin-listen") {
+        &[]
+    } else {
+        &["--admin-listen", "127.0.0.1:0"]
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args(admin)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardmq");
+    wait_output(child)
+}
+
 /// Waits (bounded by [`TIMEOUT`]) for a spawned `shardmq` with piped stdout and stderr to
 /// exit and returns its output; kills it and panics if it does not exit in time.
 pub fn wait_output(mut child: Child) -> Output {
