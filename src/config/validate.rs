@@ -397,49 +397,41 @@ impl ClusterConfig {
             }
             return Ok(());
         }
-        match (&self.jetstream_cert_file, &self.jetstream_key_file) {
-            (Some(_), None) => {
-                return Err(bad(
-                    "cluster.jetstream_key_file",
-                    "is required with cluster.jetstream_cert_file",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(bad(
-                    "cluster.jetstream_cert_file",
-                    "is required with cluster.jetstream_key_file",
-                ))
-            }
-            _ => {}
-        }
-        match (&self.jetstream_user, &self.jetstream_password) {
-            (Some(_), None) => {
-                return Err(bad(
-                    "cluster.jetstream_password",
-                    "is required with cluster.jetstream_user",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(bad(
-                    "cluster.jetstream_user",
-                    "is required with cluster.jetstream_password",
-                ))
-            }
-            (Some(u), Some(p)) => {
-                if u.is_empty() || u.len() > 1024 || u.chars().any(char::is_control) {
+        // Both of a pair or neither: one line naming the one missing.
+        let pair = |a: (&str, bool), b: (&str, bool)| match (a.1, b.1) {
+            (true, false) => Err(bad(b.0, format!("is required with {}", a.0))),
+            (false, true) => Err(bad(a.0, format!("is required with {}", b.0))),
+            _ => Ok(()),
+        };
+        pair(
+            (
+                "cluster.jetstream_cert_file",
+                self.jetstream_cert_file.is_some(),
+            ),
+            (
+                "cluster.jetstream_key_file",
+                self.jetstream_key_file.is_some(),
+            ),
+        )?;
+        pair(
+            ("cluster.jetstream_user", self.jetstream_user.is_some()),
+            (
+                "cluster.jetstream_password",
+                self.jetstream_password.is_some(),
+            ),
+        )?;
+        for (key, value) in [
+            ("cluster.jetstream_user", &self.jetstream_user),
+            ("cluster.jetstream_password", &self.jetstream_password),
+        ] {
+            if let Some(v) = value {
+                if v.is_empty() || v.len() > 1024 || v.chars().any(char::is_control) {
                     return Err(bad(
-                        "cluster.jetstream_user",
-                        "must be 1-1024 characters, none a control character",
-                    ));
-                }
-                if p.is_empty() || p.len() > 1024 || p.chars().any(char::is_control) {
-                    return Err(bad(
-                        "cluster.jetstream_password",
+                        key,
                         "must be 1-1024 characters, none a control character",
                     ));
                 }
             }
-            (None, None) => {}
         }
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
