@@ -48,6 +48,8 @@ pub struct Broker {
     pub listeners: Vec<BoundListener>,
     /// Shard index -> core it is pinned to (`None` when unpinned).
     pub cores: Vec<Option<usize>>,
+    /// Why a shard stopped the broker, if one did (see [`Broker::join`]).
+    fatal: crate::shard::service::Fatal,
 }
 
 impl std::fmt::Debug for Broker {
@@ -179,14 +181,45 @@ impl Broker {
         let fds = Arc::new(fds);
         let admin_listener = bind_admin(&cfg)?;
         // Before any store opens, clustered or not (it speaks only for the last stop).
-        let clean_at_start =
+        let (clean_at_start, stopped_in_order) =
             crate::cluster::take_clean_marker(&cfg.data_dir, count).map_err(StartError::Config)?;
+        // The last run acknowledged from its stream (`replicated` mode) and did not stop in
+        // order: its stores may lack what it acknowledged after the marker's sequence.
+        let mut ahead =
+            crate::cluster::read_stream_ahead(&cfg.data_dir).map_err(StartError::Config)?;
+        if ahead.is_some() && stopped_in_order {
+            // Stopped in order: the stores hold what the stream does; the marker speaks for
+            // nothing any more (a `replicated` start writes a new one).
+            crate::cluster::write_stream_ahead(&cfg.data_dir, None).map_err(StartError::Config)?;
+            ahead = None;
+        }
+        let restore = ahead.clone();
+        if let Some(at) = &restore {
+            let marker = cfg.data_dir.join(crate::cluster::STREAM_AHEAD_FILE);
+            if cfg.cluster.jetstream.is_empty() {
+                return Err(StartError::Config(format!(
+                    "the last run on {} acknowledged messages from its replicated stream (storage.durability = \"replicated\") and did not stop in order, so its stores may lack some: \
+                     start it with cluster.jetstream to bring them up to the stream (or delete {} to keep the stores as they are)",
+                    cfg.data_dir.display(),
+                    marker.display()
+                )));
+            }
+            if at.shards != count {
+                return Err(StartError::Config(format!(
+                    "the last run on {} had {} shards, acknowledged from its replicated stream and did not stop in order: \
+                     start it once more with {} shards (it brings the stores up to the stream), stop it, then change the count",
+                    cfg.data_dir.display(),
+                    at.shards,
+                    at.shards
+                )));
+            }
+        }
         let mut cluster = join_cluster(
             &cfg,
             &listeners,
             relay,
             admin_listener.as_ref(),
-            clean_at_start,
+            (clean_at_start, restore),
         )?;
         let shard_link = cluster.as_ref().map(Cluster::shard_link);
         let admin_info = BrokerInfo {
@@ -199,7 +232,27 @@ impl Broker {
             token: cfg.admin.token.clone(),
         };
         let stores = Arc::new(open_stores(&cfg, count)?);
-        if let Some(c) = &cluster {
+        if let Some(c) = &mut cluster {
+            if let Some(words) = c.take_restored() {
+                restore_stores(&stores, &words)?;
+            }
+            // Before the first acknowledgement (and before the appender may snapshot): a
+            // `replicated` run's marker says where in the stream the stores are now; a run
+            // in another mode clears a marker it found, its stores now up to the stream.
+            let marker = match (&c.joined.stream_at_start, cfg.storage.durability) {
+                (Some((stream, seq)), Durability::Replicated) => {
+                    Some(crate::cluster::CleanMarker {
+                        stream: stream.clone(),
+                        last_seq: *seq,
+                        shards: count,
+                    })
+                }
+                _ => None,
+            };
+            if marker.is_some() || ahead.is_some() {
+                crate::cluster::write_stream_ahead(&cfg.data_dir, marker.as_ref())
+                    .map_err(StartError::Config)?;
+            }
             c.set_stores(stores.iter().flatten().cloned().collect());
         }
 
@@ -207,6 +260,8 @@ impl Broker {
         let cfg = Arc::new(cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<usize>();
         let build_cfg = cfg.clone();
+        let fatal = crate::shard::service::Fatal::default();
+        let shard_fatal = fatal.clone();
         let budget = Arc::new(QueuedBudget::new(count, cfg.storage.queued_bytes_max));
         let pool = Pool::start(
             &rt,
@@ -220,6 +275,7 @@ impl Broker {
                     budget.clone(),
                 )
                 .with_cluster(shard_link.clone())
+                .with_fatal(shard_fatal.clone())
             },
             move |shard: Shard<BrokerShard>| {
                 let fds = fds.clone();
@@ -244,6 +300,7 @@ impl Broker {
             pool,
             listeners,
             cores,
+            fatal,
         })
     }
 
@@ -272,13 +329,15 @@ impl Broker {
             pool,
             admin,
             cluster,
+            fatal,
             ..
         } = self;
-        let failed: Vec<String> = pool
+        let mut failed: Vec<String> = pool
             .join()
             .into_iter()
             .filter_map(|r| r.err().map(|e| e.to_string()))
             .collect();
+        failed.extend(fatal.get());
         // The others see this node gone at once (its lease revoked), not after its TTL.
         if let Some(c) = cluster {
             c.stop(failed.is_empty());
@@ -466,7 +525,10 @@ fn join_cluster(
     listeners: &[BoundListener],
     relay: Option<SocketAddr>,
     admin: Option<&std::net::TcpListener>,
-    clean_at_start: Option<crate::cluster::CleanMarker>,
+    (clean_at_start, restore): (
+        Option<crate::cluster::CleanMarker>,
+        Option<crate::cluster::CleanMarker>,
+    ),
 ) -> Result<Option<Cluster>, StartError> {
     if !cfg.cluster.enabled() {
         return Ok(None);
@@ -485,10 +547,50 @@ fn join_cluster(
         fresh: fresh_disk,
         data_dir: cfg.data_dir.clone(),
         clean_at_start,
+        restore,
+        ahead: cfg.storage.durability == Durability::Replicated,
     };
     Cluster::start(&cfg.cluster, addrs, cfg.limits.packet_bytes_max, disk)
         .map(Some)
         .map_err(StartError::Cluster)
+}
+
+/// Applies the log read back from the node's replicated stream (after the point its stores
+/// durably held) to the stores of the shards that own each key (see
+/// [`crate::cluster::Disk::restore`]); one line naming the store when it cannot.
+fn restore_stores(
+    stores: &[Option<Store>],
+    words: &crate::storage::replica::LastWords,
+) -> Result<(), StartError> {
+    let count = stores.len();
+    let started = Instant::now();
+    let mut applied = 0;
+    for (shard, store) in stores.iter().enumerate() {
+        let Some(store) = store else { continue };
+        let fail = |e: &dyn std::fmt::Display| {
+            StartError::Config(format!(
+                "cannot bring the store of shard {shard} up to the replicated stream: {e}"
+            ))
+        };
+        // What the store holds already (it may even be ahead of the stream: a batch
+        // applied whose append never happened) is left as it is: only the batches after
+        // its own are applied.
+        let held = match store.replica_batch().map_err(|e| fail(&e))? {
+            Some((s, n)) if s as usize == shard => n,
+            _ => 0,
+        };
+        let mine = words.ops_after(shard as u16, held, |client| {
+            owner_shard(client.as_bytes(), count) == shard
+        });
+        applied += store.apply_ops(mine).map_err(|e| fail(&e))?;
+    }
+    tracing::info!(
+        units = words.units,
+        keys = applied,
+        ms = started.elapsed().as_millis() as u64,
+        "stores brought up to the replicated stream (the last run acknowledged from it and did not stop in order)"
+    );
+    Ok(())
 }
 
 /// Waits until every shard has the cluster's slot table: before it, a cluster node's
@@ -607,6 +709,7 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
     let id = shard.id().index();
     let flusher = glommio::spawn_local(BrokerShard::flush_loop(shard.clone()));
     let committer = glommio::spawn_local(BrokerShard::commit_loop(shard.clone()));
+    let syncer = glommio::spawn_local(BrokerShard::sync_loop(shard.clone()));
     let storage_recovery = glommio::spawn_local(BrokerShard::recovery_loop(shard.clone()));
     // Recovery, then a barrier: no shard accepts a connection (or fires a will) before
     // every shard's part of the routing tables is rebuilt here.
@@ -639,6 +742,7 @@ async fn shard_main(shard: Shard<BrokerShard>, fds: Arc<ShardSockets>, ready: mp
     sys.await;
     flusher.await;
     committer.await;
+    syncer.await;
     storage_recovery.await;
     BrokerShard::final_commit(&shard).await;
 }

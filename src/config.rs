@@ -367,10 +367,23 @@ pub enum Durability {
     /// (group commit: one fsync per batch).
     #[default]
     Durable,
+    /// With replicated sessions (`cluster.jetstream`): acknowledge once the group commit's
+    /// changes are in the replicated stream (a quorum of JetStream servers), and fsync the
+    /// node's own store every `storage.batched_interval_ms` in the background. A node that
+    /// did not stop in order brings its stores up to its stream before it serves.
+    Replicated,
     /// Write to disk and fsync every `storage.batched_interval_ms`; acknowledge at once.
     Batched,
     /// Keep everything in memory; nothing survives a restart.
     Memory,
+}
+
+impl Durability {
+    /// Whether acknowledgements for persistent sessions wait for the group commit (its
+    /// fsync, or in `replicated` mode its append to the stream).
+    pub fn acknowledges_committed(self) -> bool {
+        matches!(self, Durability::Durable | Durability::Replicated)
+    }
 }
 
 /// The shortest `admin.token` accepted.
@@ -381,7 +394,7 @@ pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub durability: Durability,
-    /// fsync interval in `batched` mode.
+    /// fsync interval in `batched` mode, and of the background fsync in `replicated` mode.
     pub batched_interval_ms: u32,
     /// Bytes (keys and values) a shard collects in its open write batch before applying it
     /// to the store ahead of the next group commit.
@@ -583,7 +596,7 @@ pub struct ClusterConfig {
     /// NATS URLs (`nats://HOST:PORT`) of a JetStream cluster: with them, sessions are
     /// replicated (every change an acknowledgement depends on is in a replicated stream
     /// before it is sent) and a fail-over rebuilds a dead node's sessions from it.
-    /// Requires `storage.durability = "durable"`.
+    /// Requires `storage.durability = "durable"` or `"replicated"`.
     pub jetstream: Vec<String>,
     /// Replicas of each node's stream (1-5; 3 survives the loss of one NATS server).
     pub jetstream_replicas: u32,

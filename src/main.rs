@@ -150,9 +150,17 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn load(path: &PathBuf) -> Result<Config, String> {
+    let cfg = load_unchecked(path)?;
+    cfg.validate()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
+/// The file parsed, not yet validated (flags may complete it).
+fn load_unchecked(path: &PathBuf) -> Result<Config, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    Config::from_toml_unchecked(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {
@@ -266,7 +274,7 @@ fn check_config(file: &PathBuf) -> ExitCode {
 /// validated; an error exits 2.
 fn effective_config(cli: &Cli) -> Result<Config, ExitCode> {
     let mut cfg = match &cli.config {
-        Some(p) => match load(p) {
+        Some(p) => match load_unchecked(p) {
             Ok(c) => c,
             Err(e) => return Err(fail(2, e)),
         },
@@ -274,7 +282,10 @@ fn effective_config(cli: &Cli) -> Result<Config, ExitCode> {
     };
     apply_flags(cli, &mut cfg);
     if let Err(e) = cfg.validate() {
-        return Err(fail(2, e));
+        return Err(match &cli.config {
+            Some(p) => fail(2, format!("{} (with the flags): {e}", p.display())),
+            None => fail(2, e),
+        });
     }
     Ok(cfg)
 }

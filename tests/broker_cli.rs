@@ -141,6 +141,54 @@ fn bad_config_value_exits_nonzero_with_one_line_naming_the_key() {
 }
 
 #[test]
+fn a_replicated_mode_disk_that_did_not_stop_in_order_needs_its_stream_to_start() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("data");
+    std::fs::create_dir(&data_dir).expect("mkdir");
+    std::fs::write(data_dir.join("replica-ahead"), b"x").expect("marker");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--shards",
+        "1",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ];
+    // A marker that does not say where the stores are: the start does not guess.
+    one_line_failure(
+        &run(&args),
+        1,
+        &["replica-ahead", "<stream> <sequence> <shards>"],
+    );
+    std::fs::write(data_dir.join("replica-ahead"), b"SHARDMQ_00ff 42 1\n").expect("marker");
+    let out = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--shards",
+        "1",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ]);
+    let line = one_line_failure(
+        &out,
+        1,
+        &["replicated", "cluster.jetstream", "replica-ahead"],
+    );
+    assert!(line.contains("did not stop in order"), "{line}");
+    assert!(
+        !data_dir.join("shard-0").exists(),
+        "refused before any store opened"
+    );
+    // The refusal is one line for a storage.durability of "replicated" without the stream too.
+    config_refused(
+        "[storage]\ndurability = \"replicated\"\n",
+        "storage.durability",
+    );
+}
+
+#[test]
 fn unknown_config_key_is_refused() {
     config_refused("[limits]\nqueue_mesages_max = 5\n", "queue_mesages_max");
 

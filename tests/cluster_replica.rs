@@ -804,3 +804,101 @@ fn changes_piling_up_behind_a_slow_append_are_bounded_and_reach_the_stream_by_a_
     publ.disconnect();
     lost_with_its_disk_then_rebuilt_on_a(c, &a, &etcd, &p, &sub, 32);
 }
+
+/// `storage.durability = "replicated"`: a PUBACK waits for the stream only, the store is
+/// fsynced in the background, so a power cut can leave the node's disk behind what it
+/// acknowledged. Here its data directory is put back to a copy taken before the last 50
+/// acknowledged messages (the process frozen while it is taken, so the copy is what a
+/// crash leaves): started again, the node applies its stream's log after the point its
+/// marker names to its stores before it serves, and its session holds all 100, once and in
+/// order. Without that, the start snapshot would have written the older store to the
+/// stream and trimmed the log: the 50 would be gone everywhere. A `kill -9` with the disk
+/// intact (the store ahead of the stream, if anything) then brings back nothing twice, and
+/// lost with its disk at the end, the node's session is rebuilt elsewhere with what came
+/// after.
+#[test]
+fn replicated_mode_brings_a_disk_that_lost_acknowledged_writes_up_to_the_stream() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let extra = "snapshot_log_bytes = 1048576\n[storage]\ndurability = \"replicated\"\n";
+    let (r, a, c) = Restarts::start(&nats, &etcd, "ahead", extra);
+    // 50 acknowledgements one after the other, each a group commit that waited for the
+    // stream; the fsyncs are the background ones, at most one per 100 ms.
+    let fsyncs = || c.metric("shardmq_storage_fsync_seconds_count{shard=\"0\"}");
+    let commits = || c.metric("shardmq_cluster_replication_wait_seconds_count{shard=\"0\"}");
+    let (f0, c0) = (fsyncs(), commits());
+    r.publish(c.addr, "pre");
+    let (f1, c1) = (fsyncs(), commits());
+    assert!(
+        c1 - c0 >= 50.0 && f1 - f0 < (c1 - c0) / 2.0,
+        "acknowledged without an fsync each: {} fsyncs, {} commits",
+        f1 - f0,
+        c1 - c0
+    );
+    wait_until("a background fsync after them", TIMEOUT, || fsyncs() > f0);
+    let data = |d: &tempfile::TempDir| d.path().join("data");
+    let marker = |d: &tempfile::TempDir| {
+        std::fs::read_to_string(data(d).join("replica-ahead")).expect("a replicated run's marker")
+    };
+    let seq_of = |m: &str| -> u64 { m.split_whitespace().nth(1).unwrap().parse().unwrap() };
+    let at_start = marker(&c.data_dir);
+    assert!(at_start.ends_with(" 1\n"), "stream, sequence, 1 shard");
+    // 1.3 MiB queued for another session of c's: past snapshot_log_bytes, so a snapshot
+    // trims the log, and the marker moves first (the stores fsynced).
+    let big = ConnectOpts::v311(&id_owned_by(&etcd, &r.p, "c", "ahead-big"), false);
+    let (mut s, _) = RawClient::connect_served(c.addr, &big);
+    s.sub(&[("ahead/big", QoS::AtLeastOnce)]);
+    s.disconnect();
+    let snaps = snapshots(&c);
+    let (mut p, _) = RawClient::connect_served(c.addr, &r.publ);
+    for _ in 0..20 {
+        p.publish("ahead/big", &[b'b'; 64 << 10], QoS::AtLeastOnce, false);
+    }
+    p.disconnect();
+    wait_until("a snapshot past the log bound", TIMEOUT, || {
+        snapshots(&c) > snaps
+    });
+    let moved = marker(&c.data_dir);
+    assert!(
+        seq_of(&moved) > seq_of(&at_start),
+        "the snapshot moved the marker: {at_start:?} -> {moved:?}"
+    );
+    let old = tempfile::tempdir().unwrap();
+    c.signal(libc::SIGSTOP);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(data(&c.data_dir))
+        .arg(old.path())
+        .status()
+        .unwrap();
+    c.signal(libc::SIGCONT);
+    assert!(copied.success());
+    r.publish(c.addr, "post");
+    let dir = c.kill9();
+    std::fs::remove_dir_all(data(&dir)).unwrap();
+    std::fs::rename(old.path().join("data"), data(&dir)).unwrap();
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
+    wait_linked(&[&a, &c]);
+    assert_eq!(owner_of(&etcd, &r.p, &r.sub.client_id), "c");
+    let want = |tags: &[&str]| -> Vec<String> {
+        tags.iter()
+            .flat_map(|s| (0..50).map(move |i| format!("{s}-{i:02}")))
+            .collect()
+    };
+    assert_eq!(
+        drain_all(c.addr, &r.sub),
+        want(&["pre", "post"]),
+        "every acknowledged message once, in order, on c"
+    );
+    r.publish(c.addr, "again");
+    let dir = c.kill9();
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
+    wait_linked(&[&a, &c]);
+    assert_eq!(
+        drain_all(c.addr, &r.sub),
+        want(&["again"]),
+        "after a kill -9 with the disk intact: nothing lost, nothing back"
+    );
+    r.publish(c.addr, "more");
+    r.lose_c_and_check(&a, c, &["more"], "");
+}

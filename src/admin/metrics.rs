@@ -486,12 +486,12 @@ fn render_latencies(f: &mut Family<'_>, stats: &[ShardStats]) {
         ),
         (
             "shardmq_storage_fsync_seconds",
-            "Duration of a persist (fsync) of the shard's store.",
+            "Duration of a persist (fsync) of the shard's store (in replicated mode, of the background fsync).",
             |s: &ShardStats| s.core.fsync_latency,
         ),
         (
             "shardmq_cluster_replication_wait_seconds",
-            "With replicated sessions: how much longer a group commit waited for the replicated stream after its fsync.",
+            "With replicated sessions: how much longer a group commit waited for the replicated stream after its fsync (in replicated mode, after its write to the page cache).",
             |s: &ShardStats| s.core.replica_wait,
         ),
     ] {

@@ -64,6 +64,10 @@ pub(super) struct Shared {
     /// (read and deleted before any store opened).
     pub clean_marker: std::path::PathBuf,
     pub clean_at_start: Option<super::replica::clean::Marker>,
+    /// Read this node's stream back for the stores (see [`super::Disk::restore`]).
+    pub restore: Option<super::replica::clean::Marker>,
+    /// `replicated` mode: the data directory whose marker the appender keeps up to date.
+    pub ahead: Option<std::path::PathBuf>,
     /// Set by an orderly stop once every shard has ended (their last appends answered).
     pub clean_stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -135,6 +139,8 @@ pub(super) async fn run(
         stores,
         clean_marker,
         clean_at_start,
+        restore,
+        ahead,
         clean_stop,
     } = shared;
     let keys = Keys {
@@ -154,6 +160,7 @@ pub(super) async fn run(
             return;
         }
     };
+    let (mut restored, mut stream_at_start) = (None, None);
     if cfg.replicated() {
         // Renewing meanwhile: JetStream may take a while (a new stream elects its leader).
         let me = node.record.id.clone();
@@ -164,9 +171,12 @@ pub(super) async fn run(
             fresh_disk,
             stores.clone(),
             clean_at_start.clone(),
+            (restore, ahead),
         );
         match node.renewing(&keys, &handle, started).await {
-            Ok((r, appender)) => {
+            Ok((r, appender, read_back)) => {
+                stream_at_start = Some((appender.stream_name(), appender.last_seq()));
+                restored = read_back;
                 handle.lock().replica = Some(r.state.clone());
                 // Off the membership loop: a NATS server that does not answer must not
                 // hold up the lease's renewals.
@@ -197,6 +207,8 @@ pub(super) async fn run(
         node: node.record.id.clone(),
         etcd: cfg.etcd.clone(),
         members,
+        restored,
+        stream_at_start,
     }));
 
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(LINK_EVENTS_MAX);
@@ -313,7 +325,10 @@ pub(super) async fn run(
 
 /// Connects to JetStream and starts this node's appender. A node whose data directory is
 /// new while it still owns slots and its stream holds sessions would serve them empty:
-/// refused with one line saying what to do.
+/// refused with one line saying what to do. `restore`: the stores may lack acknowledged
+/// changes of the stream after the marker's sequence (see [`super::Disk::restore`]): when
+/// the node owns slots, the log after it is read back (the third value), before any
+/// append. `ahead`: the data directory whose `replicated`-mode marker the appender keeps.
 async fn start_replica(
     cfg: &ClusterConfig,
     me: &str,
@@ -321,7 +336,11 @@ async fn start_replica(
     fresh_disk: bool,
     stores: Arc<OnceLock<Vec<crate::storage::Store>>>,
     clean: Option<super::replica::clean::Marker>,
-) -> Result<(super::replica::Replica, super::replica::Appender), String> {
+    (restore, ahead): (
+        Option<super::replica::clean::Marker>,
+        Option<std::path::PathBuf>,
+    ),
+) -> Result<ReplicaStarted, String> {
     let r = super::replica::Replica::connect(cfg, me).await?;
     let owned = handle.lock().slots.counts().get(me).copied().unwrap_or(0);
     // A stream that has just been made (or a JetStream cluster electing its leaders)
@@ -330,12 +349,12 @@ async fn start_replica(
     loop {
         let attempt = async {
             if fresh_disk && owned > 0 && r.holds_sessions(me).await? {
-                return Ok(Err(format!(
+                return Ok::<_, String>(Err(format!(
                     "the data directory is new, but node {me} still owns {owned} slots and its replicated stream holds their sessions: \
                      fail it over from another node first (POST /api/cluster/nodes/{me}/failover) or restore the directory"
                 )));
             }
-            super::replica::Appender::start(
+            let appender = super::replica::Appender::start(
                 r.clone(),
                 me,
                 owned > 0,
@@ -343,13 +362,22 @@ async fn start_replica(
                 cfg.snapshot_log_bytes,
                 stores.clone(),
                 handle.clone(),
+                ahead.clone(),
             )
-            .await
-            .map(Ok)
+            .await?;
+            let Some(at) = restore.as_ref().filter(|_| owned > 0) else {
+                return Ok(Ok((r.clone(), appender, None)));
+            };
+            match restore_from_stream(&r, me, at, &appender).await? {
+                Ok(read) => Ok(Ok((r.clone(), appender, read))),
+                Err(refused) => Ok(Err(refused)),
+            }
         };
         match attempt.await {
-            Ok(Ok(appender)) => return Ok((r, appender)),
+            Ok(Ok(started)) => return Ok(started),
             Ok(Err(refused)) => return Err(refused),
+            // Beyond the rebuild bound it will not fit the next time either.
+            Err(e) if e.contains("rebuild_bytes_max") => return Err(e),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "JetStream not ready yet");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -358,6 +386,69 @@ async fn start_replica(
         }
     }
 }
+
+/// The log this node's stores lack after a stop that may have lost writes it acknowledged
+/// from its stream (`at`: its `replicated`-mode marker, where the stores durably are).
+/// `Ok(Ok(None))`: nothing to apply, the stores are kept (the stream ends before them: it
+/// lost what they hold, and the start snapshot puts it back). `Ok(Err(line))`: the start
+/// must stop (the marker names another stream; the log after it was trimmed; damaged
+/// units).
+async fn restore_from_stream(
+    r: &super::replica::Replica,
+    me: &str,
+    at: &super::replica::clean::Marker,
+    appender: &super::replica::Appender,
+) -> Result<Result<Option<crate::storage::replica::LastWords>, String>, String> {
+    let stream = appender.stream_name();
+    if at.stream != stream {
+        return Ok(Err(format!(
+            "the stores must be brought up to node {me}'s replicated stream (the last run acknowledged from it and did not stop in order), \
+             but its marker names stream {} and this configuration's is {stream}: start it with the configuration of that run",
+            at.stream
+        )));
+    }
+    let last = appender.last_seq();
+    if last < at.last_seq {
+        tracing::warn!(
+            stream_ends = last,
+            stores_at = at.last_seq,
+            "the replicated stream ends before what the stores hold (it lost messages): the stores are kept, and the start snapshot writes them to it"
+        );
+        return Ok(Ok(None));
+    }
+    let started = Instant::now();
+    let Some(words) = r.read_log_after(me, at.last_seq).await? else {
+        return Ok(Err(format!(
+            "the stores must be brought up to node {me}'s replicated stream from sequence {}, but its log was trimmed past that point: \
+             restore the data directory, or fail the node over from another node and start it with an empty one",
+            at.last_seq
+        )));
+    };
+    if words.damaged > 0 {
+        return Ok(Err(format!(
+            "the stores must be brought up to node {me}'s replicated stream, but {} of its units after sequence {} are damaged: \
+             restore the data directory, or fail the node over from another node and start it with an empty one",
+            words.damaged, at.last_seq
+        )));
+    }
+    tracing::info!(
+        from = at.last_seq + 1,
+        to = last,
+        units = words.units,
+        keys = words.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "read this node's replicated log after what its stores durably hold, to apply to them"
+    );
+    Ok(Ok(Some(words)))
+}
+
+/// What [`start_replica`] gives: the connection, the appender, and the log read back for a
+/// restore.
+type ReplicaStarted = (
+    super::replica::Replica,
+    super::replica::Appender,
+    Option<crate::storage::replica::LastWords>,
+);
 
 /// Reads every member's stream state (with replicated sessions) for the admin view, every
 /// `STREAMS_EVERY`, until the node stops.

@@ -353,6 +353,12 @@ pub struct Joined {
     pub etcd: Vec<String>,
     /// The live members seen at start, this node included, sorted.
     pub members: Vec<String>,
+    /// The log this node's stores lack, read back from its own stream when the start asked
+    /// for a restore ([`Disk::restore`]) and the node owns slots.
+    pub restored: Option<crate::storage::replica::LastWords>,
+    /// With replicated sessions: this node's stream and where it ended once the start
+    /// (and its restore) read it; the stores hold everything up to there.
+    pub stream_at_start: Option<(String, u64)>,
 }
 
 /// The running cluster thread.
@@ -384,6 +390,12 @@ pub struct Disk {
     pub data_dir: std::path::PathBuf,
     /// The clean-stop marker it held (read and deleted before any store opened).
     pub clean_at_start: Option<replica::clean::Marker>,
+    /// The stores may lack acknowledged changes the node's stream holds (the last run was
+    /// in `replicated` mode and did not stop in order): its marker, which says where in the
+    /// stream the stores are; the log after that is read back ([`Joined::restored`]).
+    pub restore: Option<CleanMarker>,
+    /// `storage.durability = "replicated"`: the appender keeps the marker up to date.
+    pub ahead: bool,
 }
 
 pub use replica::clean::Marker as CleanMarker;
@@ -391,16 +403,52 @@ pub use replica::clean::Marker as CleanMarker;
 /// Reads and deletes the clean-stop marker of `data_dir` (see `replica/clean.rs`): every
 /// start does, clustered or not, before a store opens, so that a marker never outlives
 /// the stop it speaks for. `shards`: this run's shard count (a marker of another count is
-/// not trusted). `Err`: it could not be deleted (the start must not go on).
+/// not trusted to skip the start snapshot: `None`, but the stop was still orderly, the
+/// second value). `Err`: it could not be deleted (the start must not go on).
 pub fn take_clean_marker(
     data_dir: &std::path::Path,
     shards: usize,
-) -> Result<Option<CleanMarker>, String> {
+) -> Result<(Option<CleanMarker>, bool), String> {
     let path = replica::clean::path(data_dir);
     match replica::clean::take(&path) {
-        Ok(m) => Ok(m.filter(|m| m.shards == shards)),
+        Ok(m) => {
+            let in_order = m.is_some();
+            Ok((m.filter(|m| m.shards == shards), in_order))
+        }
         Err(e) => Err(format!("cannot read and delete {}: {e}", path.display())),
     }
+}
+
+/// The `replicated`-mode marker's name in the data directory (see `replica/clean.rs`).
+pub const STREAM_AHEAD_FILE: &str = replica::clean::AHEAD_FILE;
+
+/// The `replicated`-mode marker of `data_dir` (see `replica/clean.rs`), if any. One line
+/// naming the file when it cannot be read or parsed.
+pub fn read_stream_ahead(data_dir: &std::path::Path) -> Result<Option<CleanMarker>, String> {
+    replica::clean::read_ahead(data_dir).map_err(|e| {
+        format!(
+            "cannot read {}: {e}",
+            data_dir.join(STREAM_AHEAD_FILE).display()
+        )
+    })
+}
+
+/// Writes (`Some`) or deletes the `replicated`-mode marker of `data_dir`, durably.
+pub fn write_stream_ahead(
+    data_dir: &std::path::Path,
+    marker: Option<&CleanMarker>,
+) -> Result<(), String> {
+    let done = match marker {
+        Some(m) => replica::clean::write_ahead(data_dir, m),
+        None => replica::clean::clear_ahead(data_dir),
+    };
+    done.map_err(|e| {
+        format!(
+            "cannot {} {}: {e}",
+            if marker.is_some() { "write" } else { "delete" },
+            data_dir.join(STREAM_AHEAD_FILE).display()
+        )
+    })
 }
 
 /// How long a graceful stop may spend telling etcd (marking itself leaving, revoking).
@@ -425,6 +473,8 @@ impl Cluster {
             fresh: fresh_disk,
             data_dir,
             clean_at_start,
+            restore,
+            ahead,
         } = disk;
         let clean_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (Some(me), Some(listen)) = (cfg.node.clone(), cfg.listen) else {
@@ -540,6 +590,8 @@ impl Cluster {
                         stores: thread_stores,
                         clean_marker: replica::clean::path(&data_dir),
                         clean_at_start,
+                        restore,
+                        ahead: ahead.then(|| data_dir.clone()),
                         clean_stop: thread_clean_stop,
                     },
                 ))
@@ -565,6 +617,8 @@ impl Cluster {
                 node: me,
                 etcd: cfg.etcd.clone(),
                 members: Vec::new(),
+                restored: None,
+                stream_at_start: None,
             },
             link_addr,
         };
@@ -582,6 +636,13 @@ impl Cluster {
                 Err("the cluster thread ended before joining".into())
             }
         }
+    }
+
+    /// The log read back from this node's stream for a restore ([`Disk::restore`]), once:
+    /// `None` when no restore was asked for, the node owns no slot, or the stream ends
+    /// before the stores (they are kept).
+    pub fn take_restored(&mut self) -> Option<crate::storage::replica::LastWords> {
+        self.joined.restored.take()
     }
 
     /// The shards' stores (for snapshots of the replicated sessions).

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
 use crate::shard::api::{Append, AppendFailed};
-use crate::storage::replica::Replay;
+use crate::storage::replica::{LastWords, Replay};
 use crate::storage::{ClientEntry, Store};
 
 mod appender;
@@ -439,32 +439,14 @@ impl Replica {
             }
             from = done.start + 1;
         }
-        // The log: rounds, each whole (a round cut short by a failure is left out: none
-        // of its acknowledgements was sent).
-        let mut round: Option<(String, Vec<u8>)> = None;
-        self.each(&stream, &names.log, from, &mut |msg| {
-            let id = header(msg, ROUND).unwrap_or_default().to_string();
-            let more = header(msg, MORE).is_some();
-            let buf = match round.take() {
-                Some((rid, mut buf)) if rid == id => {
-                    buf.extend_from_slice(&msg.payload);
-                    buf
-                }
-                _ => msg.payload.to_vec(),
-            };
-            if more {
-                round = Some((id, buf));
-            } else {
-                for unit in frames(&buf)? {
-                    replay.apply(unit, keep);
-                }
-            }
+        self.each_logged_unit(&stream, &names, from, &mut |unit| {
+            replay.apply(unit, keep);
             if replay.bytes() > bound {
                 return Err(format!(
                     "the sessions to rebuild hold more than cluster.rebuild_bytes_max ({bound} bytes)"
                 ));
             }
-            Ok(true)
+            Ok(())
         })
         .await?;
         tracing::info!(
@@ -479,6 +461,74 @@ impl Replica {
             sessions: replay.into_clients(),
             damaged,
         })
+    }
+
+    /// The last word on each per-client key in `node`'s log after sequence `after` (the
+    /// stores of a node that restarts in `replicated` mode hold everything up to there),
+    /// bounded by `cluster.rebuild_bytes_max`. `None`: the log was trimmed past `after`
+    /// (the last snapshot starts later), so it cannot bring the stores up to the stream.
+    pub async fn read_log_after(
+        &self,
+        node: &str,
+        after: u64,
+    ) -> Result<Option<LastWords>, String> {
+        let names = self.names(node);
+        let Some(stream) = self.stream(&names).await? else {
+            return Ok(Some(LastWords::default()));
+        };
+        if let Some(m) = last_of(&stream, &names.done).await? {
+            let done: SnapshotDone =
+                serde_json::from_slice(&m.payload).map_err(|e| err("snapshot record", e))?;
+            if done.start > after {
+                return Ok(None);
+            }
+        }
+        let bound = self.rebuild_bytes_max;
+        let mut words = LastWords::default();
+        self.each_logged_unit(&stream, &names, after + 1, &mut |unit| {
+            words.apply(unit);
+            if words.bytes() > bound {
+                return Err(format!(
+                    "the log to bring the stores up to the stream holds more than cluster.rebuild_bytes_max ({bound} bytes)"
+                ));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Some(words))
+    }
+
+    /// Calls `f` with every unit of the log rounds from sequence `from` on, each round
+    /// whole (a round cut short by a failure is left out: none of its acknowledgements was
+    /// sent).
+    async fn each_logged_unit(
+        &self,
+        stream: &stream::Stream,
+        names: &Names,
+        from: u64,
+        f: &mut (dyn FnMut(&[u8]) -> Result<(), String> + Send),
+    ) -> Result<(), String> {
+        let mut round: Option<(String, Vec<u8>)> = None;
+        self.each(stream, &names.log, from, &mut |msg| {
+            let id = header(msg, ROUND).unwrap_or_default().to_string();
+            let more = header(msg, MORE).is_some();
+            let buf = match round.take() {
+                Some((rid, mut buf)) if rid == id => {
+                    buf.extend_from_slice(&msg.payload);
+                    buf
+                }
+                _ => msg.payload.to_vec(),
+            };
+            if more {
+                round = Some((id, buf));
+            } else {
+                for unit in frames(&buf)? {
+                    f(unit)?;
+                }
+            }
+            Ok(true)
+        })
+        .await
     }
 
     /// Calls `f` with every message of `subject` from sequence `from` on, as the stream

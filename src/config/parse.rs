@@ -4,8 +4,18 @@
 use super::*;
 
 impl Config {
-    /// Parses TOML text; unknown keys and wrong types are errors naming the key.
+    /// Parses TOML text; unknown keys and wrong types are errors naming the key. Then
+    /// [`Config::validate`].
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg = Config::from_toml_unchecked(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Config::from_toml`] without the validation, for a file that flags complete
+    /// (`--cluster-jetstream` for a `storage.durability = "replicated"` file): the caller
+    /// validates what it runs.
+    pub fn from_toml_unchecked(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             if looks_like_mosquitto_conf(text) {
                 return ConfigError {
@@ -36,7 +46,6 @@ impl Config {
             }
             ConfigError { key, reason }
         })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 }

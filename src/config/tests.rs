@@ -152,4 +152,11 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
         e.contains("cluster.jetstream") && e.contains("durable"),
         "{e}"
     );
+    node("jetstream = [\"nats://127.0.0.1:4222\"]\n[storage]\ndurability = \"replicated\"\n")
+        .expect("replicated with jetstream");
+    let e = node("[storage]\ndurability = \"replicated\"\n").expect_err("replicated alone");
+    assert!(
+        e.contains("storage.durability") && e.contains("cluster.jetstream") && !e.contains('\n'),
+        "{e}"
+    );
 }

@@ -34,10 +34,17 @@ impl Config {
         self.check_addresses()?;
         self.check_admin()?;
         self.cluster.validate()?;
-        if !self.cluster.jetstream.is_empty() && self.storage.durability != Durability::Durable {
+        let replicated = self.storage.durability == Durability::Replicated;
+        if !self.cluster.jetstream.is_empty() && !self.storage.durability.acknowledges_committed() {
             return Err(bad(
                 "cluster.jetstream",
-                "replicated sessions need storage.durability = \"durable\"",
+                "replicated sessions need storage.durability = \"durable\" or \"replicated\"",
+            ));
+        }
+        if replicated && self.cluster.jetstream.is_empty() {
+            return Err(bad(
+                "storage.durability",
+                "\"replicated\" acknowledges from the replicated stream: it needs cluster.jetstream",
             ));
         }
         for f in &self.access.subscribe_deny {

@@ -481,6 +481,13 @@ pub struct Core {
     replica_gap: bool,
     /// An acknowledgement waits for an append even if nothing changed (`replica_barrier`).
     replica_barrier: bool,
+    /// A retained message was written since the last group commit: in `replicated` mode
+    /// that commit fsyncs (retained messages are not restored from the stream).
+    fsync_due: bool,
+    /// The number of the last batch whose changes went to the replicated stream, written
+    /// in the batch itself (`StoreBatch::commit_numbered`): a restart that brings the store
+    /// up to the stream applies only the units numbered after the store's.
+    replica_batch: u64,
     /// Whether batches may drop a put that they delete again when the key is new (see
     /// `StoreBatch`); off for the rest of the run once the store and the sessions may
     /// disagree (a lost write, records skipped at start).
@@ -586,6 +593,8 @@ impl Core {
             replication_ended: false,
             replica_gap: false,
             replica_barrier: false,
+            fsync_due: false,
+            replica_batch: 0,
             elide: true,
             log: DurableLog::default(),
             recovered_peers: 0,

@@ -177,6 +177,10 @@ pub struct BrokerShard {
     store: Option<Store>,
     /// Wakes the storage recovery task when the store reports a failure episode.
     storage_failed: Notify,
+    /// `replicated` mode: group commits acknowledged from the stream wrote the store
+    /// through to the page cache only; the sync task fsyncs it ([`BrokerShard::sync_loop`]).
+    unsynced: Unsynced,
+    fatal: Fatal,
     /// The shard's password-verification thread (see [`start_verifier`]).
     verifier: Option<crossbeam_channel::Sender<VerifyJob>>,
     pub io: Rc<IoCounters>,
@@ -220,6 +224,13 @@ impl BrokerShard {
     }
 
     /// Makes this shard a cluster node's shard, talking to the cluster thread over `link`.
+    /// Where a shard notes why the broker must stop and exit with an error (a failed
+    /// background fsync in `replicated` mode); [`crate::broker::Broker::join`] reports it.
+    pub fn with_fatal(mut self, fatal: Fatal) -> BrokerShard {
+        self.fatal = fatal;
+        self
+    }
+
     pub fn with_cluster(self, link: Option<ClusterLink>) -> BrokerShard {
         if let Some(l) = link {
             self.core.borrow_mut().attach_cluster(l);
@@ -260,6 +271,8 @@ impl BrokerShard {
             handoffs: Cell::new(0),
             store,
             storage_failed: Notify::default(),
+            unsynced: Unsynced::default(),
+            fatal: Fatal::default(),
             verifier,
             io: Rc::new(IoCounters::default()),
             incomplete: IncompletePackets::new(incomplete_share),
@@ -431,17 +444,25 @@ impl BrokerShard {
 
     /// Group commit: whenever there are writes, persists them off the executor thread
     /// (`spawn_blocking`) and releases the acknowledgements that waited on them. In `batched`
-    /// mode it waits the batch interval first, so that one fsync covers the interval.
+    /// mode it waits the batch interval first, so that one fsync covers the interval. In
+    /// `replicated` mode a commit whose changes went to the replicated stream is
+    /// acknowledged once the stream has them, with the store written through to the page
+    /// cache; [`BrokerShard::sync_loop`] fsyncs it. (A commit with nothing for the stream,
+    /// or that wrote a retained message, is fsynced as in `durable` mode.)
     pub async fn commit_loop(shard: Shard<BrokerShard>) {
         let svc = shard.service();
-        let interval = {
+        let (interval, from_stream) = {
             let core = svc.core.borrow();
             match core.durability() {
                 Durability::Memory => return,
-                Durability::Durable => None,
-                Durability::Batched => Some(Duration::from_millis(
-                    core.config().storage.batched_interval_ms as u64,
-                )),
+                Durability::Durable => (None, false),
+                Durability::Replicated => (None, true),
+                Durability::Batched => (
+                    Some(Duration::from_millis(
+                        core.config().storage.batched_interval_ms as u64,
+                    )),
+                    false,
+                ),
             }
         };
         let mut journal: OpenJournal = None;
@@ -450,13 +471,24 @@ impl BrokerShard {
             if let (Some(d), false) = (interval, stopping) {
                 glommio::timer::sleep(d).await;
             }
-            let target = svc.core.borrow_mut().commit_target();
+            let (target, retained) = {
+                let mut core = svc.core.borrow_mut();
+                (core.commit_target(), core.take_fsync_due())
+            };
             if let Some((store, seq)) = target {
                 let started = Instant::now();
                 // With replicated sessions, the batches' changes go to the replicated
-                // stream while the fsync runs; acknowledgements wait for both.
+                // stream while the fsync runs; acknowledgements wait for both (in
+                // `replicated` mode for the stream only, unless a retained message was
+                // written: those are not restored from the stream).
                 let replica = replicate(&shard);
-                let ok = match persist(&store, &mut journal).await {
+                let fsync = !(from_stream && replica.is_some()) || retained;
+                let written = if fsync {
+                    persist(&store, &mut journal).await
+                } else {
+                    write_through(&store, &svc.unsynced).await
+                };
+                let ok = match written {
                     Ok(()) => true,
                     Err(e) => {
                         // Logged once per failure episode by the store.
@@ -468,7 +500,9 @@ impl BrokerShard {
                 let replicating = replica.is_some();
                 let ok = replicated(&shard, replica).await && ok;
                 let mut core = svc.core.borrow_mut();
-                core.stats.fsync_latency.observe(persisted - started);
+                if fsync {
+                    core.stats.fsync_latency.observe(persisted - started);
+                }
                 if replicating {
                     core.stats.replica_wait.observe(persisted.elapsed());
                 }
@@ -479,6 +513,58 @@ impl BrokerShard {
                 }
             }
             if stopping && svc.core.borrow_mut().commit_target().is_none() {
+                break;
+            }
+        }
+        if let Some((_, f)) = journal {
+            let _ = f.close().await;
+        }
+    }
+
+    /// `replicated` mode: fsyncs the store at most every `storage.batched_interval_ms`
+    /// while group commits write it through without one, until the pool stops (the stop's
+    /// last commit fsyncs what is left, [`BrokerShard::final_commit`]). A failed fsync
+    /// starts a failure episode: writes, and so acknowledgements, fail until the store is
+    /// recovered. Other modes: returns at once.
+    pub async fn sync_loop(shard: Shard<BrokerShard>) {
+        let svc = shard.service();
+        let every = {
+            let core = svc.core.borrow();
+            if core.durability() != Durability::Replicated {
+                return;
+            }
+            Duration::from_millis(core.config().storage.batched_interval_ms as u64)
+        };
+        let Some(store) = svc.store.clone() else {
+            return;
+        };
+        let stopped = shard.stopped();
+        futures_lite::pin!(stopped);
+        let mut journal: OpenJournal = None;
+        loop {
+            if stopped_first(&mut stopped, svc.unsynced.written.wait()).await {
+                break;
+            }
+            if stopped_first(&mut stopped, glommio::timer::sleep(every)).await {
+                break;
+            }
+            svc.unsynced.dirty.set(false);
+            let started = Instant::now();
+            let synced = if svc.unsynced.locked_due.replace(false) {
+                persist_locked(&store).await
+            } else {
+                persist(&store, &mut journal).await
+            };
+            svc.core
+                .borrow_mut()
+                .stats
+                .fsync_latency
+                .observe(started.elapsed());
+            if let Err(e) = synced {
+                // The pages that fsync covered may be gone, and with them changes that
+                // were acknowledged from the stream: `recovery_loop` stops the broker.
+                store.report_failure(&e);
+                svc.storage_failed.notify();
                 break;
             }
         }
@@ -499,6 +585,23 @@ impl BrokerShard {
         };
         let stopped = shard.stopped();
         futures_lite::pin!(stopped);
+        if svc.core.borrow().durability() == Durability::Replicated {
+            // A store reopened after a failure may lack changes that were acknowledged
+            // from the stream (pages a failed fsync covered), and a snapshot would carry
+            // that to the stream: the broker stops with an error instead; the next start
+            // brings the store up to the stream from its marker (and meanwhile the other
+            // nodes may fail this one over).
+            if !stopped_first(&mut stopped, svc.storage_failed.wait()).await {
+                let why = format!(
+                    "shard {}: its store failed in replicated mode; the next start brings it up to the replicated stream",
+                    shard.id().index()
+                );
+                tracing::error!("{why}; stopping");
+                svc.fatal.set(why);
+                shard.request_stop();
+            }
+            return;
+        }
         loop {
             let stop = stopped_first(&mut stopped, svc.storage_failed.wait()).await;
             if stop {
@@ -554,6 +657,25 @@ impl BrokerShard {
                     "the last writes before the stop could not be made durable"
                 );
                 break;
+            }
+        }
+        // `replicated` mode: what commits wrote through since the sync task's last fsync
+        // (the clean-stop marker, written after this, says the stores need no restore).
+        if commits_ok && svc.unsynced.dirty.replace(false) {
+            if let Some(store) = &svc.store {
+                let synced = if svc.unsynced.locked_due.replace(false) {
+                    persist_locked(store).await
+                } else {
+                    persist(store, &mut journal).await
+                };
+                if let Err(e) = synced {
+                    store.report_failure(&e);
+                    commits_ok = false;
+                    tracing::error!(
+                        shard = shard.id().index(),
+                        "the last writes before the stop could not be fsynced"
+                    );
+                }
             }
         }
         svc.core.borrow_mut().end_replication(commits_ok);
@@ -841,6 +963,50 @@ async fn persist(store: &Store, journal: &mut OpenJournal) -> Result<(), Storage
     store.persist_finish(synced)?;
     if store.memtables_full() {
         // Sealing takes the engine's locks: not on the executor.
+        let rotating = store.clone();
+        glommio::executor()
+            .spawn_blocking(move || rotating.rotate_memtables())
+            .await;
+    }
+    Ok(())
+}
+
+/// Why the broker must stop with an error, set by any shard (the first reason kept).
+#[derive(Clone, Debug, Default)]
+pub struct Fatal(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Fatal {
+    fn set(&self, why: String) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert(why);
+    }
+
+    /// The reason, if a shard gave one.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What [`BrokerShard::sync_loop`] is to fsync: whether a commit wrote through since its
+/// last fsync began, and whether the store asked for the engine's own fsync once.
+#[derive(Default)]
+struct Unsynced {
+    dirty: Cell<bool>,
+    locked_due: Cell<bool>,
+    written: Notify,
+}
+
+/// A `replicated`-mode group commit's write: the journal buffer flushed into the page cache
+/// (a `kill -9` loses nothing of it), full memtables rotated, no fsync; the sync task is
+/// told.
+async fn write_through(store: &Store, unsynced: &Unsynced) -> Result<(), StorageError> {
+    if let SyncTarget::Locked = store.persist_prepare()? {
+        unsynced.locked_due.set(true);
+    }
+    if !unsynced.dirty.replace(true) {
+        unsynced.written.notify();
+    }
+    if store.memtables_full() {
         let rotating = store.clone();
         glommio::executor()
             .spawn_blocking(move || rotating.rotate_memtables())

@@ -268,7 +268,7 @@ impl StoreBatch {
 
     /// Applies the batch atomically (not yet durable: call [`Store::persist`]).
     pub fn commit(self) -> Result<(), StorageError> {
-        self.apply(None)
+        self.apply(None, None)
     }
 
     /// [`StoreBatch::commit`], also returning what the batch changed as the replication
@@ -276,11 +276,24 @@ impl StoreBatch {
     /// `replica.rs`). Empty when the batch changed nothing.
     pub fn commit_logged(self) -> Result<Vec<u8>, StorageError> {
         let mut out = Vec::new();
-        self.apply(Some(&mut out))?;
+        self.apply(Some(&mut out), None)?;
         Ok(out)
     }
 
-    fn apply(self, mut log: Option<&mut Vec<u8>>) -> Result<(), StorageError> {
+    /// [`StoreBatch::commit_logged`], and when the batch changes anything, also puts
+    /// `(shard, number)` under [`REPLICA_BATCH_KEY`] in the same engine batch and in the
+    /// unit: the store and the replicated stream both say which batch this was.
+    pub fn commit_numbered(self, shard: u16, number: u64) -> Result<Vec<u8>, StorageError> {
+        let mut out = Vec::new();
+        self.apply(Some(&mut out), Some((shard, number)))?;
+        Ok(out)
+    }
+
+    fn apply(
+        self,
+        mut log: Option<&mut Vec<u8>>,
+        number: Option<(u16, u64)>,
+    ) -> Result<(), StorageError> {
         // One engine for the scans and the write, even if the store is reopened meanwhile.
         let engine = self.store.engine()?;
         // The last word on each key, in call order, and whether the key is known to be
@@ -357,6 +370,38 @@ impl StoreBatch {
         if batch.is_empty() {
             return Ok(());
         }
+        if let Some(value) = number.map(replica_batch_value) {
+            if let Some(out) = log {
+                super::replica::encode_op(out, Space::Meta, REPLICA_BATCH_KEY, Some(&value));
+            }
+            batch.insert(engine.ks(Space::Meta), REPLICA_BATCH_KEY, value);
+        }
         batch.commit().map_err(StorageError::engine("commit batch"))
+    }
+}
+
+/// `[shard: u16 BE][number: u64 BE]`, the value under [`REPLICA_BATCH_KEY`].
+pub(crate) fn replica_batch_value((shard, number): (u16, u64)) -> Vec<u8> {
+    let mut v = shard.to_be_bytes().to_vec();
+    v.extend_from_slice(&number.to_be_bytes());
+    v
+}
+
+/// The shard and batch number of a [`REPLICA_BATCH_KEY`] value (`None`: malformed).
+pub(crate) fn replica_batch_of(value: &[u8]) -> Option<(u16, u64)> {
+    let shard = u16::from_be_bytes(value.get(..2)?.try_into().ok()?);
+    let number = u64::from_be_bytes(value.get(2..10)?.try_into().ok()?);
+    (value.len() == 10).then_some((shard, number))
+}
+
+impl Store {
+    /// The last batch of this store that went to the replicated stream, as
+    /// `(shard, number)` (`None`: none yet).
+    pub fn replica_batch(&self) -> Result<Option<(u16, u64)>, StorageError> {
+        let value = self
+            .ks(Space::Meta)?
+            .get(REPLICA_BATCH_KEY)
+            .map_err(StorageError::engine("read the replica batch"))?;
+        Ok(value.and_then(|v| replica_batch_of(&v)))
     }
 }

@@ -22,7 +22,7 @@
 //! # Key layout (the one place it is written down)
 //!
 //! One `Database` in `<data_dir>/shard-<n>/`, marked by the file `SHARDMQ_STORE` (format
-//! line `shardmq-store 1`), with eight keyspaces. `C` stands for a client id encoded as
+//! line `shardmq-store 1`), with nine keyspaces. `C` stands for a client id encoded as
 //! `[len: u16 big-endian][UTF-8 bytes]`: the length prefix makes the keys of client `ab`
 //! and client `abc` disjoint, so a prefix scan over `C` finds exactly one client's keys.
 //!
@@ -36,6 +36,7 @@
 //! | `dedup`    | `C` + `O` + packet id: u16 big-endian | header only (no body) |
 //! | `counters` | `C`                                  | [`CountersRecord`]    |
 //! | `retained` | topic name bytes                     | [`MessageRecord`]     |
+//! | `meta`     | `replica-batch`                      | `[shard: u16][batch number: u64]` (big-endian): the last batch sent to the replicated stream |
 //!
 //! `dedup` holds, per persistent session `C`, the QoS 2 messages it has stored and whose
 //! publisher has not yet released them (PUBREL): `O` is the publisher's client id, encoded
@@ -131,10 +132,18 @@ pub enum Space {
     Retained,
     Dedup,
     Counters,
+    /// The store's own bookkeeping (not a client's, never snapshotted): the number of the
+    /// last batch this shard sent to the replicated stream ([`REPLICA_BATCH_KEY`]).
+    Meta,
 }
 
+/// The `meta` key holding `[shard: u16 BE][batch number: u64 BE]`: the last batch of this
+/// store whose changes went to the replicated stream. Written in that batch, so it also
+/// travels in the batch's unit: a restore applies only the units a store lacks.
+pub const REPLICA_BATCH_KEY: &[u8] = b"replica-batch";
+
 impl Space {
-    pub const ALL: [Space; 8] = [
+    pub const ALL: [Space; 9] = [
         Space::Sessions,
         Space::Subscriptions,
         Space::Queue,
@@ -143,6 +152,7 @@ impl Space {
         Space::Retained,
         Space::Dedup,
         Space::Counters,
+        Space::Meta,
     ];
 
     /// The keyspace name on disk.
@@ -156,6 +166,7 @@ impl Space {
             Space::Retained => "retained",
             Space::Dedup => "dedup",
             Space::Counters => "counters",
+            Space::Meta => "meta",
         }
     }
 
@@ -306,7 +317,7 @@ struct Inner {
 struct Engine {
     db: Database,
     /// In the order of [`Space::ALL`].
-    spaces: [Keyspace; 8],
+    spaces: [Keyspace; Space::ALL.len()],
     /// The number of the newest journal seen by [`Store::persist_prepare`] (`u64::MAX`: none
     /// yet), so that a persist checks one path instead of listing the directory.
     newest_journal: std::sync::atomic::AtomicU64,
@@ -375,7 +386,7 @@ fn open_engine(dir: &Path, opts: &StoreOptions) -> Result<Engine, StorageError> 
             .map_err(StorageError::engine("open keyspace"))?;
         spaces.push(ks);
     }
-    let spaces: [Keyspace; 8] = spaces
+    let spaces: [Keyspace; Space::ALL.len()] = spaces
         .try_into()
         .unwrap_or_else(|_| unreachable!("one keyspace per Space"));
     Ok(Engine {

@@ -172,6 +172,106 @@ impl Replay {
     }
 }
 
+/// A key's last word (its value, or `None`: deleted) and the batch that said it.
+type Word = (Option<Vec<u8>>, Option<(u16, u64)>);
+
+/// The last word on each per-client key of a run of units (the log after the point a store
+/// is known to hold), with the batch that said it (`(shard, number)` from the unit's
+/// [`REPLICA_BATCH_KEY`] op; `None` for a unit without one): puts and deletes, to apply to
+/// a store that may lack some of them ([`Store::apply_ops`]), only where the store's own
+/// batch number is lower. A damaged unit is counted, not applied.
+#[derive(Clone, Debug, Default)]
+pub struct LastWords {
+    state: BTreeMap<(Space, Vec<u8>), Word>,
+    /// The highest batch number seen per shard, and its value as stored.
+    batches: BTreeMap<u16, (u64, Vec<u8>)>,
+    bytes: usize,
+    pub units: u64,
+    pub damaged: u64,
+}
+
+impl LastWords {
+    /// Takes one unit's ops on per-client keys (all of it, or nothing when it is damaged).
+    pub fn apply(&mut self, unit: &[u8]) {
+        let ops = match decode(unit) {
+            Ok(ops) => ops,
+            Err(e) => {
+                self.damaged += 1;
+                tracing::warn!(error = %e, "damaged replication unit");
+                return;
+            }
+        };
+        self.units += 1;
+        let batch = ops
+            .iter()
+            .find(|op| op.space == Space::Meta && op.key == REPLICA_BATCH_KEY)
+            .and_then(|op| op.value.and_then(super::batch::replica_batch_of));
+        if let Some((shard, n)) = batch {
+            if self.batches.get(&shard).is_none_or(|(top, _)| n > *top) {
+                let value = super::batch::replica_batch_value((shard, n));
+                self.batches.insert(shard, (n, value));
+            }
+        }
+        for op in ops {
+            if client_of(op.space, op.key).is_none() {
+                continue;
+            }
+            let value = op.value.map(<[u8]>::to_vec);
+            self.bytes += value.as_ref().map_or(0, Vec::len);
+            match self
+                .state
+                .insert((op.space, op.key.to_vec()), (value, batch))
+            {
+                Some((old, _)) => self.bytes -= old.map_or(0, |v| v.len()),
+                None => self.bytes += op.key.len(),
+            }
+        }
+    }
+
+    /// Key and value bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Keys named.
+    pub fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty()
+    }
+
+    /// The ops a store that holds `shard`'s batches up to `held` lacks, with the client each
+    /// key belongs to, in key order: every key whose last word came from a later batch of
+    /// that shard (or from a unit without a number), then the store's batch number moved to
+    /// the highest the log holds for `shard`. Only `owns(client)` keys are given.
+    pub fn ops_after<'a>(
+        &'a self,
+        shard: u16,
+        held: u64,
+        owns: impl Fn(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = (Space, &'a [u8], Option<&'a [u8]>)> + 'a {
+        let words = self
+            .state
+            .iter()
+            .filter_map(move |((space, key), (value, batch))| {
+                let client = client_of(*space, key)?;
+                let lacked = match batch {
+                    Some((s, n)) => *s != shard || *n > held,
+                    None => true,
+                };
+                (lacked && owns(client)).then_some((*space, key.as_slice(), value.as_deref()))
+            });
+        let top = self
+            .batches
+            .get(&shard)
+            .filter(|(n, _)| *n > held)
+            .map(|(_, v)| (Space::Meta, REPLICA_BATCH_KEY, Some(v.as_slice())));
+        words.chain(top)
+    }
+}
+
 impl Store {
     /// Reads every per-client record as of now (one consistent snapshot of the engine) and
     /// hands them to `emit` in units of about `unit_bytes` (puts only). Blocking: call it

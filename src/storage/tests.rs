@@ -752,3 +752,88 @@ fn a_clients_records_are_read_by_prefix_and_checked_before_a_move() {
     }
     assert_eq!(Space::of_client_code(Space::Retained.code()), None);
 }
+
+#[test]
+fn the_last_words_of_a_log_bring_a_store_that_lacks_them_up_to_it_and_no_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Store::open(&dir.path().join("src"), &opts()).unwrap();
+    let store = Store::open(&dir.path().join("s"), &opts()).unwrap();
+    let mut words = crate::storage::replica::LastWords::default();
+    let mut n = 0;
+    // Batch n of shard 0, applied to the source (the stream's truth) and, while `both`, to
+    // the store too; its unit goes into the log read back.
+    let mut batch = |both: bool, f: &dyn Fn(&mut StoreBatch)| {
+        n += 1;
+        for (s, log) in [(&src, true), (&store, false)] {
+            if std::ptr::eq(s, &store) && !both {
+                continue;
+            }
+            let mut b = s.batch();
+            f(&mut b);
+            let unit = b.commit_numbered(0, n).unwrap();
+            if log {
+                words.apply(&unit);
+            }
+        }
+    };
+    batch(true, &|b| {
+        b.put_session("a", &session(60)).unwrap();
+        b.put_session("b", &session(60)).unwrap();
+        b.queue_push("a", 4, &queued(4)).unwrap();
+        b.queue_push("b", 0, &queued(0)).unwrap();
+        b.retained_put("r/t", &msg("r/t", b"kept")).unwrap();
+    });
+    // The store lost these (a power cut before its fsync): 4 delivered, 5 and 6 queued, b
+    // gone, c new with a dedup key, and a retained message deleted (not the log's to say).
+    batch(false, &|b| b.queue_delete("a", 4).unwrap());
+    batch(false, &|b| {
+        b.queue_push("a", 5, &queued(5)).unwrap();
+        b.queue_push("a", 6, &queued(6)).unwrap();
+    });
+    batch(false, &|b| b.delete_session("b").unwrap());
+    batch(false, &|b| {
+        b.put_session("c", &session(30)).unwrap();
+        b.dedup_put("c", "pub", 7).unwrap();
+        b.retained_delete("r/t").unwrap();
+    });
+    words.apply(b"\x09junk");
+    assert_eq!((words.units, words.damaged), (5, 1));
+    assert_eq!(store.replica_batch().unwrap(), Some((0, 1)));
+    let apply = |store: &Store| {
+        let held = store.replica_batch().unwrap().map_or(0, |(_, n)| n);
+        let ops: Vec<_> = words.ops_after(0, held, |_| true).collect();
+        assert!(ops.iter().all(|(s, _, _)| *s != Space::Retained));
+        store.apply_ops(ops.into_iter()).unwrap()
+    };
+    assert!(apply(&store) > 0);
+    let (mut have, retained) = contents(&store);
+    let (mut want, _) = contents(&src);
+    have.iter_mut().for_each(|(s, _)| s.dedup.sort());
+    want.iter_mut().for_each(|(s, _)| s.dedup.sort());
+    assert_eq!(have, want, "the store is as the log says");
+    assert_eq!(
+        retained.len(),
+        1,
+        "retained messages are not the log's to restore"
+    );
+    assert_eq!(seqs(&store, "a"), vec![5, 6]);
+    assert_eq!(store.client_entries("b").unwrap(), None);
+    assert_eq!(
+        store.replica_batch().unwrap(),
+        Some((0, 5)),
+        "its number moved on"
+    );
+    // A store ahead of the log (batch 6 applied, its append never made): nothing of the log
+    // goes over it, not even on the keys both touched.
+    let mut b = store.batch();
+    b.queue_delete("a", 5).unwrap();
+    b.dedup_delete("c", "pub", 7).unwrap();
+    b.commit_numbered(0, 6).unwrap();
+    assert_eq!(apply(&store), 0);
+    assert_eq!(seqs(&store, "a"), vec![6]);
+    // Durable.
+    drop(store);
+    let store = Store::open(&dir.path().join("s"), &opts()).unwrap();
+    assert_eq!(seqs(&store, "a"), vec![6]);
+    assert_eq!(store.replica_batch().unwrap(), Some((0, 6)));
+}

@@ -94,3 +94,43 @@ pub fn decode_client(
     }
     Ok((s, queue))
 }
+
+/// Keys and values written per engine batch by [`Store::apply_ops`].
+const RESTORE_BATCH_BYTES: usize = 4 << 20;
+
+impl Store {
+    /// Applies the last word on each key from a node's replication log (a node restoring
+    /// its stores after a stop that may have lost writes it acknowledged, see
+    /// `cluster/replica.rs`): puts and deletes, in engine batches of about
+    /// [`RESTORE_BATCH_BYTES`], then persisted. Ops are absolute, so the store ends as the
+    /// log says for every key it names, whatever it held of them before. Blocking: call it
+    /// before the shards run. Returns the ops applied.
+    pub fn apply_ops<'a>(
+        &self,
+        ops: impl Iterator<Item = (Space, &'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<u64, StorageError> {
+        let engine = self.engine()?;
+        let mut batch = engine.db.batch();
+        let (mut bytes, mut applied) = (0, 0u64);
+        for (space, key, value) in ops {
+            bytes += key.len() + value.map_or(0, <[u8]>::len);
+            match value {
+                Some(v) => batch.insert(engine.ks(space), key.to_vec(), v.to_vec()),
+                None => batch.remove(engine.ks(space), key.to_vec()),
+            }
+            applied += 1;
+            if bytes >= RESTORE_BATCH_BYTES {
+                std::mem::replace(&mut batch, engine.db.batch())
+                    .commit()
+                    .map_err(StorageError::engine("restore"))?;
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit().map_err(StorageError::engine("restore"))?;
+        }
+        drop(engine);
+        self.persist()?;
+        Ok(applied)
+    }
+}

@@ -42,13 +42,19 @@ pub(in crate::cluster) struct Appender {
     /// hold, in its store, changes the stream lacks, until a snapshot reads them (no
     /// clean-stop marker meanwhile, whatever later rounds do).
     tainted: bool,
+    /// `storage.durability = "replicated"`: the data directory whose marker says up to
+    /// which sequence the stores durably hold the log (`replica/clean.rs`); moved forward,
+    /// after an fsync of every store, before each snapshot (which trims the log before it).
+    ahead: Option<std::path::PathBuf>,
 }
 
 impl Appender {
     /// `owns_slots`: whether this node owns slots now; without, its stream holds nothing
     /// it will serve (a fail-over rebuilt its sessions elsewhere) and is emptied.
     /// `clean`: the clean-stop marker's sequence (see `clean.rs`): if the stream still ends
-    /// there, it holds what the stores do and no start snapshot is needed.
+    /// there, it holds what the stores do and no start snapshot is needed. `ahead`: see
+    /// [`Appender::ahead`](Appender).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         r: Replica,
         me: &str,
@@ -57,6 +63,7 @@ impl Appender {
         snapshot_log_bytes: u64,
         stores: Arc<OnceLock<Vec<Store>>>,
         handle: crate::cluster::ClusterHandle,
+        ahead: Option<std::path::PathBuf>,
     ) -> Result<Appender, String> {
         let last_seq = if owns_slots {
             r.last_seq(me).await?
@@ -101,6 +108,7 @@ impl Appender {
             handle,
             fenced_since: Instant::now(),
             tainted: false,
+            ahead,
         };
         if last_seq == 0 {
             // An empty stream takes any append whatever its expected sequence says (0
@@ -112,6 +120,45 @@ impl Appender {
         }
         a.show(|v| v.last_seq = a.last_seq);
         Ok(a)
+    }
+
+    /// This node's stream.
+    pub fn stream_name(&self) -> String {
+        self.names.stream.clone()
+    }
+
+    /// The last sequence of this node's stream, as the appender knows it.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// `replicated` mode, before a snapshot trims the log up to `start`: every store
+    /// fsynced (each holds every unit up to `start`: a shard applies a batch before it
+    /// sends its units), then the marker moved to `start`, so that a restart that lost
+    /// unsynced writes finds the log it needs.
+    async fn mark_stores_at(&self, stores: &[Store], start: u64) -> Result<(), String> {
+        let Some(dir) = self.ahead.clone() else {
+            return Ok(());
+        };
+        let stores = stores.to_vec();
+        let marker = super::clean::Marker {
+            stream: self.names.stream.clone(),
+            last_seq: start,
+            shards: stores.len(),
+        };
+        tokio::task::spawn_blocking(move || {
+            for s in &stores {
+                s.persist().map_err(|e| format!("fsync a store: {e}"))?;
+            }
+            super::clean::write_ahead(&dir, &marker).map_err(|e| {
+                format!(
+                    "write {}: {e}",
+                    dir.join(super::clean::AHEAD_FILE).display()
+                )
+            })
+        })
+        .await
+        .map_err(|e| format!("marker writer: {e}"))?
     }
 
     fn show(&self, f: impl FnOnce(&mut ReplicaView)) {
@@ -518,6 +565,9 @@ impl Appender {
         };
         self.resync().await?;
         let start = self.last_seq;
+        // Before anything of the log is trimmed (and before the `done` record that says
+        // where the trim goes).
+        self.mark_stores_at(&stores, start).await?;
         let id = now_ms();
         // The stores are read on a blocking thread, a message's worth at a time.
         let (tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(4);

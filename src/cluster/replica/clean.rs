@@ -48,19 +48,63 @@ pub fn take(path: &Path) -> std::io::Result<Option<Marker>> {
     };
     std::fs::remove_file(path)?;
     sync_dir(path)?;
+    Ok(parse(&text, false))
+}
+
+/// The name of the `replicated`-mode marker in the data directory. A run that acknowledges
+/// from its stream (and fsyncs its stores only in the background) keeps it up to date:
+/// `"<stream> <seq> <shards>"`, where every store durably holds every change of the
+/// stream's log up to `seq`, and the log after `seq` is kept (the appender fsyncs the
+/// stores and moves `seq` forward before it trims the log). A start that finds it and no
+/// clean-stop marker applies the log after `seq` to the stores.
+pub const AHEAD_FILE: &str = "replica-ahead";
+
+/// Writes the `replicated`-mode marker, atomically and durably.
+pub fn write_ahead(data_dir: &Path, m: &Marker) -> std::io::Result<()> {
+    write(&data_dir.join(AHEAD_FILE), m)
+}
+
+/// Reads the `replicated`-mode marker (`None`: there is none). A marker that cannot be
+/// parsed is an error (InvalidData): the start must not guess what the stores hold.
+pub fn read_ahead(data_dir: &Path) -> std::io::Result<Option<Marker>> {
+    let text = match std::fs::read(data_dir.join(AHEAD_FILE)) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    parse(&text, true).map(Some).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not \"<stream> <sequence> <shards>\": {:?}", text.trim()),
+        )
+    })
+}
+
+/// Deletes the `replicated`-mode marker, durably (the stores hold what the stream does).
+pub fn clear_ahead(data_dir: &Path) -> std::io::Result<()> {
+    let path = data_dir.join(AHEAD_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `"<stream> <seq> <shards>"`; `seq_zero_ok`: a sequence of 0 is allowed.
+fn parse(text: &str, seq_zero_ok: bool) -> Option<Marker> {
     let mut parts = text.split_whitespace();
     let (Some(stream), Some(seq), Some(shards), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Ok(None);
+        return None;
     };
     match (seq.parse::<u64>(), shards.parse::<usize>()) {
-        (Ok(last_seq), Ok(shards)) if last_seq > 0 => Ok(Some(Marker {
+        (Ok(last_seq), Ok(shards)) if (last_seq > 0 || seq_zero_ok) && shards > 0 => Some(Marker {
             stream: stream.to_string(),
             last_seq,
             shards,
-        })),
-        _ => Ok(None),
+        }),
+        _ => None,
     }
 }
 
@@ -100,6 +144,28 @@ mod tests {
             std::fs::write(&p, bad).unwrap();
             assert_eq!(take(&p).unwrap(), None, "{bad:?}");
             assert!(!p.exists());
+        }
+    }
+
+    #[test]
+    fn the_ahead_marker_is_written_read_and_cleared_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_ahead(dir.path()).unwrap(), None);
+        clear_ahead(dir.path()).unwrap();
+        let m = Marker {
+            stream: "SHARDMQ_00ff".into(),
+            last_seq: 0,
+            shards: 2,
+        };
+        write_ahead(dir.path(), &m).unwrap();
+        assert_eq!(read_ahead(dir.path()).unwrap(), Some(m.clone()));
+        assert_eq!(read_ahead(dir.path()).unwrap(), Some(m), "read, not taken");
+        clear_ahead(dir.path()).unwrap();
+        assert_eq!(read_ahead(dir.path()).unwrap(), None);
+        for bad in [&b"S 1"[..], b"S x 2", b"S 1 0", b"S 1 2 extra", b""] {
+            std::fs::write(dir.path().join(AHEAD_FILE), bad).unwrap();
+            let e = read_ahead(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{bad:?}");
         }
     }
 }

@@ -145,7 +145,13 @@ impl Core {
         };
         let started = Instant::now();
         let r = if self.replicating() {
-            b.commit_logged().map(|unit| self.keep_replica_unit(unit))
+            let number = self.replica_batch + 1;
+            b.commit_numbered(self.id as u16, number).map(|unit| {
+                if !unit.is_empty() {
+                    self.replica_batch = number;
+                }
+                self.keep_replica_unit(unit)
+            })
         } else {
             b.commit()
         };
@@ -455,7 +461,7 @@ impl Core {
             // may lack them), and that append waits until the stream is whole.
             self.note_write(Ok(()));
         }
-        if self.durability != Durability::Durable || !self.log.unsynced() {
+        if !self.durability.acknowledges_committed() || !self.log.unsynced() {
             self.release(w, true, now);
             return false;
         }
@@ -475,6 +481,12 @@ impl Core {
         self.flush_writes();
         let store = self.store.as_ref()?;
         self.log.target().map(|t| (store.clone(), t))
+    }
+
+    /// Whether the writes [`Core::commit_target`] just took hold a retained message (then
+    /// a `replicated`-mode commit fsyncs too); resets.
+    pub fn take_fsync_due(&mut self) -> bool {
+        std::mem::take(&mut self.fsync_due)
     }
 
     /// Whether this shard's changes go to the replication log before acknowledgements.

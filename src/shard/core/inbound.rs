@@ -75,7 +75,7 @@ impl Core {
     /// subscriber that has its PUBREL (it would take it for a new message).
     fn on_pubrec(&mut self, ctx: &ConnCtx, a: Ack, now: Instant) {
         let error = a.reason_code.is_error();
-        let hold = self.durability == Durability::Durable
+        let hold = self.durability.acknowledges_committed()
             && self.store.is_some()
             && self
                 .sessions
@@ -118,7 +118,7 @@ impl Core {
         };
         let comp = Packet::PubComp(Ack::with_reason(packet_id, rc));
         let (mut token, mut remote, mut then) = (None, 0, Then::Ack);
-        if !known && self.replicating() && self.durability == Durability::Durable {
+        if !known && self.replicating() && self.durability.acknowledges_committed() {
             // Released before (its delete is in the store), but maybe not in the replicated
             // stream yet (a failed append): a fail-over would bring the id back, and the
             // next message with it would be taken for a resend.
@@ -126,7 +126,7 @@ impl Core {
             self.replica_barrier();
         }
         if known && self.store.is_some() {
-            let wait = self.durability == Durability::Durable;
+            let wait = self.durability.acknowledges_committed();
             token = wait.then(|| self.token());
             remote = self.release_qos2(&ctx.client_id, Some(pid), token, now);
             if persistent && wait {
@@ -309,7 +309,7 @@ impl Core {
                 }
                 return Ok(true);
             }
-            let token = (self.durability == Durability::Durable).then(|| self.token());
+            let token = (self.durability.acknowledges_committed()).then(|| self.token());
             // The first try is in the store, but maybe not in the replicated stream (a
             // stream being made whole after a restart, a fence or dropped changes): the
             // resend's PUBREC waits until the stream is known whole.
@@ -343,7 +343,7 @@ impl Core {
         now: Instant,
     ) {
         let (qos, retain, qos2_id) = (msg.qos, msg.retain, msg.qos2_id);
-        let wait = self.durability == Durability::Durable
+        let wait = self.durability.acknowledges_committed()
             || retain
             || self.store.is_some()
             || ctx.version.is_v5()

@@ -26,6 +26,13 @@ impl Core {
         for d in &recovered.damaged {
             tracing::warn!(shard = self.id, record = %d, "damaged record skipped");
         }
+        match store.replica_batch() {
+            Ok(Some((shard, n))) if shard as usize == self.id => self.replica_batch = n,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(shard = self.id, error = %e, "cannot read the last replicated batch number")
+            }
+        }
         if !recovered.damaged.is_empty() {
             // Keys that could not be read may still be there: none is known to be absent.
             self.elide = false;

@@ -159,6 +159,7 @@ impl Core {
             .applied(msg.topic.clone(), version, delete.then_some(now));
         let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
         if home && store_at_home && !sys {
+            self.fsync_due = true;
             self.write(|b| {
                 if delete {
                     b.retained_delete(msg.topic.as_str())

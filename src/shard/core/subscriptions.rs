@@ -27,7 +27,7 @@ impl Core {
             reason_codes: codes,
         };
         // A subscription of a persistent session is acknowledged once it is on disk.
-        if self.durability == Durability::Durable && self.log.unsynced() {
+        if self.durability.acknowledges_committed() && self.log.unsynced() {
             self.log.wait(Waiter::Local(w.token));
             w.remaining += 1;
         }
