@@ -386,6 +386,28 @@ impl Durability {
     }
 }
 
+/// The NKey user seed in the file at `path` (its first non-empty line), or why it is not
+/// one: a seed is 58 characters of base32 (`A-Z`, `2-7`) starting with `SU`. The seed is
+/// a secret: it is never part of the reason.
+pub fn nkey_seed(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    let base32 = |c: char| c.is_ascii_uppercase() || ('2'..='7').contains(&c);
+    if seed.len() == 58 && seed.starts_with("SU") && seed.chars().all(base32) {
+        Ok(seed.to_string())
+    } else {
+        Err(format!(
+            "{} does not hold an NKey user seed (58 characters, SU...)",
+            path.display()
+        ))
+    }
+}
+
 /// The shortest `admin.token` accepted.
 pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
 
@@ -613,6 +635,10 @@ pub struct ClusterConfig {
     /// User name and password for the JetStream servers (both or neither).
     pub jetstream_user: Option<String>,
     pub jetstream_password: Option<String>,
+    /// A file holding an NKey user seed (`SU...`, as `nk -gen user` writes it): the node
+    /// logs in by signing the server's challenge with it (servers with `nkey:` users).
+    /// Not with `jetstream_user`.
+    pub jetstream_nkey_file: Option<PathBuf>,
     /// Milliseconds one append to the stream may take (retried within it); then the
     /// acknowledgements waiting on it fail (MQTT 5: 0x80; 3.x: the connection closes).
     pub replication_timeout_ms: u32,
@@ -656,6 +682,7 @@ impl Default for ClusterConfig {
             jetstream_key_file: None,
             jetstream_user: None,
             jetstream_password: None,
+            jetstream_nkey_file: None,
             replication_timeout_ms: 10_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_bytes_max: 2 << 30,

@@ -206,6 +206,96 @@ fn a_wrong_password_an_untrusted_server_or_no_tls_stops_the_start_with_one_line(
     }
 }
 
+/// An NKey user: the servers list its public key, the node holds the seed in a file and
+/// signs their challenge with it. QoS 1 messages into a persistent session are acknowledged
+/// through the stream. A seed the servers do not list stops the start with one line, and a
+/// file that is not a seed is refused before anything starts, the seed never printed.
+#[test]
+fn a_node_logs_in_to_jetstream_with_an_nkey_and_an_unknown_one_stops_the_start() {
+    let user = nkeys::KeyPair::new_user();
+    let other = nkeys::KeyPair::new_user();
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (good, unknown, junk) = (
+        keys.path().join("good.nk"),
+        keys.path().join("unknown.nk"),
+        keys.path().join("junk.nk"),
+    );
+    std::fs::write(&good, format!("{}\n", user.seed().expect("seed"))).expect("write");
+    std::fs::write(&unknown, other.seed().expect("seed")).expect("write");
+    let secret = "SUSECRETBUTNOTASEEDATALL";
+    std::fs::write(&junk, secret).expect("write");
+    let nats = Nats::start_with(
+        3,
+        &format!(
+            "authorization {{\n  users = [ {{ nkey: {:?} }} ]\n}}\n",
+            user.public_key()
+        ),
+    );
+    let etcd = Etcd::start(1);
+    let p = format!("/shardmq-replica-nkey-{}", std::process::id());
+    let nkey = |f: &Path| format!("jetstream_nkey_file = {f:?}\n");
+    let a = TestBroker::start_with(
+        1,
+        &node_conf("a", &etcd, &p, &nats.toml_urls(), &nkey(&good)),
+    );
+    assert_eq!(
+        a.admin_json("/api/cluster")["replication"]["nats_connected"],
+        true
+    );
+    let sub = ConnectOpts::v5("nkey-sub", false);
+    let (mut s, _) = RawClient::connect_served(a.addr, &sub);
+    s.sub(&[("nkey/t", QoS::AtLeastOnce)]);
+    s.disconnect();
+    let (mut publ, _) = RawClient::connect_served(a.addr, &ConnectOpts::v5("nkey-pub", true));
+    for i in 0..5 {
+        publ.publish(
+            "nkey/t",
+            format!("m{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        );
+    }
+    publ.disconnect();
+    let appends = a.admin_json("/api/cluster")["replication"]["appends_total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(appends >= 2, "appends with the NKey: {appends}");
+    let (mut s, present) = RawClient::connect_served(a.addr, &sub);
+    assert!(present);
+    let got: Vec<String> = (0..5)
+        .map(|_| String::from_utf8_lossy(&s.recv_publish_ack().payload).into_owned())
+        .collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
+    s.disconnect();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = run_with(
+        dir.path(),
+        &node_conf("b", &etcd, &p, &nats.toml_urls(), &nkey(&unknown)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with an unknown key: {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default().to_lowercase();
+    assert!(
+        last.contains("authorization") && last.contains("cluster.jetstream"),
+        "the last line names the problem: {stderr}"
+    );
+    let out = run_with(
+        dir.path(),
+        &node_conf("c", &etcd, &p, &nats.toml_urls(), &nkey(&junk)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cluster.jetstream_nkey_file") && !stderr.contains(secret),
+        "{stderr}"
+    );
+}
+
 /// Runs `shardmq` with `conf` in `dir` until it exits (bounded).
 fn run_with(dir: &Path, conf: &str) -> std::process::Output {
     let cfg = dir.join("node.toml");

@@ -204,6 +204,13 @@ impl Replica {
         if cfg.jetstream_user.is_some() && !cfg.jetstream_tls_on() {
             tracing::warn!("cluster.jetstream_password goes to NATS in the clear: set cluster.jetstream_tls or jetstream_ca_file");
         }
+        let seed = match &cfg.jetstream_nkey_file {
+            Some(p) => Some(
+                crate::config::nkey_seed(p)
+                    .map_err(|r| format!("cluster.jetstream_nkey_file: {r}"))?,
+            ),
+            None => None,
+        };
         let client = loop {
             // Each try may take what is left: the client gives each server its own
             // connect timeout, and one that drops packets must not use up the whole try.
@@ -212,7 +219,7 @@ impl Replica {
                 .max(Duration::from_secs(1));
             let tried = tokio::time::timeout(
                 left,
-                connect_options(cfg, me, &state).connect(addrs.clone()),
+                connect_options(cfg, me, &state, seed.clone()).connect(addrs.clone()),
             )
             .await;
             let e = match tried {
@@ -666,6 +673,7 @@ fn connect_options(
     cfg: &ClusterConfig,
     me: &str,
     state: &ReplicaState,
+    nkey_seed: Option<String>,
 ) -> async_nats::ConnectOptions {
     let mut opts = async_nats::ConnectOptions::new().name(format!("shardmq {me}"));
     if cfg.jetstream_tls_on() {
@@ -679,6 +687,9 @@ fn connect_options(
     }
     if let (Some(user), Some(password)) = (&cfg.jetstream_user, &cfg.jetstream_password) {
         opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(seed) = nkey_seed {
+        opts = opts.nkey(seed);
     }
     let state = state.clone();
     opts.event_callback(move |event| {

@@ -152,6 +152,31 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
         e.contains("cluster.jetstream") && e.contains("durable"),
         "{e}"
     );
+    // An NKey seed file: a seed, or one line that names the key and not the secret.
+    let keys = tempfile::tempdir().unwrap();
+    let (seed, junk) = (keys.path().join("seed.nk"), keys.path().join("junk.nk"));
+    std::fs::write(&seed, format!("\n SU{}\n", "A".repeat(56))).unwrap();
+    std::fs::write(&junk, "SUSECRET").unwrap();
+    let js = "jetstream = [\"nats://127.0.0.1:4222\"]\n";
+    assert!(node(&format!("{js}jetstream_nkey_file = {seed:?}\n")).is_ok());
+    for (extra, says) in [
+        (format!("{js}jetstream_nkey_file = {junk:?}\n"), "NKey user seed"),
+        (
+            format!("{js}jetstream_nkey_file = {:?}\n", keys.path().join("none")),
+            "cannot read",
+        ),
+        (
+            format!("{js}jetstream_nkey_file = {seed:?}\njetstream_user = \"u\"\njetstream_password = \"p\"\n"),
+            "exclude each other",
+        ),
+        (format!("jetstream_nkey_file = {seed:?}\n"), "cluster.jetstream is empty"),
+    ] {
+        let e = node(&extra).expect_err(&extra);
+        assert!(
+            e.contains("cluster.jetstream_nkey_file") && e.contains(says) && !e.contains("SECRET"),
+            "{extra}: {e}"
+        );
+    }
     node("jetstream = [\"nats://127.0.0.1:4222\"]\n[storage]\ndurability = \"replicated\"\n")
         .expect("replicated with jetstream");
     let e = node("[storage]\ndurability = \"replicated\"\n").expect_err("replicated alone");

@@ -397,6 +397,10 @@ impl ClusterConfig {
                 "cluster.jetstream_password",
                 self.jetstream_password.is_some(),
             ),
+            (
+                "cluster.jetstream_nkey_file",
+                self.jetstream_nkey_file.is_some(),
+            ),
         ];
         if self.jetstream.is_empty() {
             if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
@@ -427,6 +431,15 @@ impl ClusterConfig {
                 self.jetstream_password.is_some(),
             ),
         )?;
+        if let Some(path) = &self.jetstream_nkey_file {
+            if self.jetstream_user.is_some() {
+                return Err(bad(
+                    "cluster.jetstream_nkey_file",
+                    "and cluster.jetstream_user exclude each other (NATS takes one way to log in)",
+                ));
+            }
+            crate::config::nkey_seed(path).map_err(|r| bad("cluster.jetstream_nkey_file", r))?;
+        }
         for (key, value) in [
             ("cluster.jetstream_user", &self.jetstream_user),
             ("cluster.jetstream_password", &self.jetstream_password),
