@@ -162,15 +162,7 @@ fn a_replicated_mode_disk_that_did_not_stop_in_order_needs_its_stream_to_start()
         &["replica-ahead", "<stream> <sequence> <shards>"],
     );
     std::fs::write(data_dir.join("replica-ahead"), b"SHARDMQ_00ff 42 1\n").expect("marker");
-    let out = run(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--no-pin",
-        "--shards",
-        "1",
-        "--data-dir",
-        data_dir.to_str().expect("utf-8 path"),
-    ]);
+    let out = run(&args);
     let line = one_line_failure(
         &out,
         1,

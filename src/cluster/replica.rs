@@ -496,7 +496,8 @@ impl Replica {
             words.apply(unit);
             if words.bytes() > bound {
                 return Err(format!(
-                    "the log to bring the stores up to the stream holds more than cluster.rebuild_bytes_max ({bound} bytes)"
+                    "the log to bring the stores up to the stream holds more than cluster.rebuild_bytes_max ({bound} bytes): \
+                     raise it for this start (the log is held in memory while it is applied)"
                 ));
             }
             Ok(())

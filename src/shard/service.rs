@@ -550,11 +550,7 @@ impl BrokerShard {
             }
             svc.unsynced.dirty.set(false);
             let started = Instant::now();
-            let synced = if svc.unsynced.locked_due.replace(false) {
-                persist_locked(&store).await
-            } else {
-                persist(&store, &mut journal).await
-            };
+            let synced = sync_written(&store, &svc.unsynced, &mut journal).await;
             svc.core
                 .borrow_mut()
                 .stats
@@ -663,12 +659,7 @@ impl BrokerShard {
         // (the clean-stop marker, written after this, says the stores need no restore).
         if commits_ok && svc.unsynced.dirty.replace(false) {
             if let Some(store) = &svc.store {
-                let synced = if svc.unsynced.locked_due.replace(false) {
-                    persist_locked(store).await
-                } else {
-                    persist(store, &mut journal).await
-                };
-                if let Err(e) = synced {
+                if let Err(e) = sync_written(store, &svc.unsynced, &mut journal).await {
                     store.report_failure(&e);
                     commits_ok = false;
                     tracing::error!(
@@ -961,14 +952,19 @@ async fn persist(store: &Store, journal: &mut OpenJournal) -> Result<(), Storage
         None => return persist_locked(store).await,
     };
     store.persist_finish(synced)?;
+    rotate_if_full(store).await;
+    Ok(())
+}
+
+/// Seals full memtables after a group commit (it takes the engine's locks: not on the
+/// executor).
+async fn rotate_if_full(store: &Store) {
     if store.memtables_full() {
-        // Sealing takes the engine's locks: not on the executor.
         let rotating = store.clone();
         glommio::executor()
             .spawn_blocking(move || rotating.rotate_memtables())
             .await;
     }
-    Ok(())
 }
 
 /// Why the broker must stop with an error, set by any shard (the first reason kept).
@@ -1006,13 +1002,22 @@ async fn write_through(store: &Store, unsynced: &Unsynced) -> Result<(), Storage
     if !unsynced.dirty.replace(true) {
         unsynced.written.notify();
     }
-    if store.memtables_full() {
-        let rotating = store.clone();
-        glommio::executor()
-            .spawn_blocking(move || rotating.rotate_memtables())
-            .await;
-    }
+    rotate_if_full(store).await;
     Ok(())
+}
+
+/// The fsync of what commits wrote through: the engine's own once the store asked for it
+/// ([`SyncTarget::Locked`]), else the journal's through `journal`.
+async fn sync_written(
+    store: &Store,
+    unsynced: &Unsynced,
+    journal: &mut OpenJournal,
+) -> Result<(), StorageError> {
+    if unsynced.locked_due.replace(false) {
+        persist_locked(store).await
+    } else {
+        persist(store, journal).await
+    }
 }
 
 /// The engine's own persist (its journal mutex held across the fsync) and the memtable
