@@ -85,6 +85,25 @@ pub fn decode(unit: &[u8]) -> Result<Vec<Op<'_>>, String> {
     Ok(out)
 }
 
+/// A unit's ops, counted in `units`, or `None` when it is damaged: counted in `damaged`
+/// and logged (nothing of it is used).
+fn decode_counted<'a>(
+    unit: &'a [u8],
+    (units, damaged): (&mut u64, &mut u64),
+) -> Option<Vec<Op<'a>>> {
+    match decode(unit) {
+        Ok(ops) => {
+            *units += 1;
+            Some(ops)
+        }
+        Err(e) => {
+            *damaged += 1;
+            tracing::warn!(error = %e, "damaged replication unit skipped");
+            None
+        }
+    }
+}
+
 /// The client a per-client key belongs to (`None`: a retained message, or a malformed key).
 pub fn client_of(space: Space, key: &[u8]) -> Option<&str> {
     if !CLIENT_SPACES.contains(&space) {
@@ -108,15 +127,9 @@ pub struct Replay {
 impl Replay {
     /// Applies one unit (all of it, or nothing when it is damaged: counted and logged).
     pub fn apply(&mut self, unit: &[u8], keep: &dyn Fn(&str) -> bool) {
-        let ops = match decode(unit) {
-            Ok(ops) => ops,
-            Err(e) => {
-                self.damaged += 1;
-                tracing::warn!(error = %e, "damaged replication unit skipped");
-                return;
-            }
+        let Some(ops) = decode_counted(unit, (&mut self.units, &mut self.damaged)) else {
+            return;
         };
-        self.units += 1;
         for op in ops {
             if !client_of(op.space, op.key).is_some_and(keep) {
                 continue;
@@ -193,15 +206,9 @@ pub struct LastWords {
 impl LastWords {
     /// Takes one unit's ops on per-client keys (all of it, or nothing when it is damaged).
     pub fn apply(&mut self, unit: &[u8]) {
-        let ops = match decode(unit) {
-            Ok(ops) => ops,
-            Err(e) => {
-                self.damaged += 1;
-                tracing::warn!(error = %e, "damaged replication unit");
-                return;
-            }
+        let Some(ops) = decode_counted(unit, (&mut self.units, &mut self.damaged)) else {
+            return;
         };
-        self.units += 1;
         let batch = ops
             .iter()
             .find(|op| op.space == Space::Meta && op.key == REPLICA_BATCH_KEY)
