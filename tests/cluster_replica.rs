@@ -757,6 +757,39 @@ fn a_node_stopped_in_order_restarts_without_a_snapshot_and_its_stream_is_whole()
     r.lose_c_and_check(&a, c, &["pre", "post", "again"], "frozen");
 }
 
+/// A node stopped in order notes where its stream ended. If that stream is then deleted and
+/// made again under the same name (NATS lost it) and reaches the same sequence, the next
+/// start does not take it for the stream it noted: it writes a start snapshot, so the
+/// sessions its stores hold reach the new stream, and lost with its disk afterwards, its
+/// session comes back with every message.
+#[test]
+fn a_stream_made_again_under_its_name_is_not_taken_for_the_one_a_clean_stop_noted() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let (r, a, c) = Restarts::start(&nats, &etcd, "remade", "hand_over_timeout_s = 0\n");
+    r.publish(c.addr, "pre");
+    let stream = c.admin_json("/api/cluster")["replication"]["stream"]
+        .as_str()
+        .expect("c's stream")
+        .to_string();
+    let dir = c.stop_keep_dir();
+    let marker = dir.path().join("data").join("replica-clean");
+    let noted = std::fs::read_to_string(&marker).expect("the orderly stop wrote its marker");
+    let seq: u64 = noted.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(seq > 50, "{noted}");
+    nats.remake_stream(&stream, seq);
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
+    wait_linked(&[&a, &c]);
+    assert_eq!(owner_of(&etcd, &r.p, &r.sub.client_id), "c");
+    r.publish(c.addr, "post");
+    assert!(
+        snapshots(&c) >= 1,
+        "a start snapshot into the stream made again: {}",
+        c.admin_json("/api/cluster")
+    );
+    r.lose_c_and_check(&a, c, &["pre", "post"], "");
+}
+
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up
 /// in the shard until `cluster.replication_pending_bytes_max`, then are dropped (memory
 /// stays bounded) and a snapshot puts them in the stream once NATS is back; lost with its
@@ -842,7 +875,11 @@ fn replicated_mode_brings_a_disk_that_lost_acknowledged_writes_up_to_the_stream(
     };
     let seq_of = |m: &str| -> u64 { m.split_whitespace().nth(1).unwrap().parse().unwrap() };
     let at_start = marker(&c.data_dir);
-    assert!(at_start.ends_with(" 1\n"), "stream, sequence, 1 shard");
+    let fields: Vec<&str> = at_start.split_whitespace().collect();
+    assert!(
+        fields.len() == 4 && fields[2] == "1" && fields[3].parse::<i128>().is_ok(),
+        "stream, sequence, 1 shard, when the stream was made: {at_start:?}"
+    );
     // 1.3 MiB queued for another session of c's: past snapshot_log_bytes, so a snapshot
     // trims the log, and the marker moves first (the stores fsynced).
     let big = ConnectOpts::v311(&id_owned_by(&etcd, &r.p, "c", "ahead-big"), false);

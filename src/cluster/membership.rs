@@ -175,7 +175,11 @@ pub(super) async fn run(
         );
         match node.renewing(&keys, &handle, started).await {
             Ok((r, appender, read_back)) => {
-                stream_at_start = Some((appender.stream_name(), appender.last_seq()));
+                stream_at_start = Some((
+                    appender.stream_name(),
+                    appender.last_seq(),
+                    appender.stream_created(),
+                ));
                 restored = read_back;
                 handle.lock().replica = Some(r.state.clone());
                 // Off the membership loop: a NATS server that does not answer must not
@@ -304,6 +308,7 @@ pub(super) async fn run(
                 stream: v.stream.clone(),
                 last_seq: v.clean_seq?,
                 shards,
+                created: v.stream_created,
             })
         });
         if let Some(m) = marker.filter(|m| m.shards > 0) {
@@ -406,6 +411,13 @@ async fn restore_from_stream(
              but its marker names stream {} and this configuration's is {stream}: start it with the configuration of that run",
             at.stream
         )));
+    }
+    if !at.same_stream_made(appender.stream_created()) {
+        tracing::warn!(
+            stores_at = at.last_seq,
+            "the replicated stream was made again since the marker was written (NATS lost it, or it was deleted): its log is not the one the stores follow; the stores are kept, and the start snapshot writes them to it"
+        );
+        return Ok(Ok(None));
     }
     let last = appender.last_seq();
     if last < at.last_seq {

@@ -135,6 +135,9 @@ pub struct ReplicaView {
     /// Written as the clean-stop marker when the node stops in order.
     #[serde(skip)]
     pub clean_seq: Option<u64>,
+    /// When this node's stream was made (for the clean-stop marker).
+    #[serde(skip)]
+    pub stream_created: Option<i128>,
 }
 
 /// A member's stream as JetStream holds it (`GET /api/cluster`, per member).
@@ -624,6 +627,19 @@ impl Replica {
         Ok(last_of(&stream, &names.log)
             .await?
             .is_some_and(|m| m.headers.get(KIND).is_some_and(|k| k.as_str() != "init")))
+    }
+
+    /// When this node's stream was made (JetStream's `created`, Unix nanoseconds): a stream
+    /// deleted and made again under the same name is told apart by it.
+    pub async fn stream_created(&self, me: &str) -> Result<i128, String> {
+        let names = self.names(me);
+        let stream = self.ensure_stream(me, &names).await?;
+        Ok(stream
+            .get_info()
+            .await
+            .map_err(|e| err("info", e))?
+            .created
+            .unix_timestamp_nanos())
     }
 
     async fn last_seq(&self, me: &str) -> Result<u64, String> {

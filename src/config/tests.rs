@@ -184,4 +184,15 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
         e.contains("storage.durability") && e.contains("cluster.jetstream") && !e.contains('\n'),
         "{e}"
     );
+    // A "quorum" of one server is not a replica.
+    let e = node(
+        "jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_replicas = 1\n[storage]\ndurability = \"replicated\"\n",
+    )
+    .expect_err("replicated with one replica");
+    assert!(
+        e.contains("storage.durability") && e.contains("jetstream_replicas") && !e.contains('\n'),
+        "{e}"
+    );
+    node("jetstream = [\"nats://127.0.0.1:4222\"]\njetstream_replicas = 1\n")
+        .expect("one replica in durable mode: the local fsync still holds");
 }

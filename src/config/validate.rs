@@ -47,6 +47,12 @@ impl Config {
                 "\"replicated\" acknowledges from the replicated stream: it needs cluster.jetstream",
             ));
         }
+        if replicated && self.cluster.jetstream_replicas < 2 {
+            return Err(bad(
+                "storage.durability",
+                "\"replicated\" acknowledges once a quorum of JetStream servers holds a change: it needs cluster.jetstream_replicas of at least 2 (3 to survive the loss of one)",
+            ));
+        }
         for f in &self.access.subscribe_deny {
             crate::protocol::TopicFilter::new(f)
                 .map_err(|e| bad("access.subscribe_deny", format!("{f:?}: {e}")))?;

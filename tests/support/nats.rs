@@ -158,6 +158,39 @@ impl Nats {
             .join(", ")
     }
 
+    /// Deletes the stream `name` and makes it again with the same configuration (as if
+    /// NATS had lost it), then appends `n` messages to a subject of it that nobody reads, so
+    /// that it ends at sequence `n` again.
+    #[allow(dead_code)]
+    pub fn remake_stream(&self, name: &str, n: u64) {
+        use async_nats::jetstream;
+        let url = self.servers[0].url();
+        let name = name.to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = async_nats::connect(url).await.expect("connect to NATS");
+            let js = jetstream::new(client);
+            let mut stream = js.get_stream(&name).await.expect("the stream");
+            let config = stream.info().await.expect("its info").config.clone();
+            js.delete_stream(&name).await.expect("delete it");
+            js.create_stream(config.clone())
+                .await
+                .expect("make it again");
+            let all = config.subjects[0].clone();
+            let filler = format!("{}filler", all.trim_end_matches('>').trim_end_matches('*'));
+            for i in 0..n {
+                js.publish(filler.clone(), format!("filler {i}").into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("stored");
+            }
+        });
+    }
+
     /// The stream `name`'s details (`state`, `cluster`, ...) as a live server's monitoring
     /// endpoint shows them.
     pub fn stream(&self, name: &str) -> Option<serde_json::Value> {

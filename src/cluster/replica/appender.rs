@@ -46,6 +46,8 @@ pub(in crate::cluster) struct Appender {
     /// which sequence the stores durably hold the log (`replica/clean.rs`); moved forward,
     /// after an fsync of every store, before each snapshot (which trims the log before it).
     ahead: Option<std::path::PathBuf>,
+    /// When this node's stream was made (see [`super::clean::Marker::created`]).
+    created: i128,
 }
 
 impl Appender {
@@ -73,10 +75,11 @@ impl Appender {
         // Stopped in order with the stream holding everything, and nobody wrote to it since
         // (a fence would have moved its end): the stores and the stream agree.
         let names = r.names(me);
+        let created = r.stream_created(me).await?;
         let agree = owns_slots
-            && clean
-                .as_ref()
-                .is_some_and(|m| m.last_seq == last_seq && m.stream == names.stream);
+            && clean.as_ref().is_some_and(|m| {
+                m.last_seq == last_seq && m.stream == names.stream && m.same_stream_made(created)
+            });
         if agree {
             tracing::info!(
                 last_seq,
@@ -109,6 +112,7 @@ impl Appender {
             fenced_since: Instant::now(),
             tainted: false,
             ahead,
+            created,
         };
         if last_seq == 0 {
             // An empty stream takes any append whatever its expected sequence says (0
@@ -118,13 +122,21 @@ impl Appender {
                 .await
                 .map_err(|e| format!("JetStream stream {}: {e:?}", a.names.stream))?;
         }
-        a.show(|v| v.last_seq = a.last_seq);
+        a.show(|v| {
+            v.last_seq = a.last_seq;
+            v.stream_created = Some(created);
+        });
         Ok(a)
     }
 
     /// This node's stream.
     pub fn stream_name(&self) -> String {
         self.names.stream.clone()
+    }
+
+    /// When this node's stream was made (Unix nanoseconds).
+    pub fn stream_created(&self) -> i128 {
+        self.created
     }
 
     /// The last sequence of this node's stream, as the appender knows it.
@@ -145,6 +157,7 @@ impl Appender {
             stream: self.names.stream.clone(),
             last_seq: start,
             shards: stores.len(),
+            created: Some(self.created),
         };
         tokio::task::spawn_blocking(move || {
             for s in &stores {

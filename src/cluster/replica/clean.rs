@@ -18,6 +18,18 @@ pub struct Marker {
     pub stream: String,
     pub last_seq: u64,
     pub shards: usize,
+    /// When the stream was made (JetStream's `created`, Unix nanoseconds): a stream made
+    /// again under the same name (NATS lost it, or it was deleted) is another stream, even
+    /// where it reaches the same sequence. `None`: a marker written before this was noted
+    /// (not checked).
+    pub created: Option<i128>,
+}
+
+impl Marker {
+    /// Whether `created` (the stream's as it is now) is the one the marker noted.
+    pub fn same_stream_made(&self, created: i128) -> bool {
+        self.created.is_none_or(|c| c == created)
+    }
 }
 
 /// Where the marker lives for a data directory.
@@ -30,7 +42,11 @@ pub fn write(path: &Path, m: &Marker) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(format!("{} {} {}\n", m.stream, m.last_seq, m.shards).as_bytes())?;
+        let line = match m.created {
+            Some(c) => format!("{} {} {} {c}\n", m.stream, m.last_seq, m.shards),
+            None => format!("{} {} {}\n", m.stream, m.last_seq, m.shards),
+        };
+        f.write_all(line.as_bytes())?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -90,19 +106,29 @@ pub fn clear_ahead(data_dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// `"<stream> <seq> <shards>"`; `seq_zero_ok`: a sequence of 0 is allowed.
+/// `"<stream> <seq> <shards> [<created>]"`; `seq_zero_ok`: a sequence of 0 is allowed.
 fn parse(text: &str, seq_zero_ok: bool) -> Option<Marker> {
     let mut parts = text.split_whitespace();
-    let (Some(stream), Some(seq), Some(shards), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(stream), Some(seq), Some(shards), created, None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return None;
+    };
+    let created = match created.map(str::parse::<i128>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return None,
     };
     match (seq.parse::<u64>(), shards.parse::<usize>()) {
         (Ok(last_seq), Ok(shards)) if (last_seq > 0 || seq_zero_ok) && shards > 0 => Some(Marker {
             stream: stream.to_string(),
             last_seq,
             shards,
+            created,
         }),
         _ => None,
     }
@@ -128,17 +154,26 @@ mod tests {
             stream: "SHARDMQ_00ff".into(),
             last_seq: 4242,
             shards: 2,
+            created: Some(1_796_295_600_632_000_123),
         };
         write(&p, &m).unwrap();
-        assert_eq!(take(&p).unwrap(), Some(m));
+        assert_eq!(take(&p).unwrap(), Some(m.clone()));
         assert!(!p.exists(), "deleted once read");
         assert_eq!(take(&p).unwrap(), None);
+        assert!(m.same_stream_made(1_796_295_600_632_000_123));
+        assert!(!m.same_stream_made(1_796_295_600_632_000_124), "made again");
+        // One written before the stream's making was noted: read, not checked.
+        std::fs::write(&p, b"S 12 1\n").unwrap();
+        let old = take(&p).unwrap().unwrap();
+        assert_eq!((old.last_seq, old.created), (12, None));
+        assert!(old.same_stream_made(7));
         for bad in [
             &b"not a number"[..],
             b"S 12",
             b"S x 2",
             b"S 0 2",
             b"S 1 2 extra",
+            b"S 1 2 3 4",
             b"\xff\xfe",
         ] {
             std::fs::write(&p, bad).unwrap();
@@ -156,13 +191,21 @@ mod tests {
             stream: "SHARDMQ_00ff".into(),
             last_seq: 0,
             shards: 2,
+            created: Some(-5),
         };
         write_ahead(dir.path(), &m).unwrap();
         assert_eq!(read_ahead(dir.path()).unwrap(), Some(m.clone()));
         assert_eq!(read_ahead(dir.path()).unwrap(), Some(m), "read, not taken");
         clear_ahead(dir.path()).unwrap();
         assert_eq!(read_ahead(dir.path()).unwrap(), None);
-        for bad in [&b"S 1"[..], b"S x 2", b"S 1 0", b"S 1 2 extra", b""] {
+        for bad in [
+            &b"S 1"[..],
+            b"S x 2",
+            b"S 1 0",
+            b"S 1 2 extra",
+            b"S 1 2 3 4",
+            b"",
+        ] {
             std::fs::write(dir.path().join(AHEAD_FILE), bad).unwrap();
             let e = read_ahead(dir.path()).unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{bad:?}");
