@@ -613,20 +613,40 @@ impl Node {
                 }
             }
             let value = serde_json::to_string(&self.record).unwrap_or_default();
+            // The slot table is read in the same transaction: a node that rejoins after a
+            // lost lease (frozen, cut off) serves by the table as etcd holds it when its
+            // record is back, not by what its watch had delivered before (a fail-over may
+            // have taken its slots meanwhile, and the watch may not have caught up yet).
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    value,
-                    Some(PutOptions::new().with_lease(self.lease)),
-                )])
+                .and_then([
+                    TxnOp::put(
+                        key.clone(),
+                        value,
+                        Some(PutOptions::new().with_lease(self.lease)),
+                    ),
+                    TxnOp::get(keys.slots(), None),
+                ])
                 .or_else([TxnOp::get(key.clone(), None)]);
             let resp = self.call(self.client.clone().txn(txn)).await?;
             if resp.succeeded() {
                 self.clock.hold_until(
                     self.lease_at + Duration::from_secs(self.record.lease_ttl_s as u64),
                 );
+                let table = resp.op_responses().into_iter().find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g
+                        .kvs()
+                        .first()
+                        .map(|kv| (kv.mod_revision(), SlotTable::decode(kv.value()))),
+                    _ => None,
+                });
                 let mut st = handle.lock();
+                if let Some((rev, Ok(t))) = table {
+                    if rev > st.slots_rev {
+                        st.slots_rev = rev;
+                        st.slots = t;
+                    }
+                }
                 st.state = SelfState::Up;
                 st.renewed = Some(Instant::now());
                 st.counters.joins_total += 1;
