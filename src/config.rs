@@ -408,6 +408,40 @@ pub fn nkey_seed(path: &std::path::Path) -> Result<String, String> {
     }
 }
 
+/// Reads a NATS credentials file: its text if it holds a user JWT block and an NKey user
+/// seed block (the connection parses them); the reason, which never holds the file's
+/// contents, if not.
+pub fn nats_creds(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let not = || {
+        format!(
+            "{} is not a NATS credentials file (a user JWT and its NKey seed, as `nsc generate creds` writes it)",
+            path.display()
+        )
+    };
+    // The first non-empty line after a line that opens `what`'s block.
+    let block = |what: &str| {
+        let mut lines = text.lines().map(str::trim);
+        lines.find(|l| l.starts_with("-----BEGIN") && l.contains(what))?;
+        lines.find(|l| !l.is_empty())
+    };
+    let jwt = block("USER JWT").ok_or_else(not)?;
+    let seed = block("NKEY SEED").ok_or_else(not)?;
+    let b64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let jwt_ok = jwt.split('.').count() == 3
+        && jwt
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(b64url));
+    let base32 = |c: char| c.is_ascii_uppercase() || ('2'..='7').contains(&c);
+    let seed_ok = seed.len() == 58 && seed.starts_with("SU") && seed.chars().all(base32);
+    if jwt_ok && seed_ok {
+        Ok(text)
+    } else {
+        Err(not())
+    }
+}
+
 /// The shortest `admin.token` accepted.
 pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
 
@@ -639,6 +673,11 @@ pub struct ClusterConfig {
     /// logs in by signing the server's challenge with it (servers with `nkey:` users).
     /// Not with `jetstream_user`.
     pub jetstream_nkey_file: Option<PathBuf>,
+    /// A NATS credentials file (a user JWT and its NKey seed, as `nsc generate creds`
+    /// writes it), for servers in operator mode (decentralised JWT authentication): the
+    /// node presents the JWT and signs the server's challenge with the seed. Not with
+    /// `jetstream_user` or `jetstream_nkey_file`.
+    pub jetstream_creds_file: Option<PathBuf>,
     /// Milliseconds one append to the stream may take (retried within it); then the
     /// acknowledgements waiting on it fail (MQTT 5: 0x80; 3.x: the connection closes).
     pub replication_timeout_ms: u32,
@@ -683,6 +722,7 @@ impl Default for ClusterConfig {
             jetstream_user: None,
             jetstream_password: None,
             jetstream_nkey_file: None,
+            jetstream_creds_file: None,
             replication_timeout_ms: 10_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_bytes_max: 2 << 30,

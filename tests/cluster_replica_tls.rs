@@ -313,3 +313,87 @@ fn run_with(dir: &Path, conf: &str) -> std::process::Output {
         data.to_str().expect("utf-8"),
     ])
 }
+
+/// NATS in operator mode (decentralised JWT authentication): the node logs in with a
+/// credentials file (a user JWT of an account the servers know, and its seed). QoS 1
+/// messages into a persistent session are acknowledged through the stream. A user of an
+/// account the servers do not know stops the start with one line; a file that is not a
+/// credentials file is refused before anything starts, its contents never printed.
+#[test]
+fn a_node_logs_in_to_jetstream_with_a_creds_file_and_an_unknown_account_stops_the_start() {
+    let op = support::nats::Operator::new();
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (good, stranger, junk) = (
+        keys.path().join("node.creds"),
+        keys.path().join("stranger.creds"),
+        keys.path().join("junk.creds"),
+    );
+    std::fs::write(&good, op.user_creds("shardmq-a")).expect("write");
+    std::fs::write(&stranger, op.stranger_creds()).expect("write");
+    let secret = "-----BEGIN NATS USER JWT-----\nSECRETJWT\n";
+    std::fs::write(&junk, secret).expect("write");
+    let nats = Nats::start_with(3, &op.server_conf);
+    let etcd = Etcd::start(1);
+    let p = format!("/shardmq-replica-creds-{}", std::process::id());
+    let creds = |f: &Path| format!("jetstream_creds_file = {f:?}\n");
+    let a = TestBroker::start_with(
+        1,
+        &node_conf("a", &etcd, &p, &nats.toml_urls(), &creds(&good)),
+    );
+    assert_eq!(
+        a.admin_json("/api/cluster")["replication"]["nats_connected"],
+        true
+    );
+    let sub = ConnectOpts::v5("creds-sub", false);
+    let (mut s, _) = RawClient::connect_served(a.addr, &sub);
+    s.sub(&[("creds/t", QoS::AtLeastOnce)]);
+    s.disconnect();
+    let (mut publ, _) = RawClient::connect_served(a.addr, &ConnectOpts::v5("creds-pub", true));
+    for i in 0..5 {
+        publ.publish(
+            "creds/t",
+            format!("m{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        );
+    }
+    publ.disconnect();
+    let appends = a.admin_json("/api/cluster")["replication"]["appends_total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(appends >= 2, "appends with the credentials: {appends}");
+    let (mut s, present) = RawClient::connect_served(a.addr, &sub);
+    assert!(present);
+    let got: Vec<String> = (0..5)
+        .map(|_| String::from_utf8_lossy(&s.recv_publish_ack().payload).into_owned())
+        .collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
+    s.disconnect();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = run_with(
+        dir.path(),
+        &node_conf("b", &etcd, &p, &nats.toml_urls(), &creds(&stranger)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with an unknown account: {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default().to_lowercase();
+    assert!(
+        last.contains("authorization") && last.contains("cluster.jetstream"),
+        "the last line names the problem: {stderr}"
+    );
+    let out = run_with(
+        dir.path(),
+        &node_conf("c", &etcd, &p, &nats.toml_urls(), &creds(&junk)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cluster.jetstream_creds_file") && !stderr.contains("SECRET"),
+        "{stderr}"
+    );
+}

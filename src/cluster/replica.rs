@@ -214,6 +214,13 @@ impl Replica {
             ),
             None => None,
         };
+        let creds = match &cfg.jetstream_creds_file {
+            Some(p) => Some(
+                crate::config::nats_creds(p)
+                    .map_err(|r| format!("cluster.jetstream_creds_file: {r}"))?,
+            ),
+            None => None,
+        };
         let client = loop {
             // Each try may take what is left: the client gives each server its own
             // connect timeout, and one that drops packets must not use up the whole try.
@@ -222,7 +229,8 @@ impl Replica {
                 .max(Duration::from_secs(1));
             let tried = tokio::time::timeout(
                 left,
-                connect_options(cfg, me, &state, seed.clone()).connect(addrs.clone()),
+                connect_options(cfg, me, &state, seed.clone(), creds.as_deref())?
+                    .connect(addrs.clone()),
             )
             .await;
             let e = match tried {
@@ -691,7 +699,8 @@ fn connect_options(
     me: &str,
     state: &ReplicaState,
     nkey_seed: Option<String>,
-) -> async_nats::ConnectOptions {
+    creds: Option<&str>,
+) -> Result<async_nats::ConnectOptions, String> {
     let mut opts = async_nats::ConnectOptions::new().name(format!("shardmq {me}"));
     if cfg.jetstream_tls_on() {
         opts = opts.require_tls(true);
@@ -708,8 +717,14 @@ fn connect_options(
     if let Some(seed) = nkey_seed {
         opts = opts.nkey(seed);
     }
+    if let Some(creds) = creds {
+        // The client's own reason may quote the file: not repeated.
+        opts = opts.credentials(creds).map_err(|_| {
+            "cluster.jetstream_creds_file: the NATS client cannot read its JWT and seed".to_string()
+        })?;
+    }
     let state = state.clone();
-    opts.event_callback(move |event| {
+    Ok(opts.event_callback(move |event| {
         let state = state.clone();
         async move {
             let Ok(mut v) = state.lock() else {
@@ -750,7 +765,7 @@ fn connect_options(
                 _ => {}
             }
         }
-    })
+    }))
 }
 
 /// Keeps the client's last error for the view; logs it when it is new.

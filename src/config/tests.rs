@@ -177,6 +177,52 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
             "{extra}: {e}"
         );
     }
+    // A NATS credentials file: a user JWT and a seed, or one line that names the key and
+    // quotes nothing of the file.
+    let creds = keys.path().join("user.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.eyJzdWIiOiJVIn0.c2ln\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\n\
+             -----BEGIN USER NKEY SEED-----\nSU{}\n------END USER NKEY SEED------\n",
+            "A".repeat(56)
+        ),
+    )
+    .unwrap();
+    let bad_creds = keys.path().join("bad.creds");
+    std::fs::write(
+        &bad_creds,
+        "-----BEGIN NATS USER JWT-----\nSECRET.JWT\n------END NATS USER JWT------\n-----BEGIN USER NKEY SEED-----\nSUSECRET\n",
+    )
+    .unwrap();
+    assert!(node(&format!("{js}jetstream_creds_file = {creds:?}\n")).is_ok());
+    for (extra, says) in [
+        (format!("{js}jetstream_creds_file = {bad_creds:?}\n"), "credentials file"),
+        (format!("{js}jetstream_creds_file = {seed:?}\n"), "credentials file"),
+        (
+            format!("{js}jetstream_creds_file = {:?}\n", keys.path().join("none")),
+            "cannot read",
+        ),
+        (
+            format!("{js}jetstream_creds_file = {creds:?}\njetstream_nkey_file = {seed:?}\n"),
+            "exclude each other",
+        ),
+        (
+            format!("{js}jetstream_creds_file = {creds:?}\njetstream_user = \"u\"\njetstream_password = \"p\"\n"),
+            "exclude each other",
+        ),
+        (format!("jetstream_creds_file = {creds:?}\n"), "cluster.jetstream is empty"),
+    ] {
+        let e = node(&extra).expect_err(&extra);
+        assert!(
+            e.contains("cluster.jetstream_creds_file")
+                && e.contains(says)
+                && !e.contains("SECRET")
+                && !e.contains('\n'),
+            "{extra}: {e}"
+        );
+    }
     node("jetstream = [\"nats://127.0.0.1:4222\"]\n[storage]\ndurability = \"replicated\"\n")
         .expect("replicated with jetstream");
     let e = node("[storage]\ndurability = \"replicated\"\n").expect_err("replicated alone");

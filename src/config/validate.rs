@@ -407,6 +407,10 @@ impl ClusterConfig {
                 "cluster.jetstream_nkey_file",
                 self.jetstream_nkey_file.is_some(),
             ),
+            (
+                "cluster.jetstream_creds_file",
+                self.jetstream_creds_file.is_some(),
+            ),
         ];
         if self.jetstream.is_empty() {
             if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
@@ -445,6 +449,23 @@ impl ClusterConfig {
                 ));
             }
             crate::config::nkey_seed(path).map_err(|r| bad("cluster.jetstream_nkey_file", r))?;
+        }
+        if let Some(path) = &self.jetstream_creds_file {
+            for (other, set) in [
+                ("cluster.jetstream_user", self.jetstream_user.is_some()),
+                (
+                    "cluster.jetstream_nkey_file",
+                    self.jetstream_nkey_file.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(bad(
+                        "cluster.jetstream_creds_file",
+                        format!("and {other} exclude each other (NATS takes one way to log in)"),
+                    ));
+                }
+            }
+            crate::config::nats_creds(path).map_err(|r| bad("cluster.jetstream_creds_file", r))?;
         }
         for (key, value) in [
             ("cluster.jetstream_user", &self.jetstream_user),

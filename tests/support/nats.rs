@@ -243,3 +243,126 @@ impl Drop for Nats {
         }
     }
 }
+
+/// A NATS operator (decentralised JWT authentication) for tests: the servers' configuration
+/// (the operator's JWT, a system account and one account with JetStream, preloaded in a
+/// memory resolver) and credentials files for users of that account.
+#[allow(dead_code)]
+pub struct Operator {
+    pub server_conf: String,
+    account: nkeys::KeyPair,
+}
+
+#[allow(dead_code)]
+impl Operator {
+    pub fn new() -> Operator {
+        let operator = nkeys::KeyPair::new_operator();
+        let system = nkeys::KeyPair::new_account();
+        let account = nkeys::KeyPair::new_account();
+        let op_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            "test-operator",
+            serde_json::json!({
+                "system_account": system.public_key(),
+                "type": "operator",
+                "version": 2
+            }),
+        );
+        let limits = |js: bool| {
+            let mut l = serde_json::json!({
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1
+            });
+            if js {
+                for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+                    l[k] = serde_json::json!(-1);
+                }
+            }
+            l
+        };
+        let account_jwt = |kp: &nkeys::KeyPair, name: &str, js: bool| {
+            jwt(
+                &operator,
+                &kp.public_key(),
+                name,
+                serde_json::json!({
+                    "limits": limits(js),
+                    "default_permissions": { "pub": {}, "sub": {} },
+                    "type": "account",
+                    "version": 2
+                }),
+            )
+        };
+        let server_conf = format!(
+            "operator: {:?}\nsystem_account: {:?}\nresolver: MEMORY\nresolver_preload: {{\n  {:?}: {:?}\n  {:?}: {:?}\n}}\n",
+            op_jwt,
+            system.public_key(),
+            system.public_key(),
+            account_jwt(&system, "SYS", false),
+            account.public_key(),
+            account_jwt(&account, "shardmq", true),
+        );
+        Operator {
+            server_conf,
+            account,
+        }
+    }
+
+    /// A credentials file's text for a new user of the account.
+    pub fn user_creds(&self, name: &str) -> String {
+        let user = nkeys::KeyPair::new_user();
+        self.creds_for(&self.account, &user, name)
+    }
+
+    /// A credentials file's text for a user signed by an account the servers do not know.
+    pub fn stranger_creds(&self) -> String {
+        let account = nkeys::KeyPair::new_account();
+        let user = nkeys::KeyPair::new_user();
+        self.creds_for(&account, &user, "stranger")
+    }
+
+    fn creds_for(&self, account: &nkeys::KeyPair, user: &nkeys::KeyPair, name: &str) -> String {
+        let token = jwt(
+            account,
+            &user.public_key(),
+            name,
+            serde_json::json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2
+            }),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        )
+    }
+}
+
+/// A NATS JWT (v2): `claims` under `nats`, issued by `issuer` for `subject`, signed with
+/// the issuer's key.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = serde_json::json!({
+        "jti": format!("{}{iat}", &subject[..12]),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&sig))
+}
