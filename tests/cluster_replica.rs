@@ -790,6 +790,99 @@ fn a_stream_made_again_under_its_name_is_not_taken_for_the_one_a_clean_stop_note
     r.lose_c_and_check(&a, c, &["pre", "post"], "");
 }
 
+/// One QoS 2 flow with packet id `id`, PUBLISH to PUBCOMP (`dup`: sent as a resend).
+fn qos2_flow(cl: &mut RawClient, topic: &str, payload: &str, id: u16, dup: bool) {
+    use shardmq::protocol::{Ack, Packet};
+    cl.send(&support::raw::publish_packet(
+        topic,
+        payload.as_bytes(),
+        QoS::ExactlyOnce,
+        false,
+        Some(id),
+        dup,
+    ));
+    cl.recv_matching(
+        "PUBREC",
+        |p| matches!(p, Packet::PubRec(a) if a.packet_id.get() == id),
+    );
+    cl.send(&Packet::PubRel(Ack::new(support::raw::pid(id))));
+    cl.recv_matching(
+        "PUBCOMP",
+        |p| matches!(p, Packet::PubComp(a) if a.packet_id.get() == id),
+    );
+}
+
+/// `storage.durability = "replicated"`, the store ahead of the stream: NATS frozen, a QoS 2
+/// PUBLISH reaches the node's store (written through and fsynced) but not the stream, so
+/// no PUBREC; the node is killed. The log after the node's marker holds an older flow with
+/// the same packet id (its key put, then deleted). Restarted with its disk, the node must
+/// keep what its store holds of that batch whole (not roll the key back to the log's older
+/// word): the publisher's resend (DUP) is taken for the same message, and a later message
+/// reusing the packet id is a new one. The subscriber gets each exactly once.
+#[test]
+fn replicated_mode_keeps_a_qos2_publish_the_store_took_and_the_stream_missed_exactly_once() {
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let extra = "[storage]\ndurability = \"replicated\"\n";
+    let (r, a, c) = Restarts::start(&nats, &etcd, "q2ahead", extra);
+    let topic = "q2ahead/t";
+    let sub = ConnectOpts::v311(&id_owned_by(&etcd, &r.p, "c", "q2ahead-sub"), false);
+    let publ = ConnectOpts::v311(&id_owned_by(&etcd, &r.p, "c", "q2ahead-pub"), false);
+    let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+    s.sub(&[(topic, QoS::ExactlyOnce)]);
+    s.disconnect();
+    let (mut p, _) = RawClient::connect_served(c.addr, &publ);
+    qos2_flow(&mut p, topic, "m0", 7, false);
+    let fsyncs = || c.metric("shardmq_storage_fsync_seconds_count{shard=\"0\"}");
+    let lag = || {
+        c.admin_json("/api/cluster")["replication"]["lag_appends"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for n in &nats.servers {
+        n.signal(libc::SIGSTOP);
+    }
+    assert!(p.try_send(&support::raw::publish_packet(
+        topic,
+        b"m1",
+        QoS::ExactlyOnce,
+        false,
+        Some(7),
+        false
+    )));
+    wait_until("m1's append waits for the frozen stream", TIMEOUT, || {
+        lag() >= 1
+    });
+    // The shard wrote m1's batch through to the page cache in the same step that sent its
+    // append (a `kill -9` keeps it); a background fsync follows, since it left the store
+    // dirty.
+    let f1 = fsyncs();
+    wait_until("a background fsync after m1", TIMEOUT, || fsyncs() > f1);
+    assert!(
+        p.read_frame_until(Instant::now() + Duration::from_millis(200))
+            .is_err(),
+        "no PUBREC while the stream lacks m1"
+    );
+    let dir = c.kill9();
+    drop(p);
+    for n in &nats.servers {
+        n.signal(libc::SIGCONT);
+    }
+    let c = TestBroker::start_in(1, &r.toml("c"), dir);
+    wait_linked(&[&a, &c]);
+    assert_eq!(owner_of(&etcd, &r.p, &publ.client_id), "c");
+    let (mut p, present) = RawClient::connect_served(c.addr, &publ);
+    assert!(present, "the publisher's session survived");
+    qos2_flow(&mut p, topic, "m1", 7, true);
+    qos2_flow(&mut p, topic, "m2", 7, false);
+    p.disconnect();
+    assert_eq!(
+        drain_all(c.addr, &sub),
+        ["m0", "m1", "m2"],
+        "each once: the resend of m1 was known, m2 was new"
+    );
+}
+
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up
 /// in the shard until `cluster.replication_pending_bytes_max`, then are dropped (memory
 /// stays bounded) and a snapshot puts them in the stream once NATS is back; lost with its
