@@ -240,12 +240,14 @@ impl Broker {
             // `replicated` run's marker says where in the stream the stores are now; a run
             // in another mode clears a marker it found, its stores now up to the stream.
             let marker = match (&c.joined.stream_at_start, cfg.storage.durability) {
-                (Some((stream, seq, created)), Durability::Replicated) => {
+                (Some((stream, seq)), Durability::Replicated) => {
+                    // No creation time: the restore must not skip what a stream reports
+                    // differently (see `Marker::created`).
                     Some(crate::cluster::CleanMarker {
                         stream: stream.clone(),
                         last_seq: *seq,
                         shards: count,
-                        created: Some(*created),
+                        created: None,
                     })
                 }
                 _ => None,

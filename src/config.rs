@@ -390,8 +390,7 @@ impl Durability {
 /// one: a seed is 58 characters of base32 (`A-Z`, `2-7`) starting with `SU`. The seed is
 /// a secret: it is never part of the reason.
 pub fn nkey_seed(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = read_secret_file(path)?;
     let seed = text
         .lines()
         .map(str::trim)
@@ -412,8 +411,7 @@ pub fn nkey_seed(path: &std::path::Path) -> Result<String, String> {
 /// seed block (the connection parses them); the reason, which never holds the file's
 /// contents, if not.
 pub fn nats_creds(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = read_secret_file(path)?;
     let not = || {
         format!(
             "{} is not a NATS credentials file (a user JWT and its NKey seed, as `nsc generate creds` writes it)",
@@ -435,11 +433,38 @@ pub fn nats_creds(path: &std::path::Path) -> Result<String, String> {
             .all(|p| !p.is_empty() && p.chars().all(b64url));
     let base32 = |c: char| c.is_ascii_uppercase() || ('2'..='7').contains(&c);
     let seed_ok = seed.len() == 58 && seed.starts_with("SU") && seed.chars().all(base32);
-    if jwt_ok && seed_ok {
+    // And as the NATS client reads it (blocks in order, the seed's checksum); its own
+    // reason is not repeated: it may quote the file.
+    if jwt_ok && seed_ok && async_nats::ConnectOptions::with_credentials(&text).is_ok() {
         Ok(text)
     } else {
         Err(not())
     }
+}
+
+/// The most a credentials or seed file may hold.
+const SECRET_FILE_BYTES_MAX: u64 = 64 << 10;
+
+/// Reads a small secret file (a seed, a credentials file): at most
+/// [`SECRET_FILE_BYTES_MAX`], UTF-8. The reason never holds the file's contents.
+fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let f = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    if !f.metadata().map_err(|e| cannot(&e))?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    f.take(SECRET_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > SECRET_FILE_BYTES_MAX {
+        return Err(format!(
+            "{} holds more than {SECRET_FILE_BYTES_MAX} bytes",
+            path.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
 }
 
 /// The shortest `admin.token` accepted.
@@ -671,7 +696,7 @@ pub struct ClusterConfig {
     pub jetstream_password: Option<String>,
     /// A file holding an NKey user seed (`SU...`, as `nk -gen user` writes it): the node
     /// logs in by signing the server's challenge with it (servers with `nkey:` users).
-    /// Not with `jetstream_user`.
+    /// Not with `jetstream_user` or `jetstream_creds_file`.
     pub jetstream_nkey_file: Option<PathBuf>,
     /// A NATS credentials file (a user JWT and its NKey seed, as `nsc generate creds`
     /// writes it), for servers in operator mode (decentralised JWT authentication): the

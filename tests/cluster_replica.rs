@@ -968,10 +968,9 @@ fn replicated_mode_brings_a_disk_that_lost_acknowledged_writes_up_to_the_stream(
     };
     let seq_of = |m: &str| -> u64 { m.split_whitespace().nth(1).unwrap().parse().unwrap() };
     let at_start = marker(&c.data_dir);
-    let fields: Vec<&str> = at_start.split_whitespace().collect();
     assert!(
-        fields.len() == 4 && fields[2] == "1" && fields[3].parse::<i128>().is_ok(),
-        "stream, sequence, 1 shard, when the stream was made: {at_start:?}"
+        at_start.ends_with(" 1\n"),
+        "stream, sequence, 1 shard: {at_start:?}"
     );
     // 1.3 MiB queued for another session of c's: past snapshot_log_bytes, so a snapshot
     // trims the log, and the marker moves first (the stores fsynced).

@@ -175,11 +175,7 @@ pub(super) async fn run(
         );
         match node.renewing(&keys, &handle, started).await {
             Ok((r, appender, read_back)) => {
-                stream_at_start = Some((
-                    appender.stream_name(),
-                    appender.last_seq(),
-                    appender.stream_created(),
-                ));
+                stream_at_start = Some((appender.stream_name(), appender.last_seq()));
                 restored = read_back;
                 handle.lock().replica = Some(r.state.clone());
                 // Off the membership loop: a NATS server that does not answer must not
@@ -412,13 +408,6 @@ async fn restore_from_stream(
             at.stream
         )));
     }
-    if !at.same_stream_made(appender.stream_created()) {
-        tracing::warn!(
-            stores_at = at.last_seq,
-            "the replicated stream was made again since the marker was written (NATS lost it, or it was deleted): its log is not the one the stores follow; the stores are kept, and the start snapshot writes them to it"
-        );
-        return Ok(Ok(None));
-    }
     let last = appender.last_seq();
     if last < at.last_seq {
         tracing::warn!(
@@ -518,6 +507,10 @@ struct Node {
     /// When the lease was last granted or renewed (asked for: etcd counts from a moment
     /// after it), and the shards' copy of its deadline.
     lease_at: Instant,
+    /// The etcd revision at which this node's record was last put back (`claim`): the
+    /// watch may still deliver the deletion of the record before it (a lagging watch after
+    /// a freeze), which must not fence the node that has just joined again.
+    claimed_rev: i64,
     clock: LeaseClock,
     record: NodeRecord,
     timeout: Duration,
@@ -561,6 +554,7 @@ impl Node {
             rested: Vec::new(),
             lease: 0,
             lease_at: Instant::now(),
+            claimed_rev: 0,
             clock,
             record,
             timeout,
@@ -630,6 +624,7 @@ impl Node {
                 .or_else([TxnOp::get(key.clone(), None)]);
             let resp = self.call(self.client.clone().txn(txn)).await?;
             if resp.succeeded() {
+                self.claimed_rev = resp.header().map_or(0, |h| h.revision());
                 self.clock.hold_until(
                     self.lease_at + Duration::from_secs(self.record.lease_ttl_s as u64),
                 );
@@ -763,7 +758,7 @@ impl Node {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
                 EventType::Put => self.put(keys, handle, kv),
-                EventType::Delete => self.delete(keys, handle, kv.key()),
+                EventType::Delete => self.delete(keys, handle, kv.key(), kv.mod_revision()),
             }
         }
     }
@@ -820,13 +815,17 @@ impl Node {
     }
 
     /// One key gone: a node's lease expired or it left; an operator removed a member.
-    fn delete(&self, keys: &Keys, handle: &ClusterHandle, key: &[u8]) {
+    fn delete(&self, keys: &Keys, handle: &ClusterHandle, key: &[u8], rev: i64) {
         let Some(rest) = key.strip_prefix(keys.all().as_bytes()) else {
             return;
         };
         let rest = String::from_utf8_lossy(rest);
         let mut st = handle.lock();
         if let Some(id) = rest.strip_prefix("nodes/") {
+            if id == self.record.id && rev < self.claimed_rev {
+                // The deletion of a record this node has put back since (the watch lags).
+                return;
+            }
             if let Some(rec) = st.live.remove(id) {
                 tracing::info!(node = %id, "cluster member down");
                 // A lease that expired was last renewed a time to live ago at the latest

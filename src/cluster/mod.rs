@@ -358,7 +358,7 @@ pub struct Joined {
     pub restored: Option<crate::storage::replica::LastWords>,
     /// With replicated sessions: this node's stream and where it ended once the start
     /// (and its restore) read it; the stores hold everything up to there.
-    pub stream_at_start: Option<(String, u64, i128)>,
+    pub stream_at_start: Option<(String, u64)>,
 }
 
 /// The running cluster thread.

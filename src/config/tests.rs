@@ -179,17 +179,19 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
     }
     // A NATS credentials file: a user JWT and a seed, or one line that names the key and
     // quotes nothing of the file.
-    let creds = keys.path().join("user.creds");
-    std::fs::write(
-        &creds,
+    let creds_text = |seed: &str| {
         format!(
             "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.eyJzdWIiOiJVIn0.c2ln\n------END NATS USER JWT------\n\n\
              ************************* IMPORTANT *************************\n\n\
-             -----BEGIN USER NKEY SEED-----\nSU{}\n------END USER NKEY SEED------\n",
-            "A".repeat(56)
-        ),
-    )
-    .unwrap();
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    };
+    let creds = keys.path().join("user.creds");
+    let user = nkeys::KeyPair::new_user();
+    std::fs::write(&creds, creds_text(&user.seed().unwrap())).unwrap();
+    // The right shape, but a seed whose checksum is wrong: the client would refuse it.
+    let bad_sum = keys.path().join("sum.creds");
+    std::fs::write(&bad_sum, creds_text(&format!("SU{}", "A".repeat(56)))).unwrap();
     let bad_creds = keys.path().join("bad.creds");
     std::fs::write(
         &bad_creds,
@@ -200,6 +202,11 @@ fn replication_settings_are_checked_with_one_line_naming_the_key() {
     for (extra, says) in [
         (format!("{js}jetstream_creds_file = {bad_creds:?}\n"), "credentials file"),
         (format!("{js}jetstream_creds_file = {seed:?}\n"), "credentials file"),
+        (format!("{js}jetstream_creds_file = {bad_sum:?}\n"), "credentials file"),
+        (
+            format!("{js}jetstream_creds_file = \"/dev/zero\"\n"),
+            "not a regular file",
+        ),
         (
             format!("{js}jetstream_creds_file = {:?}\n", keys.path().join("none")),
             "cannot read",

@@ -134,11 +134,6 @@ impl Appender {
         self.names.stream.clone()
     }
 
-    /// When this node's stream was made (Unix nanoseconds).
-    pub fn stream_created(&self) -> i128 {
-        self.created
-    }
-
     /// The last sequence of this node's stream, as the appender knows it.
     pub fn last_seq(&self) -> u64 {
         self.last_seq
@@ -157,7 +152,7 @@ impl Appender {
             stream: self.names.stream.clone(),
             last_seq: start,
             shards: stores.len(),
-            created: Some(self.created),
+            created: None,
         };
         tokio::task::spawn_blocking(move || {
             for s in &stores {
@@ -542,8 +537,16 @@ impl Appender {
         } else {
             self.r.last_seq(&me).await
         };
+        // The stream may have been made again meanwhile (reading it makes it if it is
+        // gone): the clean-stop marker must name the one it is now.
+        let r = match r {
+            Ok(seq) => self.r.stream_created(&me).await.map(|c| (seq, c)),
+            Err(e) => Err(e),
+        };
         match r {
-            Ok(seq) => {
+            Ok((seq, created)) => {
+                self.created = created;
+                self.show(|v| v.stream_created = Some(created));
                 self.last_seq = seq;
                 self.fenced = false;
                 self.snapshot_due = owned > 0;

@@ -18,10 +18,14 @@ pub struct Marker {
     pub stream: String,
     pub last_seq: u64,
     pub shards: usize,
-    /// When the stream was made (JetStream's `created`, Unix nanoseconds): a stream made
-    /// again under the same name (NATS lost it, or it was deleted) is another stream, even
-    /// where it reaches the same sequence. `None`: a marker written before this was noted
-    /// (not checked).
+    /// When the stream was made (JetStream's `created`, Unix nanoseconds), in the
+    /// clean-stop marker: a stream made again under the same name (NATS lost it, or it was
+    /// deleted) is another stream, even where it reaches the same sequence, and gets a
+    /// start snapshot. A difference is only ever taken as a reason for that snapshot, never
+    /// to skip anything: NATS servers before 2.12.15 may report a new creation time for the
+    /// same stream after a restart (an idempotent create recorded a new one). So the
+    /// `replicated`-mode marker carries none (`None`: not checked; also a clean-stop marker
+    /// written before this was noted).
     pub created: Option<i128>,
 }
 
@@ -69,7 +73,8 @@ pub fn take(path: &Path) -> std::io::Result<Option<Marker>> {
 
 /// The name of the `replicated`-mode marker in the data directory. A run that acknowledges
 /// from its stream (and fsyncs its stores only in the background) keeps it up to date:
-/// `"<stream> <seq> <shards>"`, where every store durably holds every change of the
+/// `"<stream> <seq> <shards>"` (a fourth field, the creation time, is read if present but
+/// never written here: see [`Marker::created`]), where every store durably holds every change of the
 /// stream's log up to `seq`, and the log after `seq` is kept (the appender fsyncs the
 /// stores and moves `seq` forward before it trims the log). A start that finds it and no
 /// clean-stop marker applies the log after `seq` to the stores.
