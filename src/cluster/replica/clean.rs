@@ -74,10 +74,10 @@ pub fn take(path: &Path) -> std::io::Result<Option<Marker>> {
 /// The name of the `replicated`-mode marker in the data directory. A run that acknowledges
 /// from its stream (and fsyncs its stores only in the background) keeps it up to date:
 /// `"<stream> <seq> <shards>"` (a fourth field, the creation time, is read if present but
-/// never written here: see [`Marker::created`]), where every store durably holds every change of the
-/// stream's log up to `seq`, and the log after `seq` is kept (the appender fsyncs the
-/// stores and moves `seq` forward before it trims the log). A start that finds it and no
-/// clean-stop marker applies the log after `seq` to the stores.
+/// never written here: see [`Marker::created`]), where every store durably holds every
+/// change of the stream's log up to `seq`, and the log after `seq` is kept (the appender
+/// fsyncs the stores and moves `seq` forward before it trims the log). A start that finds
+/// it and no clean-stop marker applies the log after `seq` to the stores.
 pub const AHEAD_FILE: &str = "replica-ahead";
 
 /// Writes the `replicated`-mode marker, atomically and durably.
