@@ -231,35 +231,48 @@ fn a_node_logs_in_to_jetstream_with_an_nkey_and_an_unknown_one_stops_the_start()
             user.public_key()
         ),
     );
+    logs_in_one_way(
+        &nats,
+        "nkey",
+        "cluster.jetstream_nkey_file",
+        [&good, &unknown, &junk],
+        secret,
+    );
+}
+
+/// A node that logs in to JetStream with the file named by `key` (`files`: one the servers
+/// accept, one they do not know, one not of that kind): with the first, QoS 1 messages into
+/// a persistent session are acknowledged through the stream; the second stops the start
+/// with one line naming the authorization; the third is refused before anything starts
+/// (exit 2, one line naming `key`, nothing of `secret`).
+fn logs_in_one_way(nats: &Nats, tag: &str, key: &str, files: [&Path; 3], secret: &str) {
+    let [good, refused, junk] = files;
     let etcd = Etcd::start(1);
-    let p = format!("/shardmq-replica-nkey-{}", std::process::id());
-    let nkey = |f: &Path| format!("jetstream_nkey_file = {f:?}\n");
+    let p = format!("/shardmq-replica-{tag}-{}", std::process::id());
+    let line = |f: &Path| format!("{} = {f:?}\n", key.trim_start_matches("cluster."));
     let a = TestBroker::start_with(
         1,
-        &node_conf("a", &etcd, &p, &nats.toml_urls(), &nkey(&good)),
+        &node_conf("a", &etcd, &p, &nats.toml_urls(), &line(good)),
     );
     assert_eq!(
         a.admin_json("/api/cluster")["replication"]["nats_connected"],
         true
     );
-    let sub = ConnectOpts::v5("nkey-sub", false);
+    let topic = format!("{tag}/t");
+    let sub = ConnectOpts::v5(&format!("{tag}-sub"), false);
     let (mut s, _) = RawClient::connect_served(a.addr, &sub);
-    s.sub(&[("nkey/t", QoS::AtLeastOnce)]);
+    s.sub(&[(topic.as_str(), QoS::AtLeastOnce)]);
     s.disconnect();
-    let (mut publ, _) = RawClient::connect_served(a.addr, &ConnectOpts::v5("nkey-pub", true));
+    let (mut publ, _) =
+        RawClient::connect_served(a.addr, &ConnectOpts::v5(&format!("{tag}-pub"), true));
     for i in 0..5 {
-        publ.publish(
-            "nkey/t",
-            format!("m{i}").as_bytes(),
-            QoS::AtLeastOnce,
-            false,
-        );
+        publ.publish(&topic, format!("m{i}").as_bytes(), QoS::AtLeastOnce, false);
     }
     publ.disconnect();
     let appends = a.admin_json("/api/cluster")["replication"]["appends_total"]
         .as_u64()
         .unwrap_or(0);
-    assert!(appends >= 2, "appends with the NKey: {appends}");
+    assert!(appends >= 2, "appends with {key}: {appends}");
     let (mut s, present) = RawClient::connect_served(a.addr, &sub);
     assert!(present);
     let got: Vec<String> = (0..5)
@@ -271,12 +284,12 @@ fn a_node_logs_in_to_jetstream_with_an_nkey_and_an_unknown_one_stops_the_start()
     let dir = tempfile::tempdir().expect("temp dir");
     let out = run_with(
         dir.path(),
-        &node_conf("b", &etcd, &p, &nats.toml_urls(), &nkey(&unknown)),
+        &node_conf("b", &etcd, &p, &nats.toml_urls(), &line(refused)),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
-        "started with an unknown key: {stderr}"
+        "started with a login the servers do not know: {stderr}"
     );
     let last = stderr.lines().last().unwrap_or_default().to_lowercase();
     assert!(
@@ -285,15 +298,12 @@ fn a_node_logs_in_to_jetstream_with_an_nkey_and_an_unknown_one_stops_the_start()
     );
     let out = run_with(
         dir.path(),
-        &node_conf("c", &etcd, &p, &nats.toml_urls(), &nkey(&junk)),
+        &node_conf("c", &etcd, &p, &nats.toml_urls(), &line(junk)),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("cluster.jetstream_nkey_file") && !stderr.contains(secret),
-        "{stderr}"
-    );
+    assert!(stderr.contains(key) && !stderr.contains(secret), "{stderr}");
 }
 
 /// Runs `shardmq` with `conf` in `dir` until it exits (bounded).
@@ -333,67 +343,11 @@ fn a_node_logs_in_to_jetstream_with_a_creds_file_and_an_unknown_account_stops_th
     let secret = "-----BEGIN NATS USER JWT-----\nSECRETJWT\n";
     std::fs::write(&junk, secret).expect("write");
     let nats = Nats::start_with(3, &op.server_conf);
-    let etcd = Etcd::start(1);
-    let p = format!("/shardmq-replica-creds-{}", std::process::id());
-    let creds = |f: &Path| format!("jetstream_creds_file = {f:?}\n");
-    let a = TestBroker::start_with(
-        1,
-        &node_conf("a", &etcd, &p, &nats.toml_urls(), &creds(&good)),
-    );
-    assert_eq!(
-        a.admin_json("/api/cluster")["replication"]["nats_connected"],
-        true
-    );
-    let sub = ConnectOpts::v5("creds-sub", false);
-    let (mut s, _) = RawClient::connect_served(a.addr, &sub);
-    s.sub(&[("creds/t", QoS::AtLeastOnce)]);
-    s.disconnect();
-    let (mut publ, _) = RawClient::connect_served(a.addr, &ConnectOpts::v5("creds-pub", true));
-    for i in 0..5 {
-        publ.publish(
-            "creds/t",
-            format!("m{i}").as_bytes(),
-            QoS::AtLeastOnce,
-            false,
-        );
-    }
-    publ.disconnect();
-    let appends = a.admin_json("/api/cluster")["replication"]["appends_total"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(appends >= 2, "appends with the credentials: {appends}");
-    let (mut s, present) = RawClient::connect_served(a.addr, &sub);
-    assert!(present);
-    let got: Vec<String> = (0..5)
-        .map(|_| String::from_utf8_lossy(&s.recv_publish_ack().payload).into_owned())
-        .collect();
-    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
-    s.disconnect();
-
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = run_with(
-        dir.path(),
-        &node_conf("b", &etcd, &p, &nats.toml_urls(), &creds(&stranger)),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "started with an unknown account: {stderr}"
-    );
-    let last = stderr.lines().last().unwrap_or_default().to_lowercase();
-    assert!(
-        last.contains("authorization") && last.contains("cluster.jetstream"),
-        "the last line names the problem: {stderr}"
-    );
-    let out = run_with(
-        dir.path(),
-        &node_conf("c", &etcd, &p, &nats.toml_urls(), &creds(&junk)),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("cluster.jetstream_creds_file") && !stderr.contains("SECRET"),
-        "{stderr}"
+    logs_in_one_way(
+        &nats,
+        "creds",
+        "cluster.jetstream_creds_file",
+        [&good, &stranger, &junk],
+        "SECRET",
     );
 }
