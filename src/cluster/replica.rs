@@ -589,12 +589,6 @@ impl Replica {
         }
     }
 
-    /// Empties this node's stream (it owns nothing: whatever it holds was rebuilt
-    /// elsewhere) and returns the last sequence.
-    pub async fn purge(&self, me: &str) -> Result<u64, String> {
-        self.last_seq_after(me, true).await
-    }
-
     /// Trims the stream of `node`, failed over: its sessions are stored (and replicated) by
     /// the node that rebuilt them, so its `log`, `snap` and `done` below `fence_seq` (the
     /// fence this fail-over wrote: everything before it was read) go; the fence stays, and
@@ -637,36 +631,25 @@ impl Replica {
             .is_some_and(|m| m.headers.get(KIND).is_some_and(|k| k.as_str() != "init")))
     }
 
-    /// When this node's stream was made (JetStream's `created`, Unix nanoseconds): a stream
-    /// deleted and made again under the same name is told apart by it.
-    pub async fn stream_created(&self, me: &str) -> Result<i128, String> {
-        let names = self.names(me);
-        let stream = self.ensure_stream(me, &names).await?;
-        Ok(stream
-            .get_info()
-            .await
-            .map_err(|e| err("info", e))?
-            .created
-            .unix_timestamp_nanos())
-    }
-
     async fn last_seq(&self, me: &str) -> Result<u64, String> {
-        self.last_seq_after(me, false).await
+        Ok(self.stream_end(me, false).await?.0)
     }
 
-    /// This node's stream's last sequence, after emptying it when `purge`.
-    async fn last_seq_after(&self, me: &str, purge: bool) -> Result<u64, String> {
+    /// This node's stream's last sequence, after emptying it when `purge` (it owns nothing:
+    /// whatever it holds was rebuilt elsewhere), and when the
+    /// stream was made (JetStream's `created`, Unix nanoseconds: a stream deleted and made
+    /// again under the same name is told apart by it), from one answer.
+    pub async fn stream_end(&self, me: &str, purge: bool) -> Result<(u64, i128), String> {
         let names = self.names(me);
         let stream = self.ensure_stream(me, &names).await?;
         if purge {
             stream.purge().await.map_err(|e| err("purge", e))?;
         }
-        Ok(stream
-            .get_info()
-            .await
-            .map_err(|e| err("info", e))?
-            .state
-            .last_sequence)
+        let info = stream.get_info().await.map_err(|e| err("info", e))?;
+        Ok((
+            info.state.last_sequence,
+            info.created.unix_timestamp_nanos(),
+        ))
     }
 }
 

@@ -67,15 +67,10 @@ impl Appender {
         handle: crate::cluster::ClusterHandle,
         ahead: Option<std::path::PathBuf>,
     ) -> Result<Appender, String> {
-        let last_seq = if owns_slots {
-            r.last_seq(me).await?
-        } else {
-            r.purge(me).await?
-        };
+        let (last_seq, created) = r.stream_end(me, !owns_slots).await?;
         // Stopped in order with the stream holding everything, and nobody wrote to it since
         // (a fence would have moved its end): the stores and the stream agree.
         let names = r.names(me);
-        let created = r.stream_created(me).await?;
         let agree = owns_slots
             && clean.as_ref().is_some_and(|m| {
                 m.last_seq == last_seq && m.stream == names.stream && m.same_stream_made(created)
@@ -532,18 +527,9 @@ impl Appender {
             return;
         }
         let me = self.me.clone();
-        let r = if owned == 0 {
-            self.r.purge(&me).await
-        } else {
-            self.r.last_seq(&me).await
-        };
         // The stream may have been made again meanwhile (reading it makes it if it is
         // gone): the clean-stop marker must name the one it is now.
-        let r = match r {
-            Ok(seq) => self.r.stream_created(&me).await.map(|c| (seq, c)),
-            Err(e) => Err(e),
-        };
-        match r {
+        match self.r.stream_end(&me, owned == 0).await {
             Ok((seq, created)) => {
                 self.created = created;
                 self.show(|v| v.stream_created = Some(created));
