@@ -303,6 +303,13 @@ pub struct Limits {
     /// Retained messages held by the broker; also, per shard, the recent deletions kept to
     /// order late writes (the oldest forgotten first).
     pub retained_messages_max: u32,
+    /// How long a retained message's deletion is remembered: a node that starts (back
+    /// with an old disk, say) is told of the deletions its peers remember, and deletes its
+    /// copies of those messages.
+    pub retained_deletions_keep_s: u32,
+    /// Bytes the remembered deletions may hold per shard (topic plus 96 each), the oldest
+    /// forgotten first.
+    pub retained_deletions_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -328,6 +335,8 @@ impl Default for Limits {
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,
             retained_messages_max: 1_000_000,
+            retained_deletions_keep_s: 86_400,
+            retained_deletions_bytes_max: 16 * 1024 * 1024,
         }
     }
 }

@@ -38,7 +38,8 @@ pub const FORGET: u8 = 23;
 /// (empty): send me every retained message you hold (a node that has just started).
 pub const RETAINED_WANTED: u8 = 24;
 /// `[u64 version ns][u16 version shard][message]`: one retained message, with the version
-/// of the write the sender holds (the receiver keeps it only if that is newer than its own).
+/// of the write the sender holds (the receiver keeps it only if that is newer than its own);
+/// an empty one is a deletion the sender remembers (the receiver deletes an older copy).
 pub const RETAINED: u8 = 25;
 /// `[u8 cut short]`: the retained messages asked for are all sent (1: some were left out,
 /// past the link's buffer bound).
@@ -400,7 +401,8 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
             let at_ns = u64_of(&mut b)?;
             let shard = u16_of(&mut b)?;
             let msg = message_of(&mut b, now)?;
-            if !msg.retain || msg.payload.is_empty() || msg.qos2_id.is_some() {
+            // An empty payload is a deletion the sender remembers.
+            if !msg.retain || msg.qos2_id.is_some() {
                 return Err("a retained message that is not one".into());
             }
             Frame::Retained {
@@ -760,7 +762,7 @@ mod tests {
     }
 
     #[test]
-    fn a_retained_message_round_trips_with_its_version_and_a_deletion_or_live_one_is_refused() {
+    fn a_retained_message_or_deletion_round_trips_with_its_version_and_a_live_one_is_refused() {
         let now = Instant::now();
         let msg = Message {
             topic: TopicName::new("r/t").unwrap(),
@@ -810,14 +812,30 @@ mod tests {
                 matches!(decode(k, b, now), Ok(Frame::RetainedEnd { cut_short: c }) if c == cut_short)
             );
         }
-        // A deletion (empty payload) or a message that is not retained is not one.
+        // A deletion (empty payload) goes with its version.
+        let mut buf = BytesMut::new();
+        let gone = Message {
+            payload: Bytes::new(),
+            ..msg.clone()
+        };
+        retained(&mut buf, version, &gone, now);
+        let (k, b) = split(&buf);
+        assert!(matches!(
+            decode(k, b, now),
+            Ok(Frame::Retained { version: v, msg }) if v == version && msg.payload.is_empty()
+        ));
+        // A message that is not retained, or one with a QoS 2 key, is not one.
         for m in [
             Message {
-                payload: Bytes::new(),
+                retain: false,
                 ..msg.clone()
             },
             Message {
-                retain: false,
+                qos: QoS::ExactlyOnce,
+                qos2_id: Some(Qos2Id {
+                    packet_id: 4,
+                    dup: false,
+                }),
                 ..msg.clone()
             },
         ] {

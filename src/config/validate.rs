@@ -98,7 +98,7 @@ impl Config {
     }
 
     /// The settings that must be greater than 0, by key, in the order they are checked.
-    fn positive_settings(&self) -> [(&'static str, u64); 22] {
+    fn positive_settings(&self) -> [(&'static str, u64); 24] {
         let l = &self.limits;
         [
             ("limits.connections_max", l.connections_max as u64),
@@ -128,6 +128,14 @@ impl Config {
                 l.incomplete_packet_bytes_max,
             ),
             ("limits.queue_bytes_max", l.queue_bytes_max),
+            (
+                "limits.retained_deletions_keep_s",
+                l.retained_deletions_keep_s as u64,
+            ),
+            (
+                "limits.retained_deletions_bytes_max",
+                l.retained_deletions_bytes_max,
+            ),
             ("shards.preempt_timer_ms", self.shards.preempt_timer_ms),
             (
                 "storage.batched_interval_ms",

@@ -103,9 +103,6 @@ const REFILL_ROUNDS_MAX: usize = 8;
 /// How many members a shared message is offered to before it is dropped.
 const SHARED_ATTEMPTS_MAX: u8 = 3;
 
-/// How long a retained deletion is remembered.
-const TOMBSTONE_KEEP: Duration = Duration::from_secs(60);
-
 /// A subscription as the shard's topic tree holds it.
 #[derive(Clone, Debug)]
 enum LocalSub {
@@ -604,6 +601,8 @@ impl Core {
                 id,
                 Instant::now(),
                 cfg.limits.retained_messages_max as usize,
+                cfg.limits.retained_deletions_bytes_max as usize,
+                Duration::from_secs(cfg.limits.retained_deletions_keep_s as u64),
             ),
             stopping: false,
             logins: Logins::new(&cfg),

@@ -501,15 +501,26 @@ impl Core {
                         }
                     }
                 });
+                // The deletions remembered go too (as empty retained messages): the asking
+                // node deletes a copy it kept from before them.
+                for (topic, v) in self.retained_versions.deletions() {
+                    if !is_sys_topic(topic) {
+                        items.push((deletion_of(topic, now), v));
+                    }
+                }
                 if let Some(c) = &self.cluster {
                     let _ = c.link.control.send(ToCluster::RetainedSet { node, items });
                 }
             }
             FromCluster::Retained { msg, version } => {
                 // Versioned by the sending node's clock: this node's later writes to the
-                // topic must still win, even if its clock is behind.
+                // topic must still win, even if its clock is behind. An empty one is a
+                // deletion the sender remembers: applied as one here if newer.
                 self.retained_versions.observe(version);
-                if !self.retained_versions.is_stale(&msg.topic, version) {
+                // A deletion of what this node does not hold changes nothing here (and is
+                // not remembered again, which would restart its time).
+                let moot = msg.payload.is_empty() && self.retained.get(&msg.topic).is_none();
+                if !moot && !self.retained_versions.is_stale(&msg.topic, version) {
                     self.apply_retained_everywhere(msg, version, true);
                 }
             }
@@ -719,3 +730,19 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+
+/// A retained deletion of `topic` as a message (an empty retained PUBLISH), for the
+/// retained sync.
+fn deletion_of(topic: &TopicName, now: Instant) -> SharedMessage {
+    Arc::new(Message {
+        topic: topic.clone(),
+        payload: bytes::Bytes::new(),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: Default::default(),
+        origin: None,
+        qos2_id: None,
+        created: now,
+        groups: None,
+    })
+}

@@ -4,29 +4,52 @@
 use super::*;
 
 /// The version of the last write applied to each retained topic on this shard, and the
-/// clock that versions this shard's own writes. Deletions stay as tombstones for
-/// [`TOMBSTONE_KEEP`] so that an older write arriving late cannot revive a deleted message;
-/// at most `tombstones_max` of them (`limits.retained_messages_max`), the oldest forgotten
-/// first: a client deleting many topics that never held a message cannot grow the map
-/// without bound.
+/// clock that versions this shard's own writes. Deletions stay as tombstones for `keep`
+/// (`limits.retained_deletions_keep_s`): an older write arriving late cannot revive a
+/// deleted message, and a node that starts asks for them with the retained set, so that a
+/// copy it kept from before (an old disk) of a message deleted while it was away is
+/// deleted too. At most `tombstones_max` of them (`limits.retained_messages_max`) and
+/// `bytes_max` bytes (`limits.retained_deletions_bytes_max`, topics plus
+/// [`TOMBSTONE_OVERHEAD`] each), the oldest forgotten first: a client deleting many topics
+/// that never held a message cannot grow the map without bound.
 #[derive(Debug)]
 pub(super) struct RetainedVersions {
     applied: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
     /// Tombstones in the order they were made (some may have been overwritten since).
     tombstones: std::collections::VecDeque<(TopicName, Instant)>,
     tombstones_max: usize,
+    /// What the tombstones in the deque hold (topic bytes plus [`TOMBSTONE_OVERHEAD`]).
+    bytes: usize,
+    bytes_max: usize,
+    keep: Duration,
     /// The last version this shard gave out (nanoseconds since the epoch, strictly rising).
     last_ns: u64,
     last_prune: Instant,
     shard: u16,
 }
 
+/// What a tombstone holds besides its topic's bytes (its map entry and its place in the
+/// deque), for `limits.retained_deletions_bytes_max`.
+pub(super) const TOMBSTONE_OVERHEAD: usize = 96;
+
+/// Tombstones are swept at least this often (and at most once per `keep`, if shorter).
+const TOMBSTONE_SWEEP: Duration = Duration::from_secs(60);
+
 impl RetainedVersions {
-    pub fn new(shard: usize, now: Instant, tombstones_max: usize) -> RetainedVersions {
+    pub fn new(
+        shard: usize,
+        now: Instant,
+        tombstones_max: usize,
+        bytes_max: usize,
+        keep: Duration,
+    ) -> RetainedVersions {
         RetainedVersions {
             applied: HashMap::new(),
             tombstones: std::collections::VecDeque::new(),
             tombstones_max: tombstones_max.max(1),
+            bytes: 0,
+            bytes_max,
+            keep,
             last_ns: 0,
             last_prune: now,
             shard: shard as u16,
@@ -67,38 +90,55 @@ impl RetainedVersions {
         deleted_at: Option<Instant>,
     ) {
         if let Some(at) = deleted_at {
+            self.bytes += topic.as_str().len() + TOMBSTONE_OVERHEAD;
             self.tombstones.push_back((topic.clone(), at));
         }
         self.applied.insert(topic, (version, deleted_at));
-        while self.tombstones.len() > self.tombstones_max {
-            if let Some((t, at)) = self.tombstones.pop_front() {
-                self.forget_tombstone(&t, at);
+        while self.tombstones.len() > self.tombstones_max || self.bytes > self.bytes_max {
+            if !self.forget_oldest() {
+                break;
             }
         }
     }
 
-    /// Removes `topic`'s entry if it is still the tombstone made at `at`.
-    fn forget_tombstone(&mut self, topic: &TopicName, at: Instant) {
-        if self.applied.get(topic).is_some_and(|(_, d)| *d == Some(at)) {
-            self.applied.remove(topic);
+    /// Forgets the oldest tombstone (if its topic was not written since); `false` when
+    /// there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let Some((topic, at)) = self.tombstones.pop_front() else {
+            return false;
+        };
+        self.bytes -= topic.as_str().len() + TOMBSTONE_OVERHEAD;
+        if self
+            .applied
+            .get(&topic)
+            .is_some_and(|(_, d)| *d == Some(at))
+        {
+            self.applied.remove(&topic);
         }
+        true
     }
 
-    /// Forgets deletions older than [`TOMBSTONE_KEEP`] (cross-shard writes arrive within
-    /// milliseconds; the tombstones only guard against reordering). Sweeps at most once per
-    /// [`TOMBSTONE_KEEP`].
+    /// Forgets deletions older than `keep`. Sweeps at most once per `keep` or
+    /// [`TOMBSTONE_SWEEP`], whichever is shorter.
     pub fn prune(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.last_prune) < TOMBSTONE_KEEP {
+        if now.saturating_duration_since(self.last_prune) < self.keep.min(TOMBSTONE_SWEEP) {
             return;
         }
         self.last_prune = now;
-        while let Some((t, at)) = self.tombstones.front().cloned() {
-            if now.saturating_duration_since(at) < TOMBSTONE_KEEP {
+        while let Some((_, at)) = self.tombstones.front() {
+            if now.saturating_duration_since(*at) < self.keep {
                 break;
             }
-            self.tombstones.pop_front();
-            self.forget_tombstone(&t, at);
+            self.forget_oldest();
         }
+    }
+
+    /// The deletions remembered here (topic and the version of the deletion).
+    pub fn deletions(&self) -> impl Iterator<Item = (&TopicName, RetainVersion)> {
+        self.applied
+            .iter()
+            .filter(|(_, (_, d))| d.is_some())
+            .map(|(t, (v, _))| (t, *v))
     }
 
     /// How many topics have a version noted (live writes and tombstones).
@@ -183,13 +223,15 @@ impl Core {
 mod tests {
     use super::*;
 
+    const KEEP: Duration = Duration::from_secs(60);
+
     fn topic(t: &str) -> TopicName {
         TopicName::new(t).unwrap()
     }
 
     #[test]
     fn versions_given_out_rise_even_when_the_clock_steps_back() {
-        let mut v = RetainedVersions::new(3, Instant::now(), 100);
+        let mut v = RetainedVersions::new(3, Instant::now(), 100, usize::MAX, KEEP);
         let a = v.next(1_000);
         let b = v.next(500); // the wall clock stepped back
         let c = v.next(2_000);
@@ -199,7 +241,7 @@ mod tests {
 
     #[test]
     fn an_older_or_equal_write_is_stale_and_a_newer_one_is_not() {
-        let mut v = RetainedVersions::new(0, Instant::now(), 100);
+        let mut v = RetainedVersions::new(0, Instant::now(), 100, usize::MAX, KEEP);
         let t = topic("a/b");
         let old = RetainVersion {
             at_ns: 10,
@@ -226,7 +268,7 @@ mod tests {
     #[test]
     fn tombstones_outlive_a_late_write_then_are_forgotten_and_live_topics_stay() {
         let t0 = Instant::now();
-        let mut v = RetainedVersions::new(0, t0, 100);
+        let mut v = RetainedVersions::new(0, t0, 100, usize::MAX, KEEP);
         let (gone, live) = (topic("gone"), topic("live"));
         let del = RetainVersion {
             at_ns: 20,
@@ -234,7 +276,7 @@ mod tests {
         };
         v.applied(gone.clone(), del, Some(t0));
         v.applied(live.clone(), RetainVersion { at_ns: 5, shard: 0 }, None);
-        v.prune(t0 + TOMBSTONE_KEEP / 2);
+        v.prune(t0 + KEEP / 2);
         assert!(
             v.is_stale(
                 &gone,
@@ -245,7 +287,7 @@ mod tests {
             ),
             "kept while young"
         );
-        v.prune(t0 + TOMBSTONE_KEEP);
+        v.prune(t0 + KEEP);
         assert_eq!(v.len(), 1, "the old tombstone went");
         assert!(
             v.is_stale(&live, RetainVersion { at_ns: 5, shard: 0 }),
@@ -256,7 +298,7 @@ mod tests {
     #[test]
     fn tombstones_are_bounded_oldest_first_and_a_rewrite_is_not_a_tombstone() {
         let t0 = Instant::now();
-        let mut v = RetainedVersions::new(0, t0, 3);
+        let mut v = RetainedVersions::new(0, t0, 3, usize::MAX, KEEP);
         let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
         for i in 0..10u64 {
             v.applied(topic(&format!("gone/{i}")), at(i + 1), Some(t0));
@@ -269,14 +311,45 @@ mod tests {
         );
         // A topic deleted, then written again: its entry is no longer a tombstone and is
         // kept when the old tombstone's turn comes.
-        let mut v = RetainedVersions::new(0, t0, 2);
+        let mut v = RetainedVersions::new(0, t0, 2, usize::MAX, KEEP);
         v.applied(topic("back"), at(1), Some(t0));
         v.applied(topic("back"), at(2), None);
         v.applied(topic("x"), at(3), Some(t0));
         v.applied(topic("y"), at(4), Some(t0));
         assert!(v.is_stale(&topic("back"), at(2)), "the rewrite stays");
-        v.prune(t0 + TOMBSTONE_KEEP);
+        v.prune(t0 + KEEP);
         assert_eq!(v.len(), 1, "old tombstones go, the live topic stays");
         assert!(v.is_stale(&topic("back"), at(2)));
+    }
+
+    #[test]
+    fn tombstones_are_bounded_by_bytes_kept_as_configured_and_listed_for_the_sync() {
+        let t0 = Instant::now();
+        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
+        // Room for two tombstones of 8-byte topics.
+        let room = 2 * (8 + TOMBSTONE_OVERHEAD);
+        let keep = Duration::from_secs(3600);
+        let mut v = RetainedVersions::new(0, t0, 1000, room, keep);
+        for i in 0..5u64 {
+            v.applied(topic(&format!("gone/{i:03}")), at(i + 1), Some(t0));
+        }
+        v.applied(topic("live/000"), at(9), None);
+        let mut listed: Vec<(String, u64)> = v
+            .deletions()
+            .map(|(t, v)| (t.as_str().to_string(), v.at_ns))
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [("gone/003".to_string(), 4), ("gone/004".to_string(), 5)],
+            "the newest that fit, and no live topic"
+        );
+        assert_eq!(v.bytes, room);
+        // Kept for `keep`, not the old 60 s; then swept.
+        v.prune(t0 + Duration::from_secs(61));
+        assert_eq!(v.deletions().count(), 2);
+        v.prune(t0 + keep);
+        assert_eq!(v.deletions().count(), 0);
+        assert_eq!((v.bytes, v.len()), (0, 1), "the live topic stays");
     }
 }
