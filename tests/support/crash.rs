@@ -205,8 +205,46 @@ pub fn publish_v5_while(
             publ.republish_refused(&mut c);
         }
     }
-    c.publish(CRASH_TOPIC, b"END", QoS::AtLeastOnce, false);
-    c.disconnect();
+    publish_end(publ, c, at, &opts);
+}
+
+/// Publishes `END` (QoS 1) until the broker takes it. A refusal (0x80: a subscriber's
+/// session was moving between nodes, say, so nothing was stored) or a closed connection
+/// means it was not taken: it is sent again, as every other message is.
+fn publish_end(publ: &mut CrashPublisher, mut c: RawClient, at: SocketAddr, opts: &ConnectOpts) {
+    let deadline = Instant::now() + 3 * TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "the broker never took END");
+        let id = c.next_pid();
+        let end = publish_packet(
+            CRASH_TOPIC,
+            b"END",
+            QoS::AtLeastOnce,
+            false,
+            Some(id),
+            false,
+        );
+        c.send(&end);
+        let taken = loop {
+            match c.read_frame_until(Instant::now() + TIMEOUT) {
+                Ok((Packet::PubAck(a), _)) if a.packet_id.get() == id => {
+                    break (a.reason_code as u8) < 0x80;
+                }
+                Ok((Packet::Disconnect(_), _)) | Err(ReadEnd::Closed) => {
+                    c = publ.reconnect(at, opts);
+                    break false;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the publisher's END: {e:?}"),
+            }
+        };
+        if taken {
+            c.disconnect();
+            return;
+        }
+        eprintln!("END not taken: sent again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Checks what the two subscribers of the crash test got (`got1` at QoS 1, `got2` at QoS
@@ -598,9 +636,25 @@ pub fn crash_drain(addr: SocketAddr, opts: &ConnectOpts, end: &str) -> Vec<(u64,
         "{}: session present after the crashes",
         opts.client_id
     );
-    let mut got = Vec::new();
+    let mut got: Vec<(u64, QoS)> = Vec::new();
     loop {
-        let p = c.recv_publish_ack();
+        // A drain that stalls says how far it got (the last numbers, and whether the
+        // connection stayed open), not only that nothing came.
+        let p = match c.read_frame_until(Instant::now() + TIMEOUT) {
+            Ok((Packet::Publish(p), _)) => p,
+            Ok((other, _)) => panic!(
+                "{}: expected PUBLISH while draining, got {other:?} after {} messages",
+                opts.client_id,
+                got.len()
+            ),
+            Err(e) => panic!(
+                "{}: the drain stopped ({e:?}) after {} messages, the last {:?}, before {end:?}",
+                opts.client_id,
+                got.len(),
+                &got[got.len().saturating_sub(5)..]
+            ),
+        };
+        c.ack(&p);
         let s = text(&p);
         if s == end {
             break;
