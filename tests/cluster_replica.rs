@@ -906,6 +906,108 @@ fn replicated_mode_keeps_a_qos2_publish_the_store_took_and_the_stream_missed_exa
     );
 }
 
+/// A QoS 2 release that a node lost with its disk missed, from a publisher on a third node
+/// (neither the lost node nor the survivor that rebuilds its sessions): the rebuilt session
+/// must not keep the stale key. The survivor asks the other nodes which releases the lost
+/// node missed before it stores the sessions. Without that, a new message from the
+/// publisher reusing the packet id, sent with DUP (a resend after a first try that never
+/// arrived), is taken for the old one: acknowledged (PUBREC, PUBCOMP) and never delivered
+/// (checked: without the question the subscriber gets m0 and m2 only).
+#[test]
+fn a_release_the_lost_node_missed_from_a_third_nodes_publisher_leaves_no_stale_key() {
+    use shardmq::protocol::{Ack, Packet};
+    let nats = Nats::start(3);
+    let etcd = Etcd::start(3);
+    let p = format!("/shardmq-replica-missed-{}", std::process::id());
+    let a = TestBroker::start_with(1, &replicated_toml("a", &etcd, &nats, &p, 3));
+    let b = TestBroker::start_with(1, &replicated_toml("b", &etcd, &nats, &p, 3));
+    let c = TestBroker::start_with(1, &replicated_toml("c", &etcd, &nats, &p, 3));
+    wait_linked(&[&a, &b, &c]);
+    wait_balanced(&a, &["a", "b", "c"]);
+    // The survivor that runs c's fail-over (chosen by c's name), and the third node.
+    let runner = ["a", "b"][shardmq::cluster::slot_of(b"c") as usize % 2];
+    let (rebuilder, third, third_id) = if runner == "a" {
+        (&a, &b, "b")
+    } else {
+        (&b, &a, "a")
+    };
+    let topic = "missed/t";
+    let sub = ConnectOpts::v5(&id_owned_by(&etcd, &p, "c", "missed-sub"), false).expiry(3600);
+    let (mut s, _) = RawClient::connect_served(c.addr, &sub);
+    s.sub(&[(topic, QoS::ExactlyOnce)]);
+    s.disconnect();
+    let publ = ConnectOpts::v5(&id_owned_by(&etcd, &p, third_id, "missed-pub"), false).expiry(3600);
+    let (mut pc, _) = RawClient::connect_served(third.addr, &publ);
+    // m0 is stored on c with its key (publisher, 7).
+    pc.send(&support::raw::publish_packet(
+        topic,
+        b"m0",
+        QoS::ExactlyOnce,
+        false,
+        Some(7),
+        false,
+    ));
+    pc.recv_matching(
+        "PUBREC",
+        |x| matches!(x, Packet::PubRec(a) if a.packet_id.get() == 7),
+    );
+    // c is lost with its disk before the release: the third node keeps it for c.
+    drop(c.kill9());
+    pc.send(&Packet::PubRel(Ack::new(support::raw::pid(7))));
+    pc.recv_matching(
+        "PUBCOMP",
+        |x| matches!(x, Packet::PubComp(a) if a.packet_id.get() == 7),
+    );
+    wait_until("c's sessions rebuilt", 6 * TIMEOUT, || {
+        owner_of(&etcd, &p, &sub.client_id) == runner
+    });
+    // A new message reusing packet id 7, sent with DUP. The rebalance that follows the
+    // fail-over may be moving the session meanwhile: then the publisher is refused or
+    // closed, and sends it again (reconnected, with DUP), as a client does.
+    let deadline = Instant::now() + 2 * TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "m1 was never taken");
+        pc.send(&support::raw::publish_packet(
+            topic,
+            b"m1",
+            QoS::ExactlyOnce,
+            false,
+            Some(7),
+            true,
+        ));
+        match pc.read_frame_until(Instant::now() + TIMEOUT) {
+            Ok((Packet::PubRec(a), _)) if a.packet_id.get() == 7 => {
+                if (a.reason_code as u8) < 0x80 {
+                    pc.send(&Packet::PubRel(Ack::new(support::raw::pid(7))));
+                    pc.recv_matching(
+                        "PUBCOMP",
+                        |x| matches!(x, Packet::PubComp(a) if a.packet_id.get() == 7),
+                    );
+                    break;
+                }
+            }
+            Ok((Packet::Disconnect(_), _)) | Err(support::raw::ReadEnd::Closed) => {
+                std::thread::sleep(Duration::from_millis(20));
+                let (c, present) = RawClient::connect_served(third.addr, &publ);
+                assert!(present, "the publisher's session");
+                pc = c;
+                continue;
+            }
+            other => panic!("m1: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qos2_flow(&mut pc, topic, "m2", 8, false);
+    pc.disconnect();
+    assert_eq!(
+        drain_all(rebuilder.addr, &sub),
+        ["m0", "m1", "m2"],
+        "the rebuilt session kept no stale key for the released packet id"
+    );
+    let asked = third.admin_json("/api/cluster")["plane"]["bad_frames_total"].as_u64();
+    assert_eq!(asked, Some(0), "the ask and its answer were understood");
+}
+
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up
 /// in the shard until `cluster.replication_pending_bytes_max`, then are dropped (memory
 /// stays bounded) and a snapshot puts them in the stream once NATS is back; lost with its

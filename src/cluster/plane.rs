@@ -118,6 +118,10 @@ pub struct PlaneCounters {
     /// Sets of retained messages sent to a starting node that were cut short (past half
     /// of `cluster.link_buffer_bytes_max`).
     pub retained_sync_cut_short_total: u64,
+    /// Nodes that did not say, before a rebuild here went on, which QoS 2 releases the
+    /// failed node missed (no answer in time, or their link went down): the rebuilt
+    /// sessions may keep those keys, stale.
+    pub rebuild_releases_unknown_total: u64,
 }
 
 /// The inputs of a slot map: the table's epoch, the live nodes with their relay
@@ -194,9 +198,30 @@ struct Plane {
     /// rebuild, the answers still missing, the sessions stored and who waits.
     rebuild_ids: HashMap<u64, u64>,
     rebuilds: HashMap<u64, Rebuild>,
+    /// Rebuilds waiting for the linked nodes to say which QoS 2 releases the failed node
+    /// missed (see [`Plane::start_rebuild`]).
+    missed_asks: HashMap<u64, MissedAsk>,
     /// Retained messages asked for at start (see `plane/retained.rs`).
     retained: retained::RetainedSync,
 }
+
+/// A rebuild waiting for the answers to its `MISSED_WANTED`.
+struct MissedAsk {
+    from: String,
+    read_at: Instant,
+    sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
+    reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    /// The nodes whose answer has not ended yet.
+    asked: hashbrown::HashSet<NodeIx>,
+    /// The releases they kept for the failed node (at most `cluster.missed_releases_max`
+    /// per node that can be linked).
+    releases: Vec<(MqttStr, Option<u16>)>,
+    deadline: Instant,
+}
+
+/// How long a rebuild waits for the linked nodes to say which QoS 2 releases the failed
+/// node missed.
+const MISSED_WAIT: Duration = Duration::from_secs(3);
 
 /// Sessions rebuilt here from a failed node's stream, waiting for the shards' answers.
 struct Rebuild {
@@ -306,6 +331,7 @@ pub(super) async fn run(
         releases: HashMap::new(),
         missed_releases: HashMap::new(),
         rebuild_ids: HashMap::new(),
+        missed_asks: HashMap::new(),
         retained: retained::RetainedSync::default(),
         rebuilds: HashMap::new(),
     };
@@ -697,6 +723,8 @@ impl Plane {
             Frame::RetainedWanted => self.retained_wanted(n),
             Frame::Retained { version, msg } => self.retained_from(n, version, msg),
             Frame::RetainedEnd { cut_short } => self.retained_end(n, cut_short),
+            Frame::MissedWanted { id, node } => self.missed_wanted(n, id, &node),
+            Frame::Missed { id, last, releases } => self.missed_from(n, id, last, releases),
             // After the session's last part on this link: its shard has it (or refused it).
             Frame::Forget {
                 client_id,
@@ -730,6 +758,7 @@ impl Plane {
     /// A link went down: what it carried fails now; routes waiting on it count it as done.
     fn link_down(&mut self, n: NodeIx) {
         self.retained_link_down(n);
+        self.missed_link_down(n);
         self.moves_in.retain(|(from, _), _| *from != n);
         if self.move_out.as_ref().is_some_and(|m| m.node == n) {
             self.fail_move("the link went down");
@@ -774,6 +803,7 @@ impl Plane {
         }
         self.moves_in.retain(|_, m| now < m.deadline);
         self.forgets.prune(now);
+        self.missed_tick(now);
         while let Some(&(at, id)) = self.deadlines.front() {
             if at > now {
                 break;

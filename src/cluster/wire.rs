@@ -44,6 +44,16 @@ pub const RETAINED: u8 = 25;
 /// `[u8 cut short]`: the retained messages asked for are all sent (1: some were left out,
 /// past the link's buffer bound).
 pub const RETAINED_END: u8 = 26;
+/// `[u64 id][node]`: send me the QoS 2 key releases you kept for `node` (it missed them:
+/// it was down, or did not answer); the sender is rebuilding `node`'s sessions from its
+/// stream, which may still hold those keys.
+pub const MISSED_WANTED: u8 = 27;
+/// `[u64 id][u8 last][u16 count][count x ([u8 has packet id][u16 packet id][origin])]`:
+/// part of the answer to `MISSED_WANTED` `id` (`last`: the whole of it is sent).
+pub const MISSED: u8 = 28;
+
+/// QoS 2 key releases in one `MISSED` frame.
+pub const MISSED_PER_FRAME: usize = 1024;
 
 /// `[u64 id][client id][u8 last][u32 count]` then per record `[u8 keyspace][u16 length][key
 /// after the client's prefix][u32 length][value]`: part of a session moving to the
@@ -94,6 +104,15 @@ pub enum Frame {
     },
     RetainedEnd {
         cut_short: bool,
+    },
+    MissedWanted {
+        id: u64,
+        node: String,
+    },
+    Missed {
+        id: u64,
+        last: bool,
+        releases: Vec<(MqttStr, Option<u16>)>,
     },
 }
 
@@ -198,6 +217,42 @@ pub fn release(out: &mut BytesMut, id: u64, origin: &str, packet_id: Option<u16>
         b.put_u16(packet_id.unwrap_or(0));
         put_str(b, origin);
     });
+}
+
+/// Asks for the releases the receiver kept for `node` (see [`MISSED_WANTED`]).
+pub fn missed_wanted(out: &mut BytesMut, id: u64, node: &str) {
+    frame(out, MISSED_WANTED, |b| {
+        b.put_u64(id);
+        put_str(b, node);
+    });
+}
+
+/// The answer to `MISSED_WANTED` `id`: `releases` in frames of [`MISSED_PER_FRAME`], the
+/// last one marked (one empty frame when there are none).
+pub fn missed<'a>(
+    out: &mut BytesMut,
+    id: u64,
+    releases: impl ExactSizeIterator<Item = &'a (MqttStr, Option<u16>)>,
+) {
+    let mut left = releases.len();
+    let mut it = releases;
+    loop {
+        let n = left.min(MISSED_PER_FRAME);
+        left -= n;
+        frame(out, MISSED, |b| {
+            b.put_u64(id);
+            b.put_u8(u8::from(left == 0));
+            b.put_u16(n as u16);
+            for (origin, packet_id) in it.by_ref().take(n) {
+                b.put_u8(u8::from(packet_id.is_some()));
+                b.put_u16(packet_id.unwrap_or(0));
+                put_str(b, origin.as_str());
+            }
+        });
+        if left == 0 {
+            return;
+        }
+    }
 }
 
 pub fn forget(out: &mut BytesMut, client_id: &str, origin: &str, packet_id: u16) {
@@ -410,6 +465,44 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
                 msg: std::sync::Arc::new(msg),
             }
         }
+        MISSED_WANTED => Frame::MissedWanted {
+            id: u64_of(&mut b)?,
+            node: str_of(&mut b)?,
+        },
+        MISSED => {
+            let id = u64_of(&mut b)?;
+            let last = match u8_of(&mut b)? {
+                0 => false,
+                1 => true,
+                x => return Err(format!("missed last flag {x}")),
+            };
+            if b.remaining() < 2 {
+                return Err("frame too short".into());
+            }
+            let n = b.get_u16() as usize;
+            if n > MISSED_PER_FRAME {
+                return Err(format!("{n} releases in one frame"));
+            }
+            let mut releases = Vec::with_capacity(n);
+            for _ in 0..n {
+                let has = u8_of(&mut b)?;
+                if b.remaining() < 2 {
+                    return Err("frame too short".into());
+                }
+                let pid = b.get_u16();
+                let o = str_of(&mut b)?;
+                let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
+                releases.push((
+                    origin,
+                    match has {
+                        0 => None,
+                        1 if pid != 0 => Some(pid),
+                        _ => return Err("release of packet id 0".into()),
+                    },
+                ));
+            }
+            Frame::Missed { id, last, releases }
+        }
         RETAINED_END => Frame::RetainedEnd {
             cut_short: match u8_of(&mut b)? {
                 0 => false,
@@ -595,6 +688,59 @@ mod tests {
             now.duration_since(back.created),
             Duration::from_millis(1500)
         );
+    }
+
+    #[test]
+    fn the_releases_a_node_missed_are_asked_for_and_come_in_parts() {
+        let now = Instant::now();
+        let mut buf = BytesMut::new();
+        missed_wanted(&mut buf, 9, "c");
+        let (k, b) = split(&buf);
+        assert!(
+            matches!(decode(k, b, now), Ok(Frame::MissedWanted { id: 9, node }) if node == "c")
+        );
+        let kept: Vec<(MqttStr, Option<u16>)> = (0..MISSED_PER_FRAME + 3)
+            .map(|i| {
+                let o = MqttStr::new(&format!("p{}", i % 7)).unwrap();
+                (o, (i % 5 != 0).then_some(i as u16 + 1))
+            })
+            .collect();
+        for want in [&kept[..0], &kept[..]] {
+            let mut buf = BytesMut::new();
+            missed(&mut buf, 4, want.iter());
+            let mut rest = &buf[..];
+            let mut got = Vec::new();
+            let mut lasts = Vec::new();
+            while !rest.is_empty() {
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                let body = Bytes::copy_from_slice(&rest[5..4 + len]);
+                let Ok(Frame::Missed { id, last, releases }) = decode(rest[4], body, now) else {
+                    panic!("not a MISSED frame");
+                };
+                assert_eq!(id, 4);
+                lasts.push(last);
+                got.extend(releases);
+                rest = &rest[4 + len..];
+            }
+            assert_eq!(got, want, "every release, in order");
+            let parts = want.len().div_ceil(MISSED_PER_FRAME).max(1);
+            assert_eq!(lasts.len(), parts);
+            assert!(lasts[..parts - 1].iter().all(|l| !l) && lasts[parts - 1]);
+        }
+        // A part claiming more than a frame may hold, or a packet id 0, is refused.
+        let mut body = BytesMut::new();
+        body.put_u64(1);
+        body.put_u8(1);
+        body.put_u16(MISSED_PER_FRAME as u16 + 1);
+        assert!(decode(MISSED, body.freeze(), now).is_err());
+        let mut body = BytesMut::new();
+        body.put_u64(1);
+        body.put_u8(1);
+        body.put_u16(1);
+        body.put_u8(1);
+        body.put_u16(0);
+        put_str(&mut body, "p");
+        assert!(decode(MISSED, body.freeze(), now).is_err());
     }
 
     #[test]
@@ -879,6 +1025,12 @@ mod tests {
                 &[
                     0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'a', 1, 0, 0, 0, 0, 1, 0, 1, b'o', 1, 0, 7, 0,
                 ],
+            ),
+            (MISSED_WANTED, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 5, b'c']),
+            (MISSED, &[0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0]),
+            (
+                MISSED,
+                &[0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 2, 0, 0, 1, 0, 1, b'o'],
             ),
             (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, b'o']),
             (RELEASE, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]),

@@ -198,17 +198,166 @@ impl Plane {
 
     /// Stores sessions rebuilt from a failed node's stream on their shards here; `reply`
     /// hears once every shard has them durably (and replicated) and their routes are
-    /// known on every live node.
+    /// known on every live node. First every linked node is asked for the QoS 2 releases
+    /// it kept for `from` (`MISSED_WANTED`): `from`'s stream still holds those keys, stale,
+    /// and a new message from that node's publisher reusing the packet id, resent with
+    /// DUP, would be taken for the old one. The answers come before anything that node
+    /// sends for the rebuilt sessions (it learns their routes only once they are stored);
+    /// a node that does not answer within [`MISSED_WAIT`] (or whose link goes down) is
+    /// gone on without, logged and counted.
     pub(super) fn start_rebuild(
         &mut self,
         from: &str,
         read_at: Instant,
-        mut sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
+        sessions: Vec<(String, Vec<crate::storage::ClientEntry>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     ) {
-        // The QoS 2 releases of this node's publishers that `from` missed: its stream
-        // still holds those keys, stale.
-        if let Some(missed) = self.ix_of(from).and_then(|n| self.missed_releases.get(&n)) {
+        if sessions.is_empty() {
+            let _ = reply.send(Ok(0));
+            return;
+        }
+        let from_ix = self.ix.get(from).copied();
+        let asked: hashbrown::HashSet<NodeIx> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|n| Some(*n) != from_ix)
+            .collect();
+        self.next_id += 1;
+        let id = self.next_id;
+        for n in &asked {
+            wire::missed_wanted(self.buf(*n), id, from);
+        }
+        self.missed_asks.insert(
+            id,
+            MissedAsk {
+                from: from.to_string(),
+                read_at,
+                sessions,
+                reply,
+                asked,
+                releases: Vec::new(),
+                deadline: Instant::now() + MISSED_WAIT,
+            },
+        );
+        self.missed_ask_done(id);
+    }
+
+    /// Part of a node's answer to a `MISSED_WANTED`.
+    pub(super) fn missed_from(
+        &mut self,
+        n: NodeIx,
+        id: u64,
+        last: bool,
+        releases: Vec<(MqttStr, Option<u16>)>,
+    ) {
+        let max = self.limits.missed_releases_max.saturating_mul(NODES_MAX);
+        let Some(ask) = self
+            .missed_asks
+            .get_mut(&id)
+            .filter(|a| a.asked.contains(&n))
+        else {
+            self.counters.bad_frames_total += 1;
+            return;
+        };
+        for r in releases {
+            if ask.releases.len() >= max {
+                self.counters.releases_forgotten_total += 1;
+                continue;
+            }
+            ask.releases.push(r);
+        }
+        if last {
+            ask.asked.remove(&n);
+            self.missed_ask_done(id);
+        }
+    }
+
+    /// A node asks for the releases this node kept for `node`: sent, in parts.
+    pub(super) fn missed_wanted(&mut self, n: NodeIx, id: u64, node: &str) {
+        let kept: Vec<(MqttStr, Option<u16>)> = self
+            .ix
+            .get(node)
+            .and_then(|x| self.missed_releases.get(x))
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default();
+        wire::missed(self.buf(n), id, kept.iter());
+    }
+
+    /// The link to `n` went down: its answers to this node's asks will not come.
+    pub(super) fn missed_link_down(&mut self, n: NodeIx) {
+        let ids: Vec<u64> = self
+            .missed_asks
+            .iter()
+            .filter(|(_, a)| a.asked.contains(&n))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(a) = self.missed_asks.get_mut(&id) {
+                a.asked.remove(&n);
+                self.counters.rebuild_releases_unknown_total += 1;
+                tracing::warn!(node = %self.names[n as usize], from = %a.from, "rebuilding a failed node's sessions: the link to a node went down before it said which QoS 2 releases the failed node missed (its keys may stay stale)");
+            }
+            self.missed_ask_done(id);
+        }
+    }
+
+    /// Asks past [`MISSED_WAIT`] go on without the answers still missing.
+    pub(super) fn missed_tick(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .missed_asks
+            .iter()
+            .filter(|(_, a)| now >= a.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(a) = self.missed_asks.get_mut(&id) {
+                let names: Vec<&str> = a
+                    .asked
+                    .iter()
+                    .map(|n| self.names[*n as usize].as_str())
+                    .collect();
+                self.counters.rebuild_releases_unknown_total += a.asked.len() as u64;
+                tracing::warn!(nodes = ?names, from = %a.from, "rebuilding a failed node's sessions: no answer within {MISSED_WAIT:?} about the QoS 2 releases it missed (its keys may stay stale)");
+                a.asked.clear();
+            }
+            self.missed_ask_done(id);
+        }
+    }
+
+    /// Once every node asked has answered (or is given up), the rebuild goes on.
+    fn missed_ask_done(&mut self, id: u64) {
+        if !self
+            .missed_asks
+            .get(&id)
+            .is_some_and(|a| a.asked.is_empty())
+        {
+            return;
+        }
+        let Some(ask) = self.missed_asks.remove(&id) else {
+            return;
+        };
+        self.rebuild_sessions(ask);
+    }
+
+    fn rebuild_sessions(&mut self, ask: MissedAsk) {
+        let MissedAsk {
+            from,
+            read_at,
+            mut sessions,
+            reply,
+            releases,
+            ..
+        } = ask;
+        // The QoS 2 releases that `from` missed, of this node's publishers and of the
+        // other nodes' (their answers): its stream still holds those keys, stale.
+        let own = self
+            .ix
+            .get(from.as_str())
+            .and_then(|n| self.missed_releases.get(n));
+        let missed: Vec<&(MqttStr, Option<u16>)> =
+            own.into_iter().flatten().chain(releases.iter()).collect();
+        if !missed.is_empty() {
             for (_, entries) in &mut sessions {
                 drop_keys(entries, |o, p| {
                     missed
@@ -216,10 +365,6 @@ impl Plane {
                         .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
                 });
             }
-        }
-        if sessions.is_empty() {
-            let _ = reply.send(Ok(0));
-            return;
         }
         self.next_id += 1;
         let rebuild = self.next_id;
