@@ -1004,8 +1004,17 @@ fn a_release_the_lost_node_missed_from_a_third_nodes_publisher_leaves_no_stale_k
         ["m0", "m1", "m2"],
         "the rebuilt session kept no stale key for the released packet id"
     );
-    let asked = third.admin_json("/api/cluster")["plane"]["bad_frames_total"].as_u64();
-    assert_eq!(asked, Some(0), "the ask and its answer were understood");
+    for n in [rebuilder, third] {
+        let plane = &n.admin_json("/api/cluster")["plane"];
+        assert_eq!(
+            (
+                plane["bad_frames_total"].as_u64(),
+                plane["rebuild_releases_unknown_total"].as_u64()
+            ),
+            (Some(0), Some(0)),
+            "the ask and its answer were understood, every node answered: {plane}"
+        );
+    }
 }
 
 /// NATS frozen while an append is out (its timeout long): the changes batches make pile up

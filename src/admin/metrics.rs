@@ -56,7 +56,7 @@ fn fmt_value(v: f64) -> String {
 type Gauge = fn(&ShardStats) -> f64;
 
 /// The families with one unlabelled sample per shard: name, type, help, and how to read it.
-const SIMPLE: [(&str, &str, &str, Gauge); 32] = [
+const SIMPLE: [(&str, &str, &str, Gauge); 33] = [
     ("shardmq_connections", "gauge", "Sockets open.", |s| {
         s.sockets as f64
     }),
@@ -221,6 +221,12 @@ const SIMPLE: [(&str, &str, &str, Gauge); 32] = [
         "counter",
         "QoS 2 keys of sessions moved here past the bound on those kept for a late forget from the old owner (such a key may stay stale).",
         |s| s.core.adopted_keys_untracked as f64,
+    ),
+    (
+        "shardmq_retained_deletions_forgotten_total",
+        "counter",
+        "Retained deletions forgotten before limits.retained_deletions_keep_s, past limits.retained_deletions_bytes_max or retained_messages_max (a node back with an old disk may keep its copy of such a message).",
+        |s| s.core.retained_deletions_forgotten as f64,
     ),
     (
         "shardmq_cluster_replica_changes_dropped_total",

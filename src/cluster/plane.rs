@@ -213,15 +213,16 @@ struct MissedAsk {
     reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
     /// The nodes whose answer has not ended yet.
     asked: hashbrown::HashSet<NodeIx>,
-    /// The releases they kept for the failed node (at most `cluster.missed_releases_max`
-    /// per node that can be linked).
+    /// The releases they kept for the failed node.
     releases: Vec<(MqttStr, Option<u16>)>,
+    /// How many each sent (at most `cluster.missed_releases_max`: more is no answer).
+    per_node: HashMap<NodeIx, usize>,
     deadline: Instant,
 }
 
 /// How long a rebuild waits for the linked nodes to say which QoS 2 releases the failed
 /// node missed.
-const MISSED_WAIT: Duration = Duration::from_secs(3);
+const MISSED_WAIT: Duration = Duration::from_secs(5);
 
 /// Sessions rebuilt here from a failed node's stream, waiting for the shards' answers.
 struct Rebuild {

@@ -52,8 +52,11 @@ pub const MISSED_WANTED: u8 = 27;
 /// part of the answer to `MISSED_WANTED` `id` (`last`: the whole of it is sent).
 pub const MISSED: u8 = 28;
 
-/// QoS 2 key releases in one `MISSED` frame.
+/// QoS 2 key releases in one `MISSED` frame, at most.
 pub const MISSED_PER_FRAME: usize = 1024;
+/// Bytes of releases in one `MISSED` frame, at most (one bigger release goes alone): well
+/// within any receiver's frame bound (`limits.packet_bytes_max` plus 64 KiB).
+pub const MISSED_PART_BYTES: usize = 32 << 10;
 
 /// `[u64 id][client id][u8 last][u32 count]` then per record `[u8 keyspace][u16 length][key
 /// after the client's prefix][u32 length][value]`: part of a session moving to the
@@ -227,31 +230,37 @@ pub fn missed_wanted(out: &mut BytesMut, id: u64, node: &str) {
     });
 }
 
-/// The answer to `MISSED_WANTED` `id`: `releases` in frames of [`MISSED_PER_FRAME`], the
-/// last one marked (one empty frame when there are none).
-pub fn missed<'a>(
-    out: &mut BytesMut,
-    id: u64,
-    releases: impl ExactSizeIterator<Item = &'a (MqttStr, Option<u16>)>,
-) {
-    let mut left = releases.len();
-    let mut it = releases;
+/// The answer to `MISSED_WANTED` `id`: `releases` in frames of at most
+/// [`MISSED_PER_FRAME`] releases and about [`MISSED_PART_BYTES`], the last one marked (one
+/// empty frame when there are none).
+pub fn missed(out: &mut BytesMut, id: u64, releases: &[(MqttStr, Option<u16>)]) {
+    let len = |r: &(MqttStr, Option<u16>)| 5 + r.0.as_str().len();
+    let mut rest = releases;
     loop {
-        let n = left.min(MISSED_PER_FRAME);
-        left -= n;
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len()
+            && n < MISSED_PER_FRAME
+            && (n == 0 || bytes + len(&rest[n]) <= MISSED_PART_BYTES)
+        {
+            bytes += len(&rest[n]);
+            n += 1;
+        }
+        let (part, after) = rest.split_at(n);
         frame(out, MISSED, |b| {
             b.put_u64(id);
-            b.put_u8(u8::from(left == 0));
-            b.put_u16(n as u16);
-            for (origin, packet_id) in it.by_ref().take(n) {
+            b.put_u8(u8::from(after.is_empty()));
+            b.put_u16(part.len() as u16);
+            for (origin, packet_id) in part {
                 b.put_u8(u8::from(packet_id.is_some()));
                 b.put_u16(packet_id.unwrap_or(0));
                 put_str(b, origin.as_str());
             }
         });
-        if left == 0 {
+        if after.is_empty() {
             return;
         }
+        rest = after;
     }
 }
 
@@ -705,9 +714,18 @@ mod tests {
                 (o, (i % 5 != 0).then_some(i as u16 + 1))
             })
             .collect();
-        for want in [&kept[..0], &kept[..]] {
+        // Long origins: parts are cut by bytes before they reach the count.
+        let long: Vec<(MqttStr, Option<u16>)> = (0..100)
+            .map(|i| {
+                (
+                    MqttStr::new(&format!("{i}{}", "o".repeat(1000))).unwrap(),
+                    Some(1),
+                )
+            })
+            .collect();
+        for want in [&kept[..0], &kept[..], &long[..]] {
             let mut buf = BytesMut::new();
-            missed(&mut buf, 4, want.iter());
+            missed(&mut buf, 4, want);
             let mut rest = &buf[..];
             let mut got = Vec::new();
             let mut lasts = Vec::new();
@@ -718,13 +736,14 @@ mod tests {
                     panic!("not a MISSED frame");
                 };
                 assert_eq!(id, 4);
+                assert!(len <= MISSED_PART_BYTES + 64, "a part of {len} bytes");
                 lasts.push(last);
                 got.extend(releases);
                 rest = &rest[4 + len..];
             }
             assert_eq!(got, want, "every release, in order");
-            let parts = want.len().div_ceil(MISSED_PER_FRAME).max(1);
-            assert_eq!(lasts.len(), parts);
+            let parts = lasts.len();
+            assert!(parts >= want.len().div_ceil(MISSED_PER_FRAME).max(1));
             assert!(lasts[..parts - 1].iter().all(|l| !l) && lasts[parts - 1]);
         }
         // A part claiming more than a frame may hold, or a packet id 0, is refused.

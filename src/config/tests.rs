@@ -80,6 +80,18 @@ fn defaults_are_valid_and_unknown_keys_refused() {
     assert_eq!(e.key, "limits.queue_messages_max", "{e}");
     let e = Config::from_toml("log = 3\n").unwrap_err();
     assert_eq!(e.key, "log", "{e}");
+    for bad in [
+        "retained_deletions_keep_s = 0",
+        "retained_deletions_bytes_max = 0",
+        "topic_bytes_max = 65535\nretained_deletions_bytes_max = 65000",
+    ] {
+        let e = Config::from_toml(&format!("[limits]\n{bad}\n")).unwrap_err();
+        assert!(
+            e.key.starts_with("limits.retained_deletions_"),
+            "{bad}: {e}"
+        );
+    }
+    Config::from_toml("[limits]\nretained_deletions_bytes_max = 4192\n").unwrap();
 }
 
 #[test]

@@ -94,6 +94,12 @@ impl Config {
                 "must be at least limits.packet_bytes_max (one packet must fit)",
             ));
         }
+        if l.retained_deletions_bytes_max < l.topic_bytes_max as u64 + 96 {
+            return Err(bad(
+                "limits.retained_deletions_bytes_max",
+                "must be at least limits.topic_bytes_max + 96 (one deletion must fit)",
+            ));
+        }
         Ok(())
     }
 

@@ -265,6 +265,9 @@ pub struct CoreStats {
     /// Messages other shards routed here.
     pub messages_from_remote: u64,
     pub retained_dropped_full: u64,
+    /// Retained deletions forgotten before `limits.retained_deletions_keep_s` to stay
+    /// within their bounds.
+    pub retained_deletions_forgotten: u64,
     pub shared_dropped_no_member: u64,
     /// Client PUBLISHes to `$SYS/...` (and wills there), dropped.
     pub sys_publish_dropped: u64,

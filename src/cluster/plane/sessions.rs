@@ -223,6 +223,17 @@ impl Plane {
             .copied()
             .filter(|n| Some(*n) != from_ix)
             .collect();
+        // A live node not linked now cannot be asked: what it kept for `from` stays
+        // unknown here.
+        let unlinked: Vec<String> = self
+            .live_others()
+            .into_iter()
+            .filter(|m| m != from && !self.ix.get(m).is_some_and(|n| asked.contains(n)))
+            .collect();
+        if !unlinked.is_empty() {
+            self.counters.rebuild_releases_unknown_total += unlinked.len() as u64;
+            tracing::warn!(nodes = ?unlinked, from = %from, "rebuilding a failed node's sessions: live nodes not linked cannot say which QoS 2 releases it missed (its keys may stay stale)");
+        }
         self.next_id += 1;
         let id = self.next_id;
         for n in &asked {
@@ -237,6 +248,7 @@ impl Plane {
                 reply,
                 asked,
                 releases: Vec::new(),
+                per_node: HashMap::new(),
                 deadline: Instant::now() + MISSED_WAIT,
             },
         );
@@ -251,7 +263,7 @@ impl Plane {
         last: bool,
         releases: Vec<(MqttStr, Option<u16>)>,
     ) {
-        let max = self.limits.missed_releases_max.saturating_mul(NODES_MAX);
+        let max = self.limits.missed_releases_max;
         let Some(ask) = self
             .missed_asks
             .get_mut(&id)
@@ -260,13 +272,18 @@ impl Plane {
             self.counters.bad_frames_total += 1;
             return;
         };
-        for r in releases {
-            if ask.releases.len() >= max {
-                self.counters.releases_forgotten_total += 1;
-                continue;
-            }
-            ask.releases.push(r);
+        // A node keeps at most `missed_releases_max` for one other: more is not an answer.
+        let got = ask.per_node.entry(n).or_default();
+        *got += releases.len();
+        if *got > max {
+            ask.asked.remove(&n);
+            self.counters.bad_frames_total += 1;
+            self.counters.rebuild_releases_unknown_total += 1;
+            tracing::warn!(node = %self.names[n as usize], "rebuilding a failed node's sessions: a node answered with more QoS 2 releases than cluster.missed_releases_max; its answer is not used");
+            self.missed_ask_done(id);
+            return;
         }
+        ask.releases.extend(releases);
         if last {
             ask.asked.remove(&n);
             self.missed_ask_done(id);
@@ -274,14 +291,26 @@ impl Plane {
     }
 
     /// A node asks for the releases this node kept for `node`: sent, in parts.
+    /// Not answered while the link to the asker holds half its bound already (a node asks
+    /// once per rebuild; one asking again and again gets no more than that): it goes on
+    /// without this answer after its wait.
     pub(super) fn missed_wanted(&mut self, n: NodeIx, id: u64, node: &str) {
+        let queued = self
+            .links
+            .get(&n)
+            .map_or(0, |l| l.queued.load(Ordering::Acquire))
+            + self.out.get(&n).map_or(0, BytesMut::len);
+        if queued > self.limits.link_buffer_bytes_max / 2 {
+            self.counters.bad_frames_total += 1;
+            return;
+        }
         let kept: Vec<(MqttStr, Option<u16>)> = self
             .ix
             .get(node)
             .and_then(|x| self.missed_releases.get(x))
             .map(|q| q.iter().cloned().collect())
             .unwrap_or_default();
-        wire::missed(self.buf(n), id, kept.iter());
+        wire::missed(self.buf(n), id, &kept);
     }
 
     /// The link to `n` went down: its answers to this node's asks will not come.
@@ -351,19 +380,25 @@ impl Plane {
         } = ask;
         // The QoS 2 releases that `from` missed, of this node's publishers and of the
         // other nodes' (their answers): its stream still holds those keys, stale.
-        let own = self
-            .ix
-            .get(from.as_str())
-            .and_then(|n| self.missed_releases.get(n));
-        let missed: Vec<&(MqttStr, Option<u16>)> =
-            own.into_iter().flatten().chain(releases.iter()).collect();
-        if !missed.is_empty() {
-            for (_, entries) in &mut sessions {
-                drop_keys(entries, |o, p| {
-                    missed
-                        .iter()
-                        .any(|(mo, mp)| mo.as_str() == o && mp.is_none_or(|mp| mp == p))
-                });
+        {
+            let own = self
+                .ix
+                .get(from.as_str())
+                .and_then(|n| self.missed_releases.get(n));
+            let mut keys: hashbrown::HashSet<(&str, u16)> = hashbrown::HashSet::new();
+            let mut origins: hashbrown::HashSet<&str> = hashbrown::HashSet::new();
+            for (o, p) in own.into_iter().flatten().chain(releases.iter()) {
+                match p {
+                    Some(p) => keys.insert((o.as_str(), *p)),
+                    None => origins.insert(o.as_str()),
+                };
+            }
+            if !keys.is_empty() || !origins.is_empty() {
+                for (_, entries) in &mut sessions {
+                    drop_keys(entries, |o, p| {
+                        origins.contains(o) || keys.contains(&(o, p))
+                    });
+                }
             }
         }
         self.next_id += 1;

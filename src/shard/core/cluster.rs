@@ -494,6 +494,14 @@ impl Core {
             } => self.forget_moved_key(&client_id, &origin, packet_id, now),
             FromCluster::RetainedWanted { node } => {
                 let mut items = Vec::with_capacity(self.retained.len());
+                // The deletions remembered first (as empty retained messages: the asking
+                // node deletes a copy it kept from before them); small, they are not the
+                // ones a set cut short at the link's bound leaves out.
+                for (topic, v) in self.retained_versions.deletions() {
+                    if !is_sys_topic(topic) {
+                        items.push((deletion_of(topic, now), v));
+                    }
+                }
                 self.retained.for_each_any(|m| {
                     if !is_sys_topic(&m.topic) && m.remaining_expiry(now).is_ok() {
                         if let Some(v) = self.retained_versions.version_of(&m.topic) {
@@ -501,13 +509,6 @@ impl Core {
                         }
                     }
                 });
-                // The deletions remembered go too (as empty retained messages): the asking
-                // node deletes a copy it kept from before them.
-                for (topic, v) in self.retained_versions.deletions() {
-                    if !is_sys_topic(topic) {
-                        items.push((deletion_of(topic, now), v));
-                    }
-                }
                 if let Some(c) = &self.cluster {
                     let _ = c.link.control.send(ToCluster::RetainedSet { node, items });
                 }

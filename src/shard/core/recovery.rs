@@ -92,9 +92,13 @@ impl Core {
         true
     }
 
-    /// Applies the stored retained messages here and on every peer, as writes older than
-    /// any live one (version 0); one whose home moved (the shard count changed) is deleted
-    /// here and stored by its new home.
+    /// Applies the stored retained messages here and on every peer, versioned by when
+    /// they were published (the store keeps no version: a write is versioned by its
+    /// shard's clock when it is made, so this is at most the write's own version, and
+    /// older than any write made after it); one whose home moved (the shard count
+    /// changed) is deleted here and stored by its new home. In a cluster, a copy another
+    /// node sends at start wins over this one if it was written later, and so does a
+    /// deletion it remembers (see `FromCluster::Retained`).
     fn restore_retained(&mut self, retained: Vec<MessageRecord>, clock: &WallClock) {
         for m in retained {
             let Ok(msg) = m.to_message(clock) else {
@@ -102,9 +106,11 @@ impl Core {
             };
             let msg = Arc::new(msg);
             let version = RetainVersion {
-                at_ns: 0,
+                at_ns: m.created_unix_ms.saturating_mul(1_000_000),
                 shard: self.id as u16,
             };
+            // This shard's next writes are versioned after it, whatever the clock says now.
+            self.retained_versions.observe(version);
             let home = owner_shard(msg.topic.as_bytes(), self.count);
             if home != self.id {
                 self.write(|b| b.retained_delete(msg.topic.as_str()));

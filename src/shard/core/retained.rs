@@ -16,10 +16,14 @@ use super::*;
 pub(super) struct RetainedVersions {
     applied: HashMap<TopicName, (RetainVersion, Option<Instant>)>,
     /// Tombstones in the order they were made (some may have been overwritten since).
-    tombstones: std::collections::VecDeque<(TopicName, Instant)>,
+    /// Each with when it was made and the deletion's version (which tells it from a later
+    /// tombstone of the same topic).
+    tombstones: std::collections::VecDeque<(TopicName, Instant, RetainVersion)>,
     tombstones_max: usize,
     /// What the tombstones in the deque hold (topic bytes plus [`TOMBSTONE_OVERHEAD`]).
     bytes: usize,
+    /// Tombstones that are their topic's last write (the deque may hold more entries).
+    current: usize,
     bytes_max: usize,
     keep: Duration,
     /// The last version this shard gave out (nanoseconds since the epoch, strictly rising).
@@ -48,6 +52,7 @@ impl RetainedVersions {
             tombstones: std::collections::VecDeque::new(),
             tombstones_max: tombstones_max.max(1),
             bytes: 0,
+            current: 0,
             bytes_max,
             keep,
             last_ns: 0,
@@ -83,39 +88,79 @@ impl RetainedVersions {
     }
 
     /// Notes the write applied to `topic` (`deleted_at`: it was a deletion, made then).
+    /// Returns how many deletions were forgotten before their time to make room.
     pub fn applied(
         &mut self,
         topic: TopicName,
         version: RetainVersion,
         deleted_at: Option<Instant>,
-    ) {
+    ) -> u64 {
+        // The map keeps its own copy of a topic (a topic parsed from a PUBLISH shares that
+        // packet's buffer, which a tombstone kept for a day must not hold).
+        let key = match self.applied.get_key_value(&topic) {
+            Some((k, (_, was))) => {
+                if was.is_some() {
+                    self.current -= 1;
+                }
+                k.clone()
+            }
+            None => topic.detached(),
+        };
         if let Some(at) = deleted_at {
-            self.bytes += topic.as_str().len() + TOMBSTONE_OVERHEAD;
-            self.tombstones.push_back((topic.clone(), at));
+            self.current += 1;
+            self.bytes += key.as_str().len() + TOMBSTONE_OVERHEAD;
+            self.tombstones.push_back((key.clone(), at, version));
         }
-        self.applied.insert(topic, (version, deleted_at));
-        while self.tombstones.len() > self.tombstones_max || self.bytes > self.bytes_max {
-            if !self.forget_oldest() {
-                break;
+        self.applied.insert(key, (version, deleted_at));
+        // Entries of tombstones overwritten since (the topic written or deleted again)
+        // stay in the deque until their turn: past as many as the live ones, they go.
+        if self.tombstones.len() > 2 * self.current + 64 {
+            self.compact();
+        }
+        let over = |v: &Self| v.current > v.tombstones_max || v.bytes > v.bytes_max;
+        // Over a bound with a quarter or more of the entries overwritten: those go first
+        // (amortized: a quarter of the deque is written between two compactions).
+        if over(self) && (self.tombstones.len() - self.current) * 4 >= self.tombstones.len() {
+            self.compact();
+        }
+        let mut early = 0;
+        while over(self) {
+            match self.forget_oldest() {
+                Some(true) => early += 1,
+                Some(false) => {}
+                None => break,
             }
         }
+        early
     }
 
-    /// Forgets the oldest tombstone (if its topic was not written since); `false` when
-    /// there is none.
-    fn forget_oldest(&mut self) -> bool {
-        let Some((topic, at)) = self.tombstones.pop_front() else {
-            return false;
-        };
+    /// Drops the deque's entries whose tombstone was overwritten.
+    fn compact(&mut self) {
+        let applied = &self.applied;
+        self.tombstones
+            .retain(|(t, _, v)| applied.get(t).is_some_and(|(w, d)| d.is_some() && w == v));
+        self.bytes = self
+            .tombstones
+            .iter()
+            .map(|(t, _, _)| t.as_str().len() + TOMBSTONE_OVERHEAD)
+            .sum();
+    }
+
+    /// Takes the oldest entry off the deque, forgetting its tombstone if it is still the
+    /// topic's last write: `Some(true)` then, `Some(false)` for an entry overwritten since,
+    /// `None` when there is none.
+    fn forget_oldest(&mut self) -> Option<bool> {
+        let (topic, _, version) = self.tombstones.pop_front()?;
         self.bytes -= topic.as_str().len() + TOMBSTONE_OVERHEAD;
-        if self
+        let current = self
             .applied
             .get(&topic)
-            .is_some_and(|(_, d)| *d == Some(at))
-        {
+            .is_some_and(|(v, d)| d.is_some() && *v == version);
+        if current {
             self.applied.remove(&topic);
+            self.current -= 1;
         }
-        true
+        Some(current)
     }
 
     /// Forgets deletions older than `keep`. Sweeps at most once per `keep` or
@@ -125,7 +170,7 @@ impl RetainedVersions {
             return;
         }
         self.last_prune = now;
-        while let Some((_, at)) = self.tombstones.front() {
+        while let Some((_, at, _)) = self.tombstones.front() {
             if now.saturating_duration_since(*at) < self.keep {
                 break;
             }
@@ -195,8 +240,9 @@ impl Core {
             self.stats.retained_dropped_full += 1;
             return;
         }
-        self.retained_versions
-            .applied(msg.topic.clone(), version, delete.then_some(now));
+        self.stats.retained_deletions_forgotten +=
+            self.retained_versions
+                .applied(msg.topic.clone(), version, delete.then_some(now));
         let home = owner_shard(msg.topic.as_bytes(), self.count) == self.id;
         if home && store_at_home && !sys {
             self.fsync_due = true;
@@ -330,9 +376,10 @@ mod tests {
         let room = 2 * (8 + TOMBSTONE_OVERHEAD);
         let keep = Duration::from_secs(3600);
         let mut v = RetainedVersions::new(0, t0, 1000, room, keep);
-        for i in 0..5u64 {
-            v.applied(topic(&format!("gone/{i:03}")), at(i + 1), Some(t0));
-        }
+        let early: u64 = (0..5u64)
+            .map(|i| v.applied(topic(&format!("gone/{i:03}")), at(i + 1), Some(t0)))
+            .sum();
+        assert_eq!(early, 3, "forgotten before their time, counted");
         v.applied(topic("live/000"), at(9), None);
         let mut listed: Vec<(String, u64)> = v
             .deletions()
@@ -351,5 +398,42 @@ mod tests {
         v.prune(t0 + keep);
         assert_eq!(v.deletions().count(), 0);
         assert_eq!((v.bytes, v.len()), (0, 1), "the live topic stays");
+    }
+
+    #[test]
+    fn a_topic_deleted_and_written_again_and_again_does_not_crowd_out_other_deletions() {
+        let t0 = Instant::now();
+        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
+        let room = 4 * (8 + TOMBSTONE_OVERHEAD);
+        let mut v = RetainedVersions::new(0, t0, 1000, room, Duration::from_secs(3600));
+        v.applied(topic("gone/aaa"), at(1), Some(t0));
+        let mut early = 0;
+        for i in 0..10_000u64 {
+            // Cleared and set again, over and over.
+            early += v.applied(topic("flip/aaa"), at(2 + 2 * i), Some(t0));
+            early += v.applied(topic("flip/aaa"), at(3 + 2 * i), None);
+        }
+        assert_eq!(early, 0, "only overwritten entries made room");
+        assert!(
+            v.is_stale(&topic("gone/aaa"), at(1)),
+            "the real deletion stays"
+        );
+        assert_eq!(v.current, 1);
+        assert!(
+            v.tombstones.len() <= 2 * v.current + 65,
+            "{}",
+            v.tombstones.len()
+        );
+        let held: usize = v
+            .tombstones
+            .iter()
+            .map(|(t, _, _)| t.as_str().len() + TOMBSTONE_OVERHEAD)
+            .sum();
+        assert_eq!(v.bytes, held, "bytes counts what the deque holds");
+        // Deleted twice: one tombstone.
+        v.applied(topic("twice/aa"), at(50_000), Some(t0));
+        v.applied(topic("twice/aa"), at(50_001), Some(t0));
+        assert_eq!(v.current, 2);
+        assert_eq!(v.deletions().count(), 2);
     }
 }
