@@ -216,9 +216,7 @@ pub fn pub_ack(out: &mut BytesMut, id: u64, ok: bool, fate: Fate) {
 pub fn release(out: &mut BytesMut, id: u64, origin: &str, packet_id: Option<u16>) {
     frame(out, RELEASE, |b| {
         b.put_u64(id);
-        b.put_u8(u8::from(packet_id.is_some()));
-        b.put_u16(packet_id.unwrap_or(0));
-        put_str(b, origin);
+        put_release(b, origin, packet_id);
     });
 }
 
@@ -252,9 +250,7 @@ pub fn missed(out: &mut BytesMut, id: u64, releases: &[(MqttStr, Option<u16>)]) 
             b.put_u8(u8::from(after.is_empty()));
             b.put_u16(part.len() as u16);
             for (origin, packet_id) in part {
-                b.put_u8(u8::from(packet_id.is_some()));
-                b.put_u16(packet_id.unwrap_or(0));
-                put_str(b, origin.as_str());
+                put_release(b, origin.as_str(), *packet_id);
             }
         });
         if after.is_empty() {
@@ -387,18 +383,7 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
         }
         RELEASE => {
             let id = u64_of(&mut b)?;
-            let has = u8_of(&mut b)?;
-            if b.remaining() < 2 {
-                return Err("frame too short".into());
-            }
-            let pid = b.get_u16();
-            let o = str_of(&mut b)?;
-            let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
-            let packet_id = match has {
-                0 => None,
-                1 if pid != 0 => Some(pid),
-                _ => return Err("release of packet id 0".into()),
-            };
+            let (origin, packet_id) = release_of(&mut b)?;
             Frame::Release {
                 id,
                 origin,
@@ -494,21 +479,7 @@ pub fn decode(kind: u8, body: Bytes, now: Instant) -> Result<Frame, String> {
             }
             let mut releases = Vec::with_capacity(n);
             for _ in 0..n {
-                let has = u8_of(&mut b)?;
-                if b.remaining() < 2 {
-                    return Err("frame too short".into());
-                }
-                let pid = b.get_u16();
-                let o = str_of(&mut b)?;
-                let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
-                releases.push((
-                    origin,
-                    match has {
-                        0 => None,
-                        1 if pid != 0 => Some(pid),
-                        _ => return Err("release of packet id 0".into()),
-                    },
-                ));
+                releases.push(release_of(&mut b)?);
             }
             Frame::Missed { id, last, releases }
         }
@@ -619,6 +590,30 @@ fn u64_of(b: &mut Bytes) -> Result<u64, String> {
         return Err("frame too short".into());
     }
     Ok(b.get_u64())
+}
+
+/// `[u8 has packet id][u16 packet id][origin]`: a QoS 2 key release (`None`: every key of
+/// origin).
+fn release_of(b: &mut Bytes) -> Result<(MqttStr, Option<u16>), String> {
+    let has = u8_of(b)?;
+    if b.remaining() < 2 {
+        return Err("frame too short".into());
+    }
+    let pid = b.get_u16();
+    let o = str_of(b)?;
+    let origin = MqttStr::new(&o).map_err(|e| format!("origin {o:?}: {e}"))?;
+    let packet_id = match has {
+        0 => None,
+        1 if pid != 0 => Some(pid),
+        _ => return Err("release of packet id 0".into()),
+    };
+    Ok((origin, packet_id))
+}
+
+fn put_release(b: &mut BytesMut, origin: &str, packet_id: Option<u16>) {
+    b.put_u8(u8::from(packet_id.is_some()));
+    b.put_u16(packet_id.unwrap_or(0));
+    put_str(b, origin);
 }
 
 fn str_of(b: &mut Bytes) -> Result<String, String> {

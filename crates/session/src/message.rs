@@ -66,6 +66,22 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
+    /// A retained message the broker makes itself (no publisher, QoS 0, no properties): a
+    /// `$SYS` topic's value, or, empty, a deletion.
+    pub fn by_broker_retained(topic: TopicName, payload: Bytes, now: Instant) -> Message {
+        Message {
+            topic,
+            payload,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: PublishProperties::default(),
+            origin: None,
+            qos2_id: None,
+            created: now,
+            groups: None,
+        }
+    }
+
     /// The Message Expiry Interval left at `now`: `None` when the message does not expire,
     /// `Some(0)`... never: an expired message gives `Err(())`.
     pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, Expired> {

@@ -735,15 +735,9 @@ mod tests;
 /// A retained deletion of `topic` as a message (an empty retained PUBLISH), for the
 /// retained sync.
 fn deletion_of(topic: &TopicName, now: Instant) -> SharedMessage {
-    Arc::new(Message {
-        topic: topic.clone(),
-        payload: bytes::Bytes::new(),
-        qos: QoS::AtMostOnce,
-        retain: true,
-        properties: Default::default(),
-        origin: None,
-        qos2_id: None,
-        created: now,
-        groups: None,
-    })
+    Arc::new(Message::by_broker_retained(
+        topic.clone(),
+        bytes::Bytes::new(),
+        now,
+    ))
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::Core;
-use crate::protocol::{MqttStr, ProtocolVersion, QoS, ReasonCode};
+use crate::protocol::{MqttStr, ProtocolVersion, ReasonCode};
 use crate::session::state::SessionStats;
 use crate::session::{owner_shard, Message, Session, SharedMessage};
 
@@ -460,17 +460,7 @@ impl Core {
         let Ok(topic) = crate::protocol::TopicName::new(topic) else {
             return;
         };
-        let msg = Message {
-            topic,
-            payload: payload.into(),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: Default::default(),
-            origin: None,
-            qos2_id: None,
-            created: now,
-            groups: None,
-        };
+        let msg = Message::by_broker_retained(topic, payload.into(), now);
         self.route(std::sync::Arc::new(msg), now, None);
     }
 }
@@ -479,7 +469,7 @@ impl Core {
 mod tests {
     use super::super::tests_support::{conn, connect_v5, core, drain, subscribe_packet};
     use super::*;
-    use crate::protocol::{Packet, PacketId, Publish, TopicName};
+    use crate::protocol::{Packet, PacketId, Publish, QoS, TopicName};
     use crate::session::outbound::Outbound;
     use std::rc::Rc;
 
