@@ -201,6 +201,9 @@ struct Plane {
     /// Rebuilds waiting for the linked nodes to say which QoS 2 releases the failed node
     /// missed (see [`Plane::start_rebuild`]).
     missed_asks: HashMap<u64, MissedAsk>,
+    /// Per asking node, the latest `MISSED_WANTED` not answered yet for want of room on
+    /// its link.
+    missed_waiting: HashMap<NodeIx, (u64, String)>,
     /// Retained messages asked for at start (see `plane/retained.rs`).
     retained: retained::RetainedSync,
 }
@@ -215,7 +218,7 @@ struct MissedAsk {
     asked: hashbrown::HashSet<NodeIx>,
     /// The releases they kept for the failed node.
     releases: Vec<(MqttStr, Option<u16>)>,
-    /// How many each sent (at most `cluster.missed_releases_max`: more is no answer).
+    /// How many each sent that are kept (at most `cluster.missed_releases_max`).
     per_node: HashMap<NodeIx, usize>,
     deadline: Instant,
 }
@@ -333,6 +336,7 @@ pub(super) async fn run(
         missed_releases: HashMap::new(),
         rebuild_ids: HashMap::new(),
         missed_asks: HashMap::new(),
+        missed_waiting: HashMap::new(),
         retained: retained::RetainedSync::default(),
         rebuilds: HashMap::new(),
     };

@@ -272,28 +272,25 @@ impl Plane {
             self.counters.bad_frames_total += 1;
             return;
         };
-        // A node keeps at most `missed_releases_max` for one other: more is not an answer.
+        // This node takes at most `missed_releases_max` from each (past it: counted once).
         let got = ask.per_node.entry(n).or_default();
-        *got += releases.len();
-        if *got > max {
-            ask.asked.remove(&n);
-            self.counters.bad_frames_total += 1;
-            self.counters.rebuild_releases_unknown_total += 1;
-            tracing::warn!(node = %self.names[n as usize], "rebuilding a failed node's sessions: a node answered with more QoS 2 releases than cluster.missed_releases_max; its answer is not used");
-            self.missed_ask_done(id);
-            return;
+        let room = max.saturating_sub(*got);
+        if releases.len() > room && room > 0 {
+            self.counters.releases_forgotten_total += 1;
+            tracing::warn!(node = %self.names[n as usize], "rebuilding a failed node's sessions: a node kept more QoS 2 releases for it than cluster.missed_releases_max; the rest are not used");
         }
-        ask.releases.extend(releases);
+        *got += releases.len().min(room);
+        ask.releases.extend(releases.into_iter().take(room));
         if last {
             ask.asked.remove(&n);
             self.missed_ask_done(id);
         }
     }
 
-    /// A node asks for the releases this node kept for `node`: sent, in parts.
-    /// Not answered while the link to the asker holds half its bound already (a node asks
-    /// once per rebuild; one asking again and again gets no more than that): it goes on
-    /// without this answer after its wait.
+    /// A node asks for the releases this node kept for `node`: sent, in parts. While the
+    /// link to the asker holds half its bound already, the answer waits (one per asker,
+    /// the latest: a node asking again and again gets no more than one answer a tick),
+    /// sent by the tick once there is room.
     pub(super) fn missed_wanted(&mut self, n: NodeIx, id: u64, node: &str) {
         let queued = self
             .links
@@ -301,7 +298,9 @@ impl Plane {
             .map_or(0, |l| l.queued.load(Ordering::Acquire))
             + self.out.get(&n).map_or(0, BytesMut::len);
         if queued > self.limits.link_buffer_bytes_max / 2 {
-            self.counters.bad_frames_total += 1;
+            if self.links.contains_key(&n) {
+                self.missed_waiting.insert(n, (id, node.to_string()));
+            }
             return;
         }
         let kept: Vec<(MqttStr, Option<u16>)> = self
@@ -315,6 +314,7 @@ impl Plane {
 
     /// The link to `n` went down: its answers to this node's asks will not come.
     pub(super) fn missed_link_down(&mut self, n: NodeIx) {
+        self.missed_waiting.remove(&n);
         let ids: Vec<u64> = self
             .missed_asks
             .iter()
@@ -331,8 +331,14 @@ impl Plane {
         }
     }
 
-    /// Asks past [`MISSED_WAIT`] go on without the answers still missing.
+    /// Asks past [`MISSED_WAIT`] go on without the answers still missing; answers that
+    /// waited for room on their link are tried again.
     pub(super) fn missed_tick(&mut self, now: Instant) {
+        for (n, (id, node)) in std::mem::take(&mut self.missed_waiting) {
+            if self.links.contains_key(&n) {
+                self.missed_wanted(n, id, &node);
+            }
+        }
         let late: Vec<u64> = self
             .missed_asks
             .iter()

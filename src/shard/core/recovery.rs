@@ -105,8 +105,13 @@ impl Core {
                 continue;
             };
             let msg = Arc::new(msg);
+            // Never after now (a damaged record, or a clock that was ahead): it would hold
+            // back every later write's version.
             let version = RetainVersion {
-                at_ns: m.created_unix_ms.saturating_mul(1_000_000),
+                at_ns: m
+                    .created_unix_ms
+                    .min(clock.unix_ms)
+                    .saturating_mul(1_000_000),
                 shard: self.id as u16,
             };
             // This shard's next writes are versioned after it, whatever the clock says now.

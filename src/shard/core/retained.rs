@@ -64,7 +64,7 @@ impl RetainedVersions {
     /// A version for a write made here at `now_ns` on the wall clock: strictly above every
     /// version given out before, even when the clock steps back.
     pub fn next(&mut self, now_ns: u64) -> RetainVersion {
-        self.last_ns = now_ns.max(self.last_ns + 1);
+        self.last_ns = now_ns.max(self.last_ns.saturating_add(1));
         RetainVersion {
             at_ns: self.last_ns,
             shard: self.shard,
@@ -124,7 +124,9 @@ impl RetainedVersions {
             self.compact();
         }
         let mut early = 0;
-        while over(self) {
+        // The newest stays even alone over the byte bound (a topic from another node may
+        // be longer than this node's `topic_bytes_max`): it does not clear the others.
+        while over(self) && self.tombstones.len() > 1 {
             match self.forget_oldest() {
                 Some(true) => early += 1,
                 Some(false) => {}
@@ -435,5 +437,25 @@ mod tests {
         v.applied(topic("twice/aa"), at(50_001), Some(t0));
         assert_eq!(v.current, 2);
         assert_eq!(v.deletions().count(), 2);
+    }
+
+    #[test]
+    fn a_deletion_bigger_than_the_bound_is_kept_alone_and_the_clock_saturates() {
+        let t0 = Instant::now();
+        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
+        let room = 2 * (8 + TOMBSTONE_OVERHEAD);
+        let mut v = RetainedVersions::new(0, t0, 1000, room, Duration::from_secs(3600));
+        v.applied(topic("gone/aaa"), at(1), Some(t0));
+        // A topic from a node whose topic_bytes_max is larger than this one's.
+        let long = format!("long/{}", "x".repeat(300));
+        v.applied(topic(&long), at(2), Some(t0));
+        assert!(v.is_stale(&topic(&long), at(2)), "the newest stays");
+        assert_eq!(v.current, 1);
+        v.observe(at(u64::MAX));
+        assert_eq!(
+            v.next(5).at_ns,
+            u64::MAX,
+            "no overflow past the largest version"
+        );
     }
 }
