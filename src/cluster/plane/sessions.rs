@@ -303,13 +303,13 @@ impl Plane {
             }
             return;
         }
-        let kept: Vec<(MqttStr, Option<u16>)> = self
+        // Encoded straight from the kept list (no copy of it per ask).
+        let kept = self
             .ix
             .get(node)
-            .and_then(|x| self.missed_releases.get(x))
-            .map(|q| q.iter().cloned().collect())
-            .unwrap_or_default();
-        wire::missed(self.buf(n), id, &kept);
+            .and_then(|x| self.missed_releases.get_mut(x))
+            .map(|q| &*q.make_contiguous());
+        wire::missed(self.out.entry(n).or_default(), id, kept.unwrap_or(&[]));
     }
 
     /// The link to `n` went down: its answers to this node's asks will not come.

@@ -272,6 +272,17 @@ mod tests {
     use super::*;
 
     const KEEP: Duration = Duration::from_secs(60);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A version of shard 0 at `n` ns.
+    fn at(n: u64) -> RetainVersion {
+        RetainVersion { at_ns: n, shard: 0 }
+    }
+
+    /// The bytes `n` tombstones of 8-byte topics hold.
+    fn room_for(n: usize) -> usize {
+        n * (8 + TOMBSTONE_OVERHEAD)
+    }
 
     fn topic(t: &str) -> TopicName {
         TopicName::new(t).unwrap()
@@ -347,7 +358,6 @@ mod tests {
     fn tombstones_are_bounded_oldest_first_and_a_rewrite_is_not_a_tombstone() {
         let t0 = Instant::now();
         let mut v = RetainedVersions::new(0, t0, 3, usize::MAX, KEEP);
-        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
         for i in 0..10u64 {
             v.applied(topic(&format!("gone/{i}")), at(i + 1), Some(t0));
         }
@@ -373,10 +383,9 @@ mod tests {
     #[test]
     fn tombstones_are_bounded_by_bytes_kept_as_configured_and_listed_for_the_sync() {
         let t0 = Instant::now();
-        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
         // Room for two tombstones of 8-byte topics.
-        let room = 2 * (8 + TOMBSTONE_OVERHEAD);
-        let keep = Duration::from_secs(3600);
+        let room = room_for(2);
+        let keep = HOUR;
         let mut v = RetainedVersions::new(0, t0, 1000, room, keep);
         let early: u64 = (0..5u64)
             .map(|i| v.applied(topic(&format!("gone/{i:03}")), at(i + 1), Some(t0)))
@@ -405,9 +414,8 @@ mod tests {
     #[test]
     fn a_topic_deleted_and_written_again_and_again_does_not_crowd_out_other_deletions() {
         let t0 = Instant::now();
-        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
-        let room = 4 * (8 + TOMBSTONE_OVERHEAD);
-        let mut v = RetainedVersions::new(0, t0, 1000, room, Duration::from_secs(3600));
+        let room = room_for(4);
+        let mut v = RetainedVersions::new(0, t0, 1000, room, HOUR);
         v.applied(topic("gone/aaa"), at(1), Some(t0));
         let mut early = 0;
         for i in 0..10_000u64 {
@@ -442,9 +450,8 @@ mod tests {
     #[test]
     fn a_deletion_bigger_than_the_bound_is_kept_alone_and_the_clock_saturates() {
         let t0 = Instant::now();
-        let at = |n: u64| RetainVersion { at_ns: n, shard: 0 };
-        let room = 2 * (8 + TOMBSTONE_OVERHEAD);
-        let mut v = RetainedVersions::new(0, t0, 1000, room, Duration::from_secs(3600));
+        let room = room_for(2);
+        let mut v = RetainedVersions::new(0, t0, 1000, room, HOUR);
         v.applied(topic("gone/aaa"), at(1), Some(t0));
         // A topic from a node whose topic_bytes_max is larger than this one's.
         let long = format!("long/{}", "x".repeat(300));
